@@ -1,0 +1,116 @@
+"""Command line over the recipe and the artifact store (no Dagster needed).
+
+    python -m ft_assets validate [RECIPE]     exit 0 + summary, or exit 2 + errors on stderr
+    python -m ft_assets artifacts [--json]    latest artifact of every asset/partition
+    python -m ft_assets lineage PATH          the chain from an artifact back to raw data files
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .recipe import RecipeError, load_recipe
+from .store import ArtifactStore
+
+
+def cmd_validate(args) -> int:
+    try:
+        recipe = load_recipe(args.recipe)
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"recipe {recipe.name!r} is valid ({recipe.source_file})")
+    for ds in recipe.datasets:
+        path = recipe.dataset_path(ds)
+        state = "" if path.is_file() else "  (file not found yet)"
+        print(f"  dataset {ds.name}: {path} [{ds.format}], eval fraction {ds.eval_fraction}{state}")
+    b = recipe.base_model
+    print(f"  base model: {b.source} {b.id or b.path or 'SmolLM2-135M-Instruct (bundled GGUF)'}")
+    print(f"  quantization: {recipe.quantization.method}")
+    for name, spec in recipe.methods.items():
+        t = recipe.training_for(name)
+        print(f"  method {name} ({spec.type}): {t.max_steps} steps, batch {t.batch_size}x{t.grad_accum}, lr {t.lr}, {t.optimizer}")
+    print(f"  recipe hash: {recipe.recipe_hash}")
+    return 0
+
+
+def cmd_artifacts(args) -> int:
+    rows = ArtifactStore(args.home).list_latest()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no artifacts under {ArtifactStore(args.home).root}")
+        return 0
+    print(f"{'asset':<16} {'partition':<12} {'data_version':<18} {'created':<26} path")
+    for r in rows:
+        print(f"{r['asset']:<16} {r['partition'] or '-':<12} {r['data_version']:<18} {r['created'] or '':<26} {r['path']}")
+    return 0
+
+
+def cmd_lineage(args) -> int:
+    store = ArtifactStore(args.home)
+    art = store.find_by_path(args.path)
+    if art is None:
+        print(f"error: {args.path} is not inside an artifact directory (no manifest.json found)", file=sys.stderr)
+        return 2
+    chain = lineage(store, art.asset, art.partition, art.version)
+    if args.json:
+        print(json.dumps(chain, indent=2))
+    else:
+        _print_tree(chain, 0)
+    return 0
+
+
+def lineage(store: ArtifactStore, asset: str, partition: str | None, version: str) -> dict:
+    """The artifact's manifest facts and, recursively, those of everything it was made from."""
+    found = store.get(asset, partition, version)
+    if found is None:
+        return {"asset": asset, "partition": partition, "version": version, "missing": True}
+    m = found.manifest()
+    node = {"asset": asset, "partition": partition, "version": version, "path": found.path,
+            "recipe_hash": m.get("recipe_hash"), "code_version": m.get("code_version"), "seed": m.get("seed"),
+            "created": m.get("created"), "inputs": []}
+    for key, ver in sorted(m.get("inputs", {}).items()):
+        if key.startswith("raw/"):
+            node["inputs"].append({"asset": key, "version": ver, "raw_file": True})
+            continue
+        name, _, part = key.partition("[")
+        node["inputs"].append(lineage(store, name, part.rstrip("]") or None, ver))
+    return node
+
+
+def _print_tree(node: dict, depth: int) -> None:
+    pad = "  " * depth
+    label = node["asset"] + (f"[{node['partition']}]" if node.get("partition") else "")
+    if node.get("raw_file"):
+        print(f"{pad}{label}  sha256:{node['version']}  (raw data file)")
+        return
+    extra = "  MISSING" if node.get("missing") else f"  recipe {node['recipe_hash']}  code {node['code_version']}  seed {node['seed']}"
+    print(f"{pad}{label}  {node['version']}{extra}")
+    for child in node.get("inputs", []):
+        _print_tree(child, depth + 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ft_assets", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    v = sub.add_parser("validate", help="validate a recipe")
+    v.add_argument("recipe", nargs="?", help="recipe file (default: $FT_RECIPE or the shipped default)")
+    a = sub.add_parser("artifacts", help="latest artifact of every asset/partition")
+    a.add_argument("--json", action="store_true")
+    a.add_argument("--home", help="FT_HOME (default: $FT_HOME or .ft_home)")
+    lin = sub.add_parser("lineage", help="the chain from an artifact back to the raw data")
+    lin.add_argument("path", type=Path)
+    lin.add_argument("--json", action="store_true")
+    lin.add_argument("--home", help="FT_HOME (default: $FT_HOME or .ft_home)")
+    args = p.parse_args(argv)
+    return {"validate": cmd_validate, "artifacts": cmd_artifacts, "lineage": cmd_lineage}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""Load, validate, format and split SFT data.
+
+A row goes through four steps, each of which can only reject it with a reason:
+1. read:     the file parses (else DataFileError with file and line: nothing is written);
+2. validate: the mapped fields exist, are text, are not blank, and the row is not a duplicate;
+3. format:   the base model's chat template renders it; labels mask everything but the answer
+             and its end-of-turn token; it fits `max_length` without cutting the answer;
+4. split:    a stable, seeded hash of the row's key puts it in train or eval, so editing one
+             row never reshuffles the others.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+IGNORE_INDEX = -100
+
+
+class DataFileError(ValueError):
+    """The file as a whole cannot be used (unparseable, empty, wrong columns)."""
+
+    def __init__(self, path: str | Path, message: str, line: int | None = None):
+        self.path, self.line = str(path), line
+        where = f"{path}:{line}" if line is not None else str(path)
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass
+class Rejected:
+    line: int
+    reason: str
+    field: str | None = None
+    id: str | None = None
+    row: dict[str, Any] | None = None
+
+
+@dataclass
+class Example:
+    id: str
+    question: str
+    context: str | None
+    answer: str
+    line: int
+    task: str = ""
+    input_ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+
+    @property
+    def prompt_len(self) -> int:
+        return next((i for i, lab in enumerate(self.labels) if lab != IGNORE_INDEX), len(self.labels))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------
+# 1. read
+# --------------------------------------------------------------------------------------
+
+
+def read_rows(path: str | Path, fmt: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) pairs. Line numbers are 1-based lines of the file (csv: of the record)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFileError(path, "file not found; check datasets[].path in the recipe")
+    if path.stat().st_size == 0:
+        raise DataFileError(path, "file is empty; it needs at least one row")
+    if fmt == "jsonl":
+        rows = _read_jsonl(path)
+    elif fmt == "csv":
+        rows = _read_csv(path)
+    elif fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises several types for corrupt files
+            raise DataFileError(path, f"not a readable parquet file ({exc})") from None
+        rows = [(i + 1, r) for i, r in enumerate(table.to_pylist())]
+    else:
+        raise DataFileError(path, f"unknown format {fmt!r}; use jsonl, csv or parquet")
+    if not rows:
+        raise DataFileError(path, "file has no rows (only blank lines)")
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    rows = []
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataFileError(
+                    path, f"not UTF-8 (byte {exc.start} of the line); re-save the file as UTF-8", lineno
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataFileError(
+                    path, f"not valid JSON ({exc.msg} at column {exc.colno}); fix or delete this line", lineno
+                ) from None
+            if not isinstance(obj, dict):
+                raise DataFileError(path, f"each line must be a JSON object, got {type(obj).__name__}", lineno)
+            rows.append((lineno, obj))
+    return rows
+
+
+def _read_csv(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise DataFileError(path, "not UTF-8; re-save the file as UTF-8", line) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
+    try:
+        for rec in reader:
+            if None in rec:  # more cells than header columns
+                raise DataFileError(path, "more cells than header columns; quote fields with commas", reader.line_num)
+            rows.append((reader.line_num, dict(rec)))  # values stay strings: no type guessing
+    except csv.Error as exc:
+        raise DataFileError(path, f"not valid CSV ({exc})", reader.line_num) from None
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# 2. validate
+# --------------------------------------------------------------------------------------
+
+
+def check_columns(path: str | Path, rows: list[tuple[int, dict]], columns: dict[str, str | None]) -> None:
+    found = sorted({k for _, r in rows for k in r})
+    missing = {f: c for f, c in columns.items() if c is not None and c not in found}
+    if missing:
+        expected = ", ".join(f"{f} <- {c!r}" for f, c in columns.items() if c is not None)
+        raise DataFileError(
+            path,
+            f"column(s) {sorted(missing.values())} not found. Columns in the file: {found}. "
+            f"The recipe maps: {expected}; fix datasets[].columns or the file's header",
+        )
+
+
+def validate_rows(
+    rows: list[tuple[int, dict]], columns: dict[str, str | None], task: str = ""
+) -> tuple[list[Example], list[Rejected]]:
+    kept, rejected = [], []
+    seen: dict[tuple, int] = {}
+    id_col = columns.get("id")
+    for lineno, row in rows:
+        values, problem = {}, None
+        for fld in ("question", "context", "answer"):
+            col = columns.get(fld)
+            if col is None:
+                values[fld] = None
+                continue
+            v = row.get(col)
+            if v is None:
+                problem = (fld, f"{fld} (column {col!r}) is missing or null")
+            elif not isinstance(v, str):
+                problem = (fld, f"{fld} (column {col!r}) is {type(v).__name__} {v!r}, expected text; quote it")
+            elif not v.strip():
+                problem = (fld, f"{fld} (column {col!r}) is empty or whitespace")
+            if problem:
+                break
+            values[fld] = v.strip()
+        rid = str(row.get(id_col)) if id_col and row.get(id_col) is not None else None
+        if problem:
+            rejected.append(Rejected(lineno, problem[1], problem[0], rid, row))
+            continue
+        key = (values["question"], values["context"], values["answer"])
+        if key in seen:
+            rejected.append(Rejected(lineno, f"exact duplicate of line {seen[key]}", None, rid, row))
+            continue
+        seen[key] = lineno
+        rid = rid or _stable_id(*key)
+        kept.append(Example(rid, values["question"], values["context"], values["answer"], lineno, task))
+    return kept, rejected
+
+
+def _stable_id(*parts: str | None) -> str:
+    return hashlib.sha256("\x1f".join(p or "" for p in parts).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------
+# 3. format and mask
+# --------------------------------------------------------------------------------------
+
+
+def build_messages(ex: Example, system: str | None, template: str, template_without_context: str) -> list[dict]:
+    tpl = template if ex.context else template_without_context
+    user = tpl.format(question=ex.question, context=ex.context or "")
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs + [{"role": "user", "content": user}]
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
+
+
+def format_example(tokenizer, ex: Example, messages: list[dict], max_length: int) -> str | None:
+    """Fill ex.input_ids/labels. Returns a rejection reason, or None when the example is usable.
+
+    Only the answer tokens and the end-of-turn token carry labels; the template's trailing
+    newline after end-of-turn is dropped so the model learns to stop exactly there.
+    """
+    prompt = prompt_ids(tokenizer, messages)
+    full = list(tokenizer.apply_chat_template(
+        messages + [{"role": "assistant", "content": ex.answer}], return_dict=True
+    )["input_ids"])
+    if full[: len(prompt)] != prompt:
+        return "chat template renders the prompt differently with and without the answer; cannot mask it"
+    completion = full[len(prompt):]
+    eos = tokenizer.eos_token_id
+    completion = completion[: completion.index(eos) + 1] if eos in completion else completion + [eos]
+    if len(prompt) >= max_length:
+        return f"prompt alone is {len(prompt)} tokens, max_length is {max_length}; shorten the context or raise prompt.max_length"
+    if len(prompt) + len(completion) > max_length:
+        return (f"prompt+answer is {len(prompt) + len(completion)} tokens > max_length {max_length}; "
+                "truncating would cut the answer; raise prompt.max_length")
+    ex.input_ids = prompt + completion
+    ex.labels = [IGNORE_INDEX] * len(prompt) + completion
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# 4. split
+# --------------------------------------------------------------------------------------
+
+
+def split_examples(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Seeded hash order by row id: stable when other rows change, exact eval size."""
+    order = sorted(examples, key=lambda e: hashlib.sha256(f"{seed}:{e.task}:{e.id}".encode()).hexdigest())
+    n_eval = max(1, round(len(examples) * eval_fraction)) if len(examples) > 1 else 0
+    eval_ids = {id(e) for e in order[:n_eval]}
+    train = [e for e in examples if id(e) not in eval_ids]
+    evals = [e for e in examples if id(e) in eval_ids]
+    return train, evals
+
+
+# --------------------------------------------------------------------------------------
+# the whole step, and the files it writes
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class SourceSpec:
+    name: str
+    path: Path
+    format: str
+    columns: dict[str, str | None]
+    eval_fraction: float
+    split_seed: int
+    max_rejected_fraction: float
+
+
+@dataclass
+class BuiltDataset:
+    train: list[Example]
+    eval: list[Example]
+    rejected: list[tuple[str, Rejected]]  # (source name, rejection)
+    stats: dict[str, Any]
+
+
+def build_sft_dataset(
+    sources: Iterable[SourceSpec], tokenizer, *, system: str | None, template: str,
+    template_without_context: str, max_length: int,
+) -> BuiltDataset:
+    train, evals, rejected, per_source = [], [], [], {}
+    for src in sources:
+        rows = read_rows(src.path, src.format)
+        check_columns(src.path, rows, src.columns)
+        kept, rej = validate_rows(rows, src.columns, task=src.name)
+        usable = []
+        for ex in kept:
+            msgs = build_messages(ex, system, template, template_without_context)
+            reason = format_example(tokenizer, ex, msgs, max_length)
+            if reason:
+                rej.append(Rejected(ex.line, reason, "prompt", ex.id))
+            else:
+                usable.append(ex)
+        frac = len(rej) / len(rows)
+        if not usable:
+            raise DataFileError(src.path, f"every row was rejected ({len(rej)} rows); first reason: line {rej[0].line}: {rej[0].reason}")
+        if frac > src.max_rejected_fraction:
+            worst = "; ".join(f"line {r.line}: {r.reason}" for r in sorted(rej, key=lambda r: r.line)[:5])
+            raise DataFileError(
+                src.path,
+                f"{len(rej)} of {len(rows)} rows rejected ({frac:.0%} > max_rejected_fraction "
+                f"{src.max_rejected_fraction:.0%}). First: {worst}",
+            )
+        tr, ev = split_examples(usable, src.eval_fraction, src.split_seed)
+        train += tr
+        evals += ev
+        rejected += [(src.name, r) for r in rej]
+        per_source[src.name] = {"rows": len(rows), "kept": len(usable), "rejected": len(rej),
+                                "train": len(tr), "eval": len(ev)}
+    lengths = sorted(len(e.input_ids) for e in train + evals)
+    stats = {
+        "sources": per_source,
+        "train_rows": len(train),
+        "eval_rows": len(evals),
+        "rejected_rows": len(rejected),
+        "tokens": {
+            "min": lengths[0], "max": lengths[-1], "mean": round(sum(lengths) / len(lengths), 1),
+            "p50": lengths[len(lengths) // 2], "p95": lengths[min(len(lengths) - 1, int(len(lengths) * 0.95))],
+        },
+        "trained_tokens_per_epoch": sum(sum(1 for x in e.labels if x != IGNORE_INDEX) for e in train),
+    }
+    return BuiltDataset(train, evals, rejected, stats)
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    with path.open("w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def save_dataset(ds: BuiltDataset, out_dir: Path, meta: dict[str, Any]) -> None:
+    write_jsonl(out_dir / "train.jsonl", (e.to_json() for e in ds.train))
+    write_jsonl(out_dir / "eval.jsonl", (e.to_json() for e in ds.eval))
+    write_jsonl(out_dir / "rejected.jsonl", ({"source": s, **asdict(r)} for s, r in ds.rejected))
+    (out_dir / "dataset_info.json").write_text(json.dumps({**meta, **ds.stats}, indent=2, sort_keys=True) + "\n")
+
+
+def load_split(dataset_dir: str | Path, split: str) -> list[Example]:
+    with (Path(dataset_dir) / f"{split}.jsonl").open(encoding="utf-8") as fh:
+        return [Example(**json.loads(line)) for line in fh if line.strip()]
+
+
+def dataset_info(dataset_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(dataset_dir) / "dataset_info.json").read_text())
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Identifies a tokenizer's vocabulary + template (to catch a dataset built with another one)."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    h = hashlib.sha256(json.dumps(vocab).encode())
+    h.update((getattr(tokenizer, "chat_template", None) or "").encode())
+    h.update(str(tokenizer.eos_token_id).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,66 @@
+"""Evaluate a model on held-out examples: loss/perplexity on the reference answers, and
+greedy generation scored with exact match, token F1 and ROUGE-L."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from .data import Example
+from .metrics import mean_scores, qa_scores
+from .train import collate, token_loss_sum
+
+
+@torch.inference_mode()
+def eval_loss(model, examples: list[Example], pad_id: int, device: str, batch_size: int = 16) -> dict[str, float]:
+    """Mean next-token loss over answer tokens (the same masking as training)."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        loss_sum, n = token_loss_sum(model, collate(examples[i: i + batch_size], pad_id, device))
+        total += float(loss_sum)
+        count += n
+    loss = total / max(1, count)
+    return {"eval_loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50.0)), 3)}
+
+
+@torch.inference_mode()
+def generate_answers(model, tokenizer, examples: list[Example], *, max_new_tokens: int, batch_size: int, device: str) -> list[str]:
+    """Greedy answers to each example's prompt (left-padded batches)."""
+    model.eval()
+    pad = tokenizer.pad_token_id
+    out = []
+    for i in range(0, len(examples), batch_size):
+        prompts = [e.input_ids[: e.prompt_len] for e in examples[i: i + batch_size]]
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, p in enumerate(prompts):
+            ids[j, width - len(p):] = torch.tensor(p)
+            mask[j, width - len(p):] = 1
+        gen = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+        )
+        for row in gen[:, width:]:
+            out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return out
+
+
+def evaluate(model, tokenizer, examples: list[Example], *, max_new_tokens: int, batch_size: int, device: str) -> dict[str, Any]:
+    """Metrics and a per-example table for one model."""
+    t0 = time.perf_counter()
+    losses = eval_loss(model, examples, tokenizer.pad_token_id, device, batch_size)
+    t1 = time.perf_counter()
+    answers = generate_answers(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)
+    gen_s = time.perf_counter() - t1
+    rows = []
+    for ex, pred in zip(examples, answers):
+        rows.append({"id": ex.id, "task": ex.task, "question": ex.question, "reference": ex.answer,
+                     "prediction": pred, **qa_scores(pred, ex.answer)})
+    metrics = {**mean_scores(rows), **losses, "examples": len(rows)}
+    timing = {"loss_s": round(t1 - t0, 2), "generate_s": round(gen_s, 2)}
+    return {"metrics": metrics, "rows": rows, "timing": timing}

@@ -1,0 +1,83 @@
+"""LoRA and QLoRA through peft.
+
+LoRA (Hu et al., 2021): W x + (alpha / r) * B A x with A, B trained and W frozen.
+QLoRA (Dettmers et al., 2023): the same adapter on a 4-bit NF4, double-quantized base
+(`quantized_base`), trained with a paged 8-bit AdamW. It is merged into the *dequantized*
+base weights in full precision, never back into 4-bit weights (that would re-quantize the
+sum and lose the update).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import default_param_groups, register
+
+
+def lora_config(spec: Any):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=spec.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+@dataclass(frozen=True)
+class PeftMethod:
+    """Base for methods that are a peft config on a frozen model."""
+
+    type: str
+    uses_quantized_base: bool = False
+    mergeable: bool = True
+
+    def peft_config(self, spec: Any):
+        raise NotImplementedError
+
+    def wrap(self, model, spec, *, gradient_checkpointing: bool = False):
+        from peft import get_peft_model, prepare_model_for_kbit_training
+
+        if self.uses_quantized_base:
+            # casts norms to fp32 and enables input grads so checkpointing works on 4-bit layers
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        elif gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        return get_peft_model(model, self.peft_config(spec))
+
+    def param_groups(self, model, spec, lr: float, weight_decay: float) -> list[dict]:
+        return default_param_groups(model, lr, weight_decay)
+
+    def save(self, model, out_dir: Path) -> None:
+        model.save_pretrained(out_dir, safe_serialization=True)
+
+    def load(self, base, adapter_dir: Path):
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
+
+    def merge(self, base, adapter_dir: Path):
+        if getattr(base, "is_quantized", False):
+            raise ValueError("merge needs full-precision base weights; dequantize the base first")
+        return self.load(base, adapter_dir).merge_and_unload()
+
+
+@dataclass(frozen=True)
+class LoraMethod(PeftMethod):
+    def peft_config(self, spec: Any):
+        return lora_config(spec)
+
+
+register(LoraMethod("lora"))
+register(LoraMethod("qlora", uses_quantized_base=True))
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

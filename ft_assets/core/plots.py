@@ -1,0 +1,45 @@
+"""Small PNG charts for Dagster metadata (rendered inline in the asset page as markdown)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def loss_curve_png(losses: list[tuple[int, float]], title: str) -> bytes:
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    if losses:
+        steps, values = zip(*losses)
+        ax.plot(steps, values, marker="o" if len(steps) < 60 else None, markersize=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train loss (answer tokens)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def bar_chart_png(labels: list[str], values: list[float], title: str, ylabel: str) -> bytes:
+    fig, ax = plt.subplots(figsize=(max(4, 0.7 * len(labels) + 2), 3.2), dpi=100)
+    ax.bar(labels, values, color="#4f6bed")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=30)
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def markdown_image(png: bytes, alt: str) -> str:
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,92 @@
+"""`base_model` and `quantized_base`.
+
+- `base_model`: the recipe's base model as a local safetensors directory (bundled GGUF ->
+  dequantized -> saved; hub id from the local HF cache; or a local path). Same content, same
+  version: re-materializing an unchanged base changes nothing downstream.
+- `quantized_base`: the base quantized with bitsandbytes (NF4 + double quantization by
+  default), saved with `save_pretrained`; records its size against the base and how much the
+  eval-set loss moved (against `base_eval`, on the same held-out split).
+"""
+
+
+import json
+
+import dagster as dg
+
+from ..core import evaluate, quantize
+from ..core.models import LoadOptions, ModelSourceError, save_base
+from ..recipe import Recipe
+from ..store import Artifact, dir_bytes
+from . import _common as c
+from .resources import ComputeResource, StoreResource
+
+MODEL_BYTES_HEADROOM = 2 * 2**30  # refuse to start writing a model with less free disk than this
+
+
+def build(recipe: Recipe) -> list:
+    spec = recipe.base_model
+    cv_base = c.code_version("base_model", recipe, "base_model")
+
+    @dg.asset(group_name="models", kinds={"pytorch", "safetensors"}, code_version=cv_base, pool="gpu")
+    def base_model(context: dg.AssetExecutionContext, store: StoreResource) -> dg.Output:
+        """The recipe's base model as a plain safetensors checkpoint with its tokenizer."""
+        local = recipe.resolve_path(spec.path, "base_model.path") if spec.source == "local" else None
+        with store.store().write("base_model", recipe_hash=recipe.recipe_hash, code_version=cv_base,
+                                 seed=recipe.seed, min_free_bytes=MODEL_BYTES_HEADROOM) as st:
+            try:
+                facts = save_base(
+                    spec.source, st.path, hub_id=spec.id, local_path=local, revision=spec.revision,
+                    allow_download=spec.allow_download,
+                    options=LoadOptions(spec.trust_remote_code, spec.allow_pickle_weights),
+                )
+            except ModelSourceError as exc:
+                raise c.user_error(exc) from None
+            st.extra["model"] = facts
+        art = st.artifact
+        return c.output(art, {
+            "origin": facts["origin"],
+            "architecture": facts["architecture"],
+            "parameters": facts["parameters"],
+            "layers": facts["layers"],
+            "dtype": facts["dtype"],
+            "bytes": dir_bytes(art.dir),
+            "content_hash": art.version,
+        })
+
+    if recipe.quantization.method == "none":
+        return [base_model]
+
+    q = recipe.quantization
+    cv_q = c.code_version("quantized_base", recipe, "quantization")
+
+    @dg.asset(group_name="models", kinds={"pytorch", "bitsandbytes"}, code_version=cv_q, pool="gpu")
+    def quantized_base(
+        context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource,
+        base_model: Artifact, sft_dataset: Artifact, base_eval: Artifact,
+    ) -> dg.Output:
+        """The base model quantized with bitsandbytes (QLoRA trains on this)."""
+        hw = compute.resolve()
+        cdtype = quantize.compute_dtype(q.compute_dtype, hw.device)
+        evals = c.eval_examples(recipe, sft_dataset)
+        with store.store().write("quantized_base", recipe_hash=recipe.recipe_hash, code_version=cv_q,
+                                 seed=recipe.seed, min_free_bytes=MODEL_BYTES_HEADROOM) as st:
+            st.inputs = c.inputs_of(base_model, sft_dataset, base_eval)
+            qmodel = quantize.quantize(base_model.dir, st.path, q.method, q.double_quant, cdtype, hw.device)
+            q_loss = evaluate.eval_loss(qmodel, evals, qmodel.config.pad_token_id, hw.device)
+            base_loss = json.loads((base_eval.dir / "metrics.json").read_text())  # same eval split
+            st.extra["eval_loss"] = {"base": base_loss["eval_loss"], "quantized": q_loss["eval_loss"]}
+        art = st.artifact
+        base_bytes, q_bytes = dir_bytes(base_model.dir), dir_bytes(art.dir)
+        return c.output(art, {
+            "method": q.method,
+            "double_quant": q.double_quant,
+            "compute_dtype": str(cdtype).removeprefix("torch."),
+            "bytes": q_bytes,
+            "base_bytes": base_bytes,
+            "size_vs_base": round(q_bytes / base_bytes, 3),
+            "eval_loss_base": base_loss["eval_loss"],
+            "eval_loss_quantized": q_loss["eval_loss"],
+            "eval_loss_delta": round(q_loss["eval_loss"] - base_loss["eval_loss"], 4),
+        })
+
+    return [base_model, quantized_base]

@@ -1,0 +1,115 @@
+"""Shared fixtures: a tiny random-init Llama (the real SmolLM2 architecture family) with the
+real SmolLM2 tokenizer, a small QA dataset file, and recipes pointing at them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from ft_assets.core.models import bundled_gguf_path  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_llama_config(vocab_size: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer_dir(tmp_path_factory) -> Path:
+    """The SmolLM2 tokenizer, read once from the bundled GGUF (skips if `make install` did not run)."""
+    gguf = bundled_gguf_path()
+    if not gguf.is_file():
+        pytest.skip(f"bundled GGUF missing at {gguf}; run `make install`")
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(real_tokenizer_dir, tmp_path_factory) -> Path:
+    """A random-init 2-layer Llama (hidden 64) with the real tokenizer, saved as safetensors."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from ft_assets.core.models import fix_special_tokens
+
+    tok = AutoTokenizer.from_pretrained(real_tokenizer_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(len(tok)))
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    fix_special_tokens(tok, model)
+    out = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def qa_rows(n: int = 48) -> list[dict]:
+    """Short financial QA rows (fast to tokenize and train on)."""
+    rows = []
+    for i in range(n):
+        rev, cost = 1000 + 37 * i, 600 + 11 * i
+        rows.append({
+            "id": f"t{i:03d}",
+            "question": "What was the gross profit?" if i % 2 else "What was total revenue?",
+            "context": f"Company {i} reported revenue of ${rev} million and cost of revenue of ${cost} million.",
+            "answer": f"${rev - cost} million" if i % 2 else f"${rev} million",
+        })
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def project(tmp_path, tiny_model_dir) -> Path:
+    """A project dir: data/qa.jsonl and recipe.yaml using the tiny model as a local base."""
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "qa.jsonl", qa_rows())
+    recipe = make_recipe(tiny_model_dir)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return tmp_path
+
+
+def make_recipe(model_dir: Path, **overrides) -> dict:
+    recipe = {
+        "name": "tiny",
+        "seed": 7,
+        "allow_paths_outside_root": True,  # the tiny model lives in pytest's tmp dir
+        "datasets": [{"name": "qa", "path": "data/qa.jsonl", "columns": {"id": "id"}, "eval_fraction": 0.25}],
+        "prompt": {"max_length": 128},
+        "base_model": {"source": "local", "path": str(model_dir)},
+        "quantization": {"method": "nf4"},
+        "training": {"max_steps": 4, "batch_size": 4, "lr": 5e-3, "checkpoint_every": 2, "warmup_ratio": 0.0},
+        "methods": {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "qlora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        "evaluation": {"max_new_tokens": 8, "batch_size": 8},
+        "compute": {"device": "cpu"},
+    }
+    recipe.update(overrides)
+    return recipe
+
+
+@pytest.fixture
+def ft_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "ft_home"
+    monkeypatch.setenv("FT_HOME", str(home))
+    return home

@@ -1,0 +1,88 @@
+"""The whole graph, materialized with Dagster on the tiny model (ephemeral instance)."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import pytest
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from ft_assets.definitions import build_definitions
+from ft_assets.demo import materialize_all
+from ft_assets.recipe import load_recipe
+from ft_assets.store import ArtifactStore
+
+
+@pytest.fixture
+def graph(project, ft_home):
+    recipe = load_recipe(project / "recipe.yaml")
+    defs = build_definitions(recipe, home=str(ft_home))
+    instance = dg.DagsterInstance.ephemeral()
+    materialize_all(defs, list(recipe.methods), instance, say=lambda *_: None)
+    return recipe, defs, instance, ArtifactStore(ft_home)
+
+
+def test_every_asset_materializes_with_manifest(graph):
+    recipe, defs, instance, store = graph
+    for asset in ("base_model", "sft_dataset", "quantized_base", "base_eval"):
+        art = store.latest(asset)
+        assert art is not None, asset
+        m = art.manifest()
+        assert m["asset"] == asset and m["version"] == art.version
+        assert m["recipe_hash"] == recipe.recipe_hash and m["seed"] == recipe.seed
+        assert "torch" in m["libraries"] and m["created"]
+    for method in recipe.methods:
+        for asset in ("adapter", "merged_model", "eval_report"):
+            assert store.latest(asset, method) is not None, (asset, method)
+    # manifests name the exact upstream versions
+    lora = store.latest("adapter", "lora").manifest()
+    assert lora["inputs"] == {"sft_dataset": store.latest("sft_dataset").version,
+                              "base_model": store.latest("base_model").version}
+    qlora = store.latest("adapter", "qlora").manifest()
+    assert qlora["inputs"]["quantized_base"] == store.latest("quantized_base").version
+
+
+def test_metrics_json_shape(graph):
+    _, _, _, store = graph
+    for method in ("lora", "qlora"):
+        metrics = json.loads((store.latest("eval_report", method).dir / "metrics.json").read_text())
+        for side in ("base", "tuned"):
+            for key in ("exact_match", "token_f1", "rouge_l", "eval_loss", "perplexity"):
+                assert isinstance(metrics[side][key], float), (method, side, key)
+
+
+def test_adapters_train_and_load_with_plain_peft(graph):
+    _, _, _, store = graph
+    base_dir = store.latest("base_model").path
+    lora = store.latest("adapter", "lora")
+    log = json.loads((lora.dir / "train_log.json").read_text())
+    assert log["steps"] == 4 and len(log["losses"]) == 4 and log["tokens_trained"] > 0
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), lora.path)
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+    merged = AutoModelForCausalLM.from_pretrained(store.latest("merged_model", "lora").path)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_asset_checks_pass(graph):
+    _, defs, instance, _ = graph
+    for check_key in (dg.AssetCheckKey(dg.AssetKey("sft_dataset"), "trainable"),
+                      dg.AssetCheckKey(dg.AssetKey("merged_model"), "matches_adapter")):
+        records = instance.event_log_storage.get_asset_check_execution_history(check_key, limit=5)
+        assert records, check_key
+        for rec in records:
+            evaluation = rec.event.dagster_event.event_specific_data
+            assert evaluation.passed, (check_key, evaluation.metadata)
+
+
+def test_definitions_load_from_the_module(monkeypatch, project, ft_home):
+    monkeypatch.setenv("FT_RECIPE", str(project / "recipe.yaml"))
+    from ft_assets import definitions
+
+    defs = definitions.defs()
+    keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert {"raw/qa", "sft_dataset", "base_model", "quantized_base", "adapter", "merged_model",
+            "base_eval", "eval_report"} <= keys
+    adapter = defs.resolve_assets_def("adapter")
+    assert adapter.partitions_def.get_partition_keys() == ["lora", "qlora"]
