@@ -1,15 +1,17 @@
 """The code location: the recipe ($FT_RECIPE, default `recipes/default.yaml`) turned into assets.
 
-    raw/<dataset> -> sft_dataset <- base_model -> quantized_base
-                        \\-> adapter[method] -> merged_model[method] -> eval_report[method]
-                        \\-> base_eval ----------------------------------^
+    raw/<dataset> ─> sft_dataset <─ base_model ─> quantized_base
+    recipe/method[m] ─> adapter[m] ─> merged_model[m] ─> eval_report[m] ─> leaderboard
+                                                 base_eval ─┘
+
+plus the automation sensor (eager reruns), and the retraining schedule when the recipe has one.
 """
 
 from __future__ import annotations
 
 import dagster as dg
 
-from .defs import adapters, datasets, models, raw, reports
+from .defs import adapters, automation, datasets, models, raw, reports
 from .defs.resources import ArtifactIOManager, ComputeResource, StoreResource
 from .recipe import Recipe, load_recipe
 from .store import ft_home
@@ -17,15 +19,18 @@ from .store import ft_home
 
 def build_definitions(recipe: Recipe, home: str | None = None) -> dg.Definitions:
     home = str(home or ft_home())
-    assets = [
-        *raw.build(recipe),
-        *models.build(recipe),
-        *datasets.build(recipe),
-        *adapters.build(recipe),
-        *reports.build(recipe),
-    ]
+    parts = adapters.methods_partitions(recipe)
+    sources = [*raw.build(recipe), automation.recipe_methods_source(recipe, parts)]
+    derived = [*models.build(recipe), *datasets.build(recipe), *adapters.build(recipe), *reports.build(recipe)]
+    condition = automation.derived_condition(recipe)
+    if condition is not None:
+        derived = dg.map_asset_specs(lambda spec: spec.replace_attributes(automation_condition=condition), derived)
+    jobs, schedules = automation.retrain(recipe, parts)
     return dg.Definitions(
-        assets=assets,
+        assets=[*sources, *derived],
+        jobs=jobs,
+        schedules=schedules,
+        sensors=[automation.automation_sensor()],
         resources={
             "compute": ComputeResource(device=recipe.compute.device, threads=recipe.compute.threads),
             "store": StoreResource(home=home),

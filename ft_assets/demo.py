@@ -50,6 +50,7 @@ def materialize_all(defs: dg.Definitions, methods: list[str], instance: dg.Dagst
         say(f"[demo] {time.perf_counter() - t0:6.0f}s  training, merging and evaluating partition {m!r}")
         dg.materialize(assets, instance=instance, resources=resources, partition_key=m,
                        selection=["adapter", "merged_model", "eval_report"])
+    dg.materialize(assets, instance=instance, resources=resources, selection=["leaderboard"])
     say(f"[demo] {time.perf_counter() - t0:6.0f}s  done")
 
 
@@ -68,6 +69,8 @@ def main() -> int:
         print(f"[demo] {m:>8}: token F1 {b['token_f1']:.3f} -> {t['token_f1']:.3f}, exact match "
               f"{b['exact_match']:.3f} -> {t['exact_match']:.3f}, ROUGE-L {b['rouge_l']:.3f} -> {t['rouge_l']:.3f}")
         print(f"           eval report: {art.dir / 'metrics.json'}")
+    board = store.latest("leaderboard")
+    print(f"[demo] leaderboard: {board.dir / 'leaderboard.csv'}")
     print("[demo] open the UI with `make ui` (http://127.0.0.1:3000) to browse assets, metadata and lineage")
     return 0
 

@@ -146,18 +146,114 @@ class _MethodBase(_Strict):
         return v
 
 
-class LoraSpec(_MethodBase):
-    """LoRA (Hu et al. 2021) through peft. `qlora` trains it on the 4-bit `quantized_base`."""
+class _LoraKeys(_MethodBase):
+    """The keys every LoRA-shaped method shares: rank, scale (alpha / r), dropout, where."""
 
-    type: Literal["lora", "qlora"]
     r: Annotated[int, Field(ge=1, le=4096)] = 16
     alpha: Annotated[float, Field(gt=0)] = 32
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+class LoraSpec(_LoraKeys):
+    """LoRA (Hu et al. 2021) through peft. `qlora` trains it on the 4-bit `quantized_base`."""
+
+    type: Literal["lora", "qlora"]
+
+
+class LoraVariantSpec(_LoraKeys):
+    """LoRA variants with only the LoRA keys: `dora` (weight-decomposed, Liu et al. 2024),
+    `rslora` (scale alpha/sqrt(r), Kalajdzievski 2023), `lora_fa` (A frozen, Zhang et al. 2023)."""
+
+    type: Literal["dora", "rslora", "lora_fa"]
+
+
+class LoraPlusSpec(_LoraKeys):
+    """LoRA+ (Hayou et al. 2024): B learns at `ratio` times A's learning rate."""
+
+    type: Literal["lora_plus"]
+    ratio: Annotated[float, Field(gt=0)] = 16.0
+
+
+class DeltaLoraSpec(_LoraKeys):
+    """Delta-LoRA (Zi et al. 2023): the frozen W also receives delta_lambda x the change of scale*B*A.
+    Dropout defaults to 0: the paper drops it so the product delta stands for the gradient of W."""
+
+    type: Literal["delta_lora"]
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    delta_lambda: Annotated[float, Field(ge=0)] = 0.5
+
+
+class VeraSpec(_MethodBase):
+    """VeRA (Kopiczko et al. 2024): frozen random A/B shared by all layers, trained scaling vectors."""
+
+    type: Literal["vera"]
+    r: Annotated[int, Field(ge=1, le=16384)] = 256
+    d_initial: Annotated[float, Field(gt=0)] = 0.1
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class IA3Spec(_MethodBase):
+    """(IA)^3 (Liu et al. 2022): learned vectors rescale keys, values and feed-forward activations.
+    Unset module lists use peft's per-architecture defaults (Llama: k_proj, v_proj, down_proj)."""
+
+    type: Literal["ia3"]
+    target_modules: Annotated[list[str], Field(min_length=1)] | None = None
+    feedforward_modules: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _feedforward_within_targets(self) -> "IA3Spec":
+        if self.feedforward_modules is not None:
+            if self.target_modules is None:
+                raise ValueError("feedforward_modules needs target_modules (a list that contains them)")
+            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            if extra:
+                raise ValueError(f"feedforward_modules {extra} are not in target_modules")
+        return self
+
+
+class PromptLearningSpec(_MethodBase):
+    """Learned virtual tokens: `prompt` tuning (Lester et al. 2021) prepends trained input
+    embeddings; `prefix` tuning (Li & Liang 2021) trains key/value prefixes of every layer.
+    `init_text` (prompt only) starts the virtual tokens from a phrase's embeddings."""
+
+    type: Literal["prefix", "prompt"]
+    num_virtual_tokens: Annotated[int, Field(ge=1, le=4096)] = 16
+    init_text: Annotated[str, Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _init_text_only_for_prompt(self) -> "PromptLearningSpec":
+        if self.init_text is not None and self.type != "prompt":
+            raise ValueError("init_text applies to type prompt only")
+        return self
+
+
+class FullSpec(_MethodBase):
+    """Full fine-tuning: every weight trains."""
+
+    type: Literal["full"]
+
+
+class LastLayersSpec(_MethodBase):
+    """Transfer learning: only the top `n_layers` decoder blocks, the final norm and an untied LM head train."""
+
+    type: Literal["last_layers"]
+    n_layers: Annotated[int, Field(ge=1)] = 2
+
+
+class BottleneckSpec(_MethodBase):
+    """Houlsby bottleneck adapters (Houlsby et al. 2019) after each attention and MLP sublayer."""
+
+    type: Literal["bottleneck"]
+    reduction_factor: Annotated[int, Field(ge=1)] = 16
+    non_linearity: Literal["relu", "gelu", "silu"] = "relu"
+
+
 # One class per method family; issue-by-issue more join this tuple.
-METHOD_SPECS: tuple[type[_MethodBase], ...] = (LoraSpec,)
+METHOD_SPECS: tuple[type[_MethodBase], ...] = (
+    LoraSpec, LoraVariantSpec, LoraPlusSpec, DeltaLoraSpec, VeraSpec, IA3Spec, PromptLearningSpec,
+    FullSpec, LastLayersSpec, BottleneckSpec,
+)
 MethodSpec = (
     Annotated[Union[METHOD_SPECS], Field(discriminator="type")] if len(METHOD_SPECS) > 1 else METHOD_SPECS[0]
 )
@@ -174,6 +270,23 @@ class EvaluationSpec(_Strict):
 class ComputeSpec(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Annotated[int, Field(ge=1)] | None = None
+
+
+class AutomationSpec(_Strict):
+    """When Dagster re-runs things on its own (needs the automation sensor, on by default)."""
+
+    observe_data_cron: str = "* * * * *"  # how often data files are hashed
+    eager: bool = True  # a changed input re-materializes exactly its descendants
+    rerun_on_code_change: bool = True  # a stage's code/recipe version bump re-runs it too
+    retrain_cron: str | None = None  # e.g. "0 3 * * 0": request every method partition
+    retrain_schedule_running: bool = False  # the schedule's default state (visible in the UI)
+
+    @field_validator("observe_data_cron", "retrain_cron")
+    @classmethod
+    def _cron(cls, v: str | None) -> str | None:
+        if v is not None and len(v.split()) != 5:
+            raise ValueError(f"{v!r} is not a 5-field cron expression (minute hour day month weekday)")
+        return v
 
 
 # --------------------------------------------------------------------------------------
@@ -194,6 +307,7 @@ class Recipe(_Strict):
     methods: Annotated[dict[str, MethodSpec], Field(min_length=1)]
     evaluation: EvaluationSpec = EvaluationSpec()
     compute: ComputeSpec = ComputeSpec()
+    automation: AutomationSpec = AutomationSpec()
 
     # Set by load_recipe (not a YAML key): the file this recipe came from.
     source_file: str | None = Field(default=None, exclude=True)
@@ -331,7 +445,8 @@ def _describe(err: dict[str, Any]) -> str:
             hint = f" — did you mean {close[0]!r}?"
         return f"{_dotted(loc[:-1])}: unknown key {bad!r}{hint} Allowed here: {', '.join(allowed)}"
     if err["type"] == "union_tag_invalid" or (err["type"] == "literal_error" and loc[-1] == "type"):
-        return f"{key}: unknown method type {err['input']!r}; known types: {', '.join(_method_types())}"
+        tag = err.get("ctx", {}).get("tag", err["input"])  # a union error's input is the whole mapping
+        return f"{key}: unknown method type {tag!r}; known types: {', '.join(_method_types())}"
     if err["type"] == "missing":
         return f"{key}: required key is missing"
     msg = err["msg"].removeprefix("Value error, ")
@@ -366,6 +481,8 @@ def _allowed_keys(loc: list[Any]) -> list[str]:
                 node = node.model_fields[part].annotation
             else:  # a union tag inserted by pydantic
                 node = _member_for_tag(part) or node
+        elif typing.get_origin(node) in (Union, types.UnionType):  # the method union: pick by tag
+            node = _member_for_tag(part) or node
         elif typing.get_origin(node) in (list, dict):
             node = typing.get_args(node)[-1]
     node = _unwrap(node)

@@ -39,5 +39,7 @@ def max_logit_difference(a, b, examples: list[Example], pad_id: int, device: str
     batch = collate(examples, pad_id, device)
     la = a(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     lb = b(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    n = batch["input_ids"].size(1)  # prompt tuning returns its virtual tokens' logits first: compare the real ones
+    la, lb = la[:, -n:], lb[:, -n:]
     mask = batch["attention_mask"].bool()
     return float((la - lb).abs()[mask].max())

@@ -139,13 +139,24 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     """
     targets = batch["labels"][:, 1:]
     keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # positions p predicting p+1
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    # Prompt tuning puts virtual tokens in front of the input: real position p is p + offset.
+    offset = virtual_token_count(model)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep + offset).logits
     kept_targets = targets[:, keep]
     loss = F.cross_entropy(
         logits.float().reshape(-1, logits.size(-1)), kept_targets.reshape(-1),
         ignore_index=IGNORE_INDEX, reduction="sum",
     )
     return loss, int((kept_targets != IGNORE_INDEX).sum())
+
+
+def virtual_token_count(model) -> int:
+    """Positions a peft prompt-learning model prepends to the sequence (prompt tuning, p-tuning).
+    Prefix tuning puts its virtual tokens in the key/value cache instead: no extra positions."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not config.is_prompt_learning or config.peft_type in ("PREFIX_TUNING", "CARTRIDGE"):
+        return 0
+    return config.num_virtual_tokens
 
 
 # --------------------------------------------------------------------------------------
@@ -217,7 +228,30 @@ def latest_checkpoint(ckpt_root: Path | None) -> Path | None:
     return done[-1] if done else None
 
 
-def _restore(ckpt: Path, model, optimizer, scheduler, result: TrainResult) -> int:
+def _restore(ckpt: Path, model, optimizer, scheduler, result: TrainResult, method=None) -> int:
+    adapter = ckpt / "adapter"
+    # A method whose saved names are not live parameter names (or that keeps more state than
+    # parameters, e.g. Delta-LoRA's updated base weights) restores itself; the rest match names.
+    restore = getattr(method, "restore", None)
+    if restore is not None:
+        restore(model, adapter)
+    else:
+        _restore_by_name(ckpt, model)
+    blob = torch.load(ckpt / "state.pt", weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["torch_rng"])
+    if blob["cuda_rng"]:
+        torch.cuda.set_rng_state_all(blob["cuda_rng"])
+    progress = json.loads((ckpt / "progress.json").read_text())
+    result.losses = [tuple(x) for x in progress["losses"]]
+    result.tokens_seen = progress["tokens_seen"]
+    result.tokens_trained = progress["tokens_trained"]
+    result.wall_s = progress["wall_s"]
+    return progress["step"]
+
+
+def _restore_by_name(ckpt: Path, model) -> None:
     from safetensors.torch import load_file
 
     adapter = ckpt / "adapter"
@@ -233,18 +267,6 @@ def _restore(ckpt: Path, model, optimizer, scheduler, result: TrainResult) -> in
             loaded += 1
     if loaded == 0:
         raise RuntimeError(f"checkpoint {ckpt} matched no trainable parameter; delete it to start over")
-    blob = torch.load(ckpt / "state.pt", weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    torch.set_rng_state(blob["torch_rng"])
-    if blob["cuda_rng"]:
-        torch.cuda.set_rng_state_all(blob["cuda_rng"])
-    progress = json.loads((ckpt / "progress.json").read_text())
-    result.losses = [tuple(x) for x in progress["losses"]]
-    result.tokens_seen = progress["tokens_seen"]
-    result.tokens_trained = progress["tokens_trained"]
-    result.wall_s = progress["wall_s"]
-    return progress["step"]
 
 
 def _match_param(saved_name: str, params: dict[str, torch.nn.Parameter]):
@@ -291,7 +313,7 @@ def train(
     start = 0
     ckpt = latest_checkpoint(checkpoint_dir)
     if ckpt is not None:
-        start = _restore(ckpt, model, optimizer, scheduler, result)
+        start = _restore(ckpt, model, optimizer, scheduler, result, method)
         result.resumed_from_step = start
 
     model.train()

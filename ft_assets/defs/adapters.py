@@ -24,6 +24,7 @@ from ..core.quantize import compute_dtype, load_quantized
 from ..recipe import Recipe
 from ..store import Artifact, ArtifactStore, dir_bytes
 from . import _common as c
+from .automation import RECIPE_METHOD_KEY
 from .models import MODEL_BYTES_HEADROOM
 from .resources import ComputeResource, StoreResource
 
@@ -150,12 +151,15 @@ def _merge(context, recipe: Recipe, compute: ComputeResource, store: ArtifactSto
 def build(recipe: Recipe) -> list:
     parts = methods_partitions(recipe)
     quantized = recipe.quantization.method != "none"
-    cv_adapter = c.code_version("adapter", recipe, "training", "methods", "seed")
+    # Per-method settings are versioned per partition by the `recipe/method` source (an edit of
+    # one method re-trains only that partition), so they are not part of the asset's code version.
+    cv_adapter = c.code_version("adapter", recipe)
     cv_merged = c.code_version("merged_model", recipe)
     common = dict(partitions_def=parts, pool="gpu")
+    recipe_dep = [dg.AssetDep(RECIPE_METHOD_KEY)]
 
     if quantized:
-        @dg.asset(group_name="training", kinds={"pytorch", "peft"}, code_version=cv_adapter, **common)
+        @dg.asset(group_name="training", kinds={"pytorch", "peft"}, code_version=cv_adapter, deps=recipe_dep, **common)
         def adapter(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource,
                     sft_dataset: Artifact, base_model: Artifact, quantized_base: Artifact):
             """The trained adapter (or trained weights) of one method: one partition per recipe method."""
@@ -168,7 +172,7 @@ def build(recipe: Recipe) -> list:
             """The adapter merged into full-precision base weights, ready to deploy."""
             yield from _merge(context, recipe, compute, store.store(), adapter, base_model, quantized_base, sft_dataset, cv_merged)
     else:
-        @dg.asset(group_name="training", kinds={"pytorch", "peft"}, code_version=cv_adapter, **common)
+        @dg.asset(group_name="training", kinds={"pytorch", "peft"}, code_version=cv_adapter, deps=recipe_dep, **common)
         def adapter(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource,
                     sft_dataset: Artifact, base_model: Artifact):
             """The trained adapter (or trained weights) of one method: one partition per recipe method."""

@@ -1,7 +1,8 @@
 """Raw data: one observable source asset per dataset file in the recipe.
 
 The data version is the sha256 of the file's bytes, so rewriting or touching a file without
-changing it changes nothing downstream; editing one row makes its descendants stale.
+changing it changes nothing downstream; editing one row makes its descendants stale. Files
+are observed on the recipe's `automation.observe_data_cron`.
 """
 
 
@@ -9,6 +10,7 @@ import dagster as dg
 
 from ..recipe import DatasetSpec, Recipe
 from ..store import file_hash
+from .automation import observe_condition
 
 
 def raw_key(ds: DatasetSpec) -> dg.AssetKey:
@@ -23,6 +25,7 @@ def _observer(recipe: Recipe, ds: DatasetSpec):
         group_name="raw_data",
         description=f"The dataset file `{path.name}` ({ds.format}); data version = content hash.",
         metadata={"path": dg.MetadataValue.path(str(path)), "format": ds.format},
+        automation_condition=observe_condition(recipe),
     )
     def observe_file() -> dg.ObserveResult:
         if not path.is_file():

@@ -2,6 +2,8 @@
 
 - `base_eval`: the untuned base model on the held-out split (the baseline every method is
   compared with; computed once, not once per method).
+- `leaderboard`: every method's latest report on one table (CSV, JSON, chart), with the
+  base model as a row; says which methods have no report yet.
 - `eval_report[method]`: the tuned model (merged when the method can merge, else base +
   adapter) on the same split: exact match, token F1, ROUGE-L, eval loss, perplexity, and a
   per-example table. Writes `metrics.json` as {"base": {...}, "tuned": {...}} and
@@ -9,15 +11,16 @@
 """
 
 
+import csv
 import json
 
 import dagster as dg
 
-from ..core import data, evaluate, merge
+from ..core import data, evaluate, merge, plots
 from ..core.methods import get_method
 from ..core.models import load_model, load_tokenizer
 from ..recipe import Recipe
-from ..store import Artifact
+from ..store import Artifact, dir_bytes
 from . import _common as c
 from .adapters import methods_partitions
 from .resources import ComputeResource, StoreResource
@@ -112,4 +115,76 @@ def build(recipe: Recipe) -> list:
             """Base vs tuned on the held-out split: EM, token F1, ROUGE-L, loss, perplexity, per-example table."""
             yield from _report(context, compute, store, merged_model, adapter, base_model, None, sft_dataset, base_eval)
 
-    return [base_eval, eval_report]
+    cv_board = c.code_version("leaderboard", recipe)
+
+    @dg.asset(group_name="evaluation", kinds={"csv", "json"}, code_version=cv_board,
+              deps=[dg.AssetDep("eval_report"), dg.AssetDep("base_eval")])
+    def leaderboard(context: dg.AssetExecutionContext, store: StoreResource) -> dg.MaterializeResult:
+        """Every method's latest eval_report on one table (plus the base model), as table, chart, CSV and JSON.
+
+        Correct with only some partitions materialized: the missing ones are listed, not guessed.
+        """
+        st_ = store.store()
+        base_art = st_.latest("base_eval")
+        if base_art is None:
+            raise c.user_error(RuntimeError("base_eval has not been materialized yet; materialize it first"))
+        rows, missing, inputs = [], [], {c.key_of(base_art): base_art.version}
+        base = json.loads((base_art.dir / "metrics.json").read_text())
+        base_params = None
+        for name in recipe.methods:
+            report, adapter_art = st_.latest("eval_report", name), st_.latest("adapter", name)
+            if report is None or adapter_art is None:
+                missing.append(name)
+                continue
+            inputs[c.key_of(report)] = report.version
+            tuned = json.loads((report.dir / "metrics.json").read_text())["tuned"]
+            train_facts = adapter_art.manifest().get("train", {})
+            base_params = base_params or train_facts.get("total_parameters")
+            rows.append(board_row(name, recipe.methods[name].type, tuned, train_facts, dir_bytes(adapter_art.dir)))
+        rows.sort(key=lambda r: -r["token_f1"])
+        rows.append(board_row("base", "-", base, {}, 0))
+        with st_.write("leaderboard", recipe_hash=recipe.recipe_hash, code_version=cv_board, seed=recipe.seed) as st:
+            st.inputs = inputs
+            c.write_json(st.path / "leaderboard.json", {"rows": rows, "missing": missing})
+            with (st.path / "leaderboard.csv").open("w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=BOARD_COLUMNS)
+                writer.writeheader()
+                writer.writerows(rows)
+            png = plots.bar_chart_png([r["method"] for r in rows], [r["token_f1"] for r in rows],
+                                      "token F1 on the held-out split", "token F1")
+            (st.path / "leaderboard.png").write_bytes(png)
+        art = st.artifact
+        if missing:
+            context.log.warning(f"leaderboard without {missing}: their eval_report is not materialized")
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(art.version),
+            metadata={
+                "path": dg.MetadataValue.path(art.path),
+                "leaderboard": c.table(rows, BOARD_COLUMNS),
+                "chart": dg.MetadataValue.md(plots.markdown_image(png, "token F1 by method")),
+                "missing_methods": dg.MetadataValue.json(missing),
+                "methods_ranked": len(rows) - 1,
+                "best": rows[0]["method"] if len(rows) > 1 else "-",
+            },
+        )
+
+    return [base_eval, eval_report, leaderboard]
+
+
+BOARD_COLUMNS = ["method", "type", "token_f1", "exact_match", "rouge_l", "eval_loss", "trainable_parameters",
+                 "trainable_percent", "adapter_bytes", "train_tokens_per_s", "peak_memory_mib", "wall_time_s"]
+
+
+def board_row(name: str, type_: str, metrics: dict, train_facts: dict, adapter_bytes: int) -> dict:
+    trainable, total = train_facts.get("trainable_parameters"), train_facts.get("total_parameters")
+    peak = train_facts.get("peak_memory_bytes")
+    return {
+        "method": name, "type": type_,
+        **{k: metrics[k] for k in ("token_f1", "exact_match", "rouge_l", "eval_loss")},
+        "trainable_parameters": trainable,
+        "trainable_percent": round(100 * trainable / total, 3) if trainable and total else None,
+        "adapter_bytes": adapter_bytes or None,
+        "train_tokens_per_s": train_facts.get("tokens_per_s"),
+        "peak_memory_mib": round(peak / 2**20) if peak else None,
+        "wall_time_s": train_facts.get("wall_s"),
+    }

@@ -86,3 +86,32 @@ def test_definitions_load_from_the_module(monkeypatch, project, ft_home):
             "base_eval", "eval_report"} <= keys
     adapter = defs.resolve_assets_def("adapter")
     assert adapter.partitions_def.get_partition_keys() == ["lora", "qlora"]
+
+
+def test_leaderboard_ranks_every_method_and_the_base(graph):
+    recipe, _, _, store = graph
+    board = json.loads((store.latest("leaderboard").dir / "leaderboard.json").read_text())
+    assert board["missing"] == []
+    by_method = {r["method"]: r for r in board["rows"]}
+    assert set(by_method) == {"lora", "qlora", "base"}
+    lora = by_method["lora"]
+    tuned = json.loads((store.latest("eval_report", "lora").dir / "metrics.json").read_text())["tuned"]
+    assert lora["token_f1"] == tuned["token_f1"] and lora["trainable_parameters"] > 0
+    assert 0 < lora["trainable_percent"] < 100 and lora["adapter_bytes"] > 0 and lora["train_tokens_per_s"] > 0
+    assert (store.latest("leaderboard").dir / "leaderboard.csv").read_text().startswith("method,type,token_f1")
+
+
+def test_leaderboard_with_some_partitions_says_which_are_missing(project, ft_home):
+    recipe = load_recipe(project / "recipe.yaml")
+    defs = build_definitions(recipe, home=str(ft_home))
+    instance = dg.DagsterInstance.ephemeral()
+    assets, res = list(defs.assets), defs.resources
+    dg.materialize(assets, instance=instance, resources=res,
+                   selection=["base_model", "sft_dataset", "quantized_base", "base_eval"])
+    dg.materialize(assets, instance=instance, resources=res, partition_key="lora",
+                   selection=["adapter", "merged_model", "eval_report"])
+    result = dg.materialize(assets, instance=instance, resources=res, selection=["leaderboard"])
+    board = json.loads((ArtifactStore(ft_home).latest("leaderboard").dir / "leaderboard.json").read_text())
+    assert board["missing"] == ["qlora"] and [r["method"] for r in board["rows"]] == ["lora", "base"]
+    meta = result.asset_materializations_for_node("leaderboard")[0].metadata
+    assert meta["missing_methods"].value == ["qlora"]

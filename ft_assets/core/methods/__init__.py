@@ -67,3 +67,7 @@ def default_param_groups(model: torch.nn.Module, lr: float, weight_decay: float)
 
 
 from . import lora  # noqa: E402,F401  (registers lora, qlora)
+from . import peft_variants  # noqa: E402,F401  (dora, rslora, lora_plus, lora_fa, vera, ia3, prefix, prompt)
+from . import full  # noqa: E402,F401  (full, last_layers)
+from . import delta_lora  # noqa: E402,F401  (delta_lora)
+from . import bottleneck  # noqa: E402,F401  (bottleneck)

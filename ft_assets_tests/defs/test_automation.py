@@ -1,0 +1,162 @@
+"""Declarative automation: what a data, code or recipe change re-runs, and the schedule."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import dagster as dg
+import pytest
+import yaml
+from dagster._core.definitions.observe import observe  # the in-process observation helper
+
+from ft_assets.defs import _common
+from ft_assets.definitions import build_definitions
+from ft_assets.demo import materialize_all
+from ft_assets.recipe import load_recipe
+from ft_assets_tests.conftest import make_recipe, qa_rows, write_jsonl
+
+EVERYTHING_BELOW_DATA = {
+    ("sft_dataset", None), ("quantized_base", None), ("base_eval", None), ("leaderboard", None),
+    *((a, m) for a in ("adapter", "merged_model", "eval_report") for m in ("lora", "qlora")),
+}
+
+
+def requested(result) -> set[tuple[str, str | None]]:
+    out = set()
+    for key in ("base_model", "sft_dataset", "quantized_base", "base_eval", "leaderboard"):
+        if result.get_num_requested(dg.AssetKey(key)):
+            out.add((key, None))
+    for key in ("adapter", "merged_model", "eval_report"):
+        for p in result.get_requested_partitions(dg.AssetKey(key)):
+            out.add((key, p))
+    return out
+
+
+def sources(defs):
+    return [a for a in defs.assets if isinstance(a, dg.SourceAsset)]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_model_dir):
+    """A fully materialized, fully observed tiny project on a persistent test instance."""
+    root = tmp_path_factory.mktemp("auto")
+    (root / "data").mkdir()
+    write_jsonl(root / "data" / "qa.jsonl", qa_rows())
+    (root / "recipe.yaml").write_text(yaml.safe_dump(make_recipe(tiny_model_dir)))
+    home = root / "ft_home"
+    with dg.instance_for_test() as instance:
+        recipe = load_recipe(root / "recipe.yaml")
+        defs = build_definitions(recipe, home=str(home))
+        observe(sources(defs), instance=instance)
+        materialize_all(defs, list(recipe.methods), instance, say=lambda *_: None)
+        first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+        yield {"root": root, "home": home, "instance": instance, "defs": defs, "cursor": first.cursor,
+               "first": first}
+
+
+def step(world, defs=None, observe_first=True):
+    """One automation tick (after observing the sources, as the observation cron would)."""
+    defs = defs or world["defs"]
+    if observe_first:
+        observe(sources(defs), instance=world["instance"])
+    result = dg.evaluate_automation_conditions(defs=defs, instance=world["instance"], cursor=world["cursor"])
+    world["cursor"] = result.cursor
+    return requested(result)
+
+
+def run_requested(world, defs, got):
+    """Do what the daemon would: launch the requested runs (unpartitioned together, then per partition)."""
+    plain = [k for k, p in got if p is None]
+    if plain:
+        dg.materialize(list(defs.assets), resources=defs.resources, instance=world["instance"], selection=plain)
+    for part in sorted({p for _, p in got if p}):
+        keys = [k for k, p in got if p == part]
+        dg.materialize(list(defs.assets), resources=defs.resources, instance=world["instance"],
+                       partition_key=part, selection=keys)
+
+
+def settle(world, defs, got):
+    """Run ticks until nothing more is requested; returns what each later tick requested."""
+    later = []
+    while got:
+        run_requested(world, defs, got)
+        got = step(world, defs, observe_first=False)
+        later.append(got)
+    return later
+
+
+def test_nothing_runs_when_nothing_changed(world):
+    assert requested(world["first"]) == set()
+    assert step(world) == set()
+
+
+def test_rewriting_a_file_with_the_same_bytes_triggers_nothing(world):
+    data_file = world["root"] / "data" / "qa.jsonl"
+    data_file.write_bytes(data_file.read_bytes())  # new mtime, same content
+    assert step(world) == set()
+
+
+def test_recipe_edit_of_one_method_reruns_only_that_partition(world):
+    path = world["root"] / "recipe.yaml"
+    recipe = yaml.safe_load(path.read_text())
+    recipe["methods"]["lora"]["training"] = {"lr": 1e-3}
+    path.write_text(yaml.safe_dump(recipe))
+    defs = build_definitions(load_recipe(path), home=str(world["home"]))
+    got = step(world, defs)
+    assert got == {("adapter", "lora"), ("merged_model", "lora"), ("eval_report", "lora")}
+    # the unpartitioned leaderboard follows on the next tick, once eval_report[lora] is new
+    assert settle(world, defs, got) == [{("leaderboard", None)}, set()]
+    world["defs"] = defs
+
+
+def test_code_version_bump_reruns_that_stage_and_below(world, monkeypatch):
+    monkeypatch.setitem(_common.STAGE_VERSIONS, "merged_model", "2")
+    defs = build_definitions(load_recipe(world["root"] / "recipe.yaml"), home=str(world["home"]))
+    got = step(world, defs)
+    assert got == {("merged_model", "lora"), ("merged_model", "qlora"), ("eval_report", "lora"),
+                   ("eval_report", "qlora")}
+    assert settle(world, defs, got) == [{("leaderboard", None)}, set()]
+    world["defs"] = defs  # keep the bumped version for the tests after this one
+
+
+def test_editing_one_row_reruns_exactly_the_descendants(world):
+    rows = qa_rows()
+    rows[3]["answer"] = "$999 million"
+    write_jsonl(world["root"] / "data" / "qa.jsonl", rows)
+    got = step(world)
+    assert ("base_model", None) not in got  # the base model does not read the data
+    later = settle(world, world["defs"], got)
+    ran = got.union(*later)
+    assert ran == EVERYTHING_BELOW_DATA, sorted(ran ^ EVERYTHING_BELOW_DATA, key=str)
+    assert step(world) == set()  # and then it is quiet
+
+
+def test_retrain_schedule_requests_every_method_partition(tiny_model_dir, tmp_path):
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "qa.jsonl", qa_rows())
+    raw = make_recipe(tiny_model_dir, automation={"retrain_cron": "0 3 * * 0", "retrain_schedule_running": True})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    defs = build_definitions(load_recipe(tmp_path / "r.yaml"), home=str(tmp_path / "home"))
+    schedule = defs.resolve_schedule_def("retrain_schedule")
+    assert schedule.cron_schedule == "0 3 * * 0"
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    ctx = dg.build_schedule_context(scheduled_execution_time=dt.datetime(2026, 11, 29, 3, 0),
+                                    repository_def=defs.get_repository_def())
+    requests = schedule.evaluate_tick(ctx).run_requests
+    assert sorted(r.partition_key for r in requests) == ["lora", "qlora"]
+    job = defs.resolve_job_def("retrain_job")
+    assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == {"adapter", "merged_model", "eval_report"}
+
+
+def test_gpu_assets_share_one_pool(project, ft_home):
+    defs = build_definitions(load_recipe(project / "recipe.yaml"), home=str(ft_home))
+    pools = {}
+    for a in defs.assets:
+        if isinstance(a, dg.AssetsDefinition):
+            for key in a.keys:
+                pools[key.to_user_string()] = a.node_def.pool if hasattr(a.node_def, "pool") else None
+    assert {k for k, p in pools.items() if p == "gpu"} == {
+        "base_model", "quantized_base", "adapter", "merged_model", "base_eval", "eval_report"}
+    assert pools["sft_dataset"] is None and pools["leaderboard"] is None
+    assert json.dumps(pools)  # plain data
