@@ -19,6 +19,7 @@ def eval_loss(model, examples: list[Example], pad_id: int, device: str, batch_si
     """Mean next-token loss over answer tokens (the same masking as training)."""
     model.eval()
     total, count = 0.0, 0
+    examples = sorted(examples, key=lambda e: len(e.input_ids))  # less padding; a sum ignores order
     for i in range(0, len(examples), batch_size):
         loss_sum, n = token_loss_sum(model, collate(examples[i: i + batch_size], pad_id, device))
         total += float(loss_sum)
@@ -29,12 +30,14 @@ def eval_loss(model, examples: list[Example], pad_id: int, device: str, batch_si
 
 @torch.inference_mode()
 def generate_answers(model, tokenizer, examples: list[Example], *, max_new_tokens: int, batch_size: int, device: str) -> list[str]:
-    """Greedy answers to each example's prompt (left-padded batches)."""
+    """Greedy answers to each example's prompt, in input order (length-sorted, left-padded batches)."""
     model.eval()
     pad = tokenizer.pad_token_id
-    out = []
-    for i in range(0, len(examples), batch_size):
-        prompts = [e.input_ids[: e.prompt_len] for e in examples[i: i + batch_size]]
+    order = sorted(range(len(examples)), key=lambda i: examples[i].prompt_len)
+    out: list[str] = [""] * len(examples)
+    for i in range(0, len(order), batch_size):
+        batch_idx = order[i: i + batch_size]
+        prompts = [examples[j].input_ids[: examples[j].prompt_len] for j in batch_idx]
         width = max(map(len, prompts))
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -45,8 +48,8 @@ def generate_answers(model, tokenizer, examples: list[Example], *, max_new_token
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
         )
-        for row in gen[:, width:]:
-            out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+        for j, row in zip(batch_idx, gen[:, width:]):
+            out[j] = tokenizer.decode(row, skip_special_tokens=True).strip()
     return out
 
 

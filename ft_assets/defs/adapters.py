@@ -16,6 +16,7 @@ import json
 import shutil
 
 import dagster as dg
+import torch
 
 from ..core import data, merge, plots, train
 from ..core.methods import NotMergeable, get_method
@@ -69,6 +70,8 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
         )
     except train.TrainingDiverged as exc:
         raise c.user_error(exc) from None
+    except torch.OutOfMemoryError as exc:
+        raise c.user_error(RuntimeError(out_of_memory_hint(name, cfg, hw.device, exc))) from None
     if result.resumed_from_step:
         context.log.info(f"resumed from checkpoint at step {result.resumed_from_step}")
 
@@ -100,6 +103,16 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
         "adapter_bytes": dir_bytes(art.dir),
         "device": hw.name,
     })
+
+
+def out_of_memory_hint(name: str, cfg: train.TrainConfig, device: str, exc: Exception) -> str:
+    first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return (
+        f"{name}: out of memory on {device} with batch_size {cfg.batch_size} (x{cfg.grad_accum} accumulation). "
+        f"Try, in the recipe: training.batch_size: {max(1, cfg.batch_size // 2)} with training.grad_accum: "
+        f"{cfg.grad_accum * 2} (same effective batch), training.gradient_checkpointing: true, a shorter "
+        f"prompt.max_length, or a quantized method (qlora). ({first_line})"
+    )
 
 
 def _merge(context, recipe: Recipe, compute: ComputeResource, store: ArtifactStore, adapter: Artifact,

@@ -205,9 +205,9 @@ def test_frozen_weights_stay_bit_identical(run, name):
 def test_saved_state_on_a_fresh_base_reproduces_the_trained_model(run, name, tiny_model_dir, examples):
     r = run(name)
     loaded = r.method.load(load_model(tiny_model_dir), r.adapter_dir)
-    assert merge.max_logit_difference(loaded, r.model, examples, PAD, "cpu") < 1e-5
+    assert merge.max_logit_difference(loaded, r.model, examples[:4], PAD, "cpu") < 1e-5
     # ...and the trained model is not the base (else the comparison above proves nothing)
-    assert merge.max_logit_difference(load_model(tiny_model_dir), r.model, examples, PAD, "cpu") > 1e-3
+    assert merge.max_logit_difference(load_model(tiny_model_dir), r.model, examples[:4], PAD, "cpu") > 1e-3
     assert not list(r.adapter_dir.glob("*.bin")) and not list(r.adapter_dir.glob("*.pt"))  # no pickle
 
 
@@ -220,8 +220,8 @@ def test_merged_model_matches_base_plus_adapter(run, name, tiny_model_dir, examp
     merged.save_pretrained(tmp_path / "merged", safe_serialization=True)
     reloaded = load_model(tmp_path / "merged")
     reference = merge.unmerged(r.method, tiny_model_dir, r.adapter_dir, None, "cpu")
-    assert merge.max_logit_difference(reloaded, reference, examples, PAD, "cpu") < 1e-4
-    assert merge.max_logit_difference(reloaded, load_model(tiny_model_dir), examples, PAD, "cpu") > 1e-3
+    assert merge.max_logit_difference(reloaded, reference, examples[:4], PAD, "cpu") < 1e-4
+    assert merge.max_logit_difference(reloaded, load_model(tiny_model_dir), examples[:4], PAD, "cpu") > 1e-3
 
 
 @pytest.mark.parametrize("name", NOT_MERGEABLE)
@@ -231,7 +231,7 @@ def test_non_mergeable_methods_say_why(run, name, tiny_model_dir):
         merge.merged(r.method, tiny_model_dir, r.adapter_dir, None, "cpu")
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", ["lora", *METHODS])  # lora: the name-matching path, unchanged
 def test_resume_from_checkpoint_matches_the_uninterrupted_run(run, name, tiny_model_dir, examples, tmp_path):
     r = run(name)
     ckpt = tmp_path / "ckpt"
@@ -274,7 +274,7 @@ def test_last_layers_trains_top_blocks_norm_and_an_untied_head(run, tiny_model_d
     assert all(changed(r.before[n], after[n]) for n in r.trainable)
     # untying copies the head: the wrapped, untrained model is the base
     fresh = wrapped("last_layers", tiny_model_dir)
-    assert merge.max_logit_difference(fresh, load_model(tiny_model_dir), examples, PAD, "cpu") == 0.0
+    assert merge.max_logit_difference(fresh, load_model(tiny_model_dir), examples[:4], PAD, "cpu") == 0.0
 
 
 @pytest.mark.parametrize("name, flag", [("dora", "use_dora"), ("rslora", "use_rslora")])
@@ -290,7 +290,7 @@ def test_dora_and_rslora_set_their_peft_flag_and_differ_from_plain_lora(run, nam
         assert any("lora_magnitude_vector" in n for n in r.trainable)
         assert q.scaling["default"] == pytest.approx(LORA_KEYS["alpha"] / LORA_KEYS["r"])
     # same seed, data and steps as plain LoRA, yet a different model
-    assert merge.max_logit_difference(r.model, plain.model, examples, PAD, "cpu") > 1e-3
+    assert merge.max_logit_difference(r.model, plain.model, examples[:4], PAD, "cpu") > 1e-3
 
 
 def test_lora_plus_trains_b_at_ratio_times_a_learning_rate(run):
@@ -342,7 +342,7 @@ def test_delta_lora_moves_the_base_weight_by_the_accumulated_product_delta(run):
         prefix = f"base_model.model.{name}"
         w0, w = r.before[f"{prefix}.base_layer.weight"], layer.get_base_layer().weight
         a0, b0 = r.before[f"{prefix}.lora_A.default.weight"], r.before[f"{prefix}.lora_B.default.weight"]
-        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
         expected = lam * layer.scaling["default"] * (b @ a - b0 @ a0)
         worst = max(worst, float((w - w0 - expected).abs().max()))
         largest = max(largest, float(expected.abs().max()))
@@ -356,7 +356,7 @@ def test_delta_lora_artifact_reproduces_the_trained_weights_bit_for_bit(run, tin
     trained, reloaded = r.model.state_dict(), loaded.state_dict()
     assert set(trained) == set(reloaded)
     assert all(torch.equal(trained[n], reloaded[n]) for n in trained)
-    assert merge.max_logit_difference(loaded, r.model, examples, PAD, "cpu") == 0.0
+    assert merge.max_logit_difference(loaded, r.model, examples[:4], PAD, "cpu") == 0.0
 
 
 def test_ia3_trains_only_its_rescaling_vectors(run):
@@ -375,7 +375,7 @@ def test_bottleneck_parameter_count_and_identity_start(run, tiny_model_dir, exam
     assert trainable == config.num_hidden_layers * 2 * (2 * hidden * d + d + hidden)
     assert {n.split(".bottleneck_adapter.")[0].rsplit(".", 1)[1] for n in r.trainable} == {"self_attn", "mlp"}
     fresh = wrapped("bottleneck", tiny_model_dir)
-    assert merge.max_logit_difference(fresh, load_model(tiny_model_dir), examples, PAD, "cpu") == 0.0
+    assert merge.max_logit_difference(fresh, load_model(tiny_model_dir), examples[:4], PAD, "cpu") == 0.0
 
 
 @pytest.mark.parametrize("name", ["prefix", "prompt"])

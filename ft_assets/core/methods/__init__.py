@@ -39,6 +39,11 @@ class Method(Protocol):
     def merge(self, base: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
         """A plain transformers model with the trained state folded in, or raise NotMergeable."""
 
+    # Optional hooks, called by the training loop when a method defines them:
+    #   after_step(model, spec)      after every optimizer step (Delta-LoRA moves base weights there)
+    #   restore(model, saved_dir)    load a checkpoint written by `save` into the live model; without
+    #                                it the loop copies saved tensors onto same-named parameters
+
 
 REGISTRY: dict[str, Method] = {}
 

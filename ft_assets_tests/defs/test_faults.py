@@ -1,0 +1,143 @@
+"""Crashes and faults: kill -9 mid-training resumes exactly, NaN stops early with no merged model,
+out-of-memory says what to change, two partitions trained at once never collide."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from ft_assets.core import train
+from ft_assets.definitions import build_definitions
+from ft_assets.recipe import load_recipe
+from ft_assets.store import ArtifactStore
+
+RUNNER = textwrap.dedent("""
+    import sys, dagster as dg
+    from ft_assets.definitions import build_definitions
+    from ft_assets.recipe import load_recipe
+    recipe_path, home, method = sys.argv[1:4]
+    defs = build_definitions(load_recipe(recipe_path), home=home)
+    instance = dg.DagsterInstance.ephemeral()
+    dg.materialize(list(defs.assets), resources=defs.resources, instance=instance,
+                   selection=["base_model", "sft_dataset"])
+    dg.materialize(list(defs.assets), resources=defs.resources, instance=instance,
+                   partition_key=method, selection=["adapter"])
+""")
+
+
+def long_recipe(project: Path, **training) -> Path:
+    recipe = yaml.safe_load((project / "recipe.yaml").read_text())
+    recipe["quantization"] = {"method": "none"}
+    recipe["methods"] = {"lora": recipe["methods"]["lora"], "lora_b": {**recipe["methods"]["lora"], "type": "lora"}}
+    recipe["training"].update({"epochs": 100, **training})
+    path = project / "long.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def start(recipe: Path, home: Path, method: str = "lora") -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-c", RUNNER, str(recipe), str(home), method], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def adapter_tensors(home: Path, method: str = "lora") -> dict[str, torch.Tensor]:
+    art = ArtifactStore(home).latest("adapter", method)
+    return load_file(str(art.dir / "adapter_model.safetensors"))
+
+
+def test_kill_9_mid_training_then_rerun_resumes_and_matches_uninterrupted(project, tmp_path):
+    recipe = long_recipe(project, max_steps=30, checkpoint_every=5, lr=2e-3)
+    ref_home, home = tmp_path / "ref", tmp_path / "killed"
+    ref = start(recipe, ref_home)
+
+    victim = start(recipe, home)
+    ckpts = home / "checkpoints" / "adapter" / "lora"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(ckpts.glob("*/step-000010")):
+        assert victim.poll() is None, victim.stdout.read()
+        time.sleep(0.2)
+    os.killpg(victim.pid, signal.SIGKILL)  # kill -9, no cleanup handlers run
+    victim.wait()
+    assert ArtifactStore(home).latest("adapter", "lora") is None  # nothing half-written looks finished
+    assert not list((home / "artifacts" / "adapter").glob("*/[!.]*/manifest.json"))
+
+    rerun = start(recipe, home)
+    out = rerun.communicate(timeout=600)[0]
+    assert rerun.returncode == 0, out
+    assert "resumed from checkpoint at step" in out
+    assert ref.wait(timeout=600) == 0, ref.stdout.read()
+
+    got, want = adapter_tensors(home), adapter_tensors(ref_home)
+    assert got.keys() == want.keys()
+    for name in want:  # tolerance: 1e-6 absolute on fp32 CPU weights
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0, msg=name)
+    log = json.loads((ArtifactStore(home).latest("adapter", "lora").dir / "train_log.json").read_text())
+    assert log["resumed_from_step"] >= 10 and log["resumed_from_step"] % 5 == 0 and log["steps"] == 30
+    assert not list(ckpts.glob("*/step-*"))  # finished: checkpoints cleaned up
+
+
+def test_two_partitions_trained_at_once_never_collide(project, tmp_path):
+    recipe = long_recipe(project, max_steps=8, checkpoint_every=2)
+    home = tmp_path / "shared"
+    procs = [start(recipe, home, m) for m in ("lora", "lora_b")]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    store = ArtifactStore(home)
+    a, b = store.latest("adapter", "lora"), store.latest("adapter", "lora_b")
+    assert a.dir.parent.name == "lora" and b.dir.parent.name == "lora_b"
+    assert a.manifest()["partition"] == "lora" and b.manifest()["partition"] == "lora_b"
+    assert not list((home / "artifacts").rglob(".staging-*"))
+
+
+def _run(project, ft_home, selection, partition=None):
+    defs = build_definitions(load_recipe(project / "recipe.yaml"), home=str(ft_home))
+    return dg.materialize(list(defs.assets), resources=defs.resources, selection=selection, partition_key=partition,
+                          instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+
+
+def _failure(result) -> str:
+    return "\n".join(ev.step_failure_data.user_failure_data.description for ev in result.all_events
+                     if ev.is_step_failure and ev.step_failure_data.user_failure_data)
+
+
+def test_nan_loss_fails_fast_and_no_merged_model_is_made(project, ft_home, monkeypatch):
+    assert _run(project, ft_home, ["base_model", "sft_dataset", "quantized_base", "base_eval"]).success
+    real = train.token_loss_sum
+
+    def poisoned(model, batch):
+        loss, n = real(model, batch)
+        return loss * float("nan"), n
+
+    monkeypatch.setattr(train, "token_loss_sum", poisoned)
+    result = _run(project, ft_home, ["adapter", "merged_model", "eval_report"], partition="lora")
+    assert not result.success
+    assert "loss is nan at step 1; lower the learning rate" in _failure(result)
+    store = ArtifactStore(ft_home)
+    assert store.latest("adapter", "lora") is None and store.latest("merged_model", "lora") is None
+
+
+def test_out_of_memory_says_what_to_change(project, ft_home, monkeypatch):
+    assert _run(project, ft_home, ["base_model", "sft_dataset", "quantized_base", "base_eval"]).success
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "token_loss_sum", oom)
+    result = _run(project, ft_home, ["adapter"], partition="lora")
+    msg = _failure(result)
+    assert "lora: out of memory on cpu with batch_size 4" in msg
+    assert "training.batch_size: 2 with training.grad_accum: 2" in msg and "gradient_checkpointing: true" in msg
+    assert ArtifactStore(ft_home).latest("adapter", "lora") is None
