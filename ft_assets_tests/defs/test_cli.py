@@ -23,24 +23,41 @@ def test_artifacts_and_lineage_walk_back_to_the_raw_file(project, ft_home):
     defs = build_definitions(recipe, home=str(ft_home))
     instance = dg.DagsterInstance.ephemeral()
     dg.materialize(list(defs.assets), resources=defs.resources, instance=instance,
-                   selection=["base_model", "sft_dataset", "quantized_base"])
+                   selection=["base_model", "sft_dataset", "base_eval", "quantized_base"])
     dg.materialize(list(defs.assets), resources=defs.resources, instance=instance, partition_key="qlora",
                    selection=["adapter"])
     store = ArtifactStore(ft_home)
 
     rows = json.loads(cli("artifacts", "--json", home=ft_home))
     assert {(r["asset"], r["partition"]) for r in rows} == {
-        ("base_model", None), ("sft_dataset", None), ("quantized_base", None), ("adapter", "qlora")}
+        ("base_model", None), ("sft_dataset", None), ("base_eval", None), ("quantized_base", None), ("adapter", "qlora")}
     assert all(r["data_version"] and r["created"] and r["path"] for r in rows)
 
     adapter = store.latest("adapter", "qlora")
     tree = json.loads(cli("lineage", str(adapter.dir / "adapter_config.json"), "--json", home=ft_home))
     assert tree["asset"] == "adapter" and tree["partition"] == "qlora"
     inputs = {n["asset"]: n for n in tree["inputs"]}
-    assert set(inputs) == {"sft_dataset", "base_model", "quantized_base"}
+    assert set(inputs) == {"sft_dataset", "base_model", "quantized_base"}  # the adapter read these three
     raw = [n for n in inputs["sft_dataset"]["inputs"] if n.get("raw_file")]
     from ft_assets.store import file_hash
 
     assert raw == [{"asset": "raw/qa", "version": file_hash(project / "data" / "qa.jsonl")[:16], "raw_file": True}]
     text = cli("lineage", str(adapter.dir), home=ft_home)
     assert "adapter[qlora]" in text and "raw/qa" in text and "(raw data file)" in text
+
+
+def test_same_inputs_twice_give_bit_identical_dataset_and_adapter(project, tmp_path):
+    recipe = load_recipe(project / "recipe.yaml")
+    versions = []
+    for home in (tmp_path / "a", tmp_path / "b"):
+        defs = build_definitions(recipe, home=str(home))
+        instance = dg.DagsterInstance.ephemeral()
+        dg.materialize(list(defs.assets), resources=defs.resources, instance=instance,
+                       selection=["base_model", "sft_dataset"])
+        dg.materialize(list(defs.assets), resources=defs.resources, instance=instance, partition_key="lora",
+                       selection=["adapter"])
+        store = ArtifactStore(home)
+        versions.append((store.latest("sft_dataset").version, store.latest("adapter", "lora").version))
+    # versions are content hashes: equal versions mean bit-identical files
+    assert versions[0][0] == versions[1][0]
+    assert versions[0][1] == versions[1][1]
