@@ -38,7 +38,9 @@ def ensure_instance(home: Path | None = None) -> dg.DagsterInstance:
     return dg.DagsterInstance.get()
 
 
-def materialize_all(defs: dg.Definitions, methods: list[str], instance: dg.DagsterInstance, say=print) -> None:
+def materialize_all(defs: dg.Definitions, methods: list[str], instance: dg.DagsterInstance, say=print) -> list[str]:
+    """Materialize the whole graph, one run per method partition. Returns the methods that failed
+    (the others and the leaderboard still run, so one bad method does not hide the rest)."""
     assets = list(defs.assets)
     resources = defs.resources
     shared = [k for k in ("base_model", "sft_dataset", "quantized_base", "base_eval")
@@ -46,12 +48,17 @@ def materialize_all(defs: dg.Definitions, methods: list[str], instance: dg.Dagst
     t0 = time.perf_counter()
     say(f"[demo] materializing {', '.join(shared)}")
     dg.materialize(assets, instance=instance, resources=resources, selection=shared)
+    failed = []
     for m in methods:
         say(f"[demo] {time.perf_counter() - t0:6.0f}s  training, merging and evaluating partition {m!r}")
-        dg.materialize(assets, instance=instance, resources=resources, partition_key=m,
-                       selection=["adapter", "merged_model", "eval_report"])
+        result = dg.materialize(assets, instance=instance, resources=resources, partition_key=m,
+                                selection=["adapter", "merged_model", "eval_report"], raise_on_error=False)
+        if not result.success:
+            failed.append(m)
+            say(f"[demo] partition {m!r} FAILED; see the run {result.run_id} in the UI")
     dg.materialize(assets, instance=instance, resources=resources, selection=["leaderboard"])
     say(f"[demo] {time.perf_counter() - t0:6.0f}s  done")
+    return failed
 
 
 def main() -> int:
@@ -59,10 +66,13 @@ def main() -> int:
     instance = ensure_instance()
     defs = build_definitions(recipe)
     t0 = time.perf_counter()
-    materialize_all(defs, list(recipe.methods), instance)
+    failed = materialize_all(defs, list(recipe.methods), instance)
     store = ArtifactStore()
     print(f"\n[demo] whole graph materialized in {time.perf_counter() - t0:.0f}s (recipe {recipe.name})")
     for m in recipe.methods:
+        if m in failed:
+            print(f"[demo] {m:>8}: FAILED (the run's logs in the UI say why)")
+            continue
         art = store.latest("eval_report", m)
         metrics = json.loads((art.dir / "metrics.json").read_text())
         b, t = metrics["base"], metrics["tuned"]
@@ -72,7 +82,7 @@ def main() -> int:
     board = store.latest("leaderboard")
     print(f"[demo] leaderboard: {board.dir / 'leaderboard.csv'}")
     print("[demo] open the UI with `make ui` (http://127.0.0.1:3000) to browse assets, metadata and lineage")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
