@@ -13,7 +13,16 @@ PORT ?= 3000
 
 .PHONY: install demo test test-fast ui validate clean
 
-install: $(VENV)/.installed $(GGUF) $(DAGSTER_HOME)/dagster.yaml
+install: $(VENV)/.installed $(GGUF) $(DAGSTER_HOME)/dagster.yaml browser
+
+# Debian's chromium + chromedriver for the UI tests (ft_assets_tests/e2e/test_ui.py): apt-get only
+# when missing, silent when installed.
+.PHONY: browser
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 
 # torch is installed first from the CPU wheel on disk; a bare `torch` would pull CUDA (GBs).
 $(VENV)/.installed: pyproject.toml

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator,
+)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_RECIPE = PACKAGE_DIR / "recipes" / "default.yaml"
@@ -39,6 +41,18 @@ class RecipeError(ValueError):
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # Keys added after recipes were first hashed: left out of dumps (and so of every hash) while
+    # they hold their default, so adding them re-versions nothing for recipes that do not use them.
+    _OMIT_WHEN_DEFAULT: typing.ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_new_defaults(self, handler):
+        data = handler(self)
+        for key in self._OMIT_WHEN_DEFAULT:
+            if isinstance(data, dict) and key in data and getattr(self, key) == type(self).model_fields[key].default:
+                del data[key]
+        return data
+
 
 # --------------------------------------------------------------------------------------
 # Data
@@ -55,10 +69,39 @@ class ColumnMap(_Strict):
 
 
 class DatasetSpec(_Strict):
+    """One SFT dataset; with several, each is a task. `weight` (all datasets or none) makes the
+    training split a seeded mixture in those proportions (see `core.mixture`); without weights the
+    datasets' training rows are simply concatenated."""
+
+    _OMIT_WHEN_DEFAULT = ("weight",)
+
     name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
     path: str
     format: Literal["jsonl", "csv", "parquet"] = "jsonl"
     columns: ColumnMap = ColumnMap()
+    eval_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15
+    split_seed: int | None = None  # default: the recipe's seed
+    max_rejected_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    weight: Annotated[float, Field(gt=0.0)] | None = None  # mixture weight of this task
+
+
+class PreferenceColumns(_Strict):
+    """Which column holds each field of a preference pair. `prompt` is the user turn as text
+    (rendered with the base model's chat template and `prompt.system`)."""
+
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    id: str | None = None
+
+
+class PreferenceDataSpec(_Strict):
+    """Prompt/chosen/rejected pairs for preference tuning (methods of type `dpo`)."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
+    path: str
+    format: Literal["jsonl", "csv", "parquet"] = "jsonl"
+    columns: PreferenceColumns = PreferenceColumns()
     eval_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15
     split_seed: int | None = None  # default: the recipe's seed
     max_rejected_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
@@ -137,13 +180,26 @@ class TrainingSpec(_Strict):
 
 
 class _MethodBase(_Strict):
+    """`continue_from: previous`: when the data changed, start from this method's previous adapter
+    version instead of from scratch, replaying `replay_fraction` of the previous train split."""
+
+    _OMIT_WHEN_DEFAULT = ("continue_from", "replay_fraction")
+
     training: dict[str, Any] = Field(default_factory=dict)  # overrides of TrainingSpec
+    continue_from: Literal["previous"] | None = None
+    replay_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
 
     @field_validator("training")
     @classmethod
     def _known_training_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
         TrainingSpec(**v)  # raises with the usual messages for unknown keys / bad values
         return v
+
+    @model_validator(mode="after")
+    def _replay_needs_continue(self) -> "_MethodBase":
+        if self.replay_fraction and self.continue_from is None:
+            raise ValueError("replay_fraction needs continue_from: previous")
+        return self
 
 
 class _LoraKeys(_MethodBase):
@@ -249,14 +305,56 @@ class BottleneckSpec(_MethodBase):
     non_linearity: Literal["relu", "gelu", "silu"] = "relu"
 
 
+# The method types a `dpo` method may start from: peft LoRA adapters on the full-precision base.
+DPO_SFT_TYPES = ("lora", "dora", "rslora")
+
+
+class DpoSpec(_MethodBase):
+    """DPO (Rafailov et al. 2023) with TRL's DPOTrainer: continues the adapter of method
+    `sft_from` (its latest version) on the recipe's `preferences`; the reference policy is that
+    SFT adapter, frozen. `beta` scales the implicit reward; `loss_type` picks TRL's loss."""
+
+    type: Literal["dpo"]
+    sft_from: str
+    beta: Annotated[float, Field(gt=0)] = 0.1
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+
+    @model_validator(mode="after")
+    def _no_continue(self) -> "DpoSpec":
+        if self.continue_from is not None:
+            raise ValueError("a dpo method always continues its sft_from adapter; drop continue_from")
+        return self
+
+
 # One class per method family; issue-by-issue more join this tuple.
 METHOD_SPECS: tuple[type[_MethodBase], ...] = (
     LoraSpec, LoraVariantSpec, LoraPlusSpec, DeltaLoraSpec, VeraSpec, IA3Spec, PromptLearningSpec,
-    FullSpec, LastLayersSpec, BottleneckSpec,
+    FullSpec, LastLayersSpec, BottleneckSpec, DpoSpec,
 )
 MethodSpec = (
     Annotated[Union[METHOD_SPECS], Field(discriminator="type")] if len(METHOD_SPECS) > 1 else METHOD_SPECS[0]
 )
+
+
+class DistillationSpec(_Strict):
+    """Knowledge distillation into the `student` asset. The teacher is `merged_model[teacher]`;
+    the student is the teacher with only `keep_layers` of its decoder layers (`every_other`,
+    `first_half`, or a list of indices), or the local model at `student_path` (same tokenizer).
+    Loss = alpha * KL(teacher || student at `temperature`) * T^2 + (1 - alpha) * answer-token CE."""
+
+    teacher: str
+    keep_layers: Literal["every_other", "first_half"] | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = "every_other"
+    student_path: str | None = None
+    alpha: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    temperature: Annotated[float, Field(gt=0)] = 2.0
+    training: dict[str, Any] = Field(default_factory=dict)  # overrides of TrainingSpec
+    speed_prompts: Annotated[int, Field(ge=1, le=256)] = 8  # eval prompts timed for tokens/s
+
+    @field_validator("training")
+    @classmethod
+    def _known_training_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        TrainingSpec(**v)
+        return v
 
 
 class EvaluationSpec(_Strict):
@@ -295,6 +393,8 @@ class AutomationSpec(_Strict):
 
 
 class Recipe(_Strict):
+    _OMIT_WHEN_DEFAULT = ("preferences", "distillation")
+
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     seed: int = 42
     root: str = "."
@@ -305,6 +405,8 @@ class Recipe(_Strict):
     quantization: QuantizationSpec = QuantizationSpec()
     training: TrainingSpec = TrainingSpec()
     methods: Annotated[dict[str, MethodSpec], Field(min_length=1)]
+    preferences: PreferenceDataSpec | None = None
+    distillation: DistillationSpec | None = None
     evaluation: EvaluationSpec = EvaluationSpec()
     compute: ComputeSpec = ComputeSpec()
     automation: AutomationSpec = AutomationSpec()
@@ -341,6 +443,28 @@ class Recipe(_Strict):
                 f"methods {needs_quant} (qlora) need quantization.method: nf4, "
                 f"not {self.quantization.method!r}"
             )
+        weighted = [d.name for d in self.datasets if d.weight is not None]
+        if weighted and len(weighted) != len(self.datasets):
+            raise ValueError(f"give every dataset a weight or none (weighted: {', '.join(weighted)})")
+        if self.preferences is not None and self.preferences.name in names:
+            raise ValueError(f"preferences.name {self.preferences.name!r} is also a dataset name; use another")
+        for name, spec in self.methods.items():
+            if spec.type != "dpo":
+                continue
+            if self.preferences is None:
+                raise ValueError(f"method {name!r} (dpo) needs a `preferences:` section (prompt/chosen/rejected file)")
+            src = self.methods.get(spec.sft_from)
+            if src is None:
+                raise ValueError(f"methods.{name}.sft_from: {spec.sft_from!r} is not a method of this recipe "
+                                 f"(methods: {', '.join(self.methods)})")
+            if src.type not in DPO_SFT_TYPES:
+                raise ValueError(f"methods.{name}.sft_from: {spec.sft_from!r} is a {src.type} method; dpo continues "
+                                 f"one of: {', '.join(DPO_SFT_TYPES)}")
+        if self.distillation is not None:
+            teacher = self.methods.get(self.distillation.teacher)
+            if teacher is None:
+                raise ValueError(f"distillation.teacher: {self.distillation.teacher!r} is not a method of this "
+                                 f"recipe (methods: {', '.join(self.methods)})")
         return self
 
     # -- derived values ---------------------------------------------------------------
@@ -361,9 +485,17 @@ class Recipe(_Strict):
             )
         return path
 
-    def dataset_path(self, ds: DatasetSpec) -> Path:
+    def dataset_path(self, ds: DatasetSpec | PreferenceDataSpec) -> Path:
+        if isinstance(ds, PreferenceDataSpec):
+            return self.resolve_path(ds.path, "preferences.path")
         i = [d.name for d in self.datasets].index(ds.name)
         return self.resolve_path(ds.path, f"datasets[{i}].path")
+
+    def methods_of_type(self, *types: str) -> list[str]:
+        return [n for n, m in self.methods.items() if m.type in types]
+
+    def training_for_distillation(self) -> TrainingSpec:
+        return TrainingSpec(**{**self.training.model_dump(), **(self.distillation.training if self.distillation else {})})
 
     def training_for(self, method: str) -> TrainingSpec:
         spec = self.methods[method]
@@ -372,7 +504,7 @@ class Recipe(_Strict):
             merged["optimizer"] = "paged_adamw_8bit"  # QLoRA's paged optimizer by default
         return TrainingSpec(**merged)
 
-    def split_seed(self, ds: DatasetSpec) -> int:
+    def split_seed(self, ds: DatasetSpec | PreferenceDataSpec) -> int:
         return self.seed if ds.split_seed is None else ds.split_seed
 
     def section_hash(self, *sections: str, method: str | None = None) -> str:
@@ -423,9 +555,14 @@ def parse_recipe(data: dict[str, Any], path: str | Path = "<recipe>") -> Recipe:
     except ValidationError as exc:
         raise RecipeError(path, [_describe(err) for err in exc.errors()]) from None
     problems = []
-    for i, ds in enumerate(recipe.datasets):
+    for ds in [*recipe.datasets, *([recipe.preferences] if recipe.preferences else [])]:
         try:
             recipe.dataset_path(ds)
+        except RecipeError as exc:
+            problems += exc.problems
+    if recipe.distillation and recipe.distillation.student_path:
+        try:
+            recipe.resolve_path(recipe.distillation.student_path, "distillation.student_path")
         except RecipeError as exc:
             problems += exc.problems
     if problems:

@@ -25,8 +25,9 @@ IGNORE_INDEX = -100
 class DataFileError(ValueError):
     """The file as a whole cannot be used (unparseable, empty, wrong columns)."""
 
-    def __init__(self, path: str | Path, message: str, line: int | None = None):
-        self.path, self.line = str(path), line
+    def __init__(self, path: str | Path, message: str, line: int | None = None,
+                 rejected: list["Rejected"] | None = None):
+        self.path, self.line, self.rejected = str(path), line, rejected or []
         where = f"{path}:{line}" if line is not None else str(path)
         super().__init__(f"{where}: {message}")
 
@@ -260,6 +261,7 @@ class SourceSpec:
     eval_fraction: float
     split_seed: int
     max_rejected_fraction: float
+    weight: float | None = None  # multi-task mixture weight (all sources or none)
 
 
 @dataclass
@@ -272,9 +274,14 @@ class BuiltDataset:
 
 def build_sft_dataset(
     sources: Iterable[SourceSpec], tokenizer, *, system: str | None, template: str,
-    template_without_context: str, max_length: int,
+    template_without_context: str, max_length: int, mixture_seed: int = 0,
 ) -> BuiltDataset:
+    """Every source read, validated, formatted and split. With mixture weights, the training
+    split is `core.mixture.mix` of the sources' training rows (seeded by `mixture_seed`); the
+    eval split always keeps every held-out row of every task, so per-task metrics are exact."""
+    sources = list(sources)
     train, evals, rejected, per_source = [], [], [], {}
+    train_by_task: dict[str, list[Example]] = {}
     for src in sources:
         rows = read_rows(src.path, src.format)
         check_columns(src.path, rows, src.columns)
@@ -289,20 +296,34 @@ def build_sft_dataset(
                 usable.append(ex)
         frac = len(rej) / len(rows)
         if not usable:
-            raise DataFileError(src.path, f"every row was rejected ({len(rej)} rows); first reason: line {rej[0].line}: {rej[0].reason}")
+            raise DataFileError(src.path, f"every row was rejected ({len(rej)} rows); first reason: "
+                                f"line {rej[0].line}: {rej[0].reason}", rejected=rej)
         if frac > src.max_rejected_fraction:
             worst = "; ".join(f"line {r.line}: {r.reason}" for r in sorted(rej, key=lambda r: r.line)[:5])
             raise DataFileError(
                 src.path,
                 f"{len(rej)} of {len(rows)} rows rejected ({frac:.0%} > max_rejected_fraction "
                 f"{src.max_rejected_fraction:.0%}). First: {worst}",
+                rejected=rej,
             )
         tr, ev = split_examples(usable, src.eval_fraction, src.split_seed)
         train += tr
+        train_by_task[src.name] = tr
         evals += ev
         rejected += [(src.name, r) for r in rej]
         per_source[src.name] = {"rows": len(rows), "kept": len(usable), "rejected": len(rej),
                                 "train": len(tr), "eval": len(ev)}
+    mixture = None
+    weights = {s.name: s.weight for s in sources if s.weight is not None}
+    if weights:
+        from .mixture import mix
+
+        train, counts = mix(train_by_task, weights, mixture_seed)
+        total_w = sum(weights.values())
+        mixture = {t: {"weight": weights[t], "share": round(weights[t] / total_w, 4), "rows": counts[t],
+                       "unique_rows": len(train_by_task[t])} for t in sorted(weights)}
+        for t, info in mixture.items():
+            per_source[t]["mixed_train"] = info["rows"]
     lengths = sorted(len(e.input_ids) for e in train + evals)
     stats = {
         "sources": per_source,
@@ -315,6 +336,8 @@ def build_sft_dataset(
         },
         "trained_tokens_per_epoch": sum(sum(1 for x in e.labels if x != IGNORE_INDEX) for e in train),
     }
+    if mixture is not None:
+        stats["mixture"] = {"seed": mixture_seed, "tasks": mixture}
     return BuiltDataset(train, evals, rejected, stats)
 
 

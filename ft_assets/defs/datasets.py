@@ -13,6 +13,8 @@ Blocking check `trainable`: not empty, no example fully masked, end-of-turn toke
 """
 
 
+from dataclasses import asdict
+
 import dagster as dg
 
 from ..core import data
@@ -63,6 +65,11 @@ def build(recipe: Recipe) -> list:
                 max_length=recipe.prompt.max_length,
             )
         except data.DataFileError as exc:
+            if exc.rejected:  # no artifact is written, but the user needs the list to fix the file
+                report = store.store().slot("sft_dataset", None) / "rejected_rows.jsonl"
+                report.parent.mkdir(parents=True, exist_ok=True)
+                data.write_jsonl(report, ({"file": exc.path, **asdict(r)} for r in exc.rejected))
+                raise c.user_error(exc, f"All {len(exc.rejected)} rejected rows, with reasons: {report}") from None
             raise c.user_error(exc) from None
         meta = {"tokenizer_fingerprint": data.tokenizer_fingerprint(tok), "max_length": recipe.prompt.max_length,
                 "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import dagster as dg
 import pytest
 import yaml
@@ -60,3 +62,18 @@ def test_missing_local_base_model_is_a_clear_failure(project, ft_home):
     result = run(project, ft_home, ["base_model"])
     assert not result.success and "not a model directory" in failure_message(result)
     assert ArtifactStore(ft_home).latest("base_model") is None
+
+
+def test_too_many_bad_rows_fails_and_lists_every_rejected_row(project, ft_home):
+    rows = [json.loads(line) for line in (project / "data" / "qa.jsonl").read_text().splitlines()]
+    for r in rows[:10]:
+        r["answer"] = "   "
+    (project / "data" / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run(project, ft_home, ["base_model", "sft_dataset"])
+    msg = failure_message(result)
+    assert "10 of 48 rows rejected (21% > max_rejected_fraction 10%)" in msg
+    report = ArtifactStore(ft_home).slot("sft_dataset", None) / "rejected_rows.jsonl"
+    assert str(report) in msg
+    listed = [json.loads(line) for line in report.read_text().splitlines()]
+    assert [r["line"] for r in listed] == list(range(1, 11)) and "empty or whitespace" in listed[0]["reason"]
+    assert ArtifactStore(ft_home).latest("sft_dataset") is None
