@@ -303,10 +303,12 @@ def browser(tmp_path_factory):
 @pytest.fixture(scope="module")
 def snap(ui, browser):
     """snap(name): a PNG of the browser window in <tmp>/ui-screenshots/ (beside FT_HOME), also
-    copied to /tmp/ft_ui_screenshots/ for a human to look at."""
+    copied to /tmp/ft_ui_screenshots/ (emptied of older PNGs first) for a human to look at."""
     shots = ui.home.parent / "ui-screenshots"
     shots.mkdir(exist_ok=True)
     SCREENSHOT_COPY.mkdir(parents=True, exist_ok=True)
+    for old in SCREENSHOT_COPY.glob("*.png"):  # this run's pictures only
+        old.unlink(missing_ok=True)
 
     def take(name: str) -> Path:
         path = shots / f"{name}.png"
@@ -365,6 +367,17 @@ def _dismiss_dialogs(driver) -> None:
                 button.click()
 
 
+def _latest_materialization_shown(driver) -> bool:
+    """The asset page's status block has loaded: "Latest materialization" then e.g. "a minute ago"."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+
+    try:
+        lines = [" ".join(line.split()) for line in driver.find_element("tag name", "body").text.splitlines()]
+    except (StaleElementReferenceException, WebDriverException):
+        return False
+    return any(a == "Latest materialization" and b.endswith(" ago") for a, b in zip(lines, lines[1:]))
+
+
 def _key_text(key: tuple[str, ...]) -> str:
     return " / ".join(key)  # how the catalog writes a multi-part key: "raw / qa"
 
@@ -376,13 +389,13 @@ def _key_text(key: tuple[str, ...]) -> str:
 
 def test_catalog_and_lineage_show_every_asset(ui, browser, snap):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
     with diagnosed(ui, snap, "catalog"):
         browser.get(f"{ui.url}/assets")
         _wait_for_lines(browser, ["Assets", *(_key_text(k) for k in ASSET_KEYS)])
         _dismiss_dialogs(browser)
-        lines = _page_lines(browser)
-        assert "Never materialized" in lines and "2 partitions" in lines  # status column rendered
+        _wait_for_lines(browser, ["Never materialized", "2 partitions"])  # the status column loaded
         snap("a1-catalog")
 
     with diagnosed(ui, snap, "lineage"):
@@ -395,9 +408,18 @@ def test_catalog_and_lineage_show_every_asset(ui, browser, snap):
         gear.click()
         _wait(browser, "'Expand all groups'", lambda d: d.find_elements(
             By.XPATH, "//*[normalize-space(text())='Expand all groups']"))[0].click()
-        _wait_for_lines(browser, ["base_model", "sft_dataset", "quantized_base"])
-        browser.find_element(By.TAG_NAME, "body").send_keys("\ue00c")  # Keys.ESCAPE closes the menu
-        time.sleep(0.5)
+        _wait_for_lines(browser, ["base_model", "sft_dataset"])
+        browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)  # close the settings menu
+        # The graph draws only the nodes in view (by the key's last part): zoom out until all are.
+        nodes = [k[-1] for k in ASSET_KEYS]
+        zoom_out = browser.find_element(
+            By.XPATH, "//*[@role='img'][@aria-label='zoom_out']/ancestor::button[1]")
+        for _ in range(4):
+            if set(nodes) <= _page_lines(browser):
+                break
+            zoom_out.click()
+            time.sleep(0.7)
+        _wait_for_lines(browser, nodes, timeout=10)
         snap("a2-lineage")
 
 
@@ -439,16 +461,18 @@ def test_materialize_from_the_catalog(ui, browser, snap):
         snap("b2-run")
 
         browser.get(f"{ui.url}/assets/base_model")
-        _wait_for_lines(browser, ["Metadata", "Latest materialization", "architecture", "LlamaForCausalLM",
-                                  "layers", "parameters"])
+        _wait_for_lines(browser, ["Metadata", "architecture", "LlamaForCausalLM", "layers", "parameters"])
+        _wait(browser, "the latest materialization's time", _latest_materialization_shown)
         snap("b3-base_model-metadata")
         browser.get(f"{ui.url}/assets/sft_dataset")
-        _wait_for_lines(browser, ["Metadata", "Latest materialization", "path"])
+        _wait_for_lines(browser, ["Metadata", "rows_kept", "train_rows", "eval_rows"])
+        _wait(browser, "the latest materialization's time", _latest_materialization_shown)
         snap("b4-sft_dataset-metadata")
 
 
 def test_graphql_client_launches_runs(ui, snap, browser):
     from dagster_graphql import DagsterGraphQLClient
+    from selenium.webdriver.common.by import By
 
     client = DagsterGraphQLClient("127.0.0.1", port_number=ui.port, timeout=30)
     repo, job = ui.asset_job()
@@ -476,6 +500,8 @@ def test_graphql_client_launches_runs(ui, snap, browser):
         assert ui.materialization_run(("adapter",), "lora") == run_id
         assert ui.materialization_run(("adapter",), "qlora") is None
 
-        browser.get(f"{ui.url}/assets/adapter")
-        _wait_for_lines(browser, ["Partitions", "lora", "qlora"])
-        snap("c1-adapter-partitions")
+        browser.get(f"{ui.url}/assets/adapter?view=partitions")
+        _wait_for_lines(browser, ["Materialized (1)", "Missing (1)", "lora", "qlora"])
+        browser.find_element(By.XPATH, "//*[normalize-space(text())='lora']").click()
+        _wait_for_lines(browser, ["Materialized", "method", "final_loss", run_id[:8]])
+        snap("c1-adapter-lora-partition")
