@@ -26,13 +26,24 @@ def cmd_validate(args) -> int:
     for ds in recipe.datasets:
         path = recipe.dataset_path(ds)
         state = "" if path.is_file() else "  (file not found yet)"
-        print(f"  dataset {ds.name}: {path} [{ds.format}], eval fraction {ds.eval_fraction}{state}")
+        weight = f", mixture weight {ds.weight}" if ds.weight is not None else ""
+        print(f"  dataset {ds.name}: {path} [{ds.format}], eval fraction {ds.eval_fraction}{weight}{state}")
     b = recipe.base_model
     print(f"  base model: {b.source} {b.id or b.path or 'SmolLM2-135M-Instruct (bundled GGUF)'}")
     print(f"  quantization: {recipe.quantization.method}")
     for name, spec in recipe.methods.items():
         t = recipe.training_for(name)
-        print(f"  method {name} ({spec.type}): {t.max_steps} steps, batch {t.batch_size}x{t.grad_accum}, lr {t.lr}, {t.optimizer}")
+        extra = f", continues adapter[{spec.sft_from}] (beta {spec.beta})" if spec.type == "dpo" else ""
+        if spec.continue_from:
+            extra += f", continue_from {spec.continue_from} (replay {spec.replay_fraction:.0%})"
+        print(f"  method {name} ({spec.type}): {t.max_steps} steps, batch {t.batch_size}x{t.grad_accum}, lr {t.lr}, {t.optimizer}{extra}")
+    if recipe.preferences:
+        pr = recipe.preferences
+        print(f"  preferences {pr.name}: {recipe.dataset_path(pr)} [{pr.format}], eval fraction {pr.eval_fraction}")
+    if recipe.distillation:
+        d = recipe.distillation
+        student = d.student_path or f"teacher layers {d.keep_layers}"
+        print(f"  distillation: merged_model[{d.teacher}] -> student ({student}), alpha {d.alpha}, T {d.temperature}")
     print(f"  recipe hash: {recipe.recipe_hash}")
     return 0
 

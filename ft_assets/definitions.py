@@ -4,6 +4,11 @@
     recipe/method[m] ─> adapter[m] ─> merged_model[m] ─> eval_report[m] ─> leaderboard
                                                  base_eval ─┘
 
+and, when the recipe asks for them:
+
+    raw/<preferences> ─> preference_dataset[d] ─> adapter[d], eval_report[d]   (d: each dpo method)
+    merged_model[teacher] ─> student                                           (distillation)
+
 plus the automation sensor (eager reruns), and the retraining schedule when the recipe has one.
 """
 
@@ -11,7 +16,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from .defs import adapters, automation, datasets, models, raw, reports
+from .defs import adapters, automation, datasets, distill, models, preferences, raw, reports
 from .defs.resources import ArtifactIOManager, ComputeResource, StoreResource
 from .recipe import Recipe, load_recipe
 from .store import ft_home
@@ -20,8 +25,9 @@ from .store import ft_home
 def build_definitions(recipe: Recipe, home: str | None = None) -> dg.Definitions:
     home = str(home or ft_home())
     parts = adapters.methods_partitions(recipe)
-    sources = [*raw.build(recipe), automation.recipe_methods_source(recipe, parts)]
-    derived = [*models.build(recipe), *datasets.build(recipe), *adapters.build(recipe), *reports.build(recipe)]
+    sources = [*raw.build(recipe), automation.recipe_methods_source(recipe, parts, home)]
+    derived = [*models.build(recipe), *datasets.build(recipe), *preferences.build(recipe), *adapters.build(recipe),
+               *reports.build(recipe), *distill.build(recipe)]
     condition = automation.derived_condition(recipe)
     if condition is not None:
         derived = dg.map_asset_specs(lambda spec: spec.replace_attributes(automation_condition=condition), derived)
@@ -30,7 +36,7 @@ def build_definitions(recipe: Recipe, home: str | None = None) -> dg.Definitions
         assets=[*sources, *derived],
         jobs=jobs,
         schedules=schedules,
-        sensors=[automation.automation_sensor()],
+        sensors=[automation.automation_sensor(), automation.observation_sensor(recipe, home)],
         resources={
             "compute": ComputeResource(device=recipe.compute.device, threads=recipe.compute.threads),
             "store": StoreResource(home=home),

@@ -43,19 +43,37 @@ def materialize_all(defs: dg.Definitions, methods: list[str], instance: dg.Dagst
     (the others and the leaderboard still run, so one bad method does not hide the rest)."""
     assets = list(defs.assets)
     resources = defs.resources
-    shared = [k for k in ("base_model", "sft_dataset", "quantized_base", "base_eval")
-              if any(dg.AssetKey(k) in getattr(a, "keys", ()) for a in assets)]
+
+    def has(key: str) -> bool:
+        return any(dg.AssetKey(key) in getattr(a, "keys", ()) for a in assets)
+
+    shared = [k for k in ("base_model", "sft_dataset", "quantized_base", "base_eval") if has(k)]
     t0 = time.perf_counter()
     say(f"[demo] materializing {', '.join(shared)}")
     dg.materialize(assets, instance=instance, resources=resources, selection=shared)
     failed = []
-    for m in methods:
+    # dpo partitions continue another partition's adapter and read preference_dataset[<dpo method>]:
+    # they go after the other methods, each after its preference_dataset partition
+    pref_parts = set(defs.resolve_assets_def("preference_dataset").partitions_def.get_partition_keys()
+                     ) if has("preference_dataset") else set()
+    for m in sorted(methods, key=lambda m: m in pref_parts):
+        if m in pref_parts:
+            say(f"[demo] {time.perf_counter() - t0:6.0f}s  preference_dataset[{m}]")
+            dg.materialize(assets, instance=instance, resources=resources, partition_key=m,
+                           selection=["preference_dataset"])
         say(f"[demo] {time.perf_counter() - t0:6.0f}s  training, merging and evaluating partition {m!r}")
         result = dg.materialize(assets, instance=instance, resources=resources, partition_key=m,
                                 selection=["adapter", "merged_model", "eval_report"], raise_on_error=False)
         if not result.success:
             failed.append(m)
             say(f"[demo] partition {m!r} FAILED; see the run {result.run_id} in the UI")
+    if has("student"):
+        say(f"[demo] {time.perf_counter() - t0:6.0f}s  distilling the student")
+        result = dg.materialize(assets, instance=instance, resources=resources, selection=["student"],
+                                raise_on_error=False)
+        if not result.success:
+            failed.append("student")
+            say(f"[demo] student FAILED; see the run {result.run_id} in the UI")
     dg.materialize(assets, instance=instance, resources=resources, selection=["leaderboard"])
     say(f"[demo] {time.perf_counter() - t0:6.0f}s  done")
     return failed

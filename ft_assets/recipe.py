@@ -177,6 +177,11 @@ class TrainingSpec(_Strict):
     checkpoint_every: Annotated[int, Field(ge=1)] = 20
     log_every: Annotated[int, Field(ge=1)] = 1
     gradient_checkpointing: bool = False
+    # Speed switches (same rows per step, same loss up to float rounding; see core/packing.py, core/loss.py).
+    packing: bool = True  # micro-batch rows end to end, no padding; prompt/prefix tuning fall back to padding
+    group_by_length: bool = False  # padded path: rows of similar length share a micro-batch (changes the order)
+    loss: Literal["auto", "plain", "chunked"] = "auto"  # auto/chunked: LM head on labelled rows only, in chunks
+    compile: bool | None = None  # torch.compile the decoder layers; None = on for CUDA, off on CPU
 
 
 class _MethodBase(_Strict):
@@ -373,13 +378,13 @@ class ComputeSpec(_Strict):
 class AutomationSpec(_Strict):
     """When Dagster re-runs things on its own (needs the automation sensor, on by default)."""
 
-    observe_data_cron: str = "* * * * *"  # how often data files are hashed
+    observe_interval_s: Annotated[int, Field(ge=5)] = 30  # how often data files and method settings are hashed
     eager: bool = True  # a changed input re-materializes exactly its descendants
     rerun_on_code_change: bool = True  # a stage's code/recipe version bump re-runs it too
     retrain_cron: str | None = None  # e.g. "0 3 * * 0": request every method partition
     retrain_schedule_running: bool = False  # the schedule's default state (visible in the UI)
 
-    @field_validator("observe_data_cron", "retrain_cron")
+    @field_validator("retrain_cron")
     @classmethod
     def _cron(cls, v: str | None) -> str | None:
         if v is not None and len(v.split()) != 5:

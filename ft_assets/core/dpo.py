@@ -76,7 +76,7 @@ def train_dpo(
     on_log: Callable[[int, float], None] | None = None,
 ) -> DpoResult:
     """Continue `model` (a PeftModel, SFT adapter trainable as "default") with DPO on `pairs`, in place."""
-    from transformers import TrainerCallback
+    from transformers import PrinterCallback, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     if not hasattr(model, "peft_config"):
@@ -110,6 +110,7 @@ def train_dpo(
         )
         trainer = DPOTrainer(model=model, args=args, train_dataset=to_trl_dataset(pairs),
                              processing_class=tokenizer, callbacks=[Record()])
+        trainer.remove_callback(PrinterCallback)  # our Record callback logs; no dicts on stdout
         check_tokenization(trainer.train_dataset, pairs)
         t0 = time.perf_counter()
         trainer.train()

@@ -65,5 +65,25 @@ def evaluate(model, tokenizer, examples: list[Example], *, max_new_tokens: int, 
         rows.append({"id": ex.id, "task": ex.task, "question": ex.question, "reference": ex.answer,
                      "prediction": pred, **qa_scores(pred, ex.answer)})
     metrics = {**mean_scores(rows), **losses, "examples": len(rows)}
+    tasks = sorted({ex.task for ex in examples})
+    if len(tasks) > 1:  # multi-task: the same metrics per task (loss re-computed on each task's rows)
+        metrics["per_task"] = per_task_metrics(model, examples, rows, tokenizer.pad_token_id, device, batch_size)
     timing = {"loss_s": round(t1 - t0, 2), "generate_s": round(gen_s, 2)}
     return {"metrics": metrics, "rows": rows, "timing": timing}
+
+
+def per_task_scores(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Exact match, token F1 and ROUGE-L averaged within each task (rows carry `task`)."""
+    out = {}
+    for task in sorted({r["task"] for r in rows}):
+        mine = [r for r in rows if r["task"] == task]
+        out[task] = {**mean_scores(mine), "examples": len(mine)}
+    return out
+
+
+def per_task_metrics(model, examples: list[Example], rows: list[dict[str, Any]], pad_id: int, device: str,
+                     batch_size: int = 16) -> dict[str, dict[str, float]]:
+    scores = per_task_scores(rows)
+    for task in scores:
+        scores[task].update(eval_loss(model, [e for e in examples if e.task == task], pad_id, device, batch_size))
+    return scores

@@ -147,22 +147,18 @@ def check_weights_are_safe(directory: Path, options: LoadOptions) -> None:
         raise ModelSourceError(f"{directory} has no weights (*.safetensors)")
 
 
-def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, **kwargs):
-    """Load a causal LM from one of our own artifact directories (always safetensors)."""
+def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """Load a full-precision causal LM from one of our own artifact directories (safetensors only).
+    Quantized checkpoints go through `core.quantize.load_quantized` instead."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **kwargs)
-    return model.to(device) if device != "cpu" or not _is_quantized(model) else model
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device)
 
 
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
-
-
-def _is_quantized(model) -> bool:
-    return getattr(model, "is_quantized", False) or getattr(model, "quantization_method", None) is not None
 
 
 def random_init_model(config_or_dir, seed: int = 0, dtype: torch.dtype = torch.float32):

@@ -3,6 +3,14 @@
     batches -> forward -> masked cross-entropy (mean over answer tokens of the whole step)
             -> backward -> clip -> optimizer step -> scheduler -> log / checkpoint
 
+Speed switches (`TrainConfig`, all exact up to float rounding; see `core.packing`, `core.loss`):
+`packing` lays each micro-batch's rows end to end (no padding, attention kept inside each row,
+position ids restarting), `group_by_length` orders the unpacked path's rows by length within
+mega-batches, `loss` ("auto"/"chunked") applies the LM head to the labelled positions only, in
+chunks (never the full-vocabulary logits at once), `compile` torch.compiles the decoder layers.
+Methods that cannot use a switch (prompt/prefix tuning: no packing, no lean loss) fall back to
+the plain path on their own.
+
 What varies by method (which weights train, optimizer groups, how to save) is asked of the
 method object (`core.methods`); what varies by hardware (device, dtype) is passed in. Batches
 come from `batches()`, a pure function of (examples, seed, step), so a resumed run sees
@@ -27,7 +35,9 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from . import packing as P
 from .data import IGNORE_INDEX, Example
+from .loss import linear_cross_entropy_sum
 
 
 class TrainingDiverged(RuntimeError):
@@ -49,7 +59,15 @@ class TrainConfig:
     checkpoint_every: int = 20
     log_every: int = 1
     gradient_checkpointing: bool = False
+    packing: bool = True  # pack each micro-batch (same rows, same loss; no padding)
+    group_by_length: bool = False  # unpacked path: rows of similar length share a micro-batch
+    loss: str = "auto"  # "auto" | "chunked": LM head + CE on labelled rows, chunked; "plain": model logits
+    compile: bool | None = None  # None: on for CUDA (not for quantized bases), off on CPU
     seed: int = 42
+    # not recipe keys: how packed attention is enforced ("auto" | "varlen" | "flash" | "mask", see
+    # core.packing) and the row budget of the "mask" mode
+    pack_attention: str = "auto"
+    pack_max_tokens: int | None = None
 
     @classmethod
     def from_spec(cls, spec: Any, seed: int) -> "TrainConfig":
@@ -95,9 +113,17 @@ def steps_for(n_examples: int, cfg: TrainConfig) -> int:
     return max(1, min(cfg.max_steps, math.ceil(cfg.epochs * n_examples / per_step)))
 
 
+GROUP_STEPS = 8  # length grouping sorts within mega-batches of this many optimizer steps
+
+
 def batches(examples: list[Example], cfg: TrainConfig, start_step: int = 0) -> Iterator[list[list[Example]]]:
-    """Yield, per optimizer step, `grad_accum` micro-batches. Epoch e uses shuffle seed+e."""
+    """Yield, per optimizer step, `grad_accum` micro-batches. Epoch e uses shuffle seed+e.
+
+    With `group_by_length`, each epoch's shuffled order is sorted by length within mega-batches of
+    GROUP_STEPS steps (aligned to step boundaries), and each step's rows longest-first, so every
+    micro-batch holds rows of similar length; the mega-batches' steps are then shuffled (seed+e)."""
     per_step = cfg.batch_size * cfg.grad_accum
+    group = getattr(cfg, "group_by_length", False)
     order: list[int] = []
     epoch = -1
     position = 0
@@ -108,13 +134,34 @@ def batches(examples: list[Example], cfg: TrainConfig, start_step: int = 0) -> I
                 epoch += 1
                 order = list(range(len(examples)))
                 random.Random(cfg.seed + epoch).shuffle(order)
+                if group:
+                    order = _length_grouped(order, examples, per_step, head=per_step - len(chunk), seed=cfg.seed + epoch)
                 position = 0
             take = order[position: position + per_step - len(chunk)]
             chunk += take
             position += len(take)
         if step >= start_step:
+            if group:
+                chunk = sorted(chunk, key=lambda i: (-len(examples[i].input_ids), i))
             rows = [examples[i] for i in chunk]
             yield [rows[i: i + cfg.batch_size] for i in range(0, per_step, cfg.batch_size)]
+
+
+def _length_grouped(order: list[int], examples: list[Example], per_step: int, head: int, seed: int) -> list[int]:
+    """The first `head` indices complete the step in progress; the rest is length-sorted within
+    mega-batches of GROUP_STEPS steps, cut into steps, and the steps of each mega-batch shuffled."""
+    head = head % per_step
+    lengths = [len(e.input_ids) for e in examples]
+    rest = P.length_grouped(order[head:], lengths, per_step * GROUP_STEPS)
+    steps = [rest[i: i + per_step] for i in range(0, len(rest), per_step)]
+    rng = random.Random(seed)
+    out = order[:head]
+    for m in range(0, len(steps), GROUP_STEPS):
+        block = steps[m: m + GROUP_STEPS]
+        full = [s for s in block if len(s) == per_step]
+        rng.shuffle(full)
+        out += [i for s in full + [s for s in block if len(s) < per_step] for i in s]
+    return out
 
 
 def collate(rows: list[Example], pad_id: int, device: str) -> dict[str, torch.Tensor]:
@@ -130,24 +177,79 @@ def collate(rows: list[Example], pad_id: int, device: str) -> dict[str, torch.Te
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def make_batch(rows: list[Example], pad_id: int, device: str, pack_mode: str | None = None,
+               max_tokens: int | None = None, eager_mask_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """A micro-batch: padded (`collate`) or, with a pack mode, packed (`core.packing`)."""
+    if pack_mode is None:
+        return collate(rows, pad_id, device)
+    return P.collate_packed(rows, pad_id, device, pack_mode, max_tokens, eager_mask_dtype)
+
+
+def batch_tokens(batch: dict[str, Any]) -> int:
+    """Non-padding tokens of a padded or packed micro-batch."""
+    return int(batch["n_tokens"]) if batch.get("packed") else int(batch["attention_mask"].sum())
+
+
+def token_loss_sum(model, batch: dict[str, Any], loss: str = "plain") -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over labelled positions, and how many there were.
 
-    Only positions that predict a labelled token go through the LM head (`logits_to_keep`):
-    answers are a small part of each row, so this skips most of the vocabulary-sized logits
-    (about a fifth of the compute of a 135M model, and most of its activation memory).
+    Only positions that predict a labelled token go through the LM head: answers are a small
+    part of each row, so this skips most of the vocabulary-sized logits (about a fifth of the
+    compute of a 135M model, and most of its activation memory).
+
+    loss="plain": the model applies its head (`logits_to_keep`) and F.cross_entropy sums.
+    loss="auto"/"chunked": the model body gives hidden states, and `core.loss` applies the head to
+    exactly the labelled positions in chunks (Liger on CUDA when installed). Models where that is
+    not the same computation (prompt/prefix tuning, a head that is not a plain Linear, logit
+    scaling) use the plain path. `batch` may be padded (`collate`) or packed (`core.packing`).
     """
+    if batch.get("packed") and not P.supports_packing(model):
+        raise ValueError("prompt/prefix tuning cannot train on packed batches; use collate()")
     targets = batch["labels"][:, 1:]
+    kwargs, impl = P.packed_forward_kwargs(model, batch)
+    lean = lean_head(model) if loss != "plain" else None
+    if lean is not None:
+        backbone, head = lean
+        kwargs["use_cache"] = False
+        with P.attention_implementation(model, impl):
+            hidden = backbone(**kwargs).last_hidden_state
+        labelled = targets != IGNORE_INDEX
+        loss_sum = linear_cross_entropy_sum(hidden[:, :-1][labelled], head.weight, head.bias, targets[labelled])
+        return loss_sum, int(labelled.sum())
     keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # positions p predicting p+1
     # Prompt tuning puts virtual tokens in front of the input: real position p is p + offset.
     offset = virtual_token_count(model)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep + offset).logits
+    with P.attention_implementation(model, impl):
+        logits = model(**kwargs, logits_to_keep=keep + offset).logits
     kept_targets = targets[:, keep]
     loss = F.cross_entropy(
         logits.float().reshape(-1, logits.size(-1)), kept_targets.reshape(-1),
         ignore_index=IGNORE_INDEX, reduction="sum",
     )
     return loss, int((kept_targets != IGNORE_INDEX).sum())
+
+
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+def lean_head(model) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+    """(model body, LM head) when `head(body(x))` is exactly what the model computes, else None."""
+    if not P.supports_packing(model):  # prompt learning: peft adds virtual tokens / a prefix cache in its forward
+        return None
+    inner = P.inner_model(model)
+    if "forward" in vars(inner) or not type(inner).__name__.endswith("ForCausalLM"):
+        return None  # a patched forward, or not a plain causal LM
+    backbone = getattr(inner, getattr(inner, "base_model_prefix", "") or "model", None)
+    get_head = getattr(inner, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if backbone is None or type(head) is not torch.nn.Linear or not head.weight.is_floating_point():
+        return None  # e.g. a LoRA-wrapped or quantized head
+    if head._forward_hooks or head._forward_pre_hooks:
+        return None
+    config = getattr(inner, "config", None)
+    if any(getattr(config, k, None) not in (None, 1, 1.0) for k in _LOGIT_TRANSFORMS):
+        return None
+    return backbone, head
 
 
 def virtual_token_count(model) -> int:
@@ -317,44 +419,92 @@ def train(
         result.resumed_from_step = start
 
     model.train()
+    # packing: how attention is kept inside each row (None: padded micro-batches, e.g. prompt tuning)
+    pack_mode = P.attention_mode(model, cfg.pack_attention) if cfg.packing and P.supports_packing(model) else None
+    eager_mask = _param_dtype(model) if pack_mode == "mask" and _attn_impl(model) == "eager" else None
+    compiled = compile_layers(model, cfg, device)
     t0 = time.perf_counter() - result.wall_s
-    for step, micro_batches in enumerate(batches(examples, cfg, start), start=start):
-        n_labels = sum(sum(1 for x in r.labels[1:] if x != IGNORE_INDEX) for mb in micro_batches for r in mb)
-        step_loss = 0.0
-        for rows in micro_batches:
-            batch = collate(rows, pad_id, device)
-            with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss_sum, _ = token_loss_sum(model, batch)
-            # normalise by the step's label count so grad accumulation equals one big batch
-            (loss_sum / n_labels).backward()
-            step_loss += loss_sum.item()
-            result.tokens_seen += int(batch["attention_mask"].sum())
-        mean_loss = step_loss / n_labels
-        if not math.isfinite(mean_loss):
-            raise TrainingDiverged(
-                f"loss is {mean_loss} at step {step + 1}; lower the learning rate (now {cfg.lr}), "
-                "check the data for empty answers, or use float32"
-            )
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        hook = getattr(method, "after_step", None)  # methods that touch weights after each step
-        if hook is not None:
-            hook(model, spec)
-        result.tokens_trained += n_labels
-        result.steps = step + 1
-        result.losses.append((step + 1, round(mean_loss, 6)))
-        result.wall_s = time.perf_counter() - t0
-        if on_log and (step + 1) % cfg.log_every == 0:
-            on_log(step + 1, mean_loss)
-        if checkpoint_dir is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
-            save_checkpoint(checkpoint_dir, step + 1, model, method, optimizer, scheduler, result)
+    try:
+        for step, micro_batches in enumerate(batches(examples, cfg, start), start=start):
+            n_labels = sum(sum(1 for x in r.labels[1:] if x != IGNORE_INDEX) for mb in micro_batches for r in mb)
+            step_loss = 0.0
+            for rows in micro_batches:
+                batch = make_batch(rows, pad_id, device, pack_mode, cfg.pack_max_tokens, eager_mask)
+                with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    loss_sum, _ = token_loss_sum(model, batch, cfg.loss)
+                # normalise by the step's label count so grad accumulation equals one big batch
+                (loss_sum / n_labels).backward()
+                step_loss += loss_sum.item()
+                result.tokens_seen += batch_tokens(batch)
+            mean_loss = step_loss / n_labels
+            if not math.isfinite(mean_loss):
+                raise TrainingDiverged(
+                    f"loss is {mean_loss} at step {step + 1}; lower the learning rate (now {cfg.lr}), "
+                    "check the data for empty answers, or use float32"
+                )
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            hook = getattr(method, "after_step", None)  # methods that touch weights after each step
+            if hook is not None:
+                hook(model, spec)
+            result.tokens_trained += n_labels
+            result.steps = step + 1
+            result.losses.append((step + 1, round(mean_loss, 6)))
+            result.wall_s = time.perf_counter() - t0
+            if on_log and (step + 1) % cfg.log_every == 0:
+                on_log(step + 1, mean_loss)
+            if checkpoint_dir is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+                save_checkpoint(checkpoint_dir, step + 1, model, method, optimizer, scheduler, result)
+    finally:
+        uncompile_layers(compiled)
 
     result.wall_s = time.perf_counter() - t0
     result.peak_memory_bytes = peak_memory_bytes(device)
     return result
+
+
+def _attn_impl(model) -> str | None:
+    return getattr(getattr(P.inner_model(model), "config", None), "_attn_implementation", None)
+
+
+def _param_dtype(model) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def compile_layers(model, cfg: TrainConfig, device: str) -> list[torch.nn.Module]:
+    """torch.compile each decoder layer in place (names and state dicts unchanged). `compile=None`
+    means on for CUDA with a non-quantized base, off on CPU (compiling costs minutes on a few cores
+    and the packed per-sample attention is a Python loop that would break the graph)."""
+    on = cfg.compile if cfg.compile is not None else (
+        device.startswith("cuda") and not getattr(P.inner_model(model), "is_quantized", False))
+    if not on:
+        return []
+    layers = getattr(getattr(P.inner_model(model), "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        return []
+    if cfg.compile is None:  # automatic: a layer torch.compile cannot handle runs eagerly instead of failing the run
+        import torch._dynamo
+
+        _suppressed.append(torch._dynamo.config.suppress_errors)
+        torch._dynamo.config.suppress_errors = True
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return list(layers)
+
+
+_suppressed: list[bool] = []
+
+
+def uncompile_layers(layers: list[torch.nn.Module]) -> None:
+    for layer in layers:  # evaluation and generation afterwards run eagerly
+        layer._compiled_call_impl = None
+    if layers and _suppressed:
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = _suppressed.pop()
 
 
 def peak_memory_bytes(device: str) -> int:

@@ -22,6 +22,8 @@ STAGE_VERSIONS = {
     "base_eval": "1",
     "eval_report": "1",
     "leaderboard": "1",
+    "preference_dataset": "1",
+    "student": "1",
 }
 
 

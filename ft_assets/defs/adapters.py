@@ -8,17 +8,30 @@
 - `merged_model[method]`: the adapter folded into full-precision base weights, saved as a
   plain transformers checkpoint; check `matches_adapter` compares its logits with
   base+adapter. Methods that cannot merge record why and still materialize.
+
+Beyond SFT (only for recipes that ask for it; other partitions train exactly as before):
+- `adapter[<dpo method>]`: the latest `adapter[<sft_from>]` (read from the store: Dagster cannot
+  draw an edge between two partitions of one static-partitioned asset) continued with TRL's
+  DPOTrainer on `preference_dataset[<dpo method>]` (a real Dagster dependency, mapped
+  partition-to-partition). The manifest inputs name `adapter[<sft_from>]` and its version; the
+  `recipe/method` source folds that version into the dpo partition's data version, so a new
+  SFT adapter makes the dpo partition stale.
+- `continue_from: previous`: the method starts from its own previous adapter version when the
+  data changed (`core.continual.pick_start`), replaying `replay_fraction` of the previous
+  sft_dataset's train split; manifest inputs name that adapter version under `adapter[<method>]`.
 """
 
 
 import hashlib
 import json
+import math
 import shutil
+from pathlib import Path
 
 import dagster as dg
 import torch
 
-from ..core import data, merge, plots, train
+from ..core import continual, data, merge, plots, train
 from ..core.methods import NotMergeable, get_method
 from ..core.models import load_model, load_tokenizer, parameter_count
 from ..core.quantize import compute_dtype, load_quantized
@@ -27,6 +40,7 @@ from ..store import Artifact, ArtifactStore, dir_bytes
 from . import _common as c
 from .automation import RECIPE_METHOD_KEY
 from .models import MODEL_BYTES_HEADROOM
+from .preferences import preference_dep
 from .resources import ComputeResource, StoreResource
 
 
@@ -38,6 +52,8 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
                    sft_dataset: Artifact, base_model: Artifact, quantized_base: Artifact | None, cv: str):
     name = context.partition_key
     spec = recipe.methods[name]
+    if spec.type == "dpo":
+        return _train_dpo(context, recipe, compute, store, base_model, cv)
     method = get_method(spec.type)
     cfg = train.TrainConfig.from_spec(recipe.training_for(name), recipe.seed)
     hw = compute.resolve()
@@ -48,6 +64,12 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
             "sft_dataset was built with a different tokenizer than base_model has now; "
             "re-materialize sft_dataset"))
     examples = data.load_split(sft_dataset.path, "train")
+    start, replay = None, []
+    if spec.continue_from == "previous":
+        start = _continual_start(store, name, spec, sft_dataset, base_model)
+        context.log.info(f"{name}: {start.reason}")
+        replay = _replay(context, store, start, spec, examples, info, recipe.seed)
+        examples = examples + replay
 
     if method.uses_quantized_base:
         model = load_quantized(quantized_base.dir, hw.device, compute_dtype(recipe.quantization.compute_dtype, hw.device))
@@ -55,11 +77,15 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
         model = load_model(base_model.path, hw.device, hw.dtype)
     train.seed_everything(cfg.seed)  # adapter init is random: seed it so reruns are reproducible
     model = method.wrap(model, spec, gradient_checkpointing=cfg.gradient_checkpointing)
+    if start is not None and not start.from_scratch:
+        continual.load_state(model, method, Path(start.adapter_path))
     trainable, total = parameter_count(model)
     context.log.info(f"{name}: {trainable:,} trainable of {total:,} parameters; {len(examples)} train rows; "
                      f"{train.steps_for(len(examples), cfg)} steps on {hw.device}")
 
     inputs = c.inputs_of(sft_dataset, base_model, quantized_base if method.uses_quantized_base else None)
+    if start is not None and not start.from_scratch:
+        inputs[f"adapter[{name}]"] = start.adapter_version  # the version this run continued from
     run_key = hashlib.sha256(json.dumps([inputs, cv, recipe.section_hash("seed", method=name)]).encode()).hexdigest()[:16]
     ckpt_dir = store.home / "checkpoints" / "adapter" / name / run_key
     try:
@@ -82,11 +108,19 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
                               "training": recipe.training_for(name).model_dump(mode="json")}
         st.extra["train"] = {**result.summary(), "trainable_parameters": trainable, "total_parameters": total,
                              "device": hw.name}
+        if start is not None:
+            st.extra["continual"] = _continual_facts(store, name, start, replay, spec)
         c.write_json(st.path / "train_log.json", {"losses": result.losses, **result.summary()})
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the artifact supersedes its checkpoints
     art = st.artifact
     png = plots.loss_curve_png(result.losses, f"{name}: train loss")
+    extra = {}
+    if start is not None:
+        extra = {"continued_from": start.adapter_version or "scratch", "continue_reason": start.reason,
+                 "replay_rows": len(replay),
+                 "continued_from_path": dg.MetadataValue.path(start.adapter_path) if start.adapter_path else "-"}
     return c.output(art, {
+        **extra,
         "method": spec.type,
         "trainable_parameters": trainable,
         "trainable_percent": round(100 * trainable / total, 4),
@@ -103,6 +137,133 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
         "adapter_bytes": dir_bytes(art.dir),
         "device": hw.name,
     })
+
+
+# --------------------------------------------------------------------------------------
+# continual learning
+# --------------------------------------------------------------------------------------
+
+
+def _continual_start(store: ArtifactStore, name: str, spec, sft_dataset: Artifact, base_model: Artifact):
+    prev = store.latest("adapter", name)  # the newest version before this run
+
+    def manifest_of(version: str):
+        art = store.get("adapter", name, version)
+        return (art.manifest(), art.path) if art else None
+
+    return continual.pick_start(prev.manifest() if prev else None, prev.path if prev else None,
+                                sft_dataset=sft_dataset.version, base_model=base_model.version,
+                                spec=spec.model_dump(mode="json"), manifest_of=manifest_of)
+
+
+def _replay(context, store: ArtifactStore, start, spec, examples, info: dict, seed: int) -> list:
+    if start.from_scratch or not spec.replay_fraction or not start.previous_sft_dataset:
+        return []
+    old = store.get("sft_dataset", None, start.previous_sft_dataset)
+    if old is None:
+        context.log.warning(f"previous sft_dataset {start.previous_sft_dataset} is gone: no replay")
+        return []
+    if data.dataset_info(old.path).get("tokenizer_fingerprint") != info["tokenizer_fingerprint"]:
+        context.log.warning("previous sft_dataset used another tokenizer: no replay")
+        return []
+    rows = continual.replay_rows(data.load_split(old.path, "train"), examples, spec.replay_fraction, seed)
+    context.log.info(f"replaying {len(rows)} rows of sft_dataset {old.version} ({spec.replay_fraction:.0%} of its train split)")
+    return rows
+
+
+def _continual_facts(store: ArtifactStore, name: str, start, replay: list, spec) -> dict:
+    return {
+        "continued_from": None if start.from_scratch else {"version": start.adapter_version, "path": start.adapter_path},
+        "previous_sft_dataset": start.previous_sft_dataset,
+        "reason": start.reason,
+        "replay_fraction": spec.replay_fraction,
+        "replay_rows": len(replay),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# DPO
+# --------------------------------------------------------------------------------------
+
+
+def _train_dpo(context, recipe: Recipe, compute: ComputeResource, store: ArtifactStore, base_model: Artifact, cv: str):
+    from peft import PeftModel
+
+    from ..core import dpo, preferences
+
+    name = context.partition_key
+    spec = recipe.methods[name]
+    hw = compute.resolve()
+    sft = store.latest("adapter", spec.sft_from)
+    if sft is None:
+        raise c.user_error(RuntimeError(f"{name} continues adapter[{spec.sft_from}], which has not been "
+                                        f"materialized yet; materialize adapter[{spec.sft_from}] first"))
+    if sft.manifest().get("inputs", {}).get("base_model") != base_model.version:
+        raise c.user_error(RuntimeError(f"adapter[{spec.sft_from}] {sft.version} was trained on another base_model; "
+                                        f"re-materialize adapter[{spec.sft_from}] first"))
+    prefs = store.latest("preference_dataset", name)
+    if prefs is None:
+        raise c.user_error(RuntimeError(f"preference_dataset[{name}] has not been materialized yet; materialize it first"))
+    tok = load_tokenizer(base_model.path)
+    if data.tokenizer_fingerprint(tok) != data.dataset_info(prefs.path)["tokenizer_fingerprint"]:
+        raise c.user_error(RuntimeError("preference_dataset was built with a different tokenizer than base_model "
+                                        "has now; re-materialize preference_dataset"))
+    pairs = preferences.load_pairs(prefs.path, "train")
+    cfg = train.TrainConfig.from_spec(recipe.training_for(name), recipe.seed)
+    train.seed_everything(cfg.seed)
+    model = PeftModel.from_pretrained(load_model(base_model.path, hw.device, hw.dtype), sft.dir, is_trainable=True)
+    trainable, total = parameter_count(model)
+    context.log.info(f"{name}: DPO from adapter[{spec.sft_from}] {sft.version} on {len(pairs)} pairs, "
+                     f"{dpo.dpo_steps(len(pairs), cfg)} steps, beta {spec.beta}, on {hw.device}")
+    try:
+        result = dpo.train_dpo(
+            model, tok, pairs, cfg, beta=spec.beta, loss_type=spec.loss_type, max_length=recipe.prompt.max_length,
+            device=hw.device, work_dir=_work_dir(store),
+            on_log=lambda step, loss: context.log.info(f"step {step}: DPO loss {loss:.4f}"))
+    except torch.OutOfMemoryError as exc:
+        raise c.user_error(RuntimeError(out_of_memory_hint(name, cfg, hw.device, exc))) from None
+    if not all(math.isfinite(l) for _, l in result.losses):
+        raise c.user_error(train.TrainingDiverged(f"{name}: DPO loss is not finite; lower the learning rate (now {cfg.lr})"))
+    summary = {**result.summary(), "trainable_parameters": trainable, "total_parameters": total, "device": hw.name,
+               "peak_memory_bytes": train.peak_memory_bytes(hw.device)}
+    with store.write("adapter", name, recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed) as st:
+        st.inputs = {**c.inputs_of(sft, base_model), c.key_of(prefs): prefs.version}
+        dpo.save_dpo_adapter(model, st.path)
+        st.extra["method"] = {"name": name, "type": spec.type, "spec": spec.model_dump(mode="json"),
+                              "training": recipe.training_for(name).model_dump(mode="json")}
+        st.extra["dpo"] = {"sft_adapter": {"method": spec.sft_from, "version": sft.version, "path": sft.path},
+                           "preference_dataset": prefs.version, "beta": spec.beta, "loss_type": spec.loss_type}
+        st.extra["train"] = summary
+        c.write_json(st.path / "train_log.json", {"losses": result.losses, "reward_accuracies": result.reward_accuracies,
+                                                  "reward_margins": result.reward_margins, **summary})
+    art = st.artifact
+    png = plots.loss_curve_png(result.losses, f"{name}: DPO loss")
+    return c.output(art, {
+        "method": spec.type,
+        "sft_adapter": f"adapter[{spec.sft_from}] {sft.version}",
+        "sft_adapter_path": dg.MetadataValue.path(sft.path),
+        "preference_dataset": prefs.version,
+        "train_pairs": len(pairs),
+        "beta": spec.beta,
+        "trainable_parameters": trainable,
+        "trainable_percent": round(100 * trainable / total, 4),
+        "loss_curve": dg.MetadataValue.md(plots.markdown_image(png, f"{name} DPO loss curve")),
+        "losses": dg.MetadataValue.json([[s_, l] for s_, l in result.losses]),
+        "train_reward_accuracy": dg.MetadataValue.json([[s_, a] for s_, a in result.reward_accuracies]),
+        "train_reward_margin": dg.MetadataValue.json([[s_, m] for s_, m in result.reward_margins]),
+        "first_loss": result.losses[0][1] if result.losses else None,
+        "final_loss": result.losses[-1][1] if result.losses else None,
+        "steps": result.steps,
+        "wall_time_s": round(result.wall_s, 2),
+        "adapter_bytes": dir_bytes(art.dir),
+        "device": hw.name,
+    })
+
+
+def _work_dir(store: ArtifactStore) -> Path:
+    d = store.home / "checkpoints" / "dpo"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
 
 def out_of_memory_hint(name: str, cfg: train.TrainConfig, device: str, exc: Exception) -> str:
@@ -169,7 +330,7 @@ def build(recipe: Recipe) -> list:
     cv_adapter = c.code_version("adapter", recipe)
     cv_merged = c.code_version("merged_model", recipe)
     common = dict(partitions_def=parts, pool="gpu")
-    recipe_dep = [dg.AssetDep(RECIPE_METHOD_KEY)]
+    recipe_dep = [dg.AssetDep(RECIPE_METHOD_KEY), *preference_dep(recipe)]
 
     if quantized:
         @dg.asset(group_name="training", kinds={"pytorch", "peft"}, code_version=cv_adapter, deps=recipe_dep, **common)

@@ -1,11 +1,17 @@
 """What re-runs on its own: data-change reruns, code/recipe-change reruns, scheduled retraining.
 
-- Raw data files are observed on the recipe's cron (`automation.observe_data_cron`); their
-  data version is the content hash, so touching or rewriting a file unchanged does nothing.
+- A sensor (`ft_assets_observe_sources`) hashes every data file and every method's settings
+  each `automation.observe_interval_s` seconds, inside the code server, and records an
+  observation only when a version changed. (Observing through runs instead would start a
+  process per observation that imports torch; on a busy machine those runs outlast the
+  interval, the sources always look "in progress", and eager() never fires.) Touching or
+  rewriting a file unchanged does nothing.
 - Each method's recipe section is an observable, partitioned source `recipe/method[<name>]`
   whose data version is the hash of that method's settings (its spec + effective training
   settings + seed). Editing one method's learning rate therefore makes only that partition of
-  `adapter` stale.
+  `adapter` stale. A `dpo` method's version also holds the version of the `adapter[<sft_from>]`
+  it continues (read from the store): an edge between two partitions of one asset that Dagster
+  cannot draw, so a re-trained SFT adapter makes the dpo partition stale on the next observation.
 - Every derived asset is `eager()` (re-materializes when a dependency has a new version),
   optionally `| code_version_changed()` (a stage's code version bump re-runs it).
 - `retrain`: an optional cron schedule requesting every method partition of
@@ -13,12 +19,15 @@
 The automation sensor is on by default, so all of this works as soon as `dagster dev` runs.
 """
 
+import json
+
 import dagster as dg
+from dagster._core.definitions.data_version import DATA_VERSION_TAG  # the tag observations carry
 
 from ..recipe import Recipe
 
 RECIPE_METHOD_KEY = dg.AssetKey(["recipe", "method"])
-AUTOMATION_SENSOR = "default_automation_condition_sensor"
+AUTOMATION_SENSOR = "ft_assets_automation"
 
 
 def derived_condition(recipe: Recipe) -> dg.AutomationCondition | None:
@@ -30,24 +39,28 @@ def derived_condition(recipe: Recipe) -> dg.AutomationCondition | None:
     return cond | dg.AutomationCondition.code_version_changed() if a.rerun_on_code_change else cond
 
 
-def observe_condition(recipe: Recipe) -> dg.AutomationCondition:
-    return dg.AutomationCondition.cron_tick_passed(recipe.automation.observe_data_cron)
+def method_version(recipe: Recipe, name: str, home: str | None = None) -> str:
+    version = recipe.section_hash("seed", method=name)
+    spec = recipe.methods[name]
+    if spec.type == "dpo":
+        from ..store import ArtifactStore
+
+        sft = ArtifactStore(home).latest("adapter", spec.sft_from)
+        version = f"{version}+{spec.sft_from}@{sft.version if sft else 'none'}"
+    return version
 
 
-def method_version(recipe: Recipe, name: str) -> str:
-    return recipe.section_hash("seed", method=name)
-
-
-def recipe_methods_source(recipe: Recipe, partitions: dg.PartitionsDefinition):
+def recipe_methods_source(recipe: Recipe, partitions: dg.PartitionsDefinition, home: str | None = None):
     @dg.observable_source_asset(
         key=RECIPE_METHOD_KEY,
         group_name="raw_data",
         partitions_def=partitions,
-        automation_condition=observe_condition(recipe),
-        description="Each method's recipe settings; data version = hash of that method's section.",
+        description="Each method's recipe settings; data version = hash of that method's section "
+                    "(for a dpo method, + the version of the SFT adapter it continues).",
     )
     def recipe_method():
-        return dg.DataVersionsByPartition({name: dg.DataVersion(method_version(recipe, name)) for name in recipe.methods})
+        return dg.DataVersionsByPartition(
+            {name: dg.DataVersion(method_version(recipe, name, home)) for name in recipe.methods})
 
     return recipe_method
 
@@ -77,8 +90,38 @@ def retrain(recipe: Recipe, partitions: dg.PartitionsDefinition) -> tuple[list, 
     return [job], [retrain_schedule]
 
 
+def observation_sensor(recipe: Recipe, home: str | None = None) -> dg.SensorDefinition:
+    """Record a new observation for each source whose version changed since the last tick."""
+    from .raw import file_version, raw_key
+
+    @dg.sensor(name="ft_assets_observe_sources", minimum_interval_seconds=recipe.automation.observe_interval_s,
+               default_status=dg.DefaultSensorStatus.RUNNING,
+               description="Hashes the data files and each method's recipe settings; records changes.")
+    def observe_sources(context: dg.SensorEvaluationContext):
+        previous = json.loads(context.cursor) if context.cursor else {}
+        current, events = {}, []
+        for ds in recipe.datasets:
+            version = file_version(recipe.dataset_path(ds))
+            current[f"raw/{ds.name}"] = version
+            if previous.get(f"raw/{ds.name}") != version:
+                events.append(dg.AssetObservation(raw_key(ds), tags={DATA_VERSION_TAG: version}))
+        for name in recipe.methods:
+            version = method_version(recipe, name, home)
+            current[f"recipe/method[{name}]"] = version
+            if previous.get(f"recipe/method[{name}]") != version:
+                events.append(dg.AssetObservation(RECIPE_METHOD_KEY, partition=name, tags={DATA_VERSION_TAG: version}))
+        if not events:
+            return dg.SkipReason("no data file or method setting changed")
+        return dg.SensorResult(asset_events=events, cursor=json.dumps(current, sort_keys=True))
+
+    return observe_sources
+
+
 def automation_sensor() -> dg.AutomationConditionSensorDefinition:
     return dg.AutomationConditionSensorDefinition(
-        AUTOMATION_SENSOR, target=dg.AssetSelection.all(), default_status=dg.DefaultSensorStatus.RUNNING,
+        # include_sources: the observable data files are evaluated by this sensor too (else Dagster
+        # gives them a default sensor that starts stopped, and no data change is ever seen)
+        AUTOMATION_SENSOR, target=dg.AssetSelection.all(include_sources=True),
+        default_status=dg.DefaultSensorStatus.RUNNING,
         minimum_interval_seconds=30,
     )

@@ -7,7 +7,9 @@
   `max_rejected_fraction`;
 - renders each row with the base model's chat template and masks labels so only the answer
   and its end-of-turn token train;
-- splits train/eval by a seeded hash of each row's id (stable under edits of other rows).
+- splits train/eval by a seeded hash of each row's id (stable under edits of other rows);
+- with `weight`s on the datasets (tasks), the training split is a seeded mixture in those
+  proportions (`core.mixture`); the eval split keeps every task's held-out rows.
 
 Blocking check `trainable`: not empty, no example fully masked, end-of-turn token labelled.
 """
@@ -55,14 +57,14 @@ def build(recipe: Recipe) -> list:
         tok = load_tokenizer(base_model.path)
         sources = [
             data.SourceSpec(ds.name, recipe.dataset_path(ds), ds.format, ds.columns.model_dump(),
-                            ds.eval_fraction, recipe.split_seed(ds), ds.max_rejected_fraction)
+                            ds.eval_fraction, recipe.split_seed(ds), ds.max_rejected_fraction, ds.weight)
             for ds in recipe.datasets
         ]
         try:
             built = data.build_sft_dataset(
                 sources, tok, system=recipe.prompt.system, template=recipe.prompt.template,
                 template_without_context=recipe.prompt.template_without_context,
-                max_length=recipe.prompt.max_length,
+                max_length=recipe.prompt.max_length, mixture_seed=recipe.seed,
             )
         except data.DataFileError as exc:
             if exc.rejected:  # no artifact is written, but the user needs the list to fix the file
@@ -84,7 +86,13 @@ def build(recipe: Recipe) -> list:
                     "tokens": len(e.input_ids), "answer_tokens": len(e.input_ids) - e.prompt_len}
                    for e in built.train[: recipe.evaluation.preview_rows]]
         rejected = [{"source": s, "line": r.line, "field": r.field, "reason": r.reason} for s, r in built.rejected[:50]]
+        extra = {}
+        if "mixture" in built.stats:  # multi-task: what the training split holds of each task
+            mix = built.stats["mixture"]["tasks"]
+            extra["mixture"] = c.table([{"task": t, **v} for t, v in mix.items()],
+                                       ["task", "weight", "share", "rows", "unique_rows"])
         yield c.output(art, {
+            **extra,
             "rows_kept": built.stats["train_rows"] + built.stats["eval_rows"],
             "rows_rejected": built.stats["rejected_rows"],
             "train_rows": built.stats["train_rows"],

@@ -8,6 +8,16 @@
   adapter) on the same split: exact match, token F1, ROUGE-L, eval loss, perplexity, and a
   per-example table. Writes `metrics.json` as {"base": {...}, "tuned": {...}} and
   `predictions.jsonl`. Check `beats_base` warns when tuned token F1 is not above base.
+
+  Beyond SFT, when they apply:
+  - several tasks in the eval split: `per_task` in metrics.json ({task: {"base", "tuned"}}) and
+    a per-task metadata table;
+  - a `dpo` method: `preference_metrics.json` on the held-out pairs of `preference_dataset`
+    (log-prob accuracy of base, SFT and DPO models; DPO reward accuracy and margin against the
+    SFT adapter it started from), also as metadata;
+  - an adapter that continued from a previous version (`continue_from`): `forgetting` in
+    metrics.json: the previous adapter and the new one on the *previous* sft_dataset's eval
+    split (before/after and the drop).
 """
 
 
@@ -23,9 +33,13 @@ from ..recipe import Recipe
 from ..store import Artifact, dir_bytes
 from . import _common as c
 from .adapters import methods_partitions
+from .preferences import preference_dep
 from .resources import ComputeResource, StoreResource
 
 METRIC_KEYS = ("exact_match", "token_f1", "rouge_l", "eval_loss", "perplexity")
+TASK_COLUMNS = ["task", "examples", "base_token_f1", "tuned_token_f1", "token_f1_gain", "base_exact_match",
+                "tuned_exact_match", "tuned_rouge_l", "base_eval_loss", "tuned_eval_loss"]
+PREF_COLUMNS = ["model", "logp_accuracy", "logp_margin", "reward_accuracy", "reward_margin"]
 TABLE_COLUMNS = ["id", "question", "reference", "prediction", "exact_match", "token_f1", "rouge_l"]
 
 
@@ -52,7 +66,11 @@ def build(recipe: Recipe) -> list:
             st.inputs = c.inputs_of(base_model, sft_dataset)
             c.write_json(st.path / "metrics.json", result["metrics"])
             data.write_jsonl(st.path / "predictions.jsonl", result["rows"])
+        per_task = result["metrics"].get("per_task")
+        extra = {"per_task": c.table([{"task": t, **m} for t, m in per_task.items()],
+                                     ["task", "examples", *METRIC_KEYS[:4]])} if per_task else {}
         return c.output(st.artifact, {
+            **extra,
             **{k: result["metrics"][k] for k in METRIC_KEYS},
             "examples": result["metrics"]["examples"],
             "predictions": c.table(result["rows"][: recipe.evaluation.preview_rows], TABLE_COLUMNS),
@@ -73,15 +91,34 @@ def build(recipe: Recipe) -> list:
         result = _run_eval(recipe, model, tok, examples, hw.device)
         base = json.loads((base_eval.dir / "metrics.json").read_text())
         tuned = result["metrics"]
-        with store.store().write("eval_report", name, recipe_hash=recipe.recipe_hash, code_version=cv_report,
-                                 seed=recipe.seed) as st:
-            st.inputs = c.inputs_of(merged_model, adapter, sft_dataset, base_eval)
-            c.write_json(st.path / "metrics.json", {"base": base, "tuned": tuned, "evaluated_as": form,
-                                                    "method": name})
+        st_ = store.store()
+        adapter_manifest = adapter.manifest()
+        extra_inputs, extra_meta, report = {}, {}, {"base": base, "tuned": tuned, "evaluated_as": form, "method": name}
+        per_task = _per_task(base, tuned)
+        if per_task:
+            report["per_task"] = per_task
+            extra_meta["per_task"] = c.table(_task_rows(per_task), TASK_COLUMNS)
+        prefs = None
+        if recipe.methods[name].type == "dpo":
+            prefs, extra_inputs, meta = _preference_eval(st_, name, model, tok, base_model, adapter_manifest, hw)
+            extra_meta.update(meta)
+        forgetting = _forgetting(st_, recipe, method, model, tok, base_model, quantized_base, adapter_manifest, hw)
+        if forgetting is not None:
+            report["forgetting"] = forgetting
+            extra_meta.update(_forgetting_meta(forgetting))
+        with st_.write("eval_report", name, recipe_hash=recipe.recipe_hash, code_version=cv_report,
+                       seed=recipe.seed) as st:
+            st.inputs = {**c.inputs_of(merged_model, adapter, sft_dataset, base_eval), **extra_inputs}
+            c.write_json(st.path / "metrics.json", report)
             data.write_jsonl(st.path / "predictions.jsonl", result["rows"])
+            if prefs is not None:
+                c.write_json(st.path / "preference_metrics.json", prefs)
+            if forgetting is not None:
+                st.extra["forgetting"] = {k: forgetting[k] for k in ("previous_adapter", "previous_sft_dataset")}
         summary = [{"model": "base", **{k: base[k] for k in METRIC_KEYS}},
                    {"model": name, **{k: tuned[k] for k in METRIC_KEYS}}]
         yield c.output(st.artifact, {
+            **extra_meta,
             **{f"tuned_{k}": tuned[k] for k in METRIC_KEYS},
             **{f"base_{k}": base[k] for k in METRIC_KEYS},
             "token_f1_gain": round(tuned["token_f1"] - base["token_f1"], 4),
@@ -97,6 +134,7 @@ def build(recipe: Recipe) -> list:
 
     report_kwargs = dict(
         group_name="evaluation", kinds={"json"}, code_version=cv_report, partitions_def=parts, pool="gpu",
+        deps=preference_dep(recipe),
         check_specs=[dg.AssetCheckSpec("beats_base", asset="eval_report", partitions_def=parts,
                                        description="tuned token F1 above the base model's (warning)")],
     )
@@ -169,6 +207,106 @@ def build(recipe: Recipe) -> list:
         )
 
     return [base_eval, eval_report, leaderboard]
+
+
+# --------------------------------------------------------------------------------------
+# beyond SFT: per-task metrics, preference metrics, forgetting
+# --------------------------------------------------------------------------------------
+
+
+def _per_task(base: dict, tuned: dict) -> dict | None:
+    if "per_task" not in tuned:
+        return None
+    base_tasks = base.get("per_task", {})
+    return {t: {"base": base_tasks.get(t), "tuned": m} for t, m in tuned["per_task"].items()}
+
+
+def _task_rows(per_task: dict) -> list[dict]:
+    rows = []
+    for task, sides in per_task.items():
+        b, t = sides["base"] or {}, sides["tuned"]
+        rows.append({"task": task, "examples": t["examples"], "base_token_f1": b.get("token_f1"),
+                     "tuned_token_f1": t["token_f1"],
+                     "token_f1_gain": round(t["token_f1"] - b["token_f1"], 4) if b else None,
+                     "base_exact_match": b.get("exact_match"), "tuned_exact_match": t["exact_match"],
+                     "tuned_rouge_l": t["rouge_l"], "base_eval_loss": b.get("eval_loss"),
+                     "tuned_eval_loss": t["eval_loss"]})
+    return rows
+
+
+def _preference_eval(store, name: str, model, tok, base_model: Artifact, adapter_manifest: dict, hw):
+    """Held-out pairs: log-prob accuracy of base, SFT reference and DPO model; DPO rewards vs the SFT."""
+    from ..core import dpo, preferences
+
+    prefs = store.latest("preference_dataset", name)
+    if prefs is None:
+        raise c.user_error(RuntimeError(f"preference_dataset[{name}] is not materialized; materialize it first"))
+    facts = adapter_manifest["dpo"]
+    sft = store.get("adapter", facts["sft_adapter"]["method"], facts["sft_adapter"]["version"])
+    if sft is None:
+        raise c.user_error(RuntimeError(f"the SFT adapter {facts['sft_adapter']} this dpo adapter started from is gone"))
+    pairs = preferences.load_pairs(prefs.path, "eval")
+    pad = tok.pad_token_id
+    beta = facts["beta"]
+    tuned = dpo.sequence_logps(model, pairs, pad, hw.device)
+    ref_model = get_method(sft.manifest()["method"]["type"]).load(load_model(base_model.path, hw.device), sft.dir)
+    ref = dpo.sequence_logps(ref_model, pairs, pad, hw.device)
+    base = dpo.sequence_logps(load_model(base_model.path, hw.device), pairs, pad, hw.device)
+    out = {
+        "pairs": len(pairs), "beta": beta, "preference_dataset": prefs.version,
+        "reference": {"adapter": c.key_of(sft), "version": sft.version},
+        "base": dpo.preference_metrics(base), "sft": dpo.preference_metrics(ref),
+        "dpo": dpo.preference_metrics(tuned, ref, beta),
+    }
+    rows = [{"model": "base", **out["base"]}, {"model": f"sft ({c.key_of(sft)})", **out["sft"]},
+            {"model": name, **out["dpo"]}]
+    meta = {
+        "preference_accuracy": out["dpo"]["reward_accuracy"],
+        "reward_margin": out["dpo"]["reward_margin"],
+        "logp_accuracy_dpo": out["dpo"]["logp_accuracy"],
+        "logp_accuracy_sft": out["sft"]["logp_accuracy"],
+        "logp_accuracy_base": out["base"]["logp_accuracy"],
+        "preference_pairs": len(pairs),
+        "preferences": c.table(rows, PREF_COLUMNS),
+    }
+    return out, {c.key_of(sft): sft.version, c.key_of(prefs): prefs.version}, meta
+
+
+def _forgetting(store, recipe: Recipe, method, model, tok, base_model: Artifact, quantized_base: Artifact | None,
+                adapter_manifest: dict, hw) -> dict | None:
+    """The previous adapter vs this one on the previous sft_dataset's eval split."""
+    facts = adapter_manifest.get("continual") or {}
+    prev = facts.get("continued_from")
+    if not prev or not facts.get("previous_sft_dataset"):
+        return None
+    old_data = store.get("sft_dataset", None, facts["previous_sft_dataset"])
+    prev_art = store.get("adapter", adapter_manifest["partition"], prev["version"])
+    if old_data is None or prev_art is None:
+        return None
+    old_eval = c.eval_examples(recipe, old_data)
+    q_dir = quantized_base.dir if (quantized_base and method.uses_quantized_base) else None
+    before_model = merge.unmerged(method, base_model.dir, prev_art.dir, q_dir, hw.device)
+    before = _run_eval(recipe, before_model, tok, old_eval, hw.device)["metrics"]
+    after = _run_eval(recipe, model, tok, old_eval, hw.device)["metrics"]
+    keys = ("exact_match", "token_f1", "rouge_l", "eval_loss")
+    return {
+        "previous_adapter": prev["version"], "previous_sft_dataset": old_data.version, "examples": len(old_eval),
+        "before": before, "after": after,
+        # positive = forgot (quality fell / loss rose) on the old eval set
+        "drop": {k: round((after[k] - before[k]) if k == "eval_loss" else (before[k] - after[k]), 4) for k in keys},
+    }
+
+
+def _forgetting_meta(f: dict) -> dict:
+    rows = [{"model": f"previous adapter {f['previous_adapter']}", **{k: f["before"][k] for k in METRIC_KEYS}},
+            {"model": "this adapter", **{k: f["after"][k] for k in METRIC_KEYS}}]
+    return {
+        "forgetting_token_f1_drop": f["drop"]["token_f1"],
+        "forgetting_eval_loss_rise": f["drop"]["eval_loss"],
+        "forgetting_previous_adapter": f["previous_adapter"],
+        "forgetting_previous_sft_dataset": f["previous_sft_dataset"],
+        "forgetting": c.table(rows, ["model", *METRIC_KEYS]),
+    }
 
 
 BOARD_COLUMNS = ["method", "type", "token_f1", "exact_match", "rouge_l", "eval_loss", "trainable_parameters",

@@ -160,3 +160,34 @@ def test_gpu_assets_share_one_pool(project, ft_home):
         "base_model", "quantized_base", "adapter", "merged_model", "base_eval", "eval_report"}
     assert pools["sft_dataset"] is None and pools["leaderboard"] is None
     assert json.dumps(pools)  # plain data
+
+
+def test_one_running_automation_sensor_covers_data_files_too(project, ft_home):
+    # A sensor that leaves the observable sources out makes Dagster add a default sensor for
+    # them that starts STOPPED: data files would never be observed under `dagster dev`.
+    defs = build_definitions(load_recipe(project / "recipe.yaml"), home=str(ft_home))
+    sensors = {s.name: s for s in defs.get_repository_def().sensor_defs}
+    assert {n: s.default_status for n, s in sensors.items()} == {
+        "ft_assets_automation": dg.DefaultSensorStatus.RUNNING, "ft_assets_observe_sources": dg.DefaultSensorStatus.RUNNING}
+    targeted = sensors["ft_assets_automation"].asset_selection.resolve(defs.resolve_asset_graph())
+    assert {dg.AssetKey(["raw", "qa"]), dg.AssetKey(["recipe", "method"]), dg.AssetKey("adapter")} <= targeted
+
+
+def test_observation_sensor_records_only_changed_sources(project, ft_home):
+    recipe = load_recipe(project / "recipe.yaml")
+    sensor = build_definitions(recipe, home=str(ft_home)).resolve_sensor_def("ft_assets_observe_sources")
+    with dg.instance_for_test() as instance:
+        first = sensor.evaluate_tick(dg.build_sensor_context(instance=instance))
+        keys = sorted((e.asset_key.to_user_string(), e.partition) for e in first.asset_events)
+        assert keys == [("raw/qa", None), ("recipe/method", "lora"), ("recipe/method", "qlora")]
+        again = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=first.cursor))
+        assert again.asset_events == [] and again.skip_message == "no data file or method setting changed"
+        data_file = project / "data" / "qa.jsonl"
+        data_file.write_bytes(data_file.read_bytes())  # touched, same bytes: nothing
+        assert sensor.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=first.cursor)).asset_events == []
+        rows = qa_rows()
+        rows[0]["answer"] = "changed"
+        write_jsonl(data_file, rows)
+        changed = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=first.cursor))
+        assert [(e.asset_key.to_user_string(), e.tags["dagster/data_version"]) for e in changed.asset_events] == [
+            ("raw/qa", json.loads(changed.cursor)["raw/qa"])]

@@ -78,6 +78,3 @@ class LoraMethod(PeftMethod):
 register(LoraMethod("lora"))
 register(LoraMethod("qlora", uses_quantized_base=True))
 
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

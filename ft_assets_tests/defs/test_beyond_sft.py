@@ -1,0 +1,252 @@
+"""Beyond SFT through Dagster on the tiny model: preference_dataset + adapter[dpo], the student,
+a two-task mixture with per-task metrics, continue_from with replay and forgetting, and what
+the automation re-runs when the preference pairs change."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import pytest
+import yaml
+from dagster._core.definitions.observe import observe
+
+from ft_assets.definitions import build_definitions
+from ft_assets.demo import materialize_all
+from ft_assets.recipe import load_recipe
+from ft_assets.store import ArtifactStore
+from ft_assets_tests.conftest import make_recipe, qa_rows, write_jsonl
+
+PARTITIONED = ("adapter", "merged_model", "eval_report", "preference_dataset")
+
+
+def head_rows(n: int = 20) -> list[dict]:
+    words = ["beats estimates", "cuts guidance", "schedules results call"]
+    labels = ["positive", "negative", "neutral"]
+    return [{"id": f"h{i:03d}", "instruction": "Classify the sentiment of this headline.",
+             "headline": f"Company {i} {words[i % 3]}", "label": labels[i % 3]} for i in range(n)]
+
+
+def pref_rows(n: int = 16) -> list[dict]:
+    return [{"id": r["id"], "prompt": f"Context:\n{r['context']}\n\nQuestion: {r['question']}",
+             "chosen": r["answer"], "rejected": r["answer"].replace("million", "billion")} for r in qa_rows(n)]
+
+
+def beyond_recipe(model_dir) -> dict:
+    return make_recipe(
+        model_dir,
+        datasets=[
+            {"name": "qa", "path": "data/qa.jsonl", "columns": {"id": "id"}, "eval_fraction": 0.25, "weight": 0.6},
+            {"name": "heads", "path": "data/heads.jsonl", "eval_fraction": 0.25, "weight": 0.4,
+             "columns": {"question": "instruction", "context": "headline", "answer": "label", "id": "id"}},
+        ],
+        quantization={"method": "none"},
+        methods={
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "continue_from": "previous", "replay_fraction": 0.5},
+            "dpo": {"sft_from": "lora", "beta": 0.1, "training": {"max_steps": 2, "batch_size": 2, "lr": 5e-3}},
+        },
+        preferences={"name": "prefs", "path": "data/prefs.jsonl", "columns": {"id": "id"}, "eval_fraction": 0.25},
+        distillation={"teacher": "lora", "keep_layers": [1], "alpha": 0.5, "temperature": 2.0,
+                      "training": {"max_steps": 3}, "speed_prompts": 2},
+    )
+
+
+def requested(result) -> set[tuple[str, str | None]]:
+    out = set()
+    for key in ("base_model", "sft_dataset", "base_eval", "leaderboard", "student"):
+        if result.get_num_requested(dg.AssetKey(key)):
+            out.add((key, None))
+    for key in PARTITIONED:
+        for p in result.get_requested_partitions(dg.AssetKey(key)):
+            out.add((key, p))
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("beyond")
+    (root / "data").mkdir()
+    write_jsonl(root / "data" / "qa.jsonl", qa_rows())
+    write_jsonl(root / "data" / "heads.jsonl", head_rows())
+    write_jsonl(root / "data" / "prefs.jsonl", pref_rows())
+    (root / "recipe.yaml").write_text(yaml.safe_dump(beyond_recipe(tiny_model_dir), sort_keys=False))
+    home = root / "ft_home"
+    with dg.instance_for_test() as instance:
+        recipe = load_recipe(root / "recipe.yaml")
+        defs = build_definitions(recipe, home=str(home))
+        sources = [a for a in defs.assets if isinstance(a, dg.SourceAsset)]
+        observe(sources, instance=instance)
+        failed = materialize_all(defs, list(recipe.methods), instance, say=lambda *_: None)
+        assert not failed, failed
+        observe(sources, instance=instance)  # recipe/method[dpo] now names the adapter[lora] it continued
+        first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+        yield {"root": root, "home": home, "instance": instance, "defs": defs, "recipe": recipe,
+               "store": ArtifactStore(home), "sources": sources, "cursor": first.cursor, "first": first}
+
+
+def meta(world, key: str, partition: str | None = None) -> dict:
+    events = world["instance"].fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(key), asset_partitions=[partition] if partition else None),
+        limit=1).records
+    return events[0].asset_materialization.metadata
+
+
+def test_graph_declares_the_new_assets_and_their_dependencies(world):
+    defs = world["defs"]
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert {"raw/qa", "raw/heads", "raw/prefs", "preference_dataset", "student"} <= keys
+    assert defs.resolve_assets_def("preference_dataset").partitions_def.get_partition_keys() == ["dpo"]
+    assert dg.AssetKey("preference_dataset") in graph.get(dg.AssetKey("adapter")).parent_keys
+    assert dg.AssetKey("preference_dataset") in graph.get(dg.AssetKey("eval_report")).parent_keys
+    assert dg.AssetKey("merged_model") in graph.get(dg.AssetKey("student")).parent_keys
+    assert graph.get(dg.AssetKey("preference_dataset")).group_name == "data"
+
+
+def test_dpo_continues_the_latest_sft_adapter_with_lineage(world):
+    store = world["store"]
+    lora, dpo_ = store.latest("adapter", "lora"), store.latest("adapter", "dpo")
+    prefs = store.latest("preference_dataset", "dpo")
+    m = dpo_.manifest()
+    assert m["inputs"] == {"adapter[lora]": lora.version, "base_model": store.latest("base_model").version,
+                           "preference_dataset[dpo]": prefs.version}
+    assert m["dpo"]["sft_adapter"] == {"method": "lora", "version": lora.version, "path": lora.path}
+    assert m["train"]["steps"] == 2 and m["train"]["trainable_parameters"] > 0
+    assert prefs.manifest()["inputs"]["raw/prefs"] and (prefs.dir / "rejected.jsonl").is_file()
+    md = meta(world, "adapter", "dpo")
+    assert md["sft_adapter"].value == f"adapter[lora] {lora.version}"
+    # the held-out pairs are scored in the dpo eval report, against the SFT adapter it started from
+    report = store.latest("eval_report", "dpo")
+    pm = json.loads((report.dir / "preference_metrics.json").read_text())
+    assert pm["reference"] == {"adapter": "adapter[lora]", "version": lora.version}
+    assert pm["pairs"] == 4 and set(pm) >= {"base", "sft", "dpo"}
+    assert {"reward_accuracy", "reward_margin", "logp_accuracy"} <= set(pm["dpo"])
+    assert report.manifest()["inputs"]["adapter[lora]"] == lora.version
+    assert report.manifest()["inputs"]["preference_dataset[dpo]"] == prefs.version
+    md = meta(world, "eval_report", "dpo")
+    assert md["preference_accuracy"].value == pm["dpo"]["reward_accuracy"]
+    assert md["reward_margin"].value == pm["dpo"]["reward_margin"]
+    metrics = json.loads((report.dir / "metrics.json").read_text())
+    assert isinstance(metrics["tuned"]["token_f1"], float)  # and the usual QA metrics
+    # merged like any LoRA, and on the leaderboard
+    assert store.latest("merged_model", "dpo").manifest()["mergeable"]
+    board = json.loads((store.latest("leaderboard").dir / "leaderboard.json").read_text())
+    assert {r["method"] for r in board["rows"]} == {"lora", "dpo", "base"}
+
+
+def test_student_is_distilled_from_the_teacher_with_a_report(world):
+    store = world["store"]
+    student, teacher = store.latest("student"), store.latest("merged_model", "lora")
+    m = student.manifest()
+    assert m["inputs"]["merged_model[lora]"] == teacher.version
+    assert m["distill"]["teacher_adapter"] == {"method": "lora", "version": store.latest("adapter", "lora").version}
+    report = json.loads((student.dir / "distill_report.json").read_text())
+    assert report["size"]["student"]["layers"] == 1 and report["size"]["teacher"]["layers"] == 2
+    assert report["size"]["student"]["parameters"] < report["size"]["teacher"]["parameters"]
+    assert report["size"]["student"]["bytes"] < report["size"]["teacher"]["bytes"]
+    for who in ("teacher", "student"):
+        assert report["speed"][who]["tokens_per_s"] > 0
+        assert isinstance(report["quality"][who]["token_f1"], float)
+    assert report["train"]["steps"] == 3 and report["loss"] == {"alpha": 0.5, "temperature": 2.0}
+    md = meta(world, "student")
+    assert md["student_layers"].value == 1 and md["kl_after"].value == report["kl_to_teacher"]["after"]["kl"]
+    from ft_assets.core.models import load_model
+
+    assert load_model(student.path).config.num_hidden_layers == 1  # a plain checkpoint
+
+
+def test_mixture_and_per_task_metrics(world):
+    store = world["store"]
+    info = json.loads((store.latest("sft_dataset").dir / "dataset_info.json").read_text())
+    tasks = info["mixture"]["tasks"]
+    total = info["train_rows"]
+    assert tasks["qa"]["rows"] + tasks["heads"]["rows"] == total
+    assert abs(tasks["qa"]["rows"] - 0.6 * total) <= 1 and abs(tasks["heads"]["rows"] - 0.4 * total) <= 1
+    metrics = json.loads((store.latest("eval_report", "lora").dir / "metrics.json").read_text())
+    per = metrics["per_task"]
+    assert set(per) == {"qa", "heads"}
+    assert per["qa"]["tuned"]["examples"] == 12 and per["heads"]["tuned"]["examples"] == 5
+    preds = [json.loads(line) for line in (store.latest("eval_report", "lora").dir / "predictions.jsonl").open()]
+    heads = [p for p in preds if p["task"] == "heads"]
+    assert per["heads"]["tuned"]["token_f1"] == round(sum(p["token_f1"] for p in heads) / len(heads), 4)
+    table = meta(world, "eval_report", "lora")["per_task"]
+    assert sorted(r.data["task"] for r in table.records) == ["heads", "qa"]
+    assert "per_task" in json.loads((store.latest("base_eval").dir / "metrics.json").read_text())
+
+
+def step(world, observe_first=True):
+    if observe_first:
+        observe(world["sources"], instance=world["instance"])
+    result = dg.evaluate_automation_conditions(defs=world["defs"], instance=world["instance"], cursor=world["cursor"])
+    world["cursor"] = result.cursor
+    return requested(result)
+
+
+def settle(world, got) -> set:
+    """Do what the daemon would (launch the requested runs) until a tick requests nothing; all that ran."""
+    ran = set()
+    defs = world["defs"]
+    while got:
+        ran |= got
+        plain = [k for k, p in got if p is None]
+        if plain:
+            dg.materialize(list(defs.assets), resources=defs.resources, instance=world["instance"], selection=plain)
+        for part in sorted({p for _, p in got if p}):
+            for keys in (["preference_dataset"], [k for k, p in got if p == part and k != "preference_dataset"]):
+                if any((k, part) in got for k in keys):
+                    dg.materialize(list(defs.assets), resources=defs.resources, instance=world["instance"],
+                                   partition_key=part, selection=[k for k in keys if (k, part) in got])
+        got = step(world)
+    return ran
+
+
+def test_changed_preference_pairs_rerun_only_the_dpo_partitions(world):
+    assert requested(world["first"]) == set()
+    rows = pref_rows()
+    rows[0]["rejected"] = "$1 million"
+    write_jsonl(world["root"] / "data" / "prefs.jsonl", rows)
+    first = step(world)
+    assert first == {("preference_dataset", "dpo")}  # blocking check first; then the dpo chain
+    assert settle(world, first) == {("preference_dataset", "dpo"), ("adapter", "dpo"), ("merged_model", "dpo"),
+                                    ("eval_report", "dpo"), ("leaderboard", None)}  # never lora, never student
+
+
+def test_continue_from_previous_when_the_data_changes(world):
+    store, defs, instance = world["store"], world["defs"], world["instance"]
+    v1 = store.latest("adapter", "lora")
+    old_data = store.latest("sft_dataset")
+    assert v1.manifest()["continual"]["continued_from"] is None  # the first version started from scratch
+    assert "adapter[lora]" not in v1.manifest()["inputs"]
+    # new data: half the QA rows replaced by other questions
+    rows = qa_rows()[:24] + [dict(r, id=f"n{i}", question="What was operating income?",
+                                  answer=f"${i + 100} million") for i, r in enumerate(qa_rows()[24:])]
+    write_jsonl(world["root"] / "data" / "qa.jsonl", rows)
+    assets, res = list(defs.assets), defs.resources
+    dg.materialize(assets, instance=instance, resources=res, selection=["sft_dataset", "base_eval"])
+    dg.materialize(assets, instance=instance, resources=res, partition_key="lora",
+                   selection=["adapter", "merged_model", "eval_report"])
+    v2 = store.latest("adapter", "lora")
+    m = v2.manifest()
+    assert v2.version != v1.version
+    assert m["inputs"]["adapter[lora]"] == v1.version  # lineage: the version it continued from
+    assert m["continual"]["continued_from"] == {"version": v1.version, "path": v1.path}
+    assert m["continual"]["previous_sft_dataset"] == old_data.version
+    assert m["continual"]["replay_rows"] > 0
+    md = meta(world, "adapter", "lora")
+    assert md["continued_from"].value == v1.version and md["replay_rows"].value == m["continual"]["replay_rows"]
+    # the eval report measures forgetting on the previous eval split
+    report = json.loads((store.latest("eval_report", "lora").dir / "metrics.json").read_text())
+    f = report["forgetting"]
+    assert f["previous_adapter"] == v1.version and f["previous_sft_dataset"] == old_data.version
+    assert f["examples"] == 17 and set(f["before"]) >= {"token_f1", "eval_loss"} and "token_f1" in f["drop"]
+    assert meta(world, "eval_report", "lora")["forgetting_previous_adapter"].value == v1.version
+    # re-running with the same data repeats the same continuation (from v1), not a chain v1 -> v2 -> v3
+    dg.materialize(assets, instance=instance, resources=res, partition_key="lora", selection=["adapter"])
+    assert store.latest("adapter", "lora").manifest()["inputs"]["adapter[lora]"] == v1.version
+    # the lineage command follows the chain back through v1 to the previous data
+    from ft_assets.__main__ import lineage
+
+    tree = lineage(store, "adapter", "lora", v2.version)
+    prev = next(n for n in tree["inputs"] if n["asset"] == "adapter")
+    assert prev["version"] == v1.version
+    assert any(n["asset"] == "sft_dataset" and n["version"] == old_data.version for n in prev["inputs"])
