@@ -53,7 +53,7 @@ def test_same_inputs_twice_give_bit_identical_dataset_and_adapter(project, tmp_p
         defs = build_definitions(recipe, home=str(home))
         instance = dg.DagsterInstance.ephemeral()
         dg.materialize(list(defs.assets), resources=defs.resources, instance=instance,
-                       selection=["base_model", "sft_dataset"])
+                       selection=["base_model", "sft_dataset", "base_eval", "quantized_base"])
         dg.materialize(list(defs.assets), resources=defs.resources, instance=instance, partition_key="lora",
                        selection=["adapter"])
         store = ArtifactStore(home)
