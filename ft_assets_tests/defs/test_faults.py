@@ -117,8 +117,8 @@ def test_nan_loss_fails_fast_and_no_merged_model_is_made(project, ft_home, monke
     assert _run(project, ft_home, ["base_model", "sft_dataset", "quantized_base", "base_eval"]).success
     real = train.token_loss_sum
 
-    def poisoned(model, batch):
-        loss, n = real(model, batch)
+    def poisoned(model, batch, *args, **kwargs):
+        loss, n = real(model, batch, *args, **kwargs)
         return loss * float("nan"), n
 
     monkeypatch.setattr(train, "token_loss_sum", poisoned)
