@@ -276,17 +276,12 @@ class IA3Spec(_MethodBase):
 class PromptLearningSpec(_MethodBase):
     """Learned virtual tokens: `prompt` tuning (Lester et al. 2021) prepends trained input
     embeddings; `prefix` tuning (Li & Liang 2021) trains key/value prefixes of every layer.
-    `init_text` (prompt only) starts the virtual tokens from a phrase's embeddings."""
+    `init_text` starts the virtual tokens from a phrase: prompt tuning from its token embeddings,
+    prefix tuning from the keys/values the base model computes for it."""
 
     type: Literal["prefix", "prompt"]
     num_virtual_tokens: Annotated[int, Field(ge=1, le=4096)] = 16
     init_text: Annotated[str, Field(min_length=1)] | None = None
-
-    @model_validator(mode="after")
-    def _init_text_only_for_prompt(self) -> "PromptLearningSpec":
-        if self.init_text is not None and self.type != "prompt":
-            raise ValueError("init_text applies to type prompt only")
-        return self
 
 
 class FullSpec(_MethodBase):

@@ -75,6 +75,25 @@ def qa_rows(n: int = 48) -> list[dict]:
     return rows
 
 
+def formatted_examples(model_dir: Path, n: int, drop_context_every: int = 0) -> list:
+    """`qa_rows(n)` as chat-formatted, answer-masked Examples (max_length 128), as sft_dataset
+    builds them; with drop_context_every=k, every row whose index is not a multiple of k keeps
+    its context and the others lose it (rows of several lengths)."""
+    from transformers import AutoTokenizer
+
+    from ft_assets.core import data
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    out = []
+    for i, row in enumerate(qa_rows(n)):
+        no_context = drop_context_every and i % drop_context_every == 0
+        ex = data.Example(row["id"], row["question"], None if no_context else row["context"], row["answer"], i + 1)
+        msgs = data.build_messages(ex, None, "Context:\n{context}\n\nQuestion: {question}", "{question}")
+        assert data.format_example(tok, ex, msgs, 128) is None
+        out.append(ex)
+    return out
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -155,25 +155,9 @@ def validate_rows(
 ) -> tuple[list[Example], list[Rejected]]:
     kept, rejected = [], []
     seen: dict[tuple, int] = {}
-    id_col = columns.get("id")
     for lineno, row in rows:
-        values, problem = {}, None
-        for fld in ("question", "context", "answer"):
-            col = columns.get(fld)
-            if col is None:
-                values[fld] = None
-                continue
-            v = row.get(col)
-            if v is None:
-                problem = (fld, f"{fld} (column {col!r}) is missing or null")
-            elif not isinstance(v, str):
-                problem = (fld, f"{fld} (column {col!r}) is {type(v).__name__} {v!r}, expected text; quote it")
-            elif not v.strip():
-                problem = (fld, f"{fld} (column {col!r}) is empty or whitespace")
-            if problem:
-                break
-            values[fld] = v.strip()
-        rid = str(row.get(id_col)) if id_col and row.get(id_col) is not None else None
+        values, problem = text_fields(row, columns, ("question", "context", "answer"))
+        rid = row_id(row, columns)
         if problem:
             rejected.append(Rejected(lineno, problem[1], problem[0], rid, row))
             continue
@@ -185,6 +169,32 @@ def validate_rows(
         rid = rid or _stable_id(*key)
         kept.append(Example(rid, values["question"], values["context"], values["answer"], lineno, task))
     return kept, rejected
+
+
+def text_fields(row: dict, columns: dict[str, str | None], fields: tuple[str, ...]
+                ) -> tuple[dict[str, str | None], tuple[str, str] | None]:
+    """The stripped text of each field (None where the mapping leaves the field out), or the
+    first problem as (field, reason): missing, not text, or empty."""
+    values: dict[str, str | None] = {}
+    for fld in fields:
+        col = columns.get(fld)
+        if col is None:
+            values[fld] = None
+            continue
+        v = row.get(col)
+        if v is None:
+            return values, (fld, f"{fld} (column {col!r}) is missing or null")
+        if not isinstance(v, str):
+            return values, (fld, f"{fld} (column {col!r}) is {type(v).__name__} {v!r}, expected text; quote it")
+        if not v.strip():
+            return values, (fld, f"{fld} (column {col!r}) is empty or whitespace")
+        values[fld] = v.strip()
+    return values, None
+
+
+def row_id(row: dict, columns: dict[str, str | None]) -> str | None:
+    id_col = columns.get("id")
+    return str(row[id_col]) if id_col and row.get(id_col) is not None else None
 
 
 def _stable_id(*parts: str | None) -> str:

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from .data import (
-    DataFileError, Rejected, _stable_id, check_columns, prompt_ids, read_rows, split_examples, write_jsonl,
+    DataFileError, Rejected, _stable_id, check_columns, prompt_ids, read_rows, row_id, split_examples, text_fields,
+    write_jsonl,
 )
 
 
@@ -71,22 +72,9 @@ def validate_pairs(rows: list[tuple[int, dict]], columns: dict[str, str | None],
                    ) -> tuple[list[PreferencePair], list[Rejected]]:
     kept, rejected = [], []
     seen: dict[tuple, int] = {}
-    id_col = columns.get("id")
     for lineno, row in rows:
-        values, problem = {}, None
-        for fld in FIELDS:
-            col = columns[fld]
-            v = row.get(col)
-            if v is None:
-                problem = (fld, f"{fld} (column {col!r}) is missing or null")
-            elif not isinstance(v, str):
-                problem = (fld, f"{fld} (column {col!r}) is {type(v).__name__} {v!r}, expected text; quote it")
-            elif not v.strip():
-                problem = (fld, f"{fld} (column {col!r}) is empty or whitespace")
-            if problem:
-                break
-            values[fld] = v.strip()
-        rid = str(row.get(id_col)) if id_col and row.get(id_col) is not None else None
+        values, problem = text_fields(row, columns, FIELDS)
+        rid = row_id(row, columns)
         if problem is None and values["chosen"] == values["rejected"]:
             problem = ("rejected", "chosen and rejected are the same text; a pair needs two different answers")
         if problem:

@@ -332,31 +332,22 @@ def build(recipe: Recipe) -> list:
     common = dict(partitions_def=parts, pool="gpu")
     recipe_dep = [dg.AssetDep(RECIPE_METHOD_KEY), *preference_dep(recipe)]
 
-    if quantized:
-        @dg.asset(group_name="training", kinds={"pytorch", "peft"}, code_version=cv_adapter, deps=recipe_dep, **common)
-        def adapter(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource,
-                    sft_dataset: Artifact, base_model: Artifact, quantized_base: Artifact):
-            """The trained adapter (or trained weights) of one method: one partition per recipe method."""
-            return _train_adapter(context, recipe, compute, store.store(), sft_dataset, base_model, quantized_base, cv_adapter)
+    # quantized_base is an input only when the recipe quantizes (QLoRA trains on it)
+    q_in = {"quantized_base": dg.AssetIn()} if quantized else {}
 
-        @dg.asset(group_name="training", kinds={"pytorch", "safetensors"}, code_version=cv_merged,
-                  check_specs=[dg.AssetCheckSpec("matches_adapter", asset="merged_model", partitions_def=parts)], **common)
-        def merged_model(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource,
-                         adapter: Artifact, base_model: Artifact, quantized_base: Artifact, sft_dataset: Artifact):
-            """The adapter merged into full-precision base weights, ready to deploy."""
-            yield from _merge(context, recipe, compute, store.store(), adapter, base_model, quantized_base, sft_dataset, cv_merged)
-    else:
-        @dg.asset(group_name="training", kinds={"pytorch", "peft"}, code_version=cv_adapter, deps=recipe_dep, **common)
-        def adapter(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource,
-                    sft_dataset: Artifact, base_model: Artifact):
-            """The trained adapter (or trained weights) of one method: one partition per recipe method."""
-            return _train_adapter(context, recipe, compute, store.store(), sft_dataset, base_model, None, cv_adapter)
+    @dg.asset(group_name="training", kinds={"pytorch", "peft"}, code_version=cv_adapter, deps=recipe_dep,
+              ins={"sft_dataset": dg.AssetIn(), "base_model": dg.AssetIn(), **q_in}, **common)
+    def adapter(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource, **inputs):
+        """The trained adapter (or trained weights) of one method: one partition per recipe method."""
+        return _train_adapter(context, recipe, compute, store.store(), inputs["sft_dataset"], inputs["base_model"],
+                              inputs.get("quantized_base"), cv_adapter)
 
-        @dg.asset(group_name="training", kinds={"pytorch", "safetensors"}, code_version=cv_merged,
-                  check_specs=[dg.AssetCheckSpec("matches_adapter", asset="merged_model", partitions_def=parts)], **common)
-        def merged_model(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource,
-                         adapter: Artifact, base_model: Artifact, sft_dataset: Artifact):
-            """The adapter merged into full-precision base weights, ready to deploy."""
-            yield from _merge(context, recipe, compute, store.store(), adapter, base_model, None, sft_dataset, cv_merged)
+    @dg.asset(group_name="training", kinds={"pytorch", "safetensors"}, code_version=cv_merged,
+              ins={"adapter": dg.AssetIn(), "base_model": dg.AssetIn(), "sft_dataset": dg.AssetIn(), **q_in},
+              check_specs=[dg.AssetCheckSpec("matches_adapter", asset="merged_model", partitions_def=parts)], **common)
+    def merged_model(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource, **inputs):
+        """The adapter merged into full-precision base weights, ready to deploy."""
+        yield from _merge(context, recipe, compute, store.store(), inputs["adapter"], inputs["base_model"],
+                          inputs.get("quantized_base"), inputs["sft_dataset"], cv_merged)
 
     return [adapter, merged_model]

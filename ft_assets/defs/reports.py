@@ -138,20 +138,12 @@ def build(recipe: Recipe) -> list:
         check_specs=[dg.AssetCheckSpec("beats_base", asset="eval_report", partitions_def=parts,
                                        description="tuned token F1 above the base model's (warning)")],
     )
-    if quantized:
-        @dg.asset(**report_kwargs)
-        def eval_report(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource,
-                        merged_model: Artifact, adapter: Artifact, base_model: Artifact, quantized_base: Artifact,
-                        sft_dataset: Artifact, base_eval: Artifact):
-            """Base vs tuned on the held-out split: EM, token F1, ROUGE-L, loss, perplexity, per-example table."""
-            yield from _report(context, compute, store, merged_model, adapter, base_model, quantized_base, sft_dataset, base_eval)
-    else:
-        @dg.asset(**report_kwargs)
-        def eval_report(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource,
-                        merged_model: Artifact, adapter: Artifact, base_model: Artifact,
-                        sft_dataset: Artifact, base_eval: Artifact):
-            """Base vs tuned on the held-out split: EM, token F1, ROUGE-L, loss, perplexity, per-example table."""
-            yield from _report(context, compute, store, merged_model, adapter, base_model, None, sft_dataset, base_eval)
+    @dg.asset(**report_kwargs, ins={k: dg.AssetIn() for k in (
+        "merged_model", "adapter", "base_model", "sft_dataset", "base_eval", *(["quantized_base"] if quantized else []))})
+    def eval_report(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource, **inputs):
+        """Base vs tuned on the held-out split: EM, token F1, ROUGE-L, loss, perplexity, per-example table."""
+        yield from _report(context, compute, store, inputs["merged_model"], inputs["adapter"], inputs["base_model"],
+                           inputs.get("quantized_base"), inputs["sft_dataset"], inputs["base_eval"])
 
     cv_board = c.code_version("leaderboard", recipe)
 

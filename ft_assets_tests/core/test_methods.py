@@ -21,7 +21,7 @@ from ft_assets import recipe as R
 from ft_assets.core import data, evaluate, merge, train
 from ft_assets.core.methods import REGISTRY, NotMergeable, get_method
 from ft_assets.core.models import load_model, parameter_count
-from ft_assets_tests.conftest import qa_rows
+from ft_assets_tests.conftest import formatted_examples
 
 LORA_KEYS = dict(r=4, alpha=8, dropout=0.0)
 # name -> spec (learning rate in `training`, as a recipe would override it)
@@ -74,21 +74,17 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 
 
 def wrapped(name: str, model_dir: Path, seed: int = 0):
-    method, spec = get_method(SPECS[name].type), SPECS[name]
+    return wrapped_spec(SPECS[name], model_dir, seed)
+
+
+def wrapped_spec(spec, model_dir: Path, seed: int = 0):
     train.seed_everything(seed)  # as the pipeline does: random adapter init is seeded
-    return method.wrap(load_model(model_dir), spec)
+    return get_method(spec.type).wrap(load_model(model_dir), spec)
 
 
 @pytest.fixture(scope="module")
 def examples(tiny_model_dir):
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    out = []
-    for i, row in enumerate(qa_rows(8)):
-        ex = data.Example(row["id"], row["question"], row["context"], row["answer"], i + 1)
-        msgs = data.build_messages(ex, None, "Context:\n{context}\n\nQuestion: {question}", "{question}")
-        assert data.format_example(tok, ex, msgs, 128) is None
-        out.append(ex)
-    return out
+    return formatted_examples(tiny_model_dir, 8)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +160,7 @@ def test_recipe_declares_methods_by_name_or_alias_with_defaults():
     ({"bottleneck": {"reduction_factor": 0}}, "methods.bottleneck.reduction_factor: Input should be greater than or equal to 1"),
     ({"bottleneck": {"non_linearity": "tanh"}}, "methods.bottleneck.non_linearity: Input should be 'relu', 'gelu' or 'silu'"),
     ({"prompt": {"num_virtual_tokens": 0}}, "methods.prompt.num_virtual_tokens: Input should be greater than or equal to 1"),
-    ({"prefix": {"init_text": "hi"}}, "methods.prefix: init_text applies to type prompt only"),
+    ({"prefix": {"init_text": ""}}, "methods.prefix.init_text: String should have at least 1 character"),
     ({"vera": {"r": 0}}, "methods.vera.r: Input should be greater than or equal to 1"),
     ({"my_dora": {"type": "dora", "rank": 4}}, "methods.my_dora: unknown key 'rank'"),
     ({"x": {"type": "dorra"}}, "methods.x: unknown method type 'dorra'"),
@@ -259,6 +255,24 @@ def test_full_trains_every_weight(run):
     unchanged = [n for n, p in params.items() if not changed(r.before[n], p)]
     assert unchanged == [], unchanged
     assert (r.adapter_dir / "config.json").is_file() and list(r.adapter_dir.glob("model*.safetensors"))
+
+
+def test_prefix_from_init_text_is_exactly_that_text_in_front(tiny_model_dir, examples):
+    """Li & Liang's initialisation from real activations: before training, the prefix model's
+    logits are the base model's logits with the init text's tokens in front of the input."""
+    spec = R.PromptLearningSpec(type="prefix", num_virtual_tokens=6, init_text="Answer with the figure only.")
+    text_ids = AutoTokenizer.from_pretrained(tiny_model_dir)(spec.init_text, add_special_tokens=False)["input_ids"]
+    text_ids = (text_ids * 6)[:6]  # repeated or cut to num_virtual_tokens, as the init does
+    base = load_model(tiny_model_dir).eval()
+    prefixed = wrapped_spec(spec, tiny_model_dir).eval()
+    random_init = wrapped("prefix", tiny_model_dir).eval()
+    ids = torch.tensor([examples[0].input_ids])
+    with torch.no_grad():
+        reference = base(input_ids=torch.cat([torch.tensor([text_ids]), ids], dim=1)).logits[:, 6:]
+        got = prefixed(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        rand = random_init(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert (got - reference).abs().max().item() < 1e-4
+    assert (rand - base(input_ids=ids).logits).abs().max().item() > 1e-2  # peft's random init is not the base
 
 
 def test_last_layers_trains_top_blocks_norm_and_an_untied_head(run, tiny_model_dir, examples):

@@ -14,13 +14,12 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer
 
 from ft_assets import recipe as R
 from ft_assets.core import data, evaluate, loss as L, packing as P, train
 from ft_assets.core.methods import REGISTRY, get_method
 from ft_assets.core.models import load_model
-from ft_assets_tests.conftest import qa_rows
+from ft_assets_tests.conftest import formatted_examples
 
 PAD = 2
 LORA = R.LoraSpec(type="lora", r=4, alpha=8, dropout=0.0)
@@ -29,15 +28,7 @@ LOSS_RTOL = 1e-5
 
 @pytest.fixture(scope="module")
 def examples(tiny_model_dir):
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    out = []
-    for i, row in enumerate(qa_rows(16)):
-        ex = data.Example(row["id"], row["question"], row["context"], row["answer"], i + 1)
-        # vary the lengths: every third row has no context
-        msgs = data.build_messages(ex if i % 3 else data.Example(ex.id, ex.question, None, ex.answer, ex.line),
-                                   None, "Context:\n{context}\n\nQuestion: {question}", "{question}")
-        assert data.format_example(tok, ex, msgs, 128) is None
-        out.append(ex)
+    out = formatted_examples(tiny_model_dir, 16, drop_context_every=3)  # rows of several lengths
     assert len({len(e.input_ids) for e in out}) > 2
     return out
 

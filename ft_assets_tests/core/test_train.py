@@ -6,27 +6,19 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from ft_assets.core import data, evaluate, train
 from ft_assets.core.methods import get_method
 from ft_assets.core.models import load_model
 from ft_assets.recipe import LoraSpec
-from ft_assets_tests.conftest import qa_rows
+from ft_assets_tests.conftest import formatted_examples
 
 SPEC = LoraSpec(type="lora", r=4, alpha=8, dropout=0.0)
 
 
 @pytest.fixture(scope="module")
 def examples(tiny_model_dir):
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    out = []
-    for i, row in enumerate(qa_rows(16)):
-        ex = data.Example(row["id"], row["question"], row["context"], row["answer"], i + 1)
-        msgs = data.build_messages(ex, None, "Context:\n{context}\n\nQuestion: {question}", "{question}")
-        assert data.format_example(tok, ex, msgs, 128) is None
-        out.append(ex)
-    return out
+    return formatted_examples(tiny_model_dir, 16)
 
 
 def lora_model(tiny_model_dir):

@@ -21,7 +21,11 @@ vera, ia3, prefix, prompt.
   input of the feed-forward down projection. Mergeable (each vector scales a weight's rows or
   columns).
 - Prefix tuning (Li & Liang, 2021): trained key/value vectors for `num_virtual_tokens`
-  positions in every layer, handed to the model as a key/value cache. Not mergeable.
+  positions in every layer, handed to the model as a key/value cache. Not mergeable. With
+  `init_text` the prefix starts as the keys/values the base model computes for that text
+  (the paper's initialisation from real words' activations, which it found much more stable
+  than random init): before training, the model behaves exactly as if the text preceded every
+  input. peft's own init is random and starts far from the base model.
 - Prompt tuning (Lester et al., 2021): `num_virtual_tokens` trained input embeddings put in
   front of every input (optionally initialised from `init_text`). Not mergeable.
 
@@ -34,9 +38,12 @@ parameter names the training loop's generic name matching looks for.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from . import NotMergeable, default_param_groups, register
 from .lora import PeftMethod, lora_config
@@ -147,7 +154,15 @@ class PromptLearning(PeftVariant):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         # init_text is tokenized with the tokenizer saved next to the base weights
-        return get_peft_model(model, self.peft_config(spec, tokenizer_dir=getattr(model, "name_or_path", None)))
+        tokenizer_dir = getattr(model, "name_or_path", None)
+        prefix = None
+        if self.type == "prefix" and spec.init_text is not None:
+            prefix = prefix_from_text(model, tokenizer_dir, spec.init_text, spec.num_virtual_tokens)
+        peft_model = get_peft_model(model, self.peft_config(spec, tokenizer_dir=tokenizer_dir))
+        if prefix is not None:
+            with torch.no_grad():
+                peft_model.prompt_encoder["default"].embedding.weight.copy_(prefix)
+        return peft_model
 
     def peft_config(self, spec: Any, tokenizer_dir: str | None = None):
         from peft import PrefixTuningConfig, PromptTuningConfig
@@ -167,6 +182,31 @@ class PromptLearning(PeftVariant):
             f"{self.type} tuning adds trained virtual tokens {where}; they are extra sequence positions, "
             "not a change of any weight, so there is nothing to fold into the base model"
         )
+
+
+def prefix_from_text(model, tokenizer_dir: str | None, text: str, n: int) -> torch.Tensor:
+    """The key/value cache `model` computes for `text` (its tokens repeated or cut to n), laid out
+    as peft's prefix embedding: [n, layers x (key, value) x kv_heads x head_dim]. The keys are
+    rotary-encoded for positions 0..n-1, and the real input then starts at position n, so the
+    prefix is exactly the text's cache."""
+    from transformers import AutoTokenizer
+
+    if not tokenizer_dir:
+        raise ValueError("prefix init_text needs the base model's tokenizer next to its weights")
+    ids = AutoTokenizer.from_pretrained(tokenizer_dir)(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"prefix init_text {text!r} has no tokens")
+    ids = (ids * math.ceil(n / len(ids)))[:n]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        cache = model(input_ids=torch.tensor([ids], device=device), use_cache=True).past_key_values
+    model.train(was_training)
+    per_layer = []
+    for layer in cache.layers:  # keys/values: [1, kv_heads, n, head_dim]
+        per_layer += [layer.keys[0].transpose(0, 1), layer.values[0].transpose(0, 1)]  # [n, kv_heads, head_dim]
+    return torch.stack(per_layer, dim=1).reshape(n, -1)
 
 
 register(LoraOptions("dora", option="use_dora"))
