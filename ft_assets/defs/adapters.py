@@ -211,6 +211,7 @@ def _train_dpo(context, recipe: Recipe, compute: ComputeResource, store: Artifac
     pairs = preferences.load_pairs(prefs.path, "train")
     cfg = train.TrainConfig.from_spec(recipe.training_for(name), recipe.seed)
     train.seed_everything(cfg.seed)
+    train.reset_peak_memory(hw.device)
     model = PeftModel.from_pretrained(load_model(base_model.path, hw.device, hw.dtype), sft.dir, is_trainable=True)
     trainable, total = parameter_count(model)
     context.log.info(f"{name}: DPO from adapter[{spec.sft_from}] {sft.version} on {len(pairs)} pairs, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,3 +95,14 @@ def test_nan_loss_stops_with_step_and_hint(tiny_model_dir, examples):
         model.base_model.model.model.norm.weight.fill_(float("nan"))
     with pytest.raises(train.TrainingDiverged, match=r"loss is nan at step 1; lower the learning rate"):
         train.train(model, get_method("lora"), SPEC, examples, cfg(), pad_id=2)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resettable peak RSS is Linux-only")
+def test_cpu_peak_memory_is_per_window_not_per_process():
+    big = torch.ones(64 * 2**20)  # 256 MiB, touched
+    train.reset_peak_memory("cpu")
+    del big  # large tensors are unmapped on free: the resident set drops
+    high = train.peak_memory_bytes("cpu")
+    train.reset_peak_memory("cpu")
+    low = train.peak_memory_bytes("cpu")
+    assert high - low > 200 * 2**20  # the new window does not remember the freed 256 MiB
