@@ -377,6 +377,13 @@ def device_name() -> str:
     return f"CPU {model}, {os.cpu_count()} cores"
 
 
+def _shared_note(meta: dict) -> str:
+    """Our own run adds a load of about `threads`; more than that means other jobs were running."""
+    own = meta["threads"] + 0.5
+    busy = meta["load_avg_start"][0] > 0.5 or meta["load_avg_end"][0] > own
+    return ": the machine was shared" if busy else ": nothing else was running"
+
+
 def pool(results: list[dict]) -> dict:
     """One row per configuration: the measured steps of every pass added up; eval loss and the
     rest from the pass that evaluated; the per-pass rates kept to show the spread."""
@@ -430,7 +437,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "",
         f"- date: {meta['date']}",
         f"- device: {meta['device']} (torch threads {meta['threads']}; load average at start {meta['load_avg_start']}, "
-        f"end {meta['load_avg_end']}: the machine was shared)",
+        f"end {meta['load_avg_end']}{_shared_note(meta)})",
         f"- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         f"- model: {meta['model']}; LoRA r16 alpha 32 all-linear, dropout 0; lr {meta['lr']} constant, AdamW, clip 1.0",
         f"- data: {meta['data']} (default recipe's chat formatting): {meta['train_rows']} train rows, "
