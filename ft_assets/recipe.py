@@ -361,8 +361,17 @@ class EvaluationSpec(_Strict):
     max_new_tokens: Annotated[int, Field(ge=1, le=1024)] = 48
     batch_size: Annotated[int, Field(ge=1)] = 16
     max_examples: Annotated[int, Field(ge=1)] | None = None
-    merge_tolerance: Annotated[float, Field(gt=0)] = 1e-3
     preview_rows: Annotated[int, Field(ge=0, le=200)] = 20
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_tolerance_is_derived(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "merge_tolerance" in data:
+            raise ValueError(
+                "evaluation.merge_tolerance was removed: the matches_adapter check now derives its tolerance "
+                "from the method, the model's depth and width and the dtype (see ft_assets/core/merge.py); "
+                "delete the key")
+        return data
 
 
 class ComputeSpec(_Strict):

@@ -4,6 +4,13 @@ NF4 with double quantization is QLoRA's storage format: 4-bit NormalFloat weight
 per-block scales are themselves quantized to 8 bits. `save_pretrained` writes the packed
 weights and their quantization state to safetensors; `from_pretrained(path)` reads them back
 (the quantization config travels in config.json).
+
+Numerics: every 4-bit model we build computes `x @ dequantize_nf4(W).T` in its compute dtype,
+in training and in evaluation, on every CPU. bitsandbytes 0.50 would otherwise switch an NF4
+layer, the first time it runs in eval mode without grad on a CPU with AVX512_BF16, to a
+repacked layout whose kernel rounds activations and block scales to bfloat16 (8 mantissa
+bits, so about 0.4 % of the output scale), and it keeps that layout for later training steps.
+`exact_nf4_kernels` turns that switch off, so an evaluation is the function that was trained.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ def quantize(base_dir: Path, out_dir: Path, method: str, double_quant: bool, com
         base_dir, quantization_config=bnb_config(method, double_quant, compute_dtype),
         dtype=compute_dtype, device_map={"": device}, use_safetensors=True,
     )
+    exact_nf4_kernels(model)
     model.save_pretrained(out_dir, safe_serialization=True)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)
     return model
@@ -52,7 +60,22 @@ def quantize(base_dir: Path, out_dir: Path, method: str, double_quant: bool, com
 def load_quantized(path: Path, device: str, compute_dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype, device_map={"": device}, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype, device_map={"": device}, use_safetensors=True)
+    return exact_nf4_kernels(model)
+
+
+def exact_nf4_kernels(model: torch.nn.Module) -> torch.nn.Module:
+    """Keep every 4-bit layer on the dequantize-then-matmul path (see the module docstring).
+
+    `support_avx512bf16_for_cpu` is the public flag `Linear4bit.forward` reads before repacking
+    for the bfloat16 CPU kernel; each layer sets it from the CPU's features when it is built.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def dequantized(path: Path, device: str) -> torch.nn.Module:

@@ -9,6 +9,7 @@ import pytest
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from ft_assets.core.methods.lora import LoraMethod
 from ft_assets.definitions import build_definitions
 from ft_assets.demo import materialize_all
 from ft_assets.recipe import load_recipe
@@ -74,6 +75,37 @@ def test_asset_checks_pass(graph):
         for rec in records:
             evaluation = rec.event.dagster_event.event_specific_data
             assert evaluation.passed, (check_key, evaluation.metadata)
+            if check_key.name == "matches_adapter":  # relative to the logit scale, well inside rounding
+                meta = {k: v.value for k, v in evaluation.metadata.items()}
+                assert 0 < meta["relative_diff"] < meta["tolerance"] and meta["logit_scale"] > 0, meta
+                assert meta["layer_relative_diff"] < meta["layer_tolerance"], meta
+
+
+def test_matches_adapter_fails_on_a_merge_that_drops_one_adapter_layer(project, ft_home, monkeypatch):
+    """A planted merge bug: the last layer's q_proj update (the smallest effect measured on the tiny
+    model) is left out of the QLoRA merge; the check must fail, on any CPU."""
+
+    def merge_without_last_q_proj(self, base, adapter_dir):
+        model = self.load(base, adapter_dir)
+        q_projs = [m for n, m in model.named_modules() if n.endswith("q_proj") and hasattr(m, "lora_B")]
+        q_projs[-1].lora_B["default"].weight.data.zero_()
+        return model.merge_and_unload()
+
+    monkeypatch.setattr(LoraMethod, "merge", merge_without_last_q_proj)
+    recipe = load_recipe(project / "recipe.yaml")
+    defs = build_definitions(recipe, home=str(ft_home))
+    instance = dg.DagsterInstance.ephemeral()
+    assets, res = list(defs.assets), defs.resources
+    dg.materialize(assets, instance=instance, resources=res,
+                   selection=["base_model", "sft_dataset", "quantized_base", "base_eval"])
+    result = dg.materialize(assets, instance=instance, resources=res, partition_key="qlora",
+                            selection=["adapter", "merged_model"])
+    [check] = result.get_asset_check_evaluations()
+    assert check.check_name == "matches_adapter" and not check.passed
+    meta = {k: v.value for k, v in check.metadata.items()}
+    assert meta["relative_diff"] > 100 * meta["tolerance"], meta
+    assert meta["layer_relative_diff"] > 10_000 * meta["layer_tolerance"], meta
+    assert meta["worst_layer"] == "model.layers.1.self_attn.q_proj" and "fold merge" in meta["expected"]
 
 
 def test_definitions_load_from_the_module(monkeypatch, project, ft_home):

@@ -23,6 +23,9 @@ class NotMergeable(Exception):
 class Method(Protocol):
     type: str
     uses_quantized_base: bool  # trains on `quantized_base` instead of `base_model`
+    # how `merge` makes its weights, which sets the rounding `core.merge.compare` accepts:
+    # "copy" (the trained tensors themselves), "fold" (computed from base and adapter), "none"
+    merge_rounding: str
 
     def wrap(self, model: torch.nn.Module, spec: Any, *, gradient_checkpointing: bool = False) -> torch.nn.Module:
         """Freeze/replace what the method needs; returns the model to train."""

@@ -79,6 +79,7 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
 class BottleneckMethod:
     type: str = "bottleneck"
     uses_quantized_base: bool = False
+    merge_rounding: str = "none"
 
     def wrap(self, model, spec, *, gradient_checkpointing: bool = False):
         if gradient_checkpointing:

@@ -59,6 +59,7 @@ def _remember_product(layer) -> None:
 class DeltaLoraMethod:
     type: str = "delta_lora"
     uses_quantized_base: bool = False
+    merge_rounding: str = "fold"  # moved W + s·B·A computed once
 
     def wrap(self, model, spec, *, gradient_checkpointing: bool = False):
         from peft import get_peft_model

@@ -85,6 +85,7 @@ def untie_lm_head(model) -> None:
 class FullMethod:
     type: str = "full"
     uses_quantized_base: bool = False
+    merge_rounding: str = "copy"  # the trained tensors are the merged model
 
     def wrap(self, model, spec, *, gradient_checkpointing: bool = False):
         _checkpointing(model, gradient_checkpointing)
@@ -120,6 +121,7 @@ class FullMethod:
 class LastLayersMethod:
     type: str = "last_layers"
     uses_quantized_base: bool = False
+    merge_rounding: str = "copy"  # the trained tensors are the merged model
 
     def wrap(self, model, spec, *, gradient_checkpointing: bool = False):
         layers = decoder_layers(model)

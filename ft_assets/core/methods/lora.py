@@ -37,6 +37,7 @@ class PeftMethod:
     type: str
     uses_quantized_base: bool = False
     mergeable: bool = True
+    merge_rounding: str = "fold"  # W + s·B·A computed once
 
     def peft_config(self, spec: Any):
         raise NotImplementedError

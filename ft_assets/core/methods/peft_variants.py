@@ -146,6 +146,7 @@ class PromptLearning(PeftVariant):
     """Prefix and prompt tuning: trained virtual tokens, nothing to fold into weights."""
 
     mergeable: bool = False
+    merge_rounding: str = "none"
 
     def wrap(self, model, spec, *, gradient_checkpointing: bool = False):
         from peft import get_peft_model
