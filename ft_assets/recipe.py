@@ -385,8 +385,11 @@ class AutomationSpec(_Strict):
     observe_interval_s: Annotated[int, Field(ge=5)] = 30  # how often data files and method settings are hashed
     eager: bool = True  # a changed input re-materializes exactly its descendants
     rerun_on_code_change: bool = True  # a stage's code/recipe version bump re-runs it too
+    _OMIT_WHEN_DEFAULT = ("retrain_force",)
+
     retrain_cron: str | None = None  # e.g. "0 3 * * 0": request every method partition
     retrain_schedule_running: bool = False  # the schedule's default state (visible in the UI)
+    retrain_force: bool = False  # the schedule retrains even adapters whose inputs did not change
 
     @field_validator("retrain_cron")
     @classmethod

@@ -8,8 +8,13 @@ Layout::
 
 An artifact is written into a private staging directory and renamed into place only when
 complete, so a crash leaves no directory that looks finished, and a failed run leaves the
-previous good version untouched. The version is the content hash of the files (manifest
-excluded): equal content gives one directory, and a rerun never overwrites a different one.
+previous good version untouched. Version dirs are never overwritten. The version is either
+- the content hash of the files (manifest excluded), for artifacts derived from data: equal
+  content gives one directory; or
+- the hash of a derivation (input versions, code version, recipe section, seed), for trained
+  artifacts, whose bytes differ between identical runs (GPU kernels, several processes): the
+  same request gives the same version, and `find_derived` finds it done. The manifest records
+  the content hash either way, as a fact.
 Nothing here imports Dagster or torch.
 """
 
@@ -92,8 +97,10 @@ class ArtifactStore:
         code_version: str = "",
         seed: int | None = None,
         min_free_bytes: int = 0,
+        derivation: dict[str, Any] | None = None,
     ) -> Iterator[Staging]:
         """Stage an artifact; on clean exit hash it, write its manifest and rename it into place.
+        With `derivation`, the version is `derived_version(derivation)`, else the content hash.
 
         On any exception the staging directory is removed and the exception propagates: the
         previous version and LATEST pointer are untouched.
@@ -106,12 +113,16 @@ class ArtifactStore:
         staging.path.mkdir()
         try:
             yield staging
-            version = content_hash(staging.path)
+            content = content_hash(staging.path)
+            version = derived_version(derivation) if derivation is not None else content
             final = slot / version
             manifest = {
                 "asset": asset,
                 "partition": partition,
                 "version": version,
+                "content_hash": content,
+                "version_basis": "derivation" if derivation is not None else "content",
+                **({"derivation": derivation} if derivation is not None else {}),
                 "inputs": staging.inputs,
                 "recipe_hash": recipe_hash,
                 "code_version": code_version,
@@ -128,7 +139,7 @@ class ArtifactStore:
             except OSError:
                 if not (final / MANIFEST).is_file():
                     raise
-                # Same content already stored (a rerun, or a concurrent twin): keep the first.
+                # Same version already stored (a rerun, or a concurrent twin): keep the first.
                 shutil.rmtree(staging.path, ignore_errors=True)
             staging.artifact = Artifact(asset, partition, version, str(final))
             self.set_latest(staging.artifact)
@@ -147,6 +158,17 @@ class ArtifactStore:
             return None
         art = Artifact(**json.loads(pointer.read_text()))
         return art if (art.dir / MANIFEST).is_file() else None
+
+    def find_derived(self, asset: str, partition: str | None, derivation: dict[str, Any]) -> Artifact | None:
+        """The finished artifact made by exactly `derivation`: the latest version if its own
+        derivation (a forced retrain's nonce aside) is this one, else the derived version."""
+        latest = self.latest(asset, partition)
+        if latest is not None:
+            made_by = dict(latest.manifest().get("derivation") or {})
+            made_by.pop("forced_by", None)
+            if made_by == json.loads(json.dumps(derivation)):
+                return latest
+        return self.get(asset, partition, derived_version(derivation))
 
     def get(self, asset: str, partition: str | None, version: str) -> Artifact | None:
         p = self.path(asset, partition, version)
@@ -197,6 +219,11 @@ def content_hash(directory: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> str
                 h.update(chunk)
         h.update(b"\0")
     return h.hexdigest()[:16]
+
+
+def derived_version(derivation: dict[str, Any]) -> str:
+    """sha256 of the derivation as canonical JSON (16 hex chars)."""
+    return hashlib.sha256(json.dumps(derivation, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def file_hash(path: Path) -> str:

@@ -102,6 +102,13 @@ class TrainResult:
             "resumed_from_step": self.resumed_from_step,
         }
 
+    def log(self) -> dict[str, Any]:
+        """What the run computed (losses, steps, tokens), for the artifact's train_log.json. How
+        it ran (timings, memory, a resume) differs between identical runs: that is `summary()`,
+        kept in the manifest, so it does not change the artifact's content hash."""
+        keep = ("steps", "tokens_seen", "tokens_trained", "first_loss", "final_loss")
+        return {"losses": self.losses, **{k: v for k, v in self.summary().items() if k in keep}}
+
 
 # --------------------------------------------------------------------------------------
 # batches

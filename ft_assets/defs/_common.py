@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import dagster as dg
+from pydantic import Field
 
 from ..recipe import Recipe
-from ..store import Artifact
+from ..store import Artifact, ArtifactStore
 
 # Bump a stage's number when its code changes what it produces; Dagster then marks that
 # stage and everything downstream stale.
@@ -30,6 +31,66 @@ STAGE_VERSIONS = {
 def code_version(stage: str, recipe: Recipe, *sections: str) -> str:
     """Stage code version + hash of the recipe sections it reads: editing those re-versions it."""
     return f"{STAGE_VERSIONS[stage]}-{recipe.section_hash(*sections)}" if sections else STAGE_VERSIONS[stage]
+
+
+class TrainingRun(dg.Config):
+    """Run config of the trained assets (the launchpad's `config:` section)."""
+
+    force: bool = Field(default=False, description="Retrain even when an artifact made from the same inputs, "
+                                                   "code and settings exists (the new one gets a version of its own).")
+
+
+def derivation(inputs: dict[str, str], code_version: str, recipe_section: str) -> dict[str, Any]:
+    """What makes a trained artifact (its version is the hash of this, see `store.py`)."""
+    return {"inputs": dict(sorted(inputs.items())), "code_version": code_version, "recipe": recipe_section}
+
+
+def forced(made_by: dict[str, Any], context) -> dict[str, Any]:
+    """A forced retrain gets a version of its own (new bytes, so downstream re-runs)."""
+    return {**made_by, "forced_by": context.run_id}
+
+
+def reuse_or_say_why(context, store: ArtifactStore, asset: str, partition: str | None, made_by: dict[str, Any],
+                     force: bool) -> Artifact | None:
+    """The finished artifact of exactly this derivation (now LATEST again), or None after logging
+    why this run has to train: forced, or what differs from the latest version."""
+    label = f"{asset}[{partition}]" if partition else asset
+    done = None if force else store.find_derived(asset, partition, made_by)
+    if done is not None:
+        store.set_latest(done)
+        context.log.info(f"{label}: version {done.version} was made from these same inputs, code and settings: "
+                         "reused, nothing trained (config force: true retrains)")
+        return done
+    latest = store.latest(asset, partition)
+    if force:
+        why = "force: true"
+    elif latest is None:
+        why = "no earlier version"
+    else:
+        why = "; ".join(changes(latest.manifest().get("derivation") or {}, made_by)) or "earlier version has no derivation"
+    context.log.info(f"{label}: training ({why})")
+    return None
+
+
+def changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """What differs between two derivations, in words."""
+    out = []
+    old_in, new_in = before.get("inputs", {}), after.get("inputs", {})
+    for key in sorted(set(old_in) | set(new_in)):
+        if old_in.get(key) != new_in.get(key):
+            out.append(f"{key} {old_in.get(key, 'none')} -> {new_in.get(key, 'none')}")
+    if before.get("code_version") != after.get("code_version"):
+        out.append(f"code version {before.get('code_version')} -> {after.get('code_version')}")
+    if before.get("recipe") != after.get("recipe"):
+        out.append("recipe settings changed")
+    return out
+
+
+def reused_metadata(art: Artifact) -> dict[str, Any]:
+    manifest = art.manifest()
+    train = manifest.get("train", {})
+    return {"reused": True, "made_by_run_at": manifest.get("created", ""), "content_hash": manifest.get("content_hash", ""),
+            **{k: train[k] for k in ("steps", "tokens_trained", "wall_s", "final_loss") if k in train}}
 
 
 def key_of(art: Artifact) -> str:

@@ -23,8 +23,6 @@ Beyond SFT (only for recipes that ask for it; other partitions train exactly as 
 """
 
 
-import hashlib
-import json
 import math
 import shutil
 from pathlib import Path
@@ -37,7 +35,7 @@ from ..core.methods import NotMergeable, get_method
 from ..core.models import load_model, load_tokenizer, parameter_count
 from ..core.quantize import compute_dtype, load_quantized
 from ..recipe import Recipe
-from ..store import Artifact, ArtifactStore, dir_bytes
+from ..store import Artifact, ArtifactStore, derived_version, dir_bytes
 from . import _common as c
 from .automation import RECIPE_METHOD_KEY
 from .models import MODEL_BYTES_HEADROOM
@@ -50,11 +48,12 @@ def methods_partitions(recipe: Recipe) -> dg.StaticPartitionsDefinition:
 
 
 def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: ArtifactStore,
-                   sft_dataset: Artifact, base_model: Artifact, quantized_base: Artifact | None, cv: str):
+                   sft_dataset: Artifact, base_model: Artifact, quantized_base: Artifact | None, cv: str,
+                   force: bool):
     name = context.partition_key
     spec = recipe.methods[name]
     if spec.type == "dpo":
-        return _train_dpo(context, recipe, compute, store, base_model, cv)
+        return _train_dpo(context, recipe, compute, store, base_model, cv, force)
     method = get_method(spec.type)
     cfg = train.TrainConfig.from_spec(recipe.training_for(name), recipe.seed)
     hw = compute.resolve()
@@ -72,6 +71,14 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
         replay = _replay(context, store, start, spec, examples, info, recipe.seed)
         examples = examples + replay
 
+    inputs = c.inputs_of(sft_dataset, base_model, quantized_base if method.uses_quantized_base else None)
+    if start is not None and not start.from_scratch:
+        inputs[f"adapter[{name}]"] = start.adapter_version  # the version this run continued from
+    derivation = c.derivation(inputs, cv, recipe.section_hash("seed", method=name))
+    done = c.reuse_or_say_why(context, store, "adapter", name, derivation, force)
+    if done is not None:
+        return c.output(done, c.reused_metadata(done))
+
     if method.uses_quantized_base:
         model = load_quantized(quantized_base.dir, hw.device, compute_dtype(recipe.quantization.compute_dtype, hw.device))
     else:
@@ -84,11 +91,7 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
     context.log.info(f"{name}: {trainable:,} trainable of {total:,} parameters; {len(examples)} train rows; "
                      f"{train.steps_for(len(examples), cfg)} steps on {hw.device}")
 
-    inputs = c.inputs_of(sft_dataset, base_model, quantized_base if method.uses_quantized_base else None)
-    if start is not None and not start.from_scratch:
-        inputs[f"adapter[{name}]"] = start.adapter_version  # the version this run continued from
-    run_key = hashlib.sha256(json.dumps([inputs, cv, recipe.section_hash("seed", method=name)]).encode()).hexdigest()[:16]
-    ckpt_dir = store.home / "checkpoints" / "adapter" / name / run_key
+    ckpt_dir = store.home / "checkpoints" / "adapter" / name / derived_version(derivation)
     try:
         result = train.train(
             model, method, spec, examples, cfg, pad_id=tok.pad_token_id, device=hw.device,
@@ -102,7 +105,8 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
     if result.resumed_from_step:
         context.log.info(f"resumed from checkpoint at step {result.resumed_from_step}")
 
-    with store.write("adapter", name, recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed) as st:
+    with store.write("adapter", name, recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed,
+                     derivation=c.forced(derivation, context) if force else derivation) as st:
         st.inputs = inputs
         method.save(model, st.path)
         st.extra["method"] = {"name": name, "type": spec.type, "spec": spec.model_dump(mode="json"),
@@ -111,7 +115,7 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
                              "device": hw.name}
         if start is not None:
             st.extra["continual"] = _continual_facts(store, name, start, replay, spec)
-        c.write_json(st.path / "train_log.json", {"losses": result.losses, **result.summary()})
+        c.write_json(st.path / "train_log.json", result.log())
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the artifact supersedes its checkpoints
     art = st.artifact
     png = plots.loss_curve_png(result.losses, f"{name}: train loss")
@@ -187,7 +191,8 @@ def _continual_facts(store: ArtifactStore, name: str, start, replay: list, spec)
 # --------------------------------------------------------------------------------------
 
 
-def _train_dpo(context, recipe: Recipe, compute: ComputeResource, store: ArtifactStore, base_model: Artifact, cv: str):
+def _train_dpo(context, recipe: Recipe, compute: ComputeResource, store: ArtifactStore, base_model: Artifact, cv: str,
+               force: bool):
     from peft import PeftModel
 
     from ..core import dpo, preferences
@@ -209,6 +214,11 @@ def _train_dpo(context, recipe: Recipe, compute: ComputeResource, store: Artifac
     if data.tokenizer_fingerprint(tok) != data.dataset_info(prefs.path)["tokenizer_fingerprint"]:
         raise c.user_error(RuntimeError("preference_dataset was built with a different tokenizer than base_model "
                                         "has now; re-materialize preference_dataset"))
+    inputs = {**c.inputs_of(sft, base_model), c.key_of(prefs): prefs.version}
+    derivation = c.derivation(inputs, cv, recipe.section_hash("seed", method=name))
+    done = c.reuse_or_say_why(context, store, "adapter", name, derivation, force)
+    if done is not None:
+        return c.output(done, c.reused_metadata(done))
     pairs = preferences.load_pairs(prefs.path, "train")
     cfg = train.TrainConfig.from_spec(recipe.training_for(name), recipe.seed)
     train.seed_everything(cfg.seed)
@@ -228,8 +238,9 @@ def _train_dpo(context, recipe: Recipe, compute: ComputeResource, store: Artifac
         raise c.user_error(train.TrainingDiverged(f"{name}: DPO loss is not finite; lower the learning rate (now {cfg.lr})"))
     summary = {**result.summary(), "trainable_parameters": trainable, "total_parameters": total, "device": hw.name,
                "peak_memory_bytes": train.peak_memory_bytes(hw.device)}
-    with store.write("adapter", name, recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed) as st:
-        st.inputs = {**c.inputs_of(sft, base_model), c.key_of(prefs): prefs.version}
+    with store.write("adapter", name, recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed,
+                     derivation=c.forced(derivation, context) if force else derivation) as st:
+        st.inputs = inputs
         dpo.save_dpo_adapter(model, st.path)
         st.extra["method"] = {"name": name, "type": spec.type, "spec": spec.model_dump(mode="json"),
                               "training": recipe.training_for(name).model_dump(mode="json")}
@@ -350,10 +361,12 @@ def build(recipe: Recipe) -> list:
 
     @dg.asset(group_name="training", kinds={"pytorch", "peft"}, code_version=cv_adapter, deps=recipe_dep,
               ins={"sft_dataset": dg.AssetIn(), "base_model": dg.AssetIn(), **q_in}, **common)
-    def adapter(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource, **inputs):
-        """The trained adapter (or trained weights) of one method: one partition per recipe method."""
+    def adapter(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource,
+                config: c.TrainingRun, **inputs):
+        """The trained adapter (or trained weights) of one method: one partition per recipe method.
+        Its version is that of its inputs, code and settings; an existing one is reused (`force` retrains)."""
         return _train_adapter(context, recipe, compute, store.store(), inputs["sft_dataset"], inputs["base_model"],
-                              inputs.get("quantized_base"), cv_adapter)
+                              inputs.get("quantized_base"), cv_adapter, config.force)
 
     @dg.asset(group_name="training", kinds={"pytorch", "safetensors"}, code_version=cv_merged,
               ins={"adapter": dg.AssetIn(), "base_model": dg.AssetIn(), "sft_dataset": dg.AssetIn(), **q_in},

@@ -12,10 +12,13 @@
   `adapter` stale. A `dpo` method's version also holds the version of the `adapter[<sft_from>]`
   it continues (read from the store): an edge between two partitions of one asset that Dagster
   cannot draw, so a re-trained SFT adapter makes the dpo partition stale on the next observation.
-- Every derived asset is `eager()` (re-materializes when a dependency has a new version),
-  optionally `| code_version_changed()` (a stage's code version bump re-runs it).
-- `retrain`: an optional cron schedule requesting every method partition of
-  adapter -> merged_model -> eval_report, its default state from the recipe.
+- Every derived asset is `on_new_input_versions()`: Dagster's eager(), except that a dependency
+  counts as updated only when its *data version* changed. Trained artifacts are versioned by
+  what made them (store.py), so re-materializing an adapter with identical inputs reuses it,
+  keeps its version and re-runs nothing below it. Optionally `| code_version_changed()` (a
+  stage's code version bump re-runs it).
+- `retrain`: an optional cron schedule requesting `adapter` for every method partition (see
+  `retrain` for what re-runs), its default state from the recipe.
 The automation sensor is on by default, so all of this works as soon as `dagster dev` runs.
 """
 
@@ -30,12 +33,29 @@ RECIPE_METHOD_KEY = dg.AssetKey(["recipe", "method"])
 AUTOMATION_SENSOR = "ft_assets_automation"
 
 
+def on_new_input_versions() -> dg.AutomationCondition:
+    """Dagster's eager(), but a dependency counts as updated only when its data version changed
+    (not when it merely re-materialized: an adapter reused for identical inputs keeps its version)
+    or when it will be requested this tick; an update made by a run that also ran this asset is
+    not news to it (as in eager())."""
+    AC = dg.AutomationCondition
+    new_version = (AC.data_version_changed() & ~AC.executed_with_root_target()).with_label("new_data_version")
+    deps_changed = AC.any_deps_match(new_version | AC.will_be_requested()).with_label("any_deps_new_data_version")
+    return (
+        AC.in_latest_time_window()
+        & (AC.newly_missing() | deps_changed).since_last_handled()
+        & ~AC.any_deps_missing()
+        & ~AC.any_deps_in_progress()
+        & ~AC.in_progress()
+    ).with_label("eager_on_new_data_versions")
+
+
 def derived_condition(recipe: Recipe) -> dg.AutomationCondition | None:
     """The condition every materializable asset gets (None: manual only)."""
     a = recipe.automation
     if not a.eager:
         return dg.AutomationCondition.code_version_changed() if a.rerun_on_code_change else None
-    cond = dg.AutomationCondition.eager()
+    cond = on_new_input_versions()
     return cond | dg.AutomationCondition.code_version_changed() if a.rerun_on_code_change else cond
 
 
@@ -66,26 +86,38 @@ def recipe_methods_source(recipe: Recipe, partitions: dg.PartitionsDefinition, h
 
 
 def retrain(recipe: Recipe, partitions: dg.PartitionsDefinition) -> tuple[list, list]:
-    """(jobs, schedules) for scheduled retraining; empty when the recipe sets no retrain_cron."""
-    if recipe.automation.retrain_cron is None:
+    """(jobs, schedules) for scheduled retraining; empty when the recipe sets no retrain_cron.
+
+    Each tick requests `adapter` for every method. An adapter whose inputs, code and settings did
+    not change is reused at once and keeps its version, so nothing downstream re-runs; one that
+    changed trains, logs what changed, and (with automation on) its new version re-runs merge
+    and evaluation. With automation off the job runs merge and evaluation itself.
+    `retrain_force: true` retrains every adapter regardless (each gets a new version)."""
+    a = recipe.automation
+    if a.retrain_cron is None:
         return [], []
+    selection = ["adapter"] if a.eager else ["adapter", "merged_model", "eval_report"]
     job = dg.define_asset_job(
         "retrain_job",
-        selection=dg.AssetSelection.assets("adapter", "merged_model", "eval_report"),
+        selection=dg.AssetSelection.assets(*selection),
         partitions_def=partitions,
-        description="Retrain, merge and evaluate one method partition.",
+        description="Retrain one method partition where its inputs changed (or always, with force).",
     )
+    run_config = {"ops": {"adapter": {"config": {"force": True}}}} if a.retrain_force else {}
 
     @dg.schedule(
-        cron_schedule=recipe.automation.retrain_cron,
+        cron_schedule=a.retrain_cron,
         job=job,
-        default_status=(dg.DefaultScheduleStatus.RUNNING if recipe.automation.retrain_schedule_running
+        default_status=(dg.DefaultScheduleStatus.RUNNING if a.retrain_schedule_running
                         else dg.DefaultScheduleStatus.STOPPED),
-        description="Scheduled retraining of every recipe method (GPU pool keeps them one at a time).",
+        description="Scheduled retraining of every recipe method: what changed, or everything with "
+                    "automation.retrain_force (GPU pool keeps them one at a time).",
     )
     def retrain_schedule(context: dg.ScheduleEvaluationContext):
         stamp = context.scheduled_execution_time.strftime("%Y%m%dT%H%M")
-        return [dg.RunRequest(run_key=f"retrain-{name}-{stamp}", partition_key=name) for name in recipe.methods]
+        mode = "force" if a.retrain_force else "changed"
+        return [dg.RunRequest(run_key=f"retrain-{name}-{stamp}", partition_key=name, run_config=run_config,
+                              tags={"ft_assets/retrain": mode}) for name in recipe.methods]
 
     return [job], [retrain_schedule]
 

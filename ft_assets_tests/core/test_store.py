@@ -63,3 +63,27 @@ def test_list_latest_and_find_by_path(tmp_path):
     rows = store.list_latest()
     assert [(r["asset"], r["partition"], r["data_version"]) for r in rows] == [("a", None, st.artifact.version)]
     assert store.find_by_path(st.artifact.dir / "sub" / "f") == st.artifact
+
+
+def test_derived_versions_name_what_made_the_artifact_not_its_bytes(tmp_path):
+    store = ArtifactStore(tmp_path)
+    made_by = {"inputs": {"sft_dataset": "d1"}, "code_version": "1", "recipe": "r1"}
+    assert store.find_derived("adapter", "lora", made_by) is None
+    arts = []
+    for weights in ("run one", "run two: other bytes (GPU kernels)"):
+        with store.write("adapter", "lora", derivation=made_by) as st:
+            (st.path / "w").write_text(weights)
+        arts.append(st.artifact)
+    assert arts[0].version == arts[1].version  # the second write found the first in place, kept it
+    assert (arts[0].dir / "w").read_text() == "run one"
+    manifest = arts[0].manifest()
+    assert manifest["version_basis"] == "derivation" and manifest["derivation"] == made_by
+    assert manifest["content_hash"] != manifest["version"] and len(manifest["content_hash"]) == 16
+    assert store.find_derived("adapter", "lora", made_by) == arts[0]
+    assert store.find_derived("adapter", "lora", {**made_by, "recipe": "r2"}) is None
+
+    with store.write("adapter", "lora", derivation={**made_by, "forced_by": "run-9"}) as st:
+        (st.path / "w").write_text("forced retrain")
+    forced = st.artifact
+    assert forced.version != arts[0].version and store.latest("adapter", "lora") == forced
+    assert store.find_derived("adapter", "lora", made_by) == forced  # the latest made from these inputs

@@ -10,10 +10,12 @@ import pytest
 import yaml
 from dagster._core.definitions.observe import observe  # the in-process observation helper
 
+from ft_assets.core import train
 from ft_assets.defs import _common
 from ft_assets.definitions import build_definitions
 from ft_assets.demo import materialize_all
 from ft_assets.recipe import load_recipe
+from ft_assets.store import ArtifactStore
 from ft_assets_tests.conftest import make_recipe, qa_rows, write_jsonl
 
 EVERYTHING_BELOW_DATA = {
@@ -91,6 +93,47 @@ def test_nothing_runs_when_nothing_changed(world):
     assert step(world) == set()
 
 
+def materialize_adapter(world, partition, **run_config):
+    defs = world["defs"]
+    config = dg.RunConfig(ops={"adapter": _common.TrainingRun(**run_config)}) if run_config else None
+    result = dg.materialize(list(defs.assets), resources=defs.resources, instance=world["instance"],
+                            partition_key=partition, selection=["adapter"], run_config=config)
+    messages = [e.user_message for e in world["instance"].all_logs(result.run_id)]
+    return result.asset_materializations_for_node("adapter")[0].metadata, messages
+
+
+def test_same_inputs_give_the_same_adapter_version_without_training_and_nothing_downstream(world, monkeypatch):
+    before = ArtifactStore(world["home"]).latest("adapter", "lora").version
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained although inputs, code and settings are unchanged")
+
+    monkeypatch.setattr(train, "train", no_training)
+    meta, messages = materialize_adapter(world, "lora")
+    assert meta["data_version"].value == before and meta["reused"].value is True
+    assert any("reused, nothing trained" in m for m in messages)
+    assert step(world) == set()  # a re-materialization with the same version is not news downstream
+
+
+def test_force_retrains_into_a_version_of_its_own_which_downstream_follows(world):
+    store = ArtifactStore(world["home"])
+    before = store.latest("adapter", "lora")
+    meta, messages = materialize_adapter(world, "lora", force=True)
+    forced = store.latest("adapter", "lora")
+    assert meta["data_version"].value == forced.version != before.version and "reused" not in meta
+    assert any("training (force: true)" in m for m in messages)
+    manifest = forced.manifest()
+    assert manifest["version_basis"] == "derivation" and manifest["derivation"]["forced_by"]
+    assert len(manifest["content_hash"]) == 16  # what the bytes hash to, kept as a fact
+    got = step(world)
+    assert got == {("merged_model", "lora"), ("eval_report", "lora")}
+    assert settle(world, world["defs"], got) == [set()]  # eval_report's content did not change: no leaderboard
+    # an unforced identical request now reuses the forced version (the latest made from these inputs)
+    meta, _ = materialize_adapter(world, "lora")
+    assert meta["data_version"].value == forced.version and meta["reused"].value is True
+    assert step(world) == set()
+
+
 def test_rewriting_a_file_with_the_same_bytes_triggers_nothing(world):
     data_file = world["root"] / "data" / "qa.jsonl"
     data_file.write_bytes(data_file.read_bytes())  # new mtime, same content
@@ -116,7 +159,9 @@ def test_code_version_bump_reruns_that_stage_and_below(world, monkeypatch):
     got = step(world, defs)
     assert got == {("merged_model", "lora"), ("merged_model", "qlora"), ("eval_report", "lora"),
                    ("eval_report", "qlora")}
-    assert settle(world, defs, got) == [{("leaderboard", None)}, set()]
+    # the bump changed no bytes: merged models and reports keep their versions, so the
+    # leaderboard (which reads only report versions) has nothing new to show
+    assert settle(world, defs, got) == [set()]
     world["defs"] = defs  # keep the bumped version for the tests after this one
 
 
@@ -145,8 +190,38 @@ def test_retrain_schedule_requests_every_method_partition(tiny_model_dir, tmp_pa
                                     repository_def=defs.get_repository_def())
     requests = schedule.evaluate_tick(ctx).run_requests
     assert sorted(r.partition_key for r in requests) == ["lora", "qlora"]
+    assert all(r.run_config == {} and r.tags["ft_assets/retrain"] == "changed" for r in requests)
     job = defs.resolve_job_def("retrain_job")
+    # downstream follows the adapter's version through automation: nothing re-runs below a reused adapter
+    assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == {"adapter"}
+
+    raw["automation"].update(retrain_force=True, eager=False)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    defs = build_definitions(load_recipe(tmp_path / "r.yaml"), home=str(tmp_path / "home"))
+    requests = defs.resolve_schedule_def("retrain_schedule").evaluate_tick(ctx).run_requests
+    assert all(r.run_config == {"ops": {"adapter": {"config": {"force": True}}}} for r in requests)
+    assert all(r.tags["ft_assets/retrain"] == "force" for r in requests)
+    job = defs.resolve_job_def("retrain_job")  # no automation: the job merges and evaluates itself
     assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == {"adapter", "merged_model", "eval_report"}
+
+
+def test_scheduled_retrain_trains_only_what_changed_and_says_so(world):
+    """The schedule's run, executed: an unchanged method is reused and logged as such."""
+    raw = yaml.safe_load((world["root"] / "recipe.yaml").read_text())
+    raw["automation"] = {"retrain_cron": "0 3 * * 0"}
+    (world["root"] / "scheduled.yaml").write_text(yaml.safe_dump(raw))
+    defs = build_definitions(load_recipe(world["root"] / "scheduled.yaml"), home=str(world["home"]))
+    ctx = dg.build_schedule_context(scheduled_execution_time=dt.datetime(2026, 11, 29, 3, 0),
+                                    repository_def=defs.get_repository_def())
+    request = next(r for r in defs.resolve_schedule_def("retrain_schedule").evaluate_tick(ctx).run_requests
+                   if r.partition_key == "qlora")
+    before = ArtifactStore(world["home"]).latest("adapter", "qlora").version
+    result = defs.resolve_job_def("retrain_job").execute_in_process(
+        instance=world["instance"], partition_key=request.partition_key, run_config=request.run_config,
+        tags=request.tags)
+    messages = [e.user_message for e in world["instance"].all_logs(result.run_id)]
+    assert any("adapter[qlora]: version " in m and "reused" in m for m in messages)
+    assert ArtifactStore(world["home"]).latest("adapter", "qlora").version == before
 
 
 def test_gpu_assets_share_one_pool(project, ft_home):

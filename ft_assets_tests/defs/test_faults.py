@@ -84,8 +84,9 @@ def test_kill_9_mid_training_then_rerun_resumes_and_matches_uninterrupted(projec
     assert got.keys() == want.keys()
     for name in want:  # tolerance: 1e-6 absolute on fp32 CPU weights
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0, msg=name)
-    log = json.loads((ArtifactStore(home).latest("adapter", "lora").dir / "train_log.json").read_text())
-    assert log["resumed_from_step"] >= 10 and log["resumed_from_step"] % 5 == 0 and log["steps"] == 30
+    adapter = ArtifactStore(home).latest("adapter", "lora")
+    log, run = json.loads((adapter.dir / "train_log.json").read_text()), adapter.manifest()["train"]
+    assert run["resumed_from_step"] >= 10 and run["resumed_from_step"] % 5 == 0 and log["steps"] == 30
     assert not list(ckpts.glob("*/step-*"))  # finished: checkpoints cleaned up
 
 

@@ -25,6 +25,15 @@ def graph(project, ft_home):
     return recipe, defs, instance, ArtifactStore(ft_home)
 
 
+def with_shared_assets(project, ft_home):
+    """(defs, ephemeral instance) with the unpartitioned assets materialized."""
+    defs = build_definitions(load_recipe(project / "recipe.yaml"), home=str(ft_home))
+    instance = dg.DagsterInstance.ephemeral()
+    dg.materialize(list(defs.assets), instance=instance, resources=defs.resources,
+                   selection=["base_model", "sft_dataset", "quantized_base", "base_eval"])
+    return defs, instance
+
+
 def test_every_asset_materializes_with_manifest(graph):
     recipe, defs, instance, store = graph
     for asset in ("base_model", "sft_dataset", "quantized_base", "base_eval"):
@@ -92,13 +101,8 @@ def test_matches_adapter_fails_on_a_merge_that_drops_one_adapter_layer(project, 
         return model.merge_and_unload()
 
     monkeypatch.setattr(LoraMethod, "merge", merge_without_last_q_proj)
-    recipe = load_recipe(project / "recipe.yaml")
-    defs = build_definitions(recipe, home=str(ft_home))
-    instance = dg.DagsterInstance.ephemeral()
-    assets, res = list(defs.assets), defs.resources
-    dg.materialize(assets, instance=instance, resources=res,
-                   selection=["base_model", "sft_dataset", "quantized_base", "base_eval"])
-    result = dg.materialize(assets, instance=instance, resources=res, partition_key="qlora",
+    defs, instance = with_shared_assets(project, ft_home)
+    result = dg.materialize(list(defs.assets), instance=instance, resources=defs.resources, partition_key="qlora",
                             selection=["adapter", "merged_model"])
     [check] = result.get_asset_check_evaluations()
     assert check.check_name == "matches_adapter" and not check.passed
@@ -134,12 +138,8 @@ def test_leaderboard_ranks_every_method_and_the_base(graph):
 
 
 def test_leaderboard_with_some_partitions_says_which_are_missing(project, ft_home):
-    recipe = load_recipe(project / "recipe.yaml")
-    defs = build_definitions(recipe, home=str(ft_home))
-    instance = dg.DagsterInstance.ephemeral()
+    defs, instance = with_shared_assets(project, ft_home)
     assets, res = list(defs.assets), defs.resources
-    dg.materialize(assets, instance=instance, resources=res,
-                   selection=["base_model", "sft_dataset", "quantized_base", "base_eval"])
     dg.materialize(assets, instance=instance, resources=res, partition_key="lora",
                    selection=["adapter", "merged_model", "eval_report"])
     result = dg.materialize(assets, instance=instance, resources=res, selection=["leaderboard"])
