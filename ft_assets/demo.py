@@ -13,6 +13,7 @@ from pathlib import Path
 import dagster as dg
 
 from .definitions import build_definitions
+from .defs.automation import record_sources
 from .recipe import load_recipe
 from .store import ArtifactStore, ft_home
 
@@ -49,6 +50,7 @@ def materialize_all(defs: dg.Definitions, methods: list[str], instance: dg.Dagst
 
     shared = [k for k in ("base_model", "sft_dataset", "quantized_base", "base_eval") if has(k)]
     t0 = time.perf_counter()
+    record_sources(defs, instance)  # the versions these runs consume, on record (see record_sources)
     say(f"[demo] materializing {', '.join(shared)}")
     dg.materialize(assets, instance=instance, resources=resources, selection=shared)
     failed = []
@@ -75,6 +77,7 @@ def materialize_all(defs: dg.Definitions, methods: list[str], instance: dg.Dagst
             failed.append("student")
             say(f"[demo] student FAILED; see the run {result.run_id} in the UI")
     dg.materialize(assets, instance=instance, resources=resources, selection=["leaderboard"])
+    record_sources(defs, instance)  # a dpo method's settings version names the SFT adapter trained above
     say(f"[demo] {time.perf_counter() - t0:6.0f}s  done")
     return failed
 

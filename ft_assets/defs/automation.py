@@ -1,8 +1,10 @@
 """What re-runs on its own: data-change reruns, code/recipe-change reruns, scheduled retraining.
 
-- A sensor (`ft_assets_observe_sources`) hashes every data file and every method's settings
-  each `automation.observe_interval_s` seconds, inside the code server, and records an
-  observation only when a version changed. (Observing through runs instead would start a
+- A sensor (`ft_assets_observe_sources`) hashes every data file (datasets and the preference
+  file: `source_versions`) and every method's settings each `automation.observe_interval_s`
+  seconds, inside the code server, and records an observation only when a version changed.
+  Runs started outside the daemon (the demo) first record what they consume (`record_sources`),
+  so the sensor's first observation of the same versions after `make ui` re-runs nothing. (Observing through runs instead would start a
   process per observation that imports torch; on a busy machine those runs outlast the
   interval, the sources always look "in progress", and eager() never fires.) Touching or
   rewriting a file unchanged does nothing.
@@ -25,12 +27,13 @@ The automation sensor is on by default, so all of this works as soon as `dagster
 import json
 
 import dagster as dg
-from dagster._core.definitions.data_version import DATA_VERSION_TAG  # the tag observations carry
 
 from ..recipe import Recipe
 
 RECIPE_METHOD_KEY = dg.AssetKey(["recipe", "method"])
 AUTOMATION_SENSOR = "ft_assets_automation"
+OBSERVATION_SENSOR = "ft_assets_observe_sources"
+DATA_VERSION_TAG = "dagster/data_version"  # the tag in which Dagster reads an observation's data version
 
 
 def on_new_input_versions() -> dg.AutomationCondition:
@@ -122,31 +125,49 @@ def retrain(recipe: Recipe, partitions: dg.PartitionsDefinition) -> tuple[list, 
     return [job], [retrain_schedule]
 
 
+def source_versions(recipe: Recipe, home: str | None = None) -> dict[str, tuple[dg.AssetKey, str | None, str]]:
+    """Every source the graph reads, with its current version: each data file of the recipe
+    (datasets and the preference file) and each method's settings. The observation sensor and
+    `record_sources` both use this one list."""
+    from .raw import data_files, file_version, raw_key
+
+    out = {}
+    for ds in data_files(recipe):
+        out[f"raw/{ds.name}"] = (raw_key(ds), None, file_version(recipe.dataset_path(ds)))
+    for name in recipe.methods:
+        out[f"recipe/method[{name}]"] = (RECIPE_METHOD_KEY, name, method_version(recipe, name, home))
+    return out
+
+
 def observation_sensor(recipe: Recipe, home: str | None = None) -> dg.SensorDefinition:
     """Record a new observation for each source whose version changed since the last tick."""
-    from .raw import file_version, raw_key
 
-    @dg.sensor(name="ft_assets_observe_sources", minimum_interval_seconds=recipe.automation.observe_interval_s,
+    @dg.sensor(name=OBSERVATION_SENSOR, minimum_interval_seconds=recipe.automation.observe_interval_s,
                default_status=dg.DefaultSensorStatus.RUNNING,
                description="Hashes the data files and each method's recipe settings; records changes.")
     def observe_sources(context: dg.SensorEvaluationContext):
         previous = json.loads(context.cursor) if context.cursor else {}
-        current, events = {}, []
-        for ds in recipe.datasets:
-            version = file_version(recipe.dataset_path(ds))
-            current[f"raw/{ds.name}"] = version
-            if previous.get(f"raw/{ds.name}") != version:
-                events.append(dg.AssetObservation(raw_key(ds), tags={DATA_VERSION_TAG: version}))
-        for name in recipe.methods:
-            version = method_version(recipe, name, home)
-            current[f"recipe/method[{name}]"] = version
-            if previous.get(f"recipe/method[{name}]") != version:
-                events.append(dg.AssetObservation(RECIPE_METHOD_KEY, partition=name, tags={DATA_VERSION_TAG: version}))
+        current = source_versions(recipe, home)
+        events = [dg.AssetObservation(key, partition=partition, tags={DATA_VERSION_TAG: version})
+                  for name, (key, partition, version) in current.items() if previous.get(name) != version]
         if not events:
             return dg.SkipReason("no data file or method setting changed")
-        return dg.SensorResult(asset_events=events, cursor=json.dumps(current, sort_keys=True))
+        return dg.SensorResult(asset_events=events,
+                               cursor=json.dumps({name: v for name, (_, _, v) in current.items()}, sort_keys=True))
 
     return observe_sources
+
+
+def record_sources(defs: dg.Definitions, instance: dg.DagsterInstance) -> int:
+    """Record every source's current version in `instance`, as the observation sensor would on
+    its first tick. Runs launched outside the daemon (the demo) call it, so what they consumed is
+    on record: the sensor's first real observation of the same versions is then no change, and
+    opening the UI after the demo re-runs nothing. Returns how many observations it recorded."""
+    sensor = defs.resolve_sensor_def(OBSERVATION_SENSOR)
+    result = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs))
+    for event in result.asset_events:
+        instance.report_runless_asset_event(event)
+    return len(result.asset_events)
 
 
 def automation_sensor() -> dg.AutomationConditionSensorDefinition:

@@ -38,6 +38,10 @@ def _observer(recipe: Recipe, ds: DatasetSpec | PreferenceDataSpec):
     return observe_file
 
 
+def data_files(recipe: Recipe) -> list[DatasetSpec | PreferenceDataSpec]:
+    """Every data file the recipe reads: its datasets and, when it has one, its preference file."""
+    return [*recipe.datasets, *([recipe.preferences] if recipe.preferences else [])]
+
+
 def build(recipe: Recipe) -> list:
-    files = [*recipe.datasets, *([recipe.preferences] if recipe.preferences else [])]
-    return [_observer(recipe, ds) for ds in files]
+    return [_observer(recipe, ds) for ds in data_files(recipe)]

@@ -8,10 +8,10 @@ import json
 import dagster as dg
 import pytest
 import yaml
-from dagster._core.definitions.observe import observe  # the in-process observation helper
 
 from ft_assets.core import train
 from ft_assets.defs import _common
+from ft_assets.defs.automation import record_sources
 from ft_assets.definitions import build_definitions
 from ft_assets.demo import materialize_all
 from ft_assets.recipe import load_recipe
@@ -35,13 +35,9 @@ def requested(result) -> set[tuple[str, str | None]]:
     return out
 
 
-def sources(defs):
-    return [a for a in defs.assets if isinstance(a, dg.SourceAsset)]
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_model_dir):
-    """A fully materialized, fully observed tiny project on a persistent test instance."""
+    """A tiny project materialized as `make demo` does, on a persistent test instance."""
     root = tmp_path_factory.mktemp("auto")
     (root / "data").mkdir()
     write_jsonl(root / "data" / "qa.jsonl", qa_rows())
@@ -50,7 +46,6 @@ def world(tmp_path_factory, tiny_model_dir):
     with dg.instance_for_test() as instance:
         recipe = load_recipe(root / "recipe.yaml")
         defs = build_definitions(recipe, home=str(home))
-        observe(sources(defs), instance=instance)
         materialize_all(defs, list(recipe.methods), instance, say=lambda *_: None)
         first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
         yield {"root": root, "home": home, "instance": instance, "defs": defs, "cursor": first.cursor,
@@ -58,10 +53,10 @@ def world(tmp_path_factory, tiny_model_dir):
 
 
 def step(world, defs=None, observe_first=True):
-    """One automation tick (after observing the sources, as the observation cron would)."""
+    """One daemon tick: the observation sensor's (its events recorded), then the automation's."""
     defs = defs or world["defs"]
     if observe_first:
-        observe(sources(defs), instance=world["instance"])
+        record_sources(defs, world["instance"])
     result = dg.evaluate_automation_conditions(defs=defs, instance=world["instance"], cursor=world["cursor"])
     world["cursor"] = result.cursor
     return requested(result)
@@ -88,9 +83,11 @@ def settle(world, defs, got):
     return later
 
 
-def test_nothing_runs_when_nothing_changed(world):
+def test_opening_the_ui_after_the_demo_runs_nothing(world):
+    """`make demo`, then `make ui`: the automation's first tick, then the observation sensor's
+    first observations (the same versions the demo consumed), then more ticks: no run."""
     assert requested(world["first"]) == set()
-    assert step(world) == set()
+    assert step(world) == set() and step(world) == set()
 
 
 def materialize_adapter(world, partition, **run_config):

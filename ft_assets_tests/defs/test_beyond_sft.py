@@ -9,9 +9,9 @@ import json
 import dagster as dg
 import pytest
 import yaml
-from dagster._core.definitions.observe import observe
 
 from ft_assets.definitions import build_definitions
+from ft_assets.defs.automation import record_sources
 from ft_assets.demo import materialize_all
 from ft_assets.recipe import load_recipe
 from ft_assets.store import ArtifactStore
@@ -74,14 +74,11 @@ def world(tmp_path_factory, tiny_model_dir):
     with dg.instance_for_test() as instance:
         recipe = load_recipe(root / "recipe.yaml")
         defs = build_definitions(recipe, home=str(home))
-        sources = [a for a in defs.assets if isinstance(a, dg.SourceAsset)]
-        observe(sources, instance=instance)
-        failed = materialize_all(defs, list(recipe.methods), instance, say=lambda *_: None)
+        failed = materialize_all(defs, list(recipe.methods), instance, say=lambda *_: None)  # as make demo
         assert not failed, failed
-        observe(sources, instance=instance)  # recipe/method[dpo] now names the adapter[lora] it continued
         first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
         yield {"root": root, "home": home, "instance": instance, "defs": defs, "recipe": recipe,
-               "store": ArtifactStore(home), "sources": sources, "cursor": first.cursor, "first": first}
+               "store": ArtifactStore(home), "cursor": first.cursor, "first": first}
 
 
 def meta(world, key: str, partition: str | None = None) -> dict:
@@ -175,8 +172,9 @@ def test_mixture_and_per_task_metrics(world):
 
 
 def step(world, observe_first=True):
+    """One daemon tick: the observation sensor's (its events recorded), then the automation's."""
     if observe_first:
-        observe(world["sources"], instance=world["instance"])
+        record_sources(world["defs"], world["instance"])
     result = dg.evaluate_automation_conditions(defs=world["defs"], instance=world["instance"], cursor=world["cursor"])
     world["cursor"] = result.cursor
     return requested(result)
@@ -201,7 +199,8 @@ def settle(world, got) -> set:
 
 
 def test_changed_preference_pairs_rerun_only_the_dpo_partitions(world):
-    assert requested(world["first"]) == set()
+    """Through the observation sensor: it hashes the preference file too."""
+    assert requested(world["first"]) == set() and step(world) == set()
     rows = pref_rows()
     rows[0]["rejected"] = "$1 million"
     write_jsonl(world["root"] / "data" / "prefs.jsonl", rows)
