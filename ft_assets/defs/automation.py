@@ -29,11 +29,11 @@ import json
 import dagster as dg
 
 from ..recipe import Recipe
+from .resources import DATA_VERSION_TAG  # observations carry their data version in it too
 
 RECIPE_METHOD_KEY = dg.AssetKey(["recipe", "method"])
 AUTOMATION_SENSOR = "ft_assets_automation"
 OBSERVATION_SENSOR = "ft_assets_observe_sources"
-DATA_VERSION_TAG = "dagster/data_version"  # the tag in which Dagster reads an observation's data version
 
 
 def on_new_input_versions() -> dg.AutomationCondition:

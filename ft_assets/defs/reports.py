@@ -34,7 +34,7 @@ from ..store import Artifact, dir_bytes
 from . import _common as c
 from .adapters import methods_partitions
 from .preferences import preference_dep
-from .resources import ComputeResource, StoreResource
+from .resources import ComputeResource, StoreResource, all_partitions
 
 METRIC_KEYS = ("exact_match", "token_f1", "rouge_l", "eval_loss", "perplexity")
 TASK_COLUMNS = ["task", "examples", "base_token_f1", "tuned_token_f1", "token_f1_gain", "base_exact_match",
@@ -115,6 +115,9 @@ def build(recipe: Recipe) -> list:
                 c.write_json(st.path / "preference_metrics.json", prefs)
             if forgetting is not None:
                 st.extra["forgetting"] = {k: forgetting[k] for k in ("previous_adapter", "previous_sft_dataset")}
+            # what the leaderboard shows beside the scores, so it reads only reports
+            st.extra["adapter"] = {"version": adapter.version, "train": adapter_manifest.get("train", {}),
+                                   "bytes": dir_bytes(adapter.dir)}
         summary = [{"model": "base", **{k: base[k] for k in METRIC_KEYS}},
                    {"model": name, **{k: tuned[k] for k in METRIC_KEYS}}]
         yield c.output(st.artifact, {
@@ -148,29 +151,31 @@ def build(recipe: Recipe) -> list:
     cv_board = c.code_version("leaderboard", recipe)
 
     @dg.asset(group_name="evaluation", kinds={"csv", "json"}, code_version=cv_board,
-              deps=[dg.AssetDep("eval_report"), dg.AssetDep("base_eval")])
-    def leaderboard(context: dg.AssetExecutionContext, store: StoreResource) -> dg.MaterializeResult:
-        """Every method's latest eval_report on one table (plus the base model), as table, chart, CSV and JSON.
+              ins={"eval_report": all_partitions(), "base_eval": dg.AssetIn()})
+    def leaderboard(context: dg.AssetExecutionContext, store: StoreResource, eval_report: dict[str, Artifact],
+                    base_eval: Artifact) -> dg.MaterializeResult:
+        """Every method's eval_report on one table (plus the base model), as table, chart, CSV and JSON.
 
-        Correct with only some partitions materialized: the missing ones are listed, not guessed.
+        Reads the report versions Dagster recorded (declared inputs); each report carries the facts
+        of the adapter it evaluated. Correct with only some partitions materialized: the missing
+        ones are listed, not guessed.
         """
         st_ = store.store()
-        base_art = st_.latest("base_eval")
-        if base_art is None:
-            raise c.user_error(RuntimeError("base_eval has not been materialized yet; materialize it first"))
+        base_art = base_eval
         rows, missing, inputs = [], [], {c.key_of(base_art): base_art.version}
         base = json.loads((base_art.dir / "metrics.json").read_text())
         base_params = None
         for name in recipe.methods:
-            report, adapter_art = st_.latest("eval_report", name), st_.latest("adapter", name)
-            if report is None or adapter_art is None:
+            report = eval_report.get(name)
+            if report is None:
                 missing.append(name)
                 continue
             inputs[c.key_of(report)] = report.version
             tuned = json.loads((report.dir / "metrics.json").read_text())["tuned"]
-            train_facts = adapter_art.manifest().get("train", {})
+            trained = report.manifest().get("adapter", {})  # reports made before this field: no training facts
+            train_facts = trained.get("train", {})
             base_params = base_params or train_facts.get("total_parameters")
-            rows.append(board_row(name, recipe.methods[name].type, tuned, train_facts, dir_bytes(adapter_art.dir)))
+            rows.append(board_row(name, recipe.methods[name].type, tuned, train_facts, trained.get("bytes", 0)))
         rows.sort(key=lambda r: -r["token_f1"])
         rows.append(board_row("base", "-", base, {}, 0))
         with st_.write("leaderboard", recipe_hash=recipe.recipe_hash, code_version=cv_board, seed=recipe.seed) as st:

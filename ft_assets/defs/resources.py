@@ -10,6 +10,14 @@ import dagster as dg
 from ..core.device import Compute, resolve
 from ..store import Artifact, ArtifactStore, ft_home
 
+DATA_VERSION_TAG = "dagster/data_version"  # where Dagster keeps a materialization's data version
+ALL_PARTITIONS = "ft_assets/all_partitions"  # AssetIn metadata: load {partition: artifact} of every partition
+
+
+def all_partitions() -> dg.AssetIn:
+    """An input that receives every materialized partition of a partitioned upstream, as a dict."""
+    return dg.AssetIn(metadata={ALL_PARTITIONS: True})
+
 
 class ComputeResource(dg.ConfigurableResource):
     """Where models run: `auto` picks CUDA when visible (bf16 autocast), else CPU (float32)."""
@@ -31,10 +39,12 @@ class StoreResource(dg.ConfigurableResource):
 
 
 class ArtifactIOManager(dg.ConfigurableIOManager):
-    """Assets return an `Artifact` (a finished directory); downstream inputs get it back.
-
-    The artifact itself is written by the asset through the store; this only records and
-    reads the store's LATEST pointer for the asset/partition.
+    """Assets return an `Artifact` (a finished directory); downstream inputs get back exactly the
+    version Dagster recorded for the upstream's latest materialization (its data version), never
+    whatever the store's LATEST pointer says now: a newer directory written by a run Dagster has
+    not recorded (another instance, a run still in flight) cannot slip under the lineage the UI
+    shows. The artifact itself is written by the asset through the store; this only moves the
+    LATEST pointer on output.
     """
 
     home: str = ""
@@ -48,19 +58,27 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
         self._store().set_latest(obj)
 
     def load_input(self, context: dg.InputContext) -> Artifact | dict[str, Artifact]:
-        asset = context.asset_key.path[-1]
-        store = self._store()
-        if context.has_asset_partitions and len(context.asset_partition_keys) > 1:
-            found = {p: store.latest(asset, p) for p in context.asset_partition_keys}
+        if (context.definition_metadata or {}).get(ALL_PARTITIONS):
+            # {partition: artifact} of the partitions materialized so far (the reader says which are missing)
+            found = {p: self._recorded(context, p) for p in context.asset_partition_keys}
             return {p: a for p, a in found.items() if a is not None}
         partition = context.asset_partition_key if context.has_asset_partitions else None
-        art = store.latest(asset, partition)
+        art = self._recorded(context, partition)
         if art is None:
-            raise dg.Failure(
-                f"no artifact for {asset}{f'[{partition}]' if partition else ''} in {store.root}; "
-                "materialize it first"
-            )
+            label = f"{context.asset_key.to_user_string()}{f'[{partition}]' if partition else ''}"
+            raise dg.Failure(f"Dagster has no materialization of {label} with an artifact in {self._store().root}; "
+                             "materialize it first (in this Dagster instance)")
         return art
+
+    def _recorded(self, context: dg.InputContext, partition: str | None) -> Artifact | None:
+        """The artifact of the data version Dagster recorded for the latest materialization."""
+        records = context.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=context.asset_key, asset_partitions=[partition] if partition else None),
+            limit=1).records
+        if not records:
+            return None
+        version = (records[0].asset_materialization.tags or {}).get(DATA_VERSION_TAG)
+        return self._store().get(context.asset_key.path[-1], partition, version) if version else None
 
 
 def default_resources() -> dict:

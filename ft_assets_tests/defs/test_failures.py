@@ -17,7 +17,12 @@ def run(project, ft_home, selection):
     recipe = load_recipe(project / "recipe.yaml")
     defs = build_definitions(recipe, home=str(ft_home))
     return dg.materialize(list(defs.assets), resources=defs.resources, selection=selection,
-                          instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+                          instance=instance_of(ft_home), raise_on_error=False)
+
+
+def instance_of(ft_home, _instances={}) -> dg.DagsterInstance:
+    """One Dagster instance per FT_HOME for the whole test, as a deployment has."""
+    return _instances.setdefault(str(ft_home), dg.DagsterInstance.ephemeral())
 
 
 def failure_message(result) -> str:

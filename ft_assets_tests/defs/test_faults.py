@@ -22,6 +22,7 @@ from ft_assets.core import train
 from ft_assets.definitions import build_definitions
 from ft_assets.recipe import load_recipe
 from ft_assets.store import ArtifactStore
+from ft_assets_tests.defs.test_failures import instance_of
 
 RUNNER = textwrap.dedent("""
     import sys, dagster as dg
@@ -106,7 +107,7 @@ def test_two_partitions_trained_at_once_never_collide(project, tmp_path):
 def _run(project, ft_home, selection, partition=None):
     defs = build_definitions(load_recipe(project / "recipe.yaml"), home=str(ft_home))
     return dg.materialize(list(defs.assets), resources=defs.resources, selection=selection, partition_key=partition,
-                          instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+                          instance=instance_of(ft_home), raise_on_error=False)
 
 
 def _failure(result) -> str:

@@ -14,6 +14,7 @@ from ft_assets.definitions import build_definitions
 from ft_assets.demo import materialize_all
 from ft_assets.recipe import load_recipe
 from ft_assets.store import ArtifactStore
+from ft_assets_tests.conftest import qa_rows, write_jsonl
 
 
 @pytest.fixture
@@ -147,3 +148,22 @@ def test_leaderboard_with_some_partitions_says_which_are_missing(project, ft_hom
     assert board["missing"] == ["qlora"] and [r["method"] for r in board["rows"]] == ["lora", "base"]
     meta = result.asset_materializations_for_node("leaderboard")[0].metadata
     assert meta["missing_methods"].value == ["qlora"]
+
+
+def test_inputs_are_the_versions_dagster_recorded_not_the_newest_directory(project, ft_home):
+    defs, instance = with_shared_assets(project, ft_home)
+    store = ArtifactStore(ft_home)
+    recorded = store.latest("sft_dataset").version
+    # another Dagster instance on the same FT_HOME writes a newer sft_dataset
+    write_jsonl(project / "data" / "qa.jsonl", [dict(r, answer="$1 million") for r in qa_rows()])
+    dg.materialize(list(defs.assets), instance=dg.DagsterInstance.ephemeral(), resources=defs.resources,
+                   selection=["base_model", "sft_dataset"])
+    assert store.latest("sft_dataset").version != recorded
+    dg.materialize(list(defs.assets), instance=instance, resources=defs.resources, selection=["base_eval"])
+    assert store.latest("base_eval").manifest()["inputs"]["sft_dataset"] == recorded  # what this instance shows
+
+    fresh = dg.materialize(list(defs.assets), instance=dg.DagsterInstance.ephemeral(), resources=defs.resources,
+                           selection=["base_eval"], raise_on_error=False)
+    assert not fresh.success
+    failures = [e.step_failure_data.user_failure_data.description for e in fresh.all_events if e.is_step_failure]
+    assert any("Dagster has no materialization of" in f and "materialize it first" in f for f in failures)
