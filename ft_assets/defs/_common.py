@@ -1,4 +1,5 @@
-"""Helpers every stage module uses: versions, outputs, metadata, user-facing failures."""
+"""Helpers every stage module uses: versions, outputs, metadata, user-facing failures, and the
+reuse rule of trained artifacts (a derivation already made is reused; `force` makes a new one)."""
 
 from __future__ import annotations
 
