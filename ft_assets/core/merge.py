@@ -25,7 +25,7 @@ one by one too.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -44,9 +44,9 @@ LINEAR_MAPS_IN_SERIES_PER_LAYER = 4  # q/k/v -> o, gate/up -> down
 class MergeComparison:
     """How far the merged model is from base + adapter, against what rounding explains."""
 
-    max_abs_diff: float  # max |logits(merged) - logits(reference)| over the compared tokens
+    max_abs_logit_diff: float  # max |logits(merged) - logits(reference)| over the compared tokens
     logit_scale: float  # max |logit| of the reference over the same tokens
-    relative_diff: float  # max_abs_diff / logit_scale
+    relative_diff: float  # max_abs_logit_diff / logit_scale
     tolerance: float  # the largest relative_diff rounding explains for this method and model
     worst_layer: str  # the Linear layer whose output is furthest from the reference's
     layer_relative_diff: float  # its max |difference| / max |reference output|
@@ -56,6 +56,15 @@ class MergeComparison:
     @property
     def passed(self) -> bool:
         return self.relative_diff <= self.tolerance and self.layer_relative_diff <= self.layer_tolerance
+
+    def numbers(self) -> dict[str, float | str]:
+        """Every measured field (all but the explanation), for metadata."""
+        return {k: v for k, v in asdict(self).items() if k != "expected"}
+
+
+def relative(diff: float, scale: float) -> float:
+    """diff / scale, where a zero scale makes any non-zero difference infinitely large."""
+    return diff / scale if scale else (0.0 if diff == 0 else math.inf)
 
 
 def merged(method: Method, base_dir: Path, adapter_dir: Path, quantized_dir: Path | None, device: str):
@@ -134,7 +143,7 @@ def compare_linear_layers(merged_model, reference, rows: int = 8, seed: int = 0)
         expected = reference.get_submodule(name)(x).float()
         diff = float((layer(x).float() - expected).abs().max())
         scale = float(expected.abs().max())
-        rel = diff / scale if scale else (0.0 if diff == 0 else math.inf)
+        rel = relative(diff, scale)
         tol = layer_tolerance(layer.in_features, weight.dtype)
         if rel / tol >= worst[1] / worst[2]:
             worst = (name, rel, tol)
@@ -152,6 +161,13 @@ def compare(merged_model, reference, method: Method, examples: list[Example], pa
     dtype = next(merged_model.parameters()).dtype
     tol, expected = rounding_tolerance(method.merge_rounding, merged_model.config, dtype)
     expected += f"; each Linear layer: 2·(2·sqrt(K)+1)·u of its output scale (worst: {worst_layer})"
-    return MergeComparison(max_abs_diff=diff, logit_scale=scale, relative_diff=diff / scale if scale else (0.0 if diff == 0 else math.inf),
+    return MergeComparison(max_abs_logit_diff=diff, logit_scale=scale, relative_diff=relative(diff, scale),
                            tolerance=tol, worst_layer=worst_layer, layer_relative_diff=layer_rel,
                            layer_tolerance=layer_tol, expected=expected)
+
+
+def check_saved_merge(method: Method, merged_dir: Path, base_dir: Path, adapter_dir: Path, quantized_dir: Path | None,
+                      examples: list[Example], pad_id: int, device: str) -> MergeComparison:
+    """The merged checkpoint as saved, reloaded from disk, against base + adapter as trained."""
+    return compare(load_model(merged_dir, device), unmerged(method, base_dir, adapter_dir, quantized_dir, device),
+                   method, examples, pad_id, device)
