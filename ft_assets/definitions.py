@@ -6,7 +6,9 @@
 
 and, when the recipe asks for them:
 
-    raw/<preferences> ─> preference_dataset[d] ─> adapter[d], eval_report[d]   (d: each dpo method)
+    raw/<preferences> ─> preference_dataset[d] ─> preference_adapter[d] ─> merged_model[d] ─> eval_report[d]
+                               adapter[sft_from of d] ─┘                  (d: each dpo method; eval_report[d]
+                                                                    also reads adapter[sft_from], its reference)
     merged_model[teacher] ─> student                                           (distillation)
 
 plus the automation sensor (eager reruns), and the retraining schedule when the recipe has one.
@@ -25,18 +27,18 @@ from .store import ft_home
 def build_definitions(recipe: Recipe, home: str | None = None) -> dg.Definitions:
     home = str(home or ft_home())
     parts = adapters.methods_partitions(recipe)
-    sources = [*raw.build(recipe), automation.recipe_methods_source(recipe, parts, home)]
+    sources = [*raw.build(recipe), automation.recipe_methods_source(recipe, parts)]
     derived = [*models.build(recipe), *datasets.build(recipe), *preferences.build(recipe), *adapters.build(recipe),
                *reports.build(recipe), *distill.build(recipe)]
     condition = automation.derived_condition(recipe)
     if condition is not None:
         derived = dg.map_asset_specs(lambda spec: spec.replace_attributes(automation_condition=condition), derived)
-    jobs, schedules = automation.retrain(recipe, parts)
+    jobs, schedules = automation.retrain(recipe, adapters.adapter_partitions(recipe))
     return dg.Definitions(
         assets=[*sources, *derived],
         jobs=jobs,
         schedules=schedules,
-        sensors=[automation.automation_sensor(), automation.observation_sensor(recipe, home)],
+        sensors=[automation.automation_sensor(), automation.observation_sensor(recipe)],
         resources={
             "compute": ComputeResource(device=recipe.compute.device, threads=recipe.compute.threads),
             "store": StoreResource(home=home),

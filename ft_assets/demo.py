@@ -39,47 +39,73 @@ def ensure_instance(home: Path | None = None) -> dg.DagsterInstance:
     return dg.DagsterInstance.get()
 
 
-def materialize_all(defs: dg.Definitions, methods: list[str], instance: dg.DagsterInstance, say=print) -> list[str]:
-    """Materialize the whole graph, one run per method partition. Returns the methods that failed
-    (the others and the leaderboard still run, so one bad method does not hide the rest)."""
-    assets = list(defs.assets)
-    resources = defs.resources
+Target = tuple[dg.AssetKey, str | None]  # an asset and one of its partitions (None: unpartitioned)
 
-    def has(key: str) -> bool:
-        return any(dg.AssetKey(key) in getattr(a, "keys", ()) for a in assets)
 
-    shared = [k for k in ("base_model", "sft_dataset", "quantized_base", "base_eval") if has(k)]
+def run_batches(defs: dg.Definitions) -> list[list[dg.AssetsDefinition]]:
+    """The materializable assets in the order their declared dependencies (`asset_deps`) allow,
+    cut into batches that share one partitions definition: each batch is one run per partition
+    key (a Dagster run holds one partition key). Greedy: an asset joins the open batch when its
+    partitions match and every dependency is done or in that batch, so chains stay in one run."""
+    assets = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition) and a.is_materializable]
+    deps = {id(a): {d for k in a.keys for d in a.asset_deps[k]} - set(a.keys) for a in assets}
+    owner = {k: a for a in assets for k in a.keys}
+    pending, batches = list(assets), []
+    while pending:  # each pass places at least one asset (the graph is acyclic), so it ends
+        done = {k for a in assets if a not in pending for k in a.keys}
+        ready = [a for a in pending if all(d in done or d not in owner for d in deps[id(a)])]
+        batch, keys = [ready[0]], set(ready[0].keys)
+        pending.remove(ready[0])
+        grew = True
+        while grew:
+            grew = False
+            for a in list(pending):
+                if a.partitions_def == batch[0].partitions_def and all(
+                        d in done or d in keys or d not in owner for d in deps[id(a)]):
+                    batch.append(a)
+                    keys |= set(a.keys)
+                    pending.remove(a)
+                    grew = True
+        batches.append(batch)
+    return batches
+
+
+def materialize_graph(defs: dg.Definitions, instance: dg.DagsterInstance, targets: set[Target] | None = None,
+                      say=print) -> list[Target]:
+    """Materialize `targets` (default: every partition of every asset) in dependency order, one
+    run per batch and partition key. A run that fails does not stop the others; targets whose
+    same-partition (or unpartitioned) upstream failed are skipped. Returns what did not materialize."""
     t0 = time.perf_counter()
-    record_sources(defs, instance)  # the versions these runs consume, on record (see record_sources)
-    say(f"[demo] materializing {', '.join(shared)}")
-    dg.materialize(assets, instance=instance, resources=resources, selection=shared)
-    failed = []
-    # dpo partitions continue another partition's adapter and read preference_dataset[<dpo method>]:
-    # they go after the other methods, each after its preference_dataset partition
-    pref_parts = set(defs.resolve_assets_def("preference_dataset").partitions_def.get_partition_keys()
-                     ) if has("preference_dataset") else set()
-    for m in sorted(methods, key=lambda m: m in pref_parts):
-        if m in pref_parts:
-            say(f"[demo] {time.perf_counter() - t0:6.0f}s  preference_dataset[{m}]")
-            dg.materialize(assets, instance=instance, resources=resources, partition_key=m,
-                           selection=["preference_dataset"])
-        say(f"[demo] {time.perf_counter() - t0:6.0f}s  training, merging and evaluating partition {m!r}")
-        result = dg.materialize(assets, instance=instance, resources=resources, partition_key=m,
-                                selection=["adapter", "merged_model", "eval_report"], raise_on_error=False)
-        if not result.success:
-            failed.append(m)
-            say(f"[demo] partition {m!r} FAILED; see the run {result.run_id} in the UI")
-    if has("student"):
-        say(f"[demo] {time.perf_counter() - t0:6.0f}s  distilling the student")
-        result = dg.materialize(assets, instance=instance, resources=resources, selection=["student"],
-                                raise_on_error=False)
-        if not result.success:
-            failed.append("student")
-            say(f"[demo] student FAILED; see the run {result.run_id} in the UI")
-    dg.materialize(assets, instance=instance, resources=resources, selection=["leaderboard"])
-    record_sources(defs, instance)  # a dpo method's settings version names the SFT adapter trained above
-    say(f"[demo] {time.perf_counter() - t0:6.0f}s  done")
+    failed: list[Target] = []
+    for batch in run_batches(defs):
+        pdef = batch[0].partitions_def
+        for partition in pdef.get_partition_keys() if pdef else [None]:
+            want = [k for a in batch for k in a.keys if targets is None or (k, partition) in targets]
+            upstream_failed = [f for f in failed if f[1] in (partition, None)
+                               and any(f[0] in a.asset_deps[k] for a in batch for k in a.keys if k in want)]
+            if not want:
+                continue
+            label = f"{', '.join(k.to_user_string() for k in want)}{f' [{partition}]' if partition else ''}"
+            if upstream_failed:
+                say(f"[demo] {time.perf_counter() - t0:6.0f}s  skipped {label}: an input failed")
+                failed += [(k, partition) for k in want]
+                continue
+            say(f"[demo] {time.perf_counter() - t0:6.0f}s  {label}")
+            result = dg.materialize(list(defs.assets), instance=instance, resources=defs.resources,
+                                    selection=want, partition_key=partition, raise_on_error=False)
+            made = {e.asset_key for e in result.get_asset_materialization_events()}
+            if not result.success:
+                failed += [(k, partition) for k in want if k not in made]
+                say(f"[demo] {label} FAILED; see the run {result.run_id} in the UI")
     return failed
+
+
+def materialize_all(defs: dg.Definitions, instance: dg.DagsterInstance, say=print) -> list[str]:
+    """What `make demo` does: record the sources it consumes, then materialize the whole graph.
+    Returns the method partitions (or unpartitioned assets) that failed; the others still run."""
+    record_sources(defs, instance)  # the versions these runs consume, on record (see record_sources)
+    failed = materialize_graph(defs, instance, say=say)
+    return sorted({p or k.to_user_string() for k, p in failed})
 
 
 def main() -> int:
@@ -87,7 +113,7 @@ def main() -> int:
     instance = ensure_instance()
     defs = build_definitions(recipe)
     t0 = time.perf_counter()
-    failed = materialize_all(defs, list(recipe.methods), instance)
+    failed = materialize_all(defs, instance)
     store = ArtifactStore()
     print(f"\n[demo] whole graph materialized in {time.perf_counter() - t0:.0f}s (recipe {recipe.name})")
     for m in recipe.methods:

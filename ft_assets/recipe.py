@@ -472,6 +472,11 @@ class Recipe(_Strict):
             if src.type not in DPO_SFT_TYPES:
                 raise ValueError(f"methods.{name}.sft_from: {spec.sft_from!r} is a {src.type} method; dpo continues "
                                  f"one of: {', '.join(DPO_SFT_TYPES)}")
+        a = self.automation
+        if a.retrain_cron and not a.eager and self.methods_of_type("dpo"):
+            raise ValueError("automation.retrain_cron with automation.eager: false cannot retrain dpo methods "
+                             "(their merge and evaluation follow preference_adapter, outside the adapter job); "
+                             "set automation.eager: true or drop retrain_cron")
         if self.distillation is not None:
             teacher = self.methods.get(self.distillation.teacher)
             if teacher is None:

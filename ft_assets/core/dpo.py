@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from .data import IGNORE_INDEX, Example
+from .models import load_model, parameter_count
 from .preferences import PreferencePair
-from .train import TrainConfig, collate
+from .train import TrainConfig, TrainingDiverged, collate, peak_memory_bytes, reset_peak_memory, seed_everything, steps_for
 
 TRL_OPTIMIZERS = {"adamw": "adamw_torch", "paged_adamw_8bit": "paged_adamw_8bit", "adamw_8bit": "adamw_bnb_8bit"}
 
@@ -43,10 +44,15 @@ class DpoResult:
     steps: int = 0
     pairs_seen: int = 0
     wall_s: float = 0.0
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+    peak_memory_bytes: int = 0
 
     def summary(self) -> dict[str, Any]:
         return {
             "steps": self.steps, "pairs_seen": self.pairs_seen, "wall_s": round(self.wall_s, 2),
+            "trainable_parameters": self.trainable_parameters, "total_parameters": self.total_parameters,
+            "peak_memory_bytes": self.peak_memory_bytes,
             "first_loss": self.losses[0][1] if self.losses else None,
             "final_loss": self.losses[-1][1] if self.losses else None,
             "final_train_reward_accuracy": self.reward_accuracies[-1][1] if self.reward_accuracies else None,
@@ -55,7 +61,36 @@ class DpoResult:
 
 
 def dpo_steps(n_pairs: int, cfg: TrainConfig) -> int:
-    return max(1, min(cfg.max_steps, math.ceil(cfg.epochs * n_pairs / (cfg.batch_size * cfg.grad_accum))))
+    """Optimizer steps over `n_pairs`: the SFT rule (`train.steps_for`), pairs in place of rows."""
+    return steps_for(n_pairs, cfg)
+
+
+@dataclass
+class PreferenceTuning:
+    """What `tune_sft_adapter` made: the model (its "default" adapter is the DPO-tuned one) and the run."""
+
+    model: Any
+    result: DpoResult
+
+
+def tune_sft_adapter(base_dir: Path, sft_adapter_dir: Path, tokenizer, pairs: list[PreferencePair], cfg: TrainConfig,
+                     *, beta: float, loss_type: str, max_length: int | None, device: str, dtype: torch.dtype,
+                     work_dir: Path, on_log: Callable[[int, float], None] | None = None) -> PreferenceTuning:
+    """Load base + the SFT adapter (trainable) and continue it with DPO on `pairs`. Raises
+    `TrainingDiverged` when the loss is not finite."""
+    from peft import PeftModel
+
+    seed_everything(cfg.seed)
+    reset_peak_memory(device)
+    model = PeftModel.from_pretrained(load_model(base_dir, device, dtype), sft_adapter_dir, is_trainable=True)
+    trainable, total = parameter_count(model)
+    result = train_dpo(model, tokenizer, pairs, cfg, beta=beta, loss_type=loss_type, max_length=max_length,
+                       device=device, work_dir=work_dir, on_log=on_log)
+    if not all(math.isfinite(loss) for _, loss in result.losses):
+        raise TrainingDiverged(f"DPO loss is not finite; lower the learning rate (now {cfg.lr})")
+    result.trainable_parameters, result.total_parameters = trainable, total
+    result.peak_memory_bytes = peak_memory_bytes(device)
+    return PreferenceTuning(model, result)
 
 
 def to_trl_dataset(pairs: list[PreferencePair]):
@@ -188,3 +223,16 @@ def preference_metrics(policy: tuple[list[float], list[float]], reference: tuple
             "reward_rejected": round(sum(rr) / n, 4),
         })
     return m
+
+
+def evaluate_preferences(tuned, reference, base, pairs: list[PreferencePair], *, beta: float, pad_id: int,
+                         device: str = "cpu") -> dict[str, Any]:
+    """Held-out pairs scored the same way for three models: log-prob accuracy of the base, the SFT
+    reference and the DPO-tuned model, and the tuned model's DPO rewards against the reference."""
+    ref = sequence_logps(reference, pairs, pad_id, device)
+    return {
+        "pairs": len(pairs), "beta": beta,
+        "base": preference_metrics(sequence_logps(base, pairs, pad_id, device)),
+        "sft": preference_metrics(ref),
+        "dpo": preference_metrics(sequence_logps(tuned, pairs, pad_id, device), ref, beta),
+    }

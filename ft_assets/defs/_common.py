@@ -25,6 +25,7 @@ STAGE_VERSIONS = {
     "eval_report": "1",
     "leaderboard": "1",
     "preference_dataset": "1",
+    "preference_adapter": "1",
     "student": "1",
 }
 
@@ -102,10 +103,11 @@ def inputs_of(*arts: Artifact | None) -> dict[str, str]:
     return {key_of(a): a.version for a in arts if a is not None}
 
 
-def output(art: Artifact, metadata: dict[str, Any]) -> dg.Output:
+def output(art: Artifact, metadata: dict[str, Any], output_name: str = "result") -> dg.Output:
     manifest = art.manifest()
     return dg.Output(
         art,
+        output_name=output_name,
         data_version=dg.DataVersion(art.version),
         metadata={
             "path": dg.MetadataValue.path(art.path),

@@ -10,20 +10,17 @@
   base+adapter, relative to the logit scale, against the rounding the method's merge
   explains (`core.merge.compare`). Methods that cannot merge record why and still materialize.
 
-Beyond SFT (only for recipes that ask for it; other partitions train exactly as before):
-- `adapter[<dpo method>]`: the latest `adapter[<sft_from>]` (read from the store: Dagster cannot
-  draw an edge between two partitions of one static-partitioned asset) continued with TRL's
-  DPOTrainer on `preference_dataset[<dpo method>]` (a real Dagster dependency, mapped
-  partition-to-partition). The manifest inputs name `adapter[<sft_from>]` and its version; the
-  `recipe/method` source folds that version into the dpo partition's data version, so a new
-  SFT adapter makes the dpo partition stale.
+Beyond SFT (only for recipes that ask for it):
+- a `dpo` method d is not a partition of `adapter`: `preference_adapter[d]` (defs/preferences.py)
+  continues `adapter[<sft_from>]`. `merged_model` and `eval_report` have every method's partition
+  and read `preference_adapter[d]` for partition d (a `StaticPartitionMapping` {d: d}) and
+  `adapter[m]` for every other m ({m: m}); each partition reads exactly one of the two.
 - `continue_from: previous`: the method starts from its own previous adapter version when the
   data changed (`core.continual.pick_start`), replaying `replay_fraction` of the previous
   sft_dataset's train split; manifest inputs name that adapter version under `adapter[<method>]`.
 """
 
 
-import math
 import shutil
 from pathlib import Path
 
@@ -39,12 +36,28 @@ from ..store import Artifact, ArtifactStore, derived_version, dir_bytes
 from . import _common as c
 from .automation import RECIPE_METHOD_KEY
 from .models import MODEL_BYTES_HEADROOM
-from .preferences import preference_dep
+from .preferences import dpo_mapping
 from .resources import ComputeResource, StoreResource
 
 
 def methods_partitions(recipe: Recipe) -> dg.StaticPartitionsDefinition:
+    """Every method of the recipe: the partitions of `merged_model`, `eval_report`, `recipe/method`."""
     return dg.StaticPartitionsDefinition(list(recipe.methods))
+
+
+def adapter_partitions(recipe: Recipe) -> dg.StaticPartitionsDefinition:
+    """The methods `adapter` trains: all but the dpo ones (those are `preference_adapter`'s)."""
+    names = [n for n in recipe.methods if n not in recipe.methods_of_type("dpo")]
+    return methods_partitions(recipe) if len(names) == len(recipe.methods) else dg.StaticPartitionsDefinition(names)
+
+
+def adapter_mapping(recipe: Recipe) -> dg.StaticPartitionMapping | None:
+    """adapter[m] feeds partition m of a method-partitioned asset (dpo partitions read no adapter).
+    None (Dagster's identity) when there are no dpo methods: only identity lets the automation
+    request adapter[m] and its merge in one run."""
+    if not recipe.methods_of_type("dpo"):
+        return None
+    return dg.StaticPartitionMapping({n: n for n in adapter_partitions(recipe).get_partition_keys()})
 
 
 def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: ArtifactStore,
@@ -52,8 +65,6 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
                    force: bool):
     name = context.partition_key
     spec = recipe.methods[name]
-    if spec.type == "dpo":
-        return _train_dpo(context, recipe, compute, store, base_model, cv, force)
     method = get_method(spec.type)
     cfg = train.TrainConfig.from_spec(recipe.training_for(name), recipe.seed)
     hw = compute.resolve()
@@ -186,99 +197,6 @@ def _continual_facts(store: ArtifactStore, name: str, start, replay: list, spec)
     }
 
 
-# --------------------------------------------------------------------------------------
-# DPO
-# --------------------------------------------------------------------------------------
-
-
-def _train_dpo(context, recipe: Recipe, compute: ComputeResource, store: ArtifactStore, base_model: Artifact, cv: str,
-               force: bool):
-    from peft import PeftModel
-
-    from ..core import dpo, preferences
-
-    name = context.partition_key
-    spec = recipe.methods[name]
-    hw = compute.resolve()
-    sft = store.latest("adapter", spec.sft_from)
-    if sft is None:
-        raise c.user_error(RuntimeError(f"{name} continues adapter[{spec.sft_from}], which has not been "
-                                        f"materialized yet; materialize adapter[{spec.sft_from}] first"))
-    if sft.manifest().get("inputs", {}).get("base_model") != base_model.version:
-        raise c.user_error(RuntimeError(f"adapter[{spec.sft_from}] {sft.version} was trained on another base_model; "
-                                        f"re-materialize adapter[{spec.sft_from}] first"))
-    prefs = store.latest("preference_dataset", name)
-    if prefs is None:
-        raise c.user_error(RuntimeError(f"preference_dataset[{name}] has not been materialized yet; materialize it first"))
-    tok = load_tokenizer(base_model.path)
-    if data.tokenizer_fingerprint(tok) != data.dataset_info(prefs.path)["tokenizer_fingerprint"]:
-        raise c.user_error(RuntimeError("preference_dataset was built with a different tokenizer than base_model "
-                                        "has now; re-materialize preference_dataset"))
-    inputs = {**c.inputs_of(sft, base_model), c.key_of(prefs): prefs.version}
-    derivation = c.derivation(inputs, cv, recipe.section_hash("seed", method=name))
-    done = c.reuse_or_say_why(context, store, "adapter", name, derivation, force)
-    if done is not None:
-        return c.output(done, c.reused_metadata(done))
-    pairs = preferences.load_pairs(prefs.path, "train")
-    cfg = train.TrainConfig.from_spec(recipe.training_for(name), recipe.seed)
-    train.seed_everything(cfg.seed)
-    train.reset_peak_memory(hw.device)
-    model = PeftModel.from_pretrained(load_model(base_model.path, hw.device, hw.dtype), sft.dir, is_trainable=True)
-    trainable, total = parameter_count(model)
-    context.log.info(f"{name}: DPO from adapter[{spec.sft_from}] {sft.version} on {len(pairs)} pairs, "
-                     f"{dpo.dpo_steps(len(pairs), cfg)} steps, beta {spec.beta}, on {hw.device}")
-    try:
-        result = dpo.train_dpo(
-            model, tok, pairs, cfg, beta=spec.beta, loss_type=spec.loss_type, max_length=recipe.prompt.max_length,
-            device=hw.device, work_dir=_work_dir(store),
-            on_log=lambda step, loss: context.log.info(f"step {step}: DPO loss {loss:.4f}"))
-    except torch.OutOfMemoryError as exc:
-        raise c.user_error(RuntimeError(out_of_memory_hint(name, cfg, hw.device, exc))) from None
-    if not all(math.isfinite(l) for _, l in result.losses):
-        raise c.user_error(train.TrainingDiverged(f"{name}: DPO loss is not finite; lower the learning rate (now {cfg.lr})"))
-    summary = {**result.summary(), "trainable_parameters": trainable, "total_parameters": total, "device": hw.name,
-               "peak_memory_bytes": train.peak_memory_bytes(hw.device)}
-    with store.write("adapter", name, recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed,
-                     derivation=c.forced(derivation, context) if force else derivation) as st:
-        st.inputs = inputs
-        dpo.save_dpo_adapter(model, st.path)
-        st.extra["method"] = {"name": name, "type": spec.type, "spec": spec.model_dump(mode="json"),
-                              "training": recipe.training_for(name).model_dump(mode="json")}
-        st.extra["dpo"] = {"sft_adapter": {"method": spec.sft_from, "version": sft.version, "path": sft.path},
-                           "preference_dataset": prefs.version, "beta": spec.beta, "loss_type": spec.loss_type}
-        st.extra["train"] = summary
-        c.write_json(st.path / "train_log.json", {"losses": result.losses, "reward_accuracies": result.reward_accuracies,
-                                                  "reward_margins": result.reward_margins, **summary})
-    art = st.artifact
-    png = plots.loss_curve_png(result.losses, f"{name}: DPO loss")
-    return c.output(art, {
-        "method": spec.type,
-        "sft_adapter": f"adapter[{spec.sft_from}] {sft.version}",
-        "sft_adapter_path": dg.MetadataValue.path(sft.path),
-        "preference_dataset": prefs.version,
-        "train_pairs": len(pairs),
-        "beta": spec.beta,
-        "trainable_parameters": trainable,
-        "trainable_percent": round(100 * trainable / total, 4),
-        "loss_curve": dg.MetadataValue.md(plots.markdown_image(png, f"{name} DPO loss curve")),
-        "losses": dg.MetadataValue.json([[s_, l] for s_, l in result.losses]),
-        "train_reward_accuracy": dg.MetadataValue.json([[s_, a] for s_, a in result.reward_accuracies]),
-        "train_reward_margin": dg.MetadataValue.json([[s_, m] for s_, m in result.reward_margins]),
-        "first_loss": result.losses[0][1] if result.losses else None,
-        "final_loss": result.losses[-1][1] if result.losses else None,
-        "steps": result.steps,
-        "wall_time_s": round(result.wall_s, 2),
-        "adapter_bytes": dir_bytes(art.dir),
-        "device": hw.name,
-    })
-
-
-def _work_dir(store: ArtifactStore) -> Path:
-    d = store.home / "checkpoints" / "dpo"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
 def out_of_memory_hint(name: str, cfg: train.TrainConfig, device: str, exc: Exception) -> str:
     first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return (
@@ -291,6 +209,7 @@ def out_of_memory_hint(name: str, cfg: train.TrainConfig, device: str, exc: Exce
 
 def _merge(context, recipe: Recipe, compute: ComputeResource, store: ArtifactStore, adapter: Artifact,
            base_model: Artifact, quantized_base: Artifact | None, sft_dataset: Artifact, cv: str):
+    """`adapter`: what partition m trained: adapter[m], or preference_adapter[m] for a dpo method."""
     name = context.partition_key
     method = get_method(recipe.methods[name].type)
     hw = compute.resolve()
@@ -313,10 +232,10 @@ def _merge(context, recipe: Recipe, compute: ComputeResource, store: ArtifactSto
     art = st.artifact
 
     if model is None:
-        context.log.warning(f"{name} cannot be merged: {reason}; it is evaluated in adapter form")
-        yield c.output(art, {"mergeable": False, "reason": reason})
-        yield dg.AssetCheckResult(check_name="matches_adapter", passed=True,
-                                  metadata={"skipped": f"not mergeable: {reason}"})
+        # no merged weights, nothing to compare: the check is not emitted, so Dagster shows it skipped
+        context.log.warning(f"{name} cannot be merged: {reason}; it is evaluated in adapter form; "
+                            "check matches_adapter skipped")
+        yield c.output(art, {"mergeable": False, "reason": reason}, output_name="merged_model")
         return
 
     # The merged checkpoint, reloaded from disk, must compute what base+adapter computes.
@@ -324,7 +243,7 @@ def _merge(context, recipe: Recipe, compute: ComputeResource, store: ArtifactSto
     pad = load_tokenizer(base_model.path).pad_token_id
     cmp = merge.check_saved_merge(method, art.dir, base_model.dir, adapter.dir, q_dir, examples, pad, hw.device)
     numbers = cmp.numbers()
-    yield c.output(art, {"mergeable": True, "bytes": dir_bytes(art.dir), **numbers})
+    yield c.output(art, {"mergeable": True, "bytes": dir_bytes(art.dir), **numbers}, output_name="merged_model")
     yield dg.AssetCheckResult(
         check_name="matches_adapter", passed=cmp.passed,
         metadata={**numbers, "expected": cmp.expected, "prompts": len(examples)},
@@ -334,6 +253,7 @@ def _merge(context, recipe: Recipe, compute: ComputeResource, store: ArtifactSto
     )
 
 
+MERGED_MODEL = "The adapter merged into full-precision base weights, ready to deploy."
 MATCHES_ADAPTER = (
     "The merged model computes what base + adapter computes, up to what float rounding explains: "
     "every Linear layer on random inputs (2·(2·sqrt(K)+1)·u of its output scale) and the logits on "
@@ -344,19 +264,24 @@ MATCHES_ADAPTER = (
 
 def build(recipe: Recipe) -> list:
     parts = methods_partitions(recipe)
+    trained_parts = adapter_partitions(recipe)
+    dpo = bool(recipe.methods_of_type("dpo"))
     quantized = recipe.quantization.method != "none"
     # Per-method settings are versioned per partition by the `recipe/method` source (an edit of
     # one method re-trains only that partition), so they are not part of the asset's code version.
     cv_adapter = c.code_version("adapter", recipe)
     cv_merged = c.code_version("merged_model", recipe)
-    common = dict(partitions_def=parts, pool="gpu")
-    recipe_dep = [dg.AssetDep(RECIPE_METHOD_KEY), *preference_dep(recipe)]
+    recipe_dep = [dg.AssetDep(RECIPE_METHOD_KEY, partition_mapping=adapter_mapping(recipe))]
+    # what each partition of merged_model trained: adapter[m] or, for a dpo method, preference_adapter[m]
+    trained_in = {"adapter": dg.AssetIn(partition_mapping=adapter_mapping(recipe)),
+                  **({"preference_adapter": dg.AssetIn(partition_mapping=dpo_mapping(recipe))} if dpo else {})}
 
     # quantized_base is an input only when the recipe quantizes (QLoRA trains on it)
     q_in = {"quantized_base": dg.AssetIn()} if quantized else {}
 
     @dg.asset(group_name="training", kinds={"pytorch", "peft"}, code_version=cv_adapter, deps=recipe_dep,
-              ins={"sft_dataset": dg.AssetIn(), "base_model": dg.AssetIn(), **q_in}, **common)
+              ins={"sft_dataset": dg.AssetIn(), "base_model": dg.AssetIn(), **q_in},
+              partitions_def=trained_parts, pool="gpu")
     def adapter(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource,
                 config: c.TrainingRun, **inputs):
         """The trained adapter (or trained weights) of one method: one partition per recipe method.
@@ -364,13 +289,21 @@ def build(recipe: Recipe) -> list:
         return _train_adapter(context, recipe, compute, store.store(), inputs["sft_dataset"], inputs["base_model"],
                               inputs.get("quantized_base"), cv_adapter, config.force)
 
-    @dg.asset(group_name="training", kinds={"pytorch", "safetensors"}, code_version=cv_merged,
-              ins={"adapter": dg.AssetIn(), "base_model": dg.AssetIn(), "sft_dataset": dg.AssetIn(), **q_in},
-              check_specs=[dg.AssetCheckSpec("matches_adapter", asset="merged_model", partitions_def=parts,
-                                           description=MATCHES_ADAPTER)], **common)
+    # A multi_asset only so that its check is optional (can_subset): a method that cannot merge has
+    # nothing to compare, and a check reported passed=True would claim a comparison never made.
+    @dg.multi_asset(
+        name="merged_model", can_subset=True, partitions_def=parts, pool="gpu",
+        outs={"merged_model": dg.AssetOut(group_name="training", kinds={"pytorch", "safetensors"},
+                                          code_version=cv_merged, description=MERGED_MODEL)},
+        ins={**trained_in, "base_model": dg.AssetIn(), "sft_dataset": dg.AssetIn(), **q_in},
+        check_specs=[dg.AssetCheckSpec("matches_adapter", asset="merged_model", partitions_def=parts,
+                                       description=MATCHES_ADAPTER)])
     def merged_model(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource, **inputs):
-        """The adapter merged into full-precision base weights, ready to deploy."""
-        yield from _merge(context, recipe, compute, store.store(), inputs["adapter"], inputs["base_model"],
+        if dg.AssetKey("merged_model") not in context.selected_asset_keys:
+            raise c.user_error(RuntimeError("matches_adapter checks the merged model a run writes: "
+                                            "materialize merged_model (the check runs with it)"))
+        trained = inputs.get("preference_adapter") or inputs["adapter"]
+        yield from _merge(context, recipe, compute, store.store(), trained, inputs["base_model"],
                           inputs.get("quantized_base"), inputs["sft_dataset"], cv_merged)
 
     return [adapter, merged_model]

@@ -11,16 +11,15 @@
 - Each method's recipe section is an observable, partitioned source `recipe/method[<name>]`
   whose data version is the hash of that method's settings (its spec + effective training
   settings + seed). Editing one method's learning rate therefore makes only that partition of
-  `adapter` stale. A `dpo` method's version also holds the version of the `adapter[<sft_from>]`
-  it continues (read from the store): an edge between two partitions of one asset that Dagster
-  cannot draw, so a re-trained SFT adapter makes the dpo partition stale on the next observation.
+  `adapter` (or, for a dpo method, `preference_adapter`) stale. A dpo method's SFT adapter is a
+  declared input of `preference_adapter`, so a new SFT adapter version re-runs it like any input.
 - Every derived asset is `on_new_input_versions()`: Dagster's eager(), except that a dependency
   counts as updated only when its *data version* changed. Trained artifacts are versioned by
   what made them (store.py), so re-materializing an adapter with identical inputs reuses it,
   keeps its version and re-runs nothing below it. Optionally `| code_version_changed()` (a
   stage's code version bump re-runs it).
-- `retrain`: an optional cron schedule requesting `adapter` for every method partition (see
-  `retrain` for what re-runs), its default state from the recipe.
+- `retrain`: an optional cron schedule requesting `adapter` for every partition (see `retrain`
+  for what re-runs; dpo methods follow their SFT adapter), its default state from the recipe.
 The automation sensor is on by default, so all of this works as soon as `dagster dev` runs.
 """
 
@@ -62,28 +61,20 @@ def derived_condition(recipe: Recipe) -> dg.AutomationCondition | None:
     return cond | dg.AutomationCondition.code_version_changed() if a.rerun_on_code_change else cond
 
 
-def method_version(recipe: Recipe, name: str, home: str | None = None) -> str:
-    version = recipe.section_hash("seed", method=name)
-    spec = recipe.methods[name]
-    if spec.type == "dpo":
-        from ..store import ArtifactStore
-
-        sft = ArtifactStore(home).latest("adapter", spec.sft_from)
-        version = f"{version}+{spec.sft_from}@{sft.version if sft else 'none'}"
-    return version
+def method_version(recipe: Recipe, name: str) -> str:
+    """The version of one method's settings: its recipe section, effective training settings, seed."""
+    return recipe.section_hash("seed", method=name)
 
 
-def recipe_methods_source(recipe: Recipe, partitions: dg.PartitionsDefinition, home: str | None = None):
+def recipe_methods_source(recipe: Recipe, partitions: dg.PartitionsDefinition):
     @dg.observable_source_asset(
         key=RECIPE_METHOD_KEY,
         group_name="raw_data",
         partitions_def=partitions,
-        description="Each method's recipe settings; data version = hash of that method's section "
-                    "(for a dpo method, + the version of the SFT adapter it continues).",
+        description="Each method's recipe settings; data version = hash of that method's section.",
     )
     def recipe_method():
-        return dg.DataVersionsByPartition(
-            {name: dg.DataVersion(method_version(recipe, name, home)) for name in recipe.methods})
+        return dg.DataVersionsByPartition({name: dg.DataVersion(method_version(recipe, name)) for name in recipe.methods})
 
     return recipe_method
 
@@ -91,11 +82,14 @@ def recipe_methods_source(recipe: Recipe, partitions: dg.PartitionsDefinition, h
 def retrain(recipe: Recipe, partitions: dg.PartitionsDefinition) -> tuple[list, list]:
     """(jobs, schedules) for scheduled retraining; empty when the recipe sets no retrain_cron.
 
-    Each tick requests `adapter` for every method. An adapter whose inputs, code and settings did
-    not change is reused at once and keeps its version, so nothing downstream re-runs; one that
-    changed trains, logs what changed, and (with automation on) its new version re-runs merge
-    and evaluation. With automation off the job runs merge and evaluation itself.
-    `retrain_force: true` retrains every adapter regardless (each gets a new version)."""
+    Each tick requests `adapter` for each of its partitions (`partitions`: every method but the
+    dpo ones). An adapter whose inputs, code and settings did not change is reused at once and
+    keeps its version, so nothing downstream re-runs; one that changed trains, logs what changed,
+    and (with automation on) its new version re-runs merge and evaluation, and the
+    `preference_adapter` of any dpo method that continues it. With automation off the job runs
+    merge and evaluation itself (the recipe refuses dpo methods there: their chain crosses
+    partitions sets that one job cannot hold). `retrain_force: true` retrains every adapter
+    regardless (each gets a new version, so the dpo methods retrain too)."""
     a = recipe.automation
     if a.retrain_cron is None:
         return [], []
@@ -120,12 +114,12 @@ def retrain(recipe: Recipe, partitions: dg.PartitionsDefinition) -> tuple[list, 
         stamp = context.scheduled_execution_time.strftime("%Y%m%dT%H%M")
         mode = "force" if a.retrain_force else "changed"
         return [dg.RunRequest(run_key=f"retrain-{name}-{stamp}", partition_key=name, run_config=run_config,
-                              tags={"ft_assets/retrain": mode}) for name in recipe.methods]
+                              tags={"ft_assets/retrain": mode}) for name in partitions.get_partition_keys()]
 
     return [job], [retrain_schedule]
 
 
-def source_versions(recipe: Recipe, home: str | None = None) -> dict[str, tuple[dg.AssetKey, str | None, str]]:
+def source_versions(recipe: Recipe) -> dict[str, tuple[dg.AssetKey, str | None, str]]:
     """Every source the graph reads, with its current version: each data file of the recipe
     (datasets and the preference file) and each method's settings. The observation sensor and
     `record_sources` both use this one list."""
@@ -135,11 +129,11 @@ def source_versions(recipe: Recipe, home: str | None = None) -> dict[str, tuple[
     for ds in data_files(recipe):
         out[f"raw/{ds.name}"] = (raw_key(ds), None, file_version(recipe.dataset_path(ds)))
     for name in recipe.methods:
-        out[f"recipe/method[{name}]"] = (RECIPE_METHOD_KEY, name, method_version(recipe, name, home))
+        out[f"recipe/method[{name}]"] = (RECIPE_METHOD_KEY, name, method_version(recipe, name))
     return out
 
 
-def observation_sensor(recipe: Recipe, home: str | None = None) -> dg.SensorDefinition:
+def observation_sensor(recipe: Recipe) -> dg.SensorDefinition:
     """Record a new observation for each source whose version changed since the last tick."""
 
     @dg.sensor(name=OBSERVATION_SENSOR, minimum_interval_seconds=recipe.automation.observe_interval_s,
@@ -147,7 +141,7 @@ def observation_sensor(recipe: Recipe, home: str | None = None) -> dg.SensorDefi
                description="Hashes the data files and each method's recipe settings; records changes.")
     def observe_sources(context: dg.SensorEvaluationContext):
         previous = json.loads(context.cursor) if context.cursor else {}
-        current = source_versions(recipe, home)
+        current = source_versions(recipe)
         events = [dg.AssetObservation(key, partition=partition, tags={DATA_VERSION_TAG: version})
                   for name, (key, partition, version) in current.items() if previous.get(name) != version]
         if not events:

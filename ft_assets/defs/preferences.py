@@ -1,29 +1,35 @@
-"""`preference_dataset`: the recipe's prompt/chosen/rejected file -> validated, chat-rendered,
-seeded train/eval splits of preference pairs (what `dpo` methods train and are evaluated on).
+"""Preference tuning: `preference_dataset[d]` and `preference_adapter[d]`, one partition per
+`dpo` method d of the recipe (usually one: `dpo`).
 
-Same contract as `sft_dataset`: a file that cannot be parsed fails with file and line; rows
-that cannot be used are counted, written to `rejected.jsonl` and fail the asset above
-`preferences.max_rejected_fraction`; prompts are rendered with the base model's chat template
-(and `prompt.system`); the split is a seeded hash of each pair's id. `raw/<preferences.name>`
-is an observable source, so editing the file re-runs it (and, downstream, the dpo partitions).
-
-Partitioned by the recipe's dpo methods (usually one: `dpo`): every partition holds the same
-pairs, and `adapter`/`eval_report` depend on it partition-to-partition, so a change in the
-pairs re-trains the dpo partitions only, never lora/qlora.
-
-Blocking check `usable`: a non-empty training split whose answers all end with end-of-turn.
+- `preference_dataset[d]`: the recipe's prompt/chosen/rejected file -> validated, chat-rendered,
+  seeded train/eval splits of pairs. Same contract as `sft_dataset`: a file that cannot be parsed
+  fails with file and line; unusable rows are counted, written to `rejected.jsonl` and fail the
+  asset above `preferences.max_rejected_fraction`; the split is a seeded hash of each pair's id.
+  `raw/<preferences.name>` is an observable source. Blocking check `usable`: a non-empty training
+  split whose answers all end with end-of-turn. Every partition holds the same pairs.
+- `preference_adapter[d]`: `adapter[<sft_from of d>]` continued with TRL's DPOTrainer on
+  `preference_dataset[d]` (`core.dpo.tune_sft_adapter`). Every input is declared: the SFT adapter
+  through a `StaticPartitionMapping` {sft_from: d} (another asset's partition, so the UI draws the
+  edge and a new SFT adapter version makes d stale), the pairs partition-to-partition. Versioned
+  like `adapter`: by what made it (inputs, code, d's recipe section, seed); an identical request
+  reuses the existing version (`force` retrains). `merged_model[d]` and `eval_report[d]` read it.
 """
 
 
+import shutil
+
 import dagster as dg
 
-from ..core import data, preferences
+from ..core import data, dpo, plots, preferences
+from ..core.device import Compute
 from ..core.models import load_tokenizer
+from ..core.train import TrainConfig, TrainingDiverged
 from ..recipe import Recipe
-from ..store import Artifact, file_hash
+from ..store import Artifact, ArtifactStore, derived_version, dir_bytes, file_hash
 from . import _common as c
+from .automation import RECIPE_METHOD_KEY
 from .raw import raw_key
-from .resources import StoreResource
+from .resources import ComputeResource, StoreResource
 
 PREVIEW_COLUMNS = ["id", "prompt", "chosen", "rejected", "tokens"]
 
@@ -33,12 +39,18 @@ def dpo_partitions(recipe: Recipe) -> dg.StaticPartitionsDefinition | None:
     return dg.StaticPartitionsDefinition(names) if names else None
 
 
-def preference_dep(recipe: Recipe) -> list[dg.AssetDep]:
-    """The partition-to-partition dependency of adapter/eval_report on preference_dataset."""
-    names = recipe.methods_of_type("dpo")
-    if not names:
-        return []
-    return [dg.AssetDep("preference_dataset", partition_mapping=dg.StaticPartitionMapping({n: n for n in names}))]
+def dpo_mapping(recipe: Recipe) -> dg.StaticPartitionMapping:
+    """Partition d of a dpo-partitioned asset feeds partition d of a method-partitioned one (and
+    nothing else: the other methods' partitions read no dpo partition)."""
+    return dg.StaticPartitionMapping({n: n for n in recipe.methods_of_type("dpo")})
+
+
+def sft_sources(recipe: Recipe) -> dict[str, list[str]]:
+    """{sft method: the dpo methods that continue it}."""
+    out: dict[str, list[str]] = {}
+    for d in recipe.methods_of_type("dpo"):
+        out.setdefault(recipe.methods[d].sft_from, []).append(d)
+    return out
 
 
 def check_usable(pairs: list[preferences.PreferencePair], eos_id: int) -> list[str]:
@@ -104,4 +116,86 @@ def build(recipe: Recipe) -> list:
             metadata={"problems": dg.MetadataValue.json(problems[:20]), "train_pairs": len(built.train)},
         )
 
-    return [preference_dataset]
+    cv_tuned = c.code_version("preference_adapter", recipe)
+
+    @dg.asset(
+        group_name="training", kinds={"pytorch", "peft"}, code_version=cv_tuned, partitions_def=parts, pool="gpu",
+        deps=[dg.AssetDep(RECIPE_METHOD_KEY, partition_mapping=dg.StaticPartitionMapping({d: d for d in parts.get_partition_keys()}))],
+        ins={"adapter": dg.AssetIn(partition_mapping=dg.StaticPartitionMapping(sft_sources(recipe))),
+             "preference_dataset": dg.AssetIn(), "base_model": dg.AssetIn()},
+    )
+    def preference_adapter(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource,
+                           config: c.TrainingRun, adapter: Artifact, preference_dataset: Artifact,
+                           base_model: Artifact):
+        """The SFT adapter (`sft_from`) continued with DPO on the preference pairs. Its version is that
+        of its inputs, code and settings; an existing one is reused (`force` retrains)."""
+        return _tune(context, recipe, compute.resolve(), store.store(), adapter, preference_dataset, base_model,
+                     cv_tuned, config.force)
+
+    return [preference_dataset, preference_adapter]
+
+
+def _tune(context, recipe: Recipe, hw: Compute, store: ArtifactStore, sft: Artifact, prefs: Artifact,
+          base_model: Artifact, cv: str, force: bool) -> dg.Output:
+    name = context.partition_key
+    spec = recipe.methods[name]
+    if sft.manifest().get("inputs", {}).get("base_model") != base_model.version:
+        raise c.user_error(RuntimeError(f"adapter[{spec.sft_from}] {sft.version} was trained on another base_model; "
+                                        f"materialize adapter[{spec.sft_from}] first"))
+    tok = load_tokenizer(base_model.path)
+    if data.tokenizer_fingerprint(tok) != data.dataset_info(prefs.path)["tokenizer_fingerprint"]:
+        raise c.user_error(RuntimeError("preference_dataset was built with a different tokenizer than base_model "
+                                        "has now; re-materialize preference_dataset"))
+    inputs = c.inputs_of(sft, prefs, base_model)
+    derivation = c.derivation(inputs, cv, recipe.section_hash("seed", method=name))
+    done = c.reuse_or_say_why(context, store, "preference_adapter", name, derivation, force)
+    if done is not None:
+        return c.output(done, c.reused_metadata(done))
+    pairs = preferences.load_pairs(prefs.path, "train")
+    cfg = TrainConfig.from_spec(recipe.training_for(name), recipe.seed)
+    context.log.info(f"{name}: DPO from adapter[{spec.sft_from}] {sft.version} on {len(pairs)} pairs, "
+                     f"{dpo.dpo_steps(len(pairs), cfg)} steps, beta {spec.beta}, on {hw.device}")
+    work_dir = store.home / "checkpoints" / "preference_adapter" / name / derived_version(derivation)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        tuned = dpo.tune_sft_adapter(
+            base_model.dir, sft.dir, tok, pairs, cfg, beta=spec.beta, loss_type=spec.loss_type,
+            max_length=recipe.prompt.max_length, device=hw.device, dtype=hw.dtype, work_dir=work_dir,
+            on_log=lambda step, loss: context.log.info(f"step {step}: DPO loss {loss:.4f}"))
+    except TrainingDiverged as exc:
+        raise c.user_error(RuntimeError(f"{name}: {exc}")) from None
+    result = tuned.result
+    summary = {**result.summary(), "device": hw.name}
+    with store.write("preference_adapter", name, recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed,
+                     derivation=c.forced(derivation, context) if force else derivation) as st:
+        st.inputs = inputs
+        dpo.save_dpo_adapter(tuned.model, st.path)
+        st.extra["method"] = {"name": name, "type": spec.type, "spec": spec.model_dump(mode="json"),
+                              "training": recipe.training_for(name).model_dump(mode="json")}
+        st.extra["dpo"] = {"sft_adapter": {"method": spec.sft_from, "version": sft.version, "path": sft.path},
+                           "preference_dataset": prefs.version, "beta": spec.beta, "loss_type": spec.loss_type}
+        st.extra["train"] = summary
+        c.write_json(st.path / "train_log.json", {"losses": result.losses, "reward_accuracies": result.reward_accuracies,
+                                                  "reward_margins": result.reward_margins, "steps": result.steps})
+    shutil.rmtree(work_dir, ignore_errors=True)  # TRL's scratch space; the artifact is what remains
+    art = st.artifact
+    png = plots.loss_curve_png(result.losses, f"{name}: DPO loss")
+    return c.output(art, {
+        "method": spec.type,
+        "sft_adapter": f"adapter[{spec.sft_from}] {sft.version}",
+        "preference_dataset": prefs.version,
+        "train_pairs": len(pairs),
+        "beta": spec.beta,
+        "trainable_parameters": result.trainable_parameters,
+        "trainable_percent": round(100 * result.trainable_parameters / result.total_parameters, 4),
+        "loss_curve": dg.MetadataValue.md(plots.markdown_image(png, f"{name} DPO loss curve")),
+        "losses": dg.MetadataValue.json([[s_, l] for s_, l in result.losses]),
+        "train_reward_accuracy": dg.MetadataValue.json([[s_, a] for s_, a in result.reward_accuracies]),
+        "train_reward_margin": dg.MetadataValue.json([[s_, m] for s_, m in result.reward_margins]),
+        "first_loss": summary["first_loss"],
+        "final_loss": summary["final_loss"],
+        "steps": result.steps,
+        "wall_time_s": round(result.wall_s, 2),
+        "adapter_bytes": dir_bytes(art.dir),
+        "device": hw.name,
+    })

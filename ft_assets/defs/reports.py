@@ -12,9 +12,11 @@
   Beyond SFT, when they apply:
   - several tasks in the eval split: `per_task` in metrics.json ({task: {"base", "tuned"}}) and
     a per-task metadata table;
-  - a `dpo` method: `preference_metrics.json` on the held-out pairs of `preference_dataset`
-    (log-prob accuracy of base, SFT and DPO models; DPO reward accuracy and margin against the
-    SFT adapter it started from), also as metadata;
+  - a `dpo` method d: the tuned model is `preference_adapter[d]`, and `preference_metrics.json`
+    scores the held-out pairs of `preference_dataset[d]` (log-prob accuracy of base, SFT and DPO
+    models; DPO reward accuracy and margin against the SFT adapter). That SFT adapter is a declared
+    input: the `adapter` input maps adapter[sft_from] to partition d as well as adapter[m] to m, so
+    partition d reads the reference policy and the UI draws that edge;
   - an adapter that continued from a previous version (`continue_from`): `forgetting` in
     metrics.json: the previous adapter and the new one on the *previous* sft_dataset's eval
     split (before/after and the drop).
@@ -32,8 +34,8 @@ from ..core.models import load_model, load_tokenizer
 from ..recipe import Recipe
 from ..store import Artifact, dir_bytes
 from . import _common as c
-from .adapters import methods_partitions
-from .preferences import preference_dep
+from .adapters import adapter_partitions, methods_partitions
+from .preferences import dpo_mapping, sft_sources
 from .resources import ComputeResource, StoreResource, all_partitions
 
 METRIC_KEYS = ("exact_match", "token_f1", "rouge_l", "eval_loss", "perplexity")
@@ -76,8 +78,9 @@ def build(recipe: Recipe) -> list:
             "predictions": c.table(result["rows"][: recipe.evaluation.preview_rows], TABLE_COLUMNS),
         })
 
-    def _report(context, compute: ComputeResource, store: StoreResource, merged_model: Artifact, adapter: Artifact,
-                base_model: Artifact, quantized_base: Artifact | None, sft_dataset: Artifact, base_eval: Artifact):
+    def _report(context, compute: ComputeResource, store: StoreResource, merged_model: Artifact, trained: Artifact,
+                reference: Artifact | None, prefs: Artifact | None, base_model: Artifact,
+                quantized_base: Artifact | None, sft_dataset: Artifact, base_eval: Artifact):
         name = context.partition_key
         method = get_method(recipe.methods[name].type)
         hw = compute.resolve()
@@ -86,38 +89,39 @@ def build(recipe: Recipe) -> list:
             model, form = load_model(merged_model.path, hw.device), "merged"
         else:
             q_dir = quantized_base.dir if (quantized_base and method.uses_quantized_base) else None
-            model, form = merge.unmerged(method, base_model.dir, adapter.dir, q_dir, hw.device), "adapter"
+            model, form = merge.unmerged(method, base_model.dir, trained.dir, q_dir, hw.device), "adapter"
         examples = c.eval_examples(recipe, sft_dataset)
         result = _run_eval(recipe, model, tok, examples, hw.device)
         base = json.loads((base_eval.dir / "metrics.json").read_text())
         tuned = result["metrics"]
         st_ = store.store()
-        adapter_manifest = adapter.manifest()
+        trained_manifest = trained.manifest()
         extra_inputs, extra_meta, report = {}, {}, {"base": base, "tuned": tuned, "evaluated_as": form, "method": name}
         per_task = _per_task(base, tuned)
         if per_task:
             report["per_task"] = per_task
             extra_meta["per_task"] = c.table(_task_rows(per_task), TASK_COLUMNS)
-        prefs = None
-        if recipe.methods[name].type == "dpo":
-            prefs, extra_inputs, meta = _preference_eval(st_, name, model, tok, base_model, adapter_manifest, hw)
+        prefs_report = None
+        if prefs is not None:
+            prefs_report, meta = _preference_eval(name, model, tok, base_model, trained, reference, prefs, hw)
+            extra_inputs = c.inputs_of(reference, prefs)
             extra_meta.update(meta)
-        forgetting = _forgetting(st_, recipe, method, model, tok, base_model, quantized_base, adapter_manifest, hw)
+        forgetting = _forgetting(st_, recipe, method, model, tok, base_model, quantized_base, trained_manifest, hw)
         if forgetting is not None:
             report["forgetting"] = forgetting
             extra_meta.update(_forgetting_meta(forgetting))
         with st_.write("eval_report", name, recipe_hash=recipe.recipe_hash, code_version=cv_report,
                        seed=recipe.seed) as st:
-            st.inputs = {**c.inputs_of(merged_model, adapter, sft_dataset, base_eval), **extra_inputs}
+            st.inputs = {**c.inputs_of(merged_model, trained, sft_dataset, base_eval), **extra_inputs}
             c.write_json(st.path / "metrics.json", report)
             data.write_jsonl(st.path / "predictions.jsonl", result["rows"])
-            if prefs is not None:
-                c.write_json(st.path / "preference_metrics.json", prefs)
+            if prefs_report is not None:
+                c.write_json(st.path / "preference_metrics.json", prefs_report)
             if forgetting is not None:
                 st.extra["forgetting"] = {k: forgetting[k] for k in ("previous_adapter", "previous_sft_dataset")}
             # what the leaderboard shows beside the scores, so it reads only reports
-            st.extra["adapter"] = {"version": adapter.version, "train": adapter_manifest.get("train", {}),
-                                   "bytes": dir_bytes(adapter.dir)}
+            st.extra["adapter"] = {"asset": c.key_of(trained), "version": trained.version,
+                                   "train": trained_manifest.get("train", {}), "bytes": dir_bytes(trained.dir)}
         summary = [{"model": "base", **{k: base[k] for k in METRIC_KEYS}},
                    {"model": name, **{k: tuned[k] for k in METRIC_KEYS}}]
         yield c.output(st.artifact, {
@@ -135,18 +139,30 @@ def build(recipe: Recipe) -> list:
             metadata={"tuned_token_f1": tuned["token_f1"], "base_token_f1": base["token_f1"]},
         )
 
-    report_kwargs = dict(
-        group_name="evaluation", kinds={"json"}, code_version=cv_report, partitions_def=parts, pool="gpu",
-        deps=preference_dep(recipe),
-        check_specs=[dg.AssetCheckSpec("beats_base", asset="eval_report", partitions_def=parts,
-                                       description="tuned token F1 above the base model's (warning)")],
-    )
-    @dg.asset(**report_kwargs, ins={k: dg.AssetIn() for k in (
-        "merged_model", "adapter", "base_model", "sft_dataset", "base_eval", *(["quantized_base"] if quantized else []))})
+    # Partition m reads adapter[m]; a dpo partition d reads preference_adapter[d] (what it evaluates),
+    # preference_dataset[d] (held-out pairs) and adapter[sft_from] (the reference policy).
+    adapter_map = {m: {m} for m in adapter_partitions(recipe).get_partition_keys()}
+    for sft, dpo_methods in sft_sources(recipe).items():
+        adapter_map[sft] |= set(dpo_methods)
+    adapter_in = dg.AssetIn(partition_mapping=dg.StaticPartitionMapping(adapter_map) if recipe.methods_of_type("dpo")
+                            else None)  # identity: lets the automation run a partition's chain in one run
+    ins = {"merged_model": dg.AssetIn(), "adapter": adapter_in,
+           **{k: dg.AssetIn() for k in ("base_model", "sft_dataset", "base_eval")},
+           **({"quantized_base": dg.AssetIn()} if quantized else {})}
+    if recipe.methods_of_type("dpo"):
+        ins.update({k: dg.AssetIn(partition_mapping=dpo_mapping(recipe)) for k in ("preference_adapter", "preference_dataset")})
+
+    @dg.asset(group_name="evaluation", kinds={"json"}, code_version=cv_report, partitions_def=parts, pool="gpu", ins=ins,
+              check_specs=[dg.AssetCheckSpec("beats_base", asset="eval_report", partitions_def=parts,
+                                             description="tuned token F1 above the base model's (warning)")])
     def eval_report(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource, **inputs):
         """Base vs tuned on the held-out split: EM, token F1, ROUGE-L, loss, perplexity, per-example table."""
-        yield from _report(context, compute, store, inputs["merged_model"], inputs["adapter"], inputs["base_model"],
-                           inputs.get("quantized_base"), inputs["sft_dataset"], inputs["base_eval"])
+        tuned_by_dpo = inputs.get("preference_adapter")
+        trained = tuned_by_dpo or inputs["adapter"]
+        reference = inputs["adapter"] if tuned_by_dpo else None
+        yield from _report(context, compute, store, inputs["merged_model"], trained, reference,
+                           inputs.get("preference_dataset"), inputs["base_model"], inputs.get("quantized_base"),
+                           inputs["sft_dataset"], inputs["base_eval"])
 
     cv_board = c.code_version("leaderboard", recipe)
 
@@ -231,31 +247,24 @@ def _task_rows(per_task: dict) -> list[dict]:
     return rows
 
 
-def _preference_eval(store, name: str, model, tok, base_model: Artifact, adapter_manifest: dict, hw):
+def _preference_eval(name: str, model, tok, base_model: Artifact, trained: Artifact, reference: Artifact,
+                     prefs: Artifact, hw) -> tuple[dict, dict]:
     """Held-out pairs: log-prob accuracy of base, SFT reference and DPO model; DPO rewards vs the SFT."""
     from ..core import dpo, preferences
 
-    prefs = store.latest("preference_dataset", name)
-    if prefs is None:
-        raise c.user_error(RuntimeError(f"preference_dataset[{name}] is not materialized; materialize it first"))
-    facts = adapter_manifest["dpo"]
-    sft = store.get("adapter", facts["sft_adapter"]["method"], facts["sft_adapter"]["version"])
-    if sft is None:
-        raise c.user_error(RuntimeError(f"the SFT adapter {facts['sft_adapter']} this dpo adapter started from is gone"))
+    facts = trained.manifest()["dpo"]
+    if facts["sft_adapter"]["version"] != reference.version:
+        raise c.user_error(RuntimeError(
+            f"preference_adapter[{name}] continued {c.key_of(reference)} {facts['sft_adapter']['version']}, but "
+            f"the latest {c.key_of(reference)} is {reference.version}; materialize preference_adapter[{name}] first"))
     pairs = preferences.load_pairs(prefs.path, "eval")
-    pad = tok.pad_token_id
-    beta = facts["beta"]
-    tuned = dpo.sequence_logps(model, pairs, pad, hw.device)
-    ref_model = get_method(sft.manifest()["method"]["type"]).load(load_model(base_model.path, hw.device), sft.dir)
-    ref = dpo.sequence_logps(ref_model, pairs, pad, hw.device)
-    base = dpo.sequence_logps(load_model(base_model.path, hw.device), pairs, pad, hw.device)
-    out = {
-        "pairs": len(pairs), "beta": beta, "preference_dataset": prefs.version,
-        "reference": {"adapter": c.key_of(sft), "version": sft.version},
-        "base": dpo.preference_metrics(base), "sft": dpo.preference_metrics(ref),
-        "dpo": dpo.preference_metrics(tuned, ref, beta),
-    }
-    rows = [{"model": "base", **out["base"]}, {"model": f"sft ({c.key_of(sft)})", **out["sft"]},
+    ref_model = get_method(reference.manifest()["method"]["type"]).load(load_model(base_model.path, hw.device),
+                                                                        reference.dir)
+    out = dpo.evaluate_preferences(model, ref_model, load_model(base_model.path, hw.device), pairs,
+                                   beta=facts["beta"], pad_id=tok.pad_token_id, device=hw.device)
+    out.update({"preference_dataset": prefs.version, "reference": {"adapter": c.key_of(reference),
+                                                                   "version": reference.version}})
+    rows = [{"model": "base", **out["base"]}, {"model": f"sft ({c.key_of(reference)})", **out["sft"]},
             {"model": name, **out["dpo"]}]
     meta = {
         "preference_accuracy": out["dpo"]["reward_accuracy"],
@@ -266,7 +275,7 @@ def _preference_eval(store, name: str, model, tok, base_model: Artifact, adapter
         "preference_pairs": len(pairs),
         "preferences": c.table(rows, PREF_COLUMNS),
     }
-    return out, {c.key_of(sft): sft.version, c.key_of(prefs): prefs.version}, meta
+    return out, meta
 
 
 def _forgetting(store, recipe: Recipe, method, model, tok, base_model: Artifact, quantized_base: Artifact | None,

@@ -57,11 +57,13 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
             return
         self._store().set_latest(obj)
 
-    def load_input(self, context: dg.InputContext) -> Artifact | dict[str, Artifact]:
+    def load_input(self, context: dg.InputContext) -> Artifact | dict[str, Artifact] | None:
         if (context.definition_metadata or {}).get(ALL_PARTITIONS):
             # {partition: artifact} of the partitions materialized so far (the reader says which are missing)
             found = {p: self._recorded(context, p) for p in context.asset_partition_keys}
             return {p: a for p, a in found.items() if a is not None}
+        if context.has_asset_partitions and not context.asset_partition_keys:
+            return None  # the partition mapping gives this partition no upstream partition (see adapters.py)
         partition = context.asset_partition_key if context.has_asset_partitions else None
         art = self._recorded(context, partition)
         if art is None:

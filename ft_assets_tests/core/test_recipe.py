@@ -66,6 +66,9 @@ def test_method_type_defaults_to_its_name_and_training_overrides_merge():
         (with_("base_model", {"source": "hub"}), "source 'hub' needs `id`"),
         (with_("methods", {"qlora": {}, "lora": {}}) | {"quantization": {"method": "none"}}, "need quantization.method: nf4"),
         (with_("datasets.0.path", "../../etc/passwd"), "outside the recipe root"),
+        (with_("methods.dpo", {"sft_from": "lora"}) | {
+            "preferences": {"name": "p", "path": "data/p.jsonl"},
+            "automation": {"retrain_cron": "0 3 * * 0", "eager": False}}, "set automation.eager: true"),
     ],
 )
 def test_bad_recipes_name_the_key_and_what_is_allowed(data, expected):

@@ -46,7 +46,7 @@ def world(tmp_path_factory, tiny_model_dir):
     with dg.instance_for_test() as instance:
         recipe = load_recipe(root / "recipe.yaml")
         defs = build_definitions(recipe, home=str(home))
-        materialize_all(defs, list(recipe.methods), instance, say=lambda *_: None)
+        materialize_all(defs, instance, say=lambda *_: None)
         first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
         yield {"root": root, "home": home, "instance": instance, "defs": defs, "cursor": first.cursor,
                "first": first}

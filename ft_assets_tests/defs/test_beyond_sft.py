@@ -1,4 +1,4 @@
-"""Beyond SFT through Dagster on the tiny model: preference_dataset + adapter[dpo], the student,
+"""Beyond SFT through Dagster on the tiny model: preference_dataset + preference_adapter[dpo], the student,
 a two-task mixture with per-task metrics, continue_from with replay and forgetting, and what
 the automation re-runs when the preference pairs change."""
 
@@ -12,12 +12,12 @@ import yaml
 
 from ft_assets.definitions import build_definitions
 from ft_assets.defs.automation import record_sources
-from ft_assets.demo import materialize_all
+from ft_assets.demo import materialize_all, materialize_graph
 from ft_assets.recipe import load_recipe
 from ft_assets.store import ArtifactStore
 from ft_assets_tests.conftest import make_recipe, qa_rows, write_jsonl
 
-PARTITIONED = ("adapter", "merged_model", "eval_report", "preference_dataset")
+PARTITIONED = ("adapter", "preference_adapter", "merged_model", "eval_report", "preference_dataset")
 
 
 def head_rows(n: int = 20) -> list[dict]:
@@ -74,7 +74,7 @@ def world(tmp_path_factory, tiny_model_dir):
     with dg.instance_for_test() as instance:
         recipe = load_recipe(root / "recipe.yaml")
         defs = build_definitions(recipe, home=str(home))
-        failed = materialize_all(defs, list(recipe.methods), instance, say=lambda *_: None)  # as make demo
+        failed = materialize_all(defs, instance, say=lambda *_: None)  # as make demo
         assert not failed, failed
         first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
         yield {"root": root, "home": home, "instance": instance, "defs": defs, "recipe": recipe,
@@ -93,16 +93,37 @@ def test_graph_declares_the_new_assets_and_their_dependencies(world):
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert {"raw/qa", "raw/heads", "raw/prefs", "preference_dataset", "student"} <= keys
-    assert defs.resolve_assets_def("preference_dataset").partitions_def.get_partition_keys() == ["dpo"]
-    assert dg.AssetKey("preference_dataset") in graph.get(dg.AssetKey("adapter")).parent_keys
-    assert dg.AssetKey("preference_dataset") in graph.get(dg.AssetKey("eval_report")).parent_keys
+    for key in ("preference_dataset", "preference_adapter"):
+        assert defs.resolve_assets_def(key).partitions_def.get_partition_keys() == ["dpo"]
+    assert defs.resolve_assets_def("adapter").partitions_def.get_partition_keys() == ["lora"]
+    assert defs.resolve_assets_def("eval_report").partitions_def.get_partition_keys() == ["lora", "dpo"]
+    # every edge of the dpo chain is declared, partition to partition (what the UI's lineage shows)
+    parents = {k: {p.to_user_string() for p in graph.get(dg.AssetKey(k)).parent_keys}
+               for k in ("preference_adapter", "merged_model", "eval_report")}
+    assert {"adapter", "preference_dataset", "base_model", "recipe/method"} <= parents["preference_adapter"]
+    assert {"adapter", "preference_adapter"} <= parents["merged_model"]
+    assert {"adapter", "preference_adapter", "preference_dataset"} <= parents["eval_report"]
+
+    def upstream(asset: str, partition: str, parent: str) -> list[str]:
+        mapping = defs.resolve_assets_def(asset).get_partition_mapping(dg.AssetKey(parent))
+        down = defs.resolve_assets_def(asset).partitions_def
+        up = defs.resolve_assets_def(parent).partitions_def
+        got = mapping.get_upstream_mapped_partitions_result_for_partitions(
+            down.subset_with_partition_keys([partition]), down, up)
+        return sorted(got.partitions_subset.get_partition_keys())
+
+    assert upstream("preference_adapter", "dpo", "adapter") == ["lora"]  # the SFT adapter it continues
+    assert upstream("merged_model", "dpo", "preference_adapter") == ["dpo"]
+    assert upstream("merged_model", "dpo", "adapter") == [] and upstream("merged_model", "lora", "adapter") == ["lora"]
+    assert upstream("eval_report", "dpo", "adapter") == ["lora"]  # the reference policy of its preference metrics
+    assert upstream("eval_report", "lora", "preference_adapter") == []
     assert dg.AssetKey("merged_model") in graph.get(dg.AssetKey("student")).parent_keys
     assert graph.get(dg.AssetKey("preference_dataset")).group_name == "data"
 
 
 def test_dpo_continues_the_latest_sft_adapter_with_lineage(world):
     store = world["store"]
-    lora, dpo_ = store.latest("adapter", "lora"), store.latest("adapter", "dpo")
+    lora, dpo_ = store.latest("adapter", "lora"), store.latest("preference_adapter", "dpo")
     prefs = store.latest("preference_dataset", "dpo")
     m = dpo_.manifest()
     assert m["inputs"] == {"adapter[lora]": lora.version, "base_model": store.latest("base_model").version,
@@ -110,7 +131,7 @@ def test_dpo_continues_the_latest_sft_adapter_with_lineage(world):
     assert m["dpo"]["sft_adapter"] == {"method": "lora", "version": lora.version, "path": lora.path}
     assert m["train"]["steps"] == 2 and m["train"]["trainable_parameters"] > 0
     assert prefs.manifest()["inputs"]["raw/prefs"] and (prefs.dir / "rejected.jsonl").is_file()
-    md = meta(world, "adapter", "dpo")
+    md = meta(world, "preference_adapter", "dpo")
     assert md["sft_adapter"].value == f"adapter[lora] {lora.version}"
     # the held-out pairs are scored in the dpo eval report, against the SFT adapter it started from
     report = store.latest("eval_report", "dpo")
@@ -119,6 +140,7 @@ def test_dpo_continues_the_latest_sft_adapter_with_lineage(world):
     assert pm["pairs"] == 4 and set(pm) >= {"base", "sft", "dpo"}
     assert {"reward_accuracy", "reward_margin", "logp_accuracy"} <= set(pm["dpo"])
     assert report.manifest()["inputs"]["adapter[lora]"] == lora.version
+    assert report.manifest()["inputs"]["preference_adapter[dpo]"] == dpo_.version
     assert report.manifest()["inputs"]["preference_dataset[dpo]"] == prefs.version
     md = meta(world, "eval_report", "dpo")
     assert md["preference_accuracy"].value == pm["dpo"]["reward_accuracy"]
@@ -183,19 +205,14 @@ def step(world, observe_first=True):
 def settle(world, got) -> set:
     """Do what the daemon would (launch the requested runs) until a tick requests nothing; all that ran."""
     ran = set()
-    defs = world["defs"]
-    while got:
+    for _ in range(10):  # a tick that requests nothing ends it; ten ticks is far more than any chain here
+        if not got:
+            return ran
         ran |= got
-        plain = [k for k, p in got if p is None]
-        if plain:
-            dg.materialize(list(defs.assets), resources=defs.resources, instance=world["instance"], selection=plain)
-        for part in sorted({p for _, p in got if p}):
-            for keys in (["preference_dataset"], [k for k, p in got if p == part and k != "preference_dataset"]):
-                if any((k, part) in got for k in keys):
-                    dg.materialize(list(defs.assets), resources=defs.resources, instance=world["instance"],
-                                   partition_key=part, selection=[k for k in keys if (k, part) in got])
+        targets = {(dg.AssetKey(k), p) for k, p in got}
+        assert not materialize_graph(world["defs"], world["instance"], targets, say=lambda *_: None)
         got = step(world)
-    return ran
+    raise AssertionError(f"still requesting after 10 ticks: {got}")
 
 
 def test_changed_preference_pairs_rerun_only_the_dpo_partitions(world):
@@ -205,9 +222,32 @@ def test_changed_preference_pairs_rerun_only_the_dpo_partitions(world):
     rows[0]["rejected"] = "$1 million"
     write_jsonl(world["root"] / "data" / "prefs.jsonl", rows)
     first = step(world)
-    assert first == {("preference_dataset", "dpo")}  # blocking check first; then the dpo chain
-    assert settle(world, first) == {("preference_dataset", "dpo"), ("adapter", "dpo"), ("merged_model", "dpo"),
+    # one run (same partitions): preference_dataset's blocking check gates preference_adapter in it
+    assert first == {("preference_dataset", "dpo"), ("preference_adapter", "dpo")}
+    assert settle(world, first) == {("preference_dataset", "dpo"), ("preference_adapter", "dpo"), ("merged_model", "dpo"),
                                     ("eval_report", "dpo"), ("leaderboard", None)}  # never lora, never student
+
+
+def test_a_new_sft_adapter_version_retrains_the_dpo_method_through_its_declared_edge(world):
+    """No store reads behind the graph: adapter[lora] -> preference_adapter[dpo] is a declared,
+    mapped input, so the automation sees the new version and re-runs the dpo chain after lora's."""
+    assert step(world) == set()
+    before = world["store"].latest("preference_adapter", "dpo")
+    defs = world["defs"]
+    dg.materialize(list(defs.assets), instance=world["instance"], resources=defs.resources, partition_key="lora",
+                   selection=["adapter"], run_config={"ops": {"adapter": {"config": {"force": True}}}})
+    lora = world["store"].latest("adapter", "lora")
+    first = step(world)
+    assert ("preference_adapter", "dpo") in first and ("merged_model", "lora") in first
+    # not the student: the forced retrain made the same weights on CPU, so merged_model[lora] has the same
+    # content version and nothing below it changed
+    assert settle(world, first) == {("merged_model", "lora"), ("eval_report", "lora"),
+                                    ("preference_adapter", "dpo"), ("merged_model", "dpo"), ("eval_report", "dpo"),
+                                    ("leaderboard", None)}
+    after = world["store"].latest("preference_adapter", "dpo")
+    assert after.version != before.version and after.manifest()["inputs"]["adapter[lora]"] == lora.version
+    pm = json.loads((world["store"].latest("eval_report", "dpo").dir / "preference_metrics.json").read_text())
+    assert pm["reference"]["version"] == lora.version
 
 
 def test_continue_from_previous_when_the_data_changes(world):
@@ -222,8 +262,9 @@ def test_continue_from_previous_when_the_data_changes(world):
     write_jsonl(world["root"] / "data" / "qa.jsonl", rows)
     assets, res = list(defs.assets), defs.resources
     dg.materialize(assets, instance=instance, resources=res, selection=["sft_dataset", "base_eval"])
-    dg.materialize(assets, instance=instance, resources=res, partition_key="lora",
-                   selection=["adapter", "merged_model", "eval_report"])
+    # adapter has only the SFT partitions, merged_model/eval_report every method's: two runs, in order
+    assert not materialize_graph(defs, instance, {(dg.AssetKey(k), "lora") for k in ("adapter", "merged_model", "eval_report")},
+                                 say=lambda *_: None)
     v2 = store.latest("adapter", "lora")
     m = v2.manifest()
     assert v2.version != v1.version

@@ -22,7 +22,7 @@ def graph(project, ft_home):
     recipe = load_recipe(project / "recipe.yaml")
     defs = build_definitions(recipe, home=str(ft_home))
     instance = dg.DagsterInstance.ephemeral()
-    materialize_all(defs, list(recipe.methods), instance, say=lambda *_: None)
+    materialize_all(defs, instance, say=lambda *_: None)
     return recipe, defs, instance, ArtifactStore(ft_home)
 
 

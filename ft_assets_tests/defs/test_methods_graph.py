@@ -22,7 +22,7 @@ def test_non_mergeable_and_custom_methods_materialize_end_to_end(project, ft_hom
     (project / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     r = load_recipe(project / "recipe.yaml")
     instance = dg.DagsterInstance.ephemeral()
-    materialize_all(build_definitions(r, home=str(ft_home)), list(r.methods), instance, say=lambda *_: None)
+    materialize_all(build_definitions(r, home=str(ft_home)), instance, say=lambda *_: None)
 
     store = ArtifactStore(ft_home)
     for name, mergeable in (("prefix", False), ("bottleneck", False), ("delta_lora", True), ("last_layers", True)):
@@ -36,6 +36,11 @@ def test_non_mergeable_and_custom_methods_materialize_end_to_end(project, ft_hom
         assert metrics["tuned"]["examples"] == metrics["base"]["examples"] > 0
     board = json.loads((store.latest("leaderboard").dir / "leaderboard.json").read_text())
     assert board["missing"] == [] and len(board["rows"]) == 5
+    # the check passed where there was a merge to compare, and was never evaluated where there was none
+    # (Dagster shows it skipped), rather than reported passed for a comparison never made
     check = dg.AssetCheckKey(dg.AssetKey("merged_model"), "matches_adapter")
+    outcome = {}
     for rec in instance.event_log_storage.get_asset_check_execution_history(check, limit=10):
-        assert rec.event.dagster_event.event_specific_data.passed
+        partition = instance.get_run_by_id(rec.run_id).tags["dagster/partition"]
+        outcome[partition] = rec.status.value
+    assert outcome == {"delta_lora": "SUCCEEDED", "last_layers": "SUCCEEDED", "prefix": "PLANNED", "bottleneck": "PLANNED"}

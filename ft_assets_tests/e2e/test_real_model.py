@@ -29,7 +29,7 @@ def test_bundled_model_trains_and_is_evaluated(tmp_path, ft_home):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     r = load_recipe(tmp_path / "r.yaml")
     defs = build_definitions(r, home=str(ft_home))
-    materialize_all(defs, ["lora"], dg.DagsterInstance.ephemeral(), say=lambda *_: None)
+    materialize_all(defs, dg.DagsterInstance.ephemeral(), say=lambda *_: None)
 
     store = ArtifactStore(ft_home)
     base = store.latest("base_model").manifest()["model"]
