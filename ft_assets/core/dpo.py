@@ -18,7 +18,6 @@ No Dagster here.
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 
 from .data import IGNORE_INDEX, Example
 from .preferences import PreferencePair
+from .steps import steps_for
 from .train import TrainConfig, collate
 
 TRL_OPTIMIZERS = {"adamw": "adamw_torch", "paged_adamw_8bit": "paged_adamw_8bit", "adamw_8bit": "adamw_bnb_8bit"}
@@ -55,7 +55,7 @@ class DpoResult:
 
 
 def dpo_steps(n_pairs: int, cfg: TrainConfig) -> int:
-    return max(1, min(cfg.max_steps, math.ceil(cfg.epochs * n_pairs / (cfg.batch_size * cfg.grad_accum))))
+    return steps_for(n_pairs, cfg)  # the SFT loop's rule, so `validate` predicts DPO runs too
 
 
 def to_trl_dataset(pairs: list[PreferencePair]):
