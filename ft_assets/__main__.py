@@ -1,6 +1,7 @@
 """Command line over the recipe and the artifact store (no Dagster needed).
 
-    python -m ft_assets validate [RECIPE]     exit 0 + summary, or exit 2 + errors on stderr
+    python -m ft_assets validate [RECIPE]     exit 0 + summary (with the steps each method will run), or
+                                              exit 2 + errors on stderr
     python -m ft_assets artifacts [--json]    latest artifact of every asset/partition
     python -m ft_assets lineage PATH          the chain from an artifact back to raw data files
 """
@@ -12,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from .core.steps import recipe_step_estimates
 from .recipe import RecipeError, load_recipe
 from .store import ArtifactStore
 
@@ -31,19 +33,23 @@ def cmd_validate(args) -> int:
     b = recipe.base_model
     print(f"  base model: {b.source} {b.id or b.path or 'SmolLM2-135M-Instruct (bundled GGUF)'}")
     print(f"  quantization: {recipe.quantization.method}")
+    steps = recipe_step_estimates(recipe)
     for name, spec in recipe.methods.items():
         t = recipe.training_for(name)
         extra = f", continues adapter[{spec.sft_from}] (beta {spec.beta})" if spec.type == "dpo" else ""
         if spec.continue_from:
             extra += f", continue_from {spec.continue_from} (replay {spec.replay_fraction:.0%})"
-        print(f"  method {name} ({spec.type}): {t.max_steps} steps, batch {t.batch_size}x{t.grad_accum}, lr {t.lr}, {t.optimizer}{extra}")
+        print(f"  method {name} ({spec.type}): {steps.methods[name].describe()}, batch {t.batch_size}x{t.grad_accum}, "
+              f"lr {t.lr}, {t.optimizer}{extra}")
     if recipe.preferences:
         pr = recipe.preferences
         print(f"  preferences {pr.name}: {recipe.dataset_path(pr)} [{pr.format}], eval fraction {pr.eval_fraction}")
     if recipe.distillation:
         d = recipe.distillation
         student = d.student_path or f"teacher layers {d.keep_layers}"
-        print(f"  distillation: merged_model[{d.teacher}] -> student ({student}), alpha {d.alpha}, T {d.temperature}")
+        t = recipe.training_for_distillation()
+        print(f"  distillation: merged_model[{d.teacher}] -> student ({student}), alpha {d.alpha}, T {d.temperature}, "
+              f"{steps.distillation.describe()}, batch {t.batch_size}x{t.grad_accum}, lr {t.lr}")
     print(f"  recipe hash: {recipe.recipe_hash}")
     return 0
 

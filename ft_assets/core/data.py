@@ -247,14 +247,85 @@ def format_example(tokenizer, ex: Example, messages: list[dict], max_length: int
 # --------------------------------------------------------------------------------------
 
 
+def eval_size(n_usable: int, eval_fraction: float) -> int:
+    """How many of `n_usable` rows `split_examples` holds out (at least one, unless there is only one)."""
+    return max(1, round(n_usable * eval_fraction)) if n_usable > 1 else 0
+
+
 def split_examples(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """Seeded hash order by row id: stable when other rows change, exact eval size."""
     order = sorted(examples, key=lambda e: hashlib.sha256(f"{seed}:{e.task}:{e.id}".encode()).hexdigest())
-    n_eval = max(1, round(len(examples) * eval_fraction)) if len(examples) > 1 else 0
+    n_eval = eval_size(len(examples), eval_fraction)
     eval_ids = {id(e) for e in order[:n_eval]}
     train = [e for e in examples if id(e) not in eval_ids]
     evals = [e for e in examples if id(e) in eval_ids]
     return train, evals
+
+
+# --------------------------------------------------------------------------------------
+# counting train rows without a tokenizer (for `python -m ft_assets validate`)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainRowCount:
+    """How many training rows a data file gives, from steps 1, 2 and 4 alone (no tokenizer).
+
+    Step 3 (chat template, `max_length`) can only reject more rows, and a source fails when
+    its rejections exceed `max_rejected_fraction`; so the training split of a build that
+    succeeds has between `low` and `high` rows (`high`: the tokenizer rejects none). With
+    mixture weights the total is the same: `core.mixture.mix` draws as many rows as the
+    sources' training splits hold together."""
+
+    rows: int  # rows read from the file(s)
+    rejected: int  # rejected before tokenization (missing/blank fields, duplicates)
+    low: int
+    high: int
+
+    def __add__(self, other: "TrainRowCount") -> "TrainRowCount":
+        return TrainRowCount(self.rows + other.rows, self.rejected + other.rejected,
+                             self.low + other.low, self.high + other.high)
+
+
+def most_rejections_allowed(n_rows: int, max_rejected_fraction: float) -> int:
+    """The largest rejection count that `rejected / rows > max_rejected_fraction` lets through."""
+    t = min(n_rows, int(n_rows * max_rejected_fraction))
+    while t < n_rows and (t + 1) / n_rows <= max_rejected_fraction:
+        t += 1
+    while t > 0 and t / n_rows > max_rejected_fraction:
+        t -= 1
+    return t
+
+
+def train_row_bounds(path: str | Path, n_rows: int, n_rejected: int, eval_fraction: float,
+                     max_rejected_fraction: float) -> TrainRowCount:
+    """Bounds on the training split of one source whose first `n_rejected` of `n_rows` rows are
+    already rejected; DataFileError where the build would fail on those rejections alone."""
+    allowed = most_rejections_allowed(n_rows, max_rejected_fraction)
+    kept = n_rows - n_rejected
+    if kept == 0:
+        raise DataFileError(path, f"every row was rejected ({n_rejected} rows) before tokenization")
+    if n_rejected > allowed:
+        raise DataFileError(path, f"{n_rejected} of {n_rows} rows rejected before tokenization "
+                                  f"({n_rejected / n_rows:.0%} > max_rejected_fraction {max_rejected_fraction:.0%})")
+    fewest = max(1, n_rows - allowed)  # usable rows of a build that does not fail
+
+    def train(usable: int) -> int:
+        return usable - eval_size(usable, eval_fraction)
+
+    return TrainRowCount(n_rows, n_rejected, train(fewest), train(kept))
+
+
+def count_train_rows(sources: Iterable[SourceSpec]) -> TrainRowCount:
+    """`build_sft_dataset`'s training rows, bounded without a tokenizer (see `TrainRowCount`).
+    Raises DataFileError as the build would for an unreadable file or missing columns."""
+    total = TrainRowCount(0, 0, 0, 0)
+    for src in sources:
+        rows = read_rows(src.path, src.format)
+        check_columns(src.path, rows, src.columns)
+        kept, rejected = validate_rows(rows, src.columns, task=src.name)
+        total += train_row_bounds(src.path, len(rows), len(rejected), src.eval_fraction, src.max_rejected_fraction)
+    return total
 
 
 # --------------------------------------------------------------------------------------
@@ -272,6 +343,13 @@ class SourceSpec:
     split_seed: int
     max_rejected_fraction: float
     weight: float | None = None  # multi-task mixture weight (all sources or none)
+
+
+def sft_sources(recipe) -> list[SourceSpec]:
+    """The recipe's `datasets:` as build inputs (`recipe`: a `ft_assets.recipe.Recipe`)."""
+    return [SourceSpec(ds.name, recipe.dataset_path(ds), ds.format, ds.columns.model_dump(), ds.eval_fraction,
+                       recipe.split_seed(ds), ds.max_rejected_fraction, ds.weight)
+            for ds in recipe.datasets]
 
 
 @dataclass

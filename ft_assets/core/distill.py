@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import IGNORE_INDEX, Example
+from .steps import steps_for
 from .train import TrainConfig, collate
 
 
@@ -172,7 +173,7 @@ def distill(student, teacher, examples: list[Example], cfg: TrainConfig, *, alph
     teacher.eval().requires_grad_(False)
     student.train().requires_grad_(True)
     per_step = cfg.batch_size * cfg.grad_accum
-    total = max(1, min(cfg.max_steps, math.ceil(cfg.epochs * len(examples) / per_step)))
+    total = steps_for(len(examples), cfg)
     decay = [p for p in student.parameters() if p.ndim >= 2]
     no_decay = [p for p in student.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from .data import IGNORE_INDEX, Example
 from .models import load_model, parameter_count
 from .preferences import PreferencePair
-from .train import TrainConfig, TrainingDiverged, collate, peak_memory_bytes, reset_peak_memory, seed_everything, steps_for
+from .steps import steps_for
+from .train import TrainConfig, TrainingDiverged, collate, peak_memory_bytes, reset_peak_memory, seed_everything
 
 TRL_OPTIMIZERS = {"adamw": "adamw_torch", "paged_adamw_8bit": "paged_adamw_8bit", "adamw_8bit": "adamw_bnb_8bit"}
 

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from .data import (
-    DataFileError, Rejected, _stable_id, check_columns, prompt_ids, read_rows, row_id, split_examples, text_fields,
-    write_jsonl,
+    DataFileError, Rejected, TrainRowCount, _stable_id, check_columns, prompt_ids, read_rows, row_id, split_examples,
+    text_fields, train_row_bounds, write_jsonl,
 )
 
 
@@ -55,6 +55,13 @@ class PreferenceSource:
     eval_fraction: float
     split_seed: int
     max_rejected_fraction: float
+
+
+def preference_source(recipe) -> PreferenceSource:
+    """The recipe's `preferences:` section as a build input (`recipe`: a `ft_assets.recipe.Recipe`)."""
+    spec = recipe.preferences
+    return PreferenceSource(spec.name, recipe.dataset_path(spec), spec.format, spec.columns.model_dump(),
+                            spec.eval_fraction, recipe.split_seed(spec), spec.max_rejected_fraction)
 
 
 @dataclass
@@ -150,6 +157,15 @@ def build_preference_dataset(src: PreferenceSource, tokenizer, *, system: str | 
                    "p50": lengths[len(lengths) // 2]},
     }
     return BuiltPreferences(train, evals, rejected, stats)
+
+
+def count_train_pairs(src: PreferenceSource) -> TrainRowCount:
+    """`build_preference_dataset`'s training pairs, bounded without a tokenizer (as
+    `core.data.count_train_rows` does for SFT rows)."""
+    rows = read_rows(src.path, src.format)
+    check_columns(src.path, rows, src.columns)
+    _, rejected = validate_pairs(rows, src.columns, src.name)
+    return train_row_bounds(src.path, len(rows), len(rejected), src.eval_fraction, src.max_rejected_fraction)
 
 
 def save_preferences(ds: BuiltPreferences, out_dir: Path, meta: dict[str, Any]) -> None:

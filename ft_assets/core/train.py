@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from . import packing as P
 from .data import IGNORE_INDEX, Example
 from .loss import linear_cross_entropy_sum
+from .steps import steps_for  # noqa: F401  (the step rule; `train.steps_for` stays its public name)
 
 
 class TrainingDiverged(RuntimeError):
@@ -113,11 +114,6 @@ class TrainResult:
 # --------------------------------------------------------------------------------------
 # batches
 # --------------------------------------------------------------------------------------
-
-
-def steps_for(n_examples: int, cfg: TrainConfig) -> int:
-    per_step = cfg.batch_size * cfg.grad_accum
-    return max(1, min(cfg.max_steps, math.ceil(cfg.epochs * n_examples / per_step)))
 
 
 GROUP_STEPS = 8  # length grouping sorts within mega-batches of this many optimizer steps

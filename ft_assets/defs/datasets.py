@@ -55,11 +55,7 @@ def build(recipe: Recipe) -> list:
     def sft_dataset(context: dg.AssetExecutionContext, store: StoreResource, base_model: Artifact):
         """Validated, chat-formatted, answer-masked train/eval splits of every recipe dataset."""
         tok = load_tokenizer(base_model.path)
-        sources = [
-            data.SourceSpec(ds.name, recipe.dataset_path(ds), ds.format, ds.columns.model_dump(),
-                            ds.eval_fraction, recipe.split_seed(ds), ds.max_rejected_fraction, ds.weight)
-            for ds in recipe.datasets
-        ]
+        sources = data.sft_sources(recipe)
         try:
             built = data.build_sft_dataset(
                 sources, tok, system=recipe.prompt.system, template=recipe.prompt.template,

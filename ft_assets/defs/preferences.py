@@ -80,9 +80,7 @@ def build(recipe: Recipe) -> list:
     def preference_dataset(context: dg.AssetExecutionContext, store: StoreResource, base_model: Artifact):
         """Validated, chat-rendered prompt/chosen/rejected pairs, split train/eval (one partition per dpo method)."""
         tok = load_tokenizer(base_model.path)
-        src = preferences.PreferenceSource(
-            spec.name, recipe.dataset_path(spec), spec.format, spec.columns.model_dump(), spec.eval_fraction,
-            recipe.split_seed(spec), spec.max_rejected_fraction)
+        src = preferences.preference_source(recipe)
         try:
             built = preferences.build_preference_dataset(src, tok, system=recipe.prompt.system,
                                                          max_length=recipe.prompt.max_length)

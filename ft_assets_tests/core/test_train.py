@@ -44,18 +44,55 @@ def test_a_few_steps_lower_the_loss_on_the_training_rows(tiny_model_dir, example
     assert result.tokens_per_s > 0 and result.peak_memory_bytes > 0
 
 
-def test_grad_accumulation_equals_one_big_batch(tiny_model_dir, examples):
-    grads = []
-    for batch_size, accum in ((4, 1), (2, 2)):
-        model = lora_model(tiny_model_dir)
-        c = cfg(batch_size=batch_size, grad_accum=accum, max_steps=1, lr=1e-9, max_grad_norm=None)
-        micro = next(train.batches(examples, c))
-        n = sum(sum(1 for x in r.labels[1:] if x != data.IGNORE_INDEX) for mb in micro for r in mb)
-        for rows in micro:
-            loss, _ = train.token_loss_sum(model, train.collate(rows, 2, "cpu"))
-            (loss / n).backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+@pytest.fixture(scope="module")
+def uneven_examples(tiny_model_dir):
+    """Rows whose answers range from a few tokens to a few dozen, so micro-batches of one
+    step carry very different numbers of labels."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    out = []
+    for i in range(8):
+        answer = f"${100 + i} million" if i % 2 else " ".join(["revenue grew in every segment"] * (1 + i))
+        ex = data.Example(f"u{i}", f"What happened in year {i}?", None, answer, i + 1)
+        assert data.format_example(tok, ex, data.build_messages(ex, None, "{question}", "{question}"), 256) is None
+        out.append(ex)
+    return out
+
+
+def first_step_gradient(tiny_model_dir, examples, monkeypatch, **kw) -> torch.Tensor:
+    """The gradient the optimizer sees at the first step of a real `train.train` run."""
+    seen = []
+    real = train.make_optimizer
+
+    def spy(name, groups, lr):
+        opt = real(name, groups, lr)
+        opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(torch.cat(
+            [p.grad.detach().flatten().clone() for g in o.param_groups for p in g["params"] if p.grad is not None])))
+        return opt
+
+    monkeypatch.setattr(train, "make_optimizer", spy)
+    result = train.train(lora_model(tiny_model_dir), get_method("lora"), SPEC, examples,
+                         cfg(max_steps=1, max_grad_norm=None, **kw), pad_id=2)
+    assert result.steps == 1 and len(seen) == 1
+    return seen[0]
+
+
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+def test_grad_accumulation_equals_one_big_batch(tiny_model_dir, uneven_examples, monkeypatch, packing):
+    shapes = ((4, 1), (2, 2), (1, 4))  # batch_size x grad_accum: 4 rows per optimizer step each time
+    steps = [next(train.batches(uneven_examples, cfg(batch_size=b, grad_accum=a))) for b, a in shapes]
+    # the same rows reach the step in every shape (so the gradients must match) ...
+    assert len({tuple(r.id for mb in step for r in mb) for step in steps}) == 1
+    # ... and the micro-batches carry unequal label counts (so normalising per micro-batch would not)
+    labels = [sum(sum(1 for x in r.labels[1:] if x != data.IGNORE_INDEX) for r in mb) for mb in steps[1]]
+    assert labels[0] != labels[1], labels
+
+    grads = [first_step_gradient(tiny_model_dir, uneven_examples, monkeypatch, batch_size=b, grad_accum=a,
+                                 packing=packing) for b, a in shapes]
+    assert grads[0].abs().sum() > 0
+    for (b, a), g in zip(shapes[1:], grads[1:]):
+        torch.testing.assert_close(g, grads[0], rtol=1e-4, atol=1e-7, msg=lambda m: f"{b}x{a} vs 4x1: {m}")
 
 
 def test_batches_are_a_pure_function_of_seed_and_step(examples):
