@@ -1,38 +1,59 @@
 """Knowledge distillation: a smaller student learns the fine-tuned teacher's answer distribution.
 
+Contract. `distill_student(teacher_dir, tokenizer_dir, train rows, eval rows, TrainConfig, ...)`
+builds the student, checks it shares the teacher's vocabulary (else `NotDistillable`), measures
+its KL to the teacher before and after training, trains it, evaluates teacher and student on
+the held-out rows and times their greedy generation; it returns a `Distilled` (the trained
+student and those numbers), and `Distilled.save(dir, teacher=...)` writes the student as a plain
+transformers checkpoint + tokenizer, `distill_report.json`, `train_log.json` (`losses`, `kl`,
+`ce` per step) and `predictions.jsonl`, and returns the report. No Dagster here.
+
+Training is `core.train.train`, the loop SFT uses, with the `Distillation` objective:
+
     loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))   (Hinton et al. 2015)
          + (1 - alpha) * cross-entropy(student, reference answer)
 
-Both terms are averaged over the same positions: those that predict an answer token (the SFT
-labels, end-of-turn included), so the student imitates the teacher exactly where it is used.
-The T^2 factor keeps the KL gradient on the scale of the CE gradient as T changes.
+Both terms are summed over the positions that predict an answer token (the SFT labels,
+end-of-turn included), so the student imitates the teacher exactly where it is used, and the
+loop divides by the label count of the whole optimizer step (gradient accumulation equals one
+big batch). The T^2 factor keeps the KL gradient on the scale of the CE gradient as T changes.
+The teacher is frozen (eval mode, no grad). Every student weight trains (it is a new, smaller
+model, not an adapter): the `full` method gives the optimizer groups, so `training.optimizer`,
+weight decay, schedule, clipping, autocast, the NaN stop and checkpoint/resume are SFT's.
+Micro-batches are padded, not packed: packing would have to run the teacher, a second model,
+through the packed attention path too (`core.packing` picks one per model), which is not
+trivially the same computation, so `Distillation.packs` is False.
 
 The student is the teacher with a subset of its decoder layers (`keep_layers`), or a model
-given by path that shares the teacher's tokenizer. Every student weight trains (it is a new,
-smaller model, not an adapter).
+given by path that shares the teacher's tokenizer.
 
 Why not TRL: TRL 1.16's `DistillationTrainer` (and the experimental GKD trainer) train on
 completions sampled on-policy from the student and minimise a generalized JSD; neither has the
 off-policy alpha * KL * T^2 + (1 - alpha) * CE objective on reference answers asked for here, and
-on-policy sampling costs a generation per step on CPU. So this is a short loop over
-`core.train.collate` batches with the teacher's logits computed under no_grad.
-No Dagster here.
+on-policy sampling costs a generation per step on CPU.
 """
 
 from __future__ import annotations
 
-import math
-import random
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX, Example
-from .train import TrainConfig, collate
+from ..store import dir_bytes
+from . import evaluate
+from .data import IGNORE_INDEX, Example, write_jsonl
+from .methods import get_method
+from .models import ModelSourceError, check_tokenizer_matches, load_model, load_tokenizer
+from .train import TrainConfig, TrainResult, collate, train
+
+
+class NotDistillable(ValueError):
+    """This student cannot learn from this teacher (another vocabulary or tokenizer)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -72,8 +93,6 @@ def drop_layers(model, keep: list[int]):
 
 def build_student(teacher_dir: Path, keep: str | Sequence[int], device: str = "cpu", student_path: Path | None = None):
     """(student model, facts). From `student_path` when given, else the teacher minus layers."""
-    from .models import load_model
-
     if student_path is not None:
         student = load_model(student_path, device)
         return student, {"origin": f"local:{student_path}", "layers": student.config.num_hidden_layers}
@@ -86,7 +105,7 @@ def build_student(teacher_dir: Path, keep: str | Sequence[int], device: str = "c
 
 
 # --------------------------------------------------------------------------------------
-# the loss
+# the objective
 # --------------------------------------------------------------------------------------
 
 
@@ -111,6 +130,25 @@ def _positions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
     return keep, targets[:, keep]
 
 
+@dataclass(frozen=True)
+class Distillation:
+    """The `core.train` objective: alpha * T^2 * KL(teacher || student at T) + (1 - alpha) * CE,
+    summed over answer positions; logs the KL and CE sums as the terms `kl` and `ce`."""
+
+    teacher: torch.nn.Module  # frozen: eval mode, its logits computed under no_grad
+    alpha: float
+    temperature: float
+    packs: bool = False  # padded micro-batches (see the module docstring)
+
+    def loss_sum(self, student, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+        keep, targets = _positions(batch)
+        with torch.no_grad():
+            teacher_logits = _answer_logits(self.teacher, batch, keep)
+        kl, ce, n_labels = distill_terms(_answer_logits(student, batch, keep), teacher_logits, targets, self.temperature)
+        loss = self.alpha * self.temperature ** 2 * kl + (1 - self.alpha) * ce
+        return loss, n_labels, {"kl": kl.detach(), "ce": ce.detach()}
+
+
 @torch.inference_mode()
 def kl_to_teacher(student, teacher, examples: list[Example], *, temperature: float, pad_id: int,
                   device: str = "cpu", batch_size: int = 16) -> dict[str, float]:
@@ -131,97 +169,126 @@ def kl_to_teacher(student, teacher, examples: list[Example], *, temperature: flo
 
 
 # --------------------------------------------------------------------------------------
-# the loop
+# training and the whole job
 # --------------------------------------------------------------------------------------
 
 
-@dataclass
-class DistillResult:
-    losses: list[tuple[int, float]] = field(default_factory=list)
-    kls: list[tuple[int, float]] = field(default_factory=list)
-    ces: list[tuple[int, float]] = field(default_factory=list)
-    steps: int = 0
-    tokens_seen: int = 0
-    wall_s: float = 0.0
-
-    def summary(self) -> dict[str, Any]:
-        return {"steps": self.steps, "tokens_seen": self.tokens_seen, "wall_s": round(self.wall_s, 2),
-                "tokens_per_s": round(self.tokens_seen / self.wall_s, 1) if self.wall_s else 0.0,
-                "first_loss": self.losses[0][1] if self.losses else None,
-                "final_loss": self.losses[-1][1] if self.losses else None}
-
-
-def _schedule(cfg: TrainConfig, total: int) -> Callable[[int], float]:
-    warmup = int(cfg.warmup_ratio * total)
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        return {"constant": 1.0, "linear": max(0.0, 1.0 - progress)}.get(
-            cfg.lr_scheduler, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-    return f
-
-
-def distill(student, teacher, examples: list[Example], cfg: TrainConfig, *, alpha: float, temperature: float,
-            pad_id: int, device: str = "cpu", on_log: Callable[[int, float, float, float], None] | None = None
-            ) -> DistillResult:
-    """Train every weight of `student` in place toward `teacher` (frozen) on `examples`."""
-    torch.manual_seed(cfg.seed)
-    teacher.eval().requires_grad_(False)
-    student.train().requires_grad_(True)
-    per_step = cfg.batch_size * cfg.grad_accum
-    total = max(1, min(cfg.max_steps, math.ceil(cfg.epochs * len(examples) / per_step)))
-    decay = [p for p in student.parameters() if p.ndim >= 2]
-    no_decay = [p for p in student.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
-    order: list[int] = []
-    epoch, result = -1, DistillResult()
-    t0 = time.perf_counter()
-    for step in range(total):
-        rows = []
-        while len(rows) < per_step:  # seeded epochs, like the SFT loop: epoch e shuffles with seed + e
-            if not order:
-                epoch += 1
-                order = list(range(len(examples)))
-                random.Random(cfg.seed + epoch).shuffle(order)
-            rows.append(examples[order.pop(0)])
-        n_labels = sum(sum(1 for x in r.labels[1:] if x != IGNORE_INDEX) for r in rows)
-        kl_sum = ce_sum = 0.0
-        for i in range(0, per_step, cfg.batch_size):
-            batch = collate(rows[i: i + cfg.batch_size], pad_id, device)
-            keep, targets = _positions(batch)
-            with torch.no_grad():
-                t_logits = _answer_logits(teacher, batch, keep)
-            s_logits = _answer_logits(student, batch, keep)
-            kl, ce, _ = distill_terms(s_logits, t_logits, targets, temperature)
-            loss = (alpha * temperature ** 2 * kl + (1 - alpha) * ce) / n_labels
-            loss.backward()
-            kl, ce = kl.detach(), ce.detach()
-            kl_sum += kl.item()
-            ce_sum += ce.item()
-            result.tokens_seen += int(batch["attention_mask"].sum())
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        kl_m, ce_m = kl_sum / n_labels, ce_sum / n_labels
-        loss_m = alpha * temperature ** 2 * kl_m + (1 - alpha) * ce_m
-        if not math.isfinite(loss_m):
-            raise RuntimeError(f"distillation loss is {loss_m} at step {step + 1}; lower distillation.training.lr")
-        result.losses.append((step + 1, round(loss_m, 6)))
-        result.kls.append((step + 1, round(kl_m, 6)))
-        result.ces.append((step + 1, round(ce_m, 6)))
-        result.steps = step + 1
-        if on_log and (step + 1) % cfg.log_every == 0:
-            on_log(step + 1, loss_m, kl_m, ce_m)
-    result.wall_s = time.perf_counter() - t0
+def train_student(student, teacher, examples: list[Example], cfg: TrainConfig, *, alpha: float, temperature: float,
+                  pad_id: int, device: str = "cpu", autocast_dtype: torch.dtype | None = None,
+                  checkpoint_dir: Path | None = None, on_log: Callable[..., None] | None = None) -> TrainResult:
+    """Train every weight of `student` in place toward `teacher` (frozen) with `core.train.train`;
+    `on_log(step, loss, kl=, ce=)`. With `checkpoint_dir`, a rerun resumes from its newest checkpoint."""
+    full = get_method("full")  # every weight trains; its param groups put no decay on norms
+    student = full.wrap(student, None, gradient_checkpointing=cfg.gradient_checkpointing)
+    objective = Distillation(teacher.eval().requires_grad_(False), alpha, temperature)
+    result = train(student, full, None, examples, cfg, pad_id=pad_id, device=device, autocast_dtype=autocast_dtype,
+                   checkpoint_dir=checkpoint_dir, on_log=on_log, objective=objective)
     student.eval()
     return result
+
+
+def check_same_vocabulary(tokenizer, student, teacher) -> None:
+    try:
+        check_tokenizer_matches(tokenizer, student)
+    except ModelSourceError as exc:
+        raise NotDistillable(str(exc)) from None
+    if student.get_input_embeddings().weight.shape[0] != teacher.get_input_embeddings().weight.shape[0]:
+        raise NotDistillable("the student's vocabulary differs from the teacher's; distillation needs the same tokenizer")
+
+
+@dataclass
+class Distilled:
+    """What `distill_student` made and measured. Per-model facts are keyed "teacher" / "student"."""
+
+    student: Any  # the trained model, eval mode
+    tokenizer: Any
+    built: dict[str, Any]  # how the student was made (origin, kept layers)
+    alpha: float
+    temperature: float
+    kl_before: dict[str, float]  # kl_to_teacher() of the untrained student
+    kl_after: dict[str, float]
+    quality: dict[str, dict[str, Any]]  # evaluate.evaluate(): {"metrics", "rows"}
+    speed: dict[str, dict[str, float]]  # generation_speed()
+    parameters: dict[str, int]
+    layers: dict[str, int]
+    teacher_bytes: int
+    training: TrainResult
+
+    def save(self, out_dir: Path, teacher: dict[str, Any]) -> dict[str, Any]:
+        """Write the student and its records into `out_dir`; return the report (`distill_report.json`).
+        `teacher`: what to record about where the teacher came from (method, versions)."""
+        out_dir = Path(out_dir)
+        self.student.save_pretrained(out_dir, safe_serialization=True)
+        self.tokenizer.save_pretrained(out_dir)
+        report = self.report(teacher, student_bytes=dir_bytes(out_dir))
+        _write_json(out_dir / "distill_report.json", report)
+        _write_json(out_dir / "train_log.json", self.training.log())
+        write_jsonl(out_dir / "predictions.jsonl", self.quality["student"]["rows"])
+        return report
+
+    def report(self, teacher: dict[str, Any], student_bytes: int) -> dict[str, Any]:
+        sizes = {"teacher": self.teacher_bytes, "student": student_bytes}
+        metrics = {who: q["metrics"] for who, q in self.quality.items()}
+        return {
+            "teacher": teacher,
+            "student": self.built,
+            "loss": {"alpha": self.alpha, "temperature": self.temperature},
+            "kl_to_teacher": {"before": self.kl_before, "after": self.kl_after},
+            "quality": metrics,
+            "size": {who: {"parameters": self.parameters[who], "bytes": sizes[who], "layers": self.layers[who]}
+                     for who in ("teacher", "student")},
+            "speed": self.speed,
+            "ratios": {
+                "parameters": round(self.parameters["student"] / self.parameters["teacher"], 4),
+                "bytes": round(sizes["student"] / sizes["teacher"], 4),
+                "speedup": round(self.speed["student"]["tokens_per_s"] / self.speed["teacher"]["tokens_per_s"], 3),
+                "token_f1_retained": round(metrics["student"]["token_f1"] / max(1e-9, metrics["teacher"]["token_f1"]), 4),
+            },
+            "train": self.training.summary(),
+        }
+
+
+def distill_student(teacher_dir: Path, tokenizer_dir: Path | str, examples: list[Example], evals: list[Example],
+                    cfg: TrainConfig, *, keep_layers: str | Sequence[int], student_path: Path | None = None,
+                    alpha: float, temperature: float, max_new_tokens: int, eval_batch_size: int = 16,
+                    speed_prompts: int = 8, device: str = "cpu", autocast_dtype: torch.dtype | None = None,
+                    checkpoint_dir: Path | None = None, log: Callable[[str], None] = lambda _: None) -> Distilled:
+    """Build a student of the teacher at `teacher_dir`, distill it on `examples`, and measure both
+    models on `evals`. Raises `NotDistillable` (vocabularies differ), `TrainingDiverged` (NaN)."""
+    tok = load_tokenizer(tokenizer_dir)
+    teacher = load_model(teacher_dir, device)
+    student, built = build_student(Path(teacher_dir), keep_layers, device, student_path)
+    check_same_vocabulary(tok, student, teacher)
+    pad, eos = tok.pad_token_id, tok.eos_token_id
+    models = {"teacher": teacher, "student": student}
+
+    def kl_now() -> dict[str, float]:
+        return kl_to_teacher(student, teacher, evals, temperature=temperature, pad_id=pad, device=device)
+
+    kl_before = kl_now()
+    log(f"student: {built}; {parameters(student):,} parameters (teacher {parameters(teacher):,}); KL before {kl_before}")
+    result = train_student(
+        student, teacher, examples, cfg, alpha=alpha, temperature=temperature, pad_id=pad, device=device,
+        autocast_dtype=autocast_dtype, checkpoint_dir=checkpoint_dir,
+        on_log=lambda step, loss, kl, ce: log(f"step {step}: loss {loss:.4f} (KL {kl:.4f}, CE {ce:.4f})"))
+    if result.resumed_from_step:
+        log(f"resumed from checkpoint at step {result.resumed_from_step}")
+    kl_after = kl_now()
+    quality = {who: evaluate.evaluate(m, tok, evals, max_new_tokens=max_new_tokens, batch_size=eval_batch_size,
+                                      device=device) for who, m in models.items()}
+    speed = {who: generation_speed(m, evals[:speed_prompts], new_tokens=max_new_tokens, pad_id=pad, eos_id=eos,
+                                   device=device) for who, m in models.items()}
+    return Distilled(
+        student=student, tokenizer=tok, built=built, alpha=alpha, temperature=temperature,
+        kl_before=kl_before, kl_after=kl_after, quality=quality, speed=speed,
+        parameters={who: parameters(m) for who, m in models.items()},
+        layers={who: m.config.num_hidden_layers for who, m in models.items()},
+        teacher_bytes=dir_bytes(teacher_dir), training=result,
+    )
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------------------
