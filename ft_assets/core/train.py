@@ -1,20 +1,31 @@
-"""The training loop: plain PyTorch, readable top to bottom.
+"""The training loop: plain PyTorch, readable top to bottom, one loop for every trainer.
 
-    batches -> forward -> masked cross-entropy (mean over answer tokens of the whole step)
+    batches -> forward -> objective's loss sum / labels of the whole step
             -> backward -> clip -> optimizer step -> scheduler -> log / checkpoint
+
+Contract. `train(model, method, spec, examples, cfg, objective=...)` trains `model` in place and
+returns a `TrainResult`. What varies between trainers is asked of objects or passed in:
+- the objective (what is minimised): `objective.loss_sum(model, batch)` returns the loss summed
+  over the micro-batch's labelled positions, how many there were, and named extra sums to log
+  (e.g. distillation's `kl` and `ce`); the loop divides every sum by the label count of the
+  whole optimizer step, so gradient accumulation equals one big batch, and logs each extra term
+  per step in `TrainResult.terms`. `objective.packs` says whether its micro-batches may be
+  packed. Default: `CrossEntropy` (SFT, `token_loss_sum`); `core.distill.Distillation` is another.
+- the method (which weights train, optimizer groups, how to save and restore): `core.methods`.
+- the hardware (device, autocast dtype): passed in.
+Optimizer (`cfg.optimizer`), weight decay, LR schedule, clipping, autocast, the NaN stop
+(`TrainingDiverged`) and checkpoints are the same for every objective. Batches come from
+`batches()`, a pure function of (examples, seed, step), and a checkpoint holds weights,
+optimizer, scheduler, RNG and the logged curves, so a run resumed from `checkpoint_dir` after a
+kill computes exactly what an uninterrupted run would have.
 
 Speed switches (`TrainConfig`, all exact up to float rounding; see `core.packing`, `core.loss`):
 `packing` lays each micro-batch's rows end to end (no padding, attention kept inside each row,
 position ids restarting), `group_by_length` orders the unpacked path's rows by length within
 mega-batches, `loss` ("auto"/"chunked") applies the LM head to the labelled positions only, in
 chunks (never the full-vocabulary logits at once), `compile` torch.compiles the decoder layers.
-Methods that cannot use a switch (prompt/prefix tuning: no packing, no lean loss) fall back to
-the plain path on their own.
-
-What varies by method (which weights train, optimizer groups, how to save) is asked of the
-method object (`core.methods`); what varies by hardware (device, dtype) is passed in. Batches
-come from `batches()`, a pure function of (examples, seed, step), so a resumed run sees
-exactly the batches an uninterrupted run would have seen.
+Methods that cannot use a switch (prompt/prefix tuning: no packing, no lean loss) and objectives
+that do not pack fall back to the plain path on their own.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +96,8 @@ class TrainResult:
     wall_s: float = 0.0
     peak_memory_bytes: int = 0
     resumed_from_step: int = 0
+    # the objective's extra terms, per step: name -> [(step, term sum / labels of that step)]
+    terms: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
@@ -108,7 +121,7 @@ class TrainResult:
         it ran (timings, memory, a resume) differs between identical runs: that is `summary()`,
         kept in the manifest, so it does not change the artifact's content hash."""
         keep = ("steps", "tokens_seen", "tokens_trained", "first_loss", "final_loss")
-        return {"losses": self.losses, **{k: v for k, v in self.summary().items() if k in keep}}
+        return {"losses": self.losses, **self.terms, **{k: v for k, v in self.summary().items() if k in keep}}
 
 
 # --------------------------------------------------------------------------------------
@@ -265,6 +278,31 @@ def virtual_token_count(model) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# objectives: what the loop minimises
+# --------------------------------------------------------------------------------------
+
+
+class Objective(Protocol):
+    packs: bool  # may the loop pack its micro-batches (`core.packing`)? Else they are padded.
+
+    def loss_sum(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+        """(loss summed over the labelled positions of `batch`, how many there were, extra sums to
+        log by name). Sums, not means: the loop normalises by the label count of the whole step."""
+
+
+@dataclass(frozen=True)
+class CrossEntropy:
+    """SFT: next-token cross-entropy on the labelled (answer) tokens, `token_loss_sum`."""
+
+    loss: str = "auto"  # TrainConfig.loss: "auto" | "chunked" | "plain"
+    packs: bool = True
+
+    def loss_sum(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+        loss_sum, n_labels = token_loss_sum(model, batch, self.loss)
+        return loss_sum, n_labels, {}
+
+
+# --------------------------------------------------------------------------------------
 # optimizer and schedule
 # --------------------------------------------------------------------------------------
 
@@ -314,7 +352,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, method, optimizer, schedu
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }, tmp / "state.pt")
     (tmp / "progress.json").write_text(json.dumps({
-        "step": step, "losses": result.losses, "tokens_seen": result.tokens_seen,
+        "step": step, "losses": result.losses, "terms": result.terms, "tokens_seen": result.tokens_seen,
         "tokens_trained": result.tokens_trained, "wall_s": result.wall_s,
     }))
     final = ckpt_root / f"step-{step:06d}"
@@ -350,6 +388,7 @@ def _restore(ckpt: Path, model, optimizer, scheduler, result: TrainResult, metho
         torch.cuda.set_rng_state_all(blob["cuda_rng"])
     progress = json.loads((ckpt / "progress.json").read_text())
     result.losses = [tuple(x) for x in progress["losses"]]
+    result.terms = {name: [tuple(x) for x in curve] for name, curve in progress.get("terms", {}).items()}
     result.tokens_seen = progress["tokens_seen"]
     result.tokens_trained = progress["tokens_trained"]
     result.wall_s = progress["wall_s"]
@@ -405,9 +444,13 @@ def train(
     device: str = "cpu",
     autocast_dtype: torch.dtype | None = None,
     checkpoint_dir: Path | None = None,
-    on_log: Callable[[int, float], None] | None = None,
+    on_log: Callable[..., None] | None = None,
+    objective: Objective | None = None,
 ) -> TrainResult:
-    """Train `model` (already wrapped by `method`) in place and return what happened."""
+    """Train `model` (already wrapped by `method`) in place toward `objective` (default: SFT
+    cross-entropy) and return what happened. `on_log(step, loss, **terms)` every `log_every` steps;
+    with `checkpoint_dir`, checkpoints every `checkpoint_every` steps and resumes from the newest."""
+    objective = objective if objective is not None else CrossEntropy(cfg.loss)
     seed_everything(cfg.seed)
     reset_peak_memory(device)
     total = steps_for(len(examples), cfg)
@@ -421,8 +464,10 @@ def train(
         result.resumed_from_step = start
 
     model.train()
-    # packing: how attention is kept inside each row (None: padded micro-batches, e.g. prompt tuning)
-    pack_mode = P.attention_mode(model, cfg.pack_attention) if cfg.packing and P.supports_packing(model) else None
+    # packing: how attention is kept inside each row (None: padded micro-batches, e.g. prompt tuning
+    # or an objective that runs a second model, like distillation's teacher)
+    packs = cfg.packing and objective.packs and P.supports_packing(model)
+    pack_mode = P.attention_mode(model, cfg.pack_attention) if packs else None
     eager_mask = _param_dtype(model) if pack_mode == "mask" and _attn_impl(model) == "eager" else None
     compiled = compile_layers(model, cfg, device)
     t0 = time.perf_counter() - result.wall_s
@@ -430,13 +475,16 @@ def train(
         for step, micro_batches in enumerate(batches(examples, cfg, start), start=start):
             n_labels = sum(sum(1 for x in r.labels[1:] if x != IGNORE_INDEX) for mb in micro_batches for r in mb)
             step_loss = 0.0
+            step_terms: dict[str, float] = {}
             for rows in micro_batches:
                 batch = make_batch(rows, pad_id, device, pack_mode, cfg.pack_max_tokens, eager_mask)
                 with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss_sum, _ = token_loss_sum(model, batch, cfg.loss)
+                    loss_sum, _, terms = objective.loss_sum(model, batch)
                 # normalise by the step's label count so grad accumulation equals one big batch
                 (loss_sum / n_labels).backward()
                 step_loss += loss_sum.item()
+                for name, term_sum in terms.items():
+                    step_terms[name] = step_terms.get(name, 0.0) + float(term_sum)
                 result.tokens_seen += batch_tokens(batch)
             mean_loss = step_loss / n_labels
             if not math.isfinite(mean_loss):
@@ -452,12 +500,15 @@ def train(
             hook = getattr(method, "after_step", None)  # methods that touch weights after each step
             if hook is not None:
                 hook(model, spec)
+            mean_terms = {name: term_sum / n_labels for name, term_sum in step_terms.items()}
             result.tokens_trained += n_labels
             result.steps = step + 1
             result.losses.append((step + 1, round(mean_loss, 6)))
+            for name, value in mean_terms.items():
+                result.terms.setdefault(name, []).append((step + 1, round(value, 6)))
             result.wall_s = time.perf_counter() - t0
             if on_log and (step + 1) % cfg.log_every == 0:
-                on_log(step + 1, mean_loss)
+                on_log(step + 1, mean_loss, **mean_terms)
             if checkpoint_dir is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
                 save_checkpoint(checkpoint_dir, step + 1, model, method, optimizer, scheduler, result)
     finally:

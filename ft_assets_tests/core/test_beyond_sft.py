@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -249,10 +250,11 @@ def test_distillation_lowers_the_kl_to_the_teacher(teacher_dir, tok, tmp_path):
     for alpha in (0.8, 0.0):
         student, facts = distill.build_student(teacher_dir, "every_other", student_path=tmp_path / "other")
         before = distill.kl_to_teacher(student, teacher, examples, temperature=2.0, pad_id=2)
-        result = distill.distill(student, teacher, examples, cfg(max_steps=8, lr=3e-3), alpha=alpha,
-                                 temperature=2.0, pad_id=2)
+        result = distill.train_student(student, teacher, examples, cfg(max_steps=8, lr=3e-3), alpha=alpha,
+                                       temperature=2.0, pad_id=2)
         after[alpha] = distill.kl_to_teacher(student, teacher, examples, temperature=2.0, pad_id=2)
         assert result.steps == 8 and facts["origin"].startswith("local:")
+        assert [s for s, _ in result.terms["kl"]] == [s for s, _ in result.terms["ce"]] == list(range(1, 9))
     print("distillation KL(teacher||student): before", before, "after alpha=0.8", after[0.8], "alpha=0", after[0.0])
     assert after[0.8]["kl"] < 0.8 * before["kl"], (before, after)
     assert after[0.8]["kl"] < after[0.0]["kl"]
@@ -264,12 +266,75 @@ def test_alpha_zero_is_plain_sft_loss(tiny_model_dir, tok):
     examples = make_examples(tok, qa_rows(4))
     batch = train.collate(examples, 2, "cpu")
     loss_sum, n = train.token_loss_sum(model, batch)
-    keep, targets = distill._positions(batch)
     with torch.no_grad():
-        logits = distill._answer_logits(model, batch, keep)
-        kl, ce, m = distill.distill_terms(logits, logits, targets, 2.0)
-    assert m == n and float(kl) == pytest.approx(0.0, abs=1e-4)
-    assert float(ce) == pytest.approx(float(loss_sum), rel=1e-5)
+        loss, m, terms = distill.Distillation(model, alpha=0.0, temperature=2.0).loss_sum(model, batch)
+    assert m == n and float(terms["kl"]) == pytest.approx(0.0, abs=1e-4)
+    assert float(loss) == float(terms["ce"]) == pytest.approx(float(loss_sum), rel=1e-5)
+
+
+def test_distillation_objective_is_alpha_t2_kl_plus_ce_over_answer_tokens(teacher_dir, tiny_model_dir, tok):
+    """The objective's sum is alpha * T^2 * KL + (1 - alpha) * CE of `distill_terms`, over the labels."""
+    teacher, student = load_model(teacher_dir), load_model(tiny_model_dir)
+    batch = train.collate(make_examples(tok, qa_rows(4)), 2, "cpu")
+    with torch.no_grad():
+        loss, n, terms = distill.Distillation(teacher, alpha=0.3, temperature=3.0).loss_sum(student, batch)
+    assert n == int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
+    assert float(loss) == pytest.approx(0.3 * 9.0 * float(terms["kl"]) + 0.7 * float(terms["ce"]), rel=1e-6)
+    assert float(terms["kl"]) > 0
+
+
+def distill_cfg(**kw) -> train.TrainConfig:
+    return cfg(**{"max_steps": 6, "lr": 3e-3, "checkpoint_every": 3, "weight_decay": 0.1, **kw})
+
+
+def test_distillation_resumes_from_a_checkpoint_exactly(teacher_dir, tok, tmp_path):
+    """Distillation goes through core.train's checkpoints: a run that stopped after step 3 (its
+    checkpoint is what a killed process leaves) resumes to the uninterrupted run's weights and curves."""
+    teacher = load_model(teacher_dir)
+    examples = make_examples(tok, qa_rows(16))
+
+    def run(ckpt: Path):
+        student, _ = distill.build_student(teacher_dir, [1])
+        result = distill.train_student(student, teacher, examples, distill_cfg(), alpha=0.5, temperature=2.0,
+                                       pad_id=2, checkpoint_dir=ckpt)
+        return student, result
+
+    ref, ref_result = run(tmp_path / "ref")
+    assert train.latest_checkpoint(tmp_path / "ref").name == "step-000003"  # the last step writes none
+    # the checkpoint a killed run left behind, picked up by a fresh student
+    shutil.copytree(tmp_path / "ref", tmp_path / "killed")
+    resumed, result = run(tmp_path / "killed")
+    assert result.resumed_from_step == 3 and result.steps == 6
+    assert result.losses == ref_result.losses and result.terms == ref_result.terms
+    assert set(result.terms) == {"kl", "ce"} and len(result.terms["kl"]) == 6
+    assert result.log()["kl"] == result.terms["kl"] and result.log()["ce"] == result.terms["ce"]
+    for (name, a), (_, b) in zip(ref.named_parameters(), resumed.named_parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_distillation_takes_its_optimizer_and_decay_from_train_config(teacher_dir, tok, monkeypatch):
+    """No hard-coded AdamW: `training.optimizer` reaches the optimizer, weight decay spares norms."""
+    seen = {}
+    real = train.make_optimizer
+
+    def spy(name, groups, lr):
+        seen.update(name=name, decays=sorted({g["weight_decay"] for g in groups}))
+        return real("adamw", groups, lr)
+
+    monkeypatch.setattr(train, "make_optimizer", spy)
+    student, _ = distill.build_student(teacher_dir, [1])
+    distill.train_student(student, load_model(teacher_dir), make_examples(tok, qa_rows(4)),
+                          distill_cfg(max_steps=1, optimizer="adamw_8bit"), alpha=0.5, temperature=2.0, pad_id=2)
+    assert seen == {"name": "adamw_8bit", "decays": [0.0, 0.1]}
+
+
+def test_distillation_stops_on_nan_like_sft(teacher_dir, tok):
+    student, _ = distill.build_student(teacher_dir, [1])
+    with torch.no_grad():
+        student.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(train.TrainingDiverged, match=r"loss is nan at step 1; lower the learning rate"):
+        distill.train_student(student, load_model(teacher_dir), make_examples(tok, qa_rows(4)), distill_cfg(),
+                              alpha=0.5, temperature=2.0, pad_id=2)
 
 
 # --------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ import dagster as dg
 import pytest
 import yaml
 
+from ft_assets.core import distill
 from ft_assets.definitions import build_definitions
+from ft_assets.defs import _common
 from ft_assets.defs.automation import record_sources
 from ft_assets.demo import materialize_all, materialize_graph
 from ft_assets.recipe import load_recipe
@@ -172,6 +174,45 @@ def test_student_is_distilled_from_the_teacher_with_a_report(world):
     from ft_assets.core.models import load_model
 
     assert load_model(student.path).config.num_hidden_layers == 1  # a plain checkpoint
+
+
+def materialize_student(world, **run_config):
+    defs = world["defs"]
+    config = dg.RunConfig(ops={"student": _common.TrainingRun(**run_config)}) if run_config else None
+    result = dg.materialize(list(defs.assets), resources=defs.resources, instance=world["instance"],
+                            selection=["student"], run_config=config)
+    messages = [e.user_message for e in world["instance"].all_logs(result.run_id)]
+    return result.asset_materializations_for_node("student")[0].metadata, messages
+
+
+def test_same_inputs_give_the_same_student_version_without_training(world, monkeypatch):
+    store = world["store"]
+    before = store.latest("student")
+    assert before.manifest()["version_basis"] == "derivation"
+    log = json.loads((before.dir / "train_log.json").read_text())
+    assert len(log["losses"]) == len(log["kl"]) == len(log["ce"]) == 3
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained although inputs, code and settings are unchanged")
+
+    monkeypatch.setattr(distill, "distill_student", no_training)
+    meta_, messages = materialize_student(world)
+    assert meta_["data_version"].value == before.version and meta_["reused"].value is True
+    assert any(m.startswith(f"student: version {before.version}") and "reused, nothing trained" in m for m in messages)
+    assert store.latest("student") == before
+
+
+def test_force_retrains_the_student_into_a_version_of_its_own(world):
+    store = world["store"]
+    before = store.latest("student")
+    meta_, messages = materialize_student(world, force=True)
+    forced = store.latest("student")
+    assert meta_["data_version"].value == forced.version != before.version and "reused" not in meta_
+    assert any("student: training (force: true)" in m for m in messages)
+    assert forced.manifest()["derivation"]["forced_by"] and meta_["steps"].value == 3
+    assert [s for s, _ in meta_["kl"].value] == [s for s, _ in meta_["ce"].value] == [1, 2, 3]
+    meta_, _ = materialize_student(world)  # unforced again: the forced version is the one made from these inputs
+    assert meta_["data_version"].value == forced.version and meta_["reused"].value is True
 
 
 def test_mixture_and_per_task_metrics(world):

@@ -1,5 +1,5 @@
-"""Crashes and faults: kill -9 mid-training resumes exactly, NaN stops early with no merged model,
-out-of-memory says what to change, two partitions trained at once never collide."""
+"""Crashes and faults: kill -9 mid-training resumes exactly (adapter and student), NaN stops early
+with no merged model, out-of-memory says what to change, two partitions trained at once never collide."""
 
 from __future__ import annotations
 
@@ -38,6 +38,21 @@ RUNNER = textwrap.dedent("""
 """)
 
 
+# The teacher (adapter[lora] -> merged_model[lora]), then the student distilled from it.
+STUDENT_RUNNER = textwrap.dedent("""
+    import sys, dagster as dg
+    from ft_assets.definitions import build_definitions
+    from ft_assets.recipe import load_recipe
+    recipe_path, home = sys.argv[1:3]
+    defs = build_definitions(load_recipe(recipe_path), home=home)
+    instance = dg.DagsterInstance.ephemeral()
+    for selection, partition in ((["base_model", "sft_dataset"], None), (["adapter", "merged_model"], "lora"),
+                                 (["student"], None)):
+        dg.materialize(list(defs.assets), resources=defs.resources, instance=instance, selection=selection,
+                       partition_key=partition)
+""")
+
+
 def long_recipe(project: Path, **training) -> Path:
     recipe = yaml.safe_load((project / "recipe.yaml").read_text())
     recipe["quantization"] = {"method": "none"}
@@ -48,9 +63,9 @@ def long_recipe(project: Path, **training) -> Path:
     return path
 
 
-def start(recipe: Path, home: Path, method: str = "lora") -> subprocess.Popen:
+def start(recipe: Path, home: Path, method: str = "lora", runner: str = RUNNER) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-c", RUNNER, str(recipe), str(home), method], env=env,
+    return subprocess.Popen([sys.executable, "-c", runner, str(recipe), str(home), method], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -88,6 +103,61 @@ def test_kill_9_mid_training_then_rerun_resumes_and_matches_uninterrupted(projec
     adapter = ArtifactStore(home).latest("adapter", "lora")
     log, run = json.loads((adapter.dir / "train_log.json").read_text()), adapter.manifest()["train"]
     assert run["resumed_from_step"] >= 10 and run["resumed_from_step"] % 5 == 0 and log["steps"] == 30
+    assert not list(ckpts.glob("*/step-*"))  # finished: checkpoints cleaned up
+
+
+def distill_recipe(project: Path, **training) -> Path:
+    """One teacher (lora, trained briefly) and a long distillation into its second layer."""
+    recipe = yaml.safe_load((project / "recipe.yaml").read_text())
+    recipe["quantization"] = {"method": "none"}
+    recipe["methods"] = {"lora": recipe["methods"]["lora"]}
+    recipe["distillation"] = {"teacher": "lora", "keep_layers": [1], "alpha": 0.5, "temperature": 2.0,
+                              "speed_prompts": 2, "training": {"epochs": 100, **training}}
+    path = project / "distill.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_kill_9_mid_distillation_then_rerun_resumes_and_matches_uninterrupted(project, tmp_path):
+    recipe = distill_recipe(project, max_steps=30, checkpoint_every=5, lr=2e-3)
+    ref_home, home = tmp_path / "ref", tmp_path / "killed"
+    ref = start(recipe, ref_home, runner=STUDENT_RUNNER)
+
+    victim = start(recipe, home, runner=STUDENT_RUNNER)
+    ckpts = home / "checkpoints" / "student"
+
+    def checkpointed_step() -> int:  # the newest checkpoint's step (only the newest is kept)
+        return max((int(p.name.removeprefix("step-")) for p in ckpts.glob("*/step-*")), default=0)
+
+    deadline = time.time() + 300
+    while time.time() < deadline and checkpointed_step() < 10:
+        assert victim.poll() is None, victim.stdout.read()
+        time.sleep(0.2)
+    os.killpg(victim.pid, signal.SIGKILL)  # kill -9, no cleanup handlers run
+    victim.wait()
+    assert ArtifactStore(home).latest("student") is None  # nothing half-written looks finished
+    assert not list((home / "artifacts" / "student").glob("*/[!.]*/manifest.json"))
+
+    rerun = start(recipe, home, runner=STUDENT_RUNNER)
+    out = rerun.communicate(timeout=600)[0]
+    assert rerun.returncode == 0, out
+    assert "resumed from checkpoint at step" in out
+    assert ref.wait(timeout=600) == 0, ref.stdout.read()
+
+    got, want = ArtifactStore(home).latest("student"), ArtifactStore(ref_home).latest("student")
+    assert got.version == want.version  # same inputs, code and settings: the same derived version
+    got_w, want_w = (load_file(str(a.dir / "model.safetensors")) for a in (got, want))
+    assert got_w.keys() == want_w.keys()
+    for name in want_w:  # tolerance: 1e-6 absolute on fp32 CPU weights
+        torch.testing.assert_close(got_w[name], want_w[name], atol=1e-6, rtol=0, msg=name)
+    log, ref_log = (json.loads((a.dir / "train_log.json").read_text()) for a in (got, want))
+    assert log["steps"] == 30 and len(log["kl"]) == len(log["ce"]) == 30
+    for curve in ("losses", "kl", "ce"):  # the curves before the kill come back from the checkpoint
+        assert [s for s, _ in log[curve]] == list(range(1, 31))
+        assert [v for _, v in log[curve]] == pytest.approx([v for _, v in ref_log[curve]], abs=1e-5)
+    run = got.manifest()["train"]
+    print("student killed after its checkpoint at step", run["resumed_from_step"], "of 30; resumed there")
+    assert run["resumed_from_step"] >= 10 and run["resumed_from_step"] % 5 == 0
     assert not list(ckpts.glob("*/step-*"))  # finished: checkpoints cleaned up
 
 
