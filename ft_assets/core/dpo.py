@@ -78,15 +78,21 @@ def tune_sft_adapter(base_dir: Path, sft_adapter_dir: Path, tokenizer, pairs: li
                      *, beta: float, loss_type: str, max_length: int | None, device: str, dtype: torch.dtype,
                      work_dir: Path, on_log: Callable[[int, float], None] | None = None) -> PreferenceTuning:
     """Load base + the SFT adapter (trainable) and continue it with DPO on `pairs`. Raises
-    `TrainingDiverged` when the loss is not finite."""
+    `TrainingDiverged` when the loss is not finite, `finetune.TrainingFailed` (with the recipe keys
+    to change) when out of memory."""
     from peft import PeftModel
 
     seed_everything(cfg.seed)
     reset_peak_memory(device)
     model = PeftModel.from_pretrained(load_model(base_dir, device, dtype), sft_adapter_dir, is_trainable=True)
     trainable, total = parameter_count(model)
-    result = train_dpo(model, tokenizer, pairs, cfg, beta=beta, loss_type=loss_type, max_length=max_length,
-                       device=device, work_dir=work_dir, on_log=on_log)
+    try:
+        result = train_dpo(model, tokenizer, pairs, cfg, beta=beta, loss_type=loss_type, max_length=max_length,
+                           device=device, work_dir=work_dir, on_log=on_log)
+    except torch.OutOfMemoryError as exc:
+        from .finetune import TrainingFailed, out_of_memory_hint
+
+        raise TrainingFailed(out_of_memory_hint(cfg, device, exc)) from None
     if not all(math.isfinite(loss) for _, loss in result.losses):
         raise TrainingDiverged(f"DPO loss is not finite; lower the learning rate (now {cfg.lr})")
     result.trainable_parameters, result.total_parameters = trainable, total

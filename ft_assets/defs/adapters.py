@@ -1,8 +1,9 @@
 """`adapter` (one partition per recipe method) and `merged_model`.
 
-- `adapter[method]`: loads the base (or, for QLoRA, `quantized_base`), wraps it with the
-  method, trains it with `core.train` on the `sft_dataset` train split, and saves only what
-  was trained. Checkpoints go to $FT_HOME/checkpoints/... during training (a re-run with the
+- `adapter[method]`: one `core.finetune.finetune` call (load the base, or for QLoRA
+  `quantized_base`; wrap with the method; train on the `sft_dataset` train split) after the
+  reuse rule (`_common.reuse_or_say_why`), then the store write and metadata. Checkpoints go to
+  $FT_HOME/checkpoints/adapter/<method>/<derived version> during training (a re-run with the
   same inputs resumes from the newest one). Metadata: trainable parameters, loss curve (image
   + numbers), tokens trained, tokens/s, peak memory, wall time.
 - `merged_model[method]`: the adapter folded into full-precision base weights, saved as a
@@ -14,9 +15,10 @@ Beyond SFT (only for recipes that ask for it):
 - a `dpo` method d is not a partition of `adapter`: `preference_adapter[d]` (defs/preferences.py)
   continues `adapter[<sft_from>]`. `merged_model` and `eval_report` have every method's partition
   and read `preference_adapter[d]` for partition d (a `StaticPartitionMapping` {d: d}) and
-  `adapter[m]` for every other m ({m: m}); each partition reads exactly one of the two.
+  `adapter[m]` for every other m ({m: m}; Dagster's identity when the recipe has no dpo
+  method, so a partition's adapter and merge can share a run); each partition reads exactly one.
 - `continue_from: previous`: the method starts from its own previous adapter version when the
-  data changed (`core.continual.pick_start`), replaying `replay_fraction` of the previous
+  data changed (`core.finetune.plan_continual`), replaying `replay_fraction` of the previous
   sft_dataset's train split; manifest inputs name that adapter version under `adapter[<method>]`.
 """
 
@@ -25,12 +27,10 @@ import shutil
 from pathlib import Path
 
 import dagster as dg
-import torch
 
-from ..core import continual, data, merge, plots, train
+from ..core import data, finetune, merge, plots, train
 from ..core.methods import NotMergeable, get_method
-from ..core.models import load_model, load_tokenizer, parameter_count
-from ..core.quantize import compute_dtype, load_quantized
+from ..core.models import load_tokenizer
 from ..recipe import Recipe
 from ..store import Artifact, ArtifactStore, derived_version, dir_bytes
 from . import _common as c
@@ -66,80 +66,69 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
     name = context.partition_key
     spec = recipe.methods[name]
     method = get_method(spec.type)
-    cfg = train.TrainConfig.from_spec(recipe.training_for(name), recipe.seed)
-    hw = compute.resolve()
     info = data.dataset_info(sft_dataset.path)
     tok = load_tokenizer(base_model.path)
     if data.tokenizer_fingerprint(tok) != info["tokenizer_fingerprint"]:
-        raise c.user_error(RuntimeError(
-            "sft_dataset was built with a different tokenizer than base_model has now; "
-            "re-materialize sft_dataset"))
+        raise c.user_error(RuntimeError("sft_dataset was built with a different tokenizer than base_model has now; "
+                                        "re-materialize sft_dataset"))
     examples = data.load_split(sft_dataset.path, "train")
-    start, replay = None, []
+    plan = None
     if spec.continue_from == "previous":
-        start = _continual_start(store, name, spec, sft_dataset, base_model)
-        context.log.info(f"{name}: {start.reason}")
-        replay = _replay(context, store, start, spec, examples, info, recipe.seed)
-        examples = examples + replay
-
+        plan = finetune.plan_continual(store, name, spec, sft_dataset.version, base_model.version, examples,
+                                       info["tokenizer_fingerprint"], recipe.seed)
+        for note in plan.notes:
+            context.log.info(note)
+    continued = plan is not None and not plan.start.from_scratch
     inputs = c.inputs_of(sft_dataset, base_model, quantized_base if method.uses_quantized_base else None)
-    if start is not None and not start.from_scratch:
-        inputs[f"adapter[{name}]"] = start.adapter_version  # the version this run continued from
+    if continued:
+        inputs[f"adapter[{name}]"] = plan.start.adapter_version  # the version this run continued from
     derivation = c.derivation(inputs, cv, recipe.section_hash("seed", method=name))
     done = c.reuse_or_say_why(context, store, "adapter", name, derivation, force)
     if done is not None:
         return c.output(done, c.reused_metadata(done))
 
-    if method.uses_quantized_base:
-        model = load_quantized(quantized_base.dir, hw.device, compute_dtype(recipe.quantization.compute_dtype, hw.device))
-    else:
-        model = load_model(base_model.path, hw.device, hw.dtype)
-    train.seed_everything(cfg.seed)  # adapter init is random: seed it so reruns are reproducible
-    model = method.wrap(model, spec, gradient_checkpointing=cfg.gradient_checkpointing)
-    if start is not None and not start.from_scratch:
-        continual.load_state(model, method, Path(start.adapter_path))
-    trainable, total = parameter_count(model)
-    context.log.info(f"{name}: {trainable:,} trainable of {total:,} parameters; {len(examples)} train rows; "
-                     f"{train.steps_for(len(examples), cfg)} steps on {hw.device}")
-
+    hw = compute.resolve()
+    cfg = train.TrainConfig.from_spec(recipe.training_for(name), recipe.seed)
     ckpt_dir = store.home / "checkpoints" / "adapter" / name / derived_version(derivation)
     try:
-        result = train.train(
-            model, method, spec, examples, cfg, pad_id=tok.pad_token_id, device=hw.device,
-            autocast_dtype=hw.autocast_dtype, checkpoint_dir=ckpt_dir,
-            on_log=lambda step, loss: context.log.info(f"step {step}: loss {loss:.4f}"),
-        )
-    except train.TrainingDiverged as exc:
-        raise c.user_error(exc) from None
-    except torch.OutOfMemoryError as exc:
-        raise c.user_error(RuntimeError(out_of_memory_hint(name, cfg, hw.device, exc))) from None
-    if result.resumed_from_step:
-        context.log.info(f"resumed from checkpoint at step {result.resumed_from_step}")
-
+        tuned = finetune.finetune(
+            method, spec, examples + (plan.replay if plan else []), cfg, base_dir=base_model.path,
+            quantized_dir=quantized_base.dir if quantized_base else None,
+            quantized_compute_dtype=recipe.quantization.compute_dtype, pad_id=tok.pad_token_id, device=hw.device,
+            dtype=hw.dtype, autocast_dtype=hw.autocast_dtype,
+            start_adapter=Path(plan.start.adapter_path) if continued else None, checkpoint_dir=ckpt_dir,
+            log=lambda msg: context.log.info(f"{name}: {msg}"),
+            on_log=lambda step, loss, **_: context.log.info(f"step {step}: loss {loss:.4f}"))
+    except finetune.TrainingFailed as exc:
+        raise c.user_error(RuntimeError(f"{name}: {exc}")) from None
     with store.write("adapter", name, recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed,
                      derivation=c.forced(derivation, context) if force else derivation) as st:
         st.inputs = inputs
-        method.save(model, st.path)
+        tuned.save(st.path)
         st.extra["method"] = {"name": name, "type": spec.type, "spec": spec.model_dump(mode="json"),
                               "training": recipe.training_for(name).model_dump(mode="json")}
-        st.extra["train"] = {**result.summary(), "trainable_parameters": trainable, "total_parameters": total,
-                             "device": hw.name}
-        if start is not None:
-            st.extra["continual"] = _continual_facts(store, name, start, replay, spec)
-        c.write_json(st.path / "train_log.json", result.log())
+        st.extra["train"] = {**tuned.result.summary(), "trainable_parameters": tuned.trainable,
+                             "total_parameters": tuned.total, "device": hw.name}
+        if plan is not None:
+            st.extra["continual"] = plan.facts(spec.replay_fraction)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the artifact supersedes its checkpoints
-    art = st.artifact
+    return c.output(st.artifact, _trained_metadata(name, spec.type, tuned, st.artifact, hw.name, plan))
+
+
+def _trained_metadata(name: str, method_type: str, tuned, art: Artifact, device: str, plan) -> dict:
+    result = tuned.result
     png = plots.loss_curve_png(result.losses, f"{name}: train loss")
     extra = {}
-    if start is not None:
-        extra = {"continued_from": start.adapter_version or "scratch", "continue_reason": start.reason,
-                 "replay_rows": len(replay),
-                 "continued_from_path": dg.MetadataValue.path(start.adapter_path) if start.adapter_path else "-"}
-    return c.output(art, {
+    if plan is not None:
+        s = plan.start
+        extra = {"continued_from": s.adapter_version or "scratch", "continue_reason": s.reason,
+                 "replay_rows": len(plan.replay),
+                 "continued_from_path": dg.MetadataValue.path(s.adapter_path) if s.adapter_path else "-"}
+    return {
         **extra,
-        "method": spec.type,
-        "trainable_parameters": trainable,
-        "trainable_percent": round(100 * trainable / total, 4),
+        "method": method_type,
+        "trainable_parameters": tuned.trainable,
+        "trainable_percent": round(100 * tuned.trainable / tuned.total, 4),
         "loss_curve": dg.MetadataValue.md(plots.markdown_image(png, f"{name} loss curve")),
         "losses": dg.MetadataValue.json([[s, l] for s, l in result.losses]),
         "first_loss": result.losses[0][1],
@@ -151,60 +140,8 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
         "peak_memory_bytes": result.peak_memory_bytes,
         "wall_time_s": round(result.wall_s, 2),
         "adapter_bytes": dir_bytes(art.dir),
-        "device": hw.name,
-    })
-
-
-# --------------------------------------------------------------------------------------
-# continual learning
-# --------------------------------------------------------------------------------------
-
-
-def _continual_start(store: ArtifactStore, name: str, spec, sft_dataset: Artifact, base_model: Artifact):
-    prev = store.latest("adapter", name)  # the newest version before this run
-
-    def manifest_of(version: str):
-        art = store.get("adapter", name, version)
-        return (art.manifest(), art.path) if art else None
-
-    return continual.pick_start(prev.manifest() if prev else None, prev.path if prev else None,
-                                sft_dataset=sft_dataset.version, base_model=base_model.version,
-                                spec=spec.model_dump(mode="json"), manifest_of=manifest_of)
-
-
-def _replay(context, store: ArtifactStore, start, spec, examples, info: dict, seed: int) -> list:
-    if start.from_scratch or not spec.replay_fraction or not start.previous_sft_dataset:
-        return []
-    old = store.get("sft_dataset", None, start.previous_sft_dataset)
-    if old is None:
-        context.log.warning(f"previous sft_dataset {start.previous_sft_dataset} is gone: no replay")
-        return []
-    if data.dataset_info(old.path).get("tokenizer_fingerprint") != info["tokenizer_fingerprint"]:
-        context.log.warning("previous sft_dataset used another tokenizer: no replay")
-        return []
-    rows = continual.replay_rows(data.load_split(old.path, "train"), examples, spec.replay_fraction, seed)
-    context.log.info(f"replaying {len(rows)} rows of sft_dataset {old.version} ({spec.replay_fraction:.0%} of its train split)")
-    return rows
-
-
-def _continual_facts(store: ArtifactStore, name: str, start, replay: list, spec) -> dict:
-    return {
-        "continued_from": None if start.from_scratch else {"version": start.adapter_version, "path": start.adapter_path},
-        "previous_sft_dataset": start.previous_sft_dataset,
-        "reason": start.reason,
-        "replay_fraction": spec.replay_fraction,
-        "replay_rows": len(replay),
+        "device": device,
     }
-
-
-def out_of_memory_hint(name: str, cfg: train.TrainConfig, device: str, exc: Exception) -> str:
-    first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return (
-        f"{name}: out of memory on {device} with batch_size {cfg.batch_size} (x{cfg.grad_accum} accumulation). "
-        f"Try, in the recipe: training.batch_size: {max(1, cfg.batch_size // 2)} with training.grad_accum: "
-        f"{cfg.grad_accum * 2} (same effective batch), training.gradient_checkpointing: true, a shorter "
-        f"prompt.max_length, or a quantized method (qlora). ({first_line})"
-    )
 
 
 def _merge(context, recipe: Recipe, compute: ComputeResource, store: ArtifactStore, adapter: Artifact,

@@ -23,6 +23,7 @@ import dagster as dg
 from ..core import data, dpo, plots, preferences
 from ..core.device import Compute
 from ..core.models import load_tokenizer
+from ..core.finetune import TrainingFailed
 from ..core.train import TrainConfig, TrainingDiverged
 from ..recipe import Recipe
 from ..store import Artifact, ArtifactStore, derived_version, dir_bytes, file_hash
@@ -160,7 +161,7 @@ def _tune(context, recipe: Recipe, hw: Compute, store: ArtifactStore, sft: Artif
             base_model.dir, sft.dir, tok, pairs, cfg, beta=spec.beta, loss_type=spec.loss_type,
             max_length=recipe.prompt.max_length, device=hw.device, dtype=hw.dtype, work_dir=work_dir,
             on_log=lambda step, loss: context.log.info(f"step {step}: DPO loss {loss:.4f}"))
-    except TrainingDiverged as exc:
+    except (TrainingDiverged, TrainingFailed) as exc:
         raise c.user_error(RuntimeError(f"{name}: {exc}")) from None
     result = tuned.result
     summary = {**result.summary(), "device": hw.name}

@@ -1,0 +1,133 @@
+"""Train one recipe method from its inputs: the single call behind the `adapter` asset.
+
+    plan_continual(store, ...) -> ContinualPlan   where a `continue_from: previous` run starts,
+                                                  and the previous train split's replay rows
+    finetune(method, spec, examples, cfg, ...) -> FineTuned
+        load the base (full precision, or the 4-bit `quantized_base` for QLoRA) -> seed ->
+        `method.wrap` -> the previous adapter's state (continual) -> `core.train.train`
+
+`FineTuned.save(dir)` writes what the method trained plus `train_log.json` (no timings, so the
+artifact's bytes depend on the training only). Failures a user can act on raise `TrainingFailed`
+(NaN loss, out of memory with the recipe keys to change); nothing here knows Dagster. Previous
+versions (continual learning) are read from the artifact store by exact version: they are this
+asset's own history, not an edge of the graph.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..store import ArtifactStore
+from . import continual, data, train
+from .models import load_model, parameter_count
+from .quantize import compute_dtype, load_quantized
+
+
+class TrainingFailed(RuntimeError):
+    """Training stopped for a reason the user can fix; the message says how."""
+
+
+@dataclass
+class ContinualPlan:
+    """Where a `continue_from: previous` run starts and what it replays; `notes` for the run log."""
+
+    start: continual.Start
+    replay: list[data.Example] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def facts(self, replay_fraction: float) -> dict[str, Any]:
+        s = self.start
+        return {
+            "continued_from": None if s.from_scratch else {"version": s.adapter_version, "path": s.adapter_path},
+            "previous_sft_dataset": s.previous_sft_dataset,
+            "reason": s.reason,
+            "replay_fraction": replay_fraction,
+            "replay_rows": len(self.replay),
+        }
+
+
+def plan_continual(store: ArtifactStore, name: str, spec, sft_dataset_version: str, base_model_version: str,
+                   examples: list[data.Example], tokenizer_fingerprint: str, seed: int) -> ContinualPlan:
+    """The start `continual.pick_start` chooses from this method's previous versions, and
+    `spec.replay_fraction` of the previous sft_dataset's train split when it continues."""
+    prev = store.latest("adapter", name)  # the newest version before this run
+
+    def manifest_of(version: str):
+        art = store.get("adapter", name, version)
+        return (art.manifest(), art.path) if art else None
+
+    start = continual.pick_start(prev.manifest() if prev else None, prev.path if prev else None,
+                                 sft_dataset=sft_dataset_version, base_model=base_model_version,
+                                 spec=spec.model_dump(mode="json"), manifest_of=manifest_of)
+    plan = ContinualPlan(start, notes=[f"{name}: {start.reason}"])
+    if start.from_scratch or not spec.replay_fraction or not start.previous_sft_dataset:
+        return plan
+    old = store.get("sft_dataset", None, start.previous_sft_dataset)
+    if old is None:
+        plan.notes.append(f"previous sft_dataset {start.previous_sft_dataset} is gone: no replay")
+    elif data.dataset_info(old.path).get("tokenizer_fingerprint") != tokenizer_fingerprint:
+        plan.notes.append("previous sft_dataset used another tokenizer: no replay")
+    else:
+        plan.replay = continual.replay_rows(data.load_split(old.path, "train"), examples, spec.replay_fraction, seed)
+        plan.notes.append(f"replaying {len(plan.replay)} rows of sft_dataset {old.version} "
+                          f"({spec.replay_fraction:.0%} of its train split)")
+    return plan
+
+
+@dataclass
+class FineTuned:
+    model: torch.nn.Module
+    method: Any
+    result: train.TrainResult
+    trainable: int
+    total: int
+
+    def save(self, out_dir: Path) -> None:
+        self.method.save(self.model, out_dir)
+        (out_dir / "train_log.json").write_text(json.dumps(self.result.log(), indent=2, sort_keys=True) + "\n")
+
+
+def finetune(method, spec, examples: list[data.Example], cfg: train.TrainConfig, *, base_dir: Path,
+             quantized_dir: Path | None, quantized_compute_dtype: str, pad_id: int, device: str, dtype: torch.dtype,
+             autocast_dtype: torch.dtype | None, start_adapter: Path | None = None,
+             checkpoint_dir: Path | None = None, log: Callable[[str], None] = print,
+             on_log: Callable[..., None] | None = None) -> FineTuned:
+    """Train `method` (a `core.methods` object, settings `spec`) on `examples`; resumes from the
+    newest checkpoint in `checkpoint_dir`. `start_adapter`: a previous version to continue from."""
+    if method.uses_quantized_base:
+        model = load_quantized(quantized_dir, device, compute_dtype(quantized_compute_dtype, device))
+    else:
+        model = load_model(base_dir, device, dtype)
+    train.seed_everything(cfg.seed)  # adapter init is random: seed it so reruns are reproducible
+    model = method.wrap(model, spec, gradient_checkpointing=cfg.gradient_checkpointing)
+    if start_adapter is not None:
+        continual.load_state(model, method, start_adapter)
+    trainable, total = parameter_count(model)
+    log(f"{trainable:,} trainable of {total:,} parameters; {len(examples)} train rows; "
+        f"{train.steps_for(len(examples), cfg)} steps on {device}")
+    try:
+        result = train.train(model, method, spec, examples, cfg, pad_id=pad_id, device=device,
+                             autocast_dtype=autocast_dtype, checkpoint_dir=checkpoint_dir, on_log=on_log)
+    except train.TrainingDiverged as exc:
+        raise TrainingFailed(str(exc)) from None
+    except torch.OutOfMemoryError as exc:
+        raise TrainingFailed(out_of_memory_hint(cfg, device, exc)) from None
+    if result.resumed_from_step:
+        log(f"resumed from checkpoint at step {result.resumed_from_step}")
+    return FineTuned(model, method, result, trainable, total)
+
+
+def out_of_memory_hint(cfg: train.TrainConfig, device: str, exc: Exception) -> str:
+    first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return (
+        f"out of memory on {device} with batch_size {cfg.batch_size} (x{cfg.grad_accum} accumulation). "
+        f"Try, in the recipe: training.batch_size: {max(1, cfg.batch_size // 2)} with training.grad_accum: "
+        f"{cfg.grad_accum * 2} (same effective batch), training.gradient_checkpointing: true, a shorter "
+        f"prompt.max_length, or a quantized method (qlora). ({first_line})"
+    )
+
