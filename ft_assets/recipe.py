@@ -1,8 +1,18 @@
 """The recipe: one YAML file that declares the whole fine-tuning pipeline.
 
 `load_recipe(path)` parses and validates it with pydantic. Every error names the file, the
-key (dotted path) and what is allowed; an unknown key also gets the closest valid key.
+key (dotted path) and what is allowed; an unknown key also gets the closest valid key, an
+unknown method `type` the list of known ones.
 Nothing here imports Dagster or torch, so every layer may use it.
+
+Every section is declared here except the keys of each method: `methods.<name>` is validated
+against the spec class registered for its `type` in `core.methods` (each method family's
+module holds its spec next to its code; the keys all methods share are in
+`core/methods/spec.py`), so no method's keys are declared in this file. The registry is
+imported with this module (it is torch-free) and read at every validation, so a method
+registered later (a plugin, a test) is accepted too. A method's rules that involve other
+sections (qlora needs nf4, dpo needs `preferences:`) are its spec's `check_in_recipe`; its
+training defaults (qlora's paged optimizer) its spec's `training_defaults`.
 
 Relative paths in the recipe resolve against `root` (itself relative to the recipe file,
 default: the recipe's own directory). Paths that leave `root` are refused unless
@@ -12,6 +22,7 @@ default: the recipe's own directory). Paths that leave `root` are refused unless
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import os
@@ -22,8 +33,12 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
-    BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator,
+    BaseModel, Field, PlainValidator, SerializeAsAny, TypeAdapter, ValidationError, field_validator, model_validator,
 )
+
+from .core.methods import SPECS, spec_classes
+from .core.methods.spec import MethodSpecBase, spec_types
+from .core.methods.spec import Strict as _Strict
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_RECIPE = PACKAGE_DIR / "recipes" / "default.yaml"
@@ -36,22 +51,6 @@ class RecipeError(ValueError):
         self.path = str(path)
         self.problems = problems
         super().__init__(f"{path}: invalid recipe\n" + "\n".join(f"  - {p}" for p in problems))
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # Keys added after recipes were first hashed: left out of dumps (and so of every hash) while
-    # they hold their default, so adding them re-versions nothing for recipes that do not use them.
-    _OMIT_WHEN_DEFAULT: typing.ClassVar[tuple[str, ...]] = ()
-
-    @model_serializer(mode="wrap")
-    def _omit_new_defaults(self, handler):
-        data = handler(self)
-        for key in self._OMIT_WHEN_DEFAULT:
-            if isinstance(data, dict) and key in data and getattr(self, key) == type(self).model_fields[key].default:
-                del data[key]
-        return data
 
 
 # --------------------------------------------------------------------------------------
@@ -184,156 +183,24 @@ class TrainingSpec(_Strict):
     compile: bool | None = None  # torch.compile the decoder layers; None = on for CUDA, off on CPU
 
 
-class _MethodBase(_Strict):
-    """`continue_from: previous`: when the data changed, start from this method's previous adapter
-    version instead of from scratch, replaying `replay_fraction` of the previous train split."""
-
-    _OMIT_WHEN_DEFAULT = ("continue_from", "replay_fraction")
-
-    training: dict[str, Any] = Field(default_factory=dict)  # overrides of TrainingSpec
-    continue_from: Literal["previous"] | None = None
-    replay_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
-
-    @field_validator("training")
-    @classmethod
-    def _known_training_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
-        TrainingSpec(**v)  # raises with the usual messages for unknown keys / bad values
-        return v
-
-    @model_validator(mode="after")
-    def _replay_needs_continue(self) -> "_MethodBase":
-        if self.replay_fraction and self.continue_from is None:
-            raise ValueError("replay_fraction needs continue_from: previous")
-        return self
+def _validate_method(value: Any) -> MethodSpecBase:
+    """One `methods.<name>` entry, against the spec classes registered now (see `_method_union`)."""
+    return _method_union(spec_classes()).validate_python(value)
 
 
-class _LoraKeys(_MethodBase):
-    """The keys every LoRA-shaped method shares: rank, scale (alpha / r), dropout, where."""
-
-    r: Annotated[int, Field(ge=1, le=4096)] = 16
-    alpha: Annotated[float, Field(gt=0)] = 32
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-
-
-class LoraSpec(_LoraKeys):
-    """LoRA (Hu et al. 2021) through peft. `qlora` trains it on the 4-bit `quantized_base`."""
-
-    type: Literal["lora", "qlora"]
+@functools.cache
+def _method_union(classes: tuple[type[MethodSpecBase], ...]) -> TypeAdapter:
+    """The registered spec classes as pydantic's discriminated union on `type`, so errors are
+    located under the method type they were checked against (see `_dotted`, `_allowed_keys`).
+    Cached per registry state: a registration changes `classes`, and the next validation
+    builds the union anew."""
+    union = Annotated[Union[classes], Field(discriminator="type")] if len(classes) > 1 else classes[0]
+    return TypeAdapter(union)
 
 
-class LoraVariantSpec(_LoraKeys):
-    """LoRA variants with only the LoRA keys: `dora` (weight-decomposed, Liu et al. 2024),
-    `rslora` (scale alpha/sqrt(r), Kalajdzievski 2023), `lora_fa` (A frozen, Zhang et al. 2023)."""
-
-    type: Literal["dora", "rslora", "lora_fa"]
-
-
-class LoraPlusSpec(_LoraKeys):
-    """LoRA+ (Hayou et al. 2024): B learns at `ratio` times A's learning rate."""
-
-    type: Literal["lora_plus"]
-    ratio: Annotated[float, Field(gt=0)] = 16.0
-
-
-class DeltaLoraSpec(_LoraKeys):
-    """Delta-LoRA (Zi et al. 2023): the frozen W also receives delta_lambda x the change of scale*B*A.
-    Dropout defaults to 0: the paper drops it so the product delta stands for the gradient of W."""
-
-    type: Literal["delta_lora"]
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    delta_lambda: Annotated[float, Field(ge=0)] = 0.5
-
-
-class VeraSpec(_MethodBase):
-    """VeRA (Kopiczko et al. 2024): frozen random A/B shared by all layers, trained scaling vectors."""
-
-    type: Literal["vera"]
-    r: Annotated[int, Field(ge=1, le=16384)] = 256
-    d_initial: Annotated[float, Field(gt=0)] = 0.1
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-
-
-class IA3Spec(_MethodBase):
-    """(IA)^3 (Liu et al. 2022): learned vectors rescale keys, values and feed-forward activations.
-    Unset module lists use peft's per-architecture defaults (Llama: k_proj, v_proj, down_proj)."""
-
-    type: Literal["ia3"]
-    target_modules: Annotated[list[str], Field(min_length=1)] | None = None
-    feedforward_modules: list[str] | None = None
-
-    @model_validator(mode="after")
-    def _feedforward_within_targets(self) -> "IA3Spec":
-        if self.feedforward_modules is not None:
-            if self.target_modules is None:
-                raise ValueError("feedforward_modules needs target_modules (a list that contains them)")
-            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
-            if extra:
-                raise ValueError(f"feedforward_modules {extra} are not in target_modules")
-        return self
-
-
-class PromptLearningSpec(_MethodBase):
-    """Learned virtual tokens: `prompt` tuning (Lester et al. 2021) prepends trained input
-    embeddings; `prefix` tuning (Li & Liang 2021) trains key/value prefixes of every layer.
-    `init_text` starts the virtual tokens from a phrase: prompt tuning from its token embeddings,
-    prefix tuning from the keys/values the base model computes for it."""
-
-    type: Literal["prefix", "prompt"]
-    num_virtual_tokens: Annotated[int, Field(ge=1, le=4096)] = 16
-    init_text: Annotated[str, Field(min_length=1)] | None = None
-
-
-class FullSpec(_MethodBase):
-    """Full fine-tuning: every weight trains."""
-
-    type: Literal["full"]
-
-
-class LastLayersSpec(_MethodBase):
-    """Transfer learning: only the top `n_layers` decoder blocks, the final norm and an untied LM head train."""
-
-    type: Literal["last_layers"]
-    n_layers: Annotated[int, Field(ge=1)] = 2
-
-
-class BottleneckSpec(_MethodBase):
-    """Houlsby bottleneck adapters (Houlsby et al. 2019) after each attention and MLP sublayer."""
-
-    type: Literal["bottleneck"]
-    reduction_factor: Annotated[int, Field(ge=1)] = 16
-    non_linearity: Literal["relu", "gelu", "silu"] = "relu"
-
-
-# The method types a `dpo` method may start from: peft LoRA adapters on the full-precision base.
-DPO_SFT_TYPES = ("lora", "dora", "rslora")
-
-
-class DpoSpec(_MethodBase):
-    """DPO (Rafailov et al. 2023) with TRL's DPOTrainer: continues the adapter of method
-    `sft_from` (its latest version) on the recipe's `preferences`; the reference policy is that
-    SFT adapter, frozen. `beta` scales the implicit reward; `loss_type` picks TRL's loss."""
-
-    type: Literal["dpo"]
-    sft_from: str
-    beta: Annotated[float, Field(gt=0)] = 0.1
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
-
-    @model_validator(mode="after")
-    def _no_continue(self) -> "DpoSpec":
-        if self.continue_from is not None:
-            raise ValueError("a dpo method always continues its sft_from adapter; drop continue_from")
-        return self
-
-
-# One class per method family; issue-by-issue more join this tuple.
-METHOD_SPECS: tuple[type[_MethodBase], ...] = (
-    LoraSpec, LoraVariantSpec, LoraPlusSpec, DeltaLoraSpec, VeraSpec, IA3Spec, PromptLearningSpec,
-    FullSpec, LastLayersSpec, BottleneckSpec, DpoSpec,
-)
-MethodSpec = (
-    Annotated[Union[METHOD_SPECS], Field(discriminator="type")] if len(METHOD_SPECS) > 1 else METHOD_SPECS[0]
-)
+# A method's spec: validated by the registered class of its `type`, dumped (and so hashed) with
+# that class's fields.
+MethodSpec = Annotated[SerializeAsAny[MethodSpecBase], PlainValidator(_validate_method)]
 
 
 class DistillationSpec(_Strict):
@@ -449,34 +316,13 @@ class Recipe(_Strict):
         for name in self.methods:
             if not name.replace("_", "").isalnum() or not name[0].isalpha():
                 raise ValueError(f"method name {name!r} must be letters, digits and underscores")
-        needs_quant = [n for n, m in self.methods.items() if m.type == "qlora"]
-        if needs_quant and self.quantization.method != "nf4":
-            raise ValueError(
-                f"methods {needs_quant} (qlora) need quantization.method: nf4, "
-                f"not {self.quantization.method!r}"
-            )
         weighted = [d.name for d in self.datasets if d.weight is not None]
         if weighted and len(weighted) != len(self.datasets):
             raise ValueError(f"give every dataset a weight or none (weighted: {', '.join(weighted)})")
         if self.preferences is not None and self.preferences.name in names:
             raise ValueError(f"preferences.name {self.preferences.name!r} is also a dataset name; use another")
         for name, spec in self.methods.items():
-            if spec.type != "dpo":
-                continue
-            if self.preferences is None:
-                raise ValueError(f"method {name!r} (dpo) needs a `preferences:` section (prompt/chosen/rejected file)")
-            src = self.methods.get(spec.sft_from)
-            if src is None:
-                raise ValueError(f"methods.{name}.sft_from: {spec.sft_from!r} is not a method of this recipe "
-                                 f"(methods: {', '.join(self.methods)})")
-            if src.type not in DPO_SFT_TYPES:
-                raise ValueError(f"methods.{name}.sft_from: {spec.sft_from!r} is a {src.type} method; dpo continues "
-                                 f"one of: {', '.join(DPO_SFT_TYPES)}")
-        a = self.automation
-        if a.retrain_cron and not a.eager and self.methods_of_type("dpo"):
-            raise ValueError("automation.retrain_cron with automation.eager: false cannot retrain dpo methods "
-                             "(their merge and evaluation follow preference_adapter, outside the adapter job); "
-                             "set automation.eager: true or drop retrain_cron")
+            spec.check_in_recipe(name, self)  # e.g. qlora needs nf4, dpo needs preferences and its sft_from
         if self.distillation is not None:
             teacher = self.methods.get(self.distillation.teacher)
             if teacher is None:
@@ -516,10 +362,7 @@ class Recipe(_Strict):
 
     def training_for(self, method: str) -> TrainingSpec:
         spec = self.methods[method]
-        merged = {**self.training.model_dump(), **spec.training}
-        if spec.type == "qlora" and "optimizer" not in spec.training:
-            merged["optimizer"] = "paged_adamw_8bit"  # QLoRA's paged optimizer by default
-        return TrainingSpec(**merged)
+        return TrainingSpec(**{**self.training.model_dump(), **spec.training_defaults(), **spec.training})
 
     def split_seed(self, ds: DatasetSpec | PreferenceDataSpec) -> int:
         return self.seed if ds.split_seed is None else ds.split_seed
@@ -622,7 +465,8 @@ def _dotted(loc: list[Any]) -> str:
 
 
 def _method_types() -> list[str]:
-    return [t for m in METHOD_SPECS for t in typing.get_args(m.model_fields["type"].annotation)]
+    """Every method type a recipe may name, in registration order."""
+    return [t for spec in spec_classes() for t in spec_types(spec)]
 
 
 def _allowed_keys(loc: list[Any]) -> list[str]:
@@ -633,9 +477,9 @@ def _allowed_keys(loc: list[Any]) -> list[str]:
         if isinstance(node, type) and issubclass(node, BaseModel):
             if part in node.model_fields:
                 node = node.model_fields[part].annotation
-            else:  # a union tag inserted by pydantic
+            else:  # a method type pydantic inserted (methods.<name>.<type>): that type's spec
                 node = _member_for_tag(part) or node
-        elif typing.get_origin(node) in (Union, types.UnionType):  # the method union: pick by tag
+        elif typing.get_origin(node) in (Union, types.UnionType):
             node = _member_for_tag(part) or node
         elif typing.get_origin(node) in (list, dict):
             node = typing.get_args(node)[-1]
@@ -656,7 +500,4 @@ def _unwrap(node: Any) -> Any:
 
 
 def _member_for_tag(tag: Any) -> type | None:
-    for member in METHOD_SPECS:
-        if tag in typing.get_args(member.model_fields["type"].annotation):
-            return member
-    return None
+    return SPECS.get(tag) if isinstance(tag, str) else None

@@ -190,7 +190,7 @@ def run_ours(args, device, dtype, autocast_dtype, tok, train_rows, eval_rows, pr
 
     from ft_assets.core import train as T
     from ft_assets.core.methods import get_method
-    from ft_assets.recipe import LoraSpec
+    from ft_assets.core.methods.lora import LoraSpec
 
     model = with_lora(build_model(args, device, dtype))
     result: dict = {}

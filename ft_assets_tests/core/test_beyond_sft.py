@@ -13,8 +13,8 @@ from transformers import AutoTokenizer
 
 from ft_assets.core import continual, data, distill, dpo, evaluate, mixture, preferences, train
 from ft_assets.core.methods import get_method
+from ft_assets.core.methods.lora import LoraSpec
 from ft_assets.core.models import load_model
-from ft_assets.recipe import LoraSpec
 from ft_assets_tests.conftest import qa_rows, write_jsonl
 
 SPEC = LoraSpec(type="lora", r=4, alpha=8, dropout=0.0)
@@ -200,7 +200,7 @@ def test_dpo_raises_preference_accuracy_on_training_pairs(tiny_model_dir, tok, t
 def fine_tuned_teacher(tiny_model_dir, tok, out: Path) -> Path:
     """The tiny model after a few full fine-tuning steps on the QA rows (a random model is too
     flat a teacher: its KL to any student is ~0)."""
-    from ft_assets.recipe import FullSpec
+    from ft_assets.core.methods.full import FullSpec
 
     torch.manual_seed(0)
     spec = FullSpec(type="full")

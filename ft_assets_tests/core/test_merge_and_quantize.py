@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ft_assets.core import data, merge, quantize, train
 from ft_assets.core.methods import get_method
+from ft_assets.core.methods.lora import LoraSpec
 from ft_assets.core.models import load_model
-from ft_assets.recipe import LoraSpec
 from ft_assets_tests.conftest import qa_rows
 
 SPEC = LoraSpec(type="lora", r=4, alpha=8, dropout=0.0)

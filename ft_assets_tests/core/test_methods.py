@@ -20,25 +20,30 @@ from transformers import AutoTokenizer
 from ft_assets import recipe as R
 from ft_assets.core import data, evaluate, merge, train
 from ft_assets.core.methods import REGISTRY, NotMergeable, get_method
+from ft_assets.core.methods.bottleneck import BottleneckSpec
+from ft_assets.core.methods.delta_lora import DeltaLoraSpec
+from ft_assets.core.methods.full import FullSpec, LastLayersSpec
+from ft_assets.core.methods.lora import LoraSpec
+from ft_assets.core.methods.peft_variants import IA3Spec, LoraPlusSpec, LoraVariantSpec, PromptLearningSpec, VeraSpec
 from ft_assets.core.models import load_model, parameter_count
 from ft_assets_tests.conftest import formatted_examples
 
 LORA_KEYS = dict(r=4, alpha=8, dropout=0.0)
 # name -> spec (learning rate in `training`, as a recipe would override it)
 SPECS = {
-    "lora": R.LoraSpec(type="lora", **LORA_KEYS, training={"lr": 1e-2}),  # the reference for dora/rslora
-    "full": R.FullSpec(type="full", training={"lr": 1e-3}),
-    "last_layers": R.LastLayersSpec(type="last_layers", n_layers=1, training={"lr": 1e-3}),
-    "dora": R.LoraVariantSpec(type="dora", **LORA_KEYS, training={"lr": 1e-2}),
-    "rslora": R.LoraVariantSpec(type="rslora", **LORA_KEYS, training={"lr": 1e-2}),
-    "lora_fa": R.LoraVariantSpec(type="lora_fa", **LORA_KEYS, training={"lr": 1e-2}),
-    "lora_plus": R.LoraPlusSpec(type="lora_plus", **LORA_KEYS, ratio=16, training={"lr": 2e-3}),
-    "delta_lora": R.DeltaLoraSpec(type="delta_lora", **LORA_KEYS, delta_lambda=0.5, training={"lr": 1e-2}),
-    "vera": R.VeraSpec(type="vera", r=32, training={"lr": 5e-2}),
-    "ia3": R.IA3Spec(type="ia3", training={"lr": 0.3}),
-    "prefix": R.PromptLearningSpec(type="prefix", num_virtual_tokens=4, training={"lr": 0.3}),
-    "prompt": R.PromptLearningSpec(type="prompt", num_virtual_tokens=4, training={"lr": 0.3}),
-    "bottleneck": R.BottleneckSpec(type="bottleneck", reduction_factor=8, non_linearity="gelu", training={"lr": 1e-2}),
+    "lora": LoraSpec(type="lora", **LORA_KEYS, training={"lr": 1e-2}),  # the reference for dora/rslora
+    "full": FullSpec(type="full", training={"lr": 1e-3}),
+    "last_layers": LastLayersSpec(type="last_layers", n_layers=1, training={"lr": 1e-3}),
+    "dora": LoraVariantSpec(type="dora", **LORA_KEYS, training={"lr": 1e-2}),
+    "rslora": LoraVariantSpec(type="rslora", **LORA_KEYS, training={"lr": 1e-2}),
+    "lora_fa": LoraVariantSpec(type="lora_fa", **LORA_KEYS, training={"lr": 1e-2}),
+    "lora_plus": LoraPlusSpec(type="lora_plus", **LORA_KEYS, ratio=16, training={"lr": 2e-3}),
+    "delta_lora": DeltaLoraSpec(type="delta_lora", **LORA_KEYS, delta_lambda=0.5, training={"lr": 1e-2}),
+    "vera": VeraSpec(type="vera", r=32, training={"lr": 5e-2}),
+    "ia3": IA3Spec(type="ia3", training={"lr": 0.3}),
+    "prefix": PromptLearningSpec(type="prefix", num_virtual_tokens=4, training={"lr": 0.3}),
+    "prompt": PromptLearningSpec(type="prompt", num_virtual_tokens=4, training={"lr": 0.3}),
+    "bottleneck": BottleneckSpec(type="bottleneck", reduction_factor=8, non_linearity="gelu", training={"lr": 1e-2}),
 }
 METHODS = [m for m in SPECS if m != "lora"]
 MERGEABLE = ["full", "last_layers", "dora", "rslora", "lora_fa", "lora_plus", "delta_lora", "vera", "ia3"]
@@ -261,7 +266,7 @@ def test_full_trains_every_weight(run):
 def test_prefix_from_init_text_is_exactly_that_text_in_front(tiny_model_dir, examples):
     """Li & Liang's initialisation from real activations: before training, the prefix model's
     logits are the base model's logits with the init text's tokens in front of the input."""
-    spec = R.PromptLearningSpec(type="prefix", num_virtual_tokens=6, init_text="Answer with the figure only.")
+    spec = PromptLearningSpec(type="prefix", num_virtual_tokens=6, init_text="Answer with the figure only.")
     text_ids = AutoTokenizer.from_pretrained(tiny_model_dir)(spec.init_text, add_special_tokens=False)["input_ids"]
     text_ids = (text_ids * 6)[:6]  # repeated or cut to num_virtual_tokens, as the init does
     base = load_model(tiny_model_dir).eval()

@@ -15,14 +15,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ft_assets import recipe as R
 from ft_assets.core import data, evaluate, loss as L, packing as P, train
 from ft_assets.core.methods import REGISTRY, get_method
+from ft_assets.core.methods.bottleneck import BottleneckSpec
+from ft_assets.core.methods.delta_lora import DeltaLoraSpec
+from ft_assets.core.methods.full import FullSpec, LastLayersSpec
+from ft_assets.core.methods.lora import LoraSpec
+from ft_assets.core.methods.peft_variants import IA3Spec, LoraPlusSpec, LoraVariantSpec, PromptLearningSpec, VeraSpec
 from ft_assets.core.models import load_model
 from ft_assets_tests.conftest import formatted_examples
 
 PAD = 2
-LORA = R.LoraSpec(type="lora", r=4, alpha=8, dropout=0.0)
+LORA = LoraSpec(type="lora", r=4, alpha=8, dropout=0.0)
 LOSS_RTOL = 1e-5
 
 
@@ -149,7 +153,7 @@ def test_no_attention_across_sample_boundaries(tiny_model_dir, examples, mode):
 
 def test_prompt_learning_is_never_packed(tiny_model_dir, examples):
     torch.manual_seed(0)
-    model = get_method("prompt").wrap(load_model(tiny_model_dir), R.PromptLearningSpec(type="prompt", num_virtual_tokens=4))
+    model = get_method("prompt").wrap(load_model(tiny_model_dir), PromptLearningSpec(type="prompt", num_virtual_tokens=4))
     assert not P.supports_packing(model) and train.lean_head(model) is None
     with pytest.raises(ValueError, match="packed"):
         train.token_loss_sum(model, P.collate_packed(examples[:2], PAD, "cpu"))
@@ -186,18 +190,18 @@ def test_chunked_loss_equals_plain_loss_and_gradients(with_bias):
 
 METHOD_SPECS = {
     "lora": LORA,
-    "full": R.FullSpec(type="full"),
-    "last_layers": R.LastLayersSpec(type="last_layers", n_layers=1),
-    "dora": R.LoraVariantSpec(type="dora", r=4, alpha=8, dropout=0.0),
-    "rslora": R.LoraVariantSpec(type="rslora", r=4, alpha=8, dropout=0.0),
-    "lora_fa": R.LoraVariantSpec(type="lora_fa", r=4, alpha=8, dropout=0.0),
-    "lora_plus": R.LoraPlusSpec(type="lora_plus", r=4, alpha=8, dropout=0.0),
-    "delta_lora": R.DeltaLoraSpec(type="delta_lora", r=4, alpha=8),
-    "vera": R.VeraSpec(type="vera", r=32),
-    "ia3": R.IA3Spec(type="ia3"),
-    "prefix": R.PromptLearningSpec(type="prefix", num_virtual_tokens=4),
-    "prompt": R.PromptLearningSpec(type="prompt", num_virtual_tokens=4),
-    "bottleneck": R.BottleneckSpec(type="bottleneck", reduction_factor=8, non_linearity="gelu"),
+    "full": FullSpec(type="full"),
+    "last_layers": LastLayersSpec(type="last_layers", n_layers=1),
+    "dora": LoraVariantSpec(type="dora", r=4, alpha=8, dropout=0.0),
+    "rslora": LoraVariantSpec(type="rslora", r=4, alpha=8, dropout=0.0),
+    "lora_fa": LoraVariantSpec(type="lora_fa", r=4, alpha=8, dropout=0.0),
+    "lora_plus": LoraPlusSpec(type="lora_plus", r=4, alpha=8, dropout=0.0),
+    "delta_lora": DeltaLoraSpec(type="delta_lora", r=4, alpha=8),
+    "vera": VeraSpec(type="vera", r=32),
+    "ia3": IA3Spec(type="ia3"),
+    "prefix": PromptLearningSpec(type="prefix", num_virtual_tokens=4),
+    "prompt": PromptLearningSpec(type="prompt", num_virtual_tokens=4),
+    "bottleneck": BottleneckSpec(type="bottleneck", reduction_factor=8, non_linearity="gelu"),
 }
 
 

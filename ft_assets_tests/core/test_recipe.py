@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import subprocess
 import sys
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import pytest
 import yaml
+from pydantic import Field
 
-from ft_assets.recipe import DEFAULT_RECIPE, RecipeError, load_recipe, parse_recipe
+from ft_assets.core.methods import REGISTRY, SPECS, register
+from ft_assets.core.methods.lora import LoraSpec
+from ft_assets.core.methods.spec import MethodSpecBase
+from ft_assets.recipe import DEFAULT_RECIPE, PACKAGE_DIR, RecipeError, load_recipe, parse_recipe
 
 GOOD = {
     "name": "r",
@@ -109,3 +116,89 @@ def test_cli_validate_exit_codes(tmp_path):
     out = subprocess.run([sys.executable, "-m", "ft_assets", "validate", str(tmp_path / "notyaml.yaml")],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "not valid YAML" in out.stderr
+
+
+def test_recipe_loading_imports_neither_torch_nor_dagster():
+    """`validate` stays fast: the method registry (every spec) loads without the ML stack."""
+    heavy = ("torch", "peft", "safetensors", "transformers", "trl", "bitsandbytes", "dagster")
+    code = ("import sys; from ft_assets.recipe import load_recipe; "
+            f"load_recipe({str(PACKAGE_DIR / 'recipes' / 'all_methods.yaml')!r}); "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+# --------------------------------------------------------------------------------------
+# a method registered outside recipe.py (as a new core/methods/<family>.py module would)
+# --------------------------------------------------------------------------------------
+
+
+class TinySpec(MethodSpecBase):
+    """A test-only method's recipe keys."""
+
+    type: Literal["tiny_test"]
+    width: Annotated[int, Field(ge=1, le=8)] = 2
+    partner: str | None = None
+
+    def check_in_recipe(self, name: str, recipe: Any) -> None:
+        if self.partner is not None and self.partner not in recipe.methods:
+            raise ValueError(f"methods.{name}.partner: {self.partner!r} is not a method of this recipe")
+
+    def training_defaults(self) -> dict[str, Any]:
+        return {"lr": 1e-3}
+
+
+@dataclass(frozen=True)
+class TinyMethod:  # the recipe only needs it registered; training would call the Method hooks
+    type: str = "tiny_test"
+    uses_quantized_base: bool = False
+    merge_rounding: str = "none"
+
+
+@contextlib.contextmanager
+def tiny_method_registered():
+    register(TinyMethod(), spec=TinySpec)
+    try:
+        yield
+    finally:
+        del REGISTRY["tiny_test"], SPECS["tiny_test"]
+
+
+def test_a_method_registered_after_import_is_accepted_with_its_keys_validated():
+    """recipe.py names no method: the registry at validation time decides, with the usual errors."""
+    tiny = with_("methods", {"tiny_test": {"width": 3}, "other": {"type": "tiny_test", "partner": "lora"}, "lora": {}})
+    assert "unknown method type 'tiny_test'" in problems(tiny)
+    with tiny_method_registered():
+        r = parse_recipe(tiny)
+        assert isinstance(r.methods["tiny_test"], TinySpec) and r.methods["tiny_test"].width == 3
+        assert r.methods["other"].partner == "lora" and r.methods["other"].width == 2
+        dumped = r.model_dump()["methods"]["tiny_test"]
+        assert dumped == {"training": {}, "type": "tiny_test", "width": 3, "partner": None}
+        assert r.training_for("tiny_test").lr == 1e-3 and r.training_for("lora").lr == r.training.lr
+        narrow = parse_recipe(with_("methods.tiny_test", {"width": 1}))
+        assert r.section_hash("seed", method="tiny_test") != narrow.section_hash("seed", method="tiny_test")
+        assert ("methods.tiny_test: unknown key 'widht' — did you mean 'width'? Allowed here: training, "
+                "continue_from, replay_fraction, type, width, partner") in problems(with_("methods.tiny_test", {"widht": 3}))
+        assert "methods.tiny_test.width: Input should be less than or equal to 8 (got 9)" in problems(
+            with_("methods.tiny_test", {"width": 9}))
+        assert "methods.other.partner: 'nope' is not a method of this recipe" in problems(
+            with_("methods.other", {"type": "tiny_test", "partner": "nope"}))
+        unknown = problems(with_("methods.x", {"type": "tinny"}))
+        assert "methods.x: unknown method type 'tinny'; known types: lora, qlora," in unknown
+        assert unknown.rstrip().endswith(", dpo, tiny_test")
+    assert "unknown method type 'tiny_test'" in problems(tiny)
+
+
+def test_register_refuses_a_spec_that_does_not_declare_the_type():
+    with pytest.raises(ValueError, match=r"TinySpec.type allows \['tiny_test'\], not 'tiny_other'"):
+        register(TinyMethod("tiny_other"), spec=TinySpec)
+
+    class Clash(MethodSpecBase):
+        type: Literal["tiny_clash", "qlora"]
+
+    with pytest.raises(ValueError, match="type 'qlora' would be configured by both LoraSpec and Clash"):
+        register(TinyMethod("tiny_clash"), spec=Clash)
+    with pytest.raises(TypeError, match="MethodSpecBase subclass"):
+        register(TinyMethod(), spec=dict)
+    assert "tiny_other" not in REGISTRY and "tiny_clash" not in SPECS and SPECS["qlora"] is LoraSpec

@@ -10,8 +10,8 @@ import torch
 
 from ft_assets.core import data, evaluate, train
 from ft_assets.core.methods import get_method
+from ft_assets.core.methods.lora import LoraSpec
 from ft_assets.core.models import load_model
-from ft_assets.recipe import LoraSpec
 from ft_assets_tests.conftest import formatted_examples
 
 SPEC = LoraSpec(type="lora", r=4, alpha=8, dropout=0.0)

@@ -1,19 +1,46 @@
-"""The registry of fine-tuning methods.
+"""The registry of fine-tuning methods: one module per method family, spec and code together.
 
 A method says how to turn a loaded base model into a trainable one, which parameters the
 optimizer sees (and at what learning rate), how to save what was trained, how to load it
-back for evaluation, and whether (and how) it can be merged into the base weights.
+back for evaluation, and whether (and how) it can be merged into the base weights. Its spec
+(a pydantic class, see `spec.py`) says which recipe keys it takes under `methods.<name>:`.
 
-Each family lives in its own small module and registers itself here by `type` name; the
-training loop (`core.train`) only talks to this interface.
+Contract:
+- `register(method, spec=SpecClass)` makes `method.type` a method: the training loop and
+  the Dagster assets find it with `get_method(type)` (only through the `Method` interface
+  below), and the recipe validates a `methods.<name>` entry of that type against `SpecClass`
+  (looked up here at validation time, so a later registration is picked up too).
+- Importing this package imports every family module listed at the bottom, which registers
+  itself. It imports neither torch nor peft nor Dagster: recipe.py imports it to validate
+  recipes, and `python -m ft_assets validate` must stay fast. Method modules therefore import
+  torch, peft, safetensors and transformers inside the functions that use them (the one
+  rule a new module must follow; `test_recipe.py` checks it).
+
+How to add a method (its module, one import line here, its tests; nothing in recipe.py):
+1. Write `core/methods/<family>.py` with, at module level, only light imports
+   (`from __future__ import annotations`, dataclasses, pathlib, pydantic) and:
+   - its spec: `class MySpec(MethodSpecBase): type: Literal["my_method"]` plus its keys,
+     with defaults and bounds (override `check_in_recipe` / `training_defaults` if needed);
+   - its method: an object with the attributes and hooks of `Method` (see `lora.py`,
+     `full.py`, `bottleneck.py` for the three shapes: peft config, own weights, own modules);
+   - `register(MyMethod("my_method"), spec=MySpec)`.
+2. Import the module at the bottom of this file (the order there is the order in which
+   recipe errors list the known types).
+3. Test it: add it to `SPECS` in `ft_assets_tests/core/test_methods.py` (the shared tests then
+   check that it learns, reloads, merges or says why not, and resumes) and to `METHOD_SPECS` in
+   `test_packing.py` (packed and lean-loss training equal plain training), and give its defining
+   property a test of its own. Add it to `ft_assets/recipes/all_methods.yaml` (the leaderboard).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+from .spec import MethodSpecBase, spec_types
+
+if TYPE_CHECKING:
+    import torch
 
 
 class NotMergeable(Exception):
@@ -48,11 +75,26 @@ class Method(Protocol):
     #                                it the loop copies saved tensors onto same-named parameters
 
 
-REGISTRY: dict[str, Method] = {}
+REGISTRY: dict[str, Method] = {}  # type -> method
+SPECS: dict[str, type[MethodSpecBase]] = {}  # type -> the spec class its recipe entries validate against
 
 
-def register(method: Method) -> Method:
+def register(method: Method, *, spec: type[MethodSpecBase]) -> Method:
+    """Make `method.type` a method whose recipe entries are validated by `spec` (a
+    `MethodSpecBase` subclass whose `type` Literal includes `method.type`). Registering a type
+    again replaces it."""
+    if not (isinstance(spec, type) and issubclass(spec, MethodSpecBase)):
+        raise TypeError(f"spec for {method.type!r} must be a MethodSpecBase subclass, not {spec!r}")
+    types = spec_types(spec)
+    if method.type not in types:
+        raise ValueError(f"{spec.__name__}.type allows {list(types)}, not {method.type!r}")
+    claimed: dict[str, type[MethodSpecBase]] = {}  # the recipe's union needs each type in one class only
+    for cls in dict.fromkeys({**SPECS, method.type: spec}.values()):
+        for t in spec_types(cls):
+            if claimed.setdefault(t, cls) is not cls:
+                raise ValueError(f"type {t!r} would be configured by both {claimed[t].__name__} and {cls.__name__}")
     REGISTRY[method.type] = method
+    SPECS[method.type] = spec
     return method
 
 
@@ -60,6 +102,11 @@ def get_method(type_name: str) -> Method:
     if type_name not in REGISTRY:
         raise KeyError(f"unknown method type {type_name!r}; known: {sorted(REGISTRY)}")
     return REGISTRY[type_name]
+
+
+def spec_classes() -> tuple[type[MethodSpecBase], ...]:
+    """The registered spec classes, each once, in registration order (the recipe's union)."""
+    return tuple(dict.fromkeys(SPECS.values()))
 
 
 def default_param_groups(model: torch.nn.Module, lr: float, weight_decay: float) -> list[dict]:
@@ -74,7 +121,9 @@ def default_param_groups(model: torch.nn.Module, lr: float, weight_decay: float)
     return [g for g in groups if g["params"]]
 
 
-from . import lora  # noqa: E402,F401  (registers lora, qlora)
+# Each module registers its methods with their specs; this order is the order of the types
+# listed in recipe errors ("known types: ...").
+from . import lora  # noqa: E402,F401  (lora, qlora: LoraSpec; LoraKeys for the LoRA family)
 from . import peft_variants  # noqa: E402,F401  (dora, rslora, lora_plus, lora_fa, vera, ia3, prefix, prompt)
 from . import full  # noqa: E402,F401  (full, last_layers)
 from . import delta_lora  # noqa: E402,F401  (delta_lora)

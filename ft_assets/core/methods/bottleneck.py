@@ -15,37 +15,62 @@ What is saved: `bottleneck.safetensors` (the adapters' weights under their model
 `bottleneck.json` (hidden size, bottleneck size, non-linearity, layers); loading
 attaches fresh adapters to a base and copies the weights in. Not mergeable: the non-linearity
 between `down` and `up` cannot be folded into the neighbouring linear weights.
+
+Recipe keys (`BottleneckSpec`): `reduction_factor`, `non_linearity`. The adapter's
+`torch.nn.Module` class is made on first use (`adapter_class`), so that importing this module,
+which the recipe does for its spec, does not import torch.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal
 
-import torch
-from safetensors.torch import load_file, save_file
+from pydantic import Field
 
 from . import NotMergeable, default_param_groups, register
 from .full import copy_into, decoder_layers
+from .spec import MethodSpecBase
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHTS_FILE = "bottleneck.safetensors"
 CONFIG_FILE = "bottleneck.json"
-ACTIVATIONS = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "silu": torch.nn.SiLU}
 
 
-class BottleneckAdapter(torch.nn.Module):
-    def __init__(self, hidden: int, dim: int, non_linearity: str):
-        super().__init__()
-        self.non_linearity = non_linearity
-        self.down = torch.nn.Linear(hidden, dim)
-        self.act = ACTIVATIONS[non_linearity]()
-        self.up = torch.nn.Linear(dim, hidden)
-        torch.nn.init.zeros_(self.up.weight)  # starts as the identity
-        torch.nn.init.zeros_(self.up.bias)
+class BottleneckSpec(MethodSpecBase):
+    """Houlsby bottleneck adapters (Houlsby et al. 2019) after each attention and MLP sublayer."""
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.up(self.act(self.down(h)))
+    type: Literal["bottleneck"]
+    reduction_factor: Annotated[int, Field(ge=1)] = 16
+    non_linearity: Literal["relu", "gelu", "silu"] = "relu"
+
+
+@functools.cache
+def adapter_class() -> type[torch.nn.Module]:
+    """`BottleneckAdapter(hidden, dim, non_linearity)`: h -> h + up(act(down(h)))."""
+    import torch
+
+    activations = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "silu": torch.nn.SiLU}
+
+    class BottleneckAdapter(torch.nn.Module):
+        def __init__(self, hidden: int, dim: int, non_linearity: str):
+            super().__init__()
+            self.non_linearity = non_linearity
+            self.down = torch.nn.Linear(hidden, dim)
+            self.act = activations[non_linearity]()
+            self.up = torch.nn.Linear(dim, hidden)
+            torch.nn.init.zeros_(self.up.weight)  # starts as the identity
+            torch.nn.init.zeros_(self.up.bias)
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            return h + self.up(self.act(self.down(h)))
+
+    return BottleneckAdapter
 
 
 def _after_attention(module, args, output):
@@ -57,7 +82,7 @@ def _after_mlp(module, args, output):
     return module.bottleneck_adapter(output)
 
 
-def attach_adapters(model, dim: int, non_linearity: str) -> list[BottleneckAdapter]:
+def attach_adapters(model, dim: int, non_linearity: str) -> list[torch.nn.Module]:
     hidden = model.config.hidden_size
     ref = model.get_input_embeddings().weight
     adapters = []
@@ -65,7 +90,7 @@ def attach_adapters(model, dim: int, non_linearity: str) -> list[BottleneckAdapt
         for sublayer, hook in ((layer.self_attn, _after_attention), (layer.mlp, _after_mlp)):
             if hasattr(sublayer, "bottleneck_adapter"):
                 raise ValueError("this model already has bottleneck adapters")
-            sublayer.bottleneck_adapter = BottleneckAdapter(hidden, dim, non_linearity).to(ref.device, ref.dtype)
+            sublayer.bottleneck_adapter = adapter_class()(hidden, dim, non_linearity).to(ref.device, ref.dtype)
             sublayer.register_forward_hook(hook)
             adapters.append(sublayer.bottleneck_adapter)
     return adapters
@@ -97,6 +122,8 @@ class BottleneckMethod:
         return default_param_groups(model, lr, weight_decay)
 
     def save(self, model, out_dir: Path) -> None:
+        from safetensors.torch import save_file
+
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         save_file(adapter_state(model), str(out_dir / WEIGHTS_FILE))
@@ -108,6 +135,8 @@ class BottleneckMethod:
         }, indent=2))
 
     def load(self, base, adapter_dir: Path):
+        from safetensors.torch import load_file
+
         adapter_dir = Path(adapter_dir)
         info = json.loads((adapter_dir / CONFIG_FILE).read_text())
         if info["hidden_size"] != base.config.hidden_size or info["layers"] != len(decoder_layers(base)):
@@ -128,4 +157,4 @@ class BottleneckMethod:
         )
 
 
-register(BottleneckMethod())
+register(BottleneckMethod(), spec=BottleneckSpec)

@@ -19,6 +19,8 @@ Delta W = W' - W0: the two are the same size, Delta W would need W0 kept in memo
 training, and W0 + (W' - W0) rounds back to W' only up to one ulp, whereas copying W' makes
 the loaded model bit-identical to the trained one. Loading puts W', A and B onto a fresh base
 (every other weight comes from that base). Mergeable: W' + scale * B A.
+
+Recipe keys (`DeltaLoraSpec`): the LoRA keys plus `delta_lambda`; dropout defaults to 0.
 """
 
 from __future__ import annotations
@@ -26,17 +28,28 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Annotated, Any, Iterator, Literal
 
-import torch
-from safetensors.torch import load_file, save_file
+from pydantic import Field
 
 from . import default_param_groups, register
-from .lora import lora_config
+from .lora import LoraKeys, lora_config
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHTS_FILE = "delta_lora.safetensors"
 CONFIG_FILE = "delta_lora.json"
 ADAPTER = "default"
+
+
+class DeltaLoraSpec(LoraKeys):
+    """Delta-LoRA (Zi et al. 2023): the frozen W also receives delta_lambda x the change of scale*B*A.
+    Dropout defaults to 0: the paper drops it so the product delta stands for the gradient of W."""
+
+    type: Literal["delta_lora"]
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    delta_lambda: Annotated[float, Field(ge=0)] = 0.5
 
 
 def lora_linears(model) -> Iterator[tuple[str, torch.nn.Module]]:
@@ -77,19 +90,23 @@ class DeltaLoraMethod:
     def param_groups(self, model, spec, lr: float, weight_decay: float) -> list[dict]:
         return default_param_groups(model, lr, weight_decay)
 
-    @torch.no_grad()
     def after_step(self, model, spec: Any) -> None:
-        for _, layer in lora_linears(model):
-            a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-            a0, b0 = layer.delta_prev_A, layer.delta_prev_B
-            w = layer.get_base_layer().weight
-            delta = (b.float() @ a.float() - b0.float() @ a0.float()) * (spec.delta_lambda * layer.scaling[ADAPTER])
-            w.add_(delta.to(w.dtype))
-            _remember_product(layer)
+        import torch
+
+        with torch.no_grad():
+            for _, layer in lora_linears(model):
+                a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+                a0, b0 = layer.delta_prev_A, layer.delta_prev_B
+                w = layer.get_base_layer().weight
+                delta = (b.float() @ a.float() - b0.float() @ a0.float()) * (spec.delta_lambda * layer.scaling[ADAPTER])
+                w.add_(delta.to(w.dtype))
+                _remember_product(layer)
 
     # -- saving and loading -------------------------------------------------------------
 
     def save(self, model, out_dir: Path) -> None:
+        from safetensors.torch import save_file
+
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         config = model.peft_config[ADAPTER]
@@ -127,6 +144,9 @@ class DeltaLoraMethod:
 
     @staticmethod
     def _copy(model, directory: Path) -> None:
+        import torch
+        from safetensors.torch import load_file
+
         state = load_file(str(directory / WEIGHTS_FILE))
         layers = dict(lora_linears(model))
         saved = {k.rsplit(".", 1)[0] for k in state}
@@ -151,4 +171,4 @@ class DeltaLoraMethod:
             raise ValueError(f"delta_lora updates Linear weights only; target_modules also matched {other[:3]}")
 
 
-register(DeltaLoraMethod())
+register(DeltaLoraMethod(), spec=DeltaLoraSpec)

@@ -19,6 +19,9 @@ What `last_layers` saves: `last_layers.safetensors` (the trained tensors under t
 names: the top blocks, the final norm, `lm_head.weight`) + `last_layers.json`. Loading unties
 a fresh base's head and copies them in; merging is the same (the result is a plain,
 untied transformers model).
+
+Recipe keys: `full` has only the shared ones (`FullSpec`); `last_layers` adds `n_layers`
+(`LastLayersSpec`).
 """
 
 from __future__ import annotations
@@ -26,14 +29,31 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal
 
-import torch
-from safetensors.torch import load_file, save_file
+from pydantic import Field
 
 from . import default_param_groups, register
+from .spec import MethodSpecBase
+
+if TYPE_CHECKING:
+    import torch
 
 LAST_LAYERS_FILE = "last_layers.safetensors"
 LAST_LAYERS_CONFIG = "last_layers.json"
+
+
+class FullSpec(MethodSpecBase):
+    """Full fine-tuning: every weight trains."""
+
+    type: Literal["full"]
+
+
+class LastLayersSpec(MethodSpecBase):
+    """Transfer learning: only the top `n_layers` decoder blocks, the final norm and an untied LM head train."""
+
+    type: Literal["last_layers"]
+    n_layers: Annotated[int, Field(ge=1)] = 2
 
 
 def _checkpointing(model, on: bool) -> None:
@@ -42,6 +62,8 @@ def _checkpointing(model, on: bool) -> None:
 
 
 def _read_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     files = sorted(Path(directory).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {directory}")
@@ -54,6 +76,8 @@ def _read_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
 def copy_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, allowed_missing: set[str] = frozenset()) -> list[str]:
     """Copy every saved tensor into the parameter or buffer of the same name (an unknown name is an
     error); return the names of parameters the state did not cover, less `allowed_missing`."""
+    import torch
+
     live = dict(model.named_parameters()) | dict(model.named_buffers())
     unknown = sorted(set(state) - set(live))
     if unknown:
@@ -66,6 +90,8 @@ def copy_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, allowed
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
+    import torch
+
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise TypeError(f"{type(model).__name__} has no `model.layers` (a decoder-only transformers model is needed)")
@@ -74,6 +100,8 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 def untie_lm_head(model) -> None:
     """Give the LM head its own weight (a copy of the embedding matrix) and record it in the config."""
+    import torch
+
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     if head.weight is emb.weight:
         head.weight = torch.nn.Parameter(emb.weight.detach().clone(), requires_grad=emb.weight.requires_grad)
@@ -140,6 +168,8 @@ class LastLayersMethod:
         return default_param_groups(model, lr, weight_decay)
 
     def save(self, model, out_dir: Path) -> None:
+        from safetensors.torch import save_file
+
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
@@ -151,6 +181,8 @@ class LastLayersMethod:
              "untied_lm_head": True, "tensors": sorted(state)}, indent=2))
 
     def load(self, base, adapter_dir: Path):
+        from safetensors.torch import load_file
+
         adapter_dir = Path(adapter_dir)
         info = json.loads((adapter_dir / LAST_LAYERS_CONFIG).read_text())
         if info["total_layers"] != len(decoder_layers(base)):
@@ -164,5 +196,5 @@ class LastLayersMethod:
         return self.load(base, adapter_dir)  # the trained tensors replace the base's: a plain model
 
 
-register(FullMethod())
-register(LastLayersMethod())
+register(FullMethod(), spec=FullSpec)
+register(LastLayersMethod(), spec=LastLayersSpec)

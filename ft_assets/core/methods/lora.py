@@ -5,17 +5,51 @@ QLoRA (Dettmers et al., 2023): the same adapter on a 4-bit NF4, double-quantized
 (`quantized_base`), trained with a paged 8-bit AdamW. It is merged into the *dequantized*
 base weights in full precision, never back into 4-bit weights (that would re-quantize the
 sum and lose the update).
+
+Recipe keys: `LoraKeys` (r, alpha, dropout, target_modules) are shared by the whole LoRA
+family (dora, rslora, lora_fa, lora_plus in `peft_variants.py`, delta_lora); `LoraSpec`
+configures lora and qlora. qlora needs the NF4 `quantized_base` and defaults to the paged
+8-bit AdamW.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import torch
+from pydantic import Field
 
 from . import default_param_groups, register
+from .spec import MethodSpecBase
+
+if TYPE_CHECKING:
+    from ...recipe import Recipe
+
+
+class LoraKeys(MethodSpecBase):
+    """The keys every LoRA-shaped method shares: rank, scale (alpha / r), dropout, where."""
+
+    r: Annotated[int, Field(ge=1, le=4096)] = 16
+    alpha: Annotated[float, Field(gt=0)] = 32
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class LoraSpec(LoraKeys):
+    """LoRA (Hu et al. 2021) through peft. `qlora` trains it on the 4-bit `quantized_base`."""
+
+    type: Literal["lora", "qlora"]
+
+    def check_in_recipe(self, name: str, recipe: Recipe) -> None:
+        if self.type == "qlora" and recipe.quantization.method != "nf4":
+            raise ValueError(
+                f"methods {recipe.methods_of_type('qlora')} (qlora) need quantization.method: nf4, "
+                f"not {recipe.quantization.method!r}"
+            )
+
+    def training_defaults(self) -> dict[str, Any]:
+        return {"optimizer": "paged_adamw_8bit"} if self.type == "qlora" else {}  # QLoRA's paged optimizer
 
 
 def lora_config(spec: Any):
@@ -76,6 +110,6 @@ class LoraMethod(PeftMethod):
         return lora_config(spec)
 
 
-register(LoraMethod("lora"))
-register(LoraMethod("qlora", uses_quantized_base=True))
+register(LoraMethod("lora"), spec=LoraSpec)
+register(LoraMethod("qlora", uses_quantized_base=True), spec=LoraSpec)
 

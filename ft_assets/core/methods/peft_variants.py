@@ -34,6 +34,9 @@ shared projections too, so loading does not depend on regenerating them from the
 Checkpoints are restored with peft's `set_peft_model_state_dict`, because peft's saved names
 (e.g. DoRA's `lora_magnitude_vector`, prompt tuning's `prompt_embeddings`) are not the live
 parameter names the training loop's generic name matching looks for.
+
+Recipe keys: `LoraVariantSpec` (dora, rslora, lora_fa: the LoRA keys of `lora.LoraKeys`),
+`LoraPlusSpec` (+ `ratio`), `VeraSpec`, `IA3Spec`, `PromptLearningSpec` (prefix, prompt).
 """
 
 from __future__ import annotations
@@ -41,14 +44,81 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import torch
+from pydantic import Field, model_validator
 
 from . import NotMergeable, default_param_groups, register
-from .lora import PeftMethod, lora_config
+from .lora import LoraKeys, PeftMethod, lora_config
+from .spec import MethodSpecBase
+
+if TYPE_CHECKING:
+    import torch
 
 ADAPTER_FILE = "adapter_model.safetensors"
+
+
+# --------------------------------------------------------------------------------------
+# Recipe keys
+# --------------------------------------------------------------------------------------
+
+
+class LoraVariantSpec(LoraKeys):
+    """LoRA variants with only the LoRA keys: `dora` (weight-decomposed, Liu et al. 2024),
+    `rslora` (scale alpha/sqrt(r), Kalajdzievski 2023), `lora_fa` (A frozen, Zhang et al. 2023)."""
+
+    type: Literal["dora", "rslora", "lora_fa"]
+
+
+class LoraPlusSpec(LoraKeys):
+    """LoRA+ (Hayou et al. 2024): B learns at `ratio` times A's learning rate."""
+
+    type: Literal["lora_plus"]
+    ratio: Annotated[float, Field(gt=0)] = 16.0
+
+
+class VeraSpec(MethodSpecBase):
+    """VeRA (Kopiczko et al. 2024): frozen random A/B shared by all layers, trained scaling vectors."""
+
+    type: Literal["vera"]
+    r: Annotated[int, Field(ge=1, le=16384)] = 256
+    d_initial: Annotated[float, Field(gt=0)] = 0.1
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class IA3Spec(MethodSpecBase):
+    """(IA)^3 (Liu et al. 2022): learned vectors rescale keys, values and feed-forward activations.
+    Unset module lists use peft's per-architecture defaults (Llama: k_proj, v_proj, down_proj)."""
+
+    type: Literal["ia3"]
+    target_modules: Annotated[list[str], Field(min_length=1)] | None = None
+    feedforward_modules: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _feedforward_within_targets(self) -> "IA3Spec":
+        if self.feedforward_modules is not None:
+            if self.target_modules is None:
+                raise ValueError("feedforward_modules needs target_modules (a list that contains them)")
+            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            if extra:
+                raise ValueError(f"feedforward_modules {extra} are not in target_modules")
+        return self
+
+
+class PromptLearningSpec(MethodSpecBase):
+    """Learned virtual tokens: `prompt` tuning (Lester et al. 2021) prepends trained input
+    embeddings; `prefix` tuning (Li & Liang 2021) trains key/value prefixes of every layer.
+    `init_text` starts the virtual tokens from a phrase: prompt tuning from its token embeddings,
+    prefix tuning from the keys/values the base model computes for it."""
+
+    type: Literal["prefix", "prompt"]
+    num_virtual_tokens: Annotated[int, Field(ge=1, le=4096)] = 16
+    init_text: Annotated[str, Field(min_length=1)] | None = None
+
+
+# --------------------------------------------------------------------------------------
+# Methods
+# --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -149,6 +219,7 @@ class PromptLearning(PeftVariant):
     merge_rounding: str = "none"
 
     def wrap(self, model, spec, *, gradient_checkpointing: bool = False):
+        import torch
         from peft import get_peft_model
 
         if gradient_checkpointing:
@@ -190,6 +261,7 @@ def prefix_from_text(model, tokenizer_dir: str | None, text: str, n: int) -> tor
     as peft's prefix embedding: [n, layers x (key, value) x kv_heads x head_dim]. The keys are
     rotary-encoded for positions 0..n-1, and the real input then starts at position n, so the
     prefix is exactly the text's cache."""
+    import torch
     from transformers import AutoTokenizer
 
     if not tokenizer_dir:
@@ -210,11 +282,11 @@ def prefix_from_text(model, tokenizer_dir: str | None, text: str, n: int) -> tor
     return torch.stack(per_layer, dim=1).reshape(n, -1)
 
 
-register(LoraOptions("dora", option="use_dora"))
-register(LoraOptions("rslora", option="use_rslora"))
-register(LoraPlus("lora_plus"))
-register(LoraFA("lora_fa"))
-register(Vera("vera"))
-register(IA3("ia3"))
-register(PromptLearning("prefix"))
-register(PromptLearning("prompt"))
+register(LoraOptions("dora", option="use_dora"), spec=LoraVariantSpec)
+register(LoraOptions("rslora", option="use_rslora"), spec=LoraVariantSpec)
+register(LoraPlus("lora_plus"), spec=LoraPlusSpec)
+register(LoraFA("lora_fa"), spec=LoraVariantSpec)
+register(Vera("vera"), spec=VeraSpec)
+register(IA3("ia3"), spec=IA3Spec)
+register(PromptLearning("prefix"), spec=PromptLearningSpec)
+register(PromptLearning("prompt"), spec=PromptLearningSpec)
