@@ -82,7 +82,9 @@ def build(recipe: Recipe) -> list:
         except (distill.NotDistillable, train.TrainingDiverged) as exc:
             raise c.user_error(exc) from None
 
-        adapter = {"method": teacher, "version": merged_model.manifest().get("inputs", {}).get(f"adapter[{teacher}]")}
+        merged_from = merged_model.manifest().get("inputs", {})  # a dpo teacher was merged from preference_adapter
+        adapter = {"method": teacher, "version": merged_from.get(f"adapter[{teacher}]",
+                                                                  merged_from.get(f"preference_adapter[{teacher}]"))}
         with artifacts.write("student", recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed,
                              min_free_bytes=MODEL_BYTES_HEADROOM,
                              derivation=c.forced(derivation, context) if config.force else derivation) as st:

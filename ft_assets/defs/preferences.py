@@ -177,13 +177,18 @@ def _tune(context, recipe: Recipe, hw: Compute, store: ArtifactStore, sft: Artif
         c.write_json(st.path / "train_log.json", {"losses": result.losses, "reward_accuracies": result.reward_accuracies,
                                                   "reward_margins": result.reward_margins, "steps": result.steps})
     shutil.rmtree(work_dir, ignore_errors=True)  # TRL's scratch space; the artifact is what remains
-    art = st.artifact
+    return c.output(st.artifact, _tuned_metadata(name, spec, sft, prefs, len(pairs), result, st.artifact, hw.name))
+
+
+def _tuned_metadata(name: str, spec, sft: Artifact, prefs: Artifact, n_pairs: int, result: dpo.DpoResult,
+                    art: Artifact, device: str) -> dict:
+    summary = result.summary()
     png = plots.loss_curve_png(result.losses, f"{name}: DPO loss")
-    return c.output(art, {
+    return {
         "method": spec.type,
         "sft_adapter": f"adapter[{spec.sft_from}] {sft.version}",
         "preference_dataset": prefs.version,
-        "train_pairs": len(pairs),
+        "train_pairs": n_pairs,
         "beta": spec.beta,
         "trainable_parameters": result.trainable_parameters,
         "trainable_percent": round(100 * result.trainable_parameters / result.total_parameters, 4),
@@ -196,5 +201,5 @@ def _tune(context, recipe: Recipe, hw: Compute, store: ArtifactStore, sft: Artif
         "steps": result.steps,
         "wall_time_s": round(result.wall_s, 2),
         "adapter_bytes": dir_bytes(art.dir),
-        "device": hw.name,
-    })
+        "device": device,
+    }

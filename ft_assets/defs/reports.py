@@ -23,13 +23,11 @@
 """
 
 
-import csv
 import json
 
 import dagster as dg
 
-from ..core import data, evaluate, merge, plots
-from ..core.methods import get_method
+from ..core import data, evaluate, plots, preferences, report
 from ..core.models import load_model, load_tokenizer
 from ..recipe import Recipe
 from ..store import Artifact, dir_bytes
@@ -38,7 +36,7 @@ from .adapters import adapter_partitions, methods_partitions
 from .preferences import dpo_mapping, sft_sources
 from .resources import ComputeResource, StoreResource, all_partitions
 
-METRIC_KEYS = ("exact_match", "token_f1", "rouge_l", "eval_loss", "perplexity")
+METRIC_KEYS = report.METRIC_KEYS
 TASK_COLUMNS = ["task", "examples", "base_token_f1", "tuned_token_f1", "token_f1_gain", "base_exact_match",
                 "tuned_exact_match", "tuned_rouge_l", "base_eval_loss", "tuned_eval_loss"]
 PREF_COLUMNS = ["model", "logp_accuracy", "logp_margin", "reward_accuracy", "reward_margin"]
@@ -82,57 +80,32 @@ def build(recipe: Recipe) -> list:
                 reference: Artifact | None, prefs: Artifact | None, base_model: Artifact,
                 quantized_base: Artifact | None, sft_dataset: Artifact, base_eval: Artifact):
         name = context.partition_key
-        method = get_method(recipe.methods[name].type)
         hw = compute.resolve()
-        tok = load_tokenizer(base_model.path)
-        if merged_model.manifest().get("mergeable"):
-            model, form = load_model(merged_model.path, hw.device), "merged"
-        else:
-            q_dir = quantized_base.dir if (quantized_base and method.uses_quantized_base) else None
-            model, form = merge.unmerged(method, base_model.dir, trained.dir, q_dir, hw.device), "adapter"
-        examples = c.eval_examples(recipe, sft_dataset)
-        result = _run_eval(recipe, model, tok, examples, hw.device)
-        base = json.loads((base_eval.dir / "metrics.json").read_text())
-        tuned = result["metrics"]
-        st_ = store.store()
+        artifacts = store.store()
         trained_manifest = trained.manifest()
-        extra_inputs, extra_meta, report = {}, {}, {"base": base, "tuned": tuned, "evaluated_as": form, "method": name}
-        per_task = _per_task(base, tuned)
-        if per_task:
-            report["per_task"] = per_task
-            extra_meta["per_task"] = c.table(_task_rows(per_task), TASK_COLUMNS)
-        prefs_report = None
-        if prefs is not None:
-            prefs_report, meta = _preference_eval(name, model, tok, base_model, trained, reference, prefs, hw)
-            extra_inputs = c.inputs_of(reference, prefs)
-            extra_meta.update(meta)
-        forgetting = _forgetting(st_, recipe, method, model, tok, base_model, quantized_base, trained_manifest, hw)
-        if forgetting is not None:
-            report["forgetting"] = forgetting
-            extra_meta.update(_forgetting_meta(forgetting))
-        with st_.write("eval_report", name, recipe_hash=recipe.recipe_hash, code_version=cv_report,
-                       seed=recipe.seed) as st:
-            st.inputs = {**c.inputs_of(merged_model, trained, sft_dataset, base_eval), **extra_inputs}
-            c.write_json(st.path / "metrics.json", report)
-            data.write_jsonl(st.path / "predictions.jsonl", result["rows"])
-            if prefs_report is not None:
-                c.write_json(st.path / "preference_metrics.json", prefs_report)
+        preference = _preference_inputs(name, trained_manifest, reference, prefs) if prefs is not None else None
+        forgetting = report.forgetting_inputs(artifacts, trained_manifest, recipe.evaluation.max_examples)
+        tuned_model = report.TunedModel(base_model.dir, trained.dir,
+                                        merged_model.dir if merged_model.manifest().get("mergeable") else None,
+                                        quantized_base.dir if quantized_base else None)
+        ev = recipe.evaluation
+        made = report.evaluate_tuned(
+            recipe.methods[name].type, name, tuned_model, load_tokenizer(base_model.path),
+            c.eval_examples(recipe, sft_dataset), json.loads((base_eval.dir / "metrics.json").read_text()),
+            max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, device=hw.device,
+            preference=preference, forgetting=forgetting)
+        with artifacts.write("eval_report", name, recipe_hash=recipe.recipe_hash, code_version=cv_report,
+                             seed=recipe.seed) as st:
+            st.inputs = c.inputs_of(merged_model, trained, sft_dataset, base_eval, reference, prefs)
+            made.save(st.path)
             if forgetting is not None:
-                st.extra["forgetting"] = {k: forgetting[k] for k in ("previous_adapter", "previous_sft_dataset")}
+                st.extra["forgetting"] = {"previous_adapter": forgetting.previous_adapter,
+                                          "previous_sft_dataset": forgetting.previous_sft_dataset}
             # what the leaderboard shows beside the scores, so it reads only reports
             st.extra["adapter"] = {"asset": c.key_of(trained), "version": trained.version,
                                    "train": trained_manifest.get("train", {}), "bytes": dir_bytes(trained.dir)}
-        summary = [{"model": "base", **{k: base[k] for k in METRIC_KEYS}},
-                   {"model": name, **{k: tuned[k] for k in METRIC_KEYS}}]
-        yield c.output(st.artifact, {
-            **extra_meta,
-            **{f"tuned_{k}": tuned[k] for k in METRIC_KEYS},
-            **{f"base_{k}": base[k] for k in METRIC_KEYS},
-            "token_f1_gain": round(tuned["token_f1"] - base["token_f1"], 4),
-            "evaluated_as": form,
-            "summary": c.table(summary, ["model", *METRIC_KEYS]),
-            "predictions": c.table(result["rows"][: recipe.evaluation.preview_rows], TABLE_COLUMNS),
-        })
+        base, tuned = made.metrics["base"], made.metrics["tuned"]
+        yield c.output(st.artifact, _report_metadata(name, made, ev.preview_rows))
         yield dg.AssetCheckResult(
             check_name="beats_base", passed=tuned["token_f1"] > base["token_f1"],
             severity=dg.AssetCheckSeverity.WARN,
@@ -176,46 +149,26 @@ def build(recipe: Recipe) -> list:
         of the adapter it evaluated. Correct with only some partitions materialized: the missing
         ones are listed, not guessed.
         """
-        st_ = store.store()
-        base_art = base_eval
-        rows, missing, inputs = [], [], {c.key_of(base_art): base_art.version}
-        base = json.loads((base_art.dir / "metrics.json").read_text())
-        base_params = None
-        for name in recipe.methods:
-            report = eval_report.get(name)
-            if report is None:
-                missing.append(name)
-                continue
-            inputs[c.key_of(report)] = report.version
-            tuned = json.loads((report.dir / "metrics.json").read_text())["tuned"]
-            trained = report.manifest().get("adapter", {})  # reports made before this field: no training facts
-            train_facts = trained.get("train", {})
-            base_params = base_params or train_facts.get("total_parameters")
-            rows.append(board_row(name, recipe.methods[name].type, tuned, train_facts, trained.get("bytes", 0)))
-        rows.sort(key=lambda r: -r["token_f1"])
-        rows.append(board_row("base", "-", base, {}, 0))
-        with st_.write("leaderboard", recipe_hash=recipe.recipe_hash, code_version=cv_board, seed=recipe.seed) as st:
-            st.inputs = inputs
-            c.write_json(st.path / "leaderboard.json", {"rows": rows, "missing": missing})
-            with (st.path / "leaderboard.csv").open("w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=BOARD_COLUMNS)
-                writer.writeheader()
-                writer.writerows(rows)
-            png = plots.bar_chart_png([r["method"] for r in rows], [r["token_f1"] for r in rows],
-                                      "token F1 on the held-out split", "token F1")
-            (st.path / "leaderboard.png").write_bytes(png)
-        art = st.artifact
-        if missing:
-            context.log.warning(f"leaderboard without {missing}: their eval_report is not materialized")
+        reports = {name: (json.loads((art.dir / "metrics.json").read_text())["tuned"],
+                          art.manifest().get("adapter", {}))  # reports made before this field: no training facts
+                   for name, art in eval_report.items()}
+        board = report.leaderboard({n: m.type for n, m in recipe.methods.items()}, reports,
+                                   json.loads((base_eval.dir / "metrics.json").read_text()))
+        with store.store().write("leaderboard", recipe_hash=recipe.recipe_hash, code_version=cv_board,
+                                 seed=recipe.seed) as st:
+            st.inputs = c.inputs_of(base_eval, *(eval_report[n] for n in recipe.methods if n in eval_report))
+            png = board.save(st.path)
+        if board.missing:
+            context.log.warning(f"leaderboard without {board.missing}: their eval_report is not materialized")
         return dg.MaterializeResult(
-            data_version=dg.DataVersion(art.version),
+            data_version=dg.DataVersion(st.artifact.version),
             metadata={
-                "path": dg.MetadataValue.path(art.path),
-                "leaderboard": c.table(rows, BOARD_COLUMNS),
+                "path": dg.MetadataValue.path(st.artifact.path),
+                "leaderboard": c.table(board.rows, report.BOARD_COLUMNS),
                 "chart": dg.MetadataValue.md(plots.markdown_image(png, "token F1 by method")),
-                "missing_methods": dg.MetadataValue.json(missing),
-                "methods_ranked": len(rows) - 1,
-                "best": rows[0]["method"] if len(rows) > 1 else "-",
+                "missing_methods": dg.MetadataValue.json(board.missing),
+                "methods_ranked": len(board.rows) - 1,
+                "best": board.best,
             },
         )
 
@@ -225,13 +178,6 @@ def build(recipe: Recipe) -> list:
 # --------------------------------------------------------------------------------------
 # beyond SFT: per-task metrics, preference metrics, forgetting
 # --------------------------------------------------------------------------------------
-
-
-def _per_task(base: dict, tuned: dict) -> dict | None:
-    if "per_task" not in tuned:
-        return None
-    base_tasks = base.get("per_task", {})
-    return {t: {"base": base_tasks.get(t), "tuned": m} for t, m in tuned["per_task"].items()}
 
 
 def _task_rows(per_task: dict) -> list[dict]:
@@ -247,59 +193,54 @@ def _task_rows(per_task: dict) -> list[dict]:
     return rows
 
 
-def _preference_eval(name: str, model, tok, base_model: Artifact, trained: Artifact, reference: Artifact,
-                     prefs: Artifact, hw) -> tuple[dict, dict]:
-    """Held-out pairs: log-prob accuracy of base, SFT reference and DPO model; DPO rewards vs the SFT."""
-    from ..core import dpo, preferences
-
-    facts = trained.manifest()["dpo"]
+def _preference_inputs(name: str, trained_manifest: dict, reference: Artifact, prefs: Artifact) -> report.PreferenceEval:
+    """The held-out pairs and the SFT reference the dpo adapter continued (both declared inputs);
+    fails when the reference Dagster recorded is not the one this adapter started from."""
+    facts = trained_manifest["dpo"]
     if facts["sft_adapter"]["version"] != reference.version:
         raise c.user_error(RuntimeError(
             f"preference_adapter[{name}] continued {c.key_of(reference)} {facts['sft_adapter']['version']}, but "
             f"the latest {c.key_of(reference)} is {reference.version}; materialize preference_adapter[{name}] first"))
-    pairs = preferences.load_pairs(prefs.path, "eval")
-    ref_model = get_method(reference.manifest()["method"]["type"]).load(load_model(base_model.path, hw.device),
-                                                                        reference.dir)
-    out = dpo.evaluate_preferences(model, ref_model, load_model(base_model.path, hw.device), pairs,
-                                   beta=facts["beta"], pad_id=tok.pad_token_id, device=hw.device)
-    out.update({"preference_dataset": prefs.version, "reference": {"adapter": c.key_of(reference),
-                                                                   "version": reference.version}})
-    rows = [{"model": "base", **out["base"]}, {"model": f"sft ({c.key_of(reference)})", **out["sft"]},
+    return report.PreferenceEval(
+        preferences.load_pairs(prefs.path, "eval"), reference.dir, reference.manifest()["method"]["type"],
+        facts["beta"], {"preference_dataset": prefs.version,
+                        "reference": {"adapter": c.key_of(reference), "version": reference.version}})
+
+
+def _report_metadata(name: str, made: report.TunedReport, preview_rows: int) -> dict:
+    m = made.metrics
+    base, tuned = m["base"], m["tuned"]
+    meta = {}
+    if "per_task" in m:
+        meta["per_task"] = c.table(_task_rows(m["per_task"]), TASK_COLUMNS)
+    if made.preferences is not None:
+        meta.update(_preference_meta(name, made.preferences))
+    if "forgetting" in m:
+        meta.update(_forgetting_meta(m["forgetting"]))
+    summary = [{"model": "base", **{k: base[k] for k in METRIC_KEYS}},
+               {"model": name, **{k: tuned[k] for k in METRIC_KEYS}}]
+    return {
+        **meta,
+        **{f"tuned_{k}": tuned[k] for k in METRIC_KEYS},
+        **{f"base_{k}": base[k] for k in METRIC_KEYS},
+        "token_f1_gain": round(tuned["token_f1"] - base["token_f1"], 4),
+        "evaluated_as": m["evaluated_as"],
+        "summary": c.table(summary, ["model", *METRIC_KEYS]),
+        "predictions": c.table(made.rows[:preview_rows], TABLE_COLUMNS),
+    }
+
+
+def _preference_meta(name: str, out: dict) -> dict:
+    rows = [{"model": "base", **out["base"]}, {"model": f"sft ({out['reference']['adapter']})", **out["sft"]},
             {"model": name, **out["dpo"]}]
-    meta = {
+    return {
         "preference_accuracy": out["dpo"]["reward_accuracy"],
         "reward_margin": out["dpo"]["reward_margin"],
         "logp_accuracy_dpo": out["dpo"]["logp_accuracy"],
         "logp_accuracy_sft": out["sft"]["logp_accuracy"],
         "logp_accuracy_base": out["base"]["logp_accuracy"],
-        "preference_pairs": len(pairs),
+        "preference_pairs": out["pairs"],
         "preferences": c.table(rows, PREF_COLUMNS),
-    }
-    return out, meta
-
-
-def _forgetting(store, recipe: Recipe, method, model, tok, base_model: Artifact, quantized_base: Artifact | None,
-                adapter_manifest: dict, hw) -> dict | None:
-    """The previous adapter vs this one on the previous sft_dataset's eval split."""
-    facts = adapter_manifest.get("continual") or {}
-    prev = facts.get("continued_from")
-    if not prev or not facts.get("previous_sft_dataset"):
-        return None
-    old_data = store.get("sft_dataset", None, facts["previous_sft_dataset"])
-    prev_art = store.get("adapter", adapter_manifest["partition"], prev["version"])
-    if old_data is None or prev_art is None:
-        return None
-    old_eval = c.eval_examples(recipe, old_data)
-    q_dir = quantized_base.dir if (quantized_base and method.uses_quantized_base) else None
-    before_model = merge.unmerged(method, base_model.dir, prev_art.dir, q_dir, hw.device)
-    before = _run_eval(recipe, before_model, tok, old_eval, hw.device)["metrics"]
-    after = _run_eval(recipe, model, tok, old_eval, hw.device)["metrics"]
-    keys = ("exact_match", "token_f1", "rouge_l", "eval_loss")
-    return {
-        "previous_adapter": prev["version"], "previous_sft_dataset": old_data.version, "examples": len(old_eval),
-        "before": before, "after": after,
-        # positive = forgot (quality fell / loss rose) on the old eval set
-        "drop": {k: round((after[k] - before[k]) if k == "eval_loss" else (before[k] - after[k]), 4) for k in keys},
     }
 
 
@@ -312,23 +253,4 @@ def _forgetting_meta(f: dict) -> dict:
         "forgetting_previous_adapter": f["previous_adapter"],
         "forgetting_previous_sft_dataset": f["previous_sft_dataset"],
         "forgetting": c.table(rows, ["model", *METRIC_KEYS]),
-    }
-
-
-BOARD_COLUMNS = ["method", "type", "token_f1", "exact_match", "rouge_l", "eval_loss", "trainable_parameters",
-                 "trainable_percent", "adapter_bytes", "train_tokens_per_s", "peak_memory_mib", "wall_time_s"]
-
-
-def board_row(name: str, type_: str, metrics: dict, train_facts: dict, adapter_bytes: int) -> dict:
-    trainable, total = train_facts.get("trainable_parameters"), train_facts.get("total_parameters")
-    peak = train_facts.get("peak_memory_bytes")
-    return {
-        "method": name, "type": type_,
-        **{k: metrics[k] for k in ("token_f1", "exact_match", "rouge_l", "eval_loss")},
-        "trainable_parameters": trainable,
-        "trainable_percent": round(100 * trainable / total, 3) if trainable and total else None,
-        "adapter_bytes": adapter_bytes or None,
-        "train_tokens_per_s": train_facts.get("tokens_per_s"),
-        "peak_memory_mib": round(peak / 2**20) if peak else None,
-        "wall_time_s": train_facts.get("wall_s"),
     }
