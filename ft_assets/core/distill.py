@@ -35,6 +35,7 @@ on-policy sampling costs a generation per step on CPU.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -139,6 +140,10 @@ class Distillation:
     alpha: float
     temperature: float
     packs: bool = False  # padded micro-batches (see the module docstring)
+
+    def bind(self, student) -> Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, int, dict[str, torch.Tensor]]]:
+        """`loss_sum` of `student`, the form `core.train.Objective` asks for."""
+        return functools.partial(self.loss_sum, student)
 
     def loss_sum(self, student, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
         keep, targets = _positions(batch)

@@ -1,4 +1,17 @@
-"""Sample packing without cross-contamination, and length-grouped batching.
+"""How a micro-batch is laid out: padded, or packed without cross-contamination; and length grouping.
+
+Contract. A micro-batch is a dict of tensors built from `Example` rows:
+- `collate(rows, pad_id, device)`: padded to the longest row (`input_ids`, `labels`, 2-D
+  `attention_mask`);
+- `collate_packed(rows, pad_id, device, mode, max_tokens, eager_mask_dtype)`: packed; it also
+  carries `position_ids`, the attention kwargs of its mode (`attn_kwargs`), `n_tokens` (non-padding
+  tokens) and `packed` (the mode).
+`forward_kwargs(batch)` gives the model kwargs of either kind and the attention implementation
+its forward must run under (`routed_attention`). What a model allows is looked up here, and
+`core.prepared.prepare` asks it once per training run, never per batch: `supports_packing`,
+`attention_mode` (how rule 1 below is enforced for it) and `eager_mask_dtype` (the "mask" mode's
+mask dtype). Nothing here changes a model; `routed_attention` switches an attention
+implementation for the duration of one forward and restores it.
 
 A micro-batch of QA rows padded to its longest row spends compute on padding; packing lays the
 rows end to end instead. Three rules keep a packed batch computing exactly what the padded one
@@ -29,7 +42,7 @@ How rule 1 is enforced depends on the attention implementation (`attention_mode`
 
 Prompt learning (prompt / prefix tuning) cannot be packed: peft drops `position_ids` for prompt
 tuning and puts its virtual tokens once per row; `supports_packing` says so and the training
-loop falls back to padded micro-batches for them.
+loop's batches are padded for them.
 
 Length grouping (unpacked path, `train.batches`): the epoch's shuffled order is cut into
 mega-batches of `train.GROUP_STEPS` optimizer steps and sorted by length inside each, so a
@@ -40,7 +53,7 @@ micro-batch holds rows of similar length. It is a function of (seed, epoch) only
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from typing import Any, ContextManager, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +110,11 @@ def inner_model(model):
     return get() if callable(get) else model
 
 
+def model_config(model):
+    """The transformers config of `model` (under a peft wrapper): where the attention implementation is set."""
+    return getattr(inner_model(model), "config", None)
+
+
 def supports_packing(model) -> bool:
     config = getattr(model, "active_peft_config", None)
     return not (config is not None and config.is_prompt_learning)
@@ -116,10 +134,17 @@ def attention_mode(model, requested: str = "auto") -> str:
     return "mask"
 
 
+def eager_mask_dtype(model, mode: str | None) -> torch.dtype | None:
+    """The dtype of the additive float mask the "mask" mode needs under eager attention (the
+    model's parameter dtype), else None: sdpa takes the bool mask, the other modes no mask."""
+    if mode != "mask" or getattr(model_config(model), "_attn_implementation", None) != "eager":
+        return None
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 @contextlib.contextmanager
-def attention_implementation(model, name: str | None) -> Iterator[None]:
-    """Temporarily route the model's attention through `name` (None: leave it)."""
-    config = getattr(inner_model(model), "config", None)
+def routed_attention(config, name: str | None) -> Iterator[None]:
+    """Temporarily route attention through `name` by setting it on `config` (None: leave it)."""
     if name is None or config is None or config._attn_implementation == name:
         yield
         return
@@ -131,9 +156,28 @@ def attention_implementation(model, name: str | None) -> Iterator[None]:
         config._attn_implementation = before
 
 
+def attention_implementation(model, name: str | None) -> ContextManager[None]:
+    """`routed_attention` on `model`'s config."""
+    return routed_attention(model_config(model), name)
+
+
 # --------------------------------------------------------------------------------------
 # packing
 # --------------------------------------------------------------------------------------
+
+
+def collate(rows: list[Example], pad_id: int, device: str) -> dict[str, torch.Tensor]:
+    """A padded micro-batch: rows right-padded to the longest, with a 2-D attention mask."""
+    width = max(len(r.input_ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r.input_ids)
+        ids[i, :n] = torch.tensor(r.input_ids)
+        labels[i, :n] = torch.tensor(r.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
 def first_fit_decreasing(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -212,8 +256,9 @@ def block_causal_mask(segments: torch.Tensor, float_dtype: torch.dtype | None = 
     return torch.zeros(allowed.shape, dtype=float_dtype).masked_fill(~allowed, torch.finfo(float_dtype).min)
 
 
-def packed_forward_kwargs(model, batch: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-    """Model kwargs for a batch (padded or packed) and the attention implementation to route through."""
+def forward_kwargs(batch: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """Model kwargs for a micro-batch (padded or packed) and the attention implementation its
+    forward must be routed through (`routed_attention`; None: the model's own)."""
     kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
     impl = None
     if batch.get("packed"):

@@ -5,12 +5,16 @@
 
 Contract. `train(model, method, spec, examples, cfg, objective=...)` trains `model` in place and
 returns a `TrainResult`. What varies between trainers is asked of objects or passed in:
-- the objective (what is minimised): `objective.loss_sum(model, batch)` returns the loss summed
-  over the micro-batch's labelled positions, how many there were, and named extra sums to log
-  (e.g. distillation's `kl` and `ce`); the loop divides every sum by the label count of the
-  whole optimizer step, so gradient accumulation equals one big batch, and logs each extra term
-  per step in `TrainResult.terms`. `objective.packs` says whether its micro-batches may be
-  packed. Default: `CrossEntropy` (SFT, `token_loss_sum`); `core.distill.Distillation` is another.
+- the objective (what is minimised), bound to the model once: `objective.bind(model)` gives the
+  function of a micro-batch that returns the loss summed over its labelled positions, how many
+  there were, and named extra sums to log (e.g. distillation's `kl` and `ce`); the loop divides
+  every sum by the label count of the whole optimizer step, so gradient accumulation equals one
+  big batch, and logs each extra term per step in `TrainResult.terms`. `objective.packs` says
+  whether its micro-batches may be packed. Default: `CrossEntropy` (SFT, `core.prepared.TokenLoss`);
+  `core.distill.Distillation` is another.
+- the model's facts (packed or padded micro-batches, attention routing, lean LM head, compiled
+  layers): decided once before the first step by `core.prepared.prepare`, which the loop then asks
+  for each micro-batch (`prepared.batch(rows)`) and its loss (`prepared.loss_sum(batch)`).
 - the method (which weights train, optimizer groups, how to save and restore): `core.methods`.
 - the hardware (device, autocast dtype): passed in.
 Optimizer (`cfg.optimizer`), weight decay, LR schedule, clipping, autocast, the NaN stop
@@ -19,7 +23,8 @@ Optimizer (`cfg.optimizer`), weight decay, LR schedule, clipping, autocast, the 
 optimizer, scheduler, RNG and the logged curves, so a run resumed from `checkpoint_dir` after a
 kill computes exactly what an uninterrupted run would have.
 
-Speed switches (`TrainConfig`, all exact up to float rounding; see `core.packing`, `core.loss`):
+Speed switches (`TrainConfig`, all exact up to float rounding; see `core.packing`, `core.loss`,
+`core.prepared`):
 `packing` lays each micro-batch's rows end to end (no padding, attention kept inside each row,
 position ids restarting), `group_by_length` orders the unpacked path's rows by length within
 mega-batches, `loss` ("auto"/"chunked") applies the LM head to the labelled positions only, in
@@ -44,11 +49,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from . import packing as P
 from .data import IGNORE_INDEX, Example
-from .loss import linear_cross_entropy_sum
+from .packing import collate  # noqa: F401  (the padded micro-batch; `train.collate` stays its public name)
+from .prepared import LossSum, TokenLoss, prepare
+from .prepared import lean_head, token_loss_sum  # noqa: F401  (`train.token_loss_sum`, `train.lean_head` stay public)
 from .steps import steps_for  # noqa: F401  (the step rule; `train.steps_for` stays its public name)
 
 
@@ -180,101 +186,9 @@ def _length_grouped(order: list[int], examples: list[Example], per_step: int, he
     return out
 
 
-def collate(rows: list[Example], pad_id: int, device: str) -> dict[str, torch.Tensor]:
-    width = max(len(r.input_ids) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r.input_ids)
-        ids[i, :n] = torch.tensor(r.input_ids)
-        labels[i, :n] = torch.tensor(r.labels)
-        mask[i, :n] = 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
-
-
-def make_batch(rows: list[Example], pad_id: int, device: str, pack_mode: str | None = None,
-               max_tokens: int | None = None, eager_mask_dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """A micro-batch: padded (`collate`) or, with a pack mode, packed (`core.packing`)."""
-    if pack_mode is None:
-        return collate(rows, pad_id, device)
-    return P.collate_packed(rows, pad_id, device, pack_mode, max_tokens, eager_mask_dtype)
-
-
 def batch_tokens(batch: dict[str, Any]) -> int:
     """Non-padding tokens of a padded or packed micro-batch."""
     return int(batch["n_tokens"]) if batch.get("packed") else int(batch["attention_mask"].sum())
-
-
-def token_loss_sum(model, batch: dict[str, Any], loss: str = "plain") -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over labelled positions, and how many there were.
-
-    Only positions that predict a labelled token go through the LM head: answers are a small
-    part of each row, so this skips most of the vocabulary-sized logits (about a fifth of the
-    compute of a 135M model, and most of its activation memory).
-
-    loss="plain": the model applies its head (`logits_to_keep`) and F.cross_entropy sums.
-    loss="auto"/"chunked": the model body gives hidden states, and `core.loss` applies the head to
-    exactly the labelled positions in chunks (Liger on CUDA when installed). Models where that is
-    not the same computation (prompt/prefix tuning, a head that is not a plain Linear, logit
-    scaling) use the plain path. `batch` may be padded (`collate`) or packed (`core.packing`).
-    """
-    if batch.get("packed") and not P.supports_packing(model):
-        raise ValueError("prompt/prefix tuning cannot train on packed batches; use collate()")
-    targets = batch["labels"][:, 1:]
-    kwargs, impl = P.packed_forward_kwargs(model, batch)
-    lean = lean_head(model) if loss != "plain" else None
-    if lean is not None:
-        backbone, head = lean
-        kwargs["use_cache"] = False
-        with P.attention_implementation(model, impl):
-            hidden = backbone(**kwargs).last_hidden_state
-        labelled = targets != IGNORE_INDEX
-        loss_sum = linear_cross_entropy_sum(hidden[:, :-1][labelled], head.weight, head.bias, targets[labelled])
-        return loss_sum, int(labelled.sum())
-    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # positions p predicting p+1
-    # Prompt tuning puts virtual tokens in front of the input: real position p is p + offset.
-    offset = virtual_token_count(model)
-    with P.attention_implementation(model, impl):
-        logits = model(**kwargs, logits_to_keep=keep + offset).logits
-    kept_targets = targets[:, keep]
-    loss = F.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)), kept_targets.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum",
-    )
-    return loss, int((kept_targets != IGNORE_INDEX).sum())
-
-
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
-
-
-def lean_head(model) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
-    """(model body, LM head) when `head(body(x))` is exactly what the model computes, else None."""
-    if not P.supports_packing(model):  # prompt learning: peft adds virtual tokens / a prefix cache in its forward
-        return None
-    inner = P.inner_model(model)
-    if "forward" in vars(inner) or not type(inner).__name__.endswith("ForCausalLM"):
-        return None  # a patched forward, or not a plain causal LM
-    backbone = getattr(inner, getattr(inner, "base_model_prefix", "") or "model", None)
-    get_head = getattr(inner, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if backbone is None or type(head) is not torch.nn.Linear or not head.weight.is_floating_point():
-        return None  # e.g. a LoRA-wrapped or quantized head
-    if head._forward_hooks or head._forward_pre_hooks:
-        return None
-    config = getattr(inner, "config", None)
-    if any(getattr(config, k, None) not in (None, 1, 1.0) for k in _LOGIT_TRANSFORMS):
-        return None
-    return backbone, head
-
-
-def virtual_token_count(model) -> int:
-    """Positions a peft prompt-learning model prepends to the sequence (prompt tuning, p-tuning).
-    Prefix tuning puts its virtual tokens in the key/value cache instead: no extra positions."""
-    config = getattr(model, "active_peft_config", None)
-    if config is None or not config.is_prompt_learning or config.peft_type in ("PREFIX_TUNING", "CARTRIDGE"):
-        return 0
-    return config.num_virtual_tokens
 
 
 # --------------------------------------------------------------------------------------
@@ -285,21 +199,22 @@ def virtual_token_count(model) -> int:
 class Objective(Protocol):
     packs: bool  # may the loop pack its micro-batches (`core.packing`)? Else they are padded.
 
-    def loss_sum(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
-        """(loss summed over the labelled positions of `batch`, how many there were, extra sums to
-        log by name). Sums, not means: the loop normalises by the label count of the whole step."""
+    def bind(self, model) -> LossSum:
+        """The loss of `model` on a micro-batch: (loss summed over its labelled positions, how many
+        there were, extra sums to log by name). Sums, not means: the loop normalises by the label
+        count of the whole step. Called once per run (`core.prepared.prepare`): look up what the
+        model allows here, not per batch."""
 
 
 @dataclass(frozen=True)
 class CrossEntropy:
-    """SFT: next-token cross-entropy on the labelled (answer) tokens, `token_loss_sum`."""
+    """SFT: next-token cross-entropy on the labelled (answer) tokens, `core.prepared.TokenLoss`."""
 
     loss: str = "auto"  # TrainConfig.loss: "auto" | "chunked" | "plain"
     packs: bool = True
 
-    def loss_sum(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
-        loss_sum, n_labels = token_loss_sum(model, batch, self.loss)
-        return loss_sum, n_labels, {}
+    def bind(self, model) -> LossSum:
+        return TokenLoss.of(model, self.loss).loss_sum
 
 
 # --------------------------------------------------------------------------------------
@@ -464,12 +379,9 @@ def train(
         result.resumed_from_step = start
 
     model.train()
-    # packing: how attention is kept inside each row (None: padded micro-batches, e.g. prompt tuning
-    # or an objective that runs a second model, like distillation's teacher)
-    packs = cfg.packing and objective.packs and P.supports_packing(model)
-    pack_mode = P.attention_mode(model, cfg.pack_attention) if packs else None
-    eager_mask = _param_dtype(model) if pack_mode == "mask" and _attn_impl(model) == "eager" else None
-    compiled = compile_layers(model, cfg, device)
+    # once, not per step: packed or padded micro-batches and how attention stays inside each packed
+    # row, the loss path (lean head or not), compiled layers (undone in the finally)
+    prepared = prepare(model, cfg, objective, device=device, pad_id=pad_id)
     t0 = time.perf_counter() - result.wall_s
     try:
         for step, micro_batches in enumerate(batches(examples, cfg, start), start=start):
@@ -477,9 +389,9 @@ def train(
             step_loss = 0.0
             step_terms: dict[str, float] = {}
             for rows in micro_batches:
-                batch = make_batch(rows, pad_id, device, pack_mode, cfg.pack_max_tokens, eager_mask)
+                batch = prepared.batch(rows)
                 with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss_sum, _, terms = objective.loss_sum(model, batch)
+                    loss_sum, _, terms = prepared.loss_sum(batch)
                 # normalise by the step's label count so grad accumulation equals one big batch
                 (loss_sum / n_labels).backward()
                 step_loss += loss_sum.item()
@@ -512,52 +424,11 @@ def train(
             if checkpoint_dir is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
                 save_checkpoint(checkpoint_dir, step + 1, model, method, optimizer, scheduler, result)
     finally:
-        uncompile_layers(compiled)
+        prepared.release()
 
     result.wall_s = time.perf_counter() - t0
     result.peak_memory_bytes = peak_memory_bytes(device)
     return result
-
-
-def _attn_impl(model) -> str | None:
-    return getattr(getattr(P.inner_model(model), "config", None), "_attn_implementation", None)
-
-
-def _param_dtype(model) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-
-def compile_layers(model, cfg: TrainConfig, device: str) -> list[torch.nn.Module]:
-    """torch.compile each decoder layer in place (names and state dicts unchanged). `compile=None`
-    means on for CUDA with a non-quantized base, off on CPU (compiling costs minutes on a few cores
-    and the packed per-sample attention is a Python loop that would break the graph)."""
-    on = cfg.compile if cfg.compile is not None else (
-        device.startswith("cuda") and not getattr(P.inner_model(model), "is_quantized", False))
-    if not on:
-        return []
-    layers = getattr(getattr(P.inner_model(model), "model", None), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        return []
-    if cfg.compile is None:  # automatic: a layer torch.compile cannot handle runs eagerly instead of failing the run
-        import torch._dynamo
-
-        _suppressed.append(torch._dynamo.config.suppress_errors)
-        torch._dynamo.config.suppress_errors = True
-    for layer in layers:
-        layer.compile(dynamic=True)
-    return list(layers)
-
-
-_suppressed: list[bool] = []
-
-
-def uncompile_layers(layers: list[torch.nn.Module]) -> None:
-    for layer in layers:  # evaluation and generation afterwards run eagerly
-        layer._compiled_call_impl = None
-    if layers and _suppressed:
-        import torch._dynamo
-
-        torch._dynamo.config.suppress_errors = _suppressed.pop()
 
 
 def reset_peak_memory(device: str) -> None:

@@ -125,7 +125,7 @@ def test_packed_loss_equals_mean_of_per_sample_losses(tiny_model_dir, examples, 
 
 
 def _logits(model, batch):
-    kwargs, impl = P.packed_forward_kwargs(model, batch)
+    kwargs, impl = P.forward_kwargs(batch)
     with torch.no_grad(), P.attention_implementation(model, impl):
         return model(**kwargs).logits
 

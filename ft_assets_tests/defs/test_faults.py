@@ -187,13 +187,13 @@ def _failure(result) -> str:
 
 def test_nan_loss_fails_fast_and_no_merged_model_is_made(project, ft_home, monkeypatch):
     assert _run(project, ft_home, ["base_model", "sft_dataset", "quantized_base", "base_eval"]).success
-    real = train.token_loss_sum
+    real = train.TokenLoss.loss_sum  # the SFT objective's loss of a micro-batch, as the loop asks for it
 
-    def poisoned(model, batch, *args, **kwargs):
-        loss, n = real(model, batch, *args, **kwargs)
-        return loss * float("nan"), n
+    def poisoned(self, batch):
+        loss, n, terms = real(self, batch)
+        return loss * float("nan"), n, terms
 
-    monkeypatch.setattr(train, "token_loss_sum", poisoned)
+    monkeypatch.setattr(train.TokenLoss, "loss_sum", poisoned)
     result = _run(project, ft_home, ["adapter", "merged_model", "eval_report"], partition="lora")
     assert not result.success
     assert "loss is nan at step 1; lower the learning rate" in _failure(result)
@@ -207,7 +207,7 @@ def test_out_of_memory_says_what_to_change(project, ft_home, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train, "token_loss_sum", oom)
+    monkeypatch.setattr(train.TokenLoss, "loss_sum", oom)
     result = _run(project, ft_home, ["adapter"], partition="lora")
     msg = _failure(result)
     assert "lora: out of memory on cpu with batch_size 4" in msg
