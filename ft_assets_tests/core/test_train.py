@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import mmap
 import shutil
 from pathlib import Path
 
 import pytest
+
 import torch
 
 from ft_assets.core import data, evaluate, train
@@ -136,9 +138,15 @@ def test_nan_loss_stops_with_step_and_hint(tiny_model_dir, examples):
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resettable peak RSS is Linux-only")
 def test_cpu_peak_memory_is_per_window_not_per_process():
-    big = torch.ones(64 * 2**20)  # 256 MiB, touched
+    # An anonymous mapping, every page touched: closing it is an munmap, so the resident set drops
+    # for certain (a freed torch tensor may stay with the process's allocator, as it did once here
+    # after 200 other tests: the measured window was then right and the test wrong).
+    size = 256 * 2**20
+    big = mmap.mmap(-1, size)
+    for offset in range(0, size, mmap.PAGESIZE):
+        big[offset] = 1
     train.reset_peak_memory("cpu")
-    del big  # large tensors are unmapped on free: the resident set drops
+    big.close()
     high = train.peak_memory_bytes("cpu")
     train.reset_peak_memory("cpu")
     low = train.peak_memory_bytes("cpu")
