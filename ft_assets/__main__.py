@@ -1,9 +1,12 @@
-"""Command line over the recipe and the artifact store (no Dagster needed).
+"""Command line over the recipe, the artifact store and (`runs`) the Dagster instance.
 
     python -m ft_assets validate [RECIPE]     exit 0 + summary (with the steps each method will run), or
                                               exit 2 + errors on stderr
     python -m ft_assets artifacts [--json]    latest artifact of every asset/partition
     python -m ft_assets lineage PATH          the chain from an artifact back to raw data files
+    python -m ft_assets runs [--reap]         unfinished runs, their worker processes and pool slots;
+                                              --reap fails the ones whose worker is gone and frees
+                                              their slots (the only command here that needs Dagster)
 """
 
 from __future__ import annotations
@@ -112,6 +115,30 @@ def _print_tree(node: dict, depth: int) -> None:
         _print_tree(child, depth + 1)
 
 
+def cmd_runs(args) -> int:
+    import dagster as dg
+
+    from .demo import ensure_instance
+    from .runs import UNFINISHED, WORKER_TAG, Proc, blocked_steps, held_slots, reap_dead_runs
+
+    instance = ensure_instance()
+    if args.reap:
+        reaped = reap_dead_runs(instance, print)
+        print(f"{len(reaped)} run(s) cleaned up")
+    slots = held_slots(instance)
+    runs = instance.get_runs(dg.RunsFilter(statuses=UNFINISHED))
+    if not runs and not slots:
+        print("no unfinished runs, no pool slot held")
+    for run in runs:
+        worker = Proc.parse(run.tags.get(WORKER_TAG))
+        held = ", ".join(f"{pool} ({step})" for pool, step in slots.get(run.run_id, [])) or "none"
+        print(f"run {run.run_id}  {run.status.value:<9} worker {worker.describe() if worker else 'not recorded'}  "
+              f"slots held: {held}")
+    for b in blocked_steps(instance, after_s=0):
+        print(f"waiting: run {b.run_id}: {b.explanation}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ft_assets", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     lin.add_argument("path", type=Path)
     lin.add_argument("--json", action="store_true")
     lin.add_argument("--home", help="FT_HOME (default: $FT_HOME or .ft_home)")
+    r = sub.add_parser("runs", help="unfinished runs, their worker processes and pool slots")
+    r.add_argument("--reap", action="store_true", help="fail the runs whose worker process is gone, free their slots")
     args = p.parse_args(argv)
-    return {"validate": cmd_validate, "artifacts": cmd_artifacts, "lineage": cmd_lineage}[args.cmd](args)
+    return {"validate": cmd_validate, "artifacts": cmd_artifacts, "lineage": cmd_lineage,
+            "runs": cmd_runs}[args.cmd](args)
 
 
 if __name__ == "__main__":

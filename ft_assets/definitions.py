@@ -11,13 +11,16 @@ and, when the recipe asks for them:
                                                                     also reads adapter[sft_from], its reference)
     merged_model[teacher] ─> student                                           (distillation)
 
-plus the automation sensor (eager reruns), and the retraining schedule when the recipe has one.
+plus the automation sensor (eager reruns), the dead-runs sensor (`ft_assets.runs`), and the
+retraining schedule when the recipe has one. Launched runs use `runs.worker_executor` (Dagster's
+multiprocess executor that records its worker process).
 """
 
 from __future__ import annotations
 
 import dagster as dg
 
+from . import runs
 from .defs import adapters, automation, datasets, distill, models, preferences, raw, reports
 from .defs.resources import ArtifactIOManager, ComputeResource, StoreResource
 from .recipe import Recipe, load_recipe
@@ -38,7 +41,8 @@ def build_definitions(recipe: Recipe, home: str | None = None) -> dg.Definitions
         assets=[*sources, *derived],
         jobs=jobs,
         schedules=schedules,
-        sensors=[automation.automation_sensor(), automation.observation_sensor(recipe)],
+        sensors=[automation.automation_sensor(), automation.observation_sensor(recipe), runs.dead_runs_sensor()],
+        executor=runs.worker_executor,
         resources={
             "compute": ComputeResource(device=recipe.compute.device, threads=recipe.compute.threads),
             "store": StoreResource(home=home),

@@ -6,36 +6,59 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 import dagster as dg
 
+from .core.preemption import PREEMPTED
 from .definitions import build_definitions
 from .defs.automation import record_sources
 from .recipe import load_recipe
+from .runs import LAUNCH_TAG, PoolWatch, launch_tags, reap_dead_runs
 from .store import ArtifactStore, ft_home
 
-INSTANCE_YAML = """\
-# Written by ft_assets (make install / first use). GPU-bound assets are in pool "gpu":
-# one of them runs at a time; assets outside that pool are never blocked by it.
+INSTANCE_MARK = "# Written by ft_assets"
+INSTANCE_YAML = f"""\
+{INSTANCE_MARK} (make install / first use); rewritten when ft_assets changes it, unless you
+# delete this first line. GPU-bound assets are in pool "gpu": one of them runs at a time; assets
+# outside that pool are never blocked by it.
 concurrency:
   pools:
     default_limit: 1
+# With the daemon (make ui): fail runs stuck starting or canceling, free the slots of ended runs.
+# Runs whose worker process died are found by ft_assets' dead_runs sensor (ft_assets/runs.py).
+run_monitoring:
+  enabled: true
+  start_timeout_seconds: 180
+  cancel_timeout_seconds: 180
+  free_slots_after_run_end_seconds: 5
+# With the daemon: a run that died (worker gone) or was preempted (SIGTERM, checkpoint written) is
+# re-run once and resumes from its checkpoint; a step that failed on bad input, NaN or OOM is not.
+run_retries:
+  enabled: true
+  max_retries: 1
+  retry_on_asset_or_op_failure: false
+nux:
+  enabled: false
 telemetry:
   enabled: false
 """
 
 
 def ensure_instance(home: Path | None = None) -> dg.DagsterInstance:
-    """The persistent instance under FT_HOME, created with a gpu-pool limit of 1 if new."""
+    """The persistent instance under FT_HOME, with a gpu-pool limit of 1: created if new, brought
+    up to date if ft_assets wrote it (a file without INSTANCE_MARK is the user's and left alone)."""
     home = home or ft_home()
     dagster_home = Path(os.environ.setdefault("DAGSTER_HOME", str(home / "dagster")))
     dagster_home.mkdir(parents=True, exist_ok=True)
     cfg = dagster_home / "dagster.yaml"
-    if not cfg.exists():
-        cfg.write_text(INSTANCE_YAML)
+    if not cfg.exists() or (cfg.read_text().startswith(INSTANCE_MARK) and cfg.read_text() != INSTANCE_YAML):
+        tmp = cfg.with_suffix(".yaml.tmp")
+        tmp.write_text(INSTANCE_YAML)
+        os.replace(tmp, cfg)
     return dg.DagsterInstance.get()
 
 
@@ -74,9 +97,13 @@ def materialize_graph(defs: dg.Definitions, instance: dg.DagsterInstance, target
                       say=print) -> list[Target]:
     """Materialize `targets` (default: every partition of every asset) in dependency order, one
     run per batch and partition key. A run that fails does not stop the others; targets whose
-    same-partition (or unpartitioned) upstream failed are skipped. Returns what did not materialize."""
+    same-partition (or unpartitioned) upstream failed are skipped; after a run preempted by a signal
+    nothing more is launched. Dead runs are cleaned up first and while a run waits on a pool
+    (`ft_assets.runs`). Returns what did not materialize."""
     t0 = time.perf_counter()
     failed: list[Target] = []
+    stopped = False
+    reap_dead_runs(instance, say)  # a run killed earlier must not hold the gpu pool for this one
     for batch in run_batches(defs):
         pdef = batch[0].partitions_def
         for partition in pdef.get_partition_keys() if pdef else [None]:
@@ -86,18 +113,32 @@ def materialize_graph(defs: dg.Definitions, instance: dg.DagsterInstance, target
             if not want:
                 continue
             label = f"{', '.join(k.to_user_string() for k in want)}{f' [{partition}]' if partition else ''}"
+            if stopped:
+                failed += [(k, partition) for k in want]
+                continue
             if upstream_failed:
                 say(f"[demo] {time.perf_counter() - t0:6.0f}s  skipped {label}: an input failed")
                 failed += [(k, partition) for k in want]
                 continue
             say(f"[demo] {time.perf_counter() - t0:6.0f}s  {label}")
-            result = dg.materialize(list(defs.assets), instance=instance, resources=defs.resources,
-                                    selection=want, partition_key=partition, raise_on_error=False)
+            tags = launch_tags()
+            with PoolWatch(instance, tags[LAUNCH_TAG], say):
+                result = dg.materialize(list(defs.assets), instance=instance, resources=defs.resources,
+                                        selection=want, partition_key=partition, raise_on_error=False, tags=tags)
             made = {e.asset_key for e in result.get_asset_materialization_events()}
             if not result.success:
                 failed += [(k, partition) for k in want if k not in made]
                 say(f"[demo] {label} FAILED; see the run {result.run_id} in the UI")
+                preempted = [m for m in _failure_messages(result) if PREEMPTED in m]
+                if preempted:  # this process was asked to stop (SIGTERM/SIGINT): launch nothing more
+                    say(f"[demo] {preempted[0]}; launching nothing more")
+                    stopped = True
     return failed
+
+
+def _failure_messages(result) -> list[str]:
+    return [ev.step_failure_data.user_failure_data.description for ev in result.all_events
+            if ev.is_step_failure and ev.step_failure_data.user_failure_data]
 
 
 def materialize_all(defs: dg.Definitions, instance: dg.DagsterInstance, say=print) -> list[str]:
@@ -108,7 +149,14 @@ def materialize_all(defs: dg.Definitions, instance: dg.DagsterInstance, say=prin
     return sorted({p or k.to_user_string() for k, p in failed})
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"{signal.Signals(signum).name}")
+
+
 def main() -> int:
+    # SIGTERM outside training stops like Ctrl-C (Dagster records the run as failed and frees its slots);
+    # during training the loop turns it into a checkpoint first (core.preemption)
+    signal.signal(signal.SIGTERM, _interrupt)
     recipe = load_recipe()
     instance = ensure_instance()
     defs = build_definitions(recipe)

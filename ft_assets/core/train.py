@@ -21,7 +21,9 @@ Optimizer (`cfg.optimizer`), weight decay, LR schedule, clipping, autocast, the 
 (`TrainingDiverged`) and checkpoints are the same for every objective. Batches come from
 `batches()`, a pure function of (examples, seed, step), and a checkpoint holds weights,
 optimizer, scheduler, RNG and the logged curves, so a run resumed from `checkpoint_dir` after a
-kill computes exactly what an uninterrupted run would have.
+kill computes exactly what an uninterrupted run would have. While it trains into `checkpoint_dir`
+no other process may (a lock), and a SIGTERM/SIGINT ends the current step, checkpoints it and
+raises `Preempted` ("preempted at step N"): see `core.preemption`.
 
 Speed switches (`TrainConfig`, all exact up to float rounding; see `core.packing`, `core.loss`,
 `core.prepared`):
@@ -52,6 +54,7 @@ import torch
 
 from . import packing as P
 from .data import IGNORE_INDEX, Example
+from .preemption import Preempted, checkpoint_lock, stop_requests
 from .packing import collate  # noqa: F401  (the padded micro-batch; `train.collate` stays its public name)
 from .prepared import LossSum, TokenLoss, prepare
 from .prepared import lean_head, token_loss_sum  # noqa: F401  (`train.token_loss_sum`, `train.lean_head` stay public)
@@ -364,7 +367,8 @@ def train(
 ) -> TrainResult:
     """Train `model` (already wrapped by `method`) in place toward `objective` (default: SFT
     cross-entropy) and return what happened. `on_log(step, loss, **terms)` every `log_every` steps;
-    with `checkpoint_dir`, checkpoints every `checkpoint_every` steps and resumes from the newest."""
+    with `checkpoint_dir`, checkpoints every `checkpoint_every` steps (and on SIGTERM/SIGINT, then
+    raises `Preempted`) and resumes from the newest; `CheckpointBusy` if another process trains there."""
     objective = objective if objective is not None else CrossEntropy(cfg.loss)
     seed_everything(cfg.seed)
     reset_peak_memory(device)
@@ -372,61 +376,66 @@ def train(
     optimizer = make_optimizer(cfg.optimizer, method.param_groups(model, spec, cfg.lr, cfg.weight_decay), cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
     result = TrainResult()
-    start = 0
-    ckpt = latest_checkpoint(checkpoint_dir)
-    if ckpt is not None:
-        start = _restore(ckpt, model, optimizer, scheduler, result, method)
-        result.resumed_from_step = start
+    # one writer per checkpoint dir; the first SIGTERM/SIGINT becomes a checkpoint (core.preemption)
+    with checkpoint_lock(checkpoint_dir), stop_requests() as stop:
+        start = 0
+        ckpt = latest_checkpoint(checkpoint_dir)
+        if ckpt is not None:
+            start = _restore(ckpt, model, optimizer, scheduler, result, method)
+            result.resumed_from_step = start
 
-    model.train()
-    # once, not per step: packed or padded micro-batches and how attention stays inside each packed
-    # row, the loss path (lean head or not), compiled layers (undone in the finally)
-    prepared = prepare(model, cfg, objective, device=device, pad_id=pad_id)
-    t0 = time.perf_counter() - result.wall_s
-    try:
-        for step, micro_batches in enumerate(batches(examples, cfg, start), start=start):
-            n_labels = sum(sum(1 for x in r.labels[1:] if x != IGNORE_INDEX) for mb in micro_batches for r in mb)
-            step_loss = 0.0
-            step_terms: dict[str, float] = {}
-            for rows in micro_batches:
-                batch = prepared.batch(rows)
-                with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss_sum, _, terms = prepared.loss_sum(batch)
-                # normalise by the step's label count so grad accumulation equals one big batch
-                (loss_sum / n_labels).backward()
-                step_loss += loss_sum.item()
-                for name, term_sum in terms.items():
-                    step_terms[name] = step_terms.get(name, 0.0) + float(term_sum)
-                result.tokens_seen += batch_tokens(batch)
-            mean_loss = step_loss / n_labels
-            if not math.isfinite(mean_loss):
-                raise TrainingDiverged(
-                    f"loss is {mean_loss} at step {step + 1}; lower the learning rate (now {cfg.lr}), "
-                    "check the data for empty answers, or use float32"
-                )
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            hook = getattr(method, "after_step", None)  # methods that touch weights after each step
-            if hook is not None:
-                hook(model, spec)
-            mean_terms = {name: term_sum / n_labels for name, term_sum in step_terms.items()}
-            result.tokens_trained += n_labels
-            result.steps = step + 1
-            result.losses.append((step + 1, round(mean_loss, 6)))
-            for name, value in mean_terms.items():
-                result.terms.setdefault(name, []).append((step + 1, round(value, 6)))
-            result.wall_s = time.perf_counter() - t0
-            if on_log and (step + 1) % cfg.log_every == 0:
-                on_log(step + 1, mean_loss, **mean_terms)
-            if checkpoint_dir is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
-                save_checkpoint(checkpoint_dir, step + 1, model, method, optimizer, scheduler, result)
-    finally:
-        prepared.release()
-
-    result.wall_s = time.perf_counter() - t0
+        model.train()
+        # once, not per step: packed or padded micro-batches and how attention stays inside each packed
+        # row, the loss path (lean head or not), compiled layers (undone in the finally)
+        prepared = prepare(model, cfg, objective, device=device, pad_id=pad_id)
+        t0 = time.perf_counter() - result.wall_s
+        try:
+            for step, micro_batches in enumerate(batches(examples, cfg, start), start=start):
+                n_labels = sum(sum(1 for x in r.labels[1:] if x != IGNORE_INDEX) for mb in micro_batches for r in mb)
+                step_loss = 0.0
+                step_terms: dict[str, float] = {}
+                for rows in micro_batches:
+                    batch = prepared.batch(rows)
+                    with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                        loss_sum, _, terms = prepared.loss_sum(batch)
+                    # normalise by the step's label count so grad accumulation equals one big batch
+                    (loss_sum / n_labels).backward()
+                    step_loss += loss_sum.item()
+                    for name, term_sum in terms.items():
+                        step_terms[name] = step_terms.get(name, 0.0) + float(term_sum)
+                    result.tokens_seen += batch_tokens(batch)
+                mean_loss = step_loss / n_labels
+                if not math.isfinite(mean_loss):
+                    raise TrainingDiverged(
+                        f"loss is {mean_loss} at step {step + 1}; lower the learning rate (now {cfg.lr}), "
+                        "check the data for empty answers, or use float32"
+                    )
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                hook = getattr(method, "after_step", None)  # methods that touch weights after each step
+                if hook is not None:
+                    hook(model, spec)
+                mean_terms = {name: term_sum / n_labels for name, term_sum in step_terms.items()}
+                result.tokens_trained += n_labels
+                result.steps = step + 1
+                result.losses.append((step + 1, round(mean_loss, 6)))
+                for name, value in mean_terms.items():
+                    result.terms.setdefault(name, []).append((step + 1, round(value, 6)))
+                result.wall_s = time.perf_counter() - t0
+                if on_log and (step + 1) % cfg.log_every == 0:
+                    on_log(step + 1, mean_loss, **mean_terms)
+                if step + 1 == total:
+                    break
+                if checkpoint_dir is not None and ((step + 1) % cfg.checkpoint_every == 0 or stop.signal_name):
+                    saved = save_checkpoint(checkpoint_dir, step + 1, model, method, optimizer, scheduler, result)
+                if stop.signal_name:  # SIGTERM/SIGINT arrived during this step: checkpointed above, now stop
+                    raise Preempted(step + 1, stop.signal_name, saved if checkpoint_dir is not None else None)
+        finally:
+            prepared.release()
+        result.wall_s = time.perf_counter() - t0
     result.peak_memory_bytes = peak_memory_bytes(device)
     return result
 

@@ -4,14 +4,21 @@ reuse rule of trained artifacts (a derivation already made is reused; `force` ma
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
 import dagster as dg
 from pydantic import Field
 
+from ..core.finetune import TrainingFailed
+from ..core.preemption import CheckpointBusy, Preempted
+from ..core.train import TrainingDiverged
 from ..recipe import Recipe
 from ..store import Artifact, ArtifactStore
+
+# Dagster's run tag: retry this run (with the daemon's run_retries) even though a step failed
+RETRY_ON_STEP_FAILURE_TAG = "dagster/retry_on_asset_or_op_failure"
 
 # Bump a stage's number when its code changes what it produces; Dagster then marks that
 # stage and everything downstream stale.
@@ -122,6 +129,24 @@ def output(art: Artifact, metadata: dict[str, Any], output_name: str = "result")
 def user_error(exc: Exception, what_to_do: str = "") -> dg.Failure:
     """A failure whose description is the message a user should read (no traceback hunt)."""
     return dg.Failure(description=f"{exc}{(' ' + what_to_do) if what_to_do else ''}", allow_retries=False)
+
+
+@contextmanager
+def training_failures(context, label: str, user_errors: tuple[type[Exception], ...] = ()):
+    """What training raises, as step failures a user reads. None retries within the step (a
+    `RetryPolicy` would re-run in the process being stopped, or repeat a user error):
+    - diverged / out of memory / checkpoint dir in use / the trainer's own `user_errors`: the
+      message, no retry;
+    - preempted (SIGTERM/SIGINT, checkpoint written): the message, and the run is tagged so that
+      the daemon's run retries (`run_retries` in dagster.yaml, `make ui`) re-run it, resuming there.
+    """
+    try:
+        yield
+    except (TrainingFailed, TrainingDiverged, CheckpointBusy, *user_errors) as exc:
+        raise user_error(RuntimeError(f"{label}: {exc}")) from None
+    except Preempted as exc:
+        context.instance.add_run_tags(context.run_id, {RETRY_ON_STEP_FAILURE_TAG: "true"})
+        raise dg.Failure(description=f"{label}: {exc}", allow_retries=False) from None
 
 
 def table(rows: list[dict[str, Any]], columns: Iterable[str]) -> dg.TableMetadataValue:

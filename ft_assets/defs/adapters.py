@@ -90,7 +90,7 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
     hw = compute.resolve()
     cfg = train.TrainConfig.from_spec(recipe.training_for(name), recipe.seed)
     ckpt_dir = store.home / "checkpoints" / "adapter" / name / derived_version(derivation)
-    try:
+    with c.training_failures(context, name):
         tuned = finetune.finetune(
             method, spec, examples + (plan.replay if plan else []), cfg, base_dir=base_model.path,
             quantized_dir=quantized_base.dir if quantized_base else None,
@@ -99,8 +99,6 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
             start_adapter=Path(plan.start.adapter_path) if continued else None, checkpoint_dir=ckpt_dir,
             log=lambda msg: context.log.info(f"{name}: {msg}"),
             on_log=lambda step, loss, **_: context.log.info(f"step {step}: loss {loss:.4f}"))
-    except finetune.TrainingFailed as exc:
-        raise c.user_error(RuntimeError(f"{name}: {exc}")) from None
     with store.write("adapter", name, recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed,
                      derivation=c.forced(derivation, context) if force else derivation) as st:
         st.inputs = inputs

@@ -71,7 +71,7 @@ def build(recipe: Recipe) -> list:
 
         hw = compute.resolve()
         checkpoints = artifacts.home / "checkpoints" / "student" / derived_version(derivation)
-        try:
+        with c.training_failures(context, "student", user_errors=(distill.NotDistillable,)):
             distilled = distill.distill_student(
                 merged_model.dir, base_model.path, data.load_split(sft_dataset.path, "train"),
                 c.eval_examples(recipe, sft_dataset), train.TrainConfig.from_spec(recipe.training_for_distillation(), recipe.seed),
@@ -79,8 +79,6 @@ def build(recipe: Recipe) -> list:
                 max_new_tokens=recipe.evaluation.max_new_tokens, eval_batch_size=recipe.evaluation.batch_size,
                 speed_prompts=spec.speed_prompts, device=hw.device, autocast_dtype=hw.autocast_dtype,
                 checkpoint_dir=checkpoints, log=context.log.info)
-        except (distill.NotDistillable, train.TrainingDiverged) as exc:
-            raise c.user_error(exc) from None
 
         merged_from = merged_model.manifest().get("inputs", {})  # a dpo teacher was merged from preference_adapter
         adapter = {"method": teacher, "version": merged_from.get(f"adapter[{teacher}]",

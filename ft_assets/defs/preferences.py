@@ -23,8 +23,7 @@ import dagster as dg
 from ..core import data, dpo, plots, preferences
 from ..core.device import Compute
 from ..core.models import load_tokenizer
-from ..core.finetune import TrainingFailed
-from ..core.train import TrainConfig, TrainingDiverged
+from ..core.train import TrainConfig
 from ..recipe import Recipe
 from ..store import Artifact, ArtifactStore, derived_version, dir_bytes, file_hash
 from . import _common as c
@@ -156,13 +155,11 @@ def _tune(context, recipe: Recipe, hw: Compute, store: ArtifactStore, sft: Artif
                      f"{dpo.dpo_steps(len(pairs), cfg)} steps, beta {spec.beta}, on {hw.device}")
     work_dir = store.home / "checkpoints" / "preference_adapter" / name / derived_version(derivation)
     work_dir.mkdir(parents=True, exist_ok=True)
-    try:
+    with c.training_failures(context, name):
         tuned = dpo.tune_sft_adapter(
             base_model.dir, sft.dir, tok, pairs, cfg, beta=spec.beta, loss_type=spec.loss_type,
             max_length=recipe.prompt.max_length, device=hw.device, dtype=hw.dtype, work_dir=work_dir,
             on_log=lambda step, loss: context.log.info(f"step {step}: DPO loss {loss:.4f}"))
-    except (TrainingDiverged, TrainingFailed) as exc:
-        raise c.user_error(RuntimeError(f"{name}: {exc}")) from None
     result = tuned.result
     summary = {**result.summary(), "device": hw.name}
     with store.write("preference_adapter", name, recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed,

@@ -1,9 +1,12 @@
-"""The training loop on the tiny model: learns, accumulates exactly, resumes exactly, stops on NaN."""
+"""The training loop on the tiny model: learns, accumulates exactly, resumes exactly, stops on NaN,
+turns SIGTERM/SIGINT into a checkpoint, refuses a checkpoint dir another process trains into."""
 
 from __future__ import annotations
 
 import mmap
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from ft_assets.core import data, evaluate, train
 from ft_assets.core.methods import get_method
 from ft_assets.core.methods.lora import LoraSpec
 from ft_assets.core.models import load_model
+from ft_assets.core.preemption import CheckpointBusy, Preempted, checkpoint_lock
 from ft_assets_tests.conftest import formatted_examples
 
 SPEC = LoraSpec(type="lora", r=4, alpha=8, dropout=0.0)
@@ -151,3 +155,41 @@ def test_cpu_peak_memory_is_per_window_not_per_process():
     train.reset_peak_memory("cpu")
     low = train.peak_memory_bytes("cpu")
     assert high - low > 200 * 2**20  # the new window does not remember the freed 256 MiB
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_checkpoints_the_step_it_arrives_in_and_resume_continues_exactly(tiny_model_dir, examples, tmp_path, sig):
+    method = get_method("lora")
+    ref = lora_model(tiny_model_dir)
+    ref_result = train.train(ref, method, SPEC, examples, cfg(), pad_id=2)
+
+    def send_during_step_4(step, loss, **_):  # on_log runs inside step 4, before its checkpoint decision
+        if step == 4:
+            os.kill(os.getpid(), sig)
+
+    ckpt = tmp_path / "ckpt"
+    before = signal.getsignal(sig)
+    with pytest.raises(Preempted, match=rf"^preempted at step 4 by {sig.name}: checkpoint written at .*step-000004"):
+        train.train(lora_model(tiny_model_dir), method, SPEC, examples, cfg(log_every=1), pad_id=2,
+                    checkpoint_dir=ckpt, on_log=send_during_step_4)
+    assert signal.getsignal(sig) is before  # the handler is put back
+    assert train.latest_checkpoint(ckpt).name == "step-000004"  # not 3, the last periodic one
+
+    resumed = lora_model(tiny_model_dir)
+    result = train.train(resumed, method, SPEC, examples, cfg(), pad_id=2, checkpoint_dir=ckpt)
+    assert result.resumed_from_step == 4 and result.steps == 6
+    assert [l for _, l in result.losses] == pytest.approx([l for _, l in ref_result.losses], abs=1e-5)
+    for (n, a), (_, b) in zip(ref.named_parameters(), resumed.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_a_checkpoint_dir_in_use_is_refused_and_free_again_when_its_holder_lets_go(tiny_model_dir, examples, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    with checkpoint_lock(ckpt):  # another writer (flock is per open file: same process counts)
+        with pytest.raises(CheckpointBusy, match=rf"{ckpt} is being trained into by process {os.getpid()}"):
+            train.train(lora_model(tiny_model_dir), get_method("lora"), SPEC, examples, cfg(), pad_id=2,
+                        checkpoint_dir=ckpt)
+    result = train.train(lora_model(tiny_model_dir), get_method("lora"), SPEC, examples, cfg(), pad_id=2,
+                         checkpoint_dir=ckpt)
+    assert result.steps == 6

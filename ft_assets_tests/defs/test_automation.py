@@ -240,7 +240,8 @@ def test_one_running_automation_sensor_covers_data_files_too(project, ft_home):
     defs = build_definitions(load_recipe(project / "recipe.yaml"), home=str(ft_home))
     sensors = {s.name: s for s in defs.get_repository_def().sensor_defs}
     assert {n: s.default_status for n, s in sensors.items()} == {
-        "ft_assets_automation": dg.DefaultSensorStatus.RUNNING, "ft_assets_observe_sources": dg.DefaultSensorStatus.RUNNING}
+        "ft_assets_automation": dg.DefaultSensorStatus.RUNNING, "ft_assets_observe_sources": dg.DefaultSensorStatus.RUNNING,
+        "ft_assets_dead_runs": dg.DefaultSensorStatus.RUNNING}
     targeted = sensors["ft_assets_automation"].asset_selection.resolve(defs.resolve_asset_graph())
     assert {dg.AssetKey(["raw", "qa"]), dg.AssetKey(["recipe", "method"]), dg.AssetKey("adapter")} <= targeted
 

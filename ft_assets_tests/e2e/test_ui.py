@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ft_assets.runs import CHILDREN_TAG, WORKER_TAG, Proc
 from ft_assets_tests.conftest import REPO, make_recipe, qa_rows, write_jsonl
 
 pytestmark = pytest.mark.ui
@@ -498,6 +499,12 @@ def test_graphql_client_launches_runs(ui, snap, browser):
 
         run_id = launch(["adapter"], partition="lora")
         assert ui.materialization_run(("adapter",), "lora") == run_id
+        # the run worker recorded itself and the step process it started (what a dead-run check reads)
+        tags = {t["key"]: t["value"] for t in ui.gql("""query($id: ID!) { runOrError(runId: $id) {
+            ... on Run { tags { key value } } } }""", {"id": run_id})["runOrError"]["tags"]}
+        worker = Proc.parse(tags.get(WORKER_TAG))
+        assert worker is not None and worker.local and worker.pid != os.getpid(), tags
+        assert Proc.parse(tags.get(CHILDREN_TAG, "").split(" ")[0]) is not None, tags
         assert ui.materialization_run(("adapter",), "qlora") is None
 
         browser.get(f"{ui.url}/assets/adapter?view=partitions")
