@@ -24,6 +24,7 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
+import itertools
 import json
 import os
 import types
@@ -163,6 +164,8 @@ class QuantizationSpec(_Strict):
 class TrainingSpec(_Strict):
     """Hyper-parameters shared by every method; a method may override any of them."""
 
+    _OMIT_WHEN_DEFAULT = ("validation_fraction", "validation_every", "early_stopping_patience")
+
     max_steps: Annotated[int, Field(ge=1)] = 40
     epochs: Annotated[float, Field(gt=0)] = 1.0  # upper bound; max_steps usually stops first
     batch_size: Annotated[int, Field(ge=1)] = 4
@@ -181,6 +184,20 @@ class TrainingSpec(_Strict):
     group_by_length: bool = False  # padded path: rows of similar length share a micro-batch (changes the order)
     loss: Literal["auto", "plain", "chunked"] = "auto"  # auto/chunked: LM head on labelled rows only, in chunks
     compile: bool | None = None  # torch.compile the decoder layers; None = on for CUDA, off on CPU
+    # Validation-based selection (off by default): hold out this fraction of the training rows
+    # (never the eval split), measure their loss every `validation_every` steps, end with the
+    # weights of the best measurement (`kept_step` in the adapter's metadata).
+    validation_fraction: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
+    validation_every: Annotated[int, Field(ge=1)] = 10
+    # Stop after this many measurements in a row without a new best (needs validation_fraction).
+    early_stopping_patience: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _patience_needs_validation(self) -> "TrainingSpec":
+        if self.early_stopping_patience is not None and not self.validation_fraction:
+            raise ValueError("early_stopping_patience needs validation_fraction > 0 (e.g. 0.1): early stopping "
+                             "watches the loss on held-out training rows")
+        return self
 
 
 def _validate_method(value: Any) -> MethodSpecBase:
@@ -222,6 +239,51 @@ class DistillationSpec(_Strict):
     def _known_training_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
         TrainingSpec(**v)
         return v
+
+
+SWEEP_SEPARATOR = "@"  # trial names: <method>@<key>=<value>@<key>=<value>, e.g. lora@lr=2e-4@r=8
+
+
+def sweep_family(method_name: str) -> str:
+    """The recipe method a sweep trial came from (the name itself when it is not a trial)."""
+    return method_name.split(SWEEP_SEPARATOR, 1)[0]
+
+
+def expand_sweep(name: str, spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """`methods.<name>.sweep: {key: [values]}` -> one method per combination, named after its
+    settings (`lora@lr=2e-4@r=8`), each an ordinary method (an `adapter` partition, merged and
+    evaluated like any other). A key of `training:` (lr, epochs, ...) goes under the trial's
+    `training`, any other key is the method's own (r, alpha, ...). Trials are scored on
+    validation loss (`best_adapter`), so they hold out validation rows: `validation_fraction`
+    defaults to 0.1 for them."""
+    sweep = spec["sweep"]
+    where = f"methods.{name}.sweep"
+    if not isinstance(sweep, dict) or not sweep:
+        raise ValueError(f"{where}: give a mapping of key -> list of values, e.g. {{lr: [1.0e-4, 2.0e-4]}}")
+    for key, values in sweep.items():
+        if not isinstance(values, list) or len(values) < 1:
+            raise ValueError(f"{where}.{key}: give a list of values")
+        if key in ("validation_fraction", "validation_every", "seed", "type", "training", "sweep"):
+            raise ValueError(f"{where}.{key}: cannot be swept (trials are compared on the same held-out rows)")
+    base = {k: v for k, v in spec.items() if k != "sweep"}
+    training_keys = set(TrainingSpec.model_fields)
+    out = {}
+    for combo in itertools.product(*sweep.values()):
+        trial = {**base, "training": dict(base.get("training") or {})}
+        trial["training"].setdefault("validation_fraction", 0.1)
+        label = []
+        for key, value in zip(sweep, combo):
+            (trial["training"] if key in training_keys else trial)[key] = value
+            label.append(f"{key}={_sweep_value(value)}")
+        out[SWEEP_SEPARATOR.join([name, *label])] = trial
+    return out
+
+
+def _sweep_value(value: Any) -> str:
+    if isinstance(value, float):
+        short = f"{value:.0e}".replace("e-0", "e-").replace("e+0", "e")
+        return short if float(short) == value else f"{value:g}"
+    return str(value)
 
 
 class EvaluationSpec(_Strict):
@@ -296,14 +358,18 @@ class Recipe(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _method_type_defaults_to_name(cls, data: Any) -> Any:
-        # `methods: {lora: {r: 8}}` means type lora; only aliases need an explicit type.
+        # `methods: {lora: {r: 8}}` means type lora; only aliases need an explicit type. A method
+        # with `sweep:` becomes one method per combination of its values (`expand_sweep`).
         if isinstance(data, dict) and isinstance(data.get("methods"), dict):
             methods = {}
             for name, spec in data["methods"].items():
                 spec = {} if spec is None else spec
                 if isinstance(spec, dict) and "type" not in spec:
                     spec = {**spec, "type": name}
-                methods[name] = spec
+                if isinstance(spec, dict) and "sweep" in spec:
+                    methods.update(expand_sweep(name, spec))
+                else:
+                    methods[name] = spec
             data = {**data, "methods": methods}
         return data
 
@@ -314,8 +380,9 @@ class Recipe(_Strict):
         if dupes:
             raise ValueError(f"dataset names must be unique; repeated: {', '.join(dupes)}")
         for name in self.methods:
-            if not name.replace("_", "").isalnum() or not name[0].isalpha():
-                raise ValueError(f"method name {name!r} must be letters, digits and underscores")
+            family = sweep_family(name)
+            if not family.replace("_", "").isalnum() or not family[0].isalpha():
+                raise ValueError(f"method name {family!r} must be letters, digits and underscores")
         weighted = [d.name for d in self.datasets if d.weight is not None]
         if weighted and len(weighted) != len(self.datasets):
             raise ValueError(f"give every dataset a weight or none (weighted: {', '.join(weighted)})")

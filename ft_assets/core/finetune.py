@@ -108,8 +108,10 @@ def finetune(method, spec, examples: list[data.Example], cfg: train.TrainConfig,
     if start_adapter is not None:
         continual.load_state(model, method, start_adapter)
     trainable, total = parameter_count(model)
-    log(f"{trainable:,} trainable of {total:,} parameters; {len(examples)} train rows; "
-        f"{train.steps_for(len(examples), cfg)} steps on {device}")
+    held = train.validation_rows(len(examples), cfg)
+    log(f"{trainable:,} trainable of {total:,} parameters; {len(examples) - held} train rows"
+        f"{f' ({held} more held out for validation)' if held else ''}; "
+        f"{train.steps_for(len(examples) - held, cfg)} steps at most on {device}")
     try:
         result = train.train(model, method, spec, examples, cfg, pad_id=pad_id, device=device,
                              autocast_dtype=autocast_dtype, checkpoint_dir=checkpoint_dir, on_log=on_log)
@@ -117,8 +119,15 @@ def finetune(method, spec, examples: list[data.Example], cfg: train.TrainConfig,
         raise TrainingFailed(str(exc)) from None
     except torch.OutOfMemoryError as exc:
         raise TrainingFailed(out_of_memory_hint(cfg, device, exc)) from None
+    except ValueError as exc:  # validation_fraction leaves no row to train on
+        raise TrainingFailed(str(exc)) from None
     if result.resumed_from_step:
         log(f"resumed from checkpoint at step {result.resumed_from_step}")
+    if result.validation_losses:
+        best = min(v for _, v in result.validation_losses)
+        stop = f"stopped early at step {result.stopped_early_at}" if result.stopped_early_at else f"ran {result.steps} steps"
+        log(f"{stop}; kept the weights of step {result.kept_step} (validation loss {best:.4f} on "
+            f"{result.validation_rows} held-out rows)")
     return FineTuned(model, method, result, trainable, total)
 
 

@@ -11,13 +11,18 @@ matplotlib.use("Agg")  # no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def loss_curve_png(losses: list[tuple[int, float]], title: str) -> bytes:
+def loss_curve_png(losses: list[tuple[int, float]], title: str,
+                   validation: list[tuple[int, float]] | None = None) -> bytes:
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
     if losses:
         steps, values = zip(*losses)
-        ax.plot(steps, values, marker="o" if len(steps) < 60 else None, markersize=3)
+        ax.plot(steps, values, marker="o" if len(steps) < 60 else None, markersize=3, label="train")
+    if validation:
+        steps, values = zip(*validation)
+        ax.plot(steps, values, marker="s", markersize=3, label="validation (held-out train rows)")
+        ax.legend(fontsize=8)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("train loss (answer tokens)")
+    ax.set_ylabel("loss (answer tokens)" if validation else "train loss (answer tokens)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     return _png(fig)

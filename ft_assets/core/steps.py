@@ -14,6 +14,7 @@ exact; the chat-template/`max_length` step can only reject more rows, at most as
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass
@@ -21,6 +22,13 @@ from types import SimpleNamespace
 from typing import Any
 
 from .data import DataFileError, TrainRowCount, count_train_rows, sft_sources
+
+
+def validation_rows(n_examples: int, cfg: Any) -> int:
+    """Rows `core.train` holds out of `n_examples` training rows to measure validation loss:
+    round(validation_fraction * n), at least 1 when the fraction is set; 0 when it is not."""
+    fraction = getattr(cfg, "validation_fraction", 0.0) or 0.0
+    return max(1, round(fraction * n_examples)) if fraction > 0 else 0
 
 
 def steps_for(n_examples: int, cfg: Any) -> int:
@@ -100,6 +108,9 @@ def estimate_steps(cfg: Any, rows: TrainRowCount | None, *, unit: str = "rows", 
     if rows is None:
         return StepEstimate(cfg.max_steps, cfg.max_steps, cfg.max_steps, cfg.epochs, cfg.batch_size, cfg.grad_accum,
                             unit=unit, unknown=unknown or "rows not counted")
+    if validation_rows(rows.high, cfg):  # the loop trains on what validation leaves
+        rows = dataclasses.replace(rows, low=rows.low - validation_rows(rows.low, cfg),
+                                   high=rows.high - validation_rows(rows.high, cfg))
     return StepEstimate(steps_for(rows.high, cfg), steps_for(rows.low, cfg), cfg.max_steps, cfg.epochs,
                         cfg.batch_size, cfg.grad_accum, rows, unit, None, uncounted)
 

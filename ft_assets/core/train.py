@@ -37,6 +37,7 @@ that do not pack fall back to the plain path on their own.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -44,8 +45,10 @@ import random
 import resource
 import shutil
 import sys
+import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
@@ -58,7 +61,7 @@ from .preemption import Preempted, checkpoint_lock, stop_requests
 from .packing import collate  # noqa: F401  (the padded micro-batch; `train.collate` stays its public name)
 from .prepared import LossSum, TokenLoss, prepare
 from .prepared import lean_head, token_loss_sum  # noqa: F401  (`train.token_loss_sum`, `train.lean_head` stay public)
-from .steps import steps_for  # noqa: F401  (the step rule; `train.steps_for` stays its public name)
+from .steps import steps_for, validation_rows  # noqa: F401  (the step rule; `train.steps_for` stays public)
 
 
 class TrainingDiverged(RuntimeError):
@@ -85,6 +88,12 @@ class TrainConfig:
     loss: str = "auto"  # "auto" | "chunked": LM head + CE on labelled rows, chunked; "plain": model logits
     compile: bool | None = None  # None: on for CUDA (not for quantized bases), off on CPU
     seed: int = 42
+    # validation-based selection: hold out this fraction of the training rows, measure their loss
+    # every `validation_every` steps, end with the weights of the best measurement; stop after
+    # `early_stopping_patience` measurements without improvement (None: train to the end)
+    validation_fraction: float = 0.0
+    validation_every: int = 10
+    early_stopping_patience: int | None = None
     # not recipe keys: how packed attention is enforced ("auto" | "varlen" | "flash" | "mask", see
     # core.packing) and the row budget of the "mask" mode
     pack_attention: str = "auto"
@@ -107,6 +116,10 @@ class TrainResult:
     resumed_from_step: int = 0
     # the objective's extra terms, per step: name -> [(step, term sum / labels of that step)]
     terms: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    validation_rows: int = 0
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss on held-out rows)
+    kept_step: int | None = None  # the step whose weights the run ends with (best validation loss)
+    stopped_early_at: int | None = None  # the step early stopping ended the run at
 
     @property
     def tokens_per_s(self) -> float:
@@ -123,14 +136,20 @@ class TrainResult:
             "first_loss": self.losses[0][1] if self.losses else None,
             "final_loss": self.losses[-1][1] if self.losses else None,
             "resumed_from_step": self.resumed_from_step,
+            **({"validation_rows": self.validation_rows, "kept_step": self.kept_step,
+                "stopped_early_at": self.stopped_early_at,
+                "best_validation_loss": min(v for _, v in self.validation_losses)} if self.validation_losses else {}),
         }
 
     def log(self) -> dict[str, Any]:
         """What the run computed (losses, steps, tokens), for the artifact's train_log.json. How
         it ran (timings, memory, a resume) differs between identical runs: that is `summary()`,
         kept in the manifest, so it does not change the artifact's content hash."""
-        keep = ("steps", "tokens_seen", "tokens_trained", "first_loss", "final_loss")
-        return {"losses": self.losses, **self.terms, **{k: v for k, v in self.summary().items() if k in keep}}
+        keep = ("steps", "tokens_seen", "tokens_trained", "first_loss", "final_loss", "validation_rows", "kept_step",
+                "stopped_early_at", "best_validation_loss")
+        curves = {"validation_losses": self.validation_losses} if self.validation_losses else {}
+        return {"losses": self.losses, **self.terms, **curves,
+                **{k: v for k, v in self.summary().items() if k in keep}}
 
 
 # --------------------------------------------------------------------------------------
@@ -272,6 +291,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, method, optimizer, schedu
     (tmp / "progress.json").write_text(json.dumps({
         "step": step, "losses": result.losses, "terms": result.terms, "tokens_seen": result.tokens_seen,
         "tokens_trained": result.tokens_trained, "wall_s": result.wall_s,
+        "validation_losses": result.validation_losses, "kept_step": result.kept_step,
     }))
     final = ckpt_root / f"step-{step:06d}"
     if final.exists():
@@ -289,7 +309,8 @@ def latest_checkpoint(ckpt_root: Path | None) -> Path | None:
     return done[-1] if done else None
 
 
-def _restore(ckpt: Path, model, optimizer, scheduler, result: TrainResult, method=None) -> int:
+def _load_weights(ckpt: Path, model, method) -> None:
+    """The trained weights saved under `ckpt/adapter` (a checkpoint, or the best-so-far weights)."""
     adapter = ckpt / "adapter"
     # A method whose saved names are not live parameter names (or that keeps more state than
     # parameters, e.g. Delta-LoRA's updated base weights) restores itself; the rest match names.
@@ -298,6 +319,21 @@ def _restore(ckpt: Path, model, optimizer, scheduler, result: TrainResult, metho
         restore(model, adapter)
     else:
         _restore_by_name(ckpt, model)
+
+
+def _save_weights(root: Path, model, method) -> Path:
+    """Replace `root/adapter` with the model's trained weights, atomically (tmp dir, rename)."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{uuid.uuid4().hex[:8]}"
+    method.save(model, tmp)
+    if (root / "adapter").exists():
+        shutil.rmtree(root / "adapter")
+    os.rename(tmp, root / "adapter")
+    return root
+
+
+def _restore(ckpt: Path, model, optimizer, scheduler, result: TrainResult, method=None) -> int:
+    _load_weights(ckpt, model, method)
     blob = torch.load(ckpt / "state.pt", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
@@ -310,6 +346,8 @@ def _restore(ckpt: Path, model, optimizer, scheduler, result: TrainResult, metho
     result.tokens_seen = progress["tokens_seen"]
     result.tokens_trained = progress["tokens_trained"]
     result.wall_s = progress["wall_s"]
+    result.validation_losses = [tuple(x) for x in progress.get("validation_losses", [])]
+    result.kept_step = progress.get("kept_step")
     return progress["step"]
 
 
@@ -372,12 +410,13 @@ def train(
     objective = objective if objective is not None else CrossEntropy(cfg.loss)
     seed_everything(cfg.seed)
     reset_peak_memory(device)
+    examples, held_out = split_validation(examples, cfg)
     total = steps_for(len(examples), cfg)
     optimizer = make_optimizer(cfg.optimizer, method.param_groups(model, spec, cfg.lr, cfg.weight_decay), cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
-    result = TrainResult()
+    result = TrainResult(validation_rows=len(held_out))
     # one writer per checkpoint dir; the first SIGTERM/SIGINT becomes a checkpoint (core.preemption)
-    with checkpoint_lock(checkpoint_dir), stop_requests() as stop:
+    with checkpoint_lock(checkpoint_dir), stop_requests() as stop, _best_weights_root(checkpoint_dir) as best_root:
         start = 0
         ckpt = latest_checkpoint(checkpoint_dir)
         if ckpt is not None:
@@ -427,17 +466,86 @@ def train(
                 result.wall_s = time.perf_counter() - t0
                 if on_log and (step + 1) % cfg.log_every == 0:
                     on_log(step + 1, mean_loss, **mean_terms)
+                if held_out and ((step + 1) % cfg.validation_every == 0 or step + 1 == total):
+                    loss = round(validation_loss(model, prepared, held_out, cfg.batch_size, device, autocast_dtype), 6)
+                    if result.kept_step is None or loss < min(v for _, v in result.validation_losses):
+                        result.kept_step = step + 1
+                        _save_weights(best_root / f"step-{step + 1:06d}", model, method)
+                    result.validation_losses.append((step + 1, loss))
+                    since_best = sum(1 for s, _ in result.validation_losses if s > result.kept_step)
+                    if cfg.early_stopping_patience and since_best >= cfg.early_stopping_patience:
+                        result.stopped_early_at = step + 1
+                        break
                 if step + 1 == total:
                     break
                 if checkpoint_dir is not None and ((step + 1) % cfg.checkpoint_every == 0 or stop.signal_name):
                     saved = save_checkpoint(checkpoint_dir, step + 1, model, method, optimizer, scheduler, result)
+                    _drop_best_weights_but(best_root, result.kept_step)  # the checkpoint names the kept step
                 if stop.signal_name:  # SIGTERM/SIGINT arrived during this step: checkpointed above, now stop
                     raise Preempted(step + 1, stop.signal_name, saved if checkpoint_dir is not None else None)
         finally:
             prepared.release()
+        if result.kept_step is not None and result.kept_step != result.steps:
+            _load_weights(best_root / f"step-{result.kept_step:06d}", model, method)  # end with the best measured
         result.wall_s = time.perf_counter() - t0
     result.peak_memory_bytes = peak_memory_bytes(device)
     return result
+
+
+# --------------------------------------------------------------------------------------
+# validation: held-out training rows, the best weights so far
+# --------------------------------------------------------------------------------------
+
+
+def split_validation(examples: list[Example], cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
+    """(rows to train on, rows held out for validation loss). The held-out rows are the
+    `validation_rows(n)` with the smallest seeded hash of their id: a pure function of the rows
+    and seed, and a row keeps its side when other rows are added. Never the eval split: that
+    was cut off before (sft_dataset), so no decision taken here touches what the report scores."""
+    n_held = validation_rows(len(examples), cfg)
+    if not n_held:
+        return examples, []
+    if len(examples) - n_held < 1:
+        raise ValueError(f"validation_fraction {cfg.validation_fraction} of {len(examples)} training rows leaves "
+                         "none to train on; lower it or add rows")
+    rank = sorted(range(len(examples)), key=lambda i: (
+        hashlib.sha256(f"{cfg.seed}:{examples[i].id}".encode()).hexdigest(), i))
+    held = set(rank[:n_held])
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
+
+
+def validation_loss(model, prepared, rows: list[Example], batch_size: int, device: str, autocast_dtype) -> float:
+    """The objective's mean loss per label token over `rows`, in eval mode (no dropout), no grad."""
+    model.eval()
+    total, labels = 0.0, 0
+    try:
+        with torch.no_grad():
+            for i in range(0, len(rows), batch_size):
+                batch = prepared.batch(rows[i: i + batch_size])
+                with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    loss_sum, n, _ = prepared.loss_sum(batch)
+                total += float(loss_sum)
+                labels += int(n)
+    finally:
+        model.train()
+    return total / max(labels, 1)
+
+
+@contextmanager
+def _best_weights_root(checkpoint_dir: Path | None) -> Iterator[Path]:
+    """Where the best weights so far live: beside the checkpoints (a resumed run needs them),
+    else a temporary directory."""
+    if checkpoint_dir is not None:
+        yield checkpoint_dir / "best"
+        return
+    with tempfile.TemporaryDirectory(prefix="ft-best-") as tmp:
+        yield Path(tmp)
+
+
+def _drop_best_weights_but(root: Path, kept_step: int | None) -> None:
+    for old in root.glob("step-*"):
+        if old.name != f"step-{kept_step or 0:06d}":
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def reset_peak_memory(device: str) -> None:

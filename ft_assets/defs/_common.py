@@ -34,6 +34,7 @@ STAGE_VERSIONS = {
     "preference_dataset": "1",
     "preference_adapter": "1",
     "student": "1",
+    "best_adapter": "1",
 }
 
 

@@ -122,6 +122,12 @@ def _trained_metadata(name: str, method_type: str, tuned, art: Artifact, device:
         extra = {"continued_from": s.adapter_version or "scratch", "continue_reason": s.reason,
                  "replay_rows": len(plan.replay),
                  "continued_from_path": dg.MetadataValue.path(s.adapter_path) if s.adapter_path else "-"}
+    if result.validation_losses:
+        png = plots.loss_curve_png(result.losses, f"{name}: train loss", validation=result.validation_losses)
+        extra.update({"kept_step": result.kept_step, "stopped_early_at": result.stopped_early_at or "-",
+                      "validation_rows": result.validation_rows,
+                      "best_validation_loss": min(v for _, v in result.validation_losses),
+                      "validation_losses": dg.MetadataValue.json([[s, v] for s, v in result.validation_losses])})
     return {
         **extra,
         "method": method_type,

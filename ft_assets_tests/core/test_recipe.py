@@ -202,3 +202,44 @@ def test_register_refuses_a_spec_that_does_not_declare_the_type():
     with pytest.raises(TypeError, match="MethodSpecBase subclass"):
         register(TinyMethod(), spec=dict)
     assert "tiny_other" not in REGISTRY and "tiny_clash" not in SPECS and SPECS["qlora"] is LoraSpec
+
+
+def test_early_stopping_needs_validation_rows_and_dpo_cannot_use_them(tmp_path):
+    from ft_assets.recipe import RecipeError, load_recipe
+
+    base = yaml.safe_load((PACKAGE_DIR / "recipes" / "default.yaml").read_text())
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**base, "training": {**base.get("training", {}), "early_stopping_patience": 3}}))
+    with pytest.raises(RecipeError, match="early_stopping_patience needs validation_fraction > 0"):
+        load_recipe(path)
+    beyond = yaml.safe_load((PACKAGE_DIR / "recipes" / "beyond_sft.yaml").read_text())
+    beyond["training"] = {**beyond.get("training", {}), "validation_fraction": 0.1}
+    path.write_text(yaml.safe_dump(beyond))
+    with pytest.raises(RecipeError, match="dpo trains with TRL's loop"):
+        load_recipe(path)
+
+
+def test_a_sweep_becomes_one_method_per_combination_named_after_its_settings(tmp_path):
+    base = yaml.safe_load((PACKAGE_DIR / "recipes" / "default.yaml").read_text())
+    base["root"] = str(PACKAGE_DIR.parent)
+    base["methods"] = {"lora": {"r": 16, "alpha": 32, "sweep": {"lr": [1.0e-4, 2.0e-4], "r": [8, 16]}},
+                       "qlora": base["methods"]["qlora"]}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(base))
+    recipe = load_recipe(path)
+    trials = [m for m in recipe.methods if m.startswith("lora@")]
+    assert trials == ["lora@lr=1e-4@r=8", "lora@lr=1e-4@r=16", "lora@lr=2e-4@r=8", "lora@lr=2e-4@r=16"]
+    t = recipe.methods["lora@lr=2e-4@r=8"]
+    assert (t.type, t.r, t.alpha) == ("lora", 8, 32)
+    training = recipe.training_for("lora@lr=2e-4@r=8")
+    assert training.lr == 2.0e-4 and training.validation_fraction == 0.1  # trials are scored on held-out rows
+    assert "qlora" in recipe.methods and "lora" not in recipe.methods
+
+    base["methods"]["lora"]["sweep"] = {"validation_fraction": [0.1, 0.2]}
+    path.write_text(yaml.safe_dump(base))
+    with pytest.raises(RecipeError, match="validation_fraction: cannot be swept"):
+        load_recipe(path)
+    base["methods"]["lora"]["sweep"] = {"rnk": [4]}
+    path.write_text(yaml.safe_dump(base))
+    with pytest.raises(RecipeError, match="rnk"):
+        load_recipe(path)

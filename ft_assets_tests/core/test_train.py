@@ -193,3 +193,63 @@ def test_a_checkpoint_dir_in_use_is_refused_and_free_again_when_its_holder_lets_
     result = train.train(lora_model(tiny_model_dir), get_method("lora"), SPEC, examples, cfg(), pad_id=2,
                          checkpoint_dir=ckpt)
     assert result.steps == 6
+
+
+def test_validation_rows_are_held_out_of_training_by_a_seeded_rule(examples):
+    c = cfg(validation_fraction=0.25)
+    rows, held = train.split_validation(examples, c)
+    assert len(held) == 4 and len(rows) == 12 and {e.id for e in rows}.isdisjoint(e.id for e in held)
+    assert train.split_validation(examples, c) == (rows, held)  # a pure function of rows and seed
+    # a row stays on its side when rows are added (they are chosen by a hash of their id)
+    _, held_of_fewer = train.split_validation(examples[:8], cfg(validation_fraction=0.25))
+    assert {e.id for e in held_of_fewer} <= {e.id for e in held} | {e.id for e in examples[:8]}
+    assert train.split_validation(examples, cfg()) == (examples, [])
+    assert {e.id for b in train.batches(rows, c) for mb in b for e in mb}.isdisjoint(e.id for e in held)
+
+
+def test_early_stopping_ends_with_the_weights_of_the_best_validation_loss(tiny_model_dir, examples):
+    method = get_method("lora")
+    # lr high enough that the held-out loss turns up again within 30 steps on 12 rows
+    c = dict(validation_fraction=0.25, validation_every=2, max_steps=30, lr=5e-2)
+    model = lora_model(tiny_model_dir)
+    result = train.train(model, method, SPEC, examples, cfg(**c, early_stopping_patience=3), pad_id=2)
+    steps, losses = zip(*result.validation_losses)
+    best = min(losses)
+    assert result.kept_step == steps[losses.index(best)]  # the first step with the lowest held-out loss
+    assert result.stopped_early_at == result.steps == result.kept_step + 3 * 2 < 30  # 3 measurements, no new best
+    print("validation losses", result.validation_losses, "kept", result.kept_step)
+
+    # the weights it ends with are those of the kept step: a run of exactly that many steps
+    # (constant lr, the same held-out rows) ends with the same weights
+    short = lora_model(tiny_model_dir)
+    short_result = train.train(short, method, SPEC, examples, cfg(**{**c, "max_steps": result.kept_step}), pad_id=2)
+    assert short_result.kept_step == result.kept_step
+    for (n, a), (_, b) in zip(model.named_parameters(), short.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)
+    held = train.split_validation(examples, cfg(**c))[1]
+    assert evaluate.eval_loss(model, held, pad_id=2, device="cpu")["eval_loss"] == pytest.approx(best, abs=1e-4)
+
+
+def test_resume_with_validation_keeps_its_measurements_and_best_weights(tiny_model_dir, examples, tmp_path):
+    method = get_method("lora")
+    c = cfg(validation_fraction=0.25, validation_every=2, max_steps=16, lr=5e-2, early_stopping_patience=20)
+    ref = lora_model(tiny_model_dir)
+    ref_result = train.train(ref, method, SPEC, examples, c, pad_id=2)
+
+    def stop_at_7(step, loss, **_):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Preempted):
+        train.train(lora_model(tiny_model_dir), method, SPEC, examples, c, pad_id=2, checkpoint_dir=ckpt, on_log=stop_at_7)
+    resumed = lora_model(tiny_model_dir)
+    result = train.train(resumed, method, SPEC, examples, c, pad_id=2, checkpoint_dir=ckpt)
+    assert result.resumed_from_step == 7
+    assert [s for s, _ in result.validation_losses] == [s for s, _ in ref_result.validation_losses]
+    assert [v for _, v in result.validation_losses] == pytest.approx([v for _, v in ref_result.validation_losses], abs=1e-5)
+    assert result.kept_step == ref_result.kept_step
+    for (n, a), (_, b) in zip(ref.named_parameters(), resumed.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)

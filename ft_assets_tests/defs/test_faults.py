@@ -179,3 +179,23 @@ def test_out_of_memory_says_what_to_change(project, ft_home, monkeypatch):
     assert "lora: out of memory on cpu with batch_size 4" in msg
     assert "training.batch_size: 2 with training.grad_accum: 2" in msg and "gradient_checkpointing: true" in msg
     assert ArtifactStore(ft_home).latest("adapter", "lora") is None
+
+
+def test_adapter_with_validation_reports_the_kept_step_and_its_curve(project, ft_home):
+    recipe = yaml.safe_load((project / "recipe.yaml").read_text())
+    recipe["training"].update({"max_steps": 12, "epochs": 10, "validation_fraction": 0.25, "validation_every": 2,
+                               "early_stopping_patience": 2})
+    recipe["quantization"] = {"method": "none"}
+    recipe["methods"] = {"lora": recipe["methods"]["lora"]}
+    (project / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert _run(project, ft_home, ["base_model", "sft_dataset"]).success
+    result = _run(project, ft_home, ["adapter"], partition="lora")
+    assert result.success, [ev.step_failure_data.error for ev in result.all_events if ev.is_step_failure]
+    meta = result.get_asset_materialization_events()[0].materialization.metadata
+    curve = meta["validation_losses"].value
+    assert meta["validation_rows"].value == 9  # a quarter of the 36 training rows (12 of 48 rows are the eval split)
+    assert [s for s, _ in curve] == list(range(2, 2 * len(curve) + 1, 2))
+    best = min(v for _, v in curve)
+    assert meta["kept_step"].value == next(s for s, v in curve if v == best)
+    train_facts = ArtifactStore(ft_home).latest("adapter", "lora").manifest()["train"]
+    assert train_facts["kept_step"] == meta["kept_step"].value and train_facts["best_validation_loss"] == best

@@ -52,6 +52,10 @@ class DpoSpec(MethodSpecBase):
         if src.type not in DPO_SFT_TYPES:
             raise ValueError(f"methods.{name}.sft_from: {self.sft_from!r} is a {src.type} method; dpo continues "
                              f"one of: {', '.join(DPO_SFT_TYPES)}")
+        if recipe.training_for(name).validation_fraction:
+            raise ValueError(f"methods.{name}: validation_fraction / early stopping apply to SFT methods and "
+                             "distillation; dpo trains with TRL's loop, which this project does not validate yet. "
+                             f"Set methods.{name}.training.validation_fraction: 0")
         a = recipe.automation
         if a.retrain_cron and not a.eager:  # one partitioned job cannot hold preference_adapter's chain
             raise ValueError("automation.retrain_cron with automation.eager: false cannot retrain dpo methods "
