@@ -4,12 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # Relative FT_HOME / DAGSTER_HOME (from the shell or the command line) resolve against this
-# directory: Dagster refuses a relative DAGSTER_HOME.
-FT_HOME ?= $(CURDIR)/.ft_home
-override FT_HOME := $(abspath $(FT_HOME))
+# directory: Dagster refuses a relative DAGSTER_HOME. Unset or empty: the defaults.
+override FT_HOME := $(abspath $(or $(FT_HOME),$(CURDIR)/.ft_home))
 export FT_HOME
-DAGSTER_HOME ?= $(FT_HOME)/dagster
-override DAGSTER_HOME := $(abspath $(DAGSTER_HOME))
+override DAGSTER_HOME := $(abspath $(or $(DAGSTER_HOME),$(FT_HOME)/dagster))
 export DAGSTER_HOME
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false

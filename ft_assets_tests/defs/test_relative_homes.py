@@ -59,4 +59,6 @@ def test_makefile_makes_a_relative_dagster_home_absolute_and_keeps_absolute_ones
     got = _make_env(tmp_path, FT_HOME=str(tmp_path / "h"), DAGSTER_HOME="inst")
     assert got["FT_HOME"] == str(tmp_path / "h")
     assert got["DAGSTER_HOME"] == str(REPO / "inst")
-    assert _make_env(tmp_path)["DAGSTER_HOME"] == str(REPO / ".ft_home" / "dagster")  # the default
+    for unset in ({}, {"FT_HOME": "", "DAGSTER_HOME": ""}):  # unset or empty: the defaults
+        got = _make_env(tmp_path, **unset)
+        assert got["FT_HOME"] == str(REPO / ".ft_home") and got["DAGSTER_HOME"] == str(REPO / ".ft_home" / "dagster")
