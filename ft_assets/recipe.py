@@ -62,10 +62,10 @@ class RecipeError(ValueError):
 class ColumnMap(_Strict):
     """Which column of the file holds each field of an SFT example."""
 
-    question: str = "question"
-    context: str | None = "context"
-    answer: str = "answer"
-    id: str | None = None
+    question: str = "question"  # column with the question (the user turn)
+    context: str | None = "context"  # column with the passage the answer comes from; null: no context
+    answer: str = "answer"  # column with the reference answer (the trained target)
+    id: str | None = None  # column with a unique row id (the eval split hashes it); null: a hash of the row's text
 
 
 class DatasetSpec(_Strict):
@@ -75,13 +75,13 @@ class DatasetSpec(_Strict):
 
     _OMIT_WHEN_DEFAULT = ("weight",)
 
-    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
-    path: str
-    format: Literal["jsonl", "csv", "parquet"] = "jsonl"
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]  # the task's name (metadata, per-task metrics)
+    path: str  # the data file, relative to `root`
+    format: Literal["jsonl", "csv", "parquet"] = "jsonl"  # file format
     columns: ColumnMap = ColumnMap()
-    eval_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15
+    eval_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15  # share of rows held out for evaluation (seeded hash of each row id)
     split_seed: int | None = None  # default: the recipe's seed
-    max_rejected_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    max_rejected_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1  # more rejected rows than this fails `sft_dataset`
     weight: Annotated[float, Field(gt=0.0)] | None = None  # mixture weight of this task
 
 
@@ -89,31 +89,31 @@ class PreferenceColumns(_Strict):
     """Which column holds each field of a preference pair. `prompt` is the user turn as text
     (rendered with the base model's chat template and `prompt.system`)."""
 
-    prompt: str = "prompt"
-    chosen: str = "chosen"
-    rejected: str = "rejected"
-    id: str | None = None
+    prompt: str = "prompt"  # column with the user turn
+    chosen: str = "chosen"  # column with the preferred answer
+    rejected: str = "rejected"  # column with the dispreferred answer
+    id: str | None = None  # column with a unique row id; null: a hash of the pair's text
 
 
 class PreferenceDataSpec(_Strict):
     """Prompt/chosen/rejected pairs for preference tuning (methods of type `dpo`)."""
 
-    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
-    path: str
-    format: Literal["jsonl", "csv", "parquet"] = "jsonl"
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]  # the preference set's name (not a dataset name)
+    path: str  # the pairs file, relative to `root`
+    format: Literal["jsonl", "csv", "parquet"] = "jsonl"  # file format
     columns: PreferenceColumns = PreferenceColumns()
-    eval_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15
+    eval_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15  # share of pairs held out for the preference metrics
     split_seed: int | None = None  # default: the recipe's seed
-    max_rejected_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    max_rejected_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1  # more rejected pairs than this fails `preference_dataset`
 
 
 class PromptSpec(_Strict):
     """How a row becomes a chat conversation for the base model's chat template."""
 
-    system: str | None = None
-    template: str = "Context:\n{context}\n\nQuestion: {question}"
-    template_without_context: str = "Question: {question}"
-    max_length: Annotated[int, Field(ge=16, le=131072)] = 384
+    system: str | None = None  # system message of every conversation; null: none
+    template: str = "Context:\n{context}\n\nQuestion: {question}"  # user turn for rows with a context
+    template_without_context: str = "Question: {question}"  # user turn for rows without a context
+    max_length: Annotated[int, Field(ge=16, le=131072)] = 384  # tokens per rendered row; a longer prompt is a rejected row
 
     @field_validator("template")
     @classmethod
@@ -133,13 +133,13 @@ class BaseModelSpec(_Strict):
     `hub`: a Hugging Face id, read from the local HF cache unless `allow_download`.
     `local`: a directory with config.json and safetensors weights."""
 
-    source: Literal["bundled", "hub", "local"] = "bundled"
-    id: str | None = None
-    path: str | None = None
-    revision: str | None = None
-    trust_remote_code: bool = False
-    allow_download: bool = False
-    allow_pickle_weights: bool = False
+    source: Literal["bundled", "hub", "local"] = "bundled"  # where the base model comes from
+    id: str | None = None  # Hugging Face model id (source hub)
+    path: str | None = None  # model directory, relative to `root` (source local)
+    revision: str | None = None  # hub revision (branch, tag or commit) to read
+    trust_remote_code: bool = False  # run the model repo's own Python code (never on unless set)
+    allow_download: bool = False  # hub: download when not in the local HF cache
+    allow_pickle_weights: bool = False  # accept .bin/.pt weights (pickle: runs code on load)
 
     @model_validator(mode="after")
     def _needs_id_or_path(self) -> "BaseModelSpec":
@@ -151,9 +151,11 @@ class BaseModelSpec(_Strict):
 
 
 class QuantizationSpec(_Strict):
-    method: Literal["none", "nf4", "int8"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """How `quantized_base` (which qlora trains on) quantizes the base model, with bitsandbytes."""
+
+    method: Literal["none", "nf4", "int8"] = "nf4"  # how `quantized_base` quantizes the base (bitsandbytes)
+    double_quant: bool = True  # nf4: quantize the quantization constants too
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # dtype of the 4-bit layers' matmuls; auto: bfloat16 on CUDA, float32 on CPU
 
 
 # --------------------------------------------------------------------------------------
@@ -166,19 +168,19 @@ class TrainingSpec(_Strict):
 
     _OMIT_WHEN_DEFAULT = ("validation_fraction", "validation_every", "early_stopping_patience")
 
-    max_steps: Annotated[int, Field(ge=1)] = 40
+    max_steps: Annotated[int, Field(ge=1)] = 40  # optimizer steps at most
     epochs: Annotated[float, Field(gt=0)] = 1.0  # upper bound; max_steps usually stops first
-    batch_size: Annotated[int, Field(ge=1)] = 4
-    grad_accum: Annotated[int, Field(ge=1)] = 1
-    lr: Annotated[float, Field(gt=0, lt=1)] = 2e-4
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    max_grad_norm: Annotated[float, Field(gt=0)] | None = 1.0
-    optimizer: Literal["adamw", "paged_adamw_8bit", "adamw_8bit"] = "adamw"
-    checkpoint_every: Annotated[int, Field(ge=1)] = 20
-    log_every: Annotated[int, Field(ge=1)] = 1
-    gradient_checkpointing: bool = False
+    batch_size: Annotated[int, Field(ge=1)] = 4  # rows per micro-batch
+    grad_accum: Annotated[int, Field(ge=1)] = 1  # micro-batches per optimizer step
+    lr: Annotated[float, Field(gt=0, lt=1)] = 2e-4  # peak learning rate
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0  # AdamW weight decay (not on biases and norms)
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.1  # share of the steps spent warming the learning rate up
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"  # learning-rate schedule after warmup
+    max_grad_norm: Annotated[float, Field(gt=0)] | None = 1.0  # clip the gradient norm to this; null: no clipping
+    optimizer: Literal["adamw", "paged_adamw_8bit", "adamw_8bit"] = "adamw"  # optimizer (8-bit ones from bitsandbytes)
+    checkpoint_every: Annotated[int, Field(ge=1)] = 20  # steps between checkpoints (a re-run resumes from the last)
+    log_every: Annotated[int, Field(ge=1)] = 1  # steps between loss log lines
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, slower)
     # Speed switches (same rows per step, same loss up to float rounding; see core/packing.py, core/loss.py).
     packing: bool = True  # micro-batch rows end to end, no padding; prompt/prefix tuning fall back to padding
     group_by_length: bool = False  # padded path: rows of similar length share a micro-batch (changes the order)
@@ -187,10 +189,10 @@ class TrainingSpec(_Strict):
     # Validation-based selection (off by default): hold out this fraction of the training rows
     # (never the eval split), measure their loss every `validation_every` steps, end with the
     # weights of the best measurement (`kept_step` in the adapter's metadata).
-    validation_fraction: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
-    validation_every: Annotated[int, Field(ge=1)] = 10
+    validation_fraction: Annotated[float, Field(ge=0, lt=0.5)] = 0.0  # training rows held out for validation loss; 0: none
+    validation_every: Annotated[int, Field(ge=1)] = 10  # steps between validation measurements (and the last step)
     # Stop after this many measurements in a row without a new best (needs validation_fraction).
-    early_stopping_patience: Annotated[int, Field(ge=1)] | None = None
+    early_stopping_patience: Annotated[int, Field(ge=1)] | None = None  # measurements without a new best before stopping; null: never stop early
 
     @model_validator(mode="after")
     def _patience_needs_validation(self) -> "TrainingSpec":
@@ -226,11 +228,11 @@ class DistillationSpec(_Strict):
     `first_half`, or a list of indices), or the local model at `student_path` (same tokenizer).
     Loss = alpha * KL(teacher || student at `temperature`) * T^2 + (1 - alpha) * answer-token CE."""
 
-    teacher: str
-    keep_layers: Literal["every_other", "first_half"] | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = "every_other"
-    student_path: str | None = None
-    alpha: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
-    temperature: Annotated[float, Field(gt=0)] = 2.0
+    teacher: str  # the method whose merged model teaches
+    keep_layers: Literal["every_other", "first_half"] | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = "every_other"  # which teacher decoder layers the student keeps
+    student_path: str | None = None  # a local student model instead (relative to `root`; same tokenizer)
+    alpha: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5  # weight of the KL term (1 - alpha: answer CE)
+    temperature: Annotated[float, Field(gt=0)] = 2.0  # softmax temperature of the KL term
     training: dict[str, Any] = Field(default_factory=dict)  # overrides of TrainingSpec
     speed_prompts: Annotated[int, Field(ge=1, le=256)] = 8  # eval prompts timed for tokens/s
 
@@ -287,10 +289,12 @@ def _sweep_value(value: Any) -> str:
 
 
 class EvaluationSpec(_Strict):
-    max_new_tokens: Annotated[int, Field(ge=1, le=1024)] = 48
-    batch_size: Annotated[int, Field(ge=1)] = 16
-    max_examples: Annotated[int, Field(ge=1)] | None = None
-    preview_rows: Annotated[int, Field(ge=0, le=200)] = 20
+    """How the held-out split is evaluated (`base_eval`, `eval_report`, the student's report)."""
+
+    max_new_tokens: Annotated[int, Field(ge=1, le=1024)] = 48  # greedy tokens generated per eval question
+    batch_size: Annotated[int, Field(ge=1)] = 16  # prompts per generation batch
+    max_examples: Annotated[int, Field(ge=1)] | None = None  # evaluate at most this many held-out rows; null: all
+    preview_rows: Annotated[int, Field(ge=0, le=200)] = 20  # rows shown in the metadata tables
 
     @model_validator(mode="before")
     @classmethod
@@ -304,8 +308,10 @@ class EvaluationSpec(_Strict):
 
 
 class ComputeSpec(_Strict):
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: Annotated[int, Field(ge=1)] | None = None
+    """Where training and evaluation run."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
+    threads: Annotated[int, Field(ge=1)] | None = None  # torch CPU threads; null: torch's default
 
 
 class AutomationSpec(_Strict):
@@ -336,18 +342,18 @@ class AutomationSpec(_Strict):
 class Recipe(_Strict):
     _OMIT_WHEN_DEFAULT = ("preferences", "distillation")
 
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
-    seed: int = 42
-    root: str = "."
-    allow_paths_outside_root: bool = False
-    datasets: Annotated[list[DatasetSpec], Field(min_length=1)]
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]  # the recipe's name (shown by validate and the demo)
+    seed: int = 42  # seed of splits, initialisation and data order
+    root: str = "."  # directory relative paths resolve against, relative to the recipe file's directory
+    allow_paths_outside_root: bool = False  # accept data/model paths that resolve outside `root`
+    datasets: Annotated[list[DatasetSpec], Field(min_length=1)]  # the SFT data files (several: tasks)
     prompt: PromptSpec = PromptSpec()
     base_model: BaseModelSpec = BaseModelSpec()
     quantization: QuantizationSpec = QuantizationSpec()
     training: TrainingSpec = TrainingSpec()
-    methods: Annotated[dict[str, MethodSpec], Field(min_length=1)]
-    preferences: PreferenceDataSpec | None = None
-    distillation: DistillationSpec | None = None
+    methods: Annotated[dict[str, MethodSpec], Field(min_length=1)]  # method name -> its keys (see `methods.<name>`); each is a partition of `adapter`
+    preferences: PreferenceDataSpec | None = None  # prompt/chosen/rejected pairs (needed by dpo methods)
+    distillation: DistillationSpec | None = None  # the `student` asset; null: no student
     evaluation: EvaluationSpec = EvaluationSpec()
     compute: ComputeSpec = ComputeSpec()
     automation: AutomationSpec = AutomationSpec()

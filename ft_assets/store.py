@@ -39,7 +39,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def ft_home() -> Path:
-    """Where artifacts and the Dagster instance live: $FT_HOME, default `.ft_home/` in the repo."""
+    """Where artifacts and the Dagster instance live: $FT_HOME (a relative one resolves against the
+    current directory), default `.ft_home/` in the repo."""
     return Path(os.environ.get("FT_HOME") or REPO_ROOT / ".ft_home").resolve()
 
 

@@ -82,9 +82,10 @@ def save_base(
                 dtype=torch.float32, **kwargs,
             )
         except OSError as exc:
+            rev = f" --revision {revision}" if revision else ""
             hint = (
                 "it is not in the local Hugging Face cache; download it once with "
-                "`huggingface-cli download ID` or set base_model.allow_download: true"
+                f"`hf download {ref}{rev}` or set base_model.allow_download: true"
                 if source == "hub" else "check base_model.path"
             )
             raise ModelSourceError(f"cannot load base model {ref!r}: {hint}\n  ({exc})") from exc

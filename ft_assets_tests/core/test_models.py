@@ -48,7 +48,7 @@ def test_hub_id_is_read_from_the_local_cache_only(tiny_model_dir, tmp_path, monk
     monkeypatch.setattr("transformers.utils.hub.HF_HUB_CACHE", str(cache), raising=False)
     facts = models.save_base("hub", tmp_path / "out", hub_id="acme/tiny-llama")
     assert facts["origin"] == "hub:acme/tiny-llama"
-    with pytest.raises(ModelSourceError, match="not in the local Hugging Face cache"):
+    with pytest.raises(ModelSourceError, match="not in the local Hugging Face cache.*`hf download acme/not-there`"):
         models.save_base("hub", tmp_path / "out2", hub_id="acme/not-there")
 
 

@@ -13,7 +13,8 @@ off, so nothing runs unless a test launches it. Then:
 Screenshots go to `<tmp>/ui-screenshots/` (beside FT_HOME) and are copied to
 /tmp/ft_ui_screenshots/. Every wait is bounded; a failure prints the tail of the dagster dev log.
 Needs Debian's chromium + chromium-driver (`make install` installs them) and selenium (test
-extra); deselect with `-m 'not ui'`. Takes about 3 minutes on 2 CPU cores.
+extra); marked `slow` and `ui`: `make test-fast` skips it, `-m 'not ui'` deselects only it. Takes
+about 3 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import yaml
 from ft_assets.runs import CHILDREN_TAG, WORKER_TAG, Proc
 from ft_assets_tests.conftest import REPO, make_recipe, qa_rows, write_jsonl
 
-pytestmark = pytest.mark.ui
+pytestmark = [pytest.mark.slow, pytest.mark.ui]  # minutes: `make test-fast` (-m 'not slow') skips it
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

@@ -46,8 +46,8 @@ class BottleneckSpec(MethodSpecBase):
     """Houlsby bottleneck adapters (Houlsby et al. 2019) after each attention and MLP sublayer."""
 
     type: Literal["bottleneck"]
-    reduction_factor: Annotated[int, Field(ge=1)] = 16
-    non_linearity: Literal["relu", "gelu", "silu"] = "relu"
+    reduction_factor: Annotated[int, Field(ge=1)] = 16  # bottleneck width = hidden size / this
+    non_linearity: Literal["relu", "gelu", "silu"] = "relu"  # activation between the down and up projections
 
 
 @functools.cache

@@ -48,8 +48,8 @@ class DeltaLoraSpec(LoraKeys):
     Dropout defaults to 0: the paper drops it so the product delta stands for the gradient of W."""
 
     type: Literal["delta_lora"]
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    delta_lambda: Annotated[float, Field(ge=0)] = 0.5
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0  # dropout on the adapter's input (0: the W update needs it off)
+    delta_lambda: Annotated[float, Field(ge=0)] = 0.5  # share of the change of s·B·A added to W each step
 
 
 def lora_linears(model) -> Iterator[tuple[str, torch.nn.Module]]:

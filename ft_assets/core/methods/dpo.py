@@ -32,9 +32,9 @@ class DpoSpec(MethodSpecBase):
     SFT adapter, frozen. `beta` scales the implicit reward; `loss_type` picks TRL's loss."""
 
     type: Literal["dpo"]
-    sft_from: str
-    beta: Annotated[float, Field(gt=0)] = 0.1
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    sft_from: str  # the SFT method (lora, dora or rslora) whose adapter DPO continues
+    beta: Annotated[float, Field(gt=0)] = 0.1  # strength of the implicit KL to the SFT adapter
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # TRL's DPO loss
 
     @model_validator(mode="after")
     def _no_continue(self) -> "DpoSpec":

@@ -53,7 +53,7 @@ class LastLayersSpec(MethodSpecBase):
     """Transfer learning: only the top `n_layers` decoder blocks, the final norm and an untied LM head train."""
 
     type: Literal["last_layers"]
-    n_layers: Annotated[int, Field(ge=1)] = 2
+    n_layers: Annotated[int, Field(ge=1)] = 2  # top decoder blocks that train
 
 
 def _checkpointing(model, on: bool) -> None:

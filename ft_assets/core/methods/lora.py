@@ -30,10 +30,10 @@ if TYPE_CHECKING:
 class LoraKeys(MethodSpecBase):
     """The keys every LoRA-shaped method shares: rank, scale (alpha / r), dropout, where."""
 
-    r: Annotated[int, Field(ge=1, le=4096)] = 16
-    alpha: Annotated[float, Field(gt=0)] = 32
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    r: Annotated[int, Field(ge=1, le=4096)] = 16  # rank of A and B
+    alpha: Annotated[float, Field(gt=0)] = 32  # scale numerator: the update is (alpha / r) B A
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05  # dropout on the adapter's input
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"  # Linear layers to adapt (names, or all-linear)
 
 
 class LoraSpec(LoraKeys):

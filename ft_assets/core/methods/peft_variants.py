@@ -74,16 +74,16 @@ class LoraPlusSpec(LoraKeys):
     """LoRA+ (Hayou et al. 2024): B learns at `ratio` times A's learning rate."""
 
     type: Literal["lora_plus"]
-    ratio: Annotated[float, Field(gt=0)] = 16.0
+    ratio: Annotated[float, Field(gt=0)] = 16.0  # B's learning rate / A's
 
 
 class VeraSpec(MethodSpecBase):
     """VeRA (Kopiczko et al. 2024): frozen random A/B shared by all layers, trained scaling vectors."""
 
     type: Literal["vera"]
-    r: Annotated[int, Field(ge=1, le=16384)] = 256
-    d_initial: Annotated[float, Field(gt=0)] = 0.1
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    r: Annotated[int, Field(ge=1, le=16384)] = 256  # rank of the shared frozen random matrices
+    d_initial: Annotated[float, Field(gt=0)] = 0.1  # initial value of the trained scaling vector d
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"  # Linear layers to adapt (names, or all-linear)
 
 
 class IA3Spec(MethodSpecBase):
@@ -91,8 +91,8 @@ class IA3Spec(MethodSpecBase):
     Unset module lists use peft's per-architecture defaults (Llama: k_proj, v_proj, down_proj)."""
 
     type: Literal["ia3"]
-    target_modules: Annotated[list[str], Field(min_length=1)] | None = None
-    feedforward_modules: list[str] | None = None
+    target_modules: Annotated[list[str], Field(min_length=1)] | None = None  # modules to rescale; null: peft's default for the architecture
+    feedforward_modules: list[str] | None = None  # those of target_modules that are feed-forward (rescaled at the input)
 
     @model_validator(mode="after")
     def _feedforward_within_targets(self) -> "IA3Spec":
@@ -112,8 +112,8 @@ class PromptLearningSpec(MethodSpecBase):
     prefix tuning from the keys/values the base model computes for it."""
 
     type: Literal["prefix", "prompt"]
-    num_virtual_tokens: Annotated[int, Field(ge=1, le=4096)] = 16
-    init_text: Annotated[str, Field(min_length=1)] | None = None
+    num_virtual_tokens: Annotated[int, Field(ge=1, le=4096)] = 16  # trained virtual tokens
+    init_text: Annotated[str, Field(min_length=1)] | None = None  # phrase the virtual tokens start from; null: random init
 
 
 # --------------------------------------------------------------------------------------

@@ -66,8 +66,8 @@ class MethodSpecBase(Strict):
     _OMIT_WHEN_DEFAULT = ("continue_from", "replay_fraction")
 
     training: dict[str, Any] = Field(default_factory=dict)  # overrides of the recipe's TrainingSpec
-    continue_from: Literal["previous"] | None = None
-    replay_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    continue_from: Literal["previous"] | None = None  # previous: continue this method's previous adapter when the data changed
+    replay_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0  # with continue_from: share of the previous train split replayed
 
     @field_validator("training")
     @classmethod
