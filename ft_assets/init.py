@@ -483,6 +483,8 @@ def _run(args, load_tokenizer, out, err) -> int:
         raise InitError(f"{data}: cannot tell the format from {data.suffix!r}; pass --format jsonl|csv|parquet")
     if dest.exists() and not args.force:
         raise InitError(f"{dest} exists; pass --force to overwrite it, or -o another file")
+    if not data.is_file():
+        raise InitError(f"{data}: no such file")
     rows = _read_rows(data, fmt)
     facts = column_facts(rows)
     say(f"{data}: {len(rows)} rows, {fmt}, columns: {', '.join(facts)}")
@@ -516,18 +518,18 @@ def _run(args, load_tokenizer, out, err) -> int:
               "template": "Context:\n{context}\n\nQuestion: {question}", "template_without_context": "{question}"}
     try:
         tok = load_tokenizer()
-        tok_error = None
-    except Exception as exc:  # a missing GGUF, no transformers, a broken file: show plain prompts
-        tok, tok_error = None, f"{type(exc).__name__}: {exc}"
-    if tok is not None:
         max_length, max_new, how = size_lengths(tok, kept, prompt)
-    else:
+        render_examples(tok, kept[:1], prompt)
+        tok_error = None
+    except Exception as exc:  # a missing GGUF, no transformers, no chat template: show plain prompts
+        tok, tok_error = None, f"{type(exc).__name__}: {exc}"
+    if tok is None:
         max_length, max_new, how = 384, 48, "schema defaults: the tokenizer could not be loaded to measure rows"
 
     say("", f"{EXAMPLES_SHOWN} rows as sft_dataset will format them"
         + (" (the bundled SmolLM2 chat template):" if tok is not None else ":"))
     if tok is None:
-        say(f"  (the tokenizer could not be loaded: {tok_error}; "
+        say(f"  (the tokenizer could not be loaded or used: {tok_error}; "
             "showing the plain prompt instead of the chat template)")
     say(*render_examples(tok, kept, prompt))
 

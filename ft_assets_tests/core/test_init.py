@@ -196,7 +196,7 @@ def test_without_a_tokenizer_it_says_so_and_shows_plain_prompts(tmp_path):
     buf = io.StringIO()
     assert init.main([str(data), "-o", str(tmp_path / "r.yaml")], load_tokenizer=broken, out=buf, err=buf) == 0
     text = buf.getvalue()
-    assert "tokenizer could not be loaded" in text and "/nowhere" in text and "plain prompt" in text
+    assert "tokenizer could not be loaded or used" in text and "/nowhere" in text and "plain prompt" in text
     assert text.count("--- row ") == 3 and "[assistant]\n$1000 million" in text
     assert load_recipe(tmp_path / "r.yaml").prompt.max_length == 384
 
@@ -241,3 +241,18 @@ def test_an_unclaimed_text_column_is_asked_about_not_dropped(tok, tmp_path):
                                                        "answer": "label", "id": "id"}
     assert recipe.dataset_path(recipe.datasets[0]) == data.resolve()
     assert recipe_step_estimates(recipe).methods["lora_plus"].steps == expected_steps(240)
+
+
+def test_a_mapping_the_data_stage_would_reject_is_an_error_not_a_recipe(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"question": r["question"], "context": r["context"], "label": i % 3} for i, r in enumerate(qa_rows(12))]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "ints.parquet")
+    buf = io.StringIO()
+    rc = init.main([str(tmp_path / "ints.parquet"), "-o", str(tmp_path / "r.yaml")], out=buf, err=buf)
+    assert rc == 2 and not (tmp_path / "r.yaml").exists()
+    assert "every row is rejected" in buf.getvalue() and "expected text" in buf.getvalue()
+    buf = io.StringIO()
+    assert init.main([str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "x.yaml")], out=buf, err=buf) == 2
+    assert "no such file" in buf.getvalue()
