@@ -1,5 +1,8 @@
 """Command line over the recipe, the artifact store and (`runs`) the Dagster instance.
 
+    python -m ft_assets init DATA_FILE [-o recipe.yaml]
+                                              guess the column mapping, show three rows through the
+                                              chat template, write a commented recipe sized for the file
     python -m ft_assets validate [RECIPE]     exit 0 + summary (with the steps each method will run), or
                                               exit 2 + errors on stderr
     python -m ft_assets artifacts [--json]    latest artifact of every asset/partition
@@ -58,6 +61,12 @@ def cmd_validate(args) -> int:
               f"{steps.distillation.describe()}, batch {t.batch_size}x{t.grad_accum}, lr {t.lr}")
     print(f"  recipe hash: {recipe.recipe_hash}")
     return 0
+
+
+def cmd_init(args) -> int:
+    from .init import run  # torch-free to import; it loads the tokenizer only when it gets that far
+
+    return run(args)
 
 
 def cmd_artifacts(args) -> int:
@@ -153,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ft_assets", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
+    i = sub.add_parser("init", help="write a recipe for a data file (guessing its columns)")
+    from .init import add_arguments
+
+    add_arguments(i)
     v = sub.add_parser("validate", help="validate a recipe")
     v.add_argument("recipe", nargs="?", help="recipe file (default: $FT_RECIPE or the shipped default)")
     a = sub.add_parser("artifacts", help="latest artifact of every asset/partition")
@@ -167,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     ref = sub.add_parser("reference", help="write the recipe reference generated from the schema")
     ref.add_argument("-o", "--output", help="markdown file to write (default: docs/recipe_reference.md in the repo)")
     args = p.parse_args(argv)
-    return {"validate": cmd_validate, "artifacts": cmd_artifacts, "lineage": cmd_lineage,
+    return {"init": cmd_init, "validate": cmd_validate, "artifacts": cmd_artifacts, "lineage": cmd_lineage,
             "runs": cmd_runs, "reference": cmd_reference}[args.cmd](args)
 
 

@@ -1,6 +1,5 @@
 """The commands README.md and docs/ name exist: every `make <target>` in a code span or block is a
-Makefile target, every `python -m ft_assets <command>` a subcommand (`init` is named as planned,
-not as existing, and must stay so until it exists)."""
+Makefile target, every `python -m ft_assets <command>` a subcommand."""
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ from ft_assets.__main__ import main
 from ft_assets_tests.conftest import REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-PLANNED = {"init"}  # issue 17; README says it does not exist yet
 
 
 def _code(text: str) -> str:
@@ -37,6 +35,5 @@ def test_every_cli_command_the_docs_name_exists(capsys):
     usage = capsys.readouterr().out
     commands = set(re.search(r"\{([\w,]+)\}", usage).group(1).split(","))
     named = {c for doc in DOCS for c in re.findall(r"python -m ft_assets ([a-z]\w*)", _code(doc.read_text()))}
-    assert "validate" in named and "reference" in named
-    assert named - PLANNED <= commands, f"documented but not a command: {sorted(named - PLANNED - commands)}"
-    assert not PLANNED & commands, "init exists now: update README (it says init does not exist yet) and PLANNED"
+    assert {"validate", "reference", "init"} <= named
+    assert named <= commands, f"documented but not a command: {sorted(named - commands)}"

@@ -1,0 +1,258 @@
+"""`python -m ft_assets init`: column guessing, questions instead of guesses, examples through the
+real chat template, and a written recipe that validates with steps sized from the rows and epochs.
+No training: the tokenizer is the real SmolLM2 one (read once from the bundled GGUF)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ft_assets import init
+from ft_assets.__main__ import main as cli_main
+from ft_assets.core.data import eval_size
+from ft_assets.core import steps
+from ft_assets.core.steps import recipe_step_estimates
+from ft_assets.recipe import TrainingSpec, load_recipe
+from ft_assets_tests.conftest import qa_rows, write_jsonl
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tok(real_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return init.end_turn_as_eos(AutoTokenizer.from_pretrained(real_tokenizer_dir))
+
+
+def run_init(tok, *argv) -> tuple[int, str]:
+    buf = io.StringIO()
+    rc = init.main([str(a) for a in argv], load_tokenizer=lambda: tok, out=buf, err=buf)
+    return rc, buf.getvalue()
+
+
+def renamed(rows: list[dict], names: dict[str, str]) -> list[dict]:
+    return [{names.get(k, k): v for k, v in r.items()} for r in rows]
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def trained_rows(n_rows: int) -> int:
+    """Rows of a file of `n_rows` good rows that training steps over: less the eval split, and less
+    the validation rows where this version of the schema has validation-based stopping."""
+    train = n_rows - eval_size(n_rows, init.EVAL_FRACTION)
+    validation_rows = getattr(steps, "validation_rows", None)
+    if validation_rows is not None and "validation_fraction" in TrainingSpec.model_fields:
+        train -= validation_rows(train, TrainingSpec(validation_fraction=init.VALIDATION_FRACTION))
+    return train
+
+
+def expected_steps(n_rows: int) -> int:
+    return math.ceil(init.EPOCHS * trained_rows(n_rows) / init.BATCH_SIZE)
+
+
+def test_our_column_names_give_a_recipe_that_validates_sized_by_rows_and_epochs(tok, tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    data = write_jsonl(tmp_path / "data" / "qa.jsonl", qa_rows(48))
+    out = tmp_path / "recipe.yaml"
+    rc, text = run_init(tok, data, "-o", out)
+    assert rc == 0, text
+    assert "question <- 'question'" in text and "context  <- 'context'" in text and "answer   <- 'answer'" in text
+    assert "id       <- 'id'" in text
+    # three rows through the real chat template, as sft_dataset formats them
+    assert text.count("--- row ") == 3
+    for row in qa_rows(3):
+        assert f"<|im_start|>assistant\n{row['answer']}<|im_end|>" in text
+        assert f"Question: {row['question']}<|im_end|>" in text
+
+    recipe = load_recipe(out)
+    ds = recipe.datasets[0]
+    assert (recipe.root, ds.path, recipe.allow_paths_outside_root) == (".", "data/qa.jsonl", False)
+    assert recipe.dataset_path(ds) == data.resolve()
+    assert ds.columns.model_dump() == {"question": "question", "context": "context", "answer": "answer", "id": "id"}
+    assert ds.eval_fraction == 0.15
+    assert list(recipe.methods) == ["lora_plus"] and recipe.methods["lora_plus"].type == "lora_plus"
+    t = recipe.training_for("lora_plus")
+    assert (t.epochs, t.lr) == (2.0, 2e-4)
+    est = recipe_step_estimates(recipe).methods["lora_plus"]
+    assert est.steps == expected_steps(48) and est.binding == "epochs"
+    assert est.steps == 11 or "validation_fraction" in TrainingSpec.model_fields  # 2 * 41 / 8 without validation
+    raw = out.read_text()
+    assert "0.625" in raw and "0.341" in raw and "still to do" in raw  # the evidence, and what is not done
+    if "validation_fraction" in TrainingSpec.model_fields:
+        assert t.validation_fraction == 0.1 and t.early_stopping_patience >= 1
+    else:
+        assert "# validation_fraction: 0.1" in raw and "# early_stopping_patience:" in raw
+
+    # the data stage, run with the same tokenizer, keeps every row at the max_length init chose
+    from ft_assets.core.data import build_sft_dataset, sft_sources
+
+    built = build_sft_dataset(sft_sources(recipe), tok, system=recipe.prompt.system, template=recipe.prompt.template,
+                              template_without_context=recipe.prompt.template_without_context,
+                              max_length=recipe.prompt.max_length)
+    assert (len(built.train), len(built.eval), len(built.rejected)) == (41, 7, 0)
+
+    assert cli_main(["validate", str(out)]) == 0
+    assert f"{expected_steps(48)} steps (2.0 epochs of ~{trained_rows(48)} train rows" in capsys.readouterr().out
+
+
+def test_alpaca_csv_and_prompt_passage_response_parquet(tok, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = qa_rows(40)
+    alpaca = write_csv(tmp_path / "alpaca.csv", renamed(
+        [{k: v for k, v in r.items() if k != "id"} for r in rows],
+        {"question": "instruction", "context": "input", "answer": "output"}))
+    rc, text = run_init(tok, alpaca, "-o", tmp_path / "a.yaml")
+    assert rc == 0, text
+    assert "Alpaca" in text
+    recipe = load_recipe(tmp_path / "a.yaml")
+    assert recipe.datasets[0].format == "csv"
+    assert recipe.datasets[0].columns.model_dump() == {"question": "instruction", "context": "input",
+                                                       "answer": "output", "id": None}
+    assert recipe_step_estimates(recipe).methods["lora_plus"].steps == expected_steps(40)
+
+    table = renamed(rows, {"question": "prompt", "context": "passage", "answer": "response", "id": "uid"})
+    for i, r in enumerate(table):
+        r["uid"] = i  # an integer id column, unique
+    pq.write_table(pa.Table.from_pylist(table), tmp_path / "qa.parquet")
+    rc, text = run_init(tok, tmp_path / "qa.parquet", "-o", tmp_path / "p.yaml")
+    assert rc == 0, text
+    recipe = load_recipe(tmp_path / "p.yaml")
+    assert recipe.datasets[0].format == "parquet"
+    assert recipe.datasets[0].columns.model_dump() == {"question": "prompt", "context": "passage",
+                                                       "answer": "response", "id": "uid"}
+    assert recipe_step_estimates(recipe).methods["lora_plus"].steps == expected_steps(40)
+    assert text.count("--- row ") == 3 and f"assistant\n{rows[0]['answer']}<|im_end|>" in text
+
+
+def test_two_answer_columns_is_a_question_and_nothing_is_written_until_a_flag_settles_it(tok, tmp_path):
+    rows = [{**r, "output": r["answer"].upper()} for r in qa_rows(20)]
+    data = write_jsonl(tmp_path / "two.jsonl", rows)
+    out = tmp_path / "r.yaml"
+    rc, text = run_init(tok, data, "-o", out)
+    assert rc == 2 and not out.exists()
+    assert "Which column is the answer?" in text and "'answer'" in text and "'output'" in text
+    assert "--answer COL" in text and "datasets[0].columns.answer" in text and "nothing written" in text
+    assert "--- row " not in text  # no examples of a mapping that is not settled
+
+    rc, text = run_init(tok, data, "-o", out, "--answer", "output")
+    assert rc == 0, text
+    assert "answer   <- 'output' (--answer)" in text and "not used: 'answer'" in text
+    assert load_recipe(out).datasets[0].columns.answer == "output"
+
+
+def test_missing_roles_and_repeated_ids_are_questions(tok, tmp_path):
+    rows = [{"id": f"r{i % 5}", "query": r["question"], "reply": r["answer"]} for i, r in enumerate(qa_rows(20))]
+    data = write_jsonl(tmp_path / "odd.jsonl", rows)
+    out = tmp_path / "r.yaml"
+    rc, text = run_init(tok, data, "-o", out)
+    assert rc == 2 and not out.exists()
+    assert "Which column is the question?" in text and "Which column is the answer?" in text
+    assert "--question COL" in text and "'query'" in text
+    assert "repeats values" in text and "--no-id" in text
+    assert "context  <- settled once the question and answer are" in text
+
+    rc, text = run_init(tok, data, "-o", out, "--question", "query", "--answer", "reply", "--no-id")
+    assert rc == 0, text
+    cols = load_recipe(out).datasets[0].columns.model_dump()
+    assert cols == {"question": "query", "context": None, "answer": "reply", "id": None}
+    assert "context  <- none" in text
+    assert "Question:" not in text and "<|im_start|>user\nWhat was" in text  # template_without_context
+
+    rc, text = run_init(tok, data, "-o", tmp_path / "x.yaml", "--question", "nope")
+    assert rc == 2 and "no such column" in text and not (tmp_path / "x.yaml").exists()
+
+
+def test_refuses_to_overwrite_without_force(tok, tmp_path):
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(12))
+    out = tmp_path / "r.yaml"
+    out.write_text("mine\n")
+    rc, text = run_init(tok, data, "-o", out)
+    assert rc == 2 and "--force" in text and out.read_text() == "mine\n"
+    rc, text = run_init(tok, data, "-o", out, "--force")
+    assert rc == 0 and load_recipe(out).datasets[0].name == "qa"
+
+
+def test_without_a_tokenizer_it_says_so_and_shows_plain_prompts(tmp_path):
+    def broken():
+        raise FileNotFoundError("bundled GGUF not found at /nowhere")
+
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(12))
+    buf = io.StringIO()
+    assert init.main([str(data), "-o", str(tmp_path / "r.yaml")], load_tokenizer=broken, out=buf, err=buf) == 0
+    text = buf.getvalue()
+    assert "tokenizer could not be loaded or used" in text and "/nowhere" in text and "plain prompt" in text
+    assert text.count("--- row ") == 3 and "[assistant]\n$1000 million" in text
+    assert load_recipe(tmp_path / "r.yaml").prompt.max_length == 384
+
+
+def test_paths_resolve_from_where_the_recipe_is_written(tok, tmp_path):
+    (tmp_path / "data").mkdir()
+    data = write_jsonl(tmp_path / "data" / "qa.jsonl", qa_rows(12))
+    out = tmp_path / "recipes" / "mine.yaml"
+    rc, text = run_init(tok, data, "-o", out)
+    assert rc == 0, text
+    recipe = load_recipe(out)
+    assert (recipe.root, recipe.datasets[0].path, recipe.allow_paths_outside_root) == ("..", "data/qa.jsonl", False)
+    assert recipe.dataset_path(recipe.datasets[0]) == data.resolve()
+    # no shared directory but the filesystem root: an absolute path, allowed outside root, and why
+    assert init.recipe_paths(Path("/a/qa.jsonl"), Path("/b/r.yaml"))[1:3] == ("/a/qa.jsonl", True)
+
+
+def test_cli_asks_before_loading_anything_heavy(tmp_path):
+    rows = [{**r, "output": r["answer"]} for r in qa_rows(6)]
+    data = write_jsonl(tmp_path / "two.jsonl", rows)
+    code = ("import sys; from ft_assets.__main__ import main; rc = main(sys.argv[1:]); "
+            "print([m for m in ('torch', 'transformers', 'dagster') if m in sys.modules]); sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code, "init", str(data), "-o", str(tmp_path / "r.yaml")],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2, out.stderr
+    assert "Which column is the answer?" in out.stdout and out.stdout.strip().endswith("[]")
+    assert not (tmp_path / "r.yaml").exists()
+
+
+def test_an_unclaimed_text_column_is_asked_about_not_dropped(tok, tmp_path):
+    """The shipped headlines file: instruction/label are named, the headline (the material) is not."""
+    data = REPO / "data" / "fin_headlines.jsonl"
+    out = tmp_path / "r.yaml"
+    rc, text = run_init(tok, data, "-o", out)
+    assert rc == 2 and not out.exists()
+    assert "Is one of the columns left the context" in text and "'headline'" in text and "--no-context" in text
+
+    rc, text = run_init(tok, data, "-o", out, "--context", "headline")
+    assert rc == 0, text
+    recipe = load_recipe(out)
+    assert recipe.datasets[0].columns.model_dump() == {"question": "instruction", "context": "headline",
+                                                       "answer": "label", "id": "id"}
+    assert recipe.dataset_path(recipe.datasets[0]) == data.resolve()
+    assert recipe_step_estimates(recipe).methods["lora_plus"].steps == expected_steps(240)
+
+
+def test_a_mapping_the_data_stage_would_reject_is_an_error_not_a_recipe(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"question": r["question"], "context": r["context"], "label": i % 3} for i, r in enumerate(qa_rows(12))]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "ints.parquet")
+    buf = io.StringIO()
+    rc = init.main([str(tmp_path / "ints.parquet"), "-o", str(tmp_path / "r.yaml")], out=buf, err=buf)
+    assert rc == 2 and not (tmp_path / "r.yaml").exists()
+    assert "every row is rejected" in buf.getvalue() and "expected text" in buf.getvalue()
+    buf = io.StringIO()
+    assert init.main([str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "x.yaml")], out=buf, err=buf) == 2
+    assert "no such file" in buf.getvalue()
