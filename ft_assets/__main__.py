@@ -48,6 +48,10 @@ def cmd_validate(args) -> int:
         extra = f", continues adapter[{spec.sft_from}] (beta {spec.beta})" if spec.type == "dpo" else ""
         if spec.continue_from:
             extra += f", continue_from {spec.continue_from} (replay {spec.replay_fraction:.0%})"
+        if t.validation_fraction:
+            stop = f", stops after {t.early_stopping_patience} without a new best" if t.early_stopping_patience else ""
+            extra += (f", validation on {t.validation_fraction:.0%} of the training rows every "
+                      f"{t.validation_every} steps (keeps the best{stop})")
         print(f"  method {name} ({spec.type}): {steps.methods[name].describe()}, batch {t.batch_size}x{t.grad_accum}, "
               f"lr {t.lr}, {t.optimizer}{extra}")
     if recipe.preferences:

@@ -153,6 +153,21 @@ def test_validate_prints_max_steps_when_it_binds(tmp_path, capsys, real_tokenize
     assert train.steps_for(real, train.TrainConfig.from_spec(recipe.training_for("lora"), recipe.seed)) == 5
 
 
+def test_validate_counts_the_rows_validation_holds_out_and_says_what_it_does(tmp_path, capsys, real_tokenizer_dir):
+    qa_file(tmp_path / "data" / "qa.jsonl")
+    out = validate_recipe(tmp_path, capsys, methods={"lora": {"training": {
+        "validation_fraction": 0.25, "validation_every": 3, "early_stopping_patience": 2}}})
+    # 36 train rows (as above), 9 of them held out for validation: 27 rows, 1 epoch at batch 4 = 7 steps
+    assert ("lora (lora): 7 steps (1.0 epoch of ~27 train rows; max_steps 90 not reached), batch 4x1, lr "
+            in method_line(out, "lora"))
+    assert ("validation on 25% of the training rows every 3 steps (keeps the best, stops after 2 without a "
+            "new best)") in method_line(out, "lora")
+    recipe = load_recipe(tmp_path / "recipe.yaml")
+    cfg = train.TrainConfig.from_spec(recipe.training_for("lora"), recipe.seed)
+    real = real_train_rows(tmp_path, real_tokenizer_dir)
+    assert train.steps_for(real - train.validation_rows(real, cfg), cfg) == 7  # what the loop will take
+
+
 def test_validate_counts_preference_pairs_for_dpo_and_uses_distillation_training(tmp_path, capsys):
     qa_file(tmp_path / "data" / "qa.jsonl")
     pairs = [{"id": f"p{i}", "prompt": f"What is {i} + 1?", "chosen": str(i + 1), "rejected": str(i + 2)}
