@@ -33,6 +33,13 @@ def lora_model(tiny_model_dir):
     return get_method("lora").wrap(load_model(tiny_model_dir), SPEC)
 
 
+def assert_same_trained_weights(a_model, b_model) -> None:
+    """Every trainable parameter equal to 1e-6 (fp32 CPU)."""
+    for (n, a), (_, b) in zip(a_model.named_parameters(), b_model.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)
+
+
 def cfg(**kw):
     base = dict(max_steps=6, epochs=10, batch_size=4, lr=1e-2, warmup_ratio=0.0, lr_scheduler="constant", seed=3,
                 checkpoint_every=3)
@@ -127,9 +134,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_model_dir, exampl
     result = train.train(resumed, method, SPEC, examples, cfg(), pad_id=2, checkpoint_dir=ckpt)
     assert result.resumed_from_step == 3 and result.steps == 6
     assert [l for _, l in result.losses] == pytest.approx([l for _, l in ref_result.losses], abs=1e-5)
-    for (n, a), (_, b) in zip(ref.named_parameters(), resumed.named_parameters()):
-        if a.requires_grad:
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)
+    assert_same_trained_weights(ref, resumed)
 
 
 def test_nan_loss_stops_with_step_and_hint(tiny_model_dir, examples):
@@ -179,9 +184,7 @@ def test_a_signal_checkpoints_the_step_it_arrives_in_and_resume_continues_exactl
     result = train.train(resumed, method, SPEC, examples, cfg(), pad_id=2, checkpoint_dir=ckpt)
     assert result.resumed_from_step == 4 and result.steps == 6
     assert [l for _, l in result.losses] == pytest.approx([l for _, l in ref_result.losses], abs=1e-5)
-    for (n, a), (_, b) in zip(ref.named_parameters(), resumed.named_parameters()):
-        if a.requires_grad:
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)
+    assert_same_trained_weights(ref, resumed)
 
 
 def test_a_checkpoint_dir_in_use_is_refused_and_free_again_when_its_holder_lets_go(tiny_model_dir, examples, tmp_path):
@@ -224,9 +227,7 @@ def test_early_stopping_ends_with_the_weights_of_the_best_validation_loss(tiny_m
     short = lora_model(tiny_model_dir)
     short_result = train.train(short, method, SPEC, examples, cfg(**{**c, "max_steps": result.kept_step}), pad_id=2)
     assert short_result.kept_step == result.kept_step
-    for (n, a), (_, b) in zip(model.named_parameters(), short.named_parameters()):
-        if a.requires_grad:
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)
+    assert_same_trained_weights(model, short)
     held = train.split_validation(examples, cfg(**c))[1]
     assert evaluate.eval_loss(model, held, pad_id=2, device="cpu")["eval_loss"] == pytest.approx(best, abs=1e-4)
 
@@ -250,6 +251,4 @@ def test_resume_with_validation_keeps_its_measurements_and_best_weights(tiny_mod
     assert [s for s, _ in result.validation_losses] == [s for s, _ in ref_result.validation_losses]
     assert [v for _, v in result.validation_losses] == pytest.approx([v for _, v in ref_result.validation_losses], abs=1e-5)
     assert result.kept_step == ref_result.kept_step
-    for (n, a), (_, b) in zip(ref.named_parameters(), resumed.named_parameters()):
-        if a.requires_grad:
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)
+    assert_same_trained_weights(ref, resumed)
