@@ -1,16 +1,23 @@
 """Evaluate a model on held-out examples: loss/perplexity on the reference answers, and
-greedy generation scored with exact match, token F1 and ROUGE-L."""
+greedy generation scored with exact match, token F1 and ROUGE-L (the `evaluate` metric modules,
+through `core.metrics`).
+
+`evaluate(...)` returns {"metrics", "rows", "timing"}; `save_eval(result, dir)` writes
+`metrics.json`, the per-example table as `predictions.jsonl`, `predictions.parquet` and
+`predictions.csv`, and, with several tasks, `per_task.parquet` (see `core.tables`)."""
 
 from __future__ import annotations
 
-import math
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .data import Example
-from .metrics import mean_scores, qa_scores
+from . import tables
+from .data import Example, write_jsonl
+from .metrics import mean_scores, perplexity, score_answers
 from .train import collate, token_loss_sum
 
 
@@ -25,7 +32,7 @@ def eval_loss(model, examples: list[Example], pad_id: int, device: str, batch_si
         total += float(loss_sum)
         count += n
     loss = total / max(1, count)
-    return {"eval_loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50.0)), 3)}
+    return {"eval_loss": round(loss, 4), "perplexity": perplexity(loss)}
 
 
 @torch.inference_mode()
@@ -60,11 +67,10 @@ def evaluate(model, tokenizer, examples: list[Example], *, max_new_tokens: int, 
     t1 = time.perf_counter()
     answers = generate_answers(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)
     gen_s = time.perf_counter() - t1
-    rows = []
-    for ex, pred in zip(examples, answers):
-        rows.append({"id": ex.id, "task": ex.task, "question": ex.question, "reference": ex.answer,
-                     "prediction": pred, **qa_scores(pred, ex.answer)})
-    metrics = {**mean_scores(rows), **losses, "examples": len(rows)}
+    scores = score_answers(answers, [ex.answer for ex in examples])
+    rows = [{"id": ex.id, "task": ex.task, "question": ex.question, "reference": ex.answer, "prediction": pred,
+             **scores.example(i)} for i, (ex, pred) in enumerate(zip(examples, answers))]
+    metrics = {**scores.means, **losses, "examples": len(rows)}
     tasks = sorted({ex.task for ex in examples})
     if len(tasks) > 1:  # multi-task: the same metrics per task (loss re-computed on each task's rows)
         metrics["per_task"] = per_task_metrics(model, examples, rows, tokenizer.pad_token_id, device, batch_size)
@@ -87,3 +93,17 @@ def per_task_metrics(model, examples: list[Example], rows: list[dict[str, Any]],
     for task in scores:
         scores[task].update(eval_loss(model, [e for e in examples if e.task == task], pad_id, device, batch_size))
     return scores
+
+
+def save_predictions(rows: list[dict[str, Any]], out_dir: Path) -> None:
+    """The per-example table: `predictions.jsonl` (read by other code) plus Parquet and CSV."""
+    write_jsonl(out_dir / "predictions.jsonl", rows)
+    tables.write_table(tables.predictions_frame(rows), out_dir, "predictions", csv=True)
+
+
+def save_eval(result: dict[str, Any], out_dir: Path) -> None:
+    """One model's evaluation: `metrics.json`, the predictions table and, with several tasks, `per_task.parquet`."""
+    (out_dir / "metrics.json").write_text(json.dumps(result["metrics"], indent=2, sort_keys=True) + "\n")
+    save_predictions(result["rows"], out_dir)
+    if "per_task" in result["metrics"]:
+        tables.write_table(tables.per_task_frame(result["metrics"]["per_task"]), out_dir, "per_task")

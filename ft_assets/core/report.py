@@ -7,28 +7,32 @@
         continued a previous version (`ForgettingEval`), both adapters on the previous eval split.
 
 `TunedReport.save(dir)` writes `metrics.json` ({"base", "tuned", "evaluated_as", "method",
-"per_task"?, "forgetting"?}), `predictions.jsonl` and, for dpo, `preference_metrics.json`.
+"per_task"?, "forgetting"?}), the per-example table (`predictions.jsonl`, `.parquet`, `.csv`), with
+several tasks `per_task.parquet` (base vs tuned per task) and, for dpo, `preference_metrics.json`.
 `forgetting_inputs` finds the previous adapter and data by exact version in the store: they are
 the adapter's own history (named in its manifest), not an edge of the graph.
 
     leaderboard(methods, reports, base_metrics) -> Leaderboard
         every method's report on one table, best token F1 first, the base model last, and the
         methods that have no report yet (listed, not guessed). `Leaderboard.save(dir)` writes
-        leaderboard.json, leaderboard.csv and leaderboard.png. No Dagster here.
+        leaderboard.json, leaderboard.parquet, leaderboard.csv and leaderboard.png. No Dagster here.
+
+Tables are pandas DataFrames with the columns and dtypes of `core.tables`.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..store import ArtifactStore
-from . import data, dpo, merge, plots
-from .data import Example
-from .evaluate import evaluate
+import pandas as pd
+
+from . import dpo, merge, plots, tables
+from .data import Example, load_split
+from .evaluate import evaluate, save_predictions
 from .methods import get_method
 from .models import load_model
 from .preferences import PreferencePair
@@ -69,9 +73,18 @@ class TunedReport:
     rows: list[dict[str, Any]]  # per-example predictions and scores
     preferences: dict[str, Any] | None = None
 
+    def predictions_frame(self) -> pd.DataFrame:
+        return tables.predictions_frame(self.rows)
+
+    def per_task_frame(self) -> pd.DataFrame | None:
+        """Base vs tuned per task, when the eval split has several tasks."""
+        return tables.task_comparison_frame(self.metrics["per_task"]) if "per_task" in self.metrics else None
+
     def save(self, out_dir: Path) -> None:
         _write_json(out_dir / "metrics.json", self.metrics)
-        data.write_jsonl(out_dir / "predictions.jsonl", self.rows)
+        save_predictions(self.rows, out_dir)
+        if "per_task" in self.metrics:
+            tables.write_table(self.per_task_frame(), out_dir, "per_task")
         if self.preferences is not None:
             _write_json(out_dir / "preference_metrics.json", self.preferences)
 
@@ -129,13 +142,12 @@ def forgetting_inputs(store: ArtifactStore, adapter_manifest: dict[str, Any], ma
     prev_art = store.get("adapter", adapter_manifest["partition"], prev["version"])
     if old_data is None or prev_art is None:
         return None
-    old_eval = data.load_split(old_data.path, "eval")
+    old_eval = load_split(old_data.path, "eval")
     return ForgettingEval(prev_art.dir, prev["version"], old_data.version,
                           old_eval[:max_examples] if max_examples else old_eval)
 
 
-BOARD_COLUMNS = ["method", "type", "token_f1", "exact_match", "rouge_l", "eval_loss", "trainable_parameters",
-                 "trainable_percent", "adapter_bytes", "train_tokens_per_s", "peak_memory_mib", "wall_time_s"]
+BOARD_COLUMNS = list(tables.BOARD_COLUMNS)
 
 
 @dataclass
@@ -147,17 +159,17 @@ class Leaderboard:
     def best(self) -> str:
         return self.rows[0]["method"] if len(self.rows) > 1 else "-"
 
+    def frame(self) -> pd.DataFrame:
+        return tables.board_frame(self.rows)
+
     def chart_png(self) -> bytes:
         return plots.bar_chart_png([r["method"] for r in self.rows], [r["token_f1"] for r in self.rows],
                                    "token F1 on the held-out split", "token F1")
 
     def save(self, out_dir: Path) -> bytes:
-        """Write json, csv and the chart; returns the chart's PNG bytes."""
+        """Write json, parquet, csv and the chart; returns the chart's PNG bytes."""
         _write_json(out_dir / "leaderboard.json", {"rows": self.rows, "missing": self.missing})
-        with (out_dir / "leaderboard.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=BOARD_COLUMNS)
-            writer.writeheader()
-            writer.writerows(self.rows)
+        tables.write_table(self.frame(), out_dir, "leaderboard", csv=True)
         png = self.chart_png()
         (out_dir / "leaderboard.png").write_bytes(png)
         return png

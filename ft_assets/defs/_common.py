@@ -28,9 +28,9 @@ STAGE_VERSIONS = {
     "quantized_base": "1",
     "adapter": "1",
     "merged_model": "1",
-    "base_eval": "1",
-    "eval_report": "1",
-    "leaderboard": "1",
+    "base_eval": "2",
+    "eval_report": "2",
+    "leaderboard": "2",
     "preference_dataset": "1",
     "preference_adapter": "1",
     "student": "1",
@@ -155,6 +155,25 @@ def table(rows: list[dict[str, Any]], columns: Iterable[str]) -> dg.TableMetadat
     records = [dg.TableRecord({c: _cell(r.get(c)) for c in columns}) for r in rows]
     schema = dg.TableSchema(columns=[dg.TableColumn(c, _type(rows, c)) for c in columns])
     return dg.MetadataValue.table(records=records, schema=schema)
+
+
+def frame_table(df, preview_rows: int | None = None) -> dg.TableMetadataValue:
+    """A pandas DataFrame (its first `preview_rows` rows) as a UI table, columns typed from its dtypes."""
+    from ..core.tables import column_kinds, records
+
+    shown = df if preview_rows is None else df.head(preview_rows)
+    schema = dg.TableSchema(columns=[dg.TableColumn(c, kind) for c, kind in column_kinds(df).items()])
+    rows = [dg.TableRecord({k: _cell(v) for k, v in r.items()}) for r in records(shown)]
+    return dg.MetadataValue.table(records=rows, schema=schema)
+
+
+def table_facts(df) -> dict[str, Any]:
+    """The asset's own table, as Dagster's standard keys: `dagster/column_schema`, `dagster/row_count`."""
+    from ..core.tables import column_kinds
+
+    schema = dg.TableSchema(columns=[dg.TableColumn(c, kind) for c, kind in column_kinds(df).items()])
+    return {"dagster/column_schema": dg.MetadataValue.table_schema(schema),
+            "dagster/row_count": dg.MetadataValue.int(len(df))}
 
 
 def _cell(v: Any) -> Any:

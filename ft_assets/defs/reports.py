@@ -2,16 +2,17 @@
 
 - `base_eval`: the untuned base model on the held-out split (the baseline every method is
   compared with; computed once, not once per method).
-- `leaderboard`: every method's latest report on one table (CSV, JSON, chart), with the
-  base model as a row; says which methods have no report yet.
+- `leaderboard`: every method's latest report on one table (Parquet, CSV, JSON, chart), with
+  the base model as a row; says which methods have no report yet.
 - `eval_report[method]`: the tuned model (merged when the method can merge, else base +
   adapter) on the same split: exact match, token F1, ROUGE-L, eval loss, perplexity, and a
-  per-example table. Writes `metrics.json` as {"base": {...}, "tuned": {...}} and
-  `predictions.jsonl`. Check `beats_base` warns when tuned token F1 is not above base.
+  per-example table. Writes `metrics.json` as {"base": {...}, "tuned": {...}} and the
+  predictions table (`predictions.jsonl`, `.parquet`, `.csv`). Check `beats_base` warns when
+  tuned token F1 is not above base.
 
   Beyond SFT, when they apply:
-  - several tasks in the eval split: `per_task` in metrics.json ({task: {"base", "tuned"}}) and
-    a per-task metadata table;
+  - several tasks in the eval split: `per_task` in metrics.json ({task: {"base", "tuned"}}),
+    `per_task.parquet` and a per-task metadata table;
   - a `dpo` method d: the tuned model is `preference_adapter[d]`, and `preference_metrics.json`
     scores the held-out pairs of `preference_dataset[d]` (log-prob accuracy of base, SFT and DPO
     models; DPO reward accuracy and margin against the SFT adapter). That SFT adapter is a declared
@@ -20,6 +21,10 @@
   - an adapter that continued from a previous version (`continue_from`): `forgetting` in
     metrics.json: the previous adapter and the new one on the *previous* sft_dataset's eval
     split (before/after and the drop).
+
+Tables are pandas DataFrames built in core (`core.tables`); each asset shows previews as table
+metadata and describes its own table (predictions; the leaderboard) with `dagster/column_schema`
+and `dagster/row_count`.
 """
 
 
@@ -27,7 +32,7 @@ import json
 
 import dagster as dg
 
-from ..core import data, evaluate, plots, preferences, report
+from ..core import evaluate, plots, preferences, report, tables
 from ..core.models import load_model, load_tokenizer
 from ..recipe import Recipe
 from ..store import Artifact, dir_bytes
@@ -37,8 +42,6 @@ from .preferences import dpo_mapping, sft_sources
 from .resources import ComputeResource, StoreResource, all_partitions
 
 METRIC_KEYS = report.METRIC_KEYS
-TASK_COLUMNS = ["task", "examples", "base_token_f1", "tuned_token_f1", "token_f1_gain", "base_exact_match",
-                "tuned_exact_match", "tuned_rouge_l", "base_eval_loss", "tuned_eval_loss"]
 PREF_COLUMNS = ["model", "logp_accuracy", "logp_margin", "reward_accuracy", "reward_margin"]
 TABLE_COLUMNS = ["id", "question", "reference", "prediction", "exact_match", "token_f1", "rouge_l"]
 
@@ -54,7 +57,7 @@ def build(recipe: Recipe) -> list:
     cv_base = c.code_version("base_eval", recipe, "evaluation")
     cv_report = c.code_version("eval_report", recipe, "evaluation")
 
-    @dg.asset(group_name="evaluation", kinds={"json"}, code_version=cv_base, pool="gpu")
+    @dg.asset(group_name="evaluation", kinds={"json", "parquet"}, code_version=cv_base, pool="gpu")
     def base_eval(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource,
                   base_model: Artifact, sft_dataset: Artifact) -> dg.Output:
         """The untuned base model on the held-out split (the baseline for every method)."""
@@ -64,16 +67,16 @@ def build(recipe: Recipe) -> list:
         result = _run_eval(recipe, load_model(base_model.path, hw.device), tok, examples, hw.device)
         with store.store().write("base_eval", recipe_hash=recipe.recipe_hash, code_version=cv_base, seed=recipe.seed) as st:
             st.inputs = c.inputs_of(base_model, sft_dataset)
-            c.write_json(st.path / "metrics.json", result["metrics"])
-            data.write_jsonl(st.path / "predictions.jsonl", result["rows"])
+            evaluate.save_eval(result, st.path)
         per_task = result["metrics"].get("per_task")
-        extra = {"per_task": c.table([{"task": t, **m} for t, m in per_task.items()],
-                                     ["task", "examples", *METRIC_KEYS[:4]])} if per_task else {}
+        extra = {"per_task": c.frame_table(tables.per_task_frame(per_task))} if per_task else {}
+        predictions = tables.predictions_frame(result["rows"])
         return c.output(st.artifact, {
             **extra,
             **{k: result["metrics"][k] for k in METRIC_KEYS},
             "examples": result["metrics"]["examples"],
-            "predictions": c.table(result["rows"][: recipe.evaluation.preview_rows], TABLE_COLUMNS),
+            "predictions": c.frame_table(predictions, recipe.evaluation.preview_rows),
+            **c.table_facts(predictions),
         })
 
     def _report(context, compute: ComputeResource, store: StoreResource, merged_model: Artifact, trained: Artifact,
@@ -125,7 +128,7 @@ def build(recipe: Recipe) -> list:
     if recipe.methods_of_type("dpo"):
         ins.update({k: dg.AssetIn(partition_mapping=dpo_mapping(recipe)) for k in ("preference_adapter", "preference_dataset")})
 
-    @dg.asset(group_name="evaluation", kinds={"json"}, code_version=cv_report, partitions_def=parts, pool="gpu", ins=ins,
+    @dg.asset(group_name="evaluation", kinds={"json", "parquet"}, code_version=cv_report, partitions_def=parts, pool="gpu", ins=ins,
               check_specs=[dg.AssetCheckSpec("beats_base", asset="eval_report", partitions_def=parts,
                                              description="tuned token F1 above the base model's (warning)")])
     def eval_report(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource, **inputs):
@@ -139,7 +142,7 @@ def build(recipe: Recipe) -> list:
 
     cv_board = c.code_version("leaderboard", recipe)
 
-    @dg.asset(group_name="evaluation", kinds={"csv", "json"}, code_version=cv_board,
+    @dg.asset(group_name="evaluation", kinds={"csv", "json", "parquet"}, code_version=cv_board,
               ins={"eval_report": all_partitions(), "base_eval": dg.AssetIn()})
     def leaderboard(context: dg.AssetExecutionContext, store: StoreResource, eval_report: dict[str, Artifact],
                     base_eval: Artifact) -> dg.MaterializeResult:
@@ -160,11 +163,13 @@ def build(recipe: Recipe) -> list:
             png = board.save(st.path)
         if board.missing:
             context.log.warning(f"leaderboard without {board.missing}: their eval_report is not materialized")
+        table = board.frame()
         return dg.MaterializeResult(
             data_version=dg.DataVersion(st.artifact.version),
             metadata={
                 "path": dg.MetadataValue.path(st.artifact.path),
-                "leaderboard": c.table(board.rows, report.BOARD_COLUMNS),
+                "leaderboard": c.frame_table(table),
+                **c.table_facts(table),
                 "chart": dg.MetadataValue.md(plots.markdown_image(png, "token F1 by method")),
                 "missing_methods": dg.MetadataValue.json(board.missing),
                 "methods_ranked": len(board.rows) - 1,
@@ -178,19 +183,6 @@ def build(recipe: Recipe) -> list:
 # --------------------------------------------------------------------------------------
 # beyond SFT: per-task metrics, preference metrics, forgetting
 # --------------------------------------------------------------------------------------
-
-
-def _task_rows(per_task: dict) -> list[dict]:
-    rows = []
-    for task, sides in per_task.items():
-        b, t = sides["base"] or {}, sides["tuned"]
-        rows.append({"task": task, "examples": t["examples"], "base_token_f1": b.get("token_f1"),
-                     "tuned_token_f1": t["token_f1"],
-                     "token_f1_gain": round(t["token_f1"] - b["token_f1"], 4) if b else None,
-                     "base_exact_match": b.get("exact_match"), "tuned_exact_match": t["exact_match"],
-                     "tuned_rouge_l": t["rouge_l"], "base_eval_loss": b.get("eval_loss"),
-                     "tuned_eval_loss": t["eval_loss"]})
-    return rows
 
 
 def _preference_inputs(name: str, trained_manifest: dict, reference: Artifact, prefs: Artifact) -> report.PreferenceEval:
@@ -212,11 +204,12 @@ def _report_metadata(name: str, made: report.TunedReport, preview_rows: int) -> 
     base, tuned = m["base"], m["tuned"]
     meta = {}
     if "per_task" in m:
-        meta["per_task"] = c.table(_task_rows(m["per_task"]), TASK_COLUMNS)
+        meta["per_task"] = c.frame_table(made.per_task_frame())
     if made.preferences is not None:
         meta.update(_preference_meta(name, made.preferences))
     if "forgetting" in m:
         meta.update(_forgetting_meta(m["forgetting"]))
+    predictions = made.predictions_frame()
     summary = [{"model": "base", **{k: base[k] for k in METRIC_KEYS}},
                {"model": name, **{k: tuned[k] for k in METRIC_KEYS}}]
     return {
@@ -226,7 +219,8 @@ def _report_metadata(name: str, made: report.TunedReport, preview_rows: int) -> 
         "token_f1_gain": round(tuned["token_f1"] - base["token_f1"], 4),
         "evaluated_as": m["evaluated_as"],
         "summary": c.table(summary, ["model", *METRIC_KEYS]),
-        "predictions": c.table(made.rows[:preview_rows], TABLE_COLUMNS),
+        "predictions": c.frame_table(predictions, preview_rows),
+        **c.table_facts(predictions),
     }
 
 
