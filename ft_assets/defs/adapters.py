@@ -111,10 +111,8 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
         if plan is not None:
             st.extra["continual"] = plan.facts(spec.replay_fraction)
         lin = card.lineage_from({"asset": "adapter", "partition": name, "version": derived_version(made_by),
-                                 "recipe_hash": recipe.recipe_hash, "code_version": cv, "seed": recipe.seed, **st.extra},
-                                base_model.manifest(), sft_dataset.manifest())
-        if continued:
-            lin.extra[f"Continued from adapter[{name}] version"] = plan.start.adapter_version
+                                 "inputs": inputs, "recipe_hash": recipe.recipe_hash, "code_version": cv,
+                                 "seed": recipe.seed, **st.extra}, base_model.manifest(), sft_dataset.manifest())
         c.write_card(st.path, recipe, lin, f"The trained `{name}` adapter (method type `{spec.type}`), as ft_assets "
                      "saved it.", method.uses_quantized_base)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the artifact supersedes its checkpoints
