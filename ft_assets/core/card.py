@@ -25,7 +25,6 @@ Nothing here imports Dagster; `huggingface_hub` is imported inside the functions
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -280,7 +279,3 @@ def push(repo_dir: Path, repo_id: str, token: str, private: bool, message: str) 
     except Exception as exc:  # network, auth, quota: the user must read it
         raise PushError(f"uploading {repo_dir} to {repo_id} failed: {exc}") from exc
     return PushResult(repo_id, getattr(commit, "commit_url", str(commit)), private)
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -129,4 +128,4 @@ def test_interactive_chat_through_a_terminal_keeps_the_conversation(cards_pipeli
     # the terminal echoes what was typed; each answer follows its question
     assert f"{QUESTION}\nbot> {first}\n" in after_first[len(screen):]
     assert f"{FOLLOW_UP}\nbot> {second}\n" in after_second[len(after_first):]
-    assert first != second or first == ""  # the second turn saw the history (else this check says nothing)
+    assert first and second  # answers that are text, so the comparisons above could fail
