@@ -10,6 +10,11 @@
     python -m ft_assets runs [--reap]         unfinished runs, their worker processes and pool slots;
                                               --reap fails the ones whose worker is gone and frees
                                               their slots (the only command here that needs Dagster)
+    python -m ft_assets chat [ASSET[PARTITION] | PATH] [--prompt TEXT] [--compare base]
+                                              chat in the terminal with the newest (or given) merged
+                                              model or adapter, streaming greedy answers; --prompt
+                                              answers once and exits; --compare base answers with the
+                                              base model too
     python -m ft_assets reference [-o PATH]   write the recipe reference (every key, type, default,
                                               allowed values) generated from the schema; default
                                               docs/recipe_reference.md
@@ -155,6 +160,12 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    from .chat import run  # torch and transformers load only for this command
+
+    return run(args)
+
+
 def cmd_reference(args) -> int:
     from .reference import REFERENCE_FILE, write
 
@@ -181,11 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     lin.add_argument("--home", help="FT_HOME (default: $FT_HOME or .ft_home)")
     r = sub.add_parser("runs", help="unfinished runs, their worker processes and pool slots")
     r.add_argument("--reap", action="store_true", help="fail the runs whose worker process is gone, free their slots")
+    ch = sub.add_parser("chat", help="chat in the terminal with a merged model or adapter (streamed, greedy)")
+    from .chat import add_arguments as chat_arguments
+
+    chat_arguments(ch)
     ref = sub.add_parser("reference", help="write the recipe reference generated from the schema")
     ref.add_argument("-o", "--output", help="markdown file to write (default: docs/recipe_reference.md in the repo)")
     args = p.parse_args(argv)
     return {"init": cmd_init, "validate": cmd_validate, "artifacts": cmd_artifacts, "lineage": cmd_lineage,
-            "runs": cmd_runs, "reference": cmd_reference}[args.cmd](args)
+            "runs": cmd_runs, "chat": cmd_chat, "reference": cmd_reference}[args.cmd](args)
 
 
 if __name__ == "__main__":

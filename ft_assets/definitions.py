@@ -2,7 +2,8 @@
 
     raw/<dataset> ─> sft_dataset <─ base_model ─> quantized_base
     recipe/method[m] ─> adapter[m] ─> merged_model[m] ─> eval_report[m] ─> leaderboard
-                                                 base_eval ─┘
+                                                 base_eval ─┘        └─> model_card[m]
+                      (model_card[m] also reads merged_model[m], adapter[m], base_model, sft_dataset)
 
 and, when the recipe asks for them:
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import dagster as dg
 
 from . import runs
-from .defs import adapters, automation, datasets, distill, models, preferences, raw, reports, sweeps
+from .defs import adapters, automation, cards, datasets, distill, models, preferences, raw, reports, sweeps
 from .defs.resources import ArtifactIOManager, ComputeResource, StoreResource
 from .recipe import Recipe, load_recipe
 from .store import ft_home
@@ -33,7 +34,7 @@ def build_definitions(recipe: Recipe, home: str | None = None) -> dg.Definitions
     parts = adapters.methods_partitions(recipe)
     sources = [*raw.build(recipe), automation.recipe_methods_source(recipe, parts)]
     derived = [*models.build(recipe), *datasets.build(recipe), *preferences.build(recipe), *adapters.build(recipe),
-               *reports.build(recipe), *distill.build(recipe), *sweeps.build(recipe)]
+               *reports.build(recipe), *cards.build(recipe), *distill.build(recipe), *sweeps.build(recipe)]
     condition = automation.derived_condition(recipe)
     if condition is not None:
         derived = dg.map_asset_specs(lambda spec: spec.replace_attributes(automation_condition=condition), derived)

@@ -307,6 +307,31 @@ class EvaluationSpec(_Strict):
         return data
 
 
+class PublishSpec(_Strict):
+    """Uploading each method's `model_card` directory (weights + README.md) to the Hugging Face
+    Hub. Off by default and never needed offline; with `push: true` a run without the token
+    variable fails before anything is uploaded."""
+
+    push: bool = False  # upload model_card[method] after it is written
+    repo_id: str | None = None  # e.g. "you/finqa-{method}"; {method} is replaced by the method name
+    private: bool = True  # create the repo private
+    token_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = "HF_TOKEN"  # environment variable holding the token
+    license: str | None = None  # `license` of the card's front matter (e.g. apache-2.0); null: none
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, v: str | None) -> str | None:
+        if v is not None and (v.count("/") != 1 or not all(v.replace("{method}", "m").split("/"))):
+            raise ValueError("not a Hub repo id: give owner/name, e.g. you/finqa-{{method}}")
+        return v
+
+    @model_validator(mode="after")
+    def _push_needs_repo(self) -> "PublishSpec":
+        if self.push and not self.repo_id:
+            raise ValueError("push: true needs repo_id (owner/name, {method} is replaced by the method name)")
+        return self
+
+
 class ComputeSpec(_Strict):
     """Where training and evaluation run."""
 
@@ -340,7 +365,7 @@ class AutomationSpec(_Strict):
 
 
 class Recipe(_Strict):
-    _OMIT_WHEN_DEFAULT = ("preferences", "distillation")
+    _OMIT_WHEN_DEFAULT = ("preferences", "distillation", "publish")
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]  # the recipe's name (shown by validate and the demo)
     seed: int = 42  # seed of splits, initialisation and data order
@@ -355,6 +380,7 @@ class Recipe(_Strict):
     preferences: PreferenceDataSpec | None = None  # prompt/chosen/rejected pairs (needed by dpo methods)
     distillation: DistillationSpec | None = None  # the `student` asset; null: no student
     evaluation: EvaluationSpec = EvaluationSpec()
+    publish: PublishSpec = PublishSpec()  # model cards' upload to the Hub (off by default)
     compute: ComputeSpec = ComputeSpec()
     automation: AutomationSpec = AutomationSpec()
 
@@ -396,6 +422,9 @@ class Recipe(_Strict):
             raise ValueError(f"preferences.name {self.preferences.name!r} is also a dataset name; use another")
         for name, spec in self.methods.items():
             spec.check_in_recipe(name, self)  # e.g. qlora needs nf4, dpo needs preferences and its sft_from
+        if self.publish.push and len(self.methods) > 1 and "{method}" not in (self.publish.repo_id or ""):
+            raise ValueError(f"publish.repo_id {self.publish.repo_id!r} must contain {{method}}: the recipe has "
+                             f"{len(self.methods)} methods and each is uploaded to a repo of its own")
         if self.distillation is not None:
             teacher = self.methods.get(self.distillation.teacher)
             if teacher is None:

@@ -11,6 +11,7 @@ from typing import Any, Iterable
 import dagster as dg
 from pydantic import Field
 
+from ..core import card
 from ..core.finetune import TrainingFailed
 from ..core.preemption import CheckpointBusy, Preempted
 from ..core.train import TrainingDiverged
@@ -27,7 +28,7 @@ STAGE_VERSIONS = {
     "base_model": "1",
     "quantized_base": "1",
     "adapter": "1",
-    "merged_model": "1",
+    "merged_model": "2",  # 2: README.md model card
     "base_eval": "2",
     "eval_report": "2",
     "leaderboard": "2",
@@ -35,6 +36,7 @@ STAGE_VERSIONS = {
     "preference_adapter": "1",
     "student": "1",
     "best_adapter": "1",
+    "model_card": "1",
 }
 
 
@@ -199,6 +201,21 @@ def eval_examples(recipe: Recipe, sft_dataset: Artifact):
 
     examples = load_split(sft_dataset.path, "eval")
     return examples[: recipe.evaluation.max_examples] if recipe.evaluation.max_examples else examples
+
+
+PENDING = ("`eval_report[{m}]` measures it; the complete card, with the metrics and the weights beside it, "
+           "is the `model_card[{m}]` artifact (`python -m ft_assets artifacts`).")
+
+
+def write_card(out_dir: Path, recipe: Recipe, lin: card.Lineage, what: str, uses_quantized_base: bool,
+               metrics: dict[str, Any] | None = None, repo: str = "REPO") -> str:
+    """Write README.md (a Hugging Face model card) for the weights in `out_dir`; metrics None: says
+    they are pending. `repo`: the name the usage snippet loads from."""
+    text = card.card_text(lin, what=what, weights_dir=out_dir, uses_quantized_base=uses_quantized_base,
+                          dataset_names=[d.name for d in recipe.datasets], recipe_name=recipe.name, metrics=metrics,
+                          pending_note=PENDING.format(m=lin.method), license=recipe.publish.license, repo=repo)
+    (out_dir / card.README).write_text(text, encoding="utf-8")
+    return text
 
 
 def write_json(path: Path, obj: Any) -> None:

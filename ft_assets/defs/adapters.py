@@ -28,7 +28,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from ..core import data, finetune, merge, plots, train
+from ..core import card, data, finetune, merge, plots, train
 from ..core.methods import NotMergeable, get_method
 from ..core.models import load_tokenizer
 from ..recipe import Recipe
@@ -99,8 +99,9 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
             start_adapter=Path(plan.start.adapter_path) if continued else None, checkpoint_dir=ckpt_dir,
             log=lambda msg: context.log.info(f"{name}: {msg}"),
             on_log=lambda step, loss, **_: context.log.info(f"step {step}: loss {loss:.4f}"))
+    made_by = c.forced(derivation, context) if force else derivation
     with store.write("adapter", name, recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed,
-                     derivation=c.forced(derivation, context) if force else derivation) as st:
+                     derivation=made_by) as st:
         st.inputs = inputs
         tuned.save(st.path)
         st.extra["method"] = {"name": name, "type": spec.type, "spec": spec.model_dump(mode="json"),
@@ -109,6 +110,11 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
                              "total_parameters": tuned.total, "device": hw.name}
         if plan is not None:
             st.extra["continual"] = plan.facts(spec.replay_fraction)
+        lin = card.lineage_from({"asset": "adapter", "partition": name, "version": derived_version(made_by),
+                                 "inputs": inputs, "recipe_hash": recipe.recipe_hash, "code_version": cv,
+                                 "seed": recipe.seed, **st.extra}, base_model.manifest(), sft_dataset.manifest())
+        c.write_card(st.path, recipe, lin, f"The trained `{name}` adapter (method type `{spec.type}`), as ft_assets "
+                     "saved it.", method.uses_quantized_base)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the artifact supersedes its checkpoints
     return c.output(st.artifact, _trained_metadata(name, spec.type, tuned, st.artifact, hw.name, plan))
 
@@ -169,6 +175,9 @@ def _merge(context, recipe: Recipe, compute: ComputeResource, store: ArtifactSto
             model.save_pretrained(st.path, safe_serialization=True)
             load_tokenizer(base_model.path).save_pretrained(st.path)
             c.write_json(st.path / "merge_status.json", {"mergeable": True})
+            lin = card.lineage_from(adapter.manifest(), base_model.manifest(), sft_dataset.manifest())
+            c.write_card(st.path, recipe, lin, f"`{c.key_of(adapter)}` merged into the base weights: a plain "
+                         "transformers checkpoint with its tokenizer.", False)
         st.extra["mergeable"] = model is not None
     art = st.artifact
 
