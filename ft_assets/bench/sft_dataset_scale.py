@@ -10,9 +10,12 @@ shipped finqa kind, then runs, each in a fresh subprocess so peak memory is per 
         + `canonical_version`;
 
 with the default recipe's prompt (system, template, max_length) and the real SmolLM2 tokenizer.
-Measured from after the tokenizer is loaded to the finished artifact directory: wall seconds,
-rows/s, the run's own peak RSS (VmHWM) and the largest worker process's (ru_maxrss of its
-children), and the RSS before the build (imports + tokenizer). The old code is run up to
+Measured from after the tokenizer is loaded to the finished artifact directory: wall and CPU
+seconds (the run and its workers), rows/s, the run's peak RSS (VmHWM; it counts the pages of
+memory-mapped files read) and the largest worker's (ru_maxrss of its children), the peak private
+memory (RssAnon) of the run and, summed over the run and its workers, PSS of private memory (pages
+shared after fork counted once), both sampled every 0.5 s; and RSS/private memory before the build
+(imports + tokenizer). The old code is run up to
 `--old-max-rows` rows (it holds every row in memory). Rows: `data/generate.py`'s scenarios (all
 their question/answer items) make a pool; row i is pool item i mod P, and its context starts with
 "Filing k." (k = i div P + 1) from the second pass on, so no two rows are duplicates.
@@ -57,6 +60,44 @@ def rss(key):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
 before = rss("VmRSS:")
+import threading
+def anon(pid):  # private memory; RSS also counts the pages of memory-mapped Arrow files read
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+def pss_anon(pid):  # private memory with pages shared after fork counted once (split between sharers)
+    try:
+        for line in open(f"/proc/{pid}/smaps_rollup"):
+            if line.startswith("Pss_Anon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+def family(pid):
+    kids = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                kids.setdefault(int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1]), []).append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        out.append(todo.pop())
+        todo += kids.get(out[-1], [])
+    return out
+anon0 = anon(os.getpid())
+peak = {"self": anon0, "all": pss_anon(os.getpid())}
+done = threading.Event()
+def sample():
+    while not done.wait(0.5):
+        peak["self"] = max(peak["self"], anon(os.getpid()))
+        peak["all"] = max(peak["all"], sum(pss_anon(q) for q in family(os.getpid())))
+threading.Thread(target=sample, daemon=True).start()
 src = D.SourceSpec("finqa", Path(data_file), "jsonl", {"question": "question", "context": "context",
                    "answer": "answer", "id": "id"}, 0.15, 42, 0.05)
 meta = {"tokenizer_fingerprint": D.tokenizer_fingerprint(tok), "max_length": prompt["max_length"]}
@@ -83,7 +124,9 @@ else:
     D.save_dataset(built, out, meta)
     stats = built.stats
 wall = time.perf_counter() - t0
-print(json.dumps({"wall_s": wall, "cpu_s": cpu() - c0, "rss_before_bytes": before, "peak_rss_bytes": rss("VmHWM:"),
+done.set()
+print(json.dumps({"wall_s": wall, "cpu_s": cpu() - c0, "peak_anon_bytes": peak["self"],
+                  "peak_anon_all_bytes": peak["all"], "anon_before_bytes": anon0, "rss_before_bytes": before, "peak_rss_bytes": rss("VmHWM:"),
                   "worker_peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
                   "train_rows": stats["train_rows"], "eval_rows": stats["eval_rows"],
                   "rejected_rows": stats["rejected_rows"], "trained_tokens": stats["trained_tokens_per_epoch"],
@@ -192,6 +235,10 @@ def gib(b: int) -> str:
     return f"{b / 2**30:.2f} GiB"
 
 
+def _gib(r: dict, key: str) -> str:
+    return gib(r[key]) if r.get(key) is not None else "not measured"
+
+
 def _cpu(r: dict, rows: int | None = None) -> str:
     if "cpu_s" not in r:
         return "not measured"
@@ -213,8 +260,8 @@ def markdown(result: dict) -> str:
         f"new: `core.sft_dataset` with num_proc {result['num_proc']} (Arrow, save_to_disk, canonical version)",
         f"- command: `{result['command']}`",
         "",
-        "| code | rows | wall s | rows/s | CPU s | rows per CPU-s | peak RSS (run) | largest worker RSS | RSS before build | artifact | load start -> end |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| code | rows | wall s | rows/s | CPU s | rows per CPU-s | peak RSS (run) | largest worker RSS | RSS before build | peak private (run) | peak private (run + workers, PSS) | private before build | artifact | load start -> end |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["runs"]:
         if "error" in r:
@@ -224,6 +271,7 @@ def markdown(result: dict) -> str:
             f"| {r['impl']} | {r['rows']:,} | {r['wall_s']:.1f} | {r['rows'] / r['wall_s']:,.0f} | "
             f"{_cpu(r)} | {_cpu(r, r['rows'])} | "
             f"{gib(r['peak_rss_bytes'])} | {gib(r['worker_peak_rss_bytes'])} | {gib(r['rss_before_bytes'])} | "
+            f"{_gib(r, 'peak_anon_bytes')} | {_gib(r, 'peak_anon_all_bytes')} | {_gib(r, 'anon_before_bytes')} | "
             f"{r['artifact_bytes'] / 2**20:,.0f} MiB | {r['load_start']} -> {r['load_end']} |")
     for note in result["notes"]:
         lines += ["", note]
