@@ -337,6 +337,7 @@ class ComputeSpec(_Strict):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
     threads: Annotated[int, Field(ge=1)] | None = None  # torch CPU threads; null: torch's default
+    data_workers: Annotated[int, Field(ge=1)] | None = None  # processes tokenizing sft_dataset (Dataset.map num_proc); null: os.cpu_count(). Does not change the data or its version
 
 
 class AutomationSpec(_Strict):

@@ -13,8 +13,11 @@ previous good version untouched. Version dirs are never overwritten. The version
   content gives one directory; or
 - the hash of a derivation (input versions, code version, recipe section, seed), for trained
   artifacts, whose bytes differ between identical runs (GPU kernels, several processes): the
-  same request gives the same version, and `find_derived` finds it done. The manifest records
-  the content hash either way, as a fact.
+  same request gives the same version, and `find_derived` finds it done; or
+- a canonical content version the writer computes and sets (`Staging.version`), for data whose
+  file layout varies with how it was built (Arrow shards depend on the worker count): the hash
+  of a layout-free form of the content, so the same data keeps one version on any machine.
+The manifest records the content hash of the files in every case, as a fact.
 Nothing here imports Dagster or torch.
 """
 
@@ -70,6 +73,7 @@ class Staging:
     path: Path
     inputs: dict[str, str] = field(default_factory=dict)  # "asset[partition]" -> version
     extra: dict[str, Any] = field(default_factory=dict)
+    version: str | None = None  # set inside the block: a canonical content version (see the module doc)
     artifact: Artifact | None = None  # set when the block exits cleanly
 
 
@@ -101,7 +105,8 @@ class ArtifactStore:
         derivation: dict[str, Any] | None = None,
     ) -> Iterator[Staging]:
         """Stage an artifact; on clean exit hash it, write its manifest and rename it into place.
-        With `derivation`, the version is `derived_version(derivation)`, else the content hash.
+        With `derivation`, the version is `derived_version(derivation)`; else `staging.version` when
+        the block set it (a canonical content hash); else the content hash of the files.
 
         On any exception the staging directory is removed and the exception propagates: the
         previous version and LATEST pointer are untouched.
@@ -115,14 +120,18 @@ class ArtifactStore:
         try:
             yield staging
             content = content_hash(staging.path)
-            version = derived_version(derivation) if derivation is not None else content
+            if derivation is not None and staging.version is not None:
+                raise ValueError(f"{asset}: a version is either derived or set, not both")
+            basis = "derivation" if derivation is not None else "canonical" if staging.version else "content"
+            version = {"derivation": derived_version(derivation) if derivation is not None else "",
+                       "canonical": staging.version or "", "content": content}[basis]
             final = slot / version
             manifest = {
                 "asset": asset,
                 "partition": partition,
                 "version": version,
                 "content_hash": content,
-                "version_basis": "derivation" if derivation is not None else "content",
+                "version_basis": basis,
                 **({"derivation": derivation} if derivation is not None else {}),
                 "inputs": staging.inputs,
                 "recipe_hash": recipe_hash,

@@ -17,7 +17,7 @@ import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 IGNORE_INDEX = -100
 
@@ -67,32 +67,41 @@ class Example:
 
 def read_rows(path: str | Path, fmt: str) -> list[tuple[int, dict[str, Any]]]:
     """(line number, row) pairs. Line numbers are 1-based lines of the file (csv: of the record)."""
+    rows = list(iter_rows(path, fmt))
+    if not rows:
+        raise DataFileError(path, "file has no rows (only blank lines)")
+    return rows
+
+
+def iter_rows(path: str | Path, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """`read_rows` one row at a time (a build of millions of rows never holds them all). The
+    caller raises "no rows" when it gets none."""
     path = Path(path)
     if not path.is_file():
         raise DataFileError(path, "file not found; check datasets[].path in the recipe")
     if path.stat().st_size == 0:
         raise DataFileError(path, "file is empty; it needs at least one row")
     if fmt == "jsonl":
-        rows = _read_jsonl(path)
+        yield from _read_jsonl(path)
     elif fmt == "csv":
-        rows = _read_csv(path)
+        yield from _read_csv(path)
     elif fmt == "parquet":
         import pyarrow.parquet as pq
 
         try:
-            table = pq.read_table(path)
+            batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+            line = 0
+            for batch in batches:
+                for r in batch.to_pylist():
+                    line += 1
+                    yield line, r
         except Exception as exc:  # pyarrow raises several types for corrupt files
             raise DataFileError(path, f"not a readable parquet file ({exc})") from None
-        rows = [(i + 1, r) for i, r in enumerate(table.to_pylist())]
     else:
         raise DataFileError(path, f"unknown format {fmt!r}; use jsonl, csv or parquet")
-    if not rows:
-        raise DataFileError(path, "file has no rows (only blank lines)")
-    return rows
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    rows = []
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
@@ -111,26 +120,24 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
                 ) from None
             if not isinstance(obj, dict):
                 raise DataFileError(path, f"each line must be a JSON object, got {type(obj).__name__}", lineno)
-            rows.append((lineno, obj))
-    return rows
+            yield lineno, obj
 
 
-def _read_csv(path: Path) -> list[tuple[int, dict[str, Any]]]:
+def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    # The text is decoded whole (a decoding error names its line); the rows are yielded one by one.
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
         raise DataFileError(path, "not UTF-8; re-save the file as UTF-8", line) from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    rows = []
     try:
         for rec in reader:
             if None in rec:  # more cells than header columns
                 raise DataFileError(path, "more cells than header columns; quote fields with commas", reader.line_num)
-            rows.append((reader.line_num, dict(rec)))  # values stay strings: no type guessing
+            yield reader.line_num, dict(rec)  # values stay strings: no type guessing
     except csv.Error as exc:
         raise DataFileError(path, f"not valid CSV ({exc})", reader.line_num) from None
-    return rows
 
 
 # --------------------------------------------------------------------------------------
@@ -139,7 +146,12 @@ def _read_csv(path: Path) -> list[tuple[int, dict[str, Any]]]:
 
 
 def check_columns(path: str | Path, rows: list[tuple[int, dict]], columns: dict[str, str | None]) -> None:
-    found = sorted({k for _, r in rows for k in r})
+    check_column_names(path, {k for _, r in rows for k in r}, columns)
+
+
+def check_column_names(path: str | Path, names: Iterable[str], columns: dict[str, str | None]) -> None:
+    """DataFileError unless every mapped column is among `names` (the columns seen in the file)."""
+    found = sorted(set(names))
     missing = {f: c for f, c in columns.items() if c is not None and c not in found}
     if missing:
         expected = ", ".join(f"{f} <- {c!r}" for f, c in columns.items() if c is not None)
@@ -156,19 +168,33 @@ def validate_rows(
     kept, rejected = [], []
     seen: dict[tuple, int] = {}
     for lineno, row in rows:
-        values, problem = text_fields(row, columns, ("question", "context", "answer"))
-        rid = row_id(row, columns)
-        if problem:
-            rejected.append(Rejected(lineno, problem[1], problem[0], rid, row))
+        ex, rej = validate_row(lineno, row, columns, task)
+        if rej is not None:
+            rejected.append(rej)
             continue
-        key = (values["question"], values["context"], values["answer"])
+        key = duplicate_key(ex)
         if key in seen:
-            rejected.append(Rejected(lineno, f"exact duplicate of line {seen[key]}", None, rid, row))
+            rejected.append(Rejected(lineno, f"exact duplicate of line {seen[key]}", None, row_id(row, columns), row))
             continue
         seen[key] = lineno
-        rid = rid or _stable_id(*key)
-        kept.append(Example(rid, values["question"], values["context"], values["answer"], lineno, task))
+        kept.append(ex)
     return kept, rejected
+
+
+def validate_row(lineno: int, row: dict, columns: dict[str, str | None], task: str = ""
+                 ) -> tuple[Example | None, Rejected | None]:
+    """One row's Example, or its rejection (duplicates aside: see `duplicate_key`)."""
+    values, problem = text_fields(row, columns, ("question", "context", "answer"))
+    rid = row_id(row, columns)
+    if problem:
+        return None, Rejected(lineno, problem[1], problem[0], rid, row)
+    rid = rid or _stable_id(values["question"], values["context"], values["answer"])
+    return Example(rid, values["question"], values["context"], values["answer"], lineno, task), None
+
+
+def duplicate_key(ex: Example) -> tuple:
+    """Two rows with the same key are exact duplicates (the later one is rejected)."""
+    return (ex.question, ex.context, ex.answer)
 
 
 def text_fields(row: dict, columns: dict[str, str | None], fields: tuple[str, ...]
@@ -252,9 +278,14 @@ def eval_size(n_usable: int, eval_fraction: float) -> int:
     return max(1, round(n_usable * eval_fraction)) if n_usable > 1 else 0
 
 
+def split_rank(ex: Example, seed: int) -> str:
+    """The row's place in the seeded split order (the smallest ranks are held out)."""
+    return hashlib.sha256(f"{seed}:{ex.task}:{ex.id}".encode()).hexdigest()
+
+
 def split_examples(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """Seeded hash order by row id: stable when other rows change, exact eval size."""
-    order = sorted(examples, key=lambda e: hashlib.sha256(f"{seed}:{e.task}:{e.id}".encode()).hexdigest())
+    order = sorted(examples, key=lambda e: split_rank(e, seed))
     n_eval = eval_size(len(examples), eval_fraction)
     eval_ids = {id(e) for e in order[:n_eval]}
     train = [e for e in examples if id(e) not in eval_ids]
@@ -352,81 +383,11 @@ def sft_sources(recipe) -> list[SourceSpec]:
             for ds in recipe.datasets]
 
 
-@dataclass
-class BuiltDataset:
-    train: list[Example]
-    eval: list[Example]
-    rejected: list[tuple[str, Rejected]]  # (source name, rejection)
-    stats: dict[str, Any]
+def build_sft_dataset(sources: Iterable[SourceSpec], tokenizer, **kw):
+    """Every source read, validated, formatted and split, into Arrow: `core.sft_dataset.build_sft_dataset`."""
+    from .sft_dataset import build_sft_dataset as build
 
-
-def build_sft_dataset(
-    sources: Iterable[SourceSpec], tokenizer, *, system: str | None, template: str,
-    template_without_context: str, max_length: int, mixture_seed: int = 0,
-) -> BuiltDataset:
-    """Every source read, validated, formatted and split. With mixture weights, the training
-    split is `core.mixture.mix` of the sources' training rows (seeded by `mixture_seed`); the
-    eval split always keeps every held-out row of every task, so per-task metrics are exact."""
-    sources = list(sources)
-    train, evals, rejected, per_source = [], [], [], {}
-    train_by_task: dict[str, list[Example]] = {}
-    for src in sources:
-        rows = read_rows(src.path, src.format)
-        check_columns(src.path, rows, src.columns)
-        kept, rej = validate_rows(rows, src.columns, task=src.name)
-        usable = []
-        for ex in kept:
-            msgs = build_messages(ex, system, template, template_without_context)
-            reason = format_example(tokenizer, ex, msgs, max_length)
-            if reason:
-                rej.append(Rejected(ex.line, reason, "prompt", ex.id))
-            else:
-                usable.append(ex)
-        frac = len(rej) / len(rows)
-        if not usable:
-            raise DataFileError(src.path, f"every row was rejected ({len(rej)} rows); first reason: "
-                                f"line {rej[0].line}: {rej[0].reason}", rejected=rej)
-        if frac > src.max_rejected_fraction:
-            worst = "; ".join(f"line {r.line}: {r.reason}" for r in sorted(rej, key=lambda r: r.line)[:5])
-            raise DataFileError(
-                src.path,
-                f"{len(rej)} of {len(rows)} rows rejected ({frac:.0%} > max_rejected_fraction "
-                f"{src.max_rejected_fraction:.0%}). First: {worst}",
-                rejected=rej,
-            )
-        tr, ev = split_examples(usable, src.eval_fraction, src.split_seed)
-        train += tr
-        train_by_task[src.name] = tr
-        evals += ev
-        rejected += [(src.name, r) for r in rej]
-        per_source[src.name] = {"rows": len(rows), "kept": len(usable), "rejected": len(rej),
-                                "train": len(tr), "eval": len(ev)}
-    mixture = None
-    weights = {s.name: s.weight for s in sources if s.weight is not None}
-    if weights:
-        from .mixture import mix
-
-        train, counts = mix(train_by_task, weights, mixture_seed)
-        total_w = sum(weights.values())
-        mixture = {t: {"weight": weights[t], "share": round(weights[t] / total_w, 4), "rows": counts[t],
-                       "unique_rows": len(train_by_task[t])} for t in sorted(weights)}
-        for t, info in mixture.items():
-            per_source[t]["mixed_train"] = info["rows"]
-    lengths = sorted(len(e.input_ids) for e in train + evals)
-    stats = {
-        "sources": per_source,
-        "train_rows": len(train),
-        "eval_rows": len(evals),
-        "rejected_rows": len(rejected),
-        "tokens": {
-            "min": lengths[0], "max": lengths[-1], "mean": round(sum(lengths) / len(lengths), 1),
-            "p50": lengths[len(lengths) // 2], "p95": lengths[min(len(lengths) - 1, int(len(lengths) * 0.95))],
-        },
-        "trained_tokens_per_epoch": sum(sum(1 for x in e.labels if x != IGNORE_INDEX) for e in train),
-    }
-    if mixture is not None:
-        stats["mixture"] = {"seed": mixture_seed, "tasks": mixture}
-    return BuiltDataset(train, evals, rejected, stats)
+    return build(sources, tokenizer, **kw)
 
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
@@ -435,16 +396,17 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
             fh.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
 
 
-def save_dataset(ds: BuiltDataset, out_dir: Path, meta: dict[str, Any]) -> None:
-    write_jsonl(out_dir / "train.jsonl", (e.to_json() for e in ds.train))
-    write_jsonl(out_dir / "eval.jsonl", (e.to_json() for e in ds.eval))
-    write_jsonl(out_dir / "rejected.jsonl", ({"source": s, **asdict(r)} for s, r in ds.rejected))
-    (out_dir / "dataset_info.json").write_text(json.dumps({**meta, **ds.stats}, indent=2, sort_keys=True) + "\n")
+def save_dataset(ds, out_dir: Path, meta: dict[str, Any]) -> None:
+    from .sft_dataset import save_dataset as save
+
+    save(ds, out_dir, meta)
 
 
-def load_split(dataset_dir: str | Path, split: str) -> list[Example]:
-    with (Path(dataset_dir) / f"{split}.jsonl").open(encoding="utf-8") as fh:
-        return [Example(**json.loads(line)) for line in fh if line.strip()]
+def load_split(dataset_dir: str | Path, split: str):
+    """A split of an sft_dataset artifact as a sequence of Examples (`core.sft_dataset.load_split`)."""
+    from .sft_dataset import load_split as load
+
+    return load(dataset_dir, split)
 
 
 def dataset_info(dataset_dir: str | Path) -> dict[str, Any]:

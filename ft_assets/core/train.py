@@ -51,12 +51,13 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 
 from . import packing as P
 from .data import IGNORE_INDEX, Example
+from .sft_dataset import row_ids, row_lengths, take as take_rows
 from .preemption import Preempted, checkpoint_lock, stop_requests
 from .packing import collate  # noqa: F401  (the padded micro-batch; `train.collate` stays its public name)
 from .prepared import LossSum, TokenLoss, prepare
@@ -160,8 +161,9 @@ class TrainResult:
 GROUP_STEPS = 8  # length grouping sorts within mega-batches of this many optimizer steps
 
 
-def batches(examples: list[Example], cfg: TrainConfig, start_step: int = 0) -> Iterator[list[list[Example]]]:
-    """Yield, per optimizer step, `grad_accum` micro-batches. Epoch e uses shuffle seed+e.
+def batches(examples: Sequence[Example], cfg: TrainConfig, start_step: int = 0) -> Iterator[list[list[Example]]]:
+    """Yield, per optimizer step, `grad_accum` micro-batches. Epoch e uses shuffle seed+e. Only
+    the rows of a step are read (`examples` may be a memory-mapped `core.sft_dataset.SftRows`).
 
     With `group_by_length`, each epoch's shuffled order is sorted by length within mega-batches of
     GROUP_STEPS steps (aligned to step boundaries), and each step's rows longest-first, so every
@@ -185,17 +187,17 @@ def batches(examples: list[Example], cfg: TrainConfig, start_step: int = 0) -> I
             chunk += take
             position += len(take)
         if step >= start_step:
-            if group:
-                chunk = sorted(chunk, key=lambda i: (-len(examples[i].input_ids), i))
             rows = [examples[i] for i in chunk]
+            if group:
+                rows = [r for _, r in sorted(zip(chunk, rows), key=lambda p: (-len(p[1].input_ids), p[0]))]
             yield [rows[i: i + cfg.batch_size] for i in range(0, per_step, cfg.batch_size)]
 
 
-def _length_grouped(order: list[int], examples: list[Example], per_step: int, head: int, seed: int) -> list[int]:
+def _length_grouped(order: list[int], examples: Sequence[Example], per_step: int, head: int, seed: int) -> list[int]:
     """The first `head` indices complete the step in progress; the rest is length-sorted within
     mega-batches of GROUP_STEPS steps, cut into steps, and the steps of each mega-batch shuffled."""
     head = head % per_step
-    lengths = [len(e.input_ids) for e in examples]
+    lengths = row_lengths(examples)
     rest = P.length_grouped(order[head:], lengths, per_step * GROUP_STEPS)
     steps = [rest[i: i + per_step] for i in range(0, len(rest), per_step)]
     rng = random.Random(seed)
@@ -393,7 +395,7 @@ def train(
     model: torch.nn.Module,
     method,
     spec: Any,
-    examples: list[Example],
+    examples: Sequence[Example],
     cfg: TrainConfig,
     *,
     pad_id: int,
@@ -497,7 +499,7 @@ def train(
 # --------------------------------------------------------------------------------------
 
 
-def split_validation(examples: list[Example], cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
+def split_validation(examples: Sequence[Example], cfg: TrainConfig) -> tuple[Sequence[Example], list[Example]]:
     """(rows to train on, rows held out for validation loss). The held-out rows are the
     `validation_rows(n)` with the smallest seeded hash of their id: a pure function of the rows
     and seed, and a row keeps its side when other rows are added. Never the eval split: that
@@ -508,10 +510,11 @@ def split_validation(examples: list[Example], cfg: TrainConfig) -> tuple[list[Ex
     if len(examples) - n_held < 1:
         raise ValueError(f"validation_fraction {cfg.validation_fraction} of {len(examples)} training rows leaves "
                          "none to train on; lower it or add rows")
-    rank = sorted(range(len(examples)), key=lambda i: (
-        hashlib.sha256(f"{cfg.seed}:{examples[i].id}".encode()).hexdigest(), i))
+    ids = row_ids(examples)
+    rank = sorted(range(len(examples)), key=lambda i: (hashlib.sha256(f"{cfg.seed}:{ids[i]}".encode()).hexdigest(), i))
     held = set(rank[:n_held])
-    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
+    return (take_rows(examples, [i for i in range(len(examples)) if i not in held]),
+            list(take_rows(examples, sorted(held))))
 
 
 def validation_loss(model, prepared, rows: list[Example], batch_size: int, device: str, autocast_dtype) -> float:

@@ -24,7 +24,7 @@ RETRY_ON_STEP_FAILURE_TAG = "dagster/retry_on_asset_or_op_failure"
 # Bump a stage's number when its code changes what it produces; Dagster then marks that
 # stage and everything downstream stale.
 STAGE_VERSIONS = {
-    "sft_dataset": "1",
+    "sft_dataset": "2",  # 2: Arrow splits (was JSONL)
     "base_model": "1",
     "quantized_base": "1",
     "adapter": "1",

@@ -5,6 +5,8 @@
 - validates rows (missing/blank/non-text fields, duplicates, too long): rejected rows are
   counted, written to `rejected.jsonl` beside the artifact, and fail the asset above
   `max_rejected_fraction`;
+- streams the rows and tokenizes them in `compute.data_workers` processes into Arrow splits,
+  versioned by a hash of their content in row order (`core.sft_dataset`: layout and guarantees);
 - renders each row with the base model's chat template and masks labels so only the answer
   and its end-of-turn token train;
 - splits train/eval by a seeded hash of each row's id (stable under edits of other rows);
@@ -15,11 +17,10 @@ Blocking check `trainable`: not empty, no example fully masked, end-of-turn toke
 """
 
 
-from dataclasses import asdict
-
 import dagster as dg
 
 from ..core import data
+from ..core import sft_dataset as sft
 from ..core.models import load_tokenizer
 from ..recipe import Recipe
 from ..store import Artifact, file_hash
@@ -28,81 +29,54 @@ from .raw import raw_key
 from .resources import StoreResource
 
 
-def check_trainable(examples: list[data.Example], eos_id: int) -> list[str]:
-    problems = []
-    if not examples:
-        problems.append("the training split is empty")
-    for ex in examples:
-        labelled = [t for t in ex.labels if t != data.IGNORE_INDEX]
-        if not labelled:
-            problems.append(f"example {ex.id} (line {ex.line}) has no labelled token")
-        elif labelled[-1] != eos_id:
-            problems.append(f"example {ex.id} (line {ex.line}) does not end its labels with end-of-turn")
-    return problems
-
-
 def build(recipe: Recipe) -> list:
     cv = c.code_version("sft_dataset", recipe, "datasets", "prompt", "seed")
 
     @dg.asset(
         group_name="data",
-        kinds={"jsonl"},
+        kinds={"arrow"},
         deps=[raw_key(ds) for ds in recipe.datasets],
         code_version=cv,
         check_specs=[dg.AssetCheckSpec("trainable", asset="sft_dataset", blocking=True,
                                        description="not empty; no example fully masked; end-of-turn labelled")],
     )
     def sft_dataset(context: dg.AssetExecutionContext, store: StoreResource, base_model: Artifact):
-        """Validated, chat-formatted, answer-masked train/eval splits of every recipe dataset."""
+        """Validated, chat-formatted, answer-masked train/eval splits of every recipe dataset (Arrow)."""
         tok = load_tokenizer(base_model.path)
         sources = data.sft_sources(recipe)
         try:
-            built = data.build_sft_dataset(
-                sources, tok, system=recipe.prompt.system, template=recipe.prompt.template,
+            made = sft.write_sft_dataset(
+                store.store(), sources, tok, system=recipe.prompt.system, template=recipe.prompt.template,
                 template_without_context=recipe.prompt.template_without_context,
-                max_length=recipe.prompt.max_length, mixture_seed=recipe.seed,
-            )
+                max_length=recipe.prompt.max_length, seed=recipe.seed, num_proc=recipe.compute.data_workers,
+                inputs={**{f"raw/{s.name}": file_hash(s.path)[:16] for s in sources}, **c.inputs_of(base_model)},
+                recipe_hash=recipe.recipe_hash, code_version=cv, preview_rows=recipe.evaluation.preview_rows)
         except data.DataFileError as exc:
             if exc.rejected:  # no artifact is written, but the user needs the list to fix the file
-                report = store.store().slot("sft_dataset", None) / "rejected_rows.jsonl"
-                report.parent.mkdir(parents=True, exist_ok=True)
-                data.write_jsonl(report, ({"file": exc.path, **asdict(r)} for r in exc.rejected))
+                report = sft.write_rejection_report(store.store(), exc)
                 raise c.user_error(exc, f"All {len(exc.rejected)} rejected rows, with reasons: {report}") from None
             raise c.user_error(exc) from None
-        meta = {"tokenizer_fingerprint": data.tokenizer_fingerprint(tok), "max_length": recipe.prompt.max_length,
-                "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-        with store.store().write("sft_dataset", recipe_hash=recipe.recipe_hash, seed=recipe.seed,
-                                 code_version=cv) as st:
-            st.inputs = {**{f"raw/{s.name}": file_hash(s.path)[:16] for s in sources}, **c.inputs_of(base_model)}
-            data.save_dataset(built, st.path, meta)
-        art = st.artifact
-        for source, rej in built.rejected[:20]:
+        for source, rej in made.rejected[:20]:
             context.log.warning(f"rejected {source} line {rej.line}: {rej.reason}")
-        preview = [{"id": e.id, "task": e.task, "question": e.question, "answer": e.answer,
-                    "tokens": len(e.input_ids), "answer_tokens": len(e.input_ids) - e.prompt_len}
-                   for e in built.train[: recipe.evaluation.preview_rows]]
-        rejected = [{"source": s, "line": r.line, "field": r.field, "reason": r.reason} for s, r in built.rejected[:50]]
+        stats = made.stats
+        rejected = [{"source": s, "line": r.line, "field": r.field, "reason": r.reason} for s, r in made.rejected[:50]]
         extra = {}
-        if "mixture" in built.stats:  # multi-task: what the training split holds of each task
-            mix = built.stats["mixture"]["tasks"]
-            extra["mixture"] = c.table([{"task": t, **v} for t, v in mix.items()],
+        if "mixture" in stats:  # multi-task: what the training split holds of each task
+            extra["mixture"] = c.table([{"task": t, **v} for t, v in stats["mixture"]["tasks"].items()],
                                        ["task", "weight", "share", "rows", "unique_rows"])
-        yield c.output(art, {
+        yield c.output(made.artifact, {
             **extra,
-            "rows_kept": built.stats["train_rows"] + built.stats["eval_rows"],
-            "rows_rejected": built.stats["rejected_rows"],
-            "train_rows": built.stats["train_rows"],
-            "eval_rows": built.stats["eval_rows"],
-            "token_lengths": dg.MetadataValue.json(built.stats["tokens"]),
-            "trained_tokens_per_epoch": built.stats["trained_tokens_per_epoch"],
-            "per_source": dg.MetadataValue.json(built.stats["sources"]),
-            "preview": c.table(preview, ["id", "task", "question", "answer", "tokens", "answer_tokens"]),
+            "rows_kept": stats["train_rows"] + stats["eval_rows"], "rows_rejected": stats["rejected_rows"],
+            "train_rows": stats["train_rows"], "eval_rows": stats["eval_rows"],
+            "token_lengths": dg.MetadataValue.json(stats["tokens"]),
+            "trained_tokens_per_epoch": stats["trained_tokens_per_epoch"],
+            "per_source": dg.MetadataValue.json(stats["sources"]), "num_proc": made.num_proc,
+            "preview": c.table(made.preview, ["id", "task", "question", "answer", "tokens", "answer_tokens"]),
             "rejected": c.table(rejected, ["source", "line", "field", "reason"]),
         })
-        problems = check_trainable(built.train, tok.eos_token_id)
         yield dg.AssetCheckResult(
-            check_name="trainable", passed=not problems,
-            metadata={"problems": dg.MetadataValue.json(problems[:20]), "train_rows": len(built.train)},
+            check_name="trainable", passed=not made.problems,
+            metadata={"problems": dg.MetadataValue.json(made.problems[:20]), "train_rows": stats["train_rows"]},
         )
 
     return [sft_dataset]

@@ -6,6 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from ft_assets.core import data
+from ft_assets.core.sft_dataset import canonical_version
 from ft_assets_tests.conftest import qa_rows, write_jsonl
 
 COLS = {"question": "question", "context": "context", "answer": "answer", "id": "id"}
@@ -135,5 +136,5 @@ def test_build_is_deterministic(tok, tmp_path):
         d = tmp_path / name
         d.mkdir()
         data.save_dataset(build(tok, source(p)), d, {"k": 1})
-        out.append((d / "train.jsonl").read_bytes() + (d / "eval.jsonl").read_bytes())
+        out.append((canonical_version(d), [(e.id, e.input_ids, e.labels) for e in data.load_split(d, "train")]))
     assert out[0] == out[1]

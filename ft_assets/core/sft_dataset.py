@@ -1,0 +1,518 @@
+"""`sft_dataset` at scale: a streamed build into Arrow, a canonical version, memory-mapped reading.
+
+Layout of the artifact directory::
+
+    train/  eval/        Arrow datasets (`datasets` save_to_disk; the shard files depend on num_proc),
+                         one row per example: `data.Example`'s fields (`input_ids`/`labels` int32
+                         lists, fields other than text/line/tokens as JSON text) + `length` (tokens)
+    rejected.jsonl       every rejected row: source, line, reason, field, id, row (null for duplicates)
+    dataset_info.json    tokenizer fingerprint, max_length, eos/pad ids, row and token statistics
+
+Guarantees:
+- The build never holds a source's rows as Python objects: rows stream from the file through
+  `data.validate_row` into an Arrow file; the duplicate check and the seeded split keep two 8-byte
+  hashes per row (numpy; a hash match is confirmed on the texts); `data.format_example` runs in
+  `Dataset.map(batched=True, num_proc=N)`; train/eval are index selections written by save_to_disk.
+  The rows, their order and the rejections are those of `data`'s per-row functions in file order,
+  for any N.
+- `canonical_version(dir)`: sha256 over each split's column values in row order (not the Arrow
+  files' bytes) and the bytes of rejected.jsonl and dataset_info.json: the same data keeps one
+  version whatever N and the shard layout.
+- `load_split` memory-maps a split: `SftRows` is a sequence of `Example`s read row by row, whose
+  lengths and ids come from columns, so training reads only the rows of each batch.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from . import data as D
+from .data import IGNORE_INDEX, DataFileError, Example, Rejected, SourceSpec
+
+SPLITS = ("train", "eval")
+TEXT_FIELDS = ("id", "task", "question", "context", "answer")
+TOKEN_FIELDS = ("input_ids", "labels")
+BATCH_ROWS = 10_000  # rows per Arrow record batch written, and per batch hashed
+MAP_BATCH_ROWS = 1_000  # rows per Dataset.map call
+MIN_ROWS_PER_WORKER = 1_000  # fewer rows per tokenizing process cost more in start-up than they save
+
+
+def json_fields() -> list[str]:
+    """Example fields that are neither text, line nor tokens: stored as JSON text."""
+    return [f.name for f in dataclasses.fields(Example) if f.name not in (*TEXT_FIELDS, "line", *TOKEN_FIELDS)]
+
+
+def example_of(row: dict[str, Any]) -> Example:
+    """The Example of one stored row (a dict of column values)."""
+    kw: dict[str, Any] = {n: row[n] for n in (*TEXT_FIELDS, "line")}
+    kw.update({n: json.loads(row[n]) for n in json_fields() if n in row})
+    kw.update({n: list(row[n]) for n in TOKEN_FIELDS if n in row})
+    return Example(**kw)
+
+
+def _record(ex: Example) -> dict[str, Any]:
+    out: dict[str, Any] = {n: getattr(ex, n) for n in (*TEXT_FIELDS, "line")}
+    out.update({n: json.dumps(getattr(ex, n), ensure_ascii=False) for n in json_fields()})
+    return out
+
+
+def _text_schema():
+    import pyarrow as pa
+
+    return pa.schema([pa.field(n, pa.string()) for n in TEXT_FIELDS] + [pa.field("line", pa.int64())]
+                     + [pa.field(n, pa.string()) for n in json_fields()])
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No `datasets` progress bars (they flood the run's logs)."""
+    import datasets
+
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+# --------------------------------------------------------------------------------------
+# reading: a memory-mapped split as a sequence of Examples
+# --------------------------------------------------------------------------------------
+
+
+class SftRows(Sequence[Example]):
+    """A split on disk (a `datasets.Dataset`, memory-mapped): `rows[i]` reads one Example,
+    `rows[a:b]` a list of them; `lengths()` and `ids()` read a column, not the rows."""
+
+    def __init__(self, dataset, keep: Any = None):
+        self.dataset = dataset
+        self._keep = keep  # what must outlive the rows (the temporary directory of their files)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            idx = range(len(self))[i]
+            return [example_of(r) for r in _iter_dicts(self.dataset.select(idx))] if len(idx) else []
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return example_of(self.dataset[i])
+
+    def __iter__(self) -> Iterator[Example]:
+        for r in _iter_dicts(self.dataset):
+            yield example_of(r)
+
+    def __add__(self, other: Sequence[Example]):
+        return self if not len(other) else [*self, *other]  # a few replayed rows: materialized
+
+    def __repr__(self) -> str:
+        return f"SftRows({len(self)} rows)"
+
+    def column(self, name: str):
+        """One column in row order (a pyarrow ChunkedArray)."""
+        return self.dataset.select_columns([name]).with_format("arrow")[:].column(name)
+
+    def lengths(self) -> np.ndarray:
+        return self.column("length").to_numpy()
+
+    def ids(self) -> list[str]:
+        return self.column("id").to_pylist()
+
+    def select(self, indices: Iterable[int]) -> "SftRows":
+        return SftRows(self.dataset.select(indices), self._keep)
+
+
+def _iter_dicts(dataset, batch_size: int = 256) -> Iterator[dict[str, Any]]:
+    for batch in dataset.iter(batch_size=batch_size):
+        keys = list(batch)
+        for values in zip(*(batch[k] for k in keys)):
+            yield dict(zip(keys, values))
+
+
+def row_lengths(rows: Sequence[Example]) -> Sequence[int]:
+    """Token count of every row; a column read for `SftRows`."""
+    return rows.lengths() if isinstance(rows, SftRows) else [len(e.input_ids) for e in rows]
+
+
+def row_ids(rows: Sequence[Example]) -> list[str]:
+    return rows.ids() if isinstance(rows, SftRows) else [e.id for e in rows]
+
+
+def take(rows: Sequence[Example], indices: Sequence[int]) -> Sequence[Example]:
+    """`rows` at `indices`, in that order; an `SftRows` stays on disk."""
+    return rows.select(list(indices)) if isinstance(rows, SftRows) else [rows[i] for i in indices]
+
+
+def load_split(dataset_dir: str | Path, split: str) -> Sequence[Example]:
+    """One split of an sft_dataset artifact: memory-mapped `SftRows`; a list for artifacts of the
+    JSONL layout (before Arrow)."""
+    d = Path(dataset_dir)
+    if (d / split).is_dir():
+        import datasets
+
+        with _quiet():
+            return SftRows(datasets.load_from_disk(str(d / split)))
+    with (d / f"{split}.jsonl").open(encoding="utf-8") as fh:
+        return [Example(**json.loads(line)) for line in fh if line.strip()]
+
+
+# --------------------------------------------------------------------------------------
+# the build
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class BuiltDataset:
+    train: Sequence[Example]  # SftRows over Arrow files in the build's work directory
+    eval: Sequence[Example]
+    rejected: list[tuple[str, Rejected]]  # (source name, rejection)
+    stats: dict[str, Any]
+    num_proc: int = 1
+
+
+@dataclass
+class _Validated:
+    """One source after reading and validation: kept rows in an Arrow file, hashes in numpy."""
+
+    rows: int
+    rejected: list[Rejected]  # validation rejections, duplicates included, by line
+    dup_of: dict[int, int]  # kept-row index -> index of the row it duplicates
+    split_rank: np.ndarray  # uint64 per kept row: its place in the seeded split order
+
+
+def _validate_source(src: SourceSpec, arrow_path: Path) -> _Validated:
+    import pyarrow as pa
+
+    schema = _text_schema()
+    names: set[str] = set()
+    n_rows, rejected, buf = 0, [], []
+    dup_hash, rank = array.array("Q"), array.array("Q")
+    with pa.OSFile(str(arrow_path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for lineno, row in D.iter_rows(src.path, src.format):
+            n_rows += 1
+            names.update(row)
+            ex, rej = D.validate_row(lineno, row, src.columns, task=src.name)
+            if rej is not None:
+                rejected.append(rej)
+                continue
+            buf.append(_record(ex))
+            dup_hash.append(_hash64(json.dumps(D.duplicate_key(ex))))
+            rank.append(int(D.split_rank(ex, src.split_seed)[:16], 16))
+            if len(buf) >= BATCH_ROWS:
+                writer.write_batch(pa.RecordBatch.from_pylist(buf, schema=schema))
+                buf.clear()
+        if buf:
+            writer.write_batch(pa.RecordBatch.from_pylist(buf, schema=schema))
+    if not n_rows:
+        raise DataFileError(src.path, "file has no rows (only blank lines)")
+    D.check_column_names(src.path, names, src.columns)
+    dup_of = _duplicates(np.frombuffer(dup_hash, dtype=np.uint64), arrow_path)
+    return _Validated(n_rows, rejected, dup_of, np.frombuffer(rank, dtype=np.uint64))
+
+
+def _duplicates(hashes: np.ndarray, arrow_path: Path) -> dict[int, int]:
+    """Rows whose duplicate key equals an earlier row's: hash runs, confirmed on the texts."""
+    if len(hashes) < 2:
+        return {}
+    order = np.argsort(hashes, kind="stable")
+    ordered = hashes[order]
+    repeat = np.nonzero(ordered[1:] == ordered[:-1])[0] + 1
+    if not len(repeat):
+        return {}
+    import pyarrow as pa
+
+    with pa.memory_map(str(arrow_path)) as src:
+        table = pa.ipc.open_stream(src).read_all()
+
+    def key(i: int) -> tuple:
+        return D.duplicate_key(example_of(table.slice(int(i), 1).to_pylist()[0]))
+
+    out: dict[int, int] = {}
+    run_start = np.maximum.accumulate(np.where(np.r_[True, ordered[1:] != ordered[:-1]], np.arange(len(ordered)), 0))
+    for pos in repeat:
+        first, row = int(order[run_start[pos]]), int(order[pos])
+        if key(first) == key(row):  # else two texts share 64 bits of hash: both stay
+            out[row] = first
+    return out
+
+
+def _format_batch(batch: dict[str, list], tokenizer, system, template, template_without_context, max_length):
+    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "rejected_because": []}
+    for values in zip(*batch.values()):
+        ex = example_of(dict(zip(batch, values)))
+        reason = D.format_example(tokenizer, ex, D.build_messages(ex, system, template, template_without_context),
+                                  max_length)
+        out["input_ids"].append(ex.input_ids if not reason else [])
+        out["labels"].append(ex.labels if not reason else [])
+        out["length"].append(len(ex.input_ids) if not reason else 0)
+        out["rejected_because"].append(reason or "")
+    return out
+
+
+def _tokenize(arrow_path: Path, work: Path, num_proc: int, fmt_kwargs: dict[str, Any]):
+    import datasets
+
+    ds = datasets.Dataset.from_file(str(arrow_path))
+    features = datasets.Features({**ds.features, "input_ids": datasets.Sequence(datasets.Value("int32")),
+                                  "labels": datasets.Sequence(datasets.Value("int32")),
+                                  "length": datasets.Value("int32"), "rejected_because": datasets.Value("string")})
+    procs = max(1, min(num_proc, len(ds) // MIN_ROWS_PER_WORKER))
+    return ds.map(_format_batch, batched=True, batch_size=MAP_BATCH_ROWS, num_proc=procs if procs > 1 else None,
+                  fn_kwargs=fmt_kwargs, features=features, cache_file_name=str(work / f"{arrow_path.stem}-tokens.arrow"),
+                  new_fingerprint=uuid.uuid4().hex, load_from_cache_file=False, desc=None)
+
+
+def build_sft_dataset(
+    sources: Iterable[SourceSpec], tokenizer, *, system: str | None, template: str,
+    template_without_context: str, max_length: int, mixture_seed: int = 0, num_proc: int | None = None,
+    work_dir: str | Path | None = None,
+) -> BuiltDataset:
+    """Every source read, validated, formatted and split (see `core.data` for the rules). With
+    mixture weights, the training split is `core.mixture.mix` of the sources' training rows
+    (seeded by `mixture_seed`); the eval split keeps every held-out row of every task. The rows
+    live in Arrow files under `work_dir` (default: a temporary directory the result keeps alive)."""
+    import datasets
+
+    sources = list(sources)
+    num_proc = max(1, num_proc or os.cpu_count() or 1)
+    tmp = None
+    if work_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="ft-sft-")
+        work_dir = tmp.name
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    fmt_kwargs = dict(tokenizer=tokenizer, system=system, template=template,
+                      template_without_context=template_without_context, max_length=max_length)
+    with _quiet():
+        parts, rejected, per_source, train_by_task, eval_idx = [], [], {}, {}, []
+        offset = 0
+        for k, src in enumerate(sources):
+            arrow_path = work / f"source-{k}.arrow"
+            v = _validate_source(src, arrow_path)
+            rej = list(v.rejected)
+            n_kept = len(v.split_rank)
+            usable = np.ones(n_kept, dtype=bool)
+            tokens = _tokenize(arrow_path, work, num_proc, fmt_kwargs) if n_kept else None
+            if tokens is not None:
+                lines = tokens.data.column("line").to_numpy()
+                ids = tokens.data.column("id")
+                rej += [Rejected(int(lines[row]), f"exact duplicate of line {lines[first]}", None, ids[row].as_py())
+                        for row, first in v.dup_of.items()]
+                rej.sort(key=lambda r: r.line)  # validation's rejections in file order, as one pass gives them
+                usable[list(v.dup_of)] = False
+                reasons = tokens.data.column("rejected_because").to_numpy(zero_copy_only=False)
+                bad = np.nonzero((reasons != "") & usable)[0]
+                rej += [Rejected(int(lines[i]), str(reasons[i]), "prompt", ids[int(i)].as_py()) for i in bad]
+                usable[bad] = False
+            n_usable = int(usable.sum())
+            frac = len(rej) / v.rows
+            if not n_usable:
+                raise DataFileError(src.path, f"every row was rejected ({len(rej)} rows); first reason: "
+                                    f"line {rej[0].line}: {rej[0].reason}", rejected=rej)
+            if frac > src.max_rejected_fraction:
+                worst = "; ".join(f"line {r.line}: {r.reason}" for r in sorted(rej, key=lambda r: r.line)[:5])
+                raise DataFileError(
+                    src.path,
+                    f"{len(rej)} of {v.rows} rows rejected ({frac:.0%} > max_rejected_fraction "
+                    f"{src.max_rejected_fraction:.0%}). First: {worst}",
+                    rejected=rej,
+                )
+            kept = np.nonzero(usable)[0]
+            n_eval = D.eval_size(n_usable, src.eval_fraction)
+            held = np.sort(kept[np.argsort(v.split_rank[kept], kind="stable")[:n_eval]])
+            train_rows = np.setdiff1d(kept, held, assume_unique=True)
+            parts.append(tokens.remove_columns(["rejected_because"]))
+            train_by_task[src.name] = train_rows + offset
+            eval_idx.append(held + offset)
+            offset += n_kept
+            rejected += [(src.name, r) for r in rej]
+            per_source[src.name] = {"rows": v.rows, "kept": n_usable, "rejected": len(rej),
+                                    "train": len(train_rows), "eval": len(held)}
+        mixture = None
+        weights = {s.name: s.weight for s in sources if s.weight is not None}
+        if weights:
+            from .mixture import mix
+
+            train_idx, counts = mix(train_by_task, weights, mixture_seed)
+            total_w = sum(weights.values())
+            mixture = {t: {"weight": weights[t], "share": round(weights[t] / total_w, 4), "rows": counts[t],
+                           "unique_rows": len(train_by_task[t])} for t in sorted(weights)}
+            for t, info in mixture.items():
+                per_source[t]["mixed_train"] = info["rows"]
+        else:
+            train_idx = np.concatenate(list(train_by_task.values()))
+        every = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        train = SftRows(every.select(np.asarray(train_idx, dtype=np.int64)), tmp)
+        evals = SftRows(every.select(np.concatenate(eval_idx)), tmp)
+    lengths = np.sort(np.concatenate([train.lengths(), evals.lengths()]))
+    trained, _ = label_facts(train, tokenizer.eos_token_id)
+    stats = {
+        "sources": per_source,
+        "train_rows": len(train),
+        "eval_rows": len(evals),
+        "rejected_rows": len(rejected),
+        "tokens": {
+            "min": int(lengths[0]), "max": int(lengths[-1]), "mean": round(float(lengths.mean()), 1),
+            "p50": int(lengths[len(lengths) // 2]), "p95": int(lengths[min(len(lengths) - 1, int(len(lengths) * 0.95))]),
+        },
+        "trained_tokens_per_epoch": trained,
+    }
+    if mixture is not None:
+        stats["mixture"] = {"seed": mixture_seed, "tasks": mixture}
+    return BuiltDataset(train, evals, rejected, stats, num_proc)
+
+
+def label_facts(rows: SftRows, eos_id: int, max_problems: int = 20) -> tuple[int, list[str]]:
+    """(labelled tokens of all rows, the first problems found: a row without a labelled token, or
+    whose last labelled token is not end-of-turn), from the columns in batches."""
+    trained, problems = 0, []
+    import pyarrow.compute as pc
+
+    cols = rows.dataset.select_columns(["id", "line", "labels"]).with_format("arrow")
+    for tbl in cols.iter(batch_size=BATCH_ROWS):
+        labels = tbl.column("labels")
+        flat = pc.list_flatten(labels).to_numpy()
+        n = pc.list_value_length(labels).to_numpy().astype(np.int64)
+        ends = np.cumsum(n)
+        labelled = flat != IGNORE_INDEX
+        trained += int(labelled.sum())
+        if len(problems) >= max_problems:
+            continue
+        # the last labelled position of each row (-1: none)
+        where = np.where(labelled, np.arange(len(flat)), -1)
+        starts = ends - n
+        last = np.full(len(n), -1, dtype=np.int64)
+        nonempty = n > 0
+        last[nonempty] = np.maximum.reduceat(where, starts[nonempty]) if len(flat) else -1
+        last[nonempty & (last < starts)] = -1
+        for i in np.nonzero((last < 0) | (flat[np.maximum(last, 0)] != eos_id) if len(flat) else last < 0)[0]:
+            rid, line = tbl.column("id")[int(i)].as_py(), tbl.column("line")[int(i)].as_py()
+            problems.append(f"example {rid} (line {line}) has no labelled token" if last[i] < 0 else
+                            f"example {rid} (line {line}) does not end its labels with end-of-turn")
+    if not len(rows):
+        problems.insert(0, "the training split is empty")
+    return trained, problems[:max_problems]
+
+
+# --------------------------------------------------------------------------------------
+# saving and the canonical version
+# --------------------------------------------------------------------------------------
+
+
+def save_dataset(ds: BuiltDataset, out_dir: Path, meta: dict[str, Any]) -> None:
+    """The artifact's files (the layout above). `meta` must not hold build facts such as num_proc."""
+    for split, rows in (("train", ds.train), ("eval", ds.eval)):
+        with _quiet():
+            rows.dataset.save_to_disk(str(out_dir / split), num_proc=_save_procs(len(rows), ds.num_proc))
+    D.write_jsonl(out_dir / "rejected.jsonl", ({"source": s, **asdict(r)} for s, r in ds.rejected))
+    (out_dir / "dataset_info.json").write_text(json.dumps({**meta, **ds.stats}, indent=2, sort_keys=True) + "\n")
+
+
+def _save_procs(n_rows: int, num_proc: int) -> int | None:
+    procs = max(1, min(num_proc, n_rows // (10 * MIN_ROWS_PER_WORKER)))
+    return procs if procs > 1 else None
+
+
+def canonical_version(dataset_dir: str | Path) -> str:
+    """sha256 (16 hex chars) of the artifact's content in a layout-free form: per split, its
+    features and row count, then every column's values in row order, batch by batch of
+    BATCH_ROWS rows; then rejected.jsonl and dataset_info.json byte for byte."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    d = Path(dataset_dir)
+    h = hashlib.sha256()
+    for split in SPLITS:
+        with _quiet():
+            ds = datasets.load_from_disk(str(d / split))
+        names = sorted(ds.column_names)
+        h.update(json.dumps([split, len(ds), {n: str(ds.features[n]) for n in names}]).encode())
+        for tbl in ds.with_format("arrow").iter(batch_size=BATCH_ROWS):
+            for name in names:
+                col = tbl.column(name)
+                if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+                    h.update(pc.list_value_length(col).to_numpy().astype("<i8").tobytes())
+                    h.update(pc.list_flatten(col).to_numpy().astype("<i8").tobytes())
+                else:
+                    h.update(json.dumps(col.to_pylist(), ensure_ascii=False).encode())
+    for name in ("rejected.jsonl", "dataset_info.json"):
+        h.update(name.encode() + b"\0" + (d / name).read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------
+# the asset's work: build, save, version, and what its metadata shows
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class WrittenDataset:
+    """What `write_sft_dataset` made: the artifact and the facts the asset reports."""
+
+    artifact: Any  # store.Artifact
+    stats: dict[str, Any]
+    rejected: list[tuple[str, Rejected]]
+    preview: list[dict[str, Any]]  # the first training rows, for a table
+    problems: list[str]  # the `trainable` check's findings (empty: passed)
+    num_proc: int
+
+
+def write_sft_dataset(store, sources: list[SourceSpec], tokenizer, *, system: str | None, template: str,
+                      template_without_context: str, max_length: int, seed: int, num_proc: int | None,
+                      inputs: dict[str, str], recipe_hash: str, code_version: str,
+                      preview_rows: int = 20) -> WrittenDataset:
+    """Build into the store's staging directory, save, and set the canonical version. A
+    DataFileError leaves nothing behind; with rejected rows, `write_rejection_report` lists them."""
+    meta = {"tokenizer_fingerprint": D.tokenizer_fingerprint(tokenizer), "max_length": max_length,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    with store.write("sft_dataset", recipe_hash=recipe_hash, seed=seed, code_version=code_version) as st:
+        st.inputs = inputs
+        work = st.path / ".build"
+        built = build_sft_dataset(sources, tokenizer, system=system, template=template,
+                                  template_without_context=template_without_context, max_length=max_length,
+                                  mixture_seed=seed, num_proc=num_proc, work_dir=work)
+        save_dataset(built, st.path, meta)
+        stats, rejected, used = built.stats, built.rejected, built.num_proc
+        del built  # its rows map files in `work`
+        shutil.rmtree(work)
+        st.version = canonical_version(st.path)
+        st.extra["build"] = {"num_proc": used}
+    art = st.artifact
+    train = load_split(art.path, "train")
+    preview = [{"id": e.id, "task": e.task, "question": e.question, "answer": e.answer,
+                "tokens": len(e.input_ids), "answer_tokens": len(e.input_ids) - e.prompt_len}
+               for e in train[:preview_rows]]
+    _, problems = label_facts(train, tokenizer.eos_token_id)
+    return WrittenDataset(art, stats, rejected, preview, problems, used)
+
+
+def write_rejection_report(store, exc: DataFileError) -> Path:
+    """Every row a failed build rejected, with its reason, beside the artifact's versions."""
+    report = store.slot("sft_dataset", None) / "rejected_rows.jsonl"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    D.write_jsonl(report, ({"file": exc.path, **asdict(r)} for r in exc.rejected))
+    return report
