@@ -39,7 +39,7 @@ def quotas(weights: dict[str, float], size: int) -> dict[str, int]:
 
 def draw(rows: Sequence[T], n: int, seed: int, task: str) -> list[T]:
     """`n` rows of one task: seeded permutations, one after another (repeats only when n > len)."""
-    if n and not rows:
+    if n and len(rows) == 0:
         raise ValueError(f"task {task!r} has no training rows but a positive mixture weight")
     out: list[T] = []
     cycle = 0
