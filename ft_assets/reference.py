@@ -44,6 +44,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("preferences.columns", R.PreferenceColumns),
     ("distillation", R.DistillationSpec),
     ("evaluation", R.EvaluationSpec),
+    ("export", R.ExportSpec),
     ("compute", R.ComputeSpec),
     ("automation", R.AutomationSpec),
 ]

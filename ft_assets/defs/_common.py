@@ -35,6 +35,7 @@ STAGE_VERSIONS = {
     "preference_adapter": "1",
     "student": "1",
     "best_adapter": "1",
+    "gguf_model": "1",
 }
 
 
