@@ -28,10 +28,11 @@ def test_gguf_model_materializes_per_method(project, ft_home):
     instance = dg.DagsterInstance.ephemeral()
     assets = list(defs.assets)
     dg.materialize(assets, instance=instance, resources=defs.resources, selection=["base_model", "sft_dataset"])
+    results = {}
     for method in ("lora", "prompt"):
-        result = dg.materialize(assets, instance=instance, resources=defs.resources, partition_key=method,
-                                selection=["adapter", "merged_model", "gguf_model"])
-        assert result.success, method
+        results[method] = dg.materialize(assets, instance=instance, resources=defs.resources, partition_key=method,
+                                         selection=["adapter", "merged_model", "gguf_model"])
+        assert results[method].success, method
 
     store = ArtifactStore(ft_home)
     lora = store.latest("gguf_model", "lora")
@@ -43,10 +44,13 @@ def test_gguf_model_materializes_per_method(project, ft_home):
     assert read_metadata(lora.dir / "model-q8_0.gguf")["tokenizer.ggml.eos_token_id"] == 2
     modelfile = (lora.dir / "Modelfile").read_text()
     assert "FROM ./model-q8_0.gguf" in modelfile and 'SYSTEM """Answer with the figure."""' in modelfile
-    materialization = instance.get_latest_materialization_event(dg.AssetKey("gguf_model")).asset_materialization
+    [materialization] = results["lora"].asset_materializations_for_node("gguf_model")
     assert materialization.metadata["bytes_q8_0"].value == manifest["gguf"]["bytes"]["q8_0"]
+    assert materialization.metadata["eos_token_id"].value == 2
 
     prompt = store.latest("gguf_model", "prompt")
     status = json.loads((prompt.dir / "export_status.json").read_text())
     assert status["exported"] is False and "cannot merge" in status["reason"]
     assert not list(prompt.dir.glob("*.gguf"))
+    [materialization] = results["prompt"].asset_materializations_for_node("gguf_model")
+    assert materialization.metadata["exported"].value is False
