@@ -68,6 +68,17 @@ def materialize(recipe_path: Path, method: str, types: list[str], home: Path, ma
             "dataset": store.latest("sft_dataset"), "adapter": store.latest("adapter", method)}
 
 
+def reuse(home: Path, method: str) -> dict:
+    """The artifacts an earlier invocation left in FT_HOME (measure again without training again)."""
+    from ft_assets.recipe import load_recipe
+    from ft_assets.store import ArtifactStore
+
+    store = ArtifactStore(home)
+    return {"recipe": load_recipe(home / "bench_recipe.yaml"), "pipeline_s": None,
+            "merged": store.latest("merged_model", method), "gguf": store.latest("gguf_model", method),
+            "dataset": store.latest("sft_dataset"), "adapter": store.latest("adapter", method)}
+
+
 def transformers_answers(merged_dir: Path, examples, max_new_tokens: int, threads: int) -> tuple[list[str], dict]:
     import torch
 
@@ -94,7 +105,7 @@ def llama_cpp_answers(gguf: Path, prompts: list[str], max_new_tokens: int, threa
     from ft_assets.core.export import llama_cpp_generate
 
     runs = [llama_cpp_generate(gguf, p, max_new_tokens, threads=threads) for p in prompts]
-    generated = sum(r.generated_tokens + 1 for r in runs)  # + the last token, sampled but not decoded (as transformers counts, EOS included)
+    generated = sum(r.generated_tokens for r in runs)  # measured: equals transformers' count (EOS included)
     wall = sum(r.wall_s for r in runs)
     eval_rates = [r.tokens_per_s for r in runs if r.tokens_per_s > 0]
     return [r.text for r in runs], {"generated_tokens": generated, "process_wall_s": round(wall, 2),
@@ -113,9 +124,10 @@ def run(args) -> dict:
 
     home = Path(os.environ.get("FT_HOME") or tempfile.mkdtemp(prefix="gguf-bench-"))
     home.mkdir(parents=True, exist_ok=True)
-    types = args.types.split(",")
+    types = args.types.split(",")  # with --reuse: those of the existing gguf_model
     load_start = [round(x, 1) for x in os.getloadavg()]
-    arts = materialize(Path(args.recipe).resolve(), args.method, types, home, args.max_steps)
+    arts = reuse(home, args.method) if args.reuse else materialize(Path(args.recipe).resolve(), args.method, types,
+                                                                     home, args.max_steps)
     recipe, merged, gguf = arts["recipe"], arts["merged"].dir, arts["gguf"].dir
     examples = data.load_split(arts["dataset"].dir, "eval")[: args.max_examples]
     max_new = recipe.evaluation.max_new_tokens
@@ -146,7 +158,8 @@ def run(args) -> dict:
         "held_out_examples": len(examples), "max_new_tokens": max_new, "converter": gfacts["converter"],
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "pipeline_s": arts["pipeline_s"], "rows": rows,
-        "command": "python -m ft_assets.bench.gguf_export " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "command": "python -m ft_assets.bench.gguf_export " + " ".join(
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items() if v is not False),
     }
 
 
@@ -186,6 +199,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-examples", type=int, default=1000)
     ap.add_argument("--max-steps", type=int, default=0, help="override training.max_steps (0: the recipe's)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reuse", action="store_true", help="measure the artifacts already in FT_HOME (no training)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     res = run(args)

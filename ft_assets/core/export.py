@@ -283,7 +283,7 @@ def read_metadata(path: str | Path) -> dict[str, object]:
 @dataclass
 class LlamaCppRun:
     text: str  # the generated text, special tokens not shown
-    generated_tokens: int  # llama.cpp's decode runs after the prompt: every generated token but the last
+    generated_tokens: int  # llama.cpp's count (`eval time ... N runs`); equal to transformers' generated tokens, EOS included, where measured
     tokens_per_s: float  # llama.cpp's own decode rate (its `eval time` line)
     wall_s: float
 

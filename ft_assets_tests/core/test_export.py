@@ -5,7 +5,6 @@ the chat template and special tokens, and the Ollama Modelfile says the right th
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
