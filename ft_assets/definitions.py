@@ -11,6 +11,7 @@ and, when the recipe asks for them:
                                adapter[sft_from of d] ─┘                  (d: each dpo method; eval_report[d]
                                                                     also reads adapter[sft_from], its reference)
     merged_model[teacher] ─> student                                           (distillation)
+    merged_model[m] ─> gguf_model[m]                          (export.gguf: GGUF files + Ollama Modelfile)
     adapter[m@k=v...] (every trial of m's sweep) ─> best_adapter[m]            (sweeps)
 
 plus the automation sensor (eager reruns), the dead-runs sensor (`ft_assets.runs`), and the
@@ -23,7 +24,7 @@ from __future__ import annotations
 import dagster as dg
 
 from . import runs
-from .defs import adapters, automation, cards, datasets, distill, models, preferences, raw, reports, sweeps
+from .defs import adapters, automation, cards, datasets, distill, export, models, preferences, raw, reports, sweeps
 from .defs.resources import ArtifactIOManager, ComputeResource, StoreResource
 from .recipe import Recipe, load_recipe
 from .store import ft_home
@@ -34,7 +35,8 @@ def build_definitions(recipe: Recipe, home: str | None = None) -> dg.Definitions
     parts = adapters.methods_partitions(recipe)
     sources = [*raw.build(recipe), automation.recipe_methods_source(recipe, parts)]
     derived = [*models.build(recipe), *datasets.build(recipe), *preferences.build(recipe), *adapters.build(recipe),
-               *reports.build(recipe), *cards.build(recipe), *distill.build(recipe), *sweeps.build(recipe)]
+               *reports.build(recipe), *cards.build(recipe), *distill.build(recipe), *sweeps.build(recipe),
+               *export.build(recipe)]
     condition = automation.derived_condition(recipe)
     if condition is not None:
         derived = dg.map_asset_specs(lambda spec: spec.replace_attributes(automation_condition=condition), derived)

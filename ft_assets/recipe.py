@@ -332,6 +332,24 @@ class PublishSpec(_Strict):
         return self
 
 
+class ExportSpec(_Strict):
+    """Serving formats written from each method's merged model (`gguf_model[method]`)."""
+
+    gguf: list[str] = Field(default_factory=list)  # GGUF types, one file each: f16, bf16, q8_0 always; k-quants (q4_k_m, ...) need `make install`'s llama-quantize; the first is the Modelfile's FROM
+
+    @field_validator("gguf")
+    @classmethod
+    def _known_types(cls, v: list[str]) -> list[str]:
+        from .core.export import GGUF_TYPES
+
+        unknown = [t for t in v if t not in GGUF_TYPES]
+        if unknown:
+            raise ValueError(f"unknown GGUF type(s) {', '.join(map(repr, unknown))}; known: {', '.join(GGUF_TYPES)}")
+        if len(set(v)) != len(v):
+            raise ValueError("a GGUF type is listed twice")
+        return v
+
+
 class ComputeSpec(_Strict):
     """Where training and evaluation run."""
 
@@ -366,7 +384,7 @@ class AutomationSpec(_Strict):
 
 
 class Recipe(_Strict):
-    _OMIT_WHEN_DEFAULT = ("preferences", "distillation", "publish")
+    _OMIT_WHEN_DEFAULT = ("preferences", "distillation", "publish", "export")
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]  # the recipe's name (shown by validate and the demo)
     seed: int = 42  # seed of splits, initialisation and data order
@@ -382,6 +400,7 @@ class Recipe(_Strict):
     distillation: DistillationSpec | None = None  # the `student` asset; null: no student
     evaluation: EvaluationSpec = EvaluationSpec()
     publish: PublishSpec = PublishSpec()  # model cards' upload to the Hub (off by default)
+    export: ExportSpec = ExportSpec()  # serving formats (GGUF + Ollama Modelfile); empty: none
     compute: ComputeSpec = ComputeSpec()
     automation: AutomationSpec = AutomationSpec()
 

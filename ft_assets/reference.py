@@ -45,6 +45,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("distillation", R.DistillationSpec),
     ("evaluation", R.EvaluationSpec),
     ("publish", R.PublishSpec),
+    ("export", R.ExportSpec),
     ("compute", R.ComputeSpec),
     ("automation", R.AutomationSpec),
 ]

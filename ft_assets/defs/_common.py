@@ -37,6 +37,7 @@ STAGE_VERSIONS = {
     "student": "1",
     "best_adapter": "1",
     "model_card": "1",
+    "gguf_model": "1",
 }
 
 

@@ -1,0 +1,65 @@
+"""`gguf_model[method]`: the merged model as GGUF files for llama.cpp / Ollama, plus a Modelfile.
+
+Built only when the recipe lists `export.gguf` types. Partitioned like `merged_model` (one
+partition per method, identity mapping): one `core.export.export_gguf` call into the store, then
+metadata (bytes per type, converter, the Modelfile's FROM/SYSTEM/stop). A method whose
+merged_model is not mergeable has no weights to convert: the partition still materializes, with
+`export_status.json` {"exported": false, "reason": ...} and a warning, as merged_model does.
+"""
+
+
+import dagster as dg
+
+from ..core import export
+from ..recipe import Recipe
+from ..store import Artifact
+from . import _common as c
+from .adapters import methods_partitions
+from .models import MODEL_BYTES_HEADROOM
+from .resources import StoreResource
+
+GGUF_MODEL = "The merged model as GGUF (one file per recipe export.gguf type) and an Ollama Modelfile."
+
+
+def build(recipe: Recipe) -> list:
+    types = list(recipe.export.gguf)
+    if not types:
+        return []
+    cv = c.code_version("gguf_model", recipe, "export", "prompt")
+
+    @dg.asset(group_name="export", kinds={"gguf", "ollama"}, code_version=cv, partitions_def=methods_partitions(recipe),
+              ins={"merged_model": dg.AssetIn()}, description=GGUF_MODEL)
+    def gguf_model(context: dg.AssetExecutionContext, store: StoreResource, merged_model: Artifact) -> dg.Output:
+        name = context.partition_key
+        status = merged_model.manifest().get("mergeable", True)
+        with store.store().write("gguf_model", name, recipe_hash=recipe.recipe_hash, code_version=cv,
+                                 seed=recipe.seed, min_free_bytes=MODEL_BYTES_HEADROOM) as st:
+            st.inputs = c.inputs_of(merged_model)
+            if not status:
+                reason = f"merged_model[{name}] has no merged weights (method {name} cannot merge), so there is no GGUF"
+                c.write_json(st.path / "export_status.json", {"exported": False, "reason": reason})
+                st.extra["exported"] = False
+            else:
+                try:
+                    facts = export.export_gguf(merged_model.dir, st.path, types, recipe.prompt.system,
+                                               log=lambda msg: context.log.info(f"{name}: {msg}"))
+                except export.ExportError as exc:
+                    raise c.user_error(RuntimeError(f"gguf_model[{name}]: {exc}")) from None
+                c.write_json(st.path / "export_status.json", {"exported": True})
+                st.extra["exported"] = True
+                st.extra["gguf"] = facts.to_json()
+        if not status:
+            context.log.warning(reason)
+            return c.output(st.artifact, {"exported": False, "reason": reason})
+        return c.output(st.artifact, {
+            "exported": True,
+            "types": ", ".join(types),
+            **{f"bytes_{t}": facts.bytes[t] for t in types},
+            "converter": facts.converter,
+            "modelfile_from": facts.modelfile_from,
+            "modelfile_stop": ", ".join(facts.stop),
+            "chat_template_in_gguf": "tokenizer.chat_template" in facts.metadata,
+            "eos_token_id": facts.metadata.get("tokenizer.ggml.eos_token_id", -1),
+        })
+
+    return [gguf_model]
