@@ -2,9 +2,12 @@
 
 A row goes through four steps, each of which can only reject it with a reason:
 1. read:     the file parses (else DataFileError with file and line: nothing is written);
-2. validate: the mapped fields exist, are text, are not blank, and the row is not a duplicate;
+             `hf` directories/ids and `arrow` files are read by `core.hfdata` (rows, not lines);
+2. validate: the mapped fields of the dataset's `schema` exist, are text, are not blank, and
+             the row is not a duplicate (`messages`: a well-formed conversation, `core.chat`);
 3. format:   the base model's chat template renders it; labels mask everything but the answer
-             and its end-of-turn token; it fits `max_length` without cutting the answer;
+             (for `messages`: the assistant turns `train_on` selects) and its end-of-turn
+             token; it fits `max_length` without cutting the answer;
 4. split:    a stable, seeded hash of the row's key puts it in train or eval, so editing one
              row never reshuffles the others.
 """
@@ -51,9 +54,17 @@ class Example:
     task: str = ""
     input_ids: list[int] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
+    # schema `messages`: the checked conversation (question/answer: its last user/assistant turn)
+    messages: list[dict[str, str]] | None = None
+    # where the reference answer (the last assistant turn) starts in input_ids, when earlier
+    # tokens are labelled too (multi-turn); None: at the first labelled token
+    answer_start: int | None = None
 
     @property
     def prompt_len(self) -> int:
+        """Tokens before the reference answer: the prompt evaluation generates from."""
+        if self.answer_start is not None:
+            return self.answer_start
         return next((i for i, lab in enumerate(self.labels) if lab != IGNORE_INDEX), len(self.labels))
 
     def to_json(self) -> dict[str, Any]:
@@ -65,9 +76,17 @@ class Example:
 # --------------------------------------------------------------------------------------
 
 
-def read_rows(path: str | Path, fmt: str) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, row) pairs. Line numbers are 1-based lines of the file (csv: of the record)."""
+def read_rows(path: str | Path, fmt: str, split: str | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) pairs. Line numbers are 1-based lines of the file (csv: of the record;
+    parquet, arrow, hf: the row's 1-based position). `split`: format hf only."""
     path = Path(path)
+    if fmt == "hf":
+        from .hfdata import read_hf
+
+        rows = read_hf(path, split)
+        if not rows:
+            raise DataFileError(path, "the dataset has no rows")
+        return rows
     if not path.is_file():
         raise DataFileError(path, "file not found; check datasets[].path in the recipe")
     if path.stat().st_size == 0:
@@ -84,11 +103,20 @@ def read_rows(path: str | Path, fmt: str) -> list[tuple[int, dict[str, Any]]]:
         except Exception as exc:  # pyarrow raises several types for corrupt files
             raise DataFileError(path, f"not a readable parquet file ({exc})") from None
         rows = [(i + 1, r) for i, r in enumerate(table.to_pylist())]
+    elif fmt == "arrow":
+        from .hfdata import read_arrow
+
+        rows = read_arrow(path)
     else:
-        raise DataFileError(path, f"unknown format {fmt!r}; use jsonl, csv or parquet")
+        raise DataFileError(path, f"unknown format {fmt!r}; use jsonl, csv, parquet, arrow or hf")
     if not rows:
         raise DataFileError(path, "file has no rows (only blank lines)")
     return rows
+
+
+def row_word(fmt: str) -> str:
+    """How errors locate a row: `line 12` in text files, `row 12` in tables and datasets."""
+    return "line" if fmt in ("jsonl", "csv") else "row"
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -138,8 +166,19 @@ def _read_csv(path: Path) -> list[tuple[int, dict[str, Any]]]:
 # --------------------------------------------------------------------------------------
 
 
-def check_columns(path: str | Path, rows: list[tuple[int, dict]], columns: dict[str, str | None]) -> None:
+# The column-map keys that name a column every row must have, per schema (alpaca's `input` is
+# optional per row; `messages`' role/content/roles name keys inside the turns).
+REQUIRED_COLUMNS = {
+    "qa": ("question", "context", "answer", "id"),
+    "prompt_completion": ("prompt", "completion", "id"),
+    "alpaca": ("instruction", "output", "id"),
+    "messages": ("messages", "id"),
+}
+
+
+def check_columns(path: str | Path, rows: list[tuple[int, dict]], columns: dict[str, Any], schema: str = "qa") -> None:
     found = sorted({k for _, r in rows for k in r})
+    columns = {f: columns.get(f) for f in REQUIRED_COLUMNS[schema]}
     missing = {f: c for f, c in columns.items() if c is not None and c not in found}
     if missing:
         expected = ", ".join(f"{f} <- {c!r}" for f, c in columns.items() if c is not None)
@@ -151,24 +190,64 @@ def check_columns(path: str | Path, rows: list[tuple[int, dict]], columns: dict[
 
 
 def validate_rows(
-    rows: list[tuple[int, dict]], columns: dict[str, str | None], task: str = ""
+    rows: list[tuple[int, dict]], columns: dict[str, Any], task: str = "", schema: str = "qa", unit: str = "line"
 ) -> tuple[list[Example], list[Rejected]]:
+    """Rows of `schema` as Examples (question = the user turn, answer = the trained reply),
+    or rejected with the field and reason. `unit` names a row's place in messages ("line")."""
     kept, rejected = [], []
-    seen: dict[tuple, int] = {}
+    seen: dict[Any, int] = {}
     for lineno, row in rows:
-        values, problem = text_fields(row, columns, ("question", "context", "answer"))
         rid = row_id(row, columns)
+        ex, key, problem = _row_example(row, columns, schema, lineno, task)
         if problem:
             rejected.append(Rejected(lineno, problem[1], problem[0], rid, row))
             continue
-        key = (values["question"], values["context"], values["answer"])
         if key in seen:
-            rejected.append(Rejected(lineno, f"exact duplicate of line {seen[key]}", None, rid, row))
+            rejected.append(Rejected(lineno, f"exact duplicate of {unit} {seen[key]}", None, rid, row))
             continue
         seen[key] = lineno
-        rid = rid or _stable_id(*key)
-        kept.append(Example(rid, values["question"], values["context"], values["answer"], lineno, task))
+        # qa keeps its historical id (question, context, answer) so existing splits do not move
+        ex.id = rid or (_stable_id(*key) if schema == "qa" else _stable_id(schema, json.dumps(key)))
+        kept.append(ex)
     return kept, rejected
+
+
+def _row_example(row: dict, columns: dict[str, Any], schema: str, lineno: int, task: str
+                 ) -> tuple[Example | None, Any, tuple[str, str] | None]:
+    """(example, duplicate key, None) or (None, None, (field, reason)) for one row."""
+    if schema == "qa":
+        v, problem = text_fields(row, columns, ("question", "context", "answer"))
+        if problem:
+            return None, None, problem
+        return Example("", v["question"], v["context"], v["answer"], lineno, task), (
+            v["question"], v["context"], v["answer"]), None
+    if schema == "prompt_completion":
+        v, problem = text_fields(row, columns, ("prompt", "completion"))
+        if problem:
+            return None, None, problem
+        return Example("", v["prompt"], None, v["completion"], lineno, task), (v["prompt"], v["completion"]), None
+    if schema == "alpaca":
+        v, problem = text_fields(row, columns, ("instruction", "output"))
+        if problem:
+            return None, None, problem
+        inp, col = None, columns.get("input")
+        if col is not None and row.get(col) is not None:  # input is optional: absent, null or blank = none
+            if not isinstance(row[col], str):
+                return None, None, ("input", f"input (column {col!r}) is {type(row[col]).__name__} "
+                                             f"{row[col]!r}, expected text")
+            inp = row[col].strip() or None
+        return Example("", v["instruction"], inp, v["output"], lineno, task), (v["instruction"], inp, v["output"]), None
+    if schema == "messages":
+        from .chat import conversation
+
+        turns, reason = conversation(row.get(columns["messages"]), columns["messages"], columns.get("role") or "role",
+                                     columns.get("content") or "content", columns.get("roles"))
+        if reason:
+            return None, None, ("messages", reason)
+        last_user = next(t["content"] for t in reversed(turns) if t["role"] == "user")
+        ex = Example("", last_user, None, turns[-1]["content"], lineno, task, messages=turns)
+        return ex, tuple((t["role"], t["content"]) for t in turns), None
+    raise ValueError(f"unknown schema {schema!r}")
 
 
 def text_fields(row: dict, columns: dict[str, str | None], fields: tuple[str, ...]
@@ -206,10 +285,21 @@ def _stable_id(*parts: str | None) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def build_messages(ex: Example, system: str | None, template: str, template_without_context: str) -> list[dict]:
-    tpl = template if ex.context else template_without_context
-    user = tpl.format(question=ex.question, context=ex.context or "")
+def build_messages(ex: Example, system: str | None, template: str, template_without_context: str,
+                   schema: str = "qa") -> list[dict]:
+    """The chat turns before the trained answer. qa: `template` fills the user turn;
+    prompt_completion: the prompt is the user turn as written; alpaca: the instruction, then
+    the input (when the row has one) after a blank line; messages: the conversation itself
+    (the whole of it, assistant turns included), after `system` unless it has its own."""
     msgs = [{"role": "system", "content": system}] if system else []
+    if schema == "messages":
+        own_system = ex.messages and ex.messages[0]["role"] == "system"
+        return list(ex.messages or []) if own_system else msgs + list(ex.messages or [])
+    if schema == "qa":
+        tpl = template if ex.context else template_without_context
+        user = tpl.format(question=ex.question, context=ex.context or "")
+    else:
+        user = ex.question if not ex.context else f"{ex.question}\n\n{ex.context}"
     return msgs + [{"role": "user", "content": user}]
 
 
@@ -217,12 +307,23 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
 
 
-def format_example(tokenizer, ex: Example, messages: list[dict], max_length: int) -> str | None:
+def format_example(tokenizer, ex: Example, messages: list[dict], max_length: int,
+                   train_on: str = "all_assistant") -> str | None:
     """Fill ex.input_ids/labels. Returns a rejection reason, or None when the example is usable.
 
     Only the answer tokens and the end-of-turn token carry labels; the template's trailing
-    newline after end-of-turn is dropped so the model learns to stop exactly there.
+    newline after end-of-turn is dropped so the model learns to stop exactly there. A
+    conversation (`ex.messages`; `messages` holds all its turns) labels the assistant turns
+    `train_on` selects (`core.chat.mask_conversation`).
     """
+    if ex.messages is not None:
+        from .chat import mask_conversation
+
+        masked = mask_conversation(tokenizer, messages, train_on, max_length)
+        if isinstance(masked, str):
+            return masked
+        ex.input_ids, ex.labels, ex.answer_start = masked
+        return None
     prompt = prompt_ids(tokenizer, messages)
     full = list(tokenizer.apply_chat_template(
         messages + [{"role": "assistant", "content": ex.answer}], return_dict=True
@@ -321,9 +422,9 @@ def count_train_rows(sources: Iterable[SourceSpec]) -> TrainRowCount:
     Raises DataFileError as the build would for an unreadable file or missing columns."""
     total = TrainRowCount(0, 0, 0, 0)
     for src in sources:
-        rows = read_rows(src.path, src.format)
-        check_columns(src.path, rows, src.columns)
-        kept, rejected = validate_rows(rows, src.columns, task=src.name)
+        rows = read_rows(src.path, src.format, src.split)
+        check_columns(src.path, rows, src.columns, src.schema)
+        kept, rejected = validate_rows(rows, src.columns, task=src.name, schema=src.schema, unit=row_word(src.format))
         total += train_row_bounds(src.path, len(rows), len(rejected), src.eval_fraction, src.max_rejected_fraction)
     return total
 
@@ -343,12 +444,22 @@ class SourceSpec:
     split_seed: int
     max_rejected_fraction: float
     weight: float | None = None  # multi-task mixture weight (all sources or none)
+    schema: str = "qa"  # qa | prompt_completion | alpaca | messages (which `columns` keys apply)
+    train_on: str = "all_assistant"  # messages: which assistant turns carry loss
+    split: str | None = None  # format hf: the split to read
+
+
+def source_path(recipe, ds) -> Path:
+    """Where a dataset's data is: its resolved path, or for `format: hf` a path that does not
+    exist, the recipe's string as given (a dataset id, looked up in the local HF cache)."""
+    path = recipe.dataset_path(ds)
+    return Path(ds.path) if ds.format == "hf" and not path.exists() and not Path(ds.path).is_absolute() else path
 
 
 def sft_sources(recipe) -> list[SourceSpec]:
     """The recipe's `datasets:` as build inputs (`recipe`: a `ft_assets.recipe.Recipe`)."""
-    return [SourceSpec(ds.name, recipe.dataset_path(ds), ds.format, ds.columns.model_dump(), ds.eval_fraction,
-                       recipe.split_seed(ds), ds.max_rejected_fraction, ds.weight)
+    return [SourceSpec(ds.name, source_path(recipe, ds), ds.format, ds.columns.model_dump(), ds.eval_fraction,
+                       recipe.split_seed(ds), ds.max_rejected_fraction, ds.weight, ds.schema, ds.train_on, ds.split)
             for ds in recipe.datasets]
 
 
@@ -362,32 +473,43 @@ class BuiltDataset:
 
 def build_sft_dataset(
     sources: Iterable[SourceSpec], tokenizer, *, system: str | None, template: str,
-    template_without_context: str, max_length: int, mixture_seed: int = 0,
+    template_without_context: str, max_length: int, mixture_seed: int = 0, chat_template: str | None = None,
 ) -> BuiltDataset:
     """Every source read, validated, formatted and split. With mixture weights, the training
     split is `core.mixture.mix` of the sources' training rows (seeded by `mixture_seed`); the
-    eval split always keeps every held-out row of every task, so per-task metrics are exact."""
-    sources = list(sources)
+    eval split always keeps every held-out row of every task, so per-task metrics are exact.
+    `chat_template`: Jinja text rendering the rows instead of the tokenizer's own (which the
+    tokenizer gets back afterwards); without either, `core.chat.ChatTemplateError`."""
+    from .chat import template_override
+
+    with template_override(tokenizer, chat_template):
+        return _build_sft_dataset(list(sources), tokenizer, system, template, template_without_context, max_length,
+                                  mixture_seed)
+
+
+def _build_sft_dataset(sources: list[SourceSpec], tokenizer, system, template, template_without_context,
+                       max_length, mixture_seed) -> BuiltDataset:
     train, evals, rejected, per_source = [], [], [], {}
     train_by_task: dict[str, list[Example]] = {}
     for src in sources:
-        rows = read_rows(src.path, src.format)
-        check_columns(src.path, rows, src.columns)
-        kept, rej = validate_rows(rows, src.columns, task=src.name)
+        unit = row_word(src.format)
+        rows = read_rows(src.path, src.format, src.split)
+        check_columns(src.path, rows, src.columns, src.schema)
+        kept, rej = validate_rows(rows, src.columns, task=src.name, schema=src.schema, unit=unit)
         usable = []
         for ex in kept:
-            msgs = build_messages(ex, system, template, template_without_context)
-            reason = format_example(tokenizer, ex, msgs, max_length)
+            msgs = build_messages(ex, system, template, template_without_context, src.schema)
+            reason = format_example(tokenizer, ex, msgs, max_length, src.train_on)
             if reason:
-                rej.append(Rejected(ex.line, reason, "prompt", ex.id))
+                rej.append(Rejected(ex.line, reason, "messages" if ex.messages is not None else "prompt", ex.id))
             else:
                 usable.append(ex)
         frac = len(rej) / len(rows)
         if not usable:
             raise DataFileError(src.path, f"every row was rejected ({len(rej)} rows); first reason: "
-                                f"line {rej[0].line}: {rej[0].reason}", rejected=rej)
+                                f"{unit} {rej[0].line}: {rej[0].reason}", rejected=rej)
         if frac > src.max_rejected_fraction:
-            worst = "; ".join(f"line {r.line}: {r.reason}" for r in sorted(rej, key=lambda r: r.line)[:5])
+            worst = "; ".join(f"{unit} {r.line}: {r.reason}" for r in sorted(rej, key=lambda r: r.line)[:5])
             raise DataFileError(
                 src.path,
                 f"{len(rej)} of {len(rows)} rows rejected ({frac:.0%} > max_rejected_fraction "

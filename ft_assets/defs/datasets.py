@@ -5,8 +5,9 @@
 - validates rows (missing/blank/non-text fields, duplicates, too long): rejected rows are
   counted, written to `rejected.jsonl` beside the artifact, and fail the asset above
   `max_rejected_fraction`;
-- renders each row with the base model's chat template and masks labels so only the answer
-  and its end-of-turn token train;
+- renders each row with the base model's chat template (or `prompt.chat_template`) and masks
+  labels so only the answer and its end-of-turn token train (`messages`: the assistant turns
+  `train_on` selects);
 - splits train/eval by a seeded hash of each row's id (stable under edits of other rows);
 - with `weight`s on the datasets (tasks), the training split is a seeded mixture in those
   proportions (`core.mixture`); the eval split keeps every task's held-out rows.
@@ -20,9 +21,11 @@ from dataclasses import asdict
 import dagster as dg
 
 from ..core import data
+from ..core.chat import ChatTemplateError
+from ..core.hfdata import source_version
 from ..core.models import load_tokenizer
 from ..recipe import Recipe
-from ..store import Artifact, file_hash
+from ..store import Artifact
 from . import _common as c
 from .raw import raw_key
 from .resources import StoreResource
@@ -61,7 +64,10 @@ def build(recipe: Recipe) -> list:
                 sources, tok, system=recipe.prompt.system, template=recipe.prompt.template,
                 template_without_context=recipe.prompt.template_without_context,
                 max_length=recipe.prompt.max_length, mixture_seed=recipe.seed,
+                chat_template=recipe.chat_template_text(),
             )
+        except ChatTemplateError as exc:
+            raise c.user_error(exc) from None
         except data.DataFileError as exc:
             if exc.rejected:  # no artifact is written, but the user needs the list to fix the file
                 report = store.store().slot("sft_dataset", None) / "rejected_rows.jsonl"
@@ -73,7 +79,7 @@ def build(recipe: Recipe) -> list:
                 "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
         with store.store().write("sft_dataset", recipe_hash=recipe.recipe_hash, seed=recipe.seed,
                                  code_version=cv) as st:
-            st.inputs = {**{f"raw/{s.name}": file_hash(s.path)[:16] for s in sources}, **c.inputs_of(base_model)}
+            st.inputs = {**{f"raw/{s.name}": source_version(s.path) for s in sources}, **c.inputs_of(base_model)}
             data.save_dataset(built, st.path, meta)
         art = st.artifact
         for source, rej in built.rejected[:20]:
