@@ -45,8 +45,8 @@ def locate(path: Path) -> Path:
         if snap is not None:
             return snap
     raise DataFileError(path, "no such directory, and no dataset with this id in the local Hugging Face cache "
-                              "(nothing is downloaded at run time: download it once with `datasets` or "
-                              "`huggingface-cli download --repo-type dataset`, or point datasets[].path at a "
+                              "(nothing is downloaded at run time: download it once with "
+                              "`hf download --repo-type dataset ID`, or point datasets[].path at a "
                               "save_to_disk directory)")
 
 
