@@ -124,6 +124,8 @@ def conversation(value: Any, column: str, role_key: str = "role", content_key: s
         raw_role, content = turn.get(role_key), turn.get(content_key)
         if raw_role is None:
             return None, f"turn {i} has no {role_key!r} key (keys: {sorted(turn)}); set columns.role"
+        if not isinstance(raw_role, str):
+            return None, f"turn {i}: role ({role_key!r}) is {type(raw_role).__name__}, expected text"
         role = role_names.get(raw_role, raw_role)
         if role not in ROLES:
             return None, (f"turn {i}: unknown role {raw_role!r}; expected system, user or assistant "

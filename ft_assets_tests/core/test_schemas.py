@@ -99,6 +99,7 @@ BAD = [
      "turn 2: system after user"),
     ([{"role": "system", "content": "s"}], "only a system turn"),
     ([{"content": "q"}], "turn 1 has no 'role' key"),
+    ([{"role": ["user"], "content": "q"}], "turn 1: role ('role') is list, expected text"),
     ([{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}], "turn 1 (user): content ('content') is int"),
     ([], "empty conversation"),
     ("not json", "not a JSON list of turns"),
