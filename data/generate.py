@@ -3,7 +3,7 @@
 
 Usage (from the repository root or anywhere)::
 
-    python3 data/generate.py           # rewrite the three data files
+    python3 data/generate.py           # rewrite the four data files
     python3 data/generate.py --check   # exit 1 if a committed file differs
     python3 data/generate.py --stats   # print counts and context lengths
 
@@ -15,6 +15,8 @@ Outputs, all in the directory of this script:
                               (keys id, prompt, chosen, rejected)
 * ``fin_headlines.jsonl``     headline sentiment classification
                               (keys id, instruction, headline, label)
+* ``finchat.jsonl``           multi-turn finance conversations (keys id, messages:
+                              a list of {role, content} turns, system/user/assistant)
 
 Approach
 --------
@@ -69,6 +71,7 @@ DATA_DIR = Path(__file__).resolve().parent
 FINQA_FILE = "finqa.jsonl"
 PREF_FILE = "finqa_preferences.jsonl"
 HEADLINE_FILE = "fin_headlines.jsonl"
+FINCHAT_FILE = "finchat.jsonl"
 
 FINQA_SEED = 20240611
 PREF_SEED = 77031
@@ -76,6 +79,8 @@ HEADLINE_SEED = 5150
 FINQA_ROWS = 420
 PREF_ROWS = 240
 HEADLINE_ROWS = 240
+FINCHAT_SEED = 90210
+FINCHAT_ROWS = 300
 
 KINDS = ("span", "figure", "computed")
 MIN_CONTEXT, MAX_CONTEXT = 200, 650
@@ -1584,6 +1589,44 @@ def build_headlines() -> list[dict]:
     return [{"id": f"headline-{n:04d}", **row} for n, row in enumerate(rows, start=1)]
 
 
+CHAT_SYSTEMS = [
+    "You are a financial analyst. Answer with the exact figure or phrase only.",
+    "Answer questions about the excerpt the user shares. Give only the figure or name asked for.",
+    "You help investors read company reports. Reply with the answer alone, no sentence.",
+]
+CHAT_OPENINGS = [
+    "Here is an excerpt from a company report:\n\n{context}\n\n{question}",
+    "Context:\n{context}\n\nQuestion: {question}",
+    "{context}\n\nBased on this excerpt: {question}",
+]
+CHAT_FOLLOW_UPS = ["{question}", "Next: {question}", "Thanks. {question}", "One more: {question}"]
+
+
+def build_finchat(avoid_contexts: set[str]) -> list[dict]:
+    """Conversations about one excerpt each: the first user turn shares it and asks a span or
+    figure question, one or two follow-ups ask more (any kind, computed included), so every
+    answer is derivable from the conversation. Some conversations open with a system turn."""
+    rng = random.Random(FINCHAT_SEED)
+    rows, seen = [], set(avoid_contexts)
+    for n in range(1, FINCHAT_ROWS + 1):
+        template = TEMPLATES[(n - 1) % len(TEMPLATES)]
+        scenario = draw_scenario(rng, template)
+        while scenario.context in seen:
+            scenario = draw_scenario(rng, template)
+        seen.add(scenario.context)
+        first = rng.choice([it for it in scenario.items if it.kind != "computed"])
+        rest = [it for it in scenario.items if it is not first and it.question != first.question]
+        items = [first] + rng.sample(rest, rng.choice((1, 2)))
+        turns = [{"role": "system", "content": rng.choice(CHAT_SYSTEMS)}] if rng.random() < 0.4 else []
+        opening = rng.choice(CHAT_OPENINGS)
+        for k, item in enumerate(items):
+            text = (opening.format(context=scenario.context, question=item.question) if k == 0
+                    else rng.choice(CHAT_FOLLOW_UPS).format(question=item.question))
+            turns += [{"role": "user", "content": text}, {"role": "assistant", "content": item.answer}]
+        rows.append({"id": f"finchat-{n:04d}", "messages": turns})
+    return rows
+
+
 # ---------------------------------------------------------------------------
 # Output, --check and --stats
 # ---------------------------------------------------------------------------
@@ -1598,7 +1641,20 @@ def build_all() -> dict[str, list[dict]]:
     prefs = build_preferences()
     headlines = build_headlines()
     check_datasets(finqa, prefs, headlines)
-    return {FINQA_FILE: finqa, PREF_FILE: prefs, HEADLINE_FILE: headlines}
+    finchat = build_finchat({r["context"] for r in finqa})
+    check_finchat(finchat)
+    return {FINQA_FILE: finqa, PREF_FILE: prefs, HEADLINE_FILE: headlines, FINCHAT_FILE: finchat}
+
+
+def check_finchat(rows: list[dict]) -> None:
+    """Conversations are well formed: an optional system turn, then user/assistant pairs (2-3),
+    non-empty text, unique conversations."""
+    assert len({json.dumps(r["messages"], sort_keys=True) for r in rows}) == len(rows)
+    for row in rows:
+        turns = row["messages"]
+        body = turns[1:] if turns[0]["role"] == "system" else turns
+        assert [t["role"] for t in body] == ["user", "assistant"] * (len(body) // 2) and 2 <= len(body) // 2 <= 3
+        assert all(t["content"].strip() for t in turns)
 
 
 def check_datasets(finqa: list[dict], prefs: list[dict], headlines: list[dict]) -> None:
@@ -1631,6 +1687,13 @@ def print_stats(datasets: dict[str, list[dict]]) -> None:
     print(f"{HEADLINE_FILE}: {len(heads)} rows")
     for label in sorted(HEADLINE_TEMPLATES):
         print(f"  label={label}: {sum(r['label'] == label for r in heads)}")
+    chats = datasets[FINCHAT_FILE]
+    pairs = [sum(t["role"] == "user" for t in r["messages"]) for r in chats]
+    chars = [sum(len(t["content"]) for t in r["messages"]) for r in chats]
+    print(f"{FINCHAT_FILE}: {len(chats)} conversations, {sum(pairs)} user turns "
+          f"({pairs.count(2)} with 2, {pairs.count(3)} with 3), "
+          f"{sum(r['messages'][0]['role'] == 'system' for r in chats)} with a system turn, "
+          f"chars min/mean/max = {min(chars)}/{sum(chars) / len(chars):.1f}/{max(chars)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ import json
 import sys
 from pathlib import Path
 
+from .core.data import source_path
 from .core.steps import recipe_step_estimates
 from .recipe import RecipeError, load_recipe
 from .store import ArtifactStore
@@ -40,10 +41,11 @@ def cmd_validate(args) -> int:
         return 2
     print(f"recipe {recipe.name!r} is valid ({recipe.source_file})")
     for ds in recipe.datasets:
-        path = recipe.dataset_path(ds)
-        state = "" if path.is_file() else "  (file not found yet)"
+        path = source_path(recipe, ds)
+        state = "" if path.exists() or ds.format == "hf" else "  (file not found yet)"
         weight = f", mixture weight {ds.weight}" if ds.weight is not None else ""
-        print(f"  dataset {ds.name}: {path} [{ds.format}], eval fraction {ds.eval_fraction}{weight}{state}")
+        schema = "" if ds.schema == "qa" else f", schema {ds.schema}"
+        print(f"  dataset {ds.name}: {path} [{ds.format}{schema}], eval fraction {ds.eval_fraction}{weight}{state}")
     b = recipe.base_model
     print(f"  base model: {b.source} {b.id or b.path or 'SmolLM2-135M-Instruct (bundled GGUF)'}")
     print(f"  quantization: {recipe.quantization.method}")

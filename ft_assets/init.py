@@ -4,7 +4,9 @@
    the pipeline will;
 2. guess the column mapping from the column names (and, for the id, from the values): every role
    gets exactly one column or a question the user settles with a flag (`--question COL`, ...);
-   a required role left open exits 2 and writes nothing;
+   a required role left open exits 2 and writes nothing. A column of conversations (lists of
+   {role, content} or ShareGPT {from, value} turns) makes the recipe `schema: messages`, unless a
+   `--question`/`--context`/`--answer` flag asks for question/answer columns;
 3. count the rows the data stage keeps (same validation, same seeded eval split) and, with the
    base model's tokenizer, size `prompt.max_length` and `evaluation.max_new_tokens`;
 4. show three rows rendered through the chat template exactly as `sft_dataset` formats them
@@ -103,6 +105,29 @@ def column_facts(rows: list[tuple[int, dict]]) -> dict[str, ColumnFacts]:
             else:
                 f.values.add(hashable)
     return facts
+
+
+CONVERSATION_KEYS = (("role", "content"), ("from", "value"))  # (role key, content key): OpenAI/TRL, ShareGPT
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
+
+
+def detect_conversation(rows: list[tuple[int, dict]]) -> dict[str, Any] | None:
+    """The `schema: messages` column map when one column holds conversations in (nearly) every
+    row: non-empty lists of mappings with one of CONVERSATION_KEYS; None otherwise."""
+    found = None
+    for col in dict.fromkeys(k for _, r in rows for k in r):
+        values = [r.get(col) for _, r in rows]
+        turns = [v for v in values if isinstance(v, list) and v and all(isinstance(t, dict) for t in v)]
+        if len(turns) < max(1, 0.9 * len(values)):
+            continue
+        for role_key, content_key in CONVERSATION_KEYS:
+            if all(role_key in t and content_key in t for v in turns for t in v):
+                names = {t[role_key] for v in turns for t in v}
+                roles = {k: v for k, v in SHAREGPT_ROLES.items() if k in names}
+                if found is not None:
+                    return None  # two conversation columns: ask nobody, guess nothing
+                found = {"messages": col, "role": role_key, "content": content_key, "roles": roles}
+    return found
 
 
 def _norm(name: str) -> str:
@@ -255,15 +280,24 @@ def _round_up(n: int, to: int) -> int:
     return int(math.ceil(n / to) * to)
 
 
-def size_lengths(tok, examples: list[Example], prompt: dict) -> tuple[int, int, str]:
+def size_lengths(tok, examples: list[Example], prompt: dict, schema: str = "qa") -> tuple[int, int, str]:
     """(max_length, max_new_tokens, how) from the token lengths of (a sample of) the rows."""
+    from .core.chat import mask_conversation
     from .core.data import prompt_ids
 
     step = max(1, math.ceil(len(examples) / LENGTH_SAMPLE))
     sample = examples[::step]
     full, answers = [], []
     for ex in sample:
-        msgs = build_messages(ex, prompt["system"], prompt["template"], prompt["template_without_context"])
+        msgs = build_messages(ex, prompt["system"], prompt["template"], prompt["template_without_context"], schema)
+        if schema == "messages":  # the whole conversation; the answer evaluation generates is the last reply
+            masked = mask_conversation(tok, msgs, "all_assistant", sys.maxsize)
+            if isinstance(masked, str):
+                raise ValueError(masked)
+            ids, _, start = masked
+            full.append(len(ids))
+            answers.append(len(ids) - start)
+            continue
         p = len(prompt_ids(tok, msgs))
         a = len(tok(ex.answer, add_special_tokens=False)["input_ids"]) + 1  # + end of turn
         full.append(p + a + 1)
@@ -278,14 +312,16 @@ def size_lengths(tok, examples: list[Example], prompt: dict) -> tuple[int, int, 
     return max_length, max_new, how
 
 
-def render_examples(tok, examples: list[Example], prompt: dict) -> list[str]:
+def render_examples(tok, examples: list[Example], prompt: dict, schema: str = "qa") -> list[str]:
     out = []
     for ex in examples[:EXAMPLES_SHOWN]:
-        msgs = build_messages(ex, prompt["system"], prompt["template"], prompt["template_without_context"])
+        msgs = build_messages(ex, prompt["system"], prompt["template"], prompt["template_without_context"], schema)
+        if schema != "messages":  # a conversation already ends with its reply
+            msgs = msgs + [{"role": "assistant", "content": ex.answer}]
         if tok is not None:
-            text = tok.apply_chat_template(msgs + [{"role": "assistant", "content": ex.answer}], tokenize=False)
+            text = tok.apply_chat_template(msgs, tokenize=False)
         else:
-            text = "".join(f"[{m['role']}]\n{m['content']}\n" for m in msgs) + f"[assistant]\n{ex.answer}\n"
+            text = "".join(f"[{m['role']}]\n{m['content']}\n" for m in msgs)
         out.append(f"--- row {ex.id} (line {ex.line}) ---\n" + _elide(text.rstrip("\n")))
     return out
 
@@ -332,7 +368,7 @@ def recipe_text(*, data_arg: str, name: str, ds_name: str, root: str, path: str,
                 columns: dict, n_rows: int, system: str, template: str, template_without_context: str,
                 max_length: int, max_length_how: str, max_new_tokens: int, train_rows: int,
                 trained_rows: int | None = None,
-                early_stopping: bool) -> str:
+                early_stopping: bool, schema: str = "qa") -> str:
     """The recipe as commented YAML. `train_rows`: the training split; `trained_rows`: what the
     training loop trains on (the split less the validation rows, when validation is on)."""
     trained_rows = train_rows if trained_rows is None else trained_rows
@@ -346,6 +382,9 @@ def recipe_text(*, data_arg: str, name: str, ds_name: str, root: str, path: str,
     less = "" if trained_rows == train_rows else f" ({train_rows} less the validation rows)"
     validation_every = max(1, math.ceil(epoch_steps / 4))
     checkpoint_every = validation_every
+    if schema == "messages":  # keys at their defaults say nothing
+        defaults = {"messages": "messages", "role": "role", "content": "content", "roles": {}, "id": None}
+        columns = {k: v for k, v in columns.items() if v != defaults.get(k)} or {"messages": "messages"}
     cols = ", ".join(f"{k}: {_q(v) if v is not None else 'null'}" for k, v in columns.items())
     lines = [
         f"# Written by `python -m ft_assets init {data_arg}`: a starting point sized for this file. Edit freely,",
@@ -358,27 +397,56 @@ def recipe_text(*, data_arg: str, name: str, ds_name: str, root: str, path: str,
         lines += [f"# {outside_why}; so allow_paths_outside_root is on. Move the file next to",
                   "# the recipe (or the recipe next to it) to turn it off.",
                   "allow_paths_outside_root: true"]
+    if schema == "messages":
+        data_lines = [
+            f"# The data: {n_rows} conversations (schema messages). `columns` names the column holding each",
+            "# row's turns (and the turns' keys and role names when they differ from role/content and",
+            "# system/user/assistant). eval_fraction is held out (by a seeded hash of each row id) for the",
+            "# eval report, which generates each held-out conversation's last assistant turn.",
+            "datasets:",
+            f"  - name: {ds_name}",
+            f"    path: {_q(path)}",
+            f"    format: {fmt}                 # jsonl | csv | parquet | arrow | hf",
+            "    schema: messages",
+            f"    columns: {{{cols}}}",
+            "    train_on: all_assistant    # or last_assistant: only the final reply carries loss",
+        ]
+        prompt_lines = [
+            "# The conversations are rendered by the base model's chat template; system is added to those",
+            "# without a system turn. max_length is sized for this file (" + max_length_how + ");",
+            "# a conversation longer than max_length is rejected, never cut.",
+            "prompt:",
+            f"  system: {_q(system)}",
+            f"  max_length: {max_length}",
+        ]
+    else:
+        data_lines = [
+            f"# The data: {n_rows} rows. `columns` maps each field of an example to a column of the file;",
+            "# context: null builds prompts from template_without_context. eval_fraction is held out (by a",
+            "# seeded hash of each row id) for the eval report and never trained on.",
+            "datasets:",
+            f"  - name: {ds_name}",
+            f"    path: {_q(path)}",
+            f"    format: {fmt}                 # jsonl | csv | parquet",
+            f"    columns: {{{cols}}}",
+        ]
+        prompt_lines = [
+            "# How a row becomes a chat: the system prompt and the user turn (the answer is the assistant turn).",
+            "# max_length is sized for this file (" + max_length_how + ");",
+            "# a row longer than max_length is rejected, never cut.",
+            "prompt:",
+            f"  system: {_q(system)}",
+            f"  template: {_q(template)}",
+            f"  template_without_context: {_q(template_without_context)}",
+            f"  max_length: {max_length}",
+        ]
     lines += [
         "",
-        f"# The data: {n_rows} rows. `columns` maps each field of an example to a column of the file;",
-        "# context: null builds prompts from template_without_context. eval_fraction is held out (by a",
-        "# seeded hash of each row id) for the eval report and never trained on.",
-        "datasets:",
-        f"  - name: {ds_name}",
-        f"    path: {_q(path)}",
-        f"    format: {fmt}                 # jsonl | csv | parquet",
-        f"    columns: {{{cols}}}",
+        *data_lines,
         f"    eval_fraction: {EVAL_FRACTION}",
         f"    max_rejected_fraction: {MAX_REJECTED_FRACTION}   # more bad rows (blank, too long) fail the data stage",
         "",
-        "# How a row becomes a chat: the system prompt and the user turn (the answer is the assistant turn).",
-        "# max_length is sized for this file (" + max_length_how + ");",
-        "# a row longer than max_length is rejected, never cut.",
-        "prompt:",
-        f"  system: {_q(system)}",
-        f"  template: {_q(template)}",
-        f"  template_without_context: {_q(template_without_context)}",
-        f"  max_length: {max_length}",
+        *prompt_lines,
         "",
         "base_model:",
         "  source: bundled        # SmolLM2-135M-Instruct, offline; or hub (id: ...) / local (path: ...)",
@@ -490,7 +558,12 @@ def _run(args, load_tokenizer, out, err) -> int:
     say(f"{data}: {len(rows)} rows, {fmt}, columns: {', '.join(facts)}")
 
     given = {r: getattr(args, r) for r in (*ROLES, "id")}
-    m = guess_columns(facts, given, no_context=args.no_context, no_id=args.no_id)
+    conversation = None if any(given[r] for r in ROLES) or args.no_context else detect_conversation(rows)
+    schema = "qa" if conversation is None else "messages"
+    if conversation is not None:
+        m = _conversation_mapping(conversation, facts, given, args.no_id)
+    else:
+        m = guess_columns(facts, given, no_context=args.no_context, no_id=args.no_id)
     say("", "Column mapping (datasets[0].columns):", *[f"  {n}" for n in m.notes])
     if m.unused:
         say(f"  not used: {', '.join(map(repr, m.unused))}")
@@ -500,8 +573,8 @@ def _run(args, load_tokenizer, out, err) -> int:
         return 2
 
     columns = m.columns
-    check_columns(data, rows, columns)
-    kept, rejected = validate_rows(rows, columns)
+    check_columns(data, rows, columns, schema)
+    kept, rejected = validate_rows(rows, columns, schema=schema)
     if not kept:
         raise InitError(f"{data}: every row is rejected with this mapping; first: line {rejected[0].line}: "
                         f"{rejected[0].reason}")
@@ -514,12 +587,14 @@ def _run(args, load_tokenizer, out, err) -> int:
         say(f"  {len(rejected)} of {len(rows)} rows will be rejected (first: line {rejected[0].line}: "
             f"{rejected[0].reason})")
 
-    prompt = {"system": "Answer the question from the context." if columns["context"] else "Answer the question.",
+    system = ("Answer the user's questions." if schema == "messages" else
+              "Answer the question from the context." if columns["context"] else "Answer the question.")
+    prompt = {"system": system,
               "template": "Context:\n{context}\n\nQuestion: {question}", "template_without_context": "{question}"}
     try:
         tok = load_tokenizer()
-        max_length, max_new, how = size_lengths(tok, kept, prompt)
-        render_examples(tok, kept[:1], prompt)
+        max_length, max_new, how = size_lengths(tok, kept, prompt, schema)
+        render_examples(tok, kept[:1], prompt, schema)
         tok_error = None
     except Exception as exc:  # a missing GGUF, no transformers, no chat template: show plain prompts
         tok, tok_error = None, f"{type(exc).__name__}: {exc}"
@@ -531,7 +606,7 @@ def _run(args, load_tokenizer, out, err) -> int:
     if tok is None:
         say(f"  (the tokenizer could not be loaded or used: {tok_error}; "
             "showing the plain prompt instead of the chat template)")
-    say(*render_examples(tok, kept, prompt))
+    say(*render_examples(tok, kept, prompt, schema))
 
     stem = data.stem
     ds_name = _ident(stem, r"[a-z][a-z0-9_]*", "")
@@ -543,7 +618,8 @@ def _run(args, load_tokenizer, out, err) -> int:
     train_rows = train_row_bounds(data, len(rows), len(rejected), EVAL_FRACTION, MAX_REJECTED_FRACTION).high
     kwargs = dict(data_arg=str(args.data), name=name, ds_name=ds_name, root=root, path=path, outside=outside,
                   outside_why=why, fmt=fmt, columns=columns, n_rows=len(rows), **prompt, max_length=max_length,
-                  max_length_how=how, max_new_tokens=max_new, train_rows=train_rows, early_stopping=early)
+                  max_length_how=how, max_new_tokens=max_new, train_rows=train_rows, early_stopping=early,
+                  schema=schema)
     text = recipe_text(**kwargs)
     recipe = _parse(text, dest)
     est = recipe_step_estimates(recipe).methods["lora_plus"]
@@ -560,6 +636,22 @@ def _run(args, load_tokenizer, out, err) -> int:
         f"max_length {max_length}" + (", early stopping on validation loss" if early else ""),
         f"next: edit it, check it with `python -m ft_assets validate {dest}`, then materialize with FT_RECIPE={dest}")
     return 0
+
+
+def _conversation_mapping(conversation: dict[str, Any], facts: dict[str, ColumnFacts], given: dict[str, str | None],
+                          no_id: bool) -> Mapping:
+    """`schema: messages`: the conversation column found, and an id column guessed as for qa."""
+    col = conversation["messages"]
+    how = f"lists of {{{conversation['role']}, {conversation['content']}}} turns"
+    if conversation["roles"]:
+        how += ", roles " + ", ".join(f"{k} -> {v}" for k, v in conversation["roles"].items())
+    others = {c: f for c, f in facts.items() if c != col}
+    ids = guess_columns(others, {"id": given["id"]}, no_context=True, no_id=no_id)
+    notes = [f"messages <- {col!r} ({how}): schema messages", *[n for n in ids.notes if n.startswith("id ")]]
+    questions = [q for q in ids.questions if "row id" in q or "looks like a row id" in q]
+    columns = {**conversation, "id": ids.columns["id"]}
+    unused = [c for c in facts if c not in (col, columns["id"])]
+    return Mapping(columns, notes, questions, unused)
 
 
 def _parse(text: str, dest: Path):

@@ -29,6 +29,7 @@ import json
 import os
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -37,6 +38,7 @@ from pydantic import (
     BaseModel, Field, PlainValidator, SerializeAsAny, TypeAdapter, ValidationError, field_validator, model_validator,
 )
 
+from .core.chat import BUILTIN_TEMPLATES, is_template_file
 from .core.methods import SPECS, spec_classes
 from .core.methods.spec import MethodSpecBase, spec_types
 from .core.methods.spec import Strict as _Strict
@@ -60,7 +62,7 @@ class RecipeError(ValueError):
 
 
 class ColumnMap(_Strict):
-    """Which column of the file holds each field of an SFT example."""
+    """`schema: qa` (the default): which column of the file holds each field of an SFT example."""
 
     question: str = "question"  # column with the question (the user turn)
     context: str | None = "context"  # column with the passage the answer comes from; null: no context
@@ -68,21 +70,103 @@ class ColumnMap(_Strict):
     id: str | None = None  # column with a unique row id (the eval split hashes it); null: a hash of the row's text
 
 
-class DatasetSpec(_Strict):
-    """One SFT dataset; with several, each is a task. `weight` (all datasets or none) makes the
-    training split a seeded mixture in those proportions (see `core.mixture`); without weights the
-    datasets' training rows are simply concatenated."""
+class PromptCompletionColumns(_Strict):
+    """`schema: prompt_completion` (TRL's): the prompt is the user turn as written, the completion
+    the trained reply."""
 
-    _OMIT_WHEN_DEFAULT = ("weight",)
+    prompt: str = "prompt"  # column with the prompt (the user turn, used as written)
+    completion: str = "completion"  # column with the completion (the trained target)
+    id: str | None = None  # column with a unique row id; null: a hash of the row's text
 
-    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]  # the task's name (metadata, per-task metrics)
-    path: str  # the data file, relative to `root`
-    format: Literal["jsonl", "csv", "parquet"] = "jsonl"  # file format
-    columns: ColumnMap = ColumnMap()
-    eval_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15  # share of rows held out for evaluation (seeded hash of each row id)
-    split_seed: int | None = None  # default: the recipe's seed
-    max_rejected_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1  # more rejected rows than this fails `sft_dataset`
-    weight: Annotated[float, Field(gt=0.0)] | None = None  # mixture weight of this task
+
+class AlpacaColumns(_Strict):
+    """`schema: alpaca`: the user turn is the instruction, then the input (when the row has one)
+    after a blank line; the output is the trained reply."""
+
+    instruction: str = "instruction"  # column with the instruction
+    input: str | None = "input"  # column with the optional input (blank, null or absent: none); null: never
+    output: str = "output"  # column with the reply (the trained target)
+    id: str | None = None  # column with a unique row id; null: a hash of the row's text
+
+
+class MessagesColumns(_Strict):
+    """`schema: messages`: a column holding a conversation, a list of turns with a role
+    (system/user/assistant) and a content. An optional system turn comes first, then user and
+    assistant alternate, ending with assistant. A conversation without a system turn gets
+    `prompt.system`; `prompt.template` does not apply."""
+
+    messages: str = "messages"  # column with the list of turns (JSON text in a CSV cell)
+    role: str = "role"  # key of a turn's role (ShareGPT: from)
+    content: str = "content"  # key of a turn's text (ShareGPT: value)
+    roles: dict[str, Literal["system", "user", "assistant"]] = Field(default_factory=dict)  # the file's role names -> ours, e.g. {human: user, gpt: assistant}; unlisted names are used as they are
+    id: str | None = None  # column with a unique row id; null: a hash of the conversation
+
+
+SCHEMA_COLUMNS: dict[str, type[_Strict]] = {
+    "qa": ColumnMap, "prompt_completion": PromptCompletionColumns, "alpaca": AlpacaColumns,
+    "messages": MessagesColumns,
+}
+
+
+class _DatasetSpec(_Strict):
+    @model_validator(mode="before")
+    @classmethod
+    def _columns_of_schema(cls, data: Any) -> Any:
+        # `columns` is checked against the class of the dataset's `schema`, so a key of another
+        # schema is an error that names the schema and its keys.
+        if not isinstance(data, dict):
+            return data
+        schema = data.get("schema", "qa")
+        cols_cls = SCHEMA_COLUMNS.get(schema) if isinstance(schema, str) else None
+        if cols_cls is None:
+            return data  # the Literal on `schema` reports it
+        cols = data.get("columns")
+        if cols is None:
+            return {**data, "columns": cols_cls()}
+        if isinstance(cols, dict):
+            unknown = [k for k in cols if k not in cols_cls.model_fields]
+            if unknown:
+                raise ValueError(f"columns: unknown key(s) {unknown} for schema {schema!r}; its keys are "
+                                 f"{', '.join(cols_cls.model_fields)}")
+            try:
+                return {**data, "columns": cols_cls(**cols)}
+            except ValidationError as exc:
+                raise ValueError("columns: " + "; ".join(
+                    f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+        return data
+
+
+with warnings.catch_warnings():  # `schema` shadows pydantic's deprecated BaseModel.schema(); harmless here
+    warnings.filterwarnings("ignore", message='Field name "schema"')
+
+    class DatasetSpec(_DatasetSpec):
+        """One SFT dataset; with several, each is a task. `weight` (all datasets or none) makes the
+        training split a seeded mixture in those proportions (see `core.mixture`); without weights the
+        datasets' training rows are simply concatenated. `schema` says what a row is; `columns` maps
+        that schema's fields (see the `datasets[].columns` sections)."""
+
+        _OMIT_WHEN_DEFAULT = ("weight", "schema", "train_on", "split")
+
+        name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]  # the task's name (metadata, per-task metrics)
+        path: str  # the data file (format hf: a directory, or a dataset id in the local HF cache), relative to `root`
+        format: Literal["jsonl", "csv", "parquet", "arrow", "hf"] = "jsonl"  # file format; hf: a save_to_disk or Hub-layout directory, or a cached dataset id (offline)
+        schema: Literal["qa", "messages", "prompt_completion", "alpaca"] = "qa"  # what a row is: question/context/answer, a conversation, a prompt/completion pair, an Alpaca instruction/input/output
+        columns: Union[ColumnMap, MessagesColumns, PromptCompletionColumns, AlpacaColumns] = ColumnMap()  # the schema's field -> column mapping
+        train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"  # schema messages: which assistant turns carry loss (the rest is masked)
+        split: str | None = None  # format hf: the split to read (needed when the dataset has several)
+        eval_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15  # share of rows held out for evaluation (seeded hash of each row id)
+        split_seed: int | None = None  # default: the recipe's seed
+        max_rejected_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1  # more rejected rows than this fails `sft_dataset`
+        weight: Annotated[float, Field(gt=0.0)] | None = None  # mixture weight of this task
+
+        @model_validator(mode="after")
+        def _keys_of_other_formats(self) -> "DatasetSpec":
+            if self.split is not None and self.format != "hf":
+                raise ValueError(f"split applies to format hf only (this dataset is {self.format}); remove it")
+            if self.train_on != "all_assistant" and self.schema != "messages":
+                raise ValueError(f"train_on applies to schema messages only (this dataset is {self.schema}); "
+                                 "remove it")
+            return self
 
 
 class PreferenceColumns(_Strict):
@@ -110,10 +194,21 @@ class PreferenceDataSpec(_Strict):
 class PromptSpec(_Strict):
     """How a row becomes a chat conversation for the base model's chat template."""
 
+    _OMIT_WHEN_DEFAULT = ("chat_template",)
+
     system: str | None = None  # system message of every conversation; null: none
     template: str = "Context:\n{context}\n\nQuestion: {question}"  # user turn for rows with a context
     template_without_context: str = "Question: {question}"  # user turn for rows without a context
     max_length: Annotated[int, Field(ge=16, le=131072)] = 384  # tokens per rendered row; a longer prompt is a rejected row
+    chat_template: str | None = None  # null: the base tokenizer's own; a built-in (chatml, llama3, alpaca) or a .jinja file relative to `root`, for bases without one
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, v: str | None) -> str | None:
+        if v is not None and v not in BUILTIN_TEMPLATES and not is_template_file(v):
+            raise ValueError(f"{v!r} is neither a built-in template ({', '.join(BUILTIN_TEMPLATES)}) nor a "
+                             ".jinja file")
+        return v
 
     @field_validator("template")
     @classmethod
@@ -476,6 +571,17 @@ class Recipe(_Strict):
         i = [d.name for d in self.datasets].index(ds.name)
         return self.resolve_path(ds.path, f"datasets[{i}].path")
 
+    def chat_template_path(self) -> Path | None:
+        """The .jinja file `prompt.chat_template` names (None for a built-in or the tokenizer's)."""
+        tpl = self.prompt.chat_template
+        return self.resolve_path(tpl, "prompt.chat_template") if tpl and is_template_file(tpl) else None
+
+    def chat_template_text(self) -> str | None:
+        """The Jinja text rendering rows: None keeps the tokenizer's own template."""
+        from .core.chat import chat_template_text
+
+        return chat_template_text(self.prompt.chat_template, self.chat_template_path())
+
     def methods_of_type(self, *types: str) -> list[str]:
         return [n for n, m in self.methods.items() if m.type in types]
 
@@ -540,6 +646,13 @@ def parse_recipe(data: dict[str, Any], path: str | Path = "<recipe>") -> Recipe:
     for ds in [*recipe.datasets, *([recipe.preferences] if recipe.preferences else [])]:
         try:
             recipe.dataset_path(ds)
+        except RecipeError as exc:
+            problems += exc.problems
+    if recipe.prompt.chat_template and is_template_file(recipe.prompt.chat_template):
+        try:
+            tpl = recipe.chat_template_path()
+            if not tpl.is_file():
+                problems.append(f"prompt.chat_template: file {recipe.prompt.chat_template!r} not found ({tpl})")
         except RecipeError as exc:
             problems += exc.problems
     if recipe.distillation and recipe.distillation.student_path:

@@ -36,6 +36,9 @@ REFERENCE_FILE = Path(__file__).resolve().parent.parent / "docs" / "recipe_refer
 SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("datasets[]", R.DatasetSpec),
     ("datasets[].columns", R.ColumnMap),
+    ("datasets[].columns (schema messages)", R.MessagesColumns),
+    ("datasets[].columns (schema prompt_completion)", R.PromptCompletionColumns),
+    ("datasets[].columns (schema alpaca)", R.AlpacaColumns),
     ("prompt", R.PromptSpec),
     ("base_model", R.BaseModelSpec),
     ("quantization", R.QuantizationSpec),

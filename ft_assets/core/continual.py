@@ -17,6 +17,7 @@ route a checkpoint resume takes), so the training loop starts at the previous ad
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +115,10 @@ def load_state(model: torch.nn.Module, method, adapter_dir: Path) -> int:
 
 
 def _row_key(e: Example) -> str:
-    return hashlib.sha256("\x1f".join([e.task, e.question, e.context or "", e.answer]).encode()).hexdigest()
+    parts = [e.task, e.question, e.context or "", e.answer]
+    if e.messages is not None:  # conversations that end alike differ in their earlier turns
+        parts.append(json.dumps(e.messages, sort_keys=True))
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
 
 def replay_rows(old_train: list[Example], new_train: list[Example], fraction: float, seed: int) -> list[Example]:

@@ -2,9 +2,12 @@
 
 A row goes through four steps, each of which can only reject it with a reason:
 1. read:     the file parses (else DataFileError with file and line: nothing is written);
-2. validate: the mapped fields exist, are text, are not blank, and the row is not a duplicate;
+             `hf` directories/ids and `arrow` files are read by `core.hfdata` (rows, not lines);
+2. validate: the mapped fields of the dataset's `schema` exist, are text, are not blank, and
+             the row is not a duplicate (`messages`: a well-formed conversation, `core.chat`);
 3. format:   the base model's chat template renders it; labels mask everything but the answer
-             and its end-of-turn token; it fits `max_length` without cutting the answer;
+             (for `messages`: the assistant turns `train_on` selects) and its end-of-turn
+             token; it fits `max_length` without cutting the answer;
 4. split:    a stable, seeded hash of the row's key puts it in train or eval, so editing one
              row never reshuffles the others.
 """
@@ -51,9 +54,17 @@ class Example:
     task: str = ""
     input_ids: list[int] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
+    # schema `messages`: the checked conversation (question/answer: its last user/assistant turn)
+    messages: list[dict[str, str]] | None = None
+    # where the reference answer (the last assistant turn) starts in input_ids, when earlier
+    # tokens are labelled too (multi-turn); None: at the first labelled token
+    answer_start: int | None = None
 
     @property
     def prompt_len(self) -> int:
+        """Tokens before the reference answer: the prompt evaluation generates from."""
+        if self.answer_start is not None:
+            return self.answer_start
         return next((i for i, lab in enumerate(self.labels) if lab != IGNORE_INDEX), len(self.labels))
 
     def to_json(self) -> dict[str, Any]:
@@ -65,18 +76,24 @@ class Example:
 # --------------------------------------------------------------------------------------
 
 
-def read_rows(path: str | Path, fmt: str) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, row) pairs. Line numbers are 1-based lines of the file (csv: of the record)."""
-    rows = list(iter_rows(path, fmt))
+def read_rows(path: str | Path, fmt: str, split: str | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) pairs. Line numbers are 1-based lines of the file (csv: of the record;
+    parquet, arrow, hf: the row's 1-based position). `split`: format hf only."""
+    rows = list(iter_rows(path, fmt, split))
     if not rows:
-        raise DataFileError(path, "file has no rows (only blank lines)")
+        raise DataFileError(path, "the dataset has no rows" if fmt == "hf" else "file has no rows (only blank lines)")
     return rows
 
 
-def iter_rows(path: str | Path, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """`read_rows` one row at a time (a build of millions of rows never holds them all). The
-    caller raises "no rows" when it gets none."""
+def iter_rows(path: str | Path, fmt: str, split: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """`read_rows` one row at a time (a build of millions of rows never holds them all; hf and
+    arrow sources are still read whole). The caller raises "no rows" when it gets none."""
     path = Path(path)
+    if fmt == "hf":
+        from .hfdata import read_hf
+
+        yield from read_hf(path, split)
+        return
     if not path.is_file():
         raise DataFileError(path, "file not found; check datasets[].path in the recipe")
     if path.stat().st_size == 0:
@@ -97,8 +114,17 @@ def iter_rows(path: str | Path, fmt: str) -> Iterator[tuple[int, dict[str, Any]]
                     yield line, r
         except Exception as exc:  # pyarrow raises several types for corrupt files
             raise DataFileError(path, f"not a readable parquet file ({exc})") from None
+    elif fmt == "arrow":
+        from .hfdata import read_arrow
+
+        yield from read_arrow(path)
     else:
-        raise DataFileError(path, f"unknown format {fmt!r}; use jsonl, csv or parquet")
+        raise DataFileError(path, f"unknown format {fmt!r}; use jsonl, csv, parquet, arrow or hf")
+
+
+def row_word(fmt: str) -> str:
+    """How errors locate a row: `line 12` in text files, `row 12` in tables and datasets."""
+    return "line" if fmt in ("jsonl", "csv") else "row"
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -145,13 +171,28 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 # --------------------------------------------------------------------------------------
 
 
-def check_columns(path: str | Path, rows: list[tuple[int, dict]], columns: dict[str, str | None]) -> None:
-    check_column_names(path, {k for _, r in rows for k in r}, columns)
+# The column-map keys that name a column every row must have, per schema (alpaca's `input` is
+# optional per row; `messages`' role/content/roles name keys inside the turns).
+REQUIRED_COLUMNS = {
+    "qa": ("question", "context", "answer", "id"),
+    "prompt_completion": ("prompt", "completion", "id"),
+    "alpaca": ("instruction", "output", "id"),
+    "messages": ("messages", "id"),
+}
 
 
-def check_column_names(path: str | Path, names: Iterable[str], columns: dict[str, str | None]) -> None:
-    """DataFileError unless every mapped column is among `names` (the columns seen in the file)."""
+def check_columns(path: str | Path, rows: list[tuple[int, dict]], columns: dict[str, Any],
+                  schema: str | None = None) -> None:
+    check_column_names(path, {k for _, r in rows for k in r}, columns, schema)
+
+
+def check_column_names(path: str | Path, names: Iterable[str], columns: dict[str, Any],
+                       schema: str | None = None) -> None:
+    """DataFileError unless every mapped column is among `names` (the columns seen in the file):
+    with a dataset `schema`, the columns its map names; without (preference pairs), every one."""
     found = sorted(set(names))
+    if schema is not None:
+        columns = {f: columns.get(f) for f in REQUIRED_COLUMNS[schema]}
     missing = {f: c for f, c in columns.items() if c is not None and c not in found}
     if missing:
         expected = ", ".join(f"{f} <- {c!r}" for f, c in columns.items() if c is not None)
@@ -163,38 +204,82 @@ def check_column_names(path: str | Path, names: Iterable[str], columns: dict[str
 
 
 def validate_rows(
-    rows: list[tuple[int, dict]], columns: dict[str, str | None], task: str = ""
+    rows: list[tuple[int, dict]], columns: dict[str, Any], task: str = "", schema: str = "qa", unit: str = "line"
 ) -> tuple[list[Example], list[Rejected]]:
+    """Rows of `schema` as Examples (question = the user turn, answer = the trained reply),
+    or rejected with the field and reason. `unit` names a row's place in messages ("line")."""
     kept, rejected = [], []
-    seen: dict[tuple, int] = {}
+    seen: dict[Any, int] = {}
     for lineno, row in rows:
-        ex, rej = validate_row(lineno, row, columns, task)
+        ex, rej = validate_row(lineno, row, columns, task, schema)
         if rej is not None:
             rejected.append(rej)
             continue
         key = duplicate_key(ex)
         if key in seen:
-            rejected.append(Rejected(lineno, f"exact duplicate of line {seen[key]}", None, row_id(row, columns), row))
+            rejected.append(Rejected(lineno, f"exact duplicate of {unit} {seen[key]}", None, row_id(row, columns), row))
             continue
         seen[key] = lineno
         kept.append(ex)
     return kept, rejected
 
 
-def validate_row(lineno: int, row: dict, columns: dict[str, str | None], task: str = ""
+def validate_row(lineno: int, row: dict, columns: dict[str, Any], task: str = "", schema: str = "qa"
                  ) -> tuple[Example | None, Rejected | None]:
     """One row's Example, or its rejection (duplicates aside: see `duplicate_key`)."""
-    values, problem = text_fields(row, columns, ("question", "context", "answer"))
     rid = row_id(row, columns)
+    ex, key, problem = _row_example(row, columns, schema, lineno, task)
     if problem:
         return None, Rejected(lineno, problem[1], problem[0], rid, row)
-    rid = rid or _stable_id(values["question"], values["context"], values["answer"])
-    return Example(rid, values["question"], values["context"], values["answer"], lineno, task), None
+    # qa keeps its historical id (question, context, answer) so existing splits do not move
+    ex.id = rid or (_stable_id(*key) if schema == "qa" else _stable_id(schema, json.dumps(key)))
+    return ex, None
 
 
 def duplicate_key(ex: Example) -> tuple:
-    """Two rows with the same key are exact duplicates (the later one is rejected)."""
+    """Two rows with the same key are exact duplicates (the later one is rejected): the whole
+    conversation for `messages`, else the texts the row was made of."""
+    if ex.messages is not None:
+        return tuple((t["role"], t["content"]) for t in ex.messages)
     return (ex.question, ex.context, ex.answer)
+
+
+def _row_example(row: dict, columns: dict[str, Any], schema: str, lineno: int, task: str
+                 ) -> tuple[Example | None, Any, tuple[str, str] | None]:
+    """(example, duplicate key, None) or (None, None, (field, reason)) for one row."""
+    if schema == "qa":
+        v, problem = text_fields(row, columns, ("question", "context", "answer"))
+        if problem:
+            return None, None, problem
+        return Example("", v["question"], v["context"], v["answer"], lineno, task), (
+            v["question"], v["context"], v["answer"]), None
+    if schema == "prompt_completion":
+        v, problem = text_fields(row, columns, ("prompt", "completion"))
+        if problem:
+            return None, None, problem
+        return Example("", v["prompt"], None, v["completion"], lineno, task), (v["prompt"], v["completion"]), None
+    if schema == "alpaca":
+        v, problem = text_fields(row, columns, ("instruction", "output"))
+        if problem:
+            return None, None, problem
+        inp, col = None, columns.get("input")
+        if col is not None and row.get(col) is not None:  # input is optional: absent, null or blank = none
+            if not isinstance(row[col], str):
+                return None, None, ("input", f"input (column {col!r}) is {type(row[col]).__name__} "
+                                             f"{row[col]!r}, expected text")
+            inp = row[col].strip() or None
+        return Example("", v["instruction"], inp, v["output"], lineno, task), (v["instruction"], inp, v["output"]), None
+    if schema == "messages":
+        from .chat import conversation
+
+        turns, reason = conversation(row.get(columns["messages"]), columns["messages"], columns.get("role") or "role",
+                                     columns.get("content") or "content", columns.get("roles"))
+        if reason:
+            return None, None, ("messages", reason)
+        last_user = next(t["content"] for t in reversed(turns) if t["role"] == "user")
+        ex = Example("", last_user, None, turns[-1]["content"], lineno, task, messages=turns)
+        return ex, tuple((t["role"], t["content"]) for t in turns), None
+    raise ValueError(f"unknown schema {schema!r}")
 
 
 def text_fields(row: dict, columns: dict[str, str | None], fields: tuple[str, ...]
@@ -232,10 +317,21 @@ def _stable_id(*parts: str | None) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def build_messages(ex: Example, system: str | None, template: str, template_without_context: str) -> list[dict]:
-    tpl = template if ex.context else template_without_context
-    user = tpl.format(question=ex.question, context=ex.context or "")
+def build_messages(ex: Example, system: str | None, template: str, template_without_context: str,
+                   schema: str = "qa") -> list[dict]:
+    """The chat turns before the trained answer. qa: `template` fills the user turn;
+    prompt_completion: the prompt is the user turn as written; alpaca: the instruction, then
+    the input (when the row has one) after a blank line; messages: the conversation itself
+    (the whole of it, assistant turns included), after `system` unless it has its own."""
     msgs = [{"role": "system", "content": system}] if system else []
+    if schema == "messages":
+        own_system = ex.messages and ex.messages[0]["role"] == "system"
+        return list(ex.messages or []) if own_system else msgs + list(ex.messages or [])
+    if schema == "qa":
+        tpl = template if ex.context else template_without_context
+        user = tpl.format(question=ex.question, context=ex.context or "")
+    else:
+        user = ex.question if not ex.context else f"{ex.question}\n\n{ex.context}"
     return msgs + [{"role": "user", "content": user}]
 
 
@@ -243,12 +339,23 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
 
 
-def format_example(tokenizer, ex: Example, messages: list[dict], max_length: int) -> str | None:
+def format_example(tokenizer, ex: Example, messages: list[dict], max_length: int,
+                   train_on: str = "all_assistant") -> str | None:
     """Fill ex.input_ids/labels. Returns a rejection reason, or None when the example is usable.
 
     Only the answer tokens and the end-of-turn token carry labels; the template's trailing
-    newline after end-of-turn is dropped so the model learns to stop exactly there.
+    newline after end-of-turn is dropped so the model learns to stop exactly there. A
+    conversation (`ex.messages`; `messages` holds all its turns) labels the assistant turns
+    `train_on` selects (`core.chat.mask_conversation`).
     """
+    if ex.messages is not None:
+        from .chat import mask_conversation
+
+        masked = mask_conversation(tokenizer, messages, train_on, max_length)
+        if isinstance(masked, str):
+            return masked
+        ex.input_ids, ex.labels, ex.answer_start = masked
+        return None
     prompt = prompt_ids(tokenizer, messages)
     full = list(tokenizer.apply_chat_template(
         messages + [{"role": "assistant", "content": ex.answer}], return_dict=True
@@ -352,9 +459,9 @@ def count_train_rows(sources: Iterable[SourceSpec]) -> TrainRowCount:
     Raises DataFileError as the build would for an unreadable file or missing columns."""
     total = TrainRowCount(0, 0, 0, 0)
     for src in sources:
-        rows = read_rows(src.path, src.format)
-        check_columns(src.path, rows, src.columns)
-        kept, rejected = validate_rows(rows, src.columns, task=src.name)
+        rows = read_rows(src.path, src.format, src.split)
+        check_columns(src.path, rows, src.columns, src.schema)
+        kept, rejected = validate_rows(rows, src.columns, task=src.name, schema=src.schema, unit=row_word(src.format))
         total += train_row_bounds(src.path, len(rows), len(rejected), src.eval_fraction, src.max_rejected_fraction)
     return total
 
@@ -374,12 +481,22 @@ class SourceSpec:
     split_seed: int
     max_rejected_fraction: float
     weight: float | None = None  # multi-task mixture weight (all sources or none)
+    schema: str = "qa"  # qa | prompt_completion | alpaca | messages (which `columns` keys apply)
+    train_on: str = "all_assistant"  # messages: which assistant turns carry loss
+    split: str | None = None  # format hf: the split to read
+
+
+def source_path(recipe, ds) -> Path:
+    """Where a dataset's data is: its resolved path, or for `format: hf` a path that does not
+    exist, the recipe's string as given (a dataset id, looked up in the local HF cache)."""
+    path = recipe.dataset_path(ds)
+    return Path(ds.path) if ds.format == "hf" and not path.exists() and not Path(ds.path).is_absolute() else path
 
 
 def sft_sources(recipe) -> list[SourceSpec]:
     """The recipe's `datasets:` as build inputs (`recipe`: a `ft_assets.recipe.Recipe`)."""
-    return [SourceSpec(ds.name, recipe.dataset_path(ds), ds.format, ds.columns.model_dump(), ds.eval_fraction,
-                       recipe.split_seed(ds), ds.max_rejected_fraction, ds.weight)
+    return [SourceSpec(ds.name, source_path(recipe, ds), ds.format, ds.columns.model_dump(), ds.eval_fraction,
+                       recipe.split_seed(ds), ds.max_rejected_fraction, ds.weight, ds.schema, ds.train_on, ds.split)
             for ds in recipe.datasets]
 
 

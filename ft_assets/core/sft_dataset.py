@@ -211,10 +211,10 @@ def _validate_source(src: SourceSpec, arrow_path: Path) -> _Validated:
     n_rows, rejected, buf = 0, [], []
     dup_hash, rank = array.array("Q"), array.array("Q")
     with pa.OSFile(str(arrow_path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for lineno, row in D.iter_rows(src.path, src.format):
+        for lineno, row in D.iter_rows(src.path, src.format, src.split):
             n_rows += 1
             names.update(row)
-            ex, rej = D.validate_row(lineno, row, src.columns, task=src.name)
+            ex, rej = D.validate_row(lineno, row, src.columns, task=src.name, schema=src.schema)
             if rej is not None:
                 rejected.append(rej)
                 continue
@@ -227,8 +227,8 @@ def _validate_source(src: SourceSpec, arrow_path: Path) -> _Validated:
         if buf:
             writer.write_batch(pa.RecordBatch.from_pylist(buf, schema=schema))
     if not n_rows:
-        raise DataFileError(src.path, "file has no rows (only blank lines)")
-    D.check_column_names(src.path, names, src.columns)
+        raise DataFileError(src.path, "the dataset has no rows" if src.format == "hf" else "file has no rows (only blank lines)")
+    D.check_column_names(src.path, names, src.columns, src.schema)
     dup_of = _duplicates(np.frombuffer(dup_hash, dtype=np.uint64), arrow_path)
     return _Validated(n_rows, rejected, dup_of, np.frombuffer(rank, dtype=np.uint64))
 
@@ -259,14 +259,16 @@ def _duplicates(hashes: np.ndarray, arrow_path: Path) -> dict[int, int]:
     return out
 
 
-def _format_batch(batch: dict[str, list], tokenizer, system, template, template_without_context, max_length):
-    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "rejected_because": []}
+def _format_batch(batch: dict[str, list], tokenizer, system, template, template_without_context, max_length,
+                  schema, train_on):
+    out: dict[str, list] = {"input_ids": [], "labels": [], "answer_start": [], "length": [], "rejected_because": []}
     for values in zip(*batch.values()):
         ex = example_of(dict(zip(batch, values)))
-        reason = D.format_example(tokenizer, ex, D.build_messages(ex, system, template, template_without_context),
-                                  max_length)
+        reason = D.format_example(tokenizer, ex, D.build_messages(ex, system, template, template_without_context, schema),
+                                  max_length, train_on)
         out["input_ids"].append(ex.input_ids if not reason else [])
         out["labels"].append(ex.labels if not reason else [])
+        out["answer_start"].append(json.dumps(ex.answer_start))
         out["length"].append(len(ex.input_ids) if not reason else 0)
         out["rejected_because"].append(reason or "")
     return out
@@ -288,15 +290,25 @@ def _tokenize(arrow_path: Path, work: Path, num_proc: int, fmt_kwargs: dict[str,
 def build_sft_dataset(
     sources: Iterable[SourceSpec], tokenizer, *, system: str | None, template: str,
     template_without_context: str, max_length: int, mixture_seed: int = 0, num_proc: int | None = None,
-    work_dir: str | Path | None = None,
+    work_dir: str | Path | None = None, chat_template: str | None = None,
 ) -> BuiltDataset:
     """Every source read, validated, formatted and split (see `core.data` for the rules). With
     mixture weights, the training split is `core.mixture.mix` of the sources' training rows
     (seeded by `mixture_seed`); the eval split keeps every held-out row of every task. The rows
-    live in Arrow files under `work_dir` (default: a temporary directory the result keeps alive)."""
+    live in Arrow files under `work_dir` (default: a temporary directory the result keeps alive).
+    `chat_template`: Jinja text rendering the rows instead of the tokenizer's own (which the
+    tokenizer gets back afterwards); without either, `core.chat.ChatTemplateError`."""
+    from .chat import template_override
+
+    with template_override(tokenizer, chat_template):
+        return _build(list(sources), tokenizer, system, template, template_without_context, max_length,
+                      mixture_seed, num_proc, work_dir)
+
+
+def _build(sources: list[SourceSpec], tokenizer, system, template, template_without_context, max_length,
+           mixture_seed, num_proc, work_dir) -> BuiltDataset:
     import datasets
 
-    sources = list(sources)
     num_proc = max(1, num_proc or os.cpu_count() or 1)
     tmp = None
     if work_dir is None:
@@ -315,25 +327,28 @@ def build_sft_dataset(
             rej = list(v.rejected)
             n_kept = len(v.split_rank)
             usable = np.ones(n_kept, dtype=bool)
-            tokens = _tokenize(arrow_path, work, num_proc, fmt_kwargs) if n_kept else None
+            unit = D.row_word(src.format)
+            tokens = (_tokenize(arrow_path, work, num_proc, {**fmt_kwargs, "schema": src.schema, "train_on": src.train_on})
+                      if n_kept else None)
             if tokens is not None:
                 lines = tokens.data.column("line").to_numpy()
                 ids = tokens.data.column("id")
-                rej += [Rejected(int(lines[row]), f"exact duplicate of line {lines[first]}", None, ids[row].as_py())
+                rej += [Rejected(int(lines[row]), f"exact duplicate of {unit} {lines[first]}", None, ids[row].as_py())
                         for row, first in v.dup_of.items()]
                 rej.sort(key=lambda r: r.line)  # validation's rejections in file order, as one pass gives them
                 usable[list(v.dup_of)] = False
                 reasons = tokens.data.column("rejected_because").to_numpy(zero_copy_only=False)
                 bad = np.nonzero((reasons != "") & usable)[0]
-                rej += [Rejected(int(lines[i]), str(reasons[i]), "prompt", ids[int(i)].as_py()) for i in bad]
+                field = "messages" if src.schema == "messages" else "prompt"
+                rej += [Rejected(int(lines[i]), str(reasons[i]), field, ids[int(i)].as_py()) for i in bad]
                 usable[bad] = False
             n_usable = int(usable.sum())
             frac = len(rej) / v.rows
             if not n_usable:
                 raise DataFileError(src.path, f"every row was rejected ({len(rej)} rows); first reason: "
-                                    f"line {rej[0].line}: {rej[0].reason}", rejected=rej)
+                                    f"{unit} {rej[0].line}: {rej[0].reason}", rejected=rej)
             if frac > src.max_rejected_fraction:
-                worst = "; ".join(f"line {r.line}: {r.reason}" for r in sorted(rej, key=lambda r: r.line)[:5])
+                worst = "; ".join(f"{unit} {r.line}: {r.reason}" for r in sorted(rej, key=lambda r: r.line)[:5])
                 raise DataFileError(
                     src.path,
                     f"{len(rej)} of {v.rows} rows rejected ({frac:.0%} > max_rejected_fraction "
@@ -484,7 +499,7 @@ class WrittenDataset:
 def write_sft_dataset(store, sources: list[SourceSpec], tokenizer, *, system: str | None, template: str,
                       template_without_context: str, max_length: int, seed: int, num_proc: int | None,
                       inputs: dict[str, str], recipe_hash: str, code_version: str,
-                      preview_rows: int = 20) -> WrittenDataset:
+                      preview_rows: int = 20, chat_template: str | None = None) -> WrittenDataset:
     """Build into the store's staging directory, save, and set the canonical version. A
     DataFileError leaves nothing behind; with rejected rows, `write_rejection_report` lists them."""
     meta = {"tokenizer_fingerprint": D.tokenizer_fingerprint(tokenizer), "max_length": max_length,
@@ -494,7 +509,8 @@ def write_sft_dataset(store, sources: list[SourceSpec], tokenizer, *, system: st
         work = st.path / ".build"
         built = build_sft_dataset(sources, tokenizer, system=system, template=template,
                                   template_without_context=template_without_context, max_length=max_length,
-                                  mixture_seed=seed, num_proc=num_proc, work_dir=work)
+                                  mixture_seed=seed, num_proc=num_proc, work_dir=work,
+                                  chat_template=chat_template)
         save_dataset(built, st.path, meta)
         stats, rejected, used = built.stats, built.rejected, built.num_proc
         del built  # its rows map files in `work`

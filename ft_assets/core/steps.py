@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from .data import DataFileError, TrainRowCount, count_train_rows, sft_sources
+from .data import DataFileError, TrainRowCount, count_train_rows, sft_sources, source_path
 
 
 def validation_rows(n_examples: int, cfg: Any) -> int:
@@ -126,7 +126,7 @@ def recipe_step_estimates(recipe) -> RecipeSteps:
     SFT-style methods and distillation over the `sft_dataset` training split, dpo methods over
     the `preference_dataset` training pairs. Each data file is read once."""
     sft, sft_unknown = _count(lambda: count_train_rows(sft_sources(recipe)),
-                              [recipe.dataset_path(ds) for ds in recipe.datasets])
+                              [source_path(recipe, ds) for ds in recipe.datasets])
     prefs, prefs_unknown = None, None
     if recipe.preferences is not None and recipe.methods_of_type("dpo"):
         from .preferences import count_train_pairs, preference_source
@@ -149,7 +149,8 @@ def recipe_step_estimates(recipe) -> RecipeSteps:
 
 
 def _count(count, paths) -> tuple[TrainRowCount | None, str | None]:
-    missing = [str(p) for p in paths if not p.is_file()]
+    # a relative path is a dataset id (format hf): the reader looks it up in the local HF cache
+    missing = [str(p) for p in paths if p.is_absolute() and not p.exists()]
     if missing:
         return None, f"{', '.join(missing)} not found yet, rows not counted"
     try:

@@ -123,11 +123,12 @@ def source_versions(recipe: Recipe) -> dict[str, tuple[dg.AssetKey, str | None, 
     """Every source the graph reads, with its current version: each data file of the recipe
     (datasets and the preference file) and each method's settings. The observation sensor and
     `record_sources` both use this one list."""
+    from ..core.data import source_path
     from .raw import data_files, file_version, raw_key
 
     out = {}
     for ds in data_files(recipe):
-        out[f"raw/{ds.name}"] = (raw_key(ds), None, file_version(recipe.dataset_path(ds)))
+        out[f"raw/{ds.name}"] = (raw_key(ds), None, file_version(source_path(recipe, ds)))
     for name in recipe.methods:
         out[f"recipe/method[{name}]"] = (RECIPE_METHOD_KEY, name, method_version(recipe, name))
     return out

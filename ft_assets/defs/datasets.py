@@ -7,8 +7,9 @@
   `max_rejected_fraction`;
 - streams the rows and tokenizes them in `compute.data_workers` processes into Arrow splits,
   versioned by a hash of their content in row order (`core.sft_dataset`: layout and guarantees);
-- renders each row with the base model's chat template and masks labels so only the answer
-  and its end-of-turn token train;
+- renders each row with the base model's chat template (or `prompt.chat_template`) and masks
+  labels so only the answer and its end-of-turn token train (`messages`: the assistant turns
+  `train_on` selects);
 - splits train/eval by a seeded hash of each row's id (stable under edits of other rows);
 - with `weight`s on the datasets (tasks), the training split is a seeded mixture in those
   proportions (`core.mixture`); the eval split keeps every task's held-out rows.
@@ -21,9 +22,11 @@ import dagster as dg
 
 from ..core import data
 from ..core import sft_dataset as sft
+from ..core.chat import ChatTemplateError
+from ..core.hfdata import source_version
 from ..core.models import load_tokenizer
 from ..recipe import Recipe
-from ..store import Artifact, file_hash
+from ..store import Artifact
 from . import _common as c
 from .raw import raw_key
 from .resources import StoreResource
@@ -49,8 +52,11 @@ def build(recipe: Recipe) -> list:
                 store.store(), sources, tok, system=recipe.prompt.system, template=recipe.prompt.template,
                 template_without_context=recipe.prompt.template_without_context,
                 max_length=recipe.prompt.max_length, seed=recipe.seed, num_proc=recipe.compute.data_workers,
-                inputs={**{f"raw/{s.name}": file_hash(s.path)[:16] for s in sources}, **c.inputs_of(base_model)},
-                recipe_hash=recipe.recipe_hash, code_version=cv, preview_rows=recipe.evaluation.preview_rows)
+                inputs={**{f"raw/{s.name}": source_version(s.path) for s in sources}, **c.inputs_of(base_model)},
+                recipe_hash=recipe.recipe_hash, code_version=cv, preview_rows=recipe.evaluation.preview_rows,
+                chat_template=recipe.chat_template_text())
+        except ChatTemplateError as exc:
+            raise c.user_error(exc) from None
         except data.DataFileError as exc:
             if exc.rejected:  # no artifact is written, but the user needs the list to fix the file
                 report = sft.write_rejection_report(store.store(), exc)

@@ -1,6 +1,7 @@
 """Raw data: one observable source asset per dataset file in the recipe.
 
-The data version is the sha256 of the file's bytes, so rewriting or touching a file without
+The data version is the sha256 of the file's bytes (a `format: hf` directory or cached id:
+of its data files, `core.hfdata.source_version`), so rewriting or touching a file without
 changing it changes nothing downstream; editing one row makes its descendants stale. The
 `ft_assets_observe_sources` sensor (defs/automation.py) hashes the files every
 `automation.observe_interval_s` seconds; "Observe" in the UI does the same by hand.
@@ -9,8 +10,9 @@ changing it changes nothing downstream; editing one row makes its descendants st
 
 import dagster as dg
 
+from ..core.data import source_path
+from ..core.hfdata import source_version
 from ..recipe import DatasetSpec, PreferenceDataSpec, Recipe
-from ..store import file_hash
 
 
 def raw_key(ds: DatasetSpec | PreferenceDataSpec) -> dg.AssetKey:
@@ -18,12 +20,13 @@ def raw_key(ds: DatasetSpec | PreferenceDataSpec) -> dg.AssetKey:
 
 
 def file_version(path) -> str:
-    """A data file's version: the first 16 hex digits of the sha256 of its bytes."""
-    return file_hash(path)[:16] if path.is_file() else "missing"
+    """A data file's version: the first 16 hex digits of the sha256 of its bytes (a directory's
+    or a cached dataset id's: of its data files); "missing" when there is none."""
+    return source_version(path)
 
 
 def _observer(recipe: Recipe, ds: DatasetSpec | PreferenceDataSpec):
-    path = recipe.dataset_path(ds)
+    path = source_path(recipe, ds)
 
     @dg.observable_source_asset(
         key=raw_key(ds),
@@ -32,8 +35,8 @@ def _observer(recipe: Recipe, ds: DatasetSpec | PreferenceDataSpec):
         metadata={"path": dg.MetadataValue.path(str(path)), "format": ds.format},
     )
     def observe_file() -> dg.ObserveResult:
-        return dg.ObserveResult(data_version=dg.DataVersion(file_version(path)),
-                                metadata={"exists": path.is_file()})
+        version = file_version(path)
+        return dg.ObserveResult(data_version=dg.DataVersion(version), metadata={"exists": version != "missing"})
 
     return observe_file
 

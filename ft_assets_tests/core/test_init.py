@@ -256,3 +256,21 @@ def test_a_mapping_the_data_stage_would_reject_is_an_error_not_a_recipe(tmp_path
     buf = io.StringIO()
     assert init.main([str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "x.yaml")], out=buf, err=buf) == 2
     assert "no such file" in buf.getvalue()
+
+
+def test_a_conversation_column_writes_a_messages_recipe(tok, tmp_path):
+    rows = [{"uid": f"c{i}", "conversations": [{"from": "human", "value": f"Revenue of unit {i}?"},
+                                                {"from": "gpt", "value": f"${i} million"}]} for i in range(40)]
+    data = write_jsonl(tmp_path / "sharegpt.jsonl", rows)
+    rc, out = run_init(tok, data, "-o", tmp_path / "r.yaml")
+    assert rc == 0, out
+    assert "messages <- 'conversations' (lists of {from, value} turns, roles human -> user, gpt -> assistant)" in out
+    assert "<|im_start|>assistant\n$0 million<|im_end|>" in out  # shown through the real chat template
+    recipe = load_recipe(tmp_path / "r.yaml")
+    ds = recipe.datasets[0]
+    assert ds.schema == "messages" and ds.train_on == "all_assistant"
+    assert ds.columns.model_dump() == {"messages": "conversations", "role": "from", "content": "value",
+                                       "roles": {"human": "user", "gpt": "assistant"}, "id": "uid"}
+    # the same file with question/answer flags stays a qa recipe: nothing is guessed over the user's flags
+    rc, out = run_init(tok, data, "-o", tmp_path / "q.yaml", "--question", "uid", "--answer", "conversations")
+    assert "schema messages" not in out

@@ -66,7 +66,7 @@ def test_method_type_defaults_to_its_name_and_training_overrides_merge():
         (with_("methods.lora.r", "eight"), "methods.lora.r: Input should be a valid integer"),
         (with_("training.lr", -0.1), "training.lr: Input should be greater than 0"),
         (with_("datasets.0.eval_fraction", 1.0), "datasets[0].eval_fraction: Input should be less than 1"),
-        (with_("datasets.0.format", "xlsx"), "datasets[0].format: Input should be 'jsonl', 'csv' or 'parquet'"),
+        (with_("datasets.0.format", "xlsx"), "datasets[0].format: Input should be 'jsonl', 'csv', 'parquet', 'arrow' or 'hf'"),
         (with_("methods", {"magic": {}}), "unknown method type 'magic'"),
         (with_("methods.lora.training", {"lrr": 1}), "lrr"),
         (with_("datasets", []), "datasets: List should have at least 1 item"),

@@ -1,0 +1,116 @@
+"""Hugging Face datasets and Arrow files as row sources (`format: hf` and `format: arrow`).
+
+Contract:
+- `format: hf` reads, offline only: a `save_to_disk` directory (`datasets.load_from_disk`;
+  a DatasetDict needs `split:` unless it has one split), any other local directory in Hub
+  layout (data files, optional README configs: `datasets.load_dataset(dir)`), or a dataset id
+  found in the local Hugging Face hub cache (its snapshot directory, read like a local one).
+  Nothing is ever downloaded: an id missing from the cache is an error saying so.
+- `format: arrow` reads one Arrow IPC file (file or stream format, as `save_to_disk` writes).
+- Rows are numbered 1..N in dataset order; errors say "row N".
+- `source_version` is the content hash of the data: a file's bytes, or a directory's files
+  (relative names + bytes, sorted; `state.json` and hidden files, which hold fingerprints and
+  locks rather than data, are left out). Same data, same version, on any machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from .data import DataFileError
+
+NOT_DATA = ("state.json",)
+
+
+def hub_snapshot(dataset_id: str) -> Path | None:
+    """The local hub-cache snapshot of a dataset id (HF_HUB_CACHE / HF_HOME honoured), or None."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id=dataset_id, repo_type="dataset", local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError):  # ValueError: not a valid repo id
+        return None
+
+
+def locate(path: Path) -> Path:
+    """A local directory for `path`: itself when it exists, else the hub-cache snapshot of the
+    id it spells (`path` is then the recipe's string, relative)."""
+    if path.exists():
+        return path
+    if not path.is_absolute():
+        snap = hub_snapshot(path.as_posix())
+        if snap is not None:
+            return snap
+    raise DataFileError(path, "no such directory, and no dataset with this id in the local Hugging Face cache "
+                              "(nothing is downloaded at run time: download it once with "
+                              "`hf download --repo-type dataset ID`, or point datasets[].path at a "
+                              "save_to_disk directory)")
+
+
+def read_hf(path: Path, split: str | None) -> list[tuple[int, dict[str, Any]]]:
+    import datasets
+
+    where = locate(path)
+    if where.is_file():
+        raise DataFileError(path, "format hf expects a directory or a dataset id; for a single file use "
+                                  "format jsonl, csv, parquet or arrow")
+    try:
+        if (where / "dataset_dict.json").is_file() or (where / "state.json").is_file():
+            loaded = datasets.load_from_disk(str(where))
+        else:
+            loaded = datasets.load_dataset(str(where), split=None)
+    except Exception as exc:  # datasets raises many types for unreadable directories
+        raise DataFileError(path, f"not a readable Hugging Face dataset ({type(exc).__name__}: {exc})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        names = sorted(loaded)
+        if split is None and len(names) != 1:
+            raise DataFileError(path, f"the dataset has splits {names}; choose one with datasets[].split")
+        key = split if split is not None else names[0]
+        if key not in loaded:
+            raise DataFileError(path, f"no split {key!r}; the dataset has {names}")
+        loaded = loaded[key]
+    elif split is not None and split != "train":
+        raise DataFileError(path, f"split {split!r} asked for, but this directory holds a single dataset "
+                                  "(no splits); remove datasets[].split")
+    return [(i + 1, row) for i, row in enumerate(loaded)]
+
+
+def read_arrow(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    import pyarrow as pa
+
+    table = None
+    for opener in (pa.ipc.open_file, pa.ipc.open_stream):
+        try:
+            with pa.memory_map(str(path)) as source:
+                table = opener(source).read_all()
+            break
+        except (pa.ArrowInvalid, OSError):
+            continue
+    if table is None:
+        raise DataFileError(path, "not a readable Arrow IPC file (file or stream format)")
+    return [(i + 1, r) for i, r in enumerate(table.to_pylist())]
+
+
+def source_version(path: Path) -> str:
+    """16 hex digits of the data's content hash ("missing" when there is nothing to read)."""
+    if path.is_file():
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()[:16]
+    if not path.exists():
+        snap = None if path.is_absolute() else hub_snapshot(path.as_posix())
+        if snap is None:
+            return "missing"
+        path = snap
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path)
+        if f.name in NOT_DATA or any(part.startswith(".") for part in rel.parts):
+            continue
+        h.update(rel.as_posix().encode() + b"\0" + bytes.fromhex(source_version(f)) + b"\0")
+    return h.hexdigest()[:16]
