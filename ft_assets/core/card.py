@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,7 @@ class Lineage:
     sft_dataset_version: str
     data_files: dict[str, str]  # dataset name -> sha256 prefix of the raw file
     adapter_asset: str  # "adapter[lora]" or "preference_adapter[dpo]"
-    adapter_version: str
+    adapter_version: str | None  # None: not named (a content-versioned artifact's card, see `content_only`)
     recipe_hash: str
     code_version: str
     seed: int | None
@@ -89,6 +89,14 @@ def lineage_from(trained: dict[str, Any], base_model: dict[str, Any], sft_datase
         extra={f"Also trained from `{k}` version": v for k, v in sorted(trained.get("inputs", {}).items())
                if k not in ("base_model", "sft_dataset")},  # quantized base, DPO pairs, the SFT adapter continued
     )
+
+
+def content_only(lin: Lineage) -> Lineage:
+    """The lineage a content-versioned artifact (`merged_model`) may carry in its card: what
+    determines its weights, without the adapter's derived version or the run's facts. A forced
+    retrain that gives the same weights then gives the same bytes, so the same version, and
+    nothing downstream re-runs; `model_card[m]` (derivation-versioned) names the rest."""
+    return replace(lin, adapter_version=None, training={})
 
 
 # --------------------------------------------------------------------------------------
@@ -186,8 +194,8 @@ def _lineage_lines(lin: Lineage) -> list[str]:
     kind, _, ref = lin.base_origin.partition(":")
     origin = {"gguf": f"{BUNDLED_BASE_ID}, dequantized from the Q4_1 GGUF `{ref}` (not the original bf16 weights)",
               "hub": f"`{ref}` from the Hugging Face Hub", "local": f"a local checkpoint, `{ref}`"}.get(kind, lin.base_origin)
-    lines = [f"- Method: `{lin.method}` (type `{lin.method_type}`), trained as `{lin.adapter_asset}` "
-             f"version `{lin.adapter_version}`.",
+    version = f" version `{lin.adapter_version}`" if lin.adapter_version else ""
+    lines = [f"- Method: `{lin.method}` (type `{lin.method_type}`), trained as `{lin.adapter_asset}`{version}.",
              f"- Base model: {origin}; `base_model` version `{lin.base_version}`.",
              f"- Training data: `sft_dataset` version `{lin.sft_dataset_version}`, built from "
              + ", ".join(f"`{n}` (file sha256 `{h}…`)" for n, h in sorted(lin.data_files.items())) + "."]

@@ -175,7 +175,7 @@ def _merge(context, recipe: Recipe, compute: ComputeResource, store: ArtifactSto
             model.save_pretrained(st.path, safe_serialization=True)
             load_tokenizer(base_model.path).save_pretrained(st.path)
             c.write_json(st.path / "merge_status.json", {"mergeable": True})
-            lin = card.lineage_from(adapter.manifest(), base_model.manifest(), sft_dataset.manifest())
+            lin = card.content_only(card.lineage_from(adapter.manifest(), base_model.manifest(), sft_dataset.manifest()))
             c.write_card(st.path, recipe, lin, f"`{c.key_of(adapter)}` merged into the base weights: a plain "
                          "transformers checkpoint with its tokenizer.", False)
         st.extra["mergeable"] = model is not None

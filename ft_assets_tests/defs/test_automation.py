@@ -151,7 +151,8 @@ def test_recipe_edit_of_one_method_reruns_only_that_partition(world):
 
 
 def test_code_version_bump_reruns_that_stage_and_below(world, monkeypatch):
-    monkeypatch.setitem(_common.STAGE_VERSIONS, "merged_model", "2")
+    bumped = str(int(_common.STAGE_VERSIONS["merged_model"]) + 1)
+    monkeypatch.setitem(_common.STAGE_VERSIONS, "merged_model", bumped)
     defs = build_definitions(load_recipe(world["root"] / "recipe.yaml"), home=str(world["home"]))
     got = step(world, defs)
     assert got == {("merged_model", "lora"), ("merged_model", "qlora"), ("eval_report", "lora"),
