@@ -18,11 +18,14 @@ LLAMA_CPP_PY := 0.3.36
 LLAMA_CPP := .ft_vendor/llama.cpp-$(LLAMA_CPP_PY)
 LLAMA_BIN := $(LLAMA_CPP)/build/bin
 PORT ?= 3000
+# The recipe the demo, the UI and `make validate` load unless FT_RECIPE says otherwise: the short
+# demo recipe. recipes/default.yaml (what FT_RECIPE defaults to outside make) is the one to copy.
+DEMO_RECIPE := $(CURDIR)/ft_assets/recipes/demo.yaml
 LOCK := requirements.lock
 
 .PHONY: install lock demo test test-fast ui validate clean env
 
-install: $(VENV)/.installed $(GGUF) $(DAGSTER_HOME)/dagster.yaml browser $(LLAMA_BIN)/llama-completion
+install: $(VENV)/.installed $(GGUF) $(DAGSTER_HOME)/dagster.yaml browser postgres $(LLAMA_BIN)/llama-completion
 
 # Debian's chromium + chromedriver for the UI tests (ft_assets_tests/e2e/test_ui.py): apt-get only
 # when missing, silent when installed.
@@ -32,6 +35,15 @@ browser:
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+
+# Debian's PostgreSQL server (and its `postgres` user) for the instance-on-PostgreSQL test
+# (ft_assets_tests/e2e/test_postgres.py starts and stops its own server): apt-get only when missing.
+.PHONY: postgres
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb > /dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
 
 # torch comes from the CPU wheel on disk (a bare `torch` would pull CUDA, GBs), everything else at
 # the lock's exact versions; the project itself goes in without deps. pip check fails when
@@ -92,6 +104,8 @@ build-tools:
 $(DAGSTER_HOME)/dagster.yaml: | $(VENV)/.installed
 	$(PY) -c "from ft_assets.demo import ensure_instance; ensure_instance()"
 
+demo ui validate env: export FT_RECIPE ?= $(DEMO_RECIPE)
+
 validate: install
 	$(PY) -m ft_assets validate
 
@@ -112,7 +126,7 @@ ui: install
 env:
 	@echo "FT_HOME=$$FT_HOME"
 	@echo "DAGSTER_HOME=$$DAGSTER_HOME"
-	@echo "FT_RECIPE=$${FT_RECIPE:-ft_assets/recipes/default.yaml (default)}"
+	@echo "FT_RECIPE=$$FT_RECIPE"
 
 clean:
 	rm -rf $(FT_HOME) .pytest_cache

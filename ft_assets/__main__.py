@@ -7,6 +7,10 @@
                                               exit 2 + errors on stderr
     python -m ft_assets artifacts [--json]    latest artifact of every asset/partition
     python -m ft_assets lineage PATH          the chain from an artifact back to raw data files
+    python -m ft_assets prune [--keep N] [--delete]
+                                              artifact versions nothing kept refers to (the latest and
+                                              N newest of each asset/partition stay, with everything
+                                              they were made from); lists them, deletes with --delete
     python -m ft_assets runs [--reap]         unfinished runs, their worker processes and pool slots;
                                               --reap fails the ones whose worker is gone and frees
                                               their slots (the only command here that needs Dagster)
@@ -108,6 +112,31 @@ def cmd_lineage(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    from .retention import apply, plan
+
+    store = ArtifactStore(args.home)
+    try:
+        p = plan(store, args.keep)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    mib = 1 << 20
+    print(f"{store.root}: {len(p.kept)} versions kept (the latest and the {args.keep} newest of each "
+          f"asset/partition, and what they were made from), {len(p.drop)} to drop ({p.drop_bytes / mib:.1f} MiB)")
+    for v in p.drop:
+        print(f"  drop {v.key:<28} {v.version:<18} {v.created:<26} {v.bytes / mib:9.1f} MiB")
+    for d in p.leftovers:
+        print(f"  drop {d} (left by an interrupted prune)")
+    if not args.delete:
+        if p.drop or p.leftovers:
+            print("dry run: nothing deleted; rerun with --delete to delete these")
+        return 0
+    freed = apply(p)
+    print(f"deleted {len(p.drop)} versions, {freed / mib:.1f} MiB freed")
+    return 0
+
+
 def lineage(store: ArtifactStore, asset: str, partition: str | None, version: str) -> dict:
     """The artifact's manifest facts and, recursively, those of everything it was made from."""
     found = store.get(asset, partition, version)
@@ -192,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     lin.add_argument("path", type=Path)
     lin.add_argument("--json", action="store_true")
     lin.add_argument("--home", help="FT_HOME (default: $FT_HOME or .ft_home)")
+    pr = sub.add_parser("prune", help="list (or --delete) artifact versions nothing kept refers to")
+    pr.add_argument("--keep", type=int, default=1, help="newest versions kept per asset/partition (default 1)")
+    pr.add_argument("--delete", action="store_true", help="delete them (default: a dry run that lists them)")
+    pr.add_argument("--home", help="FT_HOME (default: $FT_HOME or .ft_home)")
     r = sub.add_parser("runs", help="unfinished runs, their worker processes and pool slots")
     r.add_argument("--reap", action="store_true", help="fail the runs whose worker process is gone, free their slots")
     ch = sub.add_parser("chat", help="chat in the terminal with a merged model or adapter (streamed, greedy)")
@@ -202,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     ref.add_argument("-o", "--output", help="markdown file to write (default: docs/recipe_reference.md in the repo)")
     args = p.parse_args(argv)
     return {"init": cmd_init, "validate": cmd_validate, "artifacts": cmd_artifacts, "lineage": cmd_lineage,
-            "runs": cmd_runs, "chat": cmd_chat, "reference": cmd_reference}[args.cmd](args)
+            "prune": cmd_prune, "runs": cmd_runs, "chat": cmd_chat, "reference": cmd_reference}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""`python -m ft_assets.demo`: materialize the whole default graph into the persistent Dagster
-instance ($DAGSTER_HOME, default $FT_HOME/dagster), so the runs, metadata and lineage are
-there when you open the UI (`make ui`). Prints where the eval reports are."""
+"""`python -m ft_assets.demo`: materialize the whole graph of $FT_RECIPE (default: the short demo
+recipe, `recipes/demo.yaml`) into the persistent Dagster instance ($DAGSTER_HOME, default
+$FT_HOME/dagster), so the runs, metadata and lineage are there when you open the UI (`make ui`,
+which loads the same recipe). Prints where the eval reports are."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import dagster as dg
 from .core.preemption import PREEMPTED
 from .definitions import build_definitions
 from .defs.automation import record_sources
-from .recipe import load_recipe
+from .recipe import DEMO_RECIPE, load_recipe
 from .runs import LAUNCH_TAG, PoolWatch, launch_tags, reap_dead_runs
 from .store import ArtifactStore, ft_home
 
@@ -48,19 +49,47 @@ telemetry:
 """
 
 
+PG_URL_ENV = "FT_PG_URL"
+PG_SCHEME = "postgresql+psycopg2://"
+# Runs, event logs and schedules in PostgreSQL (dagster-postgres) instead of SQLite files under
+# DAGSTER_HOME: what several people, a daemon and a webserver need. The URL (with its password)
+# stays in the environment; the file names only the variable.
+POSTGRES_STORAGE = f"""\
+# The instance's storage is PostgreSQL at ${PG_URL_ENV} (set when this file was written); to go
+# back to SQLite under DAGSTER_HOME, delete this file with {PG_URL_ENV} unset.
+storage:
+  postgres:
+    postgres_url:
+      env: {PG_URL_ENV}
+"""
+
+
+def instance_yaml(postgres: bool) -> str:
+    return INSTANCE_YAML + (POSTGRES_STORAGE if postgres else "")
+
+
 def ensure_instance(home: Path | None = None) -> dg.DagsterInstance:
     """The persistent instance under FT_HOME, with a gpu-pool limit of 1: created if new, brought
-    up to date if ft_assets wrote it (a file without INSTANCE_MARK is the user's and left alone)."""
+    up to date if ft_assets wrote it (a file without INSTANCE_MARK is the user's and left alone).
+    Its storage is PostgreSQL when $FT_PG_URL is set, and stays PostgreSQL once it is (an unset
+    variable then fails loudly rather than quietly starting an empty SQLite instance)."""
     home = home or ft_home()
     # A relative $DAGSTER_HOME resolves against the current directory, and is exported absolute
     # (Dagster refuses a relative one, here and in the processes it starts).
     dagster_home = Path(os.environ.get("DAGSTER_HOME") or Path(home) / "dagster").resolve()
     os.environ["DAGSTER_HOME"] = str(dagster_home)
     dagster_home.mkdir(parents=True, exist_ok=True)
+    url = os.environ.get(PG_URL_ENV, "")
+    if url and not url.startswith(PG_SCHEME):
+        raise ValueError(f"${PG_URL_ENV} must start with {PG_SCHEME} (dagster-postgres talks to the server "
+                         f"through psycopg2; SQLAlchemy reads a bare postgresql:// as psycopg 3, which is not "
+                         f"installed): e.g. {PG_SCHEME}USER:PASSWORD@HOST:5432/DATABASE")
     cfg = dagster_home / "dagster.yaml"
-    if not cfg.exists() or (cfg.read_text().startswith(INSTANCE_MARK) and cfg.read_text() != INSTANCE_YAML):
+    current = cfg.read_text() if cfg.exists() else None
+    want = instance_yaml(bool(os.environ.get(PG_URL_ENV)) or (current is not None and POSTGRES_STORAGE in current))
+    if current is None or (current.startswith(INSTANCE_MARK) and current != want):
         tmp = cfg.with_suffix(".yaml.tmp")
-        tmp.write_text(INSTANCE_YAML)
+        tmp.write_text(want)
         os.replace(tmp, cfg)
     return dg.DagsterInstance.get()
 
@@ -160,7 +189,7 @@ def main() -> int:
     # SIGTERM outside training stops like Ctrl-C (Dagster records the run as failed and frees its slots);
     # during training the loop turns it into a checkpoint first (core.preemption)
     signal.signal(signal.SIGTERM, _interrupt)
-    recipe = load_recipe()
+    recipe = load_recipe(os.environ.get("FT_RECIPE") or DEMO_RECIPE)
     instance = ensure_instance()
     defs = build_definitions(recipe)
     t0 = time.perf_counter()

@@ -44,7 +44,8 @@ from .core.methods.spec import MethodSpecBase, spec_types
 from .core.methods.spec import Strict as _Strict
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-DEFAULT_RECIPE = PACKAGE_DIR / "recipes" / "default.yaml"
+DEFAULT_RECIPE = PACKAGE_DIR / "recipes" / "default.yaml"  # the one to copy: trains to a good model
+DEMO_RECIPE = PACKAGE_DIR / "recipes" / "demo.yaml"  # `make demo`/`make ui`: the same data, minutes on a CPU
 
 
 class RecipeError(ValueError):

@@ -14,7 +14,7 @@ recipe's own settings, `export.gguf` replaced by --types), then on the held-out 
               `generate` on the loaded model (prefill included) vs each llama-completion process
               (model load and prefill included), and llama.cpp's own decode-only rate
 
-    python -m ft_assets.bench.gguf_export --method lora --types f16,q8_0,q4_k_m --threads 2 [--max-steps 4]
+    python -m ft_assets.bench.gguf_export [--recipe R --method M] --types f16,q8_0,q4_k_m --threads 2 [--max-steps 4]
 
 Results: ft_assets/bench/results/gguf_export_cpu_<date>.{json,md}. Needs `make install`
 (llama.cpp built). Uses FT_HOME (default: a temporary directory).
@@ -114,9 +114,9 @@ def llama_cpp_answers(gguf: Path, prompts: list[str], max_new_tokens: int, threa
 
 
 def score(answers: list[str], examples) -> float:
-    from ft_assets.core.metrics import token_f1
+    from ft_assets.core.metrics import score_answers
 
-    return round(sum(token_f1(a, ex.answer) for a, ex in zip(answers, examples)) / len(examples), 4)
+    return score_answers(answers, [ex.answer for ex in examples]).means["token_f1"]
 
 
 def run(args) -> dict:
@@ -194,7 +194,7 @@ def markdown(res: dict) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default=str(REPO / "ft_assets" / "recipes" / "default.yaml"))
-    ap.add_argument("--method", default="lora")
+    ap.add_argument("--method", default=None, help="a method of the recipe (default: its first)")
     ap.add_argument("--types", default="f16,q8_0,q4_k_m")
     ap.add_argument("--max-examples", type=int, default=1000)
     ap.add_argument("--max-steps", type=int, default=0, help="override training.max_steps (0: the recipe's)")
@@ -202,6 +202,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reuse", action="store_true", help="measure the artifacts already in FT_HOME (no training)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
+    args.method = args.method or next(iter(yaml.safe_load(Path(args.recipe).read_text())["methods"]))
     res = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -274,3 +274,18 @@ def test_a_conversation_column_writes_a_messages_recipe(tok, tmp_path):
     # the same file with question/answer flags stays a qa recipe: nothing is guessed over the user's flags
     rc, out = run_init(tok, data, "-o", tmp_path / "q.yaml", "--question", "uid", "--answer", "conversations")
     assert "schema messages" not in out
+
+
+def test_the_shipped_default_recipe_is_what_init_writes_for_the_shipped_data(tok, tmp_path):
+    """recipes/default.yaml is init's output for data/finqa.jsonl (tidied comments, relative paths):
+    a change to init's defaults that the default recipe does not follow fails here."""
+    from ft_assets.recipe import DEFAULT_RECIPE
+
+    rc, out = run_init(tok, REPO / "data" / "finqa.jsonl", "-o", tmp_path / "r.yaml")
+    assert rc == 0, out
+    written, shipped = yaml.safe_load((tmp_path / "r.yaml").read_text()), yaml.safe_load(DEFAULT_RECIPE.read_text())
+    for section in ("prompt", "base_model", "quantization", "training", "methods", "evaluation", "seed"):
+        assert written[section] == shipped[section], section
+    (w,), (s,) = written["datasets"], shipped["datasets"]
+    assert {k: v for k, v in w.items() if k != "path"} == {k: v for k, v in s.items() if k != "path"}
+    assert load_recipe(DEFAULT_RECIPE).dataset_path(load_recipe(DEFAULT_RECIPE).datasets[0]) == REPO / "data" / "finqa.jsonl"

@@ -16,7 +16,7 @@ from pydantic import Field
 from ft_assets.core.methods import REGISTRY, SPECS, register
 from ft_assets.core.methods.lora import LoraSpec
 from ft_assets.core.methods.spec import MethodSpecBase
-from ft_assets.recipe import DEFAULT_RECIPE, PACKAGE_DIR, RecipeError, load_recipe, parse_recipe
+from ft_assets.recipe import DEFAULT_RECIPE, DEMO_RECIPE, PACKAGE_DIR, RecipeError, load_recipe, parse_recipe
 
 GOOD = {
     "name": "r",
@@ -41,8 +41,8 @@ def with_(path: str, value) -> dict:
     return data
 
 
-def test_default_recipe_is_valid_and_declares_lora_and_qlora():
-    recipe = load_recipe(DEFAULT_RECIPE)
+def test_demo_recipe_is_valid_and_declares_lora_and_qlora():
+    recipe = load_recipe(DEMO_RECIPE)
     assert set(recipe.methods) >= {"lora", "qlora"}
     assert recipe.base_model.source == "bundled" and recipe.quantization.method == "nf4"
     assert recipe.dataset_path(recipe.datasets[0]).is_file()
@@ -207,7 +207,7 @@ def test_register_refuses_a_spec_that_does_not_declare_the_type():
 def test_early_stopping_needs_validation_rows_and_dpo_cannot_use_them(tmp_path):
     from ft_assets.recipe import RecipeError, load_recipe
 
-    base = yaml.safe_load((PACKAGE_DIR / "recipes" / "default.yaml").read_text())
+    base = yaml.safe_load(DEMO_RECIPE.read_text())
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({**base, "training": {**base.get("training", {}), "early_stopping_patience": 3}}))
     with pytest.raises(RecipeError, match="early_stopping_patience needs validation_fraction > 0"):
@@ -220,7 +220,7 @@ def test_early_stopping_needs_validation_rows_and_dpo_cannot_use_them(tmp_path):
 
 
 def test_a_sweep_becomes_one_method_per_combination_named_after_its_settings(tmp_path):
-    base = yaml.safe_load((PACKAGE_DIR / "recipes" / "default.yaml").read_text())
+    base = yaml.safe_load(DEMO_RECIPE.read_text())
     base["root"] = str(PACKAGE_DIR.parent)
     base["methods"] = {"lora": {"r": 16, "alpha": 32, "sweep": {"lr": [1.0e-4, 2.0e-4], "r": [8, 16]}},
                        "qlora": base["methods"]["qlora"]}

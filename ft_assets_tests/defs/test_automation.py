@@ -14,7 +14,7 @@ from ft_assets.defs import _common
 from ft_assets.defs.automation import record_sources
 from ft_assets.definitions import build_definitions
 from ft_assets.demo import materialize_all
-from ft_assets.recipe import DEFAULT_RECIPE, load_recipe
+from ft_assets.recipe import DEFAULT_RECIPE, DEMO_RECIPE, load_recipe
 from ft_assets.store import ArtifactStore
 from ft_assets_tests.conftest import make_recipe, qa_rows, write_jsonl
 
@@ -267,7 +267,8 @@ def test_observation_sensor_records_only_changed_sources(project, ft_home):
             ("raw/qa", json.loads(changed.cursor)["raw/qa"])]
 
 
-def test_the_default_recipe_ships_the_retrain_schedule_stopped(ft_home):
-    defs = build_definitions(load_recipe(DEFAULT_RECIPE), home=str(ft_home))
+@pytest.mark.parametrize("shipped", [DEFAULT_RECIPE, DEMO_RECIPE], ids=["default", "demo"])
+def test_the_shipped_recipes_start_with_the_retrain_schedule_stopped(ft_home, shipped):
+    defs = build_definitions(load_recipe(shipped), home=str(ft_home))
     schedule = defs.resolve_schedule_def("retrain_schedule")
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED and schedule.cron_schedule == "0 3 * * 0"

@@ -12,7 +12,7 @@ import yaml
 from ft_assets.core import data, evaluate, export
 from ft_assets.core.models import bundled_gguf_path, load_model, load_tokenizer
 from ft_assets.definitions import build_definitions
-from ft_assets.recipe import DEFAULT_RECIPE, load_recipe
+from ft_assets.recipe import DEMO_RECIPE, load_recipe
 from ft_assets.store import ArtifactStore
 
 pytestmark = pytest.mark.slow
@@ -25,8 +25,8 @@ def test_llama_cpp_answers_like_transformers(tmp_path, ft_home):
     missing = [str(p) for p in (bundled_gguf_path(),) if not p.is_file()]
     missing += [n for n in ("llama-completion", "llama-quantize") if export.tool(n) is None]
     assert not missing, f"missing {', '.join(missing)}: run `make install`"
-    recipe = yaml.safe_load(DEFAULT_RECIPE.read_text())
-    recipe["root"] = str(DEFAULT_RECIPE.parent.parent.parent)
+    recipe = yaml.safe_load(DEMO_RECIPE.read_text())
+    recipe["root"] = str(DEMO_RECIPE.parent.parent.parent)
     recipe["quantization"] = {"method": "none"}
     recipe["methods"] = {"lora": {"r": 8, "alpha": 16, "dropout": 0.0}}
     recipe["training"].update({"max_steps": 3, "batch_size": 4, "checkpoint_every": 2})

@@ -11,7 +11,7 @@ import yaml
 from ft_assets.core.models import bundled_gguf_path
 from ft_assets.definitions import build_definitions
 from ft_assets.demo import materialize_all
-from ft_assets.recipe import DEFAULT_RECIPE, load_recipe
+from ft_assets.recipe import DEMO_RECIPE, load_recipe
 from ft_assets.store import ArtifactStore
 
 pytestmark = pytest.mark.slow
@@ -20,8 +20,8 @@ pytestmark = pytest.mark.slow
 def test_bundled_model_trains_and_is_evaluated(tmp_path, ft_home):
     if not bundled_gguf_path().is_file():
         pytest.skip("bundled GGUF missing; run `make install`")
-    recipe = yaml.safe_load(DEFAULT_RECIPE.read_text())
-    recipe["root"] = str(DEFAULT_RECIPE.parent.parent.parent)
+    recipe = yaml.safe_load(DEMO_RECIPE.read_text())
+    recipe["root"] = str(DEMO_RECIPE.parent.parent.parent)
     recipe["quantization"] = {"method": "none"}
     recipe["methods"] = {"lora": {"r": 8, "alpha": 16, "dropout": 0.0}}
     recipe["training"].update({"max_steps": 3, "batch_size": 4, "checkpoint_every": 2})
