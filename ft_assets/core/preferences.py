@@ -4,7 +4,7 @@
 2. validate: prompt/chosen/rejected exist, are text, are not blank; chosen differs from
              rejected; exact duplicate pairs are rejected with the line they repeat;
 3. format:   the prompt becomes a user turn (after the recipe's system prompt) rendered with
-             the base model's chat template and generation prompt; each answer is the
+             the base model's chat template (or `prompt.chat_template`) and generation prompt; each answer is the
              assistant turn up to and including end-of-turn (as SFT labels are); a pair whose
              prompt + longer answer exceeds `max_length` is rejected, never truncated;
 4. split:    the seeded per-id hash of `core.data.split_examples` (stable under edits).
@@ -127,8 +127,17 @@ def format_pair(tokenizer, pair: PreferencePair, system: str | None, max_length:
     return None
 
 
-def build_preference_dataset(src: PreferenceSource, tokenizer, *, system: str | None, max_length: int
-                             ) -> BuiltPreferences:
+def build_preference_dataset(src: PreferenceSource, tokenizer, *, system: str | None, max_length: int,
+                             chat_template: str | None = None) -> BuiltPreferences:
+    """`chat_template`: Jinja text rendering the pairs instead of the tokenizer's own (as for SFT
+    rows, `core.chat.template_override`); without either, `core.chat.ChatTemplateError`."""
+    from .chat import template_override
+
+    with template_override(tokenizer, chat_template):
+        return _build(src, tokenizer, system, max_length)
+
+
+def _build(src: PreferenceSource, tokenizer, system: str | None, max_length: int) -> BuiltPreferences:
     rows = read_rows(src.path, src.format)
     check_columns(src.path, rows, src.columns)
     kept, rejected = validate_pairs(rows, src.columns, src.name)

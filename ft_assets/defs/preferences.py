@@ -83,7 +83,8 @@ def build(recipe: Recipe) -> list:
         src = preferences.preference_source(recipe)
         try:
             built = preferences.build_preference_dataset(src, tok, system=recipe.prompt.system,
-                                                         max_length=recipe.prompt.max_length)
+                                                         max_length=recipe.prompt.max_length,
+                                                         chat_template=recipe.chat_template_text())
         except data.DataFileError as exc:
             raise c.user_error(exc) from None
         meta = {"tokenizer_fingerprint": data.tokenizer_fingerprint(tok), "max_length": recipe.prompt.max_length,

@@ -157,6 +157,27 @@ def test_preference_rows_are_validated_with_lines(tmp_path, tok):
         preferences.build_preference_dataset(src, tok, system=None, max_length=160)
 
 
+def test_preference_pairs_use_the_recipes_chat_template_for_a_base_without_one(tmp_path, tiny_model_dir):
+    """prompt.chat_template renders preference pairs as it renders SFT rows; no template anywhere
+    is refused with what to set, and the override does not outlive the build."""
+    from ft_assets.core import chat
+
+    bare = AutoTokenizer.from_pretrained(tiny_model_dir)
+    bare.chat_template = None
+    path = write_jsonl(tmp_path / "p.jsonl", pref_rows(4))
+    src = preferences.PreferenceSource("prefs", path, "jsonl", {"prompt": "prompt", "chosen": "chosen",
+                                       "rejected": "rejected", "id": "id"}, 0.25, 1, 0.5)
+    with pytest.raises(chat.ChatTemplateError, match="set prompt.chat_template"):
+        preferences.build_preference_dataset(src, bare, system=None, max_length=160)
+    built = preferences.build_preference_dataset(src, bare, system="Be brief.", max_length=160,
+                                                 chat_template=chat.chat_template_text("chatml"))
+    pair = built.train[0]
+    assert pair.prompt_text == (f"<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n{pair.prompt}<|im_end|>\n"
+                                "<|im_start|>assistant\n")
+    assert pair.chosen_text == f"{pair.chosen}<|im_end|>" and pair.chosen_ids[-1] == bare.eos_token_id
+    assert bare.chat_template is None
+
+
 def saved_adapter(tiny_model_dir, out: Path) -> Path:
     """A saved LoRA adapter, as `adapter[lora]` leaves one (untrained here: B = 0, so the policy
     starts as the random base, which has no preference between the two units)."""
