@@ -25,7 +25,8 @@ passes included; TRL: `trainer.train()`), and the process CPU time around it (ou
     python -m ft_assets.bench.defaults_study [--tasks finqa,fin_headlines,finchat] [--configs init,demo,trl,init-lora]
 
 Results: ft_assets/bench/results/defaults_study_cpu_<date>.{json,md}; each (task, configuration)
-is cached in --work as it finishes, so an interrupted study resumes where it stopped.
+is cached in --work as it finishes, so an interrupted study resumes where it stopped (and
+`--resume RESULTS_JSON` takes the runs of a committed results file as done).
 """
 
 from __future__ import annotations
@@ -259,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--smoke", type=int, default=0, help="N steps and N held-out rows: check the study runs")
+    ap.add_argument("--resume", help="a results JSON this script wrote: its runs are not run again")
     args = ap.parse_args(argv)
     import torch
 
@@ -268,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     cache = work / "results.json"
     done = json.loads(cache.read_text()) if cache.exists() else {}
+    if args.resume:  # the runs a results file (of an earlier session) holds count as done
+        for r in json.loads(Path(args.resume).read_text())["results"]:
+            done.setdefault(f"{r['task']}/{r['config']}", r)
     for config in args.configs.split(","):  # every task's run of one configuration before the next one
         for task in args.tasks.split(","):
             key = f"{task}/{config}"
