@@ -35,6 +35,7 @@ class Version:
     path: Path
     created: str
     bytes: int
+    refs: tuple[Ref, ...]  # what its manifest names (`references`)
 
     @property
     def ref(self) -> Ref:
@@ -91,7 +92,7 @@ def versions(store: ArtifactStore) -> dict[Ref, Version]:
             continue
         m = json.loads(manifest.read_text())
         part = None if d.parent.name == NO_PARTITION else d.parent.name
-        v = Version(d.parent.parent.name, part, d.name, d, m.get("created") or "", dir_bytes(d))
+        v = Version(d.parent.parent.name, part, d.name, d, m.get("created") or "", dir_bytes(d), tuple(references(m)))
         out[v.ref] = v
     return out
 
@@ -116,7 +117,7 @@ def plan(store: ArtifactStore, keep: int = 1) -> RetentionPlan:
                 todo.append(v.ref)
     while todo:  # everything a kept version names stays too
         ref = todo.pop()
-        for dep in references(json.loads((every[ref].path / MANIFEST).read_text())):
+        for dep in every[ref].refs:
             if dep in every and dep not in result.kept:
                 result.kept[dep] = f"an input of {every[ref].key} {ref[2]}"
                 todo.append(dep)
