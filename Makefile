@@ -4,10 +4,17 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # Relative FT_HOME / DAGSTER_HOME (from the shell or the command line) resolve against this
-# directory: Dagster refuses a relative DAGSTER_HOME. Unset or empty: the defaults.
+# directory: Dagster refuses a relative DAGSTER_HOME. Unset or empty: the defaults. FT_HOME may be a
+# URL (s3://bucket/prefix: artifacts on object storage); local state (the cache of remote artifacts,
+# the default DAGSTER_HOME) then lives in FT_LOCAL_HOME, default .ft_home here.
+ifneq (,$(findstring ://,$(FT_HOME)))
+override FT_LOCAL_HOME := $(abspath $(or $(FT_LOCAL_HOME),$(CURDIR)/.ft_home))
+else
 override FT_HOME := $(abspath $(or $(FT_HOME),$(CURDIR)/.ft_home))
-export FT_HOME
-override DAGSTER_HOME := $(abspath $(or $(DAGSTER_HOME),$(FT_HOME)/dagster))
+override FT_LOCAL_HOME := $(FT_HOME)
+endif
+export FT_HOME FT_LOCAL_HOME
+override DAGSTER_HOME := $(abspath $(or $(DAGSTER_HOME),$(FT_LOCAL_HOME)/dagster))
 export DAGSTER_HOME
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -125,8 +132,9 @@ ui: install
 # The locations every target runs with, as its commands see them (FT_HOME=x make env).
 env:
 	@echo "FT_HOME=$$FT_HOME"
+	@echo "FT_LOCAL_HOME=$$FT_LOCAL_HOME"
 	@echo "DAGSTER_HOME=$$DAGSTER_HOME"
 	@echo "FT_RECIPE=$$FT_RECIPE"
 
 clean:
-	rm -rf $(FT_HOME) .pytest_cache
+	rm -rf $(FT_LOCAL_HOME) .pytest_cache

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from .core.data import source_path
 from .core.steps import recipe_step_estimates
+from .object_store import is_url
 from .recipe import RecipeError, load_recipe
 from .store import ArtifactStore
 
@@ -90,7 +91,7 @@ def cmd_artifacts(args) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        print(f"no artifacts under {ArtifactStore(args.home).root}")
+        print(f"no artifacts under {ArtifactStore(args.home).artifacts_location}")
         return 0
     print(f"{'asset':<16} {'partition':<12} {'data_version':<18} {'created':<26} path")
     for r in rows:
@@ -100,11 +101,13 @@ def cmd_artifacts(args) -> int:
 
 def cmd_lineage(args) -> int:
     store = ArtifactStore(args.home)
-    art = store.find_by_path(args.path)
-    if art is None:
-        print(f"error: {args.path} is not inside an artifact directory (no manifest.json found)", file=sys.stderr)
+    art = store.find_by_path(args.path) if not is_url(args.path) else None
+    ref = (art.asset, art.partition, art.version) if art else store.remote_ref(args.path)
+    if ref is None or store.read_manifest(*ref) is None:
+        print(f"error: {args.path} is not inside an artifact version of {store.artifacts_location} "
+              "(no manifest.json found)", file=sys.stderr)
         return 2
-    chain = lineage(store, art.asset, art.partition, art.version)
+    chain = lineage(store, *ref)
     if args.json:
         print(json.dumps(chain, indent=2))
     else:
@@ -122,7 +125,7 @@ def cmd_prune(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     mib = 1 << 20
-    print(f"{store.root}: {len(p.kept)} versions kept (the latest and the {args.keep} newest of each "
+    print(f"{store.artifacts_location}: {len(p.kept)} versions kept (the latest and the {args.keep} newest of each "
           f"asset/partition, and what they were made from), {len(p.drop)} to drop ({p.drop_bytes / mib:.1f} MiB)")
     for v in p.drop:
         print(f"  drop {v.key:<28} {v.version:<18} {v.created:<26} {v.bytes / mib:9.1f} MiB")
@@ -132,18 +135,19 @@ def cmd_prune(args) -> int:
         if p.drop or p.leftovers:
             print("dry run: nothing deleted; rerun with --delete to delete these")
         return 0
-    freed = apply(p)
+    freed = apply(store, p)
     print(f"deleted {len(p.drop)} versions, {freed / mib:.1f} MiB freed")
     return 0
 
 
 def lineage(store: ArtifactStore, asset: str, partition: str | None, version: str) -> dict:
     """The artifact's manifest facts and, recursively, those of everything it was made from."""
-    found = store.get(asset, partition, version)
-    if found is None:
+    m = store.read_manifest(asset, partition, version)  # nothing is downloaded from a remote store
+    if m is None:
         return {"asset": asset, "partition": partition, "version": version, "missing": True}
-    m = found.manifest()
-    node = {"asset": asset, "partition": partition, "version": version, "path": found.path,
+    where = store.remote.url_of(store.rel(asset, partition, version)) if store.remote else \
+        str(store.path(asset, partition, version))
+    node = {"asset": asset, "partition": partition, "version": version, "path": where,
             "recipe_hash": m.get("recipe_hash"), "code_version": m.get("code_version"), "seed": m.get("seed"),
             "created": m.get("created"), "inputs": []}
     for key, ver in sorted(m.get("inputs", {}).items()):
@@ -218,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--json", action="store_true")
     a.add_argument("--home", help="FT_HOME (default: $FT_HOME or .ft_home)")
     lin = sub.add_parser("lineage", help="the chain from an artifact back to the raw data")
-    lin.add_argument("path", type=Path)
+    lin.add_argument("path", help="a directory or file inside an artifact version, or its URL on an object store")
     lin.add_argument("--json", action="store_true")
     lin.add_argument("--home", help="FT_HOME (default: $FT_HOME or .ft_home)")
     pr = sub.add_parser("prune", help="list (or --delete) artifact versions nothing kept refers to")

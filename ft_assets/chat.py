@@ -99,13 +99,13 @@ def resolve(ref: str | None, store: ArtifactStore) -> Artifact | Path:
                 art = store.latest(asset, r["partition"])
                 if asset == "adapter" or art.manifest().get("mergeable"):
                     return art
-        raise ChatError(f"no merged_model or adapter in {store.root}; train one first (`make demo`), "
+        raise ChatError(f"no merged_model or adapter in {store.artifacts_location}; train one first (`make demo`), "
                         "or name a model: chat merged_model[lora] | PATH")
     m = REF.match(ref)
     if m and not Path(ref).exists():
         art = store.latest(m["asset"], m["partition"])
         if art is None:
-            raise ChatError(f"{ref}: no such artifact in {store.root} (see `python -m ft_assets artifacts`)")
+            raise ChatError(f"{ref}: no such artifact in {store.artifacts_location} (see `python -m ft_assets artifacts`)")
         return art
     path = Path(ref)
     if not path.is_dir():
@@ -140,7 +140,7 @@ def base_of(store: ArtifactStore, target: Artifact | Path) -> Artifact:
         art = _trained_input(store, art)
     base = art or store.latest("base_model")
     if base is None:
-        raise ChatError(f"no base_model artifact in {store.root}: materialize base_model first")
+        raise ChatError(f"no base_model artifact in {store.artifacts_location}: materialize base_model first")
     return base
 
 
@@ -169,7 +169,7 @@ def load(target: Artifact | Path, store: ArtifactStore, device: str = "cpu") -> 
     base = base_of(store, art)
     q = _recorded(store, art, "quantized_base") if method.uses_quantized_base else None
     if method.uses_quantized_base and q is None:
-        raise ChatError(f"{art_key(art)} was trained on a quantized_base that is no longer in {store.root}")
+        raise ChatError(f"{art_key(art)} was trained on a quantized_base that is no longer in {store.artifacts_location}")
     model = merge.unmerged(method, base.dir, art.dir, q.dir if q else None, device)
     return model.eval(), load_tokenizer(base.dir), label if art is target else f"{label} (base + {art_key(art)})"
 

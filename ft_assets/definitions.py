@@ -27,11 +27,11 @@ from . import runs
 from .defs import adapters, automation, cards, datasets, distill, export, models, preferences, raw, reports, sweeps
 from .defs.resources import ArtifactIOManager, ComputeResource, StoreResource
 from .recipe import Recipe, load_recipe
-from .store import ft_home
+from .store import store_location
 
 
 def build_definitions(recipe: Recipe, home: str | None = None) -> dg.Definitions:
-    home = str(home or ft_home())
+    home = store_location(home)
     parts = adapters.methods_partitions(recipe)
     sources = [*raw.build(recipe), automation.recipe_methods_source(recipe, parts)]
     derived = [*models.build(recipe), *datasets.build(recipe), *preferences.build(recipe), *adapters.build(recipe),

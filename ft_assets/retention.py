@@ -7,22 +7,20 @@ versions continual learning reads outside them (`continual.previous_sft_dataset`
 `forgetting.previous_adapter`/`previous_sft_dataset` of an eval report). Everything else is
 dropped. A version named by a kept manifest is never dropped, whatever its age.
 
-Dropping one version: rename its directory to `.deleting-*` in its slot (one atomic step: from then
-on no reader finds it, and readers never look at dot-directories), then delete that directory. A
-crash in between leaves a `.deleting-*` directory the next prune removes. Directories without a
-manifest are not artifacts (a writer's staging area, a foreign file) and are left alone.
+Dropping one version (`ArtifactStore.drop`): locally, rename its directory to `.deleting-*` in its
+slot (one atomic step: from then on no reader finds it, and readers never look at dot-directories),
+then delete that directory; on an object store, a deletion marker, then the manifest (the version is
+gone for readers), then its files. A crash in between leaves a `.deleting-*` directory or a marked
+prefix the next prune finishes. Directories without a manifest are not artifacts (a writer's
+staging area or upload in progress, a foreign file) and are left alone.
 Nothing here imports Dagster or torch.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from .store import LATEST, MANIFEST, NO_PARTITION, ArtifactStore, dir_bytes
+from .store import ArtifactStore
 
 Ref = tuple[str, str | None, str]  # (asset, partition, version)
 
@@ -32,8 +30,9 @@ class Version:
     asset: str
     partition: str | None
     version: str
-    path: Path
+    location: str  # its directory, or its URL on an object store
     created: str
+    mtime_ns: int
     bytes: int
     refs: tuple[Ref, ...]  # what its manifest names (`references`)
 
@@ -51,7 +50,7 @@ class RetentionPlan:
     keep: int
     kept: dict[Ref, str] = field(default_factory=dict)  # version -> why it stays
     drop: list[Version] = field(default_factory=list)
-    leftovers: list[Path] = field(default_factory=list)  # `.deleting-*` of an interrupted prune
+    leftovers: list[str] = field(default_factory=list)  # what an interrupted prune left
 
     @property
     def drop_bytes(self) -> int:
@@ -82,17 +81,12 @@ def references(manifest: dict) -> list[Ref]:
 
 
 def versions(store: ArtifactStore) -> dict[Ref, Version]:
-    """Every finished version in the store (a directory with a manifest)."""
+    """Every finished version in the store (one with a manifest)."""
     out: dict[Ref, Version] = {}
-    if not store.root.is_dir():
-        return out
-    for manifest in sorted(store.root.glob(f"*/*/*/{MANIFEST}")):
-        d = manifest.parent
-        if d.name.startswith("."):
-            continue
-        m = json.loads(manifest.read_text())
-        part = None if d.parent.name == NO_PARTITION else d.parent.name
-        v = Version(d.parent.parent.name, part, d.name, d, m.get("created") or "", dir_bytes(d), tuple(references(m)))
+    for sv in store.stored_versions():
+        m = sv.manifest
+        v = Version(sv.asset, sv.partition, sv.version, sv.location, m.get("created") or "", sv.mtime_ns, sv.bytes,
+                    tuple(references(m)))
         out[v.ref] = v
     return out
 
@@ -107,9 +101,8 @@ def plan(store: ArtifactStore, keep: int = 1) -> RetentionPlan:
         slots.setdefault((v.asset, v.partition), []).append(v)
     todo: list[Ref] = []
     for (asset, part), vs in slots.items():
-        vs.sort(key=lambda v: (v.created, (v.path / MANIFEST).stat().st_mtime_ns), reverse=True)
-        pointer = store.slot(asset, part) / LATEST
-        latest = json.loads(pointer.read_text())["version"] if pointer.is_file() else None
+        vs.sort(key=lambda v: (v.created, v.mtime_ns), reverse=True)
+        latest = store.latest_version(asset, part)
         for i, v in enumerate(vs):
             why = "latest" if v.version == latest else f"among the {keep} newest" if i < keep else None
             if why:
@@ -122,21 +115,18 @@ def plan(store: ArtifactStore, keep: int = 1) -> RetentionPlan:
                 result.kept[dep] = f"an input of {every[ref].key} {ref[2]}"
                 todo.append(dep)
     result.drop = sorted((v for r, v in every.items() if r not in result.kept), key=lambda v: (v.key, v.created))
-    if store.root.is_dir():
-        result.leftovers = sorted(store.root.glob("*/*/.deleting-*"))
+    result.leftovers = store.interrupted_drops()
     return result
 
 
-def apply(p: RetentionPlan) -> int:
+def apply(store: ArtifactStore, p: RetentionPlan) -> int:
     """Drop the plan's versions (and an interrupted prune's leftovers); the bytes freed."""
     freed = 0
     for v in p.drop:
-        if not (v.path / MANIFEST).is_file():
+        if store.read_manifest(v.asset, v.partition, v.version) is None:
             continue  # gone meanwhile
-        doomed = v.path.parent / f".deleting-{v.version}-{uuid.uuid4().hex[:8]}"
-        v.path.rename(doomed)  # from here on no reader finds the version
-        shutil.rmtree(doomed)
+        store.drop(v.asset, v.partition, v.version)
         freed += v.bytes
-    for d in p.leftovers:
-        shutil.rmtree(d, ignore_errors=True)
+    for left in p.leftovers:
+        store.finish_drop(left)
     return freed

@@ -18,6 +18,9 @@ previous good version untouched. Version dirs are never overwritten. The version
   file layout varies with how it was built (Arrow shards depend on the worker count): the hash
   of a layout-free form of the content, so the same data keeps one version on any machine.
 The manifest records the content hash of the files in every case, as a fact.
+FT_HOME may also be a URL (`s3://bucket/prefix`, any fsspec filesystem): the same layout lives
+there, written manifest-last and read through a local cache keyed by version
+(`ft_assets.object_store`); `Artifact.path` is then the cached copy, so readers are the same.
 Nothing here imports Dagster or torch.
 """
 
@@ -35,16 +38,34 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-MANIFEST = "manifest.json"
+from .object_store import MANIFEST, ObjectStore, is_url
+
 LATEST = "LATEST.json"
 NO_PARTITION = "_"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def store_location(home: str | os.PathLike | None = None) -> str:
+    """Where artifacts live: `home`, else $FT_HOME, else `.ft_home/` in the repo. A URL
+    (`s3://bucket/prefix`) is kept as written; a path (or `file://` URL) is resolved against the
+    current directory."""
+    loc = str(home or os.environ.get("FT_HOME") or REPO_ROOT / ".ft_home")
+    if is_url(loc):
+        return loc.rstrip("/")
+    return str(Path(loc.removeprefix("file://")).resolve())
+
+
 def ft_home() -> Path:
-    """Where artifacts and the Dagster instance live: $FT_HOME (a relative one resolves against the
-    current directory), default `.ft_home/` in the repo."""
-    return Path(os.environ.get("FT_HOME") or REPO_ROOT / ".ft_home").resolve()
+    """The local working directory: FT_HOME itself when it is a path; when FT_HOME is a URL,
+    $FT_LOCAL_HOME (default `.ft_home/` in the repo), which then holds the local copies of remote
+    artifacts and checkpoints, caches and the default DAGSTER_HOME."""
+    loc = store_location()
+    return local_home() if is_url(loc) else Path(loc)
+
+
+def local_home() -> Path:
+    """Local state beside a remote store: $FT_LOCAL_HOME, default `.ft_home/` in the repo."""
+    return Path(os.environ.get("FT_LOCAL_HOME") or REPO_ROOT / ".ft_home").resolve()
 
 
 @dataclass(frozen=True)
@@ -64,6 +85,39 @@ class Artifact:
         return json.loads((self.dir / MANIFEST).read_text())
 
 
+@dataclass(frozen=True)
+class StoredVersion:
+    """A finished version as the store lists it (`ArtifactStore.stored_versions`)."""
+
+    asset: str
+    partition: str | None
+    version: str
+    manifest: dict[str, Any]
+    location: str  # its directory, or its URL on a remote store
+    bytes: int
+    mtime_ns: int  # the manifest file's (0 on a remote store): orders versions created in one second
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """A training run's checkpoint directory (`ArtifactStore.checkpoints`)."""
+
+    dir: Path
+    remote: ObjectStore | None
+    rel: str
+
+    def saved(self, _checkpoint: Path) -> None:
+        """`core.train`'s on_checkpoint: mirror the newest checkpoint to the object store."""
+        if self.remote is not None:
+            self.remote.push_checkpoint(self.dir, self.rel)
+
+    def finished(self) -> None:
+        """The artifact is written: its checkpoints go, here and on the object store."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.remote is not None:
+            self.remote.delete_prefix(self.rel)
+
+
 @dataclass
 class Staging:
     """A directory being written. Fill `path`, add `inputs`/`extra`, then leave the block."""
@@ -78,9 +132,23 @@ class Staging:
 
 
 class ArtifactStore:
+    """The store at `home` (default $FT_HOME): a local directory, or a URL with a local cache.
+    `home`/`root` are always local directories (for a URL: the cache); `location` names the store."""
+
     def __init__(self, home: str | Path | None = None):
-        self.home = Path(home).resolve() if home else ft_home()
+        self.location = store_location(home)
+        self.remote = ObjectStore(self.location) if is_url(self.location) else None
+        if self.remote is not None:
+            slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.location.replace("://", "_"))
+            self.home = local_home() / "remote" / f"{slug[:80]}-{hashlib.sha256(self.location.encode()).hexdigest()[:8]}"
+        else:
+            self.home = Path(self.location)
         self.root = self.home / "artifacts"
+
+    @property
+    def artifacts_location(self) -> str:
+        """Where the versions are, for messages: the URL's `artifacts/` or the local directory."""
+        return self.remote.url_of("artifacts") if self.remote else str(self.root)
 
     # -- paths -------------------------------------------------------------------------
 
@@ -89,6 +157,11 @@ class ArtifactStore:
 
     def path(self, asset: str, partition: str | None, version: str) -> Path:
         return self.slot(asset, partition) / version
+
+    @staticmethod
+    def rel(asset: str, partition: str | None, version: str | None = None) -> str:
+        """The slot (or version) below the store's root, as a posix path: `artifacts/<asset>/<part>[/<v>]`."""
+        return f"artifacts/{asset}/{partition or NO_PARTITION}" + (f"/{version}" if version else "")
 
     # -- writing -----------------------------------------------------------------------
 
@@ -144,6 +217,8 @@ class ArtifactStore:
             }
             _write_json_atomic(staging.path / MANIFEST, manifest)
             _fsync_tree(staging.path)
+            if self.remote is not None:  # committed remotely (manifest last) before the cache has it
+                self.remote.upload_version(staging.path, self.rel(asset, partition, version))
             try:
                 os.rename(staging.path, final)
             except OSError:
@@ -158,16 +233,26 @@ class ArtifactStore:
                 shutil.rmtree(staging.path, ignore_errors=True)
 
     def set_latest(self, art: Artifact) -> None:
+        self.slot(art.asset, art.partition).mkdir(parents=True, exist_ok=True)
         _write_json_atomic(self.slot(art.asset, art.partition) / LATEST, asdict(art))
+        if self.remote is not None:
+            rel = self.rel(art.asset, art.partition, art.version)
+            self.remote.write_json(f"{self.rel(art.asset, art.partition)}/{LATEST}",
+                                   {**asdict(art), "path": self.remote.url_of(rel)})
 
     # -- reading -----------------------------------------------------------------------
 
+    def latest_version(self, asset: str, partition: str | None = None) -> str | None:
+        """The version LATEST names (on the store itself; nothing is downloaded)."""
+        if self.remote is not None:
+            pointer = self.remote.read_json(f"{self.rel(asset, partition)}/{LATEST}")
+            return pointer["version"] if pointer else None
+        f = self.slot(asset, partition) / LATEST
+        return json.loads(f.read_text())["version"] if f.is_file() else None
+
     def latest(self, asset: str, partition: str | None = None) -> Artifact | None:
-        pointer = self.slot(asset, partition) / LATEST
-        if not pointer.is_file():
-            return None
-        art = Artifact(**json.loads(pointer.read_text()))
-        return art if (art.dir / MANIFEST).is_file() else None
+        version = self.latest_version(asset, partition)
+        return self.get(asset, partition, version) if version else None
 
     def find_derived(self, asset: str, partition: str | None, derivation: dict[str, Any]) -> Artifact | None:
         """The finished artifact made by exactly `derivation`: the latest version if its own
@@ -181,28 +266,124 @@ class ArtifactStore:
         return self.get(asset, partition, derived_version(derivation))
 
     def get(self, asset: str, partition: str | None, version: str) -> Artifact | None:
+        """The finished version, or None. On a remote store the remote manifest decides (a version
+        pruned there is gone even if cached here); its files are synced to the cache once."""
         p = self.path(asset, partition, version)
+        if self.remote is not None:
+            rel = self.rel(asset, partition, version)
+            if not self.remote.exists(f"{rel}/{MANIFEST}"):
+                return None
+            if not (p / MANIFEST).is_file() and not self.remote.download_version(rel, p):
+                return None
         return Artifact(asset, partition, version, str(p)) if (p / MANIFEST).is_file() else None
 
     def list_latest(self) -> list[dict[str, Any]]:
-        """The latest artifact of every asset/partition: asset, partition, path, version, created."""
+        """The latest artifact of every asset/partition: asset, partition, path, version, created
+        (on a remote store `path` is the version's URL, and nothing is downloaded)."""
         rows = []
-        if not self.root.is_dir():
-            return rows
-        for pointer in sorted(self.root.glob(f"*/*/{LATEST}")):
-            art = Artifact(**json.loads(pointer.read_text()))
-            if not (art.dir / MANIFEST).is_file():
+        if self.remote is not None:
+            pointers = self.remote.glob(f"artifacts/*/*/{LATEST}")
+        else:
+            pointers = [p.relative_to(self.home).as_posix() for p in sorted(self.root.glob(f"*/*/{LATEST}"))]
+        for rel in pointers:
+            _, asset, part, _ = rel.split("/")
+            partition = None if part == NO_PARTITION else part
+            version = self.latest_version(asset, partition)
+            manifest = self.read_manifest(asset, partition, version) if version else None
+            if manifest is None:
                 continue
             rows.append({
-                "asset": art.asset,
-                "partition": art.partition,
-                "path": art.path,
-                "data_version": art.version,
-                "created": art.manifest().get("created"),
+                "asset": asset,
+                "partition": partition,
+                "path": self.remote.url_of(self.rel(asset, partition, version)) if self.remote
+                else str(self.path(asset, partition, version)),
+                "data_version": version,
+                "created": manifest.get("created"),
             })
         return rows
 
+    def read_manifest(self, asset: str, partition: str | None, version: str) -> dict[str, Any] | None:
+        """A version's manifest as the store holds it (None: no such finished version); no download."""
+        if self.remote is not None:
+            return self.remote.read_json(f"{self.rel(asset, partition, version)}/{MANIFEST}")
+        f = self.path(asset, partition, version) / MANIFEST
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def checkpoints(self, asset: str, partition: str | None, run_version: str) -> Checkpoints:
+        """Where one training run checkpoints: `checkpoints/<asset>/<partition>/<run version>`, a local
+        directory. On a remote store it mirrors the same path there: the newest complete remote
+        checkpoint is pulled first when it is newer than the local one (a run resumed on another
+        node), and `Checkpoints.saved` pushes each new one."""
+        rel = f"checkpoints/{asset}/{partition or NO_PARTITION}/{run_version}"
+        ck = Checkpoints(self.home / rel, self.remote, rel)
+        if self.remote is not None:
+            self.remote.pull_checkpoint(rel, ck.dir)
+        return ck
+
+    # -- every version (retention) --------------------------------------------------------
+
+    def stored_versions(self) -> list[StoredVersion]:
+        """Every finished version on the store (a manifest), with where it is and its size."""
+        out = []
+        if self.remote is not None:
+            for rel in self.remote.glob(f"artifacts/*/*/*/{MANIFEST}"):
+                _, asset, part, version, _ = rel.split("/")
+                m = self.remote.read_json(rel)
+                if m is None or version.startswith("."):
+                    continue
+                size = sum((m.get("files") or {}).values())
+                out.append(StoredVersion(asset, None if part == NO_PARTITION else part, version, m,
+                                         self.remote.url_of(rel.rsplit("/", 1)[0]), size, 0))
+            return out
+        for f in sorted(self.root.glob(f"*/*/*/{MANIFEST}")) if self.root.is_dir() else []:
+            d = f.parent
+            if d.name.startswith("."):
+                continue
+            out.append(StoredVersion(d.parent.parent.name, None if d.parent.name == NO_PARTITION else d.parent.name,
+                                     d.name, json.loads(f.read_text()), str(d), dir_bytes(d), f.stat().st_mtime_ns))
+        return out
+
+    def drop(self, asset: str, partition: str | None, version: str) -> None:
+        """Delete one version so that no reader finds it from the first step on: locally a rename to
+        `.deleting-*` then the delete; remotely the manifest goes first (`ObjectStore.delete_version`).
+        A cached copy goes too."""
+        local = self.path(asset, partition, version)
+        if self.remote is not None:
+            self.remote.delete_version(self.rel(asset, partition, version))
+        if (local / MANIFEST).is_file() or local.is_dir():
+            doomed = local.parent / f".deleting-{version}-{uuid.uuid4().hex[:8]}"
+            local.rename(doomed)
+            shutil.rmtree(doomed)
+
+    def interrupted_drops(self) -> list[str]:
+        """What an interrupted `drop` left: `.deleting-*` directories, and remote versions with a
+        deletion marker."""
+        left = [str(d) for d in sorted(self.root.glob("*/*/.deleting-*"))] if self.root.is_dir() else []
+        if self.remote is not None:
+            left += [self.remote.url_of(r.rsplit("/", 1)[0]) for r in self.remote.glob("artifacts/*/*/*/.deleting")]
+        return left
+
+    def finish_drop(self, leftover: str) -> None:
+        if self.remote is not None and is_url(leftover):
+            self.remote.finish_delete(self.remote.rel_of(leftover))
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def remote_ref(self, url: str) -> tuple[str, str | None, str] | None:
+        """(asset, partition, version) of a URL at or below a version of this remote store."""
+        parts = (self.remote.rel_of(url) or "").split("/") if self.remote else []
+        if len(parts) < 4 or parts[0] != "artifacts":
+            return None
+        return parts[1], None if parts[2] == NO_PARTITION else parts[2], parts[3]
+
     def find_by_path(self, path: str | Path) -> Artifact | None:
+        """The version a path lies in: a local directory (or file) inside a version, or on a remote
+        store a URL below one (synced to the cache)."""
+        if self.remote is not None and is_url(str(path)):
+            ref = self.remote_ref(str(path))
+            return self.get(*ref) if ref else None
         p = Path(path).resolve()
         for candidate in (p, *p.parents):
             if (candidate / MANIFEST).is_file():

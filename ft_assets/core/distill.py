@@ -180,14 +180,15 @@ def kl_to_teacher(student, teacher, examples: list[Example], *, temperature: flo
 
 def train_student(student, teacher, examples: list[Example], cfg: TrainConfig, *, alpha: float, temperature: float,
                   pad_id: int, device: str = "cpu", autocast_dtype: torch.dtype | None = None,
-                  checkpoint_dir: Path | None = None, on_log: Callable[..., None] | None = None) -> TrainResult:
+                  checkpoint_dir: Path | None = None, on_log: Callable[..., None] | None = None,
+                  on_checkpoint: Callable[[Path], None] | None = None) -> TrainResult:
     """Train every weight of `student` in place toward `teacher` (frozen) with `core.train.train`;
     `on_log(step, loss, kl=, ce=)`. With `checkpoint_dir`, a rerun resumes from its newest checkpoint."""
     full = get_method("full")  # every weight trains; its param groups put no decay on norms
     student = full.wrap(student, None, gradient_checkpointing=cfg.gradient_checkpointing)
     objective = Distillation(teacher.eval().requires_grad_(False), alpha, temperature)
     result = train(student, full, None, examples, cfg, pad_id=pad_id, device=device, autocast_dtype=autocast_dtype,
-                   checkpoint_dir=checkpoint_dir, on_log=on_log, objective=objective)
+                   checkpoint_dir=checkpoint_dir, on_log=on_log, objective=objective, on_checkpoint=on_checkpoint)
     student.eval()
     return result
 
@@ -257,7 +258,8 @@ def distill_student(teacher_dir: Path, tokenizer_dir: Path | str, examples: list
                     cfg: TrainConfig, *, keep_layers: str | Sequence[int], student_path: Path | None = None,
                     alpha: float, temperature: float, max_new_tokens: int, eval_batch_size: int = 16,
                     speed_prompts: int = 8, device: str = "cpu", autocast_dtype: torch.dtype | None = None,
-                    checkpoint_dir: Path | None = None, log: Callable[[str], None] = lambda _: None) -> Distilled:
+                    checkpoint_dir: Path | None = None, log: Callable[[str], None] = lambda _: None,
+                    on_checkpoint: Callable[[Path], None] | None = None) -> Distilled:
     """Build a student of the teacher at `teacher_dir`, distill it on `examples`, and measure both
     models on `evals`. Raises `NotDistillable` (vocabularies differ), `TrainingDiverged` (NaN)."""
     tok = load_tokenizer(tokenizer_dir)
@@ -274,7 +276,7 @@ def distill_student(teacher_dir: Path, tokenizer_dir: Path | str, examples: list
     log(f"student: {built}; {parameters(student):,} parameters (teacher {parameters(teacher):,}); KL before {kl_before}")
     result = train_student(
         student, teacher, examples, cfg, alpha=alpha, temperature=temperature, pad_id=pad, device=device,
-        autocast_dtype=autocast_dtype, checkpoint_dir=checkpoint_dir,
+        autocast_dtype=autocast_dtype, checkpoint_dir=checkpoint_dir, on_checkpoint=on_checkpoint,
         on_log=lambda step, loss, kl, ce: log(f"step {step}: loss {loss:.4f} (KL {kl:.4f}, CE {ce:.4f})"))
     if result.resumed_from_step:
         log(f"resumed from checkpoint at step {result.resumed_from_step}")

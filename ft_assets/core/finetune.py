@@ -96,7 +96,8 @@ def finetune(method, spec, examples: list[data.Example], cfg: train.TrainConfig,
              quantized_dir: Path | None, quantized_compute_dtype: str, pad_id: int, device: str, dtype: torch.dtype,
              autocast_dtype: torch.dtype | None, start_adapter: Path | None = None,
              checkpoint_dir: Path | None = None, log: Callable[[str], None] = print,
-             on_log: Callable[..., None] | None = None) -> FineTuned:
+             on_log: Callable[..., None] | None = None,
+             on_checkpoint: Callable[[Path], None] | None = None) -> FineTuned:
     """Train `method` (a `core.methods` object, settings `spec`) on `examples`; resumes from the
     newest checkpoint in `checkpoint_dir`. `start_adapter`: a previous version to continue from."""
     if method.uses_quantized_base:
@@ -114,7 +115,8 @@ def finetune(method, spec, examples: list[data.Example], cfg: train.TrainConfig,
         f"{train.steps_for(len(examples) - held, cfg)} steps at most on {device}")
     try:
         result = train.train(model, method, spec, examples, cfg, pad_id=pad_id, device=device,
-                             autocast_dtype=autocast_dtype, checkpoint_dir=checkpoint_dir, on_log=on_log)
+                             autocast_dtype=autocast_dtype, checkpoint_dir=checkpoint_dir, on_log=on_log,
+                             on_checkpoint=on_checkpoint)
     except train.TrainingDiverged as exc:
         raise TrainingFailed(str(exc)) from None
     except torch.OutOfMemoryError as exc:

@@ -404,11 +404,13 @@ def train(
     checkpoint_dir: Path | None = None,
     on_log: Callable[..., None] | None = None,
     objective: Objective | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> TrainResult:
     """Train `model` (already wrapped by `method`) in place toward `objective` (default: SFT
     cross-entropy) and return what happened. `on_log(step, loss, **terms)` every `log_every` steps;
     with `checkpoint_dir`, checkpoints every `checkpoint_every` steps (and on SIGTERM/SIGINT, then
-    raises `Preempted`) and resumes from the newest; `CheckpointBusy` if another process trains there."""
+    raises `Preempted`) and resumes from the newest; `CheckpointBusy` if another process trains there.
+    `on_checkpoint(path)` after each checkpoint is complete (the store mirrors it to object storage)."""
     objective = objective if objective is not None else CrossEntropy(cfg.loss)
     seed_everything(cfg.seed)
     reset_peak_memory(device)
@@ -483,6 +485,8 @@ def train(
                 if checkpoint_dir is not None and ((step + 1) % cfg.checkpoint_every == 0 or stop.signal_name):
                     saved = save_checkpoint(checkpoint_dir, step + 1, model, method, optimizer, scheduler, result)
                     _drop_best_weights_but(best_root, result.kept_step)  # the checkpoint names the kept step
+                    if on_checkpoint is not None:
+                        on_checkpoint(saved)
                 if stop.signal_name:  # SIGTERM/SIGINT arrived during this step: checkpointed above, now stop
                     raise Preempted(step + 1, stop.signal_name, saved if checkpoint_dir is not None else None)
         finally:

@@ -4,7 +4,8 @@
   `quantized_base`; wrap with the method; train on the `sft_dataset` train split) after the
   reuse rule (`_common.reuse_or_say_why`), then the store write and metadata. Checkpoints go to
   $FT_HOME/checkpoints/adapter/<method>/<derived version> during training (a re-run with the
-  same inputs resumes from the newest one). Metadata: trainable parameters, loss curve (image
+  same inputs resumes from the newest one; on an object store they are mirrored there, so a run
+  resumed on another node continues too). Metadata: trainable parameters, loss curve (image
   + numbers), tokens trained, tokens/s, peak memory, wall time.
 - `merged_model[method]`: the adapter folded into full-precision base weights, saved as a
   plain transformers checkpoint; check `matches_adapter` compares its logits with
@@ -23,7 +24,6 @@ Beyond SFT (only for recipes that ask for it):
 """
 
 
-import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -89,14 +89,15 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
 
     hw = compute.resolve()
     cfg = train.TrainConfig.from_spec(recipe.training_for(name), recipe.seed)
-    ckpt_dir = store.home / "checkpoints" / "adapter" / name / derived_version(derivation)
+    ckpts = store.checkpoints("adapter", name, derived_version(derivation))
     with c.training_failures(context, name):
         tuned = finetune.finetune(
             method, spec, examples + (plan.replay if plan else []), cfg, base_dir=base_model.path,
             quantized_dir=quantized_base.dir if quantized_base else None,
             quantized_compute_dtype=recipe.quantization.compute_dtype, pad_id=tok.pad_token_id, device=hw.device,
             dtype=hw.dtype, autocast_dtype=hw.autocast_dtype,
-            start_adapter=Path(plan.start.adapter_path) if continued else None, checkpoint_dir=ckpt_dir,
+            start_adapter=Path(plan.start.adapter_path) if continued else None, checkpoint_dir=ckpts.dir,
+            on_checkpoint=ckpts.saved,
             log=lambda msg: context.log.info(f"{name}: {msg}"),
             on_log=lambda step, loss, **_: context.log.info(f"step {step}: loss {loss:.4f}"))
     made_by = c.forced(derivation, context) if force else derivation
@@ -115,7 +116,7 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
                                  "seed": recipe.seed, **st.extra}, base_model.manifest(), sft_dataset.manifest())
         c.write_card(st.path, recipe, lin, f"The trained `{name}` adapter (method type `{spec.type}`), as ft_assets "
                      "saved it.", method.uses_quantized_base)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the artifact supersedes its checkpoints
+    ckpts.finished()  # the artifact supersedes its checkpoints
     return c.output(st.artifact, _trained_metadata(name, spec.type, tuned, st.artifact, hw.name, plan))
 
 

@@ -13,7 +13,7 @@ Versioned like `adapter`: by its derivation (input versions, stage code version,
 distillation/training/evaluation/seed sections, and the bytes of `student_path` when one is
 given). The same derivation again reuses the existing version and trains nothing; run config
 `force: true` retrains into a version of its own. While training, checkpoints go to
-$FT_HOME/checkpoints/student/<derived version>: a re-run after a crash resumes from the newest
+$FT_HOME/checkpoints/student/_/<derived version>: a re-run after a crash resumes from the newest
 and matches an uninterrupted run; they are deleted once the artifact is written.
 
 Writes the student as a plain transformers checkpoint (+ tokenizer), `distill_report.json`
@@ -23,7 +23,6 @@ per step). Manifest inputs name the teacher (`merged_model[<teacher>]`), `distil
 the adapter version the teacher was merged from, `train` how the run went (timings, resume).
 """
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +69,7 @@ def build(recipe: Recipe) -> list:
             return c.output(done, c.reused_metadata(done))
 
         hw = compute.resolve()
-        checkpoints = artifacts.home / "checkpoints" / "student" / derived_version(derivation)
+        checkpoints = artifacts.checkpoints("student", None, derived_version(derivation))
         with c.training_failures(context, "student", user_errors=(distill.NotDistillable,)):
             distilled = distill.distill_student(
                 merged_model.dir, base_model.path, data.load_split(sft_dataset.path, "train"),
@@ -78,7 +77,7 @@ def build(recipe: Recipe) -> list:
                 keep_layers=spec.keep_layers, student_path=student_path, alpha=spec.alpha, temperature=spec.temperature,
                 max_new_tokens=recipe.evaluation.max_new_tokens, eval_batch_size=recipe.evaluation.batch_size,
                 speed_prompts=spec.speed_prompts, device=hw.device, autocast_dtype=hw.autocast_dtype,
-                checkpoint_dir=checkpoints, log=context.log.info)
+                checkpoint_dir=checkpoints.dir, on_checkpoint=checkpoints.saved, log=context.log.info)
 
         merged_from = merged_model.manifest().get("inputs", {})  # a dpo teacher was merged from preference_adapter
         adapter = {"method": teacher, "version": merged_from.get(f"adapter[{teacher}]",
@@ -93,7 +92,7 @@ def build(recipe: Recipe) -> list:
                                    "teacher_adapter": adapter, "student": distilled.built, "alpha": spec.alpha,
                                    "temperature": spec.temperature}
             st.extra["train"] = {**distilled.training.summary(), "device": hw.name}
-        shutil.rmtree(checkpoints, ignore_errors=True)  # finished: the artifact supersedes its checkpoints
+        checkpoints.finished()  # the artifact supersedes its checkpoints
         return c.output(st.artifact, metadata_of(report, distilled, recipe.evaluation.preview_rows, hw.name))
 
     return [student]

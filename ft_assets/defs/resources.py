@@ -8,7 +8,7 @@ import os
 import dagster as dg
 
 from ..core.device import Compute, resolve
-from ..store import Artifact, ArtifactStore, ft_home
+from ..store import Artifact, ArtifactStore, store_location
 
 DATA_VERSION_TAG = "dagster/data_version"  # where Dagster keeps a materialization's data version
 ALL_PARTITIONS = "ft_assets/all_partitions"  # AssetIn metadata: load {partition: artifact} of every partition
@@ -30,12 +30,12 @@ class ComputeResource(dg.ConfigurableResource):
 
 
 class StoreResource(dg.ConfigurableResource):
-    """Versioned artifact directories under FT_HOME (see `ft_assets.store`)."""
+    """Versioned artifact directories under FT_HOME, a directory or a URL (see `ft_assets.store`)."""
 
     home: str = ""
 
     def store(self) -> ArtifactStore:
-        return ArtifactStore(self.home or ft_home())
+        return ArtifactStore(self.home or None)
 
 
 class ArtifactIOManager(dg.ConfigurableIOManager):
@@ -50,7 +50,7 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
     home: str = ""
 
     def _store(self) -> ArtifactStore:
-        return ArtifactStore(self.home or ft_home())
+        return ArtifactStore(self.home or None)
 
     def handle_output(self, context: dg.OutputContext, obj: Artifact) -> None:
         if obj is None:
@@ -68,7 +68,7 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
         art = self._recorded(context, partition)
         if art is None:
             label = f"{context.asset_key.to_user_string()}{f'[{partition}]' if partition else ''}"
-            raise dg.Failure(f"Dagster has no materialization of {label} with an artifact in {self._store().root}; "
+            raise dg.Failure(f"Dagster has no materialization of {label} with an artifact in {self._store().artifacts_location}; "
                              "materialize it first (in this Dagster instance)")
         return art
 
@@ -86,6 +86,6 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
 def default_resources() -> dict:
     return {
         "compute": ComputeResource(device=os.environ.get("FT_DEVICE", "auto")),
-        "store": StoreResource(home=str(ft_home())),
-        "io_manager": ArtifactIOManager(home=str(ft_home())),
+        "store": StoreResource(home=store_location()),
+        "io_manager": ArtifactIOManager(home=store_location()),
     }

@@ -112,13 +112,14 @@ def test_a_killed_prune_leaves_no_version_that_looks_whole(tmp_path):
     old = st.artifact
     put(store, "merged_model", "lora", "newer")
     code = ("import sys, shutil, time\n"
-            "from ft_assets import retention\n"
+            "from ft_assets import retention, store\n"
             "from ft_assets.store import ArtifactStore\n"
             "real = shutil.rmtree\n"
             "def slow(path, *a, **k):\n"
             "    print('deleting', flush=True); time.sleep(30); real(path, *a, **k)\n"
-            "retention.shutil.rmtree = slow\n"
-            f"retention.apply(retention.plan(ArtifactStore({str(tmp_path)!r}), keep=1))\n")
+            "store.shutil.rmtree = slow\n"
+            f"s = ArtifactStore({str(tmp_path)!r})\n"
+            "retention.apply(s, retention.plan(s, keep=1))\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "deleting"  # renamed, about to remove the files
@@ -130,7 +131,7 @@ def test_a_killed_prune_leaves_no_version_that_looks_whole(tmp_path):
     assert store.get("merged_model", "lora", old.version) is None
     left = retention.plan(store, keep=1)
     assert left.drop == [] and len(left.leftovers) == 1
-    retention.apply(left)
+    retention.apply(store, left)
     assert not list(old.dir.parent.glob(".deleting-*"))
     assert store.latest("merged_model", "lora").version != old.version
 

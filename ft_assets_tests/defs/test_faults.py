@@ -90,7 +90,7 @@ def test_kill_9_mid_distillation_then_rerun_resumes_and_matches_uninterrupted(pr
     ref = start(recipe, ref_home, runner=STUDENT_RUNNER)
 
     victim = start(recipe, home, runner=STUDENT_RUNNER)
-    ckpts = home / "checkpoints" / "student"
+    ckpts = home / "checkpoints" / "student" / "_"
 
     def checkpointed_step() -> int:  # the newest checkpoint's step (only the newest is kept)
         return max((int(p.name.removeprefix("step-")) for p in ckpts.glob("*/step-*")), default=0)

@@ -62,3 +62,27 @@ def test_makefile_makes_a_relative_dagster_home_absolute_and_keeps_absolute_ones
     for unset in ({}, {"FT_HOME": "", "DAGSTER_HOME": ""}):  # unset or empty: the defaults
         got = _make_env(tmp_path, **unset)
         assert got["FT_HOME"] == str(REPO / ".ft_home") and got["DAGSTER_HOME"] == str(REPO / ".ft_home" / "dagster")
+
+
+def test_makefile_keeps_a_url_ft_home_and_puts_local_state_in_ft_local_home(tmp_path):
+    got = _make_env(tmp_path, FT_HOME="s3://bucket/team")
+    assert got["FT_HOME"] == "s3://bucket/team"  # not made into a path
+    assert got["FT_LOCAL_HOME"] == str(REPO / ".ft_home")
+    assert got["DAGSTER_HOME"] == str(REPO / ".ft_home" / "dagster")
+    got = _make_env(tmp_path, FT_HOME="s3://bucket/team", FT_LOCAL_HOME="scratch")
+    assert got["DAGSTER_HOME"] == str(REPO / "scratch" / "dagster")
+
+
+def test_a_url_ft_home_keeps_the_instance_and_the_cache_local(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FT_HOME", "s3://bucket/team/")
+    monkeypatch.setenv("FT_LOCAL_HOME", "local")
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    assert ft_home() == tmp_path.resolve() / "local"
+    store = ArtifactStore()
+    assert store.location == "s3://bucket/team" and store.artifacts_location == "s3://bucket/team/artifacts"
+    assert store.root.is_relative_to(tmp_path.resolve() / "local" / "remote")
+    instance = ensure_instance()
+    assert instance.root_directory == str(tmp_path.resolve() / "local" / "dagster")
+    monkeypatch.setenv("FT_HOME", f"file://{tmp_path}/files")  # a file:// URL is a local directory
+    assert ArtifactStore().remote is None and ArtifactStore().root == tmp_path.resolve() / "files" / "artifacts"
