@@ -192,7 +192,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer at most (default 256)")
     p.add_argument("--system", help="system message (default: the recipe's prompt.system)")
     p.add_argument("--recipe", help="recipe whose prompt.system is used (default: $FT_RECIPE or the shipped default)")
-    p.add_argument("--home", help="FT_HOME (default: $FT_HOME or .ft_home)")
+    p.add_argument("--home", help="FT_HOME, a directory or a URL such as s3://bucket/prefix (default: $FT_HOME or .ft_home)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
 
 

@@ -1,6 +1,6 @@
 """`python -m ft_assets.demo`: materialize the whole graph of $FT_RECIPE (default: the short demo
 recipe, `recipes/demo.yaml`) into the persistent Dagster instance ($DAGSTER_HOME, default
-$FT_HOME/dagster), so the runs, metadata and lineage are there when you open the UI (`make ui`,
+$FT_HOME/dagster, or $FT_LOCAL_HOME/dagster when FT_HOME is a URL), so the runs, metadata and lineage are there when you open the UI (`make ui`,
 which loads the same recipe). Prints where the eval reports are."""
 
 from __future__ import annotations
@@ -69,8 +69,9 @@ def instance_yaml(postgres: bool) -> str:
 
 
 def ensure_instance(home: Path | None = None) -> dg.DagsterInstance:
-    """The persistent instance under FT_HOME, with a gpu-pool limit of 1: created if new, brought
-    up to date if ft_assets wrote it (a file without INSTANCE_MARK is the user's and left alone).
+    """The persistent instance under the local FT_HOME ($FT_LOCAL_HOME when FT_HOME is a URL), with
+    a gpu-pool limit of 1: created if new, brought up to date if ft_assets wrote it (a file
+    without INSTANCE_MARK is the user's and left alone).
     Its storage is PostgreSQL when $FT_PG_URL is set, and stays PostgreSQL once it is (an unset
     variable then fails loudly rather than quietly starting an empty SQLite instance)."""
     home = home or ft_home()
