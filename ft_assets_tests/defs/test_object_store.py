@@ -176,7 +176,6 @@ def test_a_killed_upload_leaves_nothing_that_looks_done(s3_home):
 NODE = textwrap.dedent("""
     import sys, dagster as dg
     from ft_assets.definitions import build_definitions
-from ft_assets.demo import ensure_instance, materialize_graph
     from ft_assets.recipe import load_recipe
     defs = build_definitions(load_recipe(sys.argv[1]))
     instance = dg.DagsterInstance.ephemeral()
