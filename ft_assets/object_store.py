@@ -131,9 +131,6 @@ class ObjectStore:
             self.fs.rm(rest)
         self.fs.rm(self.key(f"{rel}/{DELETING}"))
 
-    def bytes_under(self, rel: str) -> int:
-        return sum(int(v.get("size") or 0) for v in self.fs.find(self.key(rel), detail=True).values())
-
     # -- checkpoints ------------------------------------------------------------------
 
     def push_checkpoint(self, local_root: Path, rel: str) -> None:

@@ -1,5 +1,7 @@
 """Train one recipe method from its inputs: the single call behind the `adapter` asset.
 
+    training_data(store, ...) -> TrainingData     the train split (tokenizer checked), plus, for
+                                                  `continue_from: previous`, the ContinualPlan
     plan_continual(store, ...) -> ContinualPlan   where a `continue_from: previous` run starts,
                                                   and the previous train split's replay rows
     finetune(method, spec, examples, cfg, ...) -> FineTuned
@@ -24,7 +26,7 @@ import torch
 
 from ..store import ArtifactStore
 from . import continual, data, train
-from .models import load_model, parameter_count
+from .models import load_model, load_tokenizer, parameter_count
 from .quantize import compute_dtype, load_quantized
 
 
@@ -77,6 +79,40 @@ def plan_continual(store: ArtifactStore, name: str, spec, sft_dataset_version: s
         plan.notes.append(f"replaying {len(plan.replay)} rows of sft_dataset {old.version} "
                           f"({spec.replay_fraction:.0%} of its train split)")
     return plan
+
+
+class StaleDataset(RuntimeError):
+    """The sft_dataset was tokenized by another tokenizer than the base model has now."""
+
+
+@dataclass
+class TrainingData:
+    """What one method trains on: its train split plus any replay rows, the pad id, the continual plan."""
+
+    examples: list[data.Example]
+    pad_id: int
+    plan: ContinualPlan | None
+
+    @property
+    def continued(self) -> bool:
+        return self.plan is not None and not self.plan.start.from_scratch
+
+
+def training_data(store: ArtifactStore, name: str, spec, sft_dataset_dir: str, sft_dataset_version: str,
+                  base_model_dir: str, base_model_version: str, seed: int) -> TrainingData:
+    """The train split of `sft_dataset` (checked against the base model's tokenizer) and, for
+    `continue_from: previous`, where the run starts and the rows it replays."""
+    info = data.dataset_info(sft_dataset_dir)
+    tok = load_tokenizer(base_model_dir)
+    if data.tokenizer_fingerprint(tok) != info["tokenizer_fingerprint"]:
+        raise StaleDataset("sft_dataset was built with a different tokenizer than base_model has now; "
+                           "re-materialize sft_dataset")
+    examples = data.load_split(sft_dataset_dir, "train")
+    plan = None
+    if spec.continue_from == "previous":
+        plan = plan_continual(store, name, spec, sft_dataset_version, base_model_version, examples,
+                              info["tokenizer_fingerprint"], seed)
+    return TrainingData(examples + (plan.replay if plan else []), tok.pad_token_id, plan)
 
 
 @dataclass

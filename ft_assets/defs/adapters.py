@@ -66,19 +66,14 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
     name = context.partition_key
     spec = recipe.methods[name]
     method = get_method(spec.type)
-    info = data.dataset_info(sft_dataset.path)
-    tok = load_tokenizer(base_model.path)
-    if data.tokenizer_fingerprint(tok) != info["tokenizer_fingerprint"]:
-        raise c.user_error(RuntimeError("sft_dataset was built with a different tokenizer than base_model has now; "
-                                        "re-materialize sft_dataset"))
-    examples = data.load_split(sft_dataset.path, "train")
-    plan = None
-    if spec.continue_from == "previous":
-        plan = finetune.plan_continual(store, name, spec, sft_dataset.version, base_model.version, examples,
-                                       info["tokenizer_fingerprint"], recipe.seed)
-        for note in plan.notes:
-            context.log.info(note)
-    continued = plan is not None and not plan.start.from_scratch
+    try:
+        td = finetune.training_data(store, name, spec, sft_dataset.path, sft_dataset.version, base_model.path,
+                                    base_model.version, recipe.seed)
+    except finetune.StaleDataset as exc:
+        raise c.user_error(RuntimeError(str(exc))) from None
+    plan, continued = td.plan, td.continued
+    for note in plan.notes if plan else []:
+        context.log.info(note)
     inputs = c.inputs_of(sft_dataset, base_model, quantized_base if method.uses_quantized_base else None)
     if continued:
         inputs[f"adapter[{name}]"] = plan.start.adapter_version  # the version this run continued from
@@ -92,9 +87,9 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
     ckpts = store.checkpoints("adapter", name, derived_version(derivation))
     with c.training_failures(context, name):
         tuned = finetune.finetune(
-            method, spec, examples + (plan.replay if plan else []), cfg, base_dir=base_model.path,
+            method, spec, td.examples, cfg, base_dir=base_model.path,
             quantized_dir=quantized_base.dir if quantized_base else None,
-            quantized_compute_dtype=recipe.quantization.compute_dtype, pad_id=tok.pad_token_id, device=hw.device,
+            quantized_compute_dtype=recipe.quantization.compute_dtype, pad_id=td.pad_id, device=hw.device,
             dtype=hw.dtype, autocast_dtype=hw.autocast_dtype,
             start_adapter=Path(plan.start.adapter_path) if continued else None, checkpoint_dir=ckpts.dir,
             on_checkpoint=ckpts.saved,
