@@ -4,9 +4,11 @@
    the pipeline will;
 2. guess the column mapping from the column names (and, for the id, from the values): every role
    gets exactly one column or a question the user settles with a flag (`--question COL`, ...);
-   a required role left open exits 2 and writes nothing. A column of conversations (lists of
-   {role, content} or ShareGPT {from, value} turns) makes the recipe `schema: messages`, unless a
-   `--question`/`--context`/`--answer` flag asks for question/answer columns;
+   a required role left open exits 2 and writes nothing. The schema follows the columns: a column
+   of conversations (lists of {role, content} or ShareGPT {from, value} turns) makes the recipe
+   `schema: messages`, instruction + output columns (input optional) `schema: alpaca`, prompt +
+   completion columns `schema: prompt_completion` (TRL's), anything else `schema: qa`;
+   `--schema` chooses instead, and a `--question`/`--context`/`--answer` flag means qa;
 3. count the rows the data stage keeps (same validation, same seeded eval split) and, with the
    base model's tokenizer, size `prompt.max_length` and `evaluation.max_new_tokens`;
 4. show three rows rendered through the chat template exactly as `sft_dataset` formats them
@@ -59,6 +61,15 @@ MAX_REJECTED_FRACTION = 0.05
 VALIDATION_FRACTION = 0.1
 EARLY_STOPPING_PATIENCE = 3
 MAX_LENGTH_CAP = 2048
+# The column maps' defaults per schema (keys at their default are left out of a written recipe),
+# and each schema's system prompt.
+SCHEMA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "messages": {"messages": "messages", "role": "role", "content": "content", "roles": {}, "id": None},
+    "alpaca": {"instruction": "instruction", "input": "input", "output": "output", "id": None},
+    "prompt_completion": {"prompt": "prompt", "completion": "completion", "id": None},
+}
+SYSTEM = {"messages": "Answer the user's questions.", "alpaca": "Follow the user's instruction.",
+          "prompt_completion": "Answer the user's questions."}
 EXAMPLES_SHOWN = 3
 LENGTH_SAMPLE = 2000  # rows tokenized to size max_length (evenly spaced when the file has more)
 
@@ -130,6 +141,17 @@ def detect_conversation(rows: list[tuple[int, dict]]) -> dict[str, Any] | None:
                     return None  # two conversation columns: ask nobody, guess nothing
                 found = {"messages": col, "role": role_key, "content": content_key, "roles": roles}
     return found
+
+
+def detect_instruction_schema(facts: dict[str, "ColumnFacts"]) -> tuple[str, dict[str, str | None]] | None:
+    """(schema, column map) for Alpaca's instruction/input/output or TRL's prompt/completion
+    columns (names compared after `_norm`); None when the file has neither pair."""
+    named = {_norm(c): c for c in facts}
+    if "instruction" in named and "output" in named:
+        return "alpaca", {"instruction": named["instruction"], "input": named.get("input"), "output": named["output"]}
+    if "prompt" in named and "completion" in named:
+        return "prompt_completion", {"prompt": named["prompt"], "completion": named["completion"]}
+    return None
 
 
 def _norm(name: str) -> str:
@@ -384,9 +406,10 @@ def recipe_text(*, data_arg: str, name: str, ds_name: str, root: str, path: str,
     less = "" if trained_rows == train_rows else f" ({train_rows} less the validation rows)"
     validation_every = max(1, math.ceil(epoch_steps / 4))
     checkpoint_every = validation_every
-    if schema == "messages":  # keys at their defaults say nothing
-        defaults = {"messages": "messages", "role": "role", "content": "content", "roles": {}, "id": None}
-        columns = {k: v for k, v in columns.items() if v != defaults.get(k)} or {"messages": "messages"}
+    if schema != "qa":  # keys at their defaults say nothing
+        defaults = SCHEMA_DEFAULTS[schema]
+        columns = ({k: v for k, v in columns.items() if v != defaults.get(k)} or (
+            {"messages": "messages"} if schema == "messages" else {k: v for k, v in defaults.items() if v is not None}))
     cols = ", ".join(f"{k}: {_q(v) if v is not None else 'null'}" for k, v in columns.items())
     lines = [
         f"# Written by `python -m ft_assets init {data_arg}`: a starting point sized for this file. Edit freely,",
@@ -417,6 +440,29 @@ def recipe_text(*, data_arg: str, name: str, ds_name: str, root: str, path: str,
             "# The conversations are rendered by the base model's chat template; system is added to those",
             "# without a system turn. max_length is sized for this file (" + max_length_how + ");",
             "# a conversation longer than max_length is rejected, never cut.",
+            "prompt:",
+            f"  system: {_q(system)}",
+            f"  max_length: {max_length}",
+        ]
+    elif schema in ("alpaca", "prompt_completion"):
+        what = ("Alpaca rows: the user turn is the instruction, then the input (when the row has one)\n"
+                "# after a blank line; the output is the trained reply" if schema == "alpaca" else
+                "prompt/completion pairs (TRL's form): the prompt is the user turn as written, the\n"
+                "# completion the trained reply")
+        data_lines = [
+            f"# The data: {n_rows} {what}. `columns` names the file's column for each field. eval_fraction is",
+            "# held out (by a seeded hash of each row id) for the eval report and never trained on.",
+            "datasets:",
+            f"  - name: {ds_name}",
+            f"    path: {_q(path)}",
+            f"    format: {fmt}                 # jsonl | csv | parquet | arrow | hf",
+            f"    schema: {schema}",
+            f"    columns: {{{cols}}}",
+        ]
+        prompt_lines = [
+            "# The rows are rendered by the base model's chat template after the system prompt (no template:",
+            "# the user turn is the row's own text). max_length is sized for this file (" + max_length_how + ");",
+            "# a row longer than max_length is rejected, never cut.",
             "prompt:",
             f"  system: {_q(system)}",
             f"  max_length: {max_length}",
@@ -524,6 +570,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{role}", metavar="COL", help=f"the column holding the {role} (default: guessed)")
     p.add_argument("--no-context", action="store_true", help="use no context column")
     p.add_argument("--no-id", action="store_true", help="use no id column (ids are hashed from the row text)")
+    p.add_argument("--schema", choices=list(SCHEMA_DEFAULTS) + ["qa"],
+                   help="what a row is (default: from the columns; see the recipe's datasets[].schema)")
 
 
 def main(argv: list[str], load_tokenizer: Callable[[], Any] = load_bundled_tokenizer, out=None, err=None) -> int:
@@ -560,10 +608,11 @@ def _run(args, load_tokenizer, out, err) -> int:
     say(f"{data}: {len(rows)} rows, {fmt}, columns: {', '.join(facts)}")
 
     given = {r: getattr(args, r) for r in (*ROLES, "id")}
-    conversation = None if any(given[r] for r in ROLES) or args.no_context else detect_conversation(rows)
-    schema = "qa" if conversation is None else "messages"
-    if conversation is not None:
-        m = _conversation_mapping(conversation, facts, given, args.no_id)
+    schema, found = _schema_of(args, rows, facts, given)
+    if schema == "messages":
+        m = _conversation_mapping(found, facts, given, args.no_id)
+    elif schema != "qa":
+        m = _instruction_mapping(schema, found, facts, given, args.no_id)
     else:
         m = guess_columns(facts, given, no_context=args.no_context, no_id=args.no_id)
     say("", "Column mapping (datasets[0].columns):", *[f"  {n}" for n in m.notes])
@@ -589,8 +638,8 @@ def _run(args, load_tokenizer, out, err) -> int:
         say(f"  {len(rejected)} of {len(rows)} rows will be rejected (first: line {rejected[0].line}: "
             f"{rejected[0].reason})")
 
-    system = ("Answer the user's questions." if schema == "messages" else
-              "Answer the question from the context." if columns["context"] else "Answer the question.")
+    system = SYSTEM[schema] if schema != "qa" else (
+        "Answer the question from the context." if columns["context"] else "Answer the question.")
     prompt = {"system": system,
               "template": "Context:\n{context}\n\nQuestion: {question}", "template_without_context": "{question}"}
     try:
@@ -638,6 +687,45 @@ def _run(args, load_tokenizer, out, err) -> int:
         f"max_length {max_length}" + (", early stopping on validation loss" if early else ""),
         f"next: edit it, check it with `python -m ft_assets validate {dest}`, then materialize with FT_RECIPE={dest}")
     return 0
+
+
+def _schema_of(args, rows, facts, given) -> tuple[str, dict[str, Any] | None]:
+    """(schema, the columns found for it) from `--schema`, the qa flags or the columns."""
+    if args.schema == "qa" or any(given[r] for r in ROLES) or args.no_context:
+        if args.schema not in (None, "qa"):
+            raise InitError(f"--schema {args.schema} cannot take --question/--context/--answer/--no-context "
+                            "(those name qa columns); drop them or the --schema flag")
+        return "qa", None
+    conversation = detect_conversation(rows)
+    instruction = detect_instruction_schema(facts)
+    if args.schema == "messages" or (args.schema is None and conversation is not None):
+        if conversation is None:
+            raise InitError("--schema messages: no column holds conversations (lists of {role, content} or "
+                            f"{{from, value}} turns in nearly every row); columns: {', '.join(map(repr, facts))}")
+        return "messages", conversation
+    if args.schema is None:
+        return (instruction[0], instruction[1]) if instruction else ("qa", None)
+    if instruction is None or instruction[0] != args.schema:
+        need = "instruction and output" if args.schema == "alpaca" else "prompt and completion"
+        raise InitError(f"--schema {args.schema}: the file has no {need} columns (columns: "
+                        f"{', '.join(map(repr, facts))}); rename them, or use --schema qa with --question/--answer")
+    return instruction
+
+
+def _instruction_mapping(schema: str, found: dict[str, str | None], facts: dict[str, ColumnFacts],
+                         given: dict[str, str | None], no_id: bool) -> Mapping:
+    """`schema: alpaca | prompt_completion`: the columns found by name, and an id guessed as for qa."""
+    others = {c: f for c, f in facts.items() if c not in found.values()}
+    ids = guess_columns(others, {"id": given["id"]}, no_context=True, no_id=no_id)
+    named = ", ".join(f"{k} <- {v!r}" for k, v in found.items() if v is not None)
+    convention = "Alpaca's columns" if schema == "alpaca" else "TRL's prompt/completion columns"
+    notes = [f"{named} ({convention}): schema {schema}", *[n for n in ids.notes if n.startswith("id ")]]
+    if schema == "alpaca" and found["input"] is None:
+        notes.append("input    <- none (no input column; the instruction alone is the user turn)")
+    questions = [q for q in ids.questions if "row id" in q or "looks like a row id" in q]
+    columns = {**found, "id": ids.columns["id"]}
+    unused = [c for c in facts if c not in columns.values()]
+    return Mapping(columns, notes, questions, unused)
 
 
 def _conversation_mapping(conversation: dict[str, Any], facts: dict[str, ColumnFacts], given: dict[str, str | None],

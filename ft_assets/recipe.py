@@ -171,25 +171,50 @@ with warnings.catch_warnings():  # `schema` shadows pydantic's deprecated BaseMo
 
 
 class PreferenceColumns(_Strict):
-    """Which column holds each field of a preference pair. `prompt` is the user turn as text
-    (rendered with the base model's chat template and `prompt.system`)."""
+    """Which column holds each field of a preference pair. Schema `text`: the prompt is the user
+    turn as text (rendered with the base model's chat template and `prompt.system`), the answers
+    text. Schema `messages` (TRL's conversational form): the prompt is a list of turns ending with
+    a user turn (or its text), each answer one assistant turn (`[{role: assistant, content}]`, the
+    turn, or its text); `prompt: null` reads TRL's implicit-prompt form, where chosen and rejected
+    are whole conversations differing only in their final assistant turn."""
 
-    prompt: str = "prompt"  # column with the user turn
+    _OMIT_WHEN_DEFAULT = ("role", "content", "roles")
+
+    prompt: str | None = "prompt"  # column with the prompt; null (schema messages): the turns chosen and rejected share
     chosen: str = "chosen"  # column with the preferred answer
     rejected: str = "rejected"  # column with the dispreferred answer
     id: str | None = None  # column with a unique row id; null: a hash of the pair's text
+    role: str = "role"  # schema messages: key of a turn's role (ShareGPT: from)
+    content: str = "content"  # schema messages: key of a turn's text (ShareGPT: value)
+    roles: dict[str, Literal["system", "user", "assistant"]] = Field(default_factory=dict)  # schema messages: the file's role names -> ours, e.g. {human: user, gpt: assistant}
 
 
-class PreferenceDataSpec(_Strict):
-    """Prompt/chosen/rejected pairs for preference tuning (methods of type `dpo`)."""
+with warnings.catch_warnings():  # `schema`, as in DatasetSpec
+    warnings.filterwarnings("ignore", message='Field name "schema"')
 
-    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]  # the preference set's name (not a dataset name)
-    path: str  # the pairs file, relative to `root`
-    format: Literal["jsonl", "csv", "parquet"] = "jsonl"  # file format
-    columns: PreferenceColumns = PreferenceColumns()
-    eval_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15  # share of pairs held out for the preference metrics
-    split_seed: int | None = None  # default: the recipe's seed
-    max_rejected_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1  # more rejected pairs than this fails `preference_dataset`
+    class PreferenceDataSpec(_Strict):
+        """Prompt/chosen/rejected pairs for preference tuning (methods of type `dpo`)."""
+
+        _OMIT_WHEN_DEFAULT = ("schema", "split")
+
+        name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]  # the preference set's name (not a dataset name)
+        path: str  # the pairs file (format hf: a directory, or a dataset id in the local HF cache), relative to `root`
+        format: Literal["jsonl", "csv", "parquet", "arrow", "hf"] = "jsonl"  # file format; hf: a save_to_disk or Hub-layout directory, or a cached dataset id (offline)
+        schema: Literal["text", "messages"] = "text"  # text: prompt/chosen/rejected strings; messages: TRL's conversational form (see columns)
+        split: str | None = None  # format hf: the split to read (needed when the dataset has several)
+        columns: PreferenceColumns = PreferenceColumns()
+        eval_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15  # share of pairs held out for the preference metrics
+        split_seed: int | None = None  # default: the recipe's seed
+        max_rejected_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1  # more rejected pairs than this fails `preference_dataset`
+
+        @model_validator(mode="after")
+        def _keys_of_other_forms(self) -> "PreferenceDataSpec":
+            if self.split is not None and self.format != "hf":
+                raise ValueError(f"split applies to format hf only (the preferences are {self.format}); remove it")
+            if self.columns.prompt is None and self.schema != "messages":
+                raise ValueError("columns.prompt null (the implicit prompt) needs schema: messages; "
+                                 "set the prompt column, or schema: messages")
+            return self
 
 
 class PromptSpec(_Strict):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -86,8 +85,8 @@ def read_rows(path: str | Path, fmt: str, split: str | None = None) -> list[tupl
 
 
 def iter_rows(path: str | Path, fmt: str, split: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
-    """`read_rows` one row at a time (a build of millions of rows never holds them all; hf and
-    arrow sources are still read whole). The caller raises "no rows" when it gets none."""
+    """`read_rows` one row at a time (a build of millions of rows never holds them all; every
+    format streams). The caller raises "no rows" when it gets none."""
     path = Path(path)
     if fmt == "hf":
         from .hfdata import read_hf
@@ -149,14 +148,19 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield lineno, obj
 
 
+def _csv_lines(path: Path) -> Iterator[str]:
+    """The file's lines decoded one by one (a decoding error names its line; a BOM is dropped)."""
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataFileError(path, "not UTF-8; re-save the file as UTF-8", lineno) from None
+            yield line[1:] if lineno == 1 and line.startswith("\ufeff") else line
+
+
 def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    # The text is decoded whole (a decoding error names its line); the rows are yielded one by one.
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise DataFileError(path, "not UTF-8; re-save the file as UTF-8", line) from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    reader = csv.DictReader(_csv_lines(path))
     try:
         for rec in reader:
             if None in rec:  # more cells than header columns

@@ -7,7 +7,8 @@ Contract:
   found in the local Hugging Face hub cache (its snapshot directory, read like a local one).
   Nothing is ever downloaded: an id missing from the cache is an error saying so.
 - `format: arrow` reads one Arrow IPC file (file or stream format, as `save_to_disk` writes).
-- Rows are numbered 1..N in dataset order; errors say "row N".
+- Rows are numbered 1..N in dataset order; errors say "row N". Both readers are generators that
+  hold one record batch at a time (the dataset or file is memory-mapped), never every row.
 - `source_version` is the content hash of the data: a file's bytes, or a directory's files
   (relative names + bytes, sorted; `state.json` and hidden files, which hold fingerprints and
   locks rather than data, are left out). Same data, same version, on any machine.
@@ -17,11 +18,12 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .data import DataFileError
 
 NOT_DATA = ("state.json",)
+ROWS_PER_BATCH = 4096
 
 
 def hub_snapshot(dataset_id: str) -> Path | None:
@@ -50,7 +52,7 @@ def locate(path: Path) -> Path:
                               "save_to_disk directory)")
 
 
-def read_hf(path: Path, split: str | None) -> list[tuple[int, dict[str, Any]]]:
+def read_hf(path: Path, split: str | None) -> Iterator[tuple[int, dict[str, Any]]]:
     import datasets
 
     where = locate(path)
@@ -75,10 +77,14 @@ def read_hf(path: Path, split: str | None) -> list[tuple[int, dict[str, Any]]]:
     elif split is not None and split != "train":
         raise DataFileError(path, f"split {split!r} asked for, but this directory holds a single dataset "
                                   "(no splits); remove datasets[].split")
-    return [(i + 1, row) for i, row in enumerate(loaded)]
+    line = 0
+    for batch in loaded.with_format("arrow").iter(batch_size=ROWS_PER_BATCH):
+        for row in batch.to_pylist():
+            line += 1
+            yield line, row
 
 
-def read_arrow(path: Path) -> list[tuple[int, dict[str, Any]]]:
+def read_arrow(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     import pyarrow as pa
 
     table = None
@@ -91,7 +97,11 @@ def read_arrow(path: Path) -> list[tuple[int, dict[str, Any]]]:
             continue
     if table is None:
         raise DataFileError(path, "not a readable Arrow IPC file (file or stream format)")
-    return [(i + 1, r) for i, r in enumerate(table.to_pylist())]
+    line = 0
+    for batch in table.to_batches(max_chunksize=ROWS_PER_BATCH):
+        for row in batch.to_pylist():
+            line += 1
+            yield line, row
 
 
 def source_version(path: Path) -> str:

@@ -100,30 +100,42 @@ def _hash64(text: str) -> int:
 
 
 class SftRows(Sequence[Example]):
-    """A split on disk (a `datasets.Dataset`, memory-mapped): `rows[i]` reads one Example,
-    `rows[a:b]` a list of them; `lengths()` and `ids()` read a column, not the rows."""
+    """A split on disk, memory-mapped: `rows[i]` reads one Example, `rows[a:b]` a list of them.
 
-    def __init__(self, dataset, keep: Any = None):
-        self.dataset = dataset
+    It is a flat `datasets.Dataset` (`base`, no indices mapping) and optionally `index`, the base
+    rows it holds in order (numpy int64, repeats allowed). Columns are read from `base`'s Arrow
+    batches, gathered batch by batch (`lengths()`, `ids()`, `column_batches`, iteration): `datasets`
+    answers a query on an index-mapped dataset with one record batch per row (~0.3 KB each, and
+    the memory stayed with the process), which made the build's memory grow with its row count."""
+
+    def __init__(self, base, keep: Any = None, index: np.ndarray | None = None):
+        self.base = base
+        self.index = None if index is None else np.asarray(index, dtype=np.int64)
         self._keep = keep  # what must outlive the rows (the temporary directory of their files)
 
+    @property
+    def dataset(self):
+        """The rows as one `datasets.Dataset` (index-mapped when `index` is set): to save or iterate."""
+        return self.base if self.index is None else self.base.select(self.index)
+
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.base) if self.index is None else len(self.index)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
             idx = range(len(self))[i]
-            return [example_of(r) for r in _iter_dicts(self.dataset.select(idx))] if len(idx) else []
+            return list(self.select(idx)) if len(idx) else []
         i = int(i)
         if i < 0:
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
-        return example_of(self.dataset[i])
+        return example_of(self.base[i if self.index is None else int(self.index[i])])
 
     def __iter__(self) -> Iterator[Example]:
-        for r in _iter_dicts(self.dataset):
-            yield example_of(r)
+        for tbl in self.column_batches(self.base.column_names, 256):
+            for r in tbl.to_pylist():
+                yield example_of(r)
 
     def __add__(self, other: Sequence[Example]):
         return self if not len(other) else [*self, *other]  # a few replayed rows: materialized
@@ -132,8 +144,27 @@ class SftRows(Sequence[Example]):
         return f"SftRows({len(self)} rows)"
 
     def column(self, name: str):
-        """One column in row order (a pyarrow ChunkedArray)."""
-        return self.dataset.select_columns([name]).with_format("arrow")[:].column(name)
+        """One column in row order (a pyarrow ChunkedArray; zero-copy without an index)."""
+        if self.index is None:
+            return self.base.data.column(name)
+        import pyarrow as pa
+
+        return pa.chunked_array([t.column(0) for t in self.column_batches([name])],
+                                type=self.base.data.schema.field(name).type)
+
+    def column_batches(self, names: list[str], batch_rows: int = BATCH_ROWS) -> Iterator[Any]:
+        """`names` in row order as pyarrow Tables of at most `batch_rows` rows (zero-copy slices
+        without an index; with one, gathered chunk by chunk: pyarrow's own `take` on a chunked
+        column first concatenates the whole column)."""
+        table = self.base.data.table.select(names)
+        if self.index is None:
+            for start in range(0, len(self), batch_rows):
+                yield table.slice(start, min(batch_rows, len(self) - start))
+            return
+        chunks = table.to_batches()
+        offsets = np.cumsum([0] + [c.num_rows for c in chunks])
+        for start in range(0, len(self), batch_rows):
+            yield _gather(table.schema, chunks, offsets, self.index[start:start + batch_rows])
 
     def lengths(self) -> np.ndarray:
         return self.column("length").to_numpy()
@@ -142,14 +173,28 @@ class SftRows(Sequence[Example]):
         return self.column("id").to_pylist()
 
     def select(self, indices: Iterable[int]) -> "SftRows":
-        return SftRows(self.dataset.select(indices), self._keep)
+        idx = np.fromiter(indices, dtype=np.int64) if not isinstance(indices, np.ndarray) else indices
+        return SftRows(self.base, self._keep, idx if self.index is None else self.index[idx])
 
 
-def _iter_dicts(dataset, batch_size: int = 256) -> Iterator[dict[str, Any]]:
-    for batch in dataset.iter(batch_size=batch_size):
-        keys = list(batch)
-        for values in zip(*(batch[k] for k in keys)):
-            yield dict(zip(keys, values))
+def _gather(schema, chunks: list, offsets: np.ndarray, index: np.ndarray):
+    """Rows `index` of the record batches `chunks` (row offsets `offsets`), in that order. The
+    copies are made by the system allocator: pyarrow's default (mimalloc) kept ~50 MB of them
+    resident after the build had freed them."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    pool = pa.system_memory_pool()
+    chunk = np.searchsorted(offsets, index, side="right") - 1
+    order = np.argsort(chunk, kind="stable")
+    by_chunk = chunk[order]
+    starts = np.r_[0, np.nonzero(np.diff(by_chunk))[0] + 1, len(order)]
+    pieces = [pc.take(chunks[by_chunk[a]], pa.array(index[order[a:b]] - offsets[by_chunk[a]]), memory_pool=pool)
+              for a, b in zip(starts[:-1], starts[1:])]
+    table = pa.Table.from_batches(pieces, schema=schema)
+    if np.all(order[1:] > order[:-1]):  # the index already ran chunk by chunk
+        return table
+    return pc.take(table.combine_chunks(memory_pool=pool), pa.array(np.argsort(order, kind="stable")), memory_pool=pool)
 
 
 def row_lengths(rows: Sequence[Example]) -> Sequence[int]:
@@ -380,8 +425,8 @@ def _build(sources: list[SourceSpec], tokenizer, system, template, template_with
         else:
             train_idx = np.concatenate(list(train_by_task.values()))
         every = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-        train = SftRows(every.select(np.asarray(train_idx, dtype=np.int64)), tmp)
-        evals = SftRows(every.select(np.concatenate(eval_idx)), tmp)
+        train = SftRows(every, tmp, np.asarray(train_idx, dtype=np.int64))
+        evals = SftRows(every, tmp, np.concatenate(eval_idx))
     lengths = np.sort(np.concatenate([train.lengths(), evals.lengths()]))
     trained, _ = label_facts(train, tokenizer.eos_token_id)
     stats = {
@@ -406,8 +451,7 @@ def label_facts(rows: SftRows, eos_id: int, max_problems: int = 20) -> tuple[int
     trained, problems = 0, []
     import pyarrow.compute as pc
 
-    cols = rows.dataset.select_columns(["id", "line", "labels"]).with_format("arrow")
-    for tbl in cols.iter(batch_size=BATCH_ROWS):
+    for tbl in rows.column_batches(["id", "line", "labels"]):
         labels = tbl.column("labels")
         flat = pc.list_flatten(labels).to_numpy()
         n = pc.list_value_length(labels).to_numpy().astype(np.int64)

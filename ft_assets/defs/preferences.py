@@ -1,8 +1,9 @@
 """Preference tuning: `preference_dataset[d]` and `preference_adapter[d]`, one partition per
 `dpo` method d of the recipe (usually one: `dpo`).
 
-- `preference_dataset[d]`: the recipe's prompt/chosen/rejected file -> validated, chat-rendered,
-  seeded train/eval splits of pairs. Same contract as `sft_dataset`: a file that cannot be parsed
+- `preference_dataset[d]`: the recipe's prompt/chosen/rejected pairs (text, or TRL's
+  conversational form; a file or `format: hf`) -> validated, chat-rendered, seeded train/eval
+  splits of pairs. Same contract as `sft_dataset`: a file that cannot be parsed
   fails with file and line; unusable rows are counted, written to `rejected.jsonl` and fail the
   asset above `preferences.max_rejected_fraction`; the split is a seeded hash of each pair's id.
   `raw/<preferences.name>` is an observable source. Blocking check `usable`: a non-empty training
@@ -25,7 +26,8 @@ from ..core.device import Compute
 from ..core.models import load_tokenizer
 from ..core.train import TrainConfig
 from ..recipe import Recipe
-from ..store import Artifact, ArtifactStore, derived_version, dir_bytes, file_hash
+from ..core.hfdata import source_version
+from ..store import Artifact, ArtifactStore, derived_version, dir_bytes
 from . import _common as c
 from .automation import RECIPE_METHOD_KEY
 from .raw import raw_key
@@ -91,7 +93,7 @@ def build(recipe: Recipe) -> list:
                 "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
         with store.store().write("preference_dataset", context.partition_key, recipe_hash=recipe.recipe_hash,
                                  seed=recipe.seed, code_version=cv) as st:
-            st.inputs = {f"raw/{spec.name}": file_hash(src.path)[:16], **c.inputs_of(base_model)}
+            st.inputs = {f"raw/{spec.name}": source_version(src.path), **c.inputs_of(base_model)}
             preferences.save_preferences(built, st.path, meta)
         art = st.artifact
         for rej in built.rejected[:20]:

@@ -100,6 +100,18 @@ def test_csv_keeps_strings_as_strings(tmp_path):
     assert rows == [(2, {"question": "Ticker code?", "context": "Code 0042, listed.", "answer": "0042"})]
 
 
+def test_csv_streams_line_by_line_with_bom_multiline_cells_and_the_bad_bytes_line(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_bytes(b'\xef\xbb\xbfquestion,context,answer\r\n"Q1?","two\nlines",a1\r\nQ2?,c2,a2\r\n')
+    assert data.read_rows(p, "csv") == [(3, {"question": "Q1?", "context": "two\nlines", "answer": "a1"}),
+                                         (4, {"question": "Q2?", "context": "c2", "answer": "a2"})]
+    p.write_bytes(b"question,context,answer\nQ1?,c1,a1\nQ2?,caf\xe9,a2\n")
+    rows = data.iter_rows(p, "csv")
+    assert next(rows) == (2, {"question": "Q1?", "context": "c1", "answer": "a1"})  # read before the bad line
+    with pytest.raises(data.DataFileError, match=r"d\.csv:3: not UTF-8; re-save the file as UTF-8"):
+        next(rows)
+
+
 def test_build_splits_and_counts(tok, tmp_path):
     ds = build(tok, source(write_jsonl(tmp_path / "d.jsonl", qa_rows(40))))
     assert ds.stats["train_rows"] == 30 and ds.stats["eval_rows"] == 10 and not ds.rejected

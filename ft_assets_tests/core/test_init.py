@@ -119,12 +119,22 @@ def test_alpaca_csv_and_prompt_passage_response_parquet(tok, tmp_path):
         {"question": "instruction", "context": "input", "answer": "output"}))
     rc, text = run_init(tok, alpaca, "-o", tmp_path / "a.yaml")
     assert rc == 0, text
-    assert "Alpaca" in text
+    assert "instruction <- 'instruction', input <- 'input', output <- 'output' (Alpaca's columns): schema alpaca" in text
+    # the user turn is the instruction, a blank line, the input (schema alpaca's rendering)
+    assert f"<|im_start|>user\n{rows[0]['question']}\n\n{rows[0]['context']}<|im_end|>" in text
     recipe = load_recipe(tmp_path / "a.yaml")
-    assert recipe.datasets[0].format == "csv"
-    assert recipe.datasets[0].columns.model_dump() == {"question": "instruction", "context": "input",
-                                                       "answer": "output", "id": None}
+    ds = recipe.datasets[0]
+    assert ds.format == "csv" and ds.schema == "alpaca"
+    assert ds.columns.model_dump() == {"instruction": "instruction", "input": "input", "output": "output", "id": None}
+    assert ('schema: alpaca\n    columns: {instruction: "instruction", input: "input", output: "output"}'
+            in (tmp_path / "a.yaml").read_text())
+    assert recipe.prompt.system == "Follow the user's instruction."
     assert recipe_step_estimates(recipe).methods["lora_plus"].steps == expected_steps(40)
+    # --schema qa keeps the question/context/answer mapping of the same columns
+    rc, text = run_init(tok, alpaca, "-o", tmp_path / "aq.yaml", "--schema", "qa")
+    assert rc == 0, text
+    assert load_recipe(tmp_path / "aq.yaml").datasets[0].columns.model_dump() == {
+        "question": "instruction", "context": "input", "answer": "output", "id": None}
 
     table = renamed(rows, {"question": "prompt", "context": "passage", "answer": "response", "id": "uid"})
     for i, r in enumerate(table):
@@ -289,3 +299,39 @@ def test_the_shipped_default_recipe_is_what_init_writes_for_the_shipped_data(tok
     (w,), (s,) = written["datasets"], shipped["datasets"]
     assert {k: v for k, v in w.items() if k != "path"} == {k: v for k, v in s.items() if k != "path"}
     assert load_recipe(DEFAULT_RECIPE).dataset_path(load_recipe(DEFAULT_RECIPE).datasets[0]) == REPO / "data" / "finqa.jsonl"
+
+
+def test_prompt_completion_and_alpaca_without_input_write_their_schemas(tok, tmp_path):
+    rows = [{"uid": f"r{i}", "prompt": f"Revenue of unit {i} in 2024?", "completion": f"${i} million"}
+            for i in range(30)]
+    data = write_jsonl(tmp_path / "pc.jsonl", rows)
+    rc, out = run_init(tok, data, "-o", tmp_path / "pc.yaml")
+    assert rc == 0, out
+    assert "prompt <- 'prompt', completion <- 'completion' (TRL's prompt/completion columns)" in out
+    assert "id       <- 'uid'" in out
+    assert "<|im_start|>user\nRevenue of unit 0 in 2024?<|im_end|>\n<|im_start|>assistant\n$0 million<|im_end|>" in out
+    ds = load_recipe(tmp_path / "pc.yaml").datasets[0]
+    assert ds.schema == "prompt_completion"
+    assert ds.columns.model_dump() == {"prompt": "prompt", "completion": "completion", "id": "uid"}
+    assert recipe_step_estimates(load_recipe(tmp_path / "pc.yaml")).methods["lora_plus"].steps == expected_steps(30)
+
+    rows = [{"Instruction": f"Classify: unit {i} profit {'rose' if i % 2 else 'fell'}.",
+             "Output": "positive" if i % 2 else "negative"} for i in range(30)]
+    data = write_jsonl(tmp_path / "alp.jsonl", rows)
+    rc, out = run_init(tok, data, "-o", tmp_path / "alp.yaml")
+    assert rc == 0, out
+    assert "input    <- none" in out
+    ds = load_recipe(tmp_path / "alp.yaml").datasets[0]
+    assert ds.schema == "alpaca"
+    assert ds.columns.model_dump() == {"instruction": "Instruction", "input": None, "output": "Output", "id": None}
+
+
+def test_a_schema_flag_the_columns_do_not_support_is_an_error_before_anything_is_written(tok, tmp_path):
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(20))
+    for schema, expected in (("alpaca", "--schema alpaca: the file has no instruction and output columns"),
+                             ("prompt_completion", "no prompt and completion columns"),
+                             ("messages", "--schema messages: no column holds conversations")):
+        rc, out = run_init(tok, data, "-o", tmp_path / "r.yaml", "--schema", schema)
+        assert rc == 2 and expected in out and not (tmp_path / "r.yaml").exists(), out
+    rc, out = run_init(tok, data, "-o", tmp_path / "r.yaml", "--schema", "alpaca", "--question", "question")
+    assert rc == 2 and "cannot take --question" in out

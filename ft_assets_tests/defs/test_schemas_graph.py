@@ -82,3 +82,35 @@ def test_every_schema_trains_and_evaluates_through_the_graph(schemas_project, ft
     chat_rows = [r for r in rows if r["task"] == "chat"]
     assert {r["question"] for r in chat_rows} == {"And bikes?"}  # eval asks the last user turn, in context
     assert {r["reference"] for r in chat_rows} == {e.answer for e in chat_eval}
+
+
+def test_conversational_preferences_from_an_hf_dataset_through_the_graph(tmp_path, tiny_model_dir, ft_home):
+    """`preferences:` in TRL's conversational form, a save_to_disk DatasetDict read offline by
+    split: preference_dataset[dpo] materializes, its pairs keep their turns, its input version is
+    the directory's content hash."""
+    import datasets
+
+    from ft_assets.core import preferences
+    from ft_assets.demo import materialize_graph
+
+    d = tmp_path / "data"
+    d.mkdir()
+    write_jsonl(d / "qa.jsonl", qa_rows(16))
+    pairs = [{"id": f"p{i}", "prompt": [{"role": "user", "content": f"Unit {i} sold {10 + i} cars. How many?"}],
+              "chosen": [{"role": "assistant", "content": f"{10 + i} cars"}],
+              "rejected": [{"role": "assistant", "content": f"{20 + i} cars"}]} for i in range(12)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(pairs),
+                          "test": datasets.Dataset.from_list(pairs[:2])}).save_to_disk(str(d / "prefs_hf"))
+    recipe = make_recipe(tiny_model_dir, datasets=[{"name": "qa", "path": "data/qa.jsonl", "columns": {"id": "id"}}],
+                         methods={"lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "dpo": {"sft_from": "lora"}},
+                         preferences={"name": "prefs", "path": "data/prefs_hf", "format": "hf", "split": "train",
+                                      "schema": "messages", "columns": {"id": "id"}, "eval_fraction": 0.25})
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    defs = build_definitions(load_recipe(tmp_path / "recipe.yaml"), home=str(ft_home))
+    targets = {(dg.AssetKey("base_model"), None), (dg.AssetKey("preference_dataset"), "dpo")}
+    assert materialize_graph(defs, dg.DagsterInstance.ephemeral(), targets, say=lambda *_: None) == []
+    art = ArtifactStore(ft_home).latest("preference_dataset", "dpo")
+    train, evals = preferences.load_pairs(art.path, "train"), preferences.load_pairs(art.path, "eval")
+    assert len(train) + len(evals) == 12 and len(evals) == 3
+    assert all(p.messages == [{"role": "user", "content": p.prompt}] and p.chosen.endswith("cars") for p in train)
+    assert art.manifest()["inputs"]["raw/prefs"] == source_version(d / "prefs_hf") != "missing"

@@ -53,7 +53,7 @@ class Strict(BaseModel):
     def _omit_new_defaults(self, handler):
         data = handler(self)
         for key in self._OMIT_WHEN_DEFAULT:
-            if isinstance(data, dict) and key in data and getattr(self, key) == type(self).model_fields[key].default:
+            if isinstance(data, dict) and key in data and getattr(self, key) == type(self).model_fields[key].get_default(call_default_factory=True):
                 del data[key]
         return data
 
