@@ -8,6 +8,9 @@
         load the base (full precision, or the 4-bit `quantized_base` for QLoRA) -> seed ->
         `method.wrap` -> the previous adapter's state (continual) -> `core.train.train`
 
+    write_adapter(store, name, tuned, ...) -> Artifact
+        the store write: `FineTuned.save` + the manifest's method/train facts + the model card
+
 `FineTuned.save(dir)` writes what the method trained plus `train_log.json` (no timings, so the
 artifact's bytes depend on the training only). Failures a user can act on raise `TrainingFailed`
 (NaN loss, out of memory with the recipe keys to change); nothing here knows Dagster. Previous
@@ -24,8 +27,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..store import ArtifactStore
-from . import continual, data, train
+from ..store import ArtifactStore, derived_version
+from . import card, continual, data, train
 from .models import load_model, load_tokenizer, parameter_count
 from .quantize import compute_dtype, load_quantized
 
@@ -167,6 +170,22 @@ def finetune(method, spec, examples: list[data.Example], cfg: train.TrainConfig,
         log(f"{stop}; kept the weights of step {result.kept_step} (validation loss {best:.4f} on "
             f"{result.validation_rows} held-out rows)")
     return FineTuned(model, method, result, trainable, total)
+
+
+def write_adapter(store: ArtifactStore, name: str, tuned: FineTuned, *, inputs: dict[str, str],
+                  derivation: dict[str, Any], facts: dict[str, Any], manifests: tuple[dict, dict],
+                  write_card: Callable[[Path, card.Lineage], Any], **manifest: Any):
+    """`tuned` stored as `adapter[name]` under `derivation`; `facts` go to the manifest's extra
+    keys, `manifests` (base_model's, sft_dataset's) into the card's lineage; `manifest`:
+    recipe_hash, code_version, seed for the store write. Returns the Artifact."""
+    with store.write("adapter", name, derivation=derivation, **manifest) as st:
+        st.inputs = inputs
+        tuned.save(st.path)
+        st.extra.update(facts)
+        lin = card.lineage_from({"asset": "adapter", "partition": name, "version": derived_version(derivation),
+                                 "inputs": inputs, **manifest, **st.extra}, *manifests)
+        write_card(st.path, lin)
+    return st.artifact
 
 
 def out_of_memory_hint(cfg: train.TrainConfig, device: str, exc: Exception) -> str:

@@ -20,19 +20,27 @@ float32 matmuls in TF32), L the decoder layers, K the widest inner dimension. En
 layer's missing update can shrink below the logit tolerance in a deep model (SmolLM2-135M, a
 layer-0 q_proj among 210 adapted matrices: 0.56x, measured), which is why layers are checked
 one by one too.
+
+`write_merged_model(store, ...)` is the `merged_model` asset's work: merge, save (weights,
+tokenizer, `merge_status.json`, the model card through the caller's `write_card`) inside one
+store write, then reload the saved checkpoint and `compare` it with base + adapter on eval rows.
+A method that cannot merge stores only `merge_status.json` with the reason.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
-from .data import Example
-from .methods import Method
-from .models import load_model
+from . import card
+from .data import Example, load_split
+from .methods import Method, NotMergeable
+from .models import load_model, load_tokenizer
 from .quantize import dequantized, load_quantized
 from .train import collate
 
@@ -171,3 +179,47 @@ def check_saved_merge(method: Method, merged_dir: Path, base_dir: Path, adapter_
     """The merged checkpoint as saved, reloaded from disk, against base + adapter as trained."""
     return compare(load_model(merged_dir, device), unmerged(method, base_dir, adapter_dir, quantized_dir, device),
                    method, examples, pad_id, device)
+
+
+@dataclass
+class MergedModel:
+    """What `write_merged_model` stored: the artifact, and the check of the merge when there is one."""
+
+    artifact: Any  # store.Artifact
+    reason: str | None  # why the method cannot merge; None: it merged
+    comparison: MergeComparison | None  # None when it did not merge
+    prompts: int = 0  # eval rows the logits were compared on
+
+
+def write_merged_model(store, name: str, method: Method, *, base_model, adapter, quantized_dir: Path | None,
+                       sft_dataset, device: str, inputs: dict[str, str],
+                       write_card: Callable[[Path, card.Lineage], Any], min_free_bytes: int,
+                       **manifest: Any) -> MergedModel:
+    """`adapter` merged into `base_model` (store.Artifacts; `quantized_dir` for QLoRA), stored as
+    `merged_model[name]`; `manifest`: recipe_hash, code_version, seed for the store write."""
+    with store.write("merged_model", name, min_free_bytes=min_free_bytes, **manifest) as st:
+        st.inputs = inputs
+        try:
+            model = merged(method, base_model.dir, adapter.dir, quantized_dir, device)
+        except NotMergeable as exc:
+            model, reason = None, str(exc)
+            _write_json(st.path / "merge_status.json", {"mergeable": False, "reason": reason})
+        else:
+            reason = None
+            model.save_pretrained(st.path, safe_serialization=True)
+            load_tokenizer(base_model.path).save_pretrained(st.path)
+            _write_json(st.path / "merge_status.json", {"mergeable": True})
+            write_card(st.path, card.content_only(card.lineage_from(adapter.manifest(), base_model.manifest(),
+                                                                    sft_dataset.manifest())))
+        st.extra["mergeable"] = model is not None
+    if model is None:
+        return MergedModel(st.artifact, reason, None)
+    # The merged checkpoint, reloaded from disk, must compute what base+adapter computes.
+    examples = load_split(sft_dataset.path, "eval")[:8]
+    pad = load_tokenizer(base_model.path).pad_token_id
+    cmp = check_saved_merge(method, st.artifact.dir, base_model.dir, adapter.dir, quantized_dir, examples, pad, device)
+    return MergedModel(st.artifact, None, cmp, len(examples))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -28,9 +28,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from ..core import card, data, finetune, merge, plots, train
-from ..core.methods import NotMergeable, get_method
-from ..core.models import load_tokenizer
+from ..core import finetune, merge, plots, train
+from ..core.methods import get_method
 from ..recipe import Recipe
 from ..store import Artifact, ArtifactStore, derived_version, dir_bytes
 from . import _common as c
@@ -95,24 +94,19 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
             on_checkpoint=ckpts.saved,
             log=lambda msg: context.log.info(f"{name}: {msg}"),
             on_log=lambda step, loss, **_: context.log.info(f"step {step}: loss {loss:.4f}"))
-    made_by = c.forced(derivation, context) if force else derivation
-    with store.write("adapter", name, recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed,
-                     derivation=made_by) as st:
-        st.inputs = inputs
-        tuned.save(st.path)
-        st.extra["method"] = {"name": name, "type": spec.type, "spec": spec.model_dump(mode="json"),
-                              "training": recipe.training_for(name).model_dump(mode="json")}
-        st.extra["train"] = {**tuned.result.summary(), "trainable_parameters": tuned.trainable,
-                             "total_parameters": tuned.total, "device": hw.name}
-        if plan is not None:
-            st.extra["continual"] = plan.facts(spec.replay_fraction)
-        lin = card.lineage_from({"asset": "adapter", "partition": name, "version": derived_version(made_by),
-                                 "inputs": inputs, "recipe_hash": recipe.recipe_hash, "code_version": cv,
-                                 "seed": recipe.seed, **st.extra}, base_model.manifest(), sft_dataset.manifest())
-        c.write_card(st.path, recipe, lin, f"The trained `{name}` adapter (method type `{spec.type}`), as ft_assets "
-                     "saved it.", method.uses_quantized_base)
+    facts = {"method": {"name": name, "type": spec.type, "spec": spec.model_dump(mode="json"),
+                        "training": recipe.training_for(name).model_dump(mode="json")},
+             "train": {**tuned.result.summary(), "trainable_parameters": tuned.trainable,
+                       "total_parameters": tuned.total, "device": hw.name},
+             **({"continual": plan.facts(spec.replay_fraction)} if plan is not None else {})}
+    what = f"The trained `{name}` adapter (method type `{spec.type}`), as ft_assets saved it."
+    art = finetune.write_adapter(
+        store, name, tuned, inputs=inputs, derivation=c.forced(derivation, context) if force else derivation,
+        facts=facts, manifests=(base_model.manifest(), sft_dataset.manifest()),
+        write_card=lambda path, lin: c.write_card(path, recipe, lin, what, method.uses_quantized_base),
+        recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed)
     ckpts.finished()  # the artifact supersedes its checkpoints
-    return c.output(st.artifact, _trained_metadata(name, spec.type, tuned, st.artifact, hw.name, plan))
+    return c.output(art, _trained_metadata(name, spec.type, tuned, art, hw.name, plan))
 
 
 def _trained_metadata(name: str, method_type: str, tuned, art: Artifact, device: str, plan) -> dict:
@@ -155,44 +149,25 @@ def _merge(context, recipe: Recipe, compute: ComputeResource, store: ArtifactSto
     """`adapter`: what partition m trained: adapter[m], or preference_adapter[m] for a dpo method."""
     name = context.partition_key
     method = get_method(recipe.methods[name].type)
-    hw = compute.resolve()
     q_dir = quantized_base.dir if (quantized_base and method.uses_quantized_base) else None
-    inputs = c.inputs_of(adapter, base_model, quantized_base if q_dir else None)
-    with store.write("merged_model", name, recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed,
-                     min_free_bytes=MODEL_BYTES_HEADROOM) as st:
-        st.inputs = inputs
-        try:
-            model = merge.merged(method, base_model.dir, adapter.dir, q_dir, hw.device)
-        except NotMergeable as exc:
-            model, reason = None, str(exc)
-            c.write_json(st.path / "merge_status.json", {"mergeable": False, "reason": reason})
-        else:
-            reason = None
-            model.save_pretrained(st.path, safe_serialization=True)
-            load_tokenizer(base_model.path).save_pretrained(st.path)
-            c.write_json(st.path / "merge_status.json", {"mergeable": True})
-            lin = card.content_only(card.lineage_from(adapter.manifest(), base_model.manifest(), sft_dataset.manifest()))
-            c.write_card(st.path, recipe, lin, f"`{c.key_of(adapter)}` merged into the base weights: a plain "
-                         "transformers checkpoint with its tokenizer.", False)
-        st.extra["mergeable"] = model is not None
-    art = st.artifact
-
-    if model is None:
+    what = f"`{c.key_of(adapter)}` merged into the base weights: a plain transformers checkpoint with its tokenizer."
+    made = merge.write_merged_model(
+        store, name, method, base_model=base_model, adapter=adapter, quantized_dir=q_dir, sft_dataset=sft_dataset,
+        device=compute.resolve().device, inputs=c.inputs_of(adapter, base_model, quantized_base if q_dir else None),
+        write_card=lambda path, lin: c.write_card(path, recipe, lin, what, False),
+        min_free_bytes=MODEL_BYTES_HEADROOM, recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed)
+    art, cmp = made.artifact, made.comparison
+    if cmp is None:
         # no merged weights, nothing to compare: the check is not emitted, so Dagster shows it skipped
-        context.log.warning(f"{name} cannot be merged: {reason}; it is evaluated in adapter form; "
+        context.log.warning(f"{name} cannot be merged: {made.reason}; it is evaluated in adapter form; "
                             "check matches_adapter skipped")
-        yield c.output(art, {"mergeable": False, "reason": reason}, output_name="merged_model")
+        yield c.output(art, {"mergeable": False, "reason": made.reason}, output_name="merged_model")
         return
-
-    # The merged checkpoint, reloaded from disk, must compute what base+adapter computes.
-    examples = data.load_split(sft_dataset.path, "eval")[:8]
-    pad = load_tokenizer(base_model.path).pad_token_id
-    cmp = merge.check_saved_merge(method, art.dir, base_model.dir, adapter.dir, q_dir, examples, pad, hw.device)
     numbers = cmp.numbers()
     yield c.output(art, {"mergeable": True, "bytes": dir_bytes(art.dir), **numbers}, output_name="merged_model")
     yield dg.AssetCheckResult(
         check_name="matches_adapter", passed=cmp.passed,
-        metadata={**numbers, "expected": cmp.expected, "prompts": len(examples)},
+        metadata={**numbers, "expected": cmp.expected, "prompts": made.prompts},
         description=f"logits off by {cmp.relative_diff:.3g} of their scale (tolerance {cmp.tolerance:.3g}); "
                     f"worst layer {cmp.worst_layer} off by {cmp.layer_relative_diff:.3g} "
                     f"(tolerance {cmp.layer_tolerance:.3g}). {cmp.expected}",
