@@ -172,6 +172,16 @@ def finetune(method, spec, examples: list[data.Example], cfg: train.TrainConfig,
     return FineTuned(model, method, result, trainable, total)
 
 
+def adapter_facts(name: str, spec, training, tuned: FineTuned, device: str, plan: ContinualPlan | None
+                  ) -> dict[str, Any]:
+    """The adapter manifest's extra keys: the method, its training settings, what training did."""
+    return {"method": {"name": name, "type": spec.type, "spec": spec.model_dump(mode="json"),
+                       "training": training.model_dump(mode="json")},
+            "train": {**tuned.result.summary(), "trainable_parameters": tuned.trainable,
+                      "total_parameters": tuned.total, "device": device},
+            **({"continual": plan.facts(spec.replay_fraction)} if plan is not None else {})}
+
+
 def write_adapter(store: ArtifactStore, name: str, tuned: FineTuned, *, inputs: dict[str, str],
                   derivation: dict[str, Any], facts: dict[str, Any], manifests: tuple[dict, dict],
                   write_card: Callable[[Path, card.Lineage], Any], **manifest: Any):

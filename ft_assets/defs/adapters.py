@@ -80,7 +80,6 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
     done = c.reuse_or_say_why(context, store, "adapter", name, derivation, force)
     if done is not None:
         return c.output(done, c.reused_metadata(done))
-
     hw = compute.resolve()
     cfg = train.TrainConfig.from_spec(recipe.training_for(name), recipe.seed)
     ckpts = store.checkpoints("adapter", name, derived_version(derivation))
@@ -91,18 +90,13 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
             quantized_compute_dtype=recipe.quantization.compute_dtype, pad_id=td.pad_id, device=hw.device,
             dtype=hw.dtype, autocast_dtype=hw.autocast_dtype,
             start_adapter=Path(plan.start.adapter_path) if continued else None, checkpoint_dir=ckpts.dir,
-            on_checkpoint=ckpts.saved,
-            log=lambda msg: context.log.info(f"{name}: {msg}"),
+            on_checkpoint=ckpts.saved, log=lambda msg: context.log.info(f"{name}: {msg}"),
             on_log=lambda step, loss, **_: context.log.info(f"step {step}: loss {loss:.4f}"))
-    facts = {"method": {"name": name, "type": spec.type, "spec": spec.model_dump(mode="json"),
-                        "training": recipe.training_for(name).model_dump(mode="json")},
-             "train": {**tuned.result.summary(), "trainable_parameters": tuned.trainable,
-                       "total_parameters": tuned.total, "device": hw.name},
-             **({"continual": plan.facts(spec.replay_fraction)} if plan is not None else {})}
     what = f"The trained `{name}` adapter (method type `{spec.type}`), as ft_assets saved it."
     art = finetune.write_adapter(
         store, name, tuned, inputs=inputs, derivation=c.forced(derivation, context) if force else derivation,
-        facts=facts, manifests=(base_model.manifest(), sft_dataset.manifest()),
+        facts=finetune.adapter_facts(name, spec, recipe.training_for(name), tuned, hw.name, plan),
+        manifests=(base_model.manifest(), sft_dataset.manifest()),
         write_card=lambda path, lin: c.write_card(path, recipe, lin, what, method.uses_quantized_base),
         recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed)
     ckpts.finished()  # the artifact supersedes its checkpoints
