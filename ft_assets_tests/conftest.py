@@ -17,6 +17,10 @@ from ft_assets.core.models import bundled_gguf_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The device the device-aware tests (packing, chunked loss, QLoRA/merge, the CUDA module) run on:
+# `FT_TEST_DEVICE=cuda pytest ...` on a GPU machine; CPU everywhere else (CI).
+DEVICE = os.environ.get("FT_TEST_DEVICE", "cpu")
+
 
 def tiny_llama_config(vocab_size: int):
     from transformers import LlamaConfig
@@ -30,7 +34,10 @@ def tiny_llama_config(vocab_size: int):
 
 @pytest.fixture(scope="session")
 def real_tokenizer_dir(tmp_path_factory) -> Path:
-    """The SmolLM2 tokenizer, read once from the bundled GGUF (skips if `make install` did not run)."""
+    """The SmolLM2 tokenizer, read once from the bundled GGUF (skips if `make install` did not run).
+    `FT_TEST_TOKENIZER_DIR` names a saved copy instead (a GPU machine the 98 MB GGUF cannot reach)."""
+    if os.environ.get("FT_TEST_TOKENIZER_DIR"):
+        return Path(os.environ["FT_TEST_TOKENIZER_DIR"])
     gguf = bundled_gguf_path()
     if not gguf.is_file():
         pytest.skip(f"bundled GGUF missing at {gguf}; run `make install`")

@@ -3,7 +3,9 @@
 One invocation runs, each in a fresh subprocess (so peak memory is per configuration):
 
   ours          ft_assets.core.train: packed micro-batches (per-sample attention, no padding),
-                LM head + chunked cross-entropy on the labelled positions only, compile on CUDA;
+                LM head + chunked cross-entropy on the labelled positions only (Liger's fused head on
+                CUDA when installed), one flash varlen kernel call for packed rows on CUDA, compile
+                only with --compile;
   trl-defaults  SFTTrainer with its defaults (gradient checkpointing on, padded batches, full
                 LM head over every position in its fused chunked head on CPU);
   trl-best      SFTTrainer with its best options here: packing (bfd, padding-free), gradient
@@ -119,10 +121,22 @@ def build_model(args, device, dtype):
         cfg._attn_implementation = attn
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        if not args.quantize:
+            return model.to(device)
+        source = tempfile.mkdtemp(prefix="bench-base-")  # bitsandbytes quantizes while loading a checkpoint
+        model.save_pretrained(source, safe_serialization=True)
+    elif not args.quantize:
+        return AutoModelForCausalLM.from_pretrained(args.base_dir, dtype=dtype, use_safetensors=True,
+                                                    attn_implementation=attn).to(device)
     else:
-        model = AutoModelForCausalLM.from_pretrained(args.base_dir, dtype=dtype, use_safetensors=True,
-                                                     attn_implementation=attn)
-    return model.to(device)
+        source = args.base_dir
+    # QLoRA: the pipeline's own NF4 settings (double quantization, bf16 compute on CUDA)
+    from ft_assets.core.quantize import bnb_config, compute_dtype, exact_nf4_kernels
+
+    compute = compute_dtype("auto", device)
+    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=bnb_config("nf4", True, compute), dtype=compute,
+                                                 device_map={"": device}, use_safetensors=True, attn_implementation=attn)
+    return exact_nf4_kernels(model)
 
 
 def with_lora(model):
@@ -174,7 +188,7 @@ def ours_config(args):
 
     return T.TrainConfig(max_steps=args.warmup_steps + args.steps, epochs=1000, batch_size=args.batch_size, grad_accum=1,
                          lr=args.lr, warmup_ratio=0.0, lr_scheduler="constant", max_grad_norm=1.0,
-                         checkpoint_every=10**9, packing=True, loss="auto", compile=None, seed=42)
+                         checkpoint_every=10**9, packing=True, loss="auto", compile=args.compile or None, seed=42)
 
 
 def ours_order(args, train_rows):
@@ -215,7 +229,7 @@ def run_ours(args, device, dtype, autocast_dtype, tok, train_rows, eval_rows, pr
     result.update(
         settings={"packing": True, "pack_attention": P.attention_mode(model), "loss": "auto (lean head, chunked CE"
                   + (", Liger" if device == "cuda" and _has("liger_kernel") else "") + ")",
-                  "compile": device == "cuda", "gradient_checkpointing": False, "batch_size": args.batch_size},
+                  "compile": bool(cfg.compile), "gradient_checkpointing": False, "batch_size": args.batch_size},
         useful_tokens=sum(measured), seconds=seconds, cpu_seconds=cpu_seconds, steps_measured=len(measured),
         samples_per_step=args.batch_size, losses=[l for _, l in res.losses],
         **peak_memory(device),
@@ -280,9 +294,12 @@ def run_trl(args, device, dtype, autocast_dtype, tok, train_rows, eval_rows, pro
         # block-diagonal mask whose cost grows with the square of the row, so short rows are
         # its fastest setting here (a flattened batch of several rows is one longer row)
         mean_len = sum(len(e.input_ids) for e in train_rows) / len(train_rows)
-        accum = max(1, round(args.batch_size * mean_len / args.trl_pack_len))
-        extra = dict(packing=True, max_length=args.trl_pack_len, per_device_train_batch_size=1,
-                     gradient_accumulation_steps=accum, gradient_checkpointing=False)
+        rows_per_step = max(1, round(args.batch_size * mean_len / args.trl_pack_len))
+        # CPU: one packed row per forward, accumulated; CUDA: the step's rows in one forward (as ours),
+        # since a GPU is under-filled by one short row and TRL flattens a padding-free batch anyway
+        per_forward = rows_per_step if device == "cuda" else 1
+        extra = dict(packing=True, max_length=args.trl_pack_len, per_device_train_batch_size=per_forward,
+                     gradient_accumulation_steps=rows_per_step // per_forward, gradient_checkpointing=False)
         if _has("liger_kernel"):
             extra["use_liger_kernel"] = True
     elif variant == "trl-nogc":
@@ -379,7 +396,7 @@ def device_name() -> str:
 
 def _shared_note(meta: dict) -> str:
     """Our own run adds a load of about `threads`; more than that means other jobs were running."""
-    own = meta["threads"] + 0.5
+    own = (meta["threads"] or 1) + 0.5
     busy = meta["load_avg_start"][0] > 0.5 or meta["load_avg_end"][0] > own
     return ": the machine was shared" if busy else ": nothing else was running"
 
@@ -401,8 +418,9 @@ def pool(results: list[dict]) -> dict:
     return row
 
 
-def summarize(rows: list[dict], tolerance: float) -> list[dict]:
+def summarize(rows: list[dict], tolerance: float, ceiling_tflops: float | None = None) -> list[dict]:
     by = {r["config"]: r for r in rows if "error" not in r}
+    flops = next((r["flops_per_token"] for r in by.values() if r.get("flops_per_token")), None)
     for r in by.values():
         r["useful_tok_s"] = r["useful_tokens"] / r["seconds"]
         r["s_per_step"] = r["seconds"] / r["steps_measured"]
@@ -410,8 +428,10 @@ def summarize(rows: list[dict], tolerance: float) -> list[dict]:
         r["epoch_s_extrapolated"] = r["epoch_tokens"] / r["useful_tok_s"]
         if r.get("cpu_seconds"):
             r["useful_tok_per_cpu_s"] = r["useful_tokens"] / r["cpu_seconds"]
-        if "flops_per_token" in r and r["device"] == "cuda":
-            r["model_tflops"] = r["useful_tok_s"] * r["flops_per_token"] / 1e12
+        if flops and r["device"] == "cuda":  # the same model in every configuration: ours' count for all
+            r["model_tflops"] = r["useful_tok_s"] * flops / 1e12
+            if ceiling_tflops:
+                r["mfu"] = r["model_tflops"] / ceiling_tflops
     trl = [r for n, r in by.items() if n.startswith("trl")]
     if trl:  # the fastest TRL configuration measured, whatever its name
         by["trl-fastest"] = max(trl, key=lambda r: r["useful_tok_s"])
@@ -430,6 +450,32 @@ def summarize(rows: list[dict], tolerance: float) -> list[dict]:
     return rows
 
 
+def matmul_ceiling_tflops(n: int = 8192, reps: int = 10) -> float:
+    """The measured bf16 matmul rate of this GPU (n x n x n products, mean of `reps` after 3
+    warm-ups): the denominator of MFU, measured rather than taken from a datasheet."""
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def device_slug() -> str:
+    """The results file's device name: "h200" for an NVIDIA H200, "cpu" without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return torch.cuda.get_device_name(0).split()[-1].lower().replace("-", "")
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
     gib = 2**30
     lines = [
@@ -439,7 +485,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"- device: {meta['device']} (torch threads {meta['threads']}; load average at start {meta['load_avg_start']}, "
         f"end {meta['load_avg_end']}{_shared_note(meta)})",
         f"- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
-        f"- model: {meta['model']}; LoRA r16 alpha 32 all-linear, dropout 0; lr {meta['lr']} constant, AdamW, clip 1.0",
+        f"- model: {meta['model']}{'; NF4 base (QLoRA: double quantization, bf16 compute on CUDA)' if meta.get('quantize') else ''}; "
+        f"LoRA r16 alpha 32 all-linear, dropout 0; lr {meta['lr']} constant, AdamW, clip 1.0",
         f"- data: {meta['data']} (default recipe's chat formatting): {meta['train_rows']} train rows, "
         f"{meta['eval_rows']} held-out rows for the eval loss; {meta['epoch_tokens']} tokens per epoch",
         f"- measured: {meta['steps']} optimizer steps per configuration and pass after {meta['warmup_steps']} warm-up step(s), "
@@ -492,21 +539,33 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         lines.append(f"Eval loss before training (base + zero LoRA update): {before:.4f}.")
     lines.append(f"Quality tolerance: eval losses agree when within {meta['tolerance']:.0%} (relative) of ours. "
                  "trl-defaults and trl-nogc read the training rows in our order (train_sampling_strategy="
-                 "'sequential'), 8 per step, so their eval loss is directly comparable with ours; trl-best packs rows "
-                 "into bins and reads them in its own random order (about 9 per step), so after a few steps its eval "
-                 "loss also differs by which rows it saw.")
+                 f"'sequential'), {meta['batch_size']} per step, so their eval loss is directly comparable with ours; "
+                 "trl-best packs rows into bins and reads them in its own random order (about as many per step), so "
+                 "after a few steps its eval loss also differs by which rows it saw.")
     for r in ok:
         if r["config"] != "ours" and "eval_loss_agrees" in r:
             lines.append(f"- {r['config']}: eval loss {r['eval_loss']:.4f} vs ours {ours['eval_loss']:.4f} "
                          f"({r['eval_loss_delta_vs_ours'] / ours['eval_loss']:+.1%}): "
                          + ("agrees" if r["eval_loss_agrees"] else "outside the tolerance"))
     if ours is not None:
-        lines += ["", "Peak memory: ours runs each step's 8 rows as one packed forward (about 1,300 tokens of "
-                  "activations at once, no gradient checkpointing); trl-best runs 3 forwards of at most "
-                  f"{meta.get('trl_pack_len', 512)} tokens, trl-defaults recomputes activations (gradient "
-                  "checkpointing). `grad_accum` or `gradient_checkpointing` lower ours the same way."]
+        trl_best = next((r for r in ok if r["config"] == "trl-best"), None)
+        forwards = (f"trl-best runs {trl_best['settings']['gradient_accumulation_steps']} forward(s) of "
+                    f"{trl_best['settings']['per_device_train_batch_size']} packed row(s) of at most "
+                    f"{meta.get('trl_pack_len', 512)} tokens, " if trl_best else "")
+        lines += ["", f"Peak memory: ours runs each step's {meta['batch_size']} rows as one packed forward (about "
+                  f"{ours['tokens_per_step']:,.0f} tokens of activations at once, no gradient checkpointing); "
+                  f"{forwards}trl-defaults recomputes activations (gradient checkpointing). `grad_accum` or "
+                  "`gradient_checkpointing` lower ours the same way."]
     if meta["device_kind"] == "cpu":
         lines += ["", GPU_NOTE]
+    elif any("mfu" in r for r in ok):
+        lines += ["", f"Model FLOP utilisation against the measured bf16 matmul rate of this GPU "
+                  f"({meta['bf16_matmul_tflops']} TFLOP/s, 8192^3 products): training FLOPs per token = 4 per frozen "
+                  "weight + 6 per trained weight + causal attention (the peer's convention), the same count for "
+                  "every configuration.", "", "| configuration | model TFLOP/s | MFU | peak memory per token of step |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {r['config']} | {r['model_tflops']:.1f} | {r['mfu']:.1%} "
+                  f"| {r['peak_memory_bytes'] / r['tokens_per_step'] / 2**20:.2f} MiB |" for r in ok if "mfu" in r]
     return "\n".join(lines) + "\n"
 
 
@@ -544,6 +603,8 @@ def main(argv=None) -> None:
                          "drifts: alternating spreads it over every configuration)")
     ap.add_argument("--skip-eval", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tolerance", type=float, default=0.05, help="relative eval-loss agreement")
+    ap.add_argument("--quantize", choices=["nf4"], help="QLoRA: every configuration trains LoRA on an NF4 base")
+    ap.add_argument("--compile", action="store_true", help="ours: torch.compile the decoder layers (training.compile)")
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--tag", default="")
     ap.add_argument("--rerender", help="write the markdown again from a results JSON (no runs)")
@@ -586,7 +647,8 @@ def main(argv=None) -> None:
             os.unlink(result_path)
             print(f"   {time.perf_counter() - t0:.0f} s: " + json.dumps(
                 {k: v for k, v in passes[name][-1].items() if k not in ("losses", "logged_losses")})[:600], flush=True)
-    rows = summarize([pool(passes[n]) for n in names], args.tolerance)
+    ceiling = round(matmul_ceiling_tflops(), 1) if torch.cuda.is_available() else None
+    rows = summarize([pool(passes[n]) for n in names], args.tolerance, ceiling)
     ok = [r for r in rows if "error" not in r]
     first = ok[0] if ok else {}
     kind = "cuda" if torch.cuda.is_available() else "cpu"
@@ -598,11 +660,11 @@ def main(argv=None) -> None:
         "data": args.data or "data/finqa.jsonl", "train_rows": first.get("train_rows"), "eval_rows": first.get("eval_rows"),
         "epoch_tokens": first.get("epoch_tokens"), "steps": args.steps, "warmup_steps": args.warmup_steps,
         "batch_size": args.batch_size, "lr": args.lr, "tolerance": args.tolerance, "repeats": args.repeats,
-        "trl_pack_len": args.trl_pack_len,
+        "trl_pack_len": args.trl_pack_len, "quantize": args.quantize, "bf16_matmul_tflops": ceiling,
     }
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"train_throughput_{kind}_{dt.date.today().isoformat()}{'_' + args.tag if args.tag else ''}"
+    stem = f"train_throughput_{device_slug()}_{dt.date.today().isoformat()}{'_' + args.tag if args.tag else ''}"
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (out / f"{stem}.md").write_text(markdown(meta, rows))
     print(markdown(meta, rows))

@@ -27,7 +27,9 @@ How rule 1 is enforced depends on the attention implementation (`attention_mode`
 - "varlen" (CPU, or CUDA without flash-attention; any transformers model that dispatches through
   `ALL_ATTENTION_FUNCTIONS`, e.g. Llama): the micro-batch is ONE row with no padding at all, and
   attention runs per sample through `torch.nn.functional.scaled_dot_product_attention(is_causal=True)`
-  (the registered implementation "ft_varlen_sdpa", switched on only for the packed forward). Cost is
+  (the registered implementation "ft_varlen_sdpa", switched on only for the packed forward). On CUDA
+  in bf16/fp16 (autocast) the samples go through PyTorch's own flash varlen kernel in one call
+  (`torch.nn.attention.varlen`, no flash-attn package needed) instead of a loop. Cost is
   that of each sample alone: measured on this CPU for 8 QA rows (1,353 tokens, SmolLM2 heads),
   fwd+bwd of one layer's attention: 0.05 s per-sample vs 0.56 s with a block-diagonal 4-D mask over
   the whole row (which computes every masked block) and 0.10 s for the padded 8 x 194 batch.
@@ -84,6 +86,10 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
 def _per_sample_attention(query, key, value, dropout, scaling, ft_segments):
     if query.size(0) != 1:
         raise ValueError(f"packed varlen attention expects one row, got batch {query.size(0)}")
+    if query.is_cuda and not dropout and len(ft_segments) > 1:
+        out = _cuda_varlen_attention(query, key, value, scaling, ft_segments)
+        if out is not None:
+            return out, None
     gqa = query.size(1) != key.size(1)
     lengths = [e - s for s, e in ft_segments]
     # split, not slices: the backward of a split is one concatenation, a slice's zero-fills the whole row
@@ -93,6 +99,65 @@ def _per_sample_attention(query, key, value, dropout, scaling, ft_segments):
     ]
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _torch_varlen():
+    """`torch.nn.attention.varlen.varlen_attn` (PyTorch's bundled flash-attention varlen kernel,
+    CUDA, half precision) with the names of its keyword arguments, or None where torch lacks it."""
+    global _VARLEN
+    if _VARLEN is None:
+        try:
+            import inspect
+
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            _VARLEN = (None, frozenset())
+        else:
+            _VARLEN = (varlen_attn, frozenset(inspect.signature(varlen_attn).parameters))
+    return _VARLEN
+
+
+_VARLEN: tuple | None = None
+
+
+def _cuda_varlen_attention(query, key, value, scaling, ft_segments):
+    """Every segment's causal attention in one kernel call (no per-sample loop), or None when this
+    torch has no varlen kernel or cannot express the call (then the per-sample loop runs).
+
+    query/key/value (1, heads, tokens, head_dim) -> (1, tokens, heads, head_dim). The kernel takes
+    bf16/fp16 only: under autocast the inputs are cast to its dtype (what sdpa does there), in plain
+    float32 the loop keeps float32 numerics. torch 2.10 spells causal `is_causal` and has no `scale`
+    or `enable_gqa`; later versions spell it `window_size=(-1, 0)`."""
+    fn, params = _torch_varlen()
+    if fn is None:
+        return None
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    head_dim = query.size(-1)
+    kwargs: dict[str, Any] = {}
+    if "scale" in params:
+        kwargs["scale"] = scaling
+    elif scaling is not None and abs(scaling - head_dim ** -0.5) > 1e-12:
+        return None
+    if "is_causal" in params:
+        kwargs["is_causal"] = True
+    elif "window_size" in params:
+        kwargs["window_size"] = (-1, 0)
+    else:
+        return None
+    q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))  # (tokens, heads, head_dim)
+    if q.size(1) != k.size(1):
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            repeat = q.size(1) // k.size(1)
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    ends = [e for _, e in ft_segments]
+    cu = torch.tensor([0] + ends, dtype=torch.int32).to(query.device, non_blocking=True)
+    longest = max(e - s for s, e in ft_segments)
+    out = fn(q, k, v, cu, cu, longest, longest, **kwargs)
+    return out.unsqueeze(0)
 
 
 def _register() -> None:

@@ -87,7 +87,7 @@ class TrainConfig:
     packing: bool = True  # pack each micro-batch (same rows, same loss; no padding)
     group_by_length: bool = False  # unpacked path: rows of similar length share a micro-batch
     loss: str = "auto"  # "auto" | "chunked": LM head + CE on labelled rows, chunked; "plain": model logits
-    compile: bool | None = None  # None: on for CUDA (not for quantized bases), off on CPU
+    compile: bool | None = None  # torch.compile the decoder layers; None/False: off (see prepared.compile_layers)
     seed: int = 42
     # validation-based selection: hold out this fraction of the training rows, measure their loss
     # every `validation_every` steps, end with the weights of the best measurement; stop after

@@ -17,7 +17,7 @@ from ft_assets.core import data, merge, quantize, train
 from ft_assets.core.methods import get_method
 from ft_assets.core.methods.lora import LoraSpec
 from ft_assets.core.models import load_model
-from ft_assets_tests.conftest import qa_rows
+from ft_assets_tests.conftest import DEVICE, qa_rows
 
 SPEC = LoraSpec(type="lora", r=4, alpha=8, dropout=0.0)
 
@@ -36,7 +36,7 @@ def trained_adapter(model, method_name, exs, out_dir):
     method = get_method(method_name)
     model = method.wrap(model, SPEC)
     train.train(model, method, SPEC, exs, train.TrainConfig(max_steps=3, batch_size=4, lr=2e-2, warmup_ratio=0.0,
-                                                             optimizer="adamw"), pad_id=2)
+                                                             optimizer="adamw"), pad_id=2, device=DEVICE)
     method.save(model, out_dir)
     return model
 
@@ -46,52 +46,52 @@ def qlora_run(tiny_model_dir, tmp_path_factory):
     """An NF4 base and a QLoRA adapter trained on it for 3 steps: (dir, trained model, examples)."""
     root = tmp_path_factory.mktemp("qlora")
     exs = examples(tiny_model_dir)
-    quantize.quantize(tiny_model_dir, root / "q", "nf4", True, torch.float32, "cpu")
-    trained = trained_adapter(quantize.load_quantized(root / "q", "cpu", torch.float32), "qlora", exs, root / "ad")
+    quantize.quantize(tiny_model_dir, root / "q", "nf4", True, torch.float32, DEVICE)
+    trained = trained_adapter(quantize.load_quantized(root / "q", DEVICE, torch.float32), "qlora", exs, root / "ad")
     return root, trained, exs
 
 
 def test_lora_merge_matches_base_plus_adapter(tiny_model_dir, tmp_path):
     exs = examples(tiny_model_dir)
-    trained = trained_adapter(load_model(tiny_model_dir), "lora", exs, tmp_path / "ad")
+    trained = trained_adapter(load_model(tiny_model_dir, DEVICE), "lora", exs, tmp_path / "ad")
     assert (tmp_path / "ad" / "adapter_model.safetensors").is_file()
-    merged = merge.merged(get_method("lora"), tiny_model_dir, tmp_path / "ad", None, "cpu")
+    merged = merge.merged(get_method("lora"), tiny_model_dir, tmp_path / "ad", None, DEVICE)
     merged.save_pretrained(tmp_path / "merged")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    cmp = merge.compare(reloaded, trained, get_method("lora"), exs, 2, "cpu")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").to(DEVICE)
+    cmp = merge.compare(reloaded, trained, get_method("lora"), exs, 2, DEVICE)
     assert cmp.passed, cmp
-    assert not merge.compare(reloaded, load_model(tiny_model_dir), get_method("lora"), exs, 2, "cpu").passed
+    assert not merge.compare(reloaded, load_model(tiny_model_dir, DEVICE), get_method("lora"), exs, 2, DEVICE).passed
 
 
 def test_nf4_quantize_then_qlora_merge_into_dequantized_weights(tiny_model_dir, qlora_run):
     root, trained, exs = qlora_run
     import bitsandbytes as bnb
 
-    q = quantize.load_quantized(root / "q", "cpu", torch.float32)
+    q = quantize.load_quantized(root / "q", DEVICE, torch.float32)
     assert q.config.quantization_config.bnb_4bit_use_double_quant
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in q.modules())
-    merged = merge.merged(get_method("qlora"), tiny_model_dir, root / "ad", root / "q", "cpu")
+    merged = merge.merged(get_method("qlora"), tiny_model_dir, root / "ad", root / "q", DEVICE)
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
     assert all(p.dtype == torch.float32 for p in merged.parameters())
-    cmp = merge.compare(merged, trained, get_method("qlora"), exs, 2, "cpu")
+    cmp = merge.compare(merged, trained, get_method("qlora"), exs, 2, DEVICE)
     assert cmp.passed, cmp
     # the reference reloaded from disk is the same function as the model that was trained
-    reference = merge.unmerged(get_method("qlora"), tiny_model_dir, root / "ad", root / "q", "cpu")
-    assert merge.max_logit_difference(reference, trained, exs, 2, "cpu") == 0.0
+    reference = merge.unmerged(get_method("qlora"), tiny_model_dir, root / "ad", root / "q", DEVICE)
+    assert merge.max_logit_difference(reference, trained, exs, 2, DEVICE) == 0.0
 
 
 def test_matches_adapter_catches_any_single_adapter_matrix_missing_from_the_merge(tiny_model_dir, qlora_run):
     """A planted merge bug: each adapted layer in turn is left out of the merge (its B zeroed)."""
     root, _, exs = qlora_run
     method = get_method("qlora")
-    reference = merge.unmerged(method, tiny_model_dir, root / "ad", root / "q", "cpu")
-    names = [n for n, m in method.load(load_model(tiny_model_dir), root / "ad").named_modules() if hasattr(m, "lora_B")]
+    reference = merge.unmerged(method, tiny_model_dir, root / "ad", root / "q", DEVICE)
+    names = [n for n, m in method.load(load_model(tiny_model_dir, DEVICE), root / "ad").named_modules() if hasattr(m, "lora_B")]
     assert len(names) == 14  # 7 projections x 2 layers
     margins = []
     for name in names:
-        peft_model = method.load(quantize.dequantized(root / "q", "cpu"), root / "ad")
+        peft_model = method.load(quantize.dequantized(root / "q", DEVICE), root / "ad")
         peft_model.get_submodule(name).lora_B["default"].weight.data.zero_()
-        cmp = merge.compare(peft_model.merge_and_unload(), reference, method, exs, 2, "cpu")
+        cmp = merge.compare(peft_model.merge_and_unload(), reference, method, exs, 2, DEVICE)
         assert not cmp.passed, (name, cmp)
         assert cmp.worst_layer == name.removeprefix("base_model.model."), cmp  # and it is named
         margins.append((cmp.relative_diff / cmp.tolerance, cmp.layer_relative_diff / cmp.layer_tolerance))

@@ -3,7 +3,7 @@ exactly what separate samples compute, attention never crosses a sample boundary
 loss equals the plain one (value and gradients) for every method that can use it, and training
 with packing learns and resumes exactly.
 
-Tolerances (fp32 on CPU): losses 1e-5 relative; logits of untouched samples 1e-6 absolute
+Device: `FT_TEST_DEVICE` (conftest; CPU by default). Tolerances (fp32, no autocast): losses 1e-5 relative; logits of untouched samples 1e-6 absolute
 (bit-identical in practice); gradients 1e-4 relative / 1e-6 absolute (different summation order).
 """
 
@@ -23,7 +23,7 @@ from ft_assets.core.methods.full import FullSpec, LastLayersSpec
 from ft_assets.core.methods.lora import LoraSpec
 from ft_assets.core.methods.peft_variants import IA3Spec, LoraPlusSpec, LoraVariantSpec, PromptLearningSpec, VeraSpec
 from ft_assets.core.models import load_model
-from ft_assets_tests.conftest import formatted_examples
+from ft_assets_tests.conftest import DEVICE, formatted_examples
 
 PAD = 2
 LORA = LoraSpec(type="lora", r=4, alpha=8, dropout=0.0)
@@ -38,7 +38,7 @@ def examples(tiny_model_dir):
 
 
 def lora_model(model_dir, seed=0, attn="sdpa"):
-    base = load_model(model_dir)
+    base = load_model(model_dir, DEVICE)
     base.set_attn_implementation(attn)
     torch.manual_seed(seed)
     model = get_method("lora").wrap(base, LORA)
@@ -69,7 +69,7 @@ def loss_of(model, batch, loss="plain"):
 @pytest.mark.parametrize("mode", ["varlen", "flash", "mask"])
 def test_position_ids_restart_and_boundaries_carry_no_label(examples, mode):
     rows = examples[:5]
-    b = P.collate_packed(rows, PAD, "cpu", mode, max_tokens=2 * max(len(r.input_ids) for r in rows))
+    b = P.collate_packed(rows, PAD, DEVICE, mode, max_tokens=2 * max(len(r.input_ids) for r in rows))
     ids, labels, pos = b["input_ids"], b["labels"], b["position_ids"]
     assert b["n_tokens"] == sum(len(r.input_ids) for r in rows)
     starts = (pos == 0).nonzero().tolist()
@@ -115,12 +115,12 @@ def test_packed_loss_equals_mean_of_per_sample_losses(tiny_model_dir, examples, 
     model = lora_model(tiny_model_dir, attn=attn).eval()
     rows = examples[:6]
     eager = torch.float32 if attn == "eager" else None
-    packed_sum, packed_n = loss_of(model, P.collate_packed(rows, PAD, "cpu", mode, max_tokens=100, eager_mask_dtype=eager), loss)
-    singles = [loss_of(model, train.collate([r], PAD, "cpu"), "plain") for r in rows]
+    packed_sum, packed_n = loss_of(model, P.collate_packed(rows, PAD, DEVICE, mode, max_tokens=100, eager_mask_dtype=eager), loss)
+    singles = [loss_of(model, train.collate([r], PAD, DEVICE), "plain") for r in rows]
     assert packed_n == sum(n for _, n in singles) == sum(sum(1 for x in r.labels[1:] if x != data.IGNORE_INDEX) for r in rows)
     per_sample_mean = sum(s for s, _ in singles) / sum(n for _, n in singles)
     assert packed_sum / packed_n == pytest.approx(per_sample_mean, rel=LOSS_RTOL)
-    padded_sum, _ = loss_of(model, train.collate(rows, PAD, "cpu"), "plain")  # the loop's padded batch
+    padded_sum, _ = loss_of(model, train.collate(rows, PAD, DEVICE), "plain")  # the loop's padded batch
     assert packed_sum == pytest.approx(padded_sum, rel=LOSS_RTOL)
 
 
@@ -136,8 +136,8 @@ def test_no_attention_across_sample_boundaries(tiny_model_dir, examples, mode):
     rows = sorted(examples[:3], key=lambda r: -len(r.input_ids))  # FFD (mask mode) keeps this order
     changed = data.Example(**{**rows[1].to_json(), "input_ids": [(t * 7 + 3) % 1000 + 5 for t in rows[1].input_ids]})
     budget = sum(len(r.input_ids) for r in rows)  # mask mode: all three in one row too
-    a = P.collate_packed(rows, PAD, "cpu", mode, max_tokens=budget)
-    b = P.collate_packed([rows[0], changed, rows[2]], PAD, "cpu", mode, max_tokens=budget)
+    a = P.collate_packed(rows, PAD, DEVICE, mode, max_tokens=budget)
+    b = P.collate_packed([rows[0], changed, rows[2]], PAD, DEVICE, mode, max_tokens=budget)
     assert a["input_ids"].size(0) == 1
     la, lb = _logits(model, a)[0], _logits(model, b)[0]
     n0, n1 = len(rows[0].input_ids), len(rows[1].input_ids)
@@ -153,10 +153,10 @@ def test_no_attention_across_sample_boundaries(tiny_model_dir, examples, mode):
 
 def test_prompt_learning_is_never_packed(tiny_model_dir, examples):
     torch.manual_seed(0)
-    model = get_method("prompt").wrap(load_model(tiny_model_dir), PromptLearningSpec(type="prompt", num_virtual_tokens=4))
+    model = get_method("prompt").wrap(load_model(tiny_model_dir, DEVICE), PromptLearningSpec(type="prompt", num_virtual_tokens=4))
     assert not P.supports_packing(model) and train.lean_head(model) is None
     with pytest.raises(ValueError, match="packed"):
-        train.token_loss_sum(model, P.collate_packed(examples[:2], PAD, "cpu"))
+        train.token_loss_sum(model, P.collate_packed(examples[:2], PAD, DEVICE))
 
 
 # --------------------------------------------------------------------------------------
@@ -168,10 +168,10 @@ def test_prompt_learning_is_never_packed(tiny_model_dir, examples):
 def test_chunked_loss_equals_plain_loss_and_gradients(with_bias):
     torch.manual_seed(0)
     n, hidden, vocab = 37, 16, 101
-    h = torch.randn(n, hidden, requires_grad=True)
-    w = (torch.randn(vocab, hidden) * 0.3).requires_grad_()
-    b = torch.randn(vocab, requires_grad=True) if with_bias else None
-    y = torch.randint(0, vocab, (n,))
+    h = torch.randn(n, hidden).to(DEVICE).requires_grad_()
+    w = (torch.randn(vocab, hidden) * 0.3).to(DEVICE).requires_grad_()
+    b = torch.randn(vocab).to(DEVICE).requires_grad_() if with_bias else None
+    y = torch.randint(0, vocab, (n,)).to(DEVICE)
     y[::5] = L.IGNORE_INDEX
     ref = L.plain_linear_cross_entropy_sum(h, w, b, y)
     ref_grads = torch.autograd.grad(ref * 0.7, [t for t in (h, w, b) if t is not None])
@@ -221,7 +221,7 @@ def _grads(model, batch, loss):
 def test_lean_loss_matches_plain_loss_for_every_method(tiny_model_dir, examples, name):
     spec = METHOD_SPECS[name]
     torch.manual_seed(0)
-    model = get_method(spec.type).wrap(load_model(tiny_model_dir), spec)
+    model = get_method(spec.type).wrap(load_model(tiny_model_dir, DEVICE), spec)
     with torch.no_grad():  # move zero-initialised adapters off zero so every path carries signal
         for n, p in model.named_parameters():
             if p.requires_grad and p.abs().sum() == 0:
@@ -229,10 +229,10 @@ def test_lean_loss_matches_plain_loss_for_every_method(tiny_model_dir, examples,
     lean = train.lean_head(model)
     assert (lean is None) == (name in ("prefix", "prompt"))  # prompt learning falls back to the plain path
     rows = examples[:4]
-    ref_loss, ref = _grads(model, train.collate(rows, PAD, "cpu"), "plain")
-    batches = [train.collate(rows, PAD, "cpu")]
+    ref_loss, ref = _grads(model, train.collate(rows, PAD, DEVICE), "plain")
+    batches = [train.collate(rows, PAD, DEVICE)]
     if P.supports_packing(model):
-        batches.append(P.collate_packed(rows, PAD, "cpu", "varlen"))
+        batches.append(P.collate_packed(rows, PAD, DEVICE, "varlen"))
     for batch in batches:
         got_loss, got = _grads(model, batch, "chunked")
         assert got_loss == pytest.approx(ref_loss, rel=LOSS_RTOL)
@@ -252,9 +252,9 @@ def test_training_with_packing_lowers_the_loss_and_tracks_the_padded_run(tiny_mo
     results, after = {}, {}
     for packing in (True, False):
         model = lora_model(tiny_model_dir)
-        before = evaluate.eval_loss(model, examples, PAD, "cpu")["eval_loss"]
-        results[packing] = train.train(model, get_method("lora"), LORA, examples, cfg(max_steps=8, packing=packing, loss="auto" if packing else "plain"), pad_id=PAD)
-        after[packing] = evaluate.eval_loss(model, examples, PAD, "cpu")["eval_loss"]
+        before = evaluate.eval_loss(model, examples, PAD, DEVICE)["eval_loss"]
+        results[packing] = train.train(model, get_method("lora"), LORA, examples, cfg(max_steps=8, packing=packing, loss="auto" if packing else "plain"), pad_id=PAD, device=DEVICE)
+        after[packing] = evaluate.eval_loss(model, examples, PAD, DEVICE)["eval_loss"]
     assert after[True] < before - 0.05, (before, after)
     # same rows per micro-batch, same normalisation: the packed run is the padded run up to rounding
     assert [l for _, l in results[True].losses] == pytest.approx([l for _, l in results[False].losses], rel=1e-4)
@@ -267,14 +267,14 @@ def test_resume_is_exact_with_packing(tiny_model_dir, examples, tmp_path, group_
     method = get_method("lora")
     c = cfg(packing=True, group_by_length=group_by_length)
     ref = lora_model(tiny_model_dir)
-    ref_result = train.train(ref, method, LORA, examples, c, pad_id=PAD)
+    ref_result = train.train(ref, method, LORA, examples, c, pad_id=PAD, device=DEVICE)
     ckpt = tmp_path / "ckpt"
-    train.train(lora_model(tiny_model_dir), method, LORA, examples, c, pad_id=PAD, checkpoint_dir=ckpt)
+    train.train(lora_model(tiny_model_dir), method, LORA, examples, c, pad_id=PAD, checkpoint_dir=ckpt, device=DEVICE)
     for late in sorted(ckpt.glob("step-*")):
         if late.name != "step-000003":
             shutil.rmtree(late)
     resumed = lora_model(tiny_model_dir, seed=1234)
-    result = train.train(resumed, method, LORA, examples, c, pad_id=PAD, checkpoint_dir=ckpt)
+    result = train.train(resumed, method, LORA, examples, c, pad_id=PAD, checkpoint_dir=ckpt, device=DEVICE)
     assert result.resumed_from_step == 3 and result.steps == 6
     assert [l for _, l in result.losses] == pytest.approx([l for _, l in ref_result.losses], abs=1e-5)
     for (n, a), (_, b) in zip(ref.named_parameters(), resumed.named_parameters()):

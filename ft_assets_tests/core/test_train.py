@@ -252,3 +252,22 @@ def test_resume_with_validation_keeps_its_measurements_and_best_weights(tiny_mod
     assert [v for _, v in result.validation_losses] == pytest.approx([v for _, v in ref_result.validation_losses], abs=1e-5)
     assert result.kept_step == ref_result.kept_step
     assert_same_trained_weights(ref, resumed)
+
+
+def test_compile_is_opt_in_and_compiles_each_decoder_layer_until_released(tiny_model_dir, monkeypatch):
+    """torch.compile recorded, not run (minutes on this CPU): the path `training.compile: true` takes
+    on any device. It once raised UnboundLocalError on CUDA before compiling anything."""
+    from ft_assets.core import prepared
+
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append((self, kw)))
+    model = lora_model(tiny_model_dir)
+    assert prepared.compile_layers(model, cfg(), "cuda") == [] and not compiled  # default: off, CUDA too
+    layers = prepared.compile_layers(model, cfg(compile=True), "cuda")
+    decoder_layers = list(model.get_base_model().model.layers)
+    assert layers == decoder_layers and [m for m, _ in compiled] == decoder_layers
+    assert all(kw == {"dynamic": True} for _, kw in compiled)
+    for layer in layers:
+        layer._compiled_call_impl = object()  # what Module.compile leaves behind
+    prepared.uncompile_layers(layers)
+    assert all(layer._compiled_call_impl is None for layer in decoder_layers)
