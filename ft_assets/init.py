@@ -1,7 +1,8 @@
 """`python -m ft_assets init DATA_FILE [-o recipe.yaml]`: a commented recipe sized for a user's file.
 
-1. read the file with the data stage's own reader (`core.data.read_rows`), so init sees the rows
-   the pipeline will;
+1. read the data with the data stage's own reader (`core.data.read_rows`), so init sees the rows
+   the pipeline will: a jsonl, csv, parquet or arrow file, or a Hugging Face dataset directory
+   (format hf; `--split` picks one of several splits, and the recipe keeps it);
 2. guess the column mapping from the column names (and, for the id, from the values): every role
    gets exactly one column or a question the user settles with a flag (`--question COL`, ...);
    a required role left open exits 2 and writes nothing. The schema follows the columns: a column
@@ -46,7 +47,8 @@ ROLE_NAMES = {
     "answer": ("answer", "output", "response", "label"),
 }
 ID_NAMES = ("id", "uid", "uuid", "guid", "idx", "row_id", "example_id")
-FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow"}
+FORMAT_CHOICES = ["jsonl", "csv", "parquet", "arrow", "hf"]  # a directory is format hf (save_to_disk or Hub layout)
 
 # The defaults this command writes, and the evidence for them: the defaults study
 # (ft_assets/bench/defaults_study.py; results in ft_assets/bench/results/defaults_study_cpu_*.md,
@@ -388,7 +390,14 @@ def recipe_paths(data: Path, out: Path) -> tuple[str, str, bool, str]:
     return Path(root).as_posix(), data.relative_to(common).as_posix(), False, ""
 
 
+def format_lines(fmt: str, split: str | None) -> list[str]:
+    """The dataset's `format` line, and its `split` for a dataset directory of several splits."""
+    lines = [f"    format: {fmt}                 # {' | '.join(FORMAT_CHOICES)}"]
+    return lines + [f"    split: {_q(split)}"] if split is not None else lines
+
+
 def recipe_text(*, data_arg: str, name: str, ds_name: str, root: str, path: str, outside: bool, outside_why: str, fmt: str,
+                split: str | None = None,
                 columns: dict, n_rows: int, system: str, template: str, template_without_context: str,
                 max_length: int, max_length_how: str, max_new_tokens: int, train_rows: int,
                 trained_rows: int | None = None,
@@ -431,7 +440,7 @@ def recipe_text(*, data_arg: str, name: str, ds_name: str, root: str, path: str,
             "datasets:",
             f"  - name: {ds_name}",
             f"    path: {_q(path)}",
-            f"    format: {fmt}                 # jsonl | csv | parquet | arrow | hf",
+            *format_lines(fmt, split),
             "    schema: messages",
             f"    columns: {{{cols}}}",
             "    train_on: all_assistant    # or last_assistant: only the final reply carries loss",
@@ -455,7 +464,7 @@ def recipe_text(*, data_arg: str, name: str, ds_name: str, root: str, path: str,
             "datasets:",
             f"  - name: {ds_name}",
             f"    path: {_q(path)}",
-            f"    format: {fmt}                 # jsonl | csv | parquet | arrow | hf",
+            *format_lines(fmt, split),
             f"    schema: {schema}",
             f"    columns: {{{cols}}}",
         ]
@@ -475,7 +484,7 @@ def recipe_text(*, data_arg: str, name: str, ds_name: str, root: str, path: str,
             "datasets:",
             f"  - name: {ds_name}",
             f"    path: {_q(path)}",
-            f"    format: {fmt}                 # jsonl | csv | parquet",
+            *format_lines(fmt, split),
             f"    columns: {{{cols}}}",
         ]
         prompt_lines = [
@@ -562,10 +571,12 @@ def recipe_text(*, data_arg: str, name: str, ds_name: str, root: str, path: str,
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", type=Path, help="the data file (jsonl, csv or parquet)")
+    p.add_argument("data", type=Path, help="the data: a jsonl, csv, parquet or arrow file, or a Hugging Face dataset "
+                                           "directory (save_to_disk or Hub layout; format hf)")
     p.add_argument("-o", "--output", type=Path, default=Path("recipe.yaml"), help="recipe to write (default: recipe.yaml)")
     p.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
-    p.add_argument("--format", choices=["jsonl", "csv", "parquet"], help="default: from the file's extension")
+    p.add_argument("--format", choices=FORMAT_CHOICES, help="default: from the file's extension; a directory is hf")
+    p.add_argument("--split", help="format hf: the split to read, when the dataset has several")
     for role in (*ROLES, "id"):
         p.add_argument(f"--{role}", metavar="COL", help=f"the column holding the {role} (default: guessed)")
     p.add_argument("--no-context", action="store_true", help="use no context column")
@@ -596,14 +607,16 @@ def _run(args, load_tokenizer, out, err) -> int:
             print(line, file=out)
 
     data, dest = Path(args.data), Path(args.output)
-    fmt = args.format or FORMATS.get(data.suffix.lower())
+    fmt = args.format or ("hf" if data.is_dir() else FORMATS.get(data.suffix.lower()))
     if fmt is None:
-        raise InitError(f"{data}: cannot tell the format from {data.suffix!r}; pass --format jsonl|csv|parquet")
+        raise InitError(f"{data}: cannot tell the format from {data.suffix!r}; pass --format {'|'.join(FORMAT_CHOICES)}")
+    if args.split is not None and fmt != "hf":
+        raise InitError(f"--split applies to format hf (a dataset directory) only; {data} is {fmt}")
     if dest.exists() and not args.force:
         raise InitError(f"{dest} exists; pass --force to overwrite it, or -o another file")
-    if not data.is_file():
-        raise InitError(f"{data}: no such file")
-    rows = _read_rows(data, fmt)
+    if not (data.is_dir() if fmt == "hf" else data.is_file()):
+        raise InitError(f"{data}: no such {'dataset directory' if fmt == 'hf' else 'file'}")
+    rows = _read_rows(data, fmt, args.split)
     facts = column_facts(rows)
     say(f"{data}: {len(rows)} rows, {fmt}, columns: {', '.join(facts)}")
 
@@ -668,7 +681,7 @@ def _run(args, load_tokenizer, out, err) -> int:
     # The training split's rows, counted as the data stage splits them (and as `validate` counts them).
     train_rows = train_row_bounds(data, len(rows), len(rejected), EVAL_FRACTION, MAX_REJECTED_FRACTION).high
     kwargs = dict(data_arg=str(args.data), name=name, ds_name=ds_name, root=root, path=path, outside=outside,
-                  outside_why=why, fmt=fmt, columns=columns, n_rows=len(rows), **prompt, max_length=max_length,
+                  outside_why=why, fmt=fmt, split=args.split, columns=columns, n_rows=len(rows), **prompt, max_length=max_length,
                   max_length_how=how, max_new_tokens=max_new, train_rows=train_rows, early_stopping=early,
                   schema=schema)
     text = recipe_text(**kwargs)

@@ -10,7 +10,7 @@
 # GGUF does not travel, so the models are random-init real configurations). Each phase has its own time limit and a failure does not stop the next one;
 # everything lands in $OUT: the log, pytest's junit file, the benchmark results files.
 #
-#   OUT=/tmp/gpu bash ft_assets/bench/gpu_session.sh [phase ...]   # phases: env tests lora big 1b qlora
+#   OUT=/tmp/gpu bash ft_assets/bench/gpu_session.sh [phase ...]   # phases: env tests big 1b lora qlora (default: all, the unmeasured first)
 set -u
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
@@ -20,7 +20,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site:$PWD || { echo "wheel install failed"; exit 1; }
 fi
 TOK=${FT_TEST_TOKENIZER_DIR:-$PWD/.gpu/tokenizer}
-PHASES=${*:-env tests lora big 1b qlora}
+PHASES=${*:-env tests big 1b lora qlora}
 BENCH="python3 -m ft_assets.bench.train_throughput --tokenizer-dir $TOK --out-dir $OUT --eval-rows 32"
 t0=$(date +%s)
 stamp() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }

@@ -64,25 +64,30 @@ def build(recipe: Recipe) -> list:
             raise c.user_error(exc) from None
         for source, rej in made.rejected[:20]:
             context.log.warning(f"rejected {source} line {rej.line}: {rej.reason}")
-        stats = made.stats
-        rejected = [{"source": s, "line": r.line, "field": r.field, "reason": r.reason} for s, r in made.rejected[:50]]
-        extra = {}
-        if "mixture" in stats:  # multi-task: what the training split holds of each task
-            extra["mixture"] = c.table([{"task": t, **v} for t, v in stats["mixture"]["tasks"].items()],
-                                       ["task", "weight", "share", "rows", "unique_rows"])
-        yield c.output(made.artifact, {
-            **extra,
-            "rows_kept": stats["train_rows"] + stats["eval_rows"], "rows_rejected": stats["rejected_rows"],
-            "train_rows": stats["train_rows"], "eval_rows": stats["eval_rows"],
-            "token_lengths": dg.MetadataValue.json(stats["tokens"]),
-            "trained_tokens_per_epoch": stats["trained_tokens_per_epoch"],
-            "per_source": dg.MetadataValue.json(stats["sources"]), "num_proc": made.num_proc,
-            "preview": c.table(made.preview, ["id", "task", "question", "answer", "tokens", "answer_tokens"]),
-            "rejected": c.table(rejected, ["source", "line", "field", "reason"]),
-        })
+        yield c.output(made.artifact, sft_dataset_metadata(made))
         yield dg.AssetCheckResult(
             check_name="trainable", passed=not made.problems,
-            metadata={"problems": dg.MetadataValue.json(made.problems[:20]), "train_rows": stats["train_rows"]},
+            metadata={"problems": dg.MetadataValue.json(made.problems[:20]), "train_rows": made.stats["train_rows"]},
         )
 
     return [sft_dataset]
+
+
+def sft_dataset_metadata(made) -> dict:
+    """The materialization's metadata: row counts, token lengths, per-source facts, preview, rejections."""
+    stats = made.stats
+    rejected = [{"source": s, "line": r.line, "field": r.field, "reason": r.reason} for s, r in made.rejected[:50]]
+    extra = {}
+    if "mixture" in stats:  # multi-task: what the training split holds of each task
+        extra["mixture"] = c.table([{"task": t, **v} for t, v in stats["mixture"]["tasks"].items()],
+                                   ["task", "weight", "share", "rows", "unique_rows"])
+    return {
+        **extra,
+        "rows_kept": stats["train_rows"] + stats["eval_rows"], "rows_rejected": stats["rejected_rows"],
+        "train_rows": stats["train_rows"], "eval_rows": stats["eval_rows"],
+        "token_lengths": dg.MetadataValue.json(stats["tokens"]),
+        "trained_tokens_per_epoch": stats["trained_tokens_per_epoch"],
+        "per_source": dg.MetadataValue.json(stats["sources"]), "num_proc": made.num_proc,
+        "preview": c.table(made.preview, ["id", "task", "question", "answer", "tokens", "answer_tokens"]),
+        "rejected": c.table(rejected, ["source", "line", "field", "reason"]),
+    }

@@ -335,3 +335,37 @@ def test_a_schema_flag_the_columns_do_not_support_is_an_error_before_anything_is
         assert rc == 2 and expected in out and not (tmp_path / "r.yaml").exists(), out
     rc, out = run_init(tok, data, "-o", tmp_path / "r.yaml", "--schema", "alpaca", "--question", "question")
     assert rc == 2 and "cannot take --question" in out
+
+
+def test_a_dataset_directory_and_an_arrow_file_write_hf_and_arrow_recipes(tok, tmp_path):
+    """format hf: a save_to_disk DatasetDict of two splits needs --split, which the recipe keeps;
+    an .arrow file is format arrow. The written recipes read the same rows through the data stage."""
+    import datasets
+
+    from ft_assets.core import data
+
+    rows = renamed(qa_rows(30), {"question": "instruction", "context": "input", "answer": "output"})
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:24]),
+                               "test": datasets.Dataset.from_list(rows[24:])})
+    dd.save_to_disk(tmp_path / "alpaca_hf")
+    rc, out = run_init(tok, tmp_path / "alpaca_hf", "-o", tmp_path / "h.yaml")
+    assert rc == 2 and "splits ['test', 'train']" in out and "datasets[].split" in out
+    assert not (tmp_path / "h.yaml").exists()
+    rc, out = run_init(tok, tmp_path / "alpaca_hf", "--split", "train", "-o", tmp_path / "h.yaml")
+    assert rc == 0, out
+    assert "24 rows, hf" in out
+    recipe = load_recipe(tmp_path / "h.yaml")
+    ds = recipe.datasets[0]
+    assert (ds.format, ds.split, ds.schema) == ("hf", "train", "alpaca")
+    assert [r["id"] for _, r in data.read_rows(recipe.dataset_path(ds), ds.format, ds.split)] == [r["id"] for r in rows[:24]]
+
+    import pyarrow as pa  # an Arrow IPC stream file, the form `datasets` caches tables in
+
+    table = pa.Table.from_pylist(rows)
+    with pa.OSFile(str(tmp_path / "alpaca.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    rc, out = run_init(tok, tmp_path / "alpaca.arrow", "-o", tmp_path / "a.yaml")
+    assert rc == 0, out
+    assert load_recipe(tmp_path / "a.yaml").datasets[0].format == "arrow"
+    rc, out = run_init(tok, tmp_path / "alpaca.arrow", "--split", "train", "-o", tmp_path / "b.yaml")
+    assert rc == 2 and "--split applies to format hf" in out
