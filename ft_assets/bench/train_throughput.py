@@ -136,6 +136,10 @@ def build_model(args, device, dtype):
     compute = compute_dtype("auto", device)
     model = AutoModelForCausalLM.from_pretrained(source, quantization_config=bnb_config("nf4", True, compute), dtype=compute,
                                                  device_map={"": device}, use_safetensors=True, attn_implementation=attn)
+    if args.random_init:
+        import shutil
+
+        shutil.rmtree(source, ignore_errors=True)  # the float checkpoint was only the quantizer's input
     return exact_nf4_kernels(model)
 
 
@@ -569,16 +573,12 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-GPU_NOTE = """GPU targets not measured here. No GPU was available to this session, so the GPU goals
-(>= 4x TRL best, >= 10x TRL defaults in useful tokens/s, >= 50 % MFU on Llama-3.2-1B) are untested and no
-GPU number appears in this file. To measure them, on one H100 (or H200):
-`python -m ft_assets.bench.train_throughput --random-init smollm2-135m --tokenizer-dir <SmolLM2 tokenizer dir>
---steps 30 --warmup-steps 5 --batch-size 16` and the same with `--random-init llama3.2-1b`; install
-`flash-attn` (packed rows then use its varlen kernel) and optionally `liger-kernel` (used by both ours and
-TRL best when importable). The CUDA path of ours (bf16 autocast, flash varlen packing, Liger or chunked
-head, compiled decoder layers) runs there for the first time and needs that run to be trusted. The peer
-numbers on an H100 (shared/bench, SmolLM2-135M, 3,000 QA rows, batch 16), useful tokens/s: TRL defaults
-7,471, defaults + Liger 10,721, packing 16,660, packing + Liger 21,486."""
+GPU_NOTE = """GPU targets are not measured on a CPU (>= 4x TRL best, >= 10x TRL defaults in useful tokens/s,
+>= 50 % MFU on Llama-3.2-1B). The GPU measurements are in train_throughput_h200_2026-11-30.md beside
+this file; on a GPU, `OUT=/tmp/gpu bash ft_assets/bench/gpu_session.sh` runs the CUDA tests and these
+benchmarks (random-init SmolLM2-135M and Llama-3.2-1B configurations; LoRA and QLoRA) in one go.
+The peer numbers on an H100 (shared/bench, SmolLM2-135M, 3,000 QA rows, batch 16), useful tokens/s:
+TRL defaults 7,471, defaults + Liger 10,721, packing 16,660, packing + Liger 21,486."""
 
 
 def main(argv=None) -> None:
