@@ -28,6 +28,7 @@ import math
 import os
 import re
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -37,7 +38,7 @@ import yaml
 from .core.data import DataFileError, Example, build_messages, check_columns, train_row_bounds, validate_rows
 from .core.data import read_rows as _read_rows
 from .core.steps import recipe_step_estimates, steps_for
-from .recipe import RecipeError, TrainingSpec, parse_recipe
+from .recipe import DatasetSpec, RecipeError, TrainingSpec, parse_recipe
 
 ROLES = ("question", "context", "answer")
 # Column names each role is guessed from (compared after lower-casing, `-`/space -> `_`).
@@ -48,7 +49,7 @@ ROLE_NAMES = {
 }
 ID_NAMES = ("id", "uid", "uuid", "guid", "idx", "row_id", "example_id")
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow"}
-FORMAT_CHOICES = ["jsonl", "csv", "parquet", "arrow", "hf"]  # a directory is format hf (save_to_disk or Hub layout)
+FORMAT_CHOICES = list(typing.get_args(DatasetSpec.model_fields["format"].annotation))  # the recipe's; a directory is hf
 
 # The defaults this command writes, and the evidence for them: the defaults study
 # (ft_assets/bench/defaults_study.py; results in ft_assets/bench/results/defaults_study_cpu_*.md,

@@ -10,7 +10,8 @@ returns a `PreparedModel`; the loop then only asks it two things per micro-batch
   sums by name), i.e. `objective.bind(model)`, called here once. For SFT that is `TokenLoss`.
 - `release()`: undo what preparing did to the model, in the loop's `finally`.
 Preparing changes the model in one way only: with `cfg.compile` (opt-in, off by default), its
-decoder layers are torch.compiled in place (names and state dict unchanged) until `release()`. It computes exactly what asking the model per batch computed.
+decoder layers are torch.compiled in place (names and state dict unchanged) until `release()`.
+It computes exactly what asking the model per batch computed.
 
 `TokenLoss.of(model, loss)` is the SFT loss of one model, its facts looked up once: whether packed
 batches are allowed, the config a packed forward routes its attention through, the prompt-tuning
@@ -78,7 +79,7 @@ def prepare(model, cfg: "TrainConfig", objective: "Objective", *, device: str, p
     return PreparedModel(
         model=model, pad_id=pad_id, device=device, pack_mode=pack_mode, pack_max_tokens=cfg.pack_max_tokens,
         eager_mask_dtype=P.eager_mask_dtype(model, pack_mode), loss_sum=loss_sum,
-        compiled_layers=compile_layers(model, cfg, device),
+        compiled_layers=compile_layers(model, cfg),
     )
 
 
@@ -182,13 +183,13 @@ def virtual_token_count(model) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def compile_layers(model, cfg: "TrainConfig", device: str) -> list[torch.nn.Module]:
+def compile_layers(model, cfg: "TrainConfig") -> list[torch.nn.Module]:
     """torch.compile each decoder layer in place (names and state dicts unchanged) when `cfg.compile`
     is true. Off by default (None) on every device: measured on an H200 (SmolLM2-135M LoRA, 16 rows
     a step; ft_assets/bench/results/train_throughput_h200_2026-11-30.md) compiling took about 90 s
     of a 105 s run and the compiled steps were no faster (7.3k useful tok/s; the steps stay bound by
     the CPU launching kernels, and the packed per-sample attention splits each layer's graph in two);
-    on a few CPU cores it costs minutes. `device` is unused: the choice is the recipe's."""
+    on a few CPU cores it costs minutes. The choice is the recipe's, whatever the device."""
     if not cfg.compile:
         return []
     layers = getattr(getattr(P.inner_model(model), "model", None), "layers", None)

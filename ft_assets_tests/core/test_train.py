@@ -262,8 +262,8 @@ def test_compile_is_opt_in_and_compiles_each_decoder_layer_until_released(tiny_m
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append((self, kw)))
     model = lora_model(tiny_model_dir)
-    assert prepared.compile_layers(model, cfg(), "cuda") == [] and not compiled  # default: off, CUDA too
-    layers = prepared.compile_layers(model, cfg(compile=True), "cuda")
+    assert prepared.compile_layers(model, cfg()) == [] and not compiled  # default: off, CUDA too
+    layers = prepared.compile_layers(model, cfg(compile=True))
     decoder_layers = list(model.get_base_model().model.layers)
     assert layers == decoder_layers and [m for m, _ in compiled] == decoder_layers
     assert all(kw == {"dynamic": True} for _, kw in compiled)
