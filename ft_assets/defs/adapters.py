@@ -33,7 +33,7 @@ from ..core.methods import get_method
 from ..recipe import Recipe
 from ..store import Artifact, ArtifactStore, derived_version, dir_bytes
 from . import _common as c
-from .automation import RECIPE_METHOD_KEY
+from .automation import recipe_method_key
 from .models import MODEL_BYTES_HEADROOM
 from .preferences import dpo_mapping
 from .resources import ComputeResource, StoreResource
@@ -75,7 +75,7 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
         context.log.info(note)
     inputs = c.inputs_of(sft_dataset, base_model, quantized_base if method.uses_quantized_base else None)
     if continued:
-        inputs[f"adapter[{name}]"] = plan.start.adapter_version  # the version this run continued from
+        inputs[f"{store.qualified('adapter')}[{name}]"] = plan.start.adapter_version  # the version this run continued from
     derivation = c.derivation(inputs, cv, recipe.section_hash("seed", method=name))
     done = c.reuse_or_say_why(context, store, "adapter", name, derivation, force)
     if done is not None:
@@ -186,39 +186,39 @@ def build(recipe: Recipe) -> list:
     # one method re-trains only that partition), so they are not part of the asset's code version.
     cv_adapter = c.code_version("adapter", recipe)
     cv_merged = c.code_version("merged_model", recipe)
-    recipe_dep = [dg.AssetDep(RECIPE_METHOD_KEY, partition_mapping=adapter_mapping(recipe))]
+    recipe_dep = [dg.AssetDep(recipe_method_key(recipe), partition_mapping=adapter_mapping(recipe))]
     # what each partition of merged_model trained: adapter[m] or, for a dpo method, preference_adapter[m]
-    trained_in = {"adapter": dg.AssetIn(partition_mapping=adapter_mapping(recipe)),
-                  **({"preference_adapter": dg.AssetIn(partition_mapping=dpo_mapping(recipe))} if dpo else {})}
+    trained_in = {"adapter": c.asset_in(recipe, partition_mapping=adapter_mapping(recipe)),
+                  **({"preference_adapter": c.asset_in(recipe, partition_mapping=dpo_mapping(recipe))} if dpo else {})}
 
     # quantized_base is an input only when the recipe quantizes (QLoRA trains on it)
-    q_in = {"quantized_base": dg.AssetIn()} if quantized else {}
+    q_in = {"quantized_base": c.asset_in(recipe)} if quantized else {}
 
-    @dg.asset(group_name="training", kinds={"pytorch", "peft"}, code_version=cv_adapter, deps=recipe_dep,
-              ins={"sft_dataset": dg.AssetIn(), "base_model": dg.AssetIn(), **q_in},
+    @dg.asset(key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "training"), kinds={"pytorch", "peft"}, code_version=cv_adapter, deps=recipe_dep,
+              ins={"sft_dataset": c.asset_in(recipe), "base_model": c.asset_in(recipe), **q_in},
               partitions_def=trained_parts, pool="gpu")
     def adapter(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource,
                 config: c.TrainingRun, **inputs):
         """The trained adapter (or trained weights) of one method: one partition per recipe method.
         Its version is that of its inputs, code and settings; an existing one is reused (`force` retrains)."""
-        return _train_adapter(context, recipe, compute, store.store(), inputs["sft_dataset"], inputs["base_model"],
+        return _train_adapter(context, recipe, compute, store.store(recipe.pipeline), inputs["sft_dataset"], inputs["base_model"],
                               inputs.get("quantized_base"), cv_adapter, config.force)
 
     # A multi_asset only so that its check is optional (can_subset): a method that cannot merge has
     # nothing to compare, and a check reported passed=True would claim a comparison never made.
     @dg.multi_asset(
-        name="merged_model", can_subset=True, partitions_def=parts, pool="gpu",
-        outs={"merged_model": dg.AssetOut(group_name="training", kinds={"pytorch", "safetensors"},
+        name=c.named(recipe, "merged_model"), can_subset=True, partitions_def=parts, pool="gpu",
+        outs={"merged_model": dg.AssetOut(key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "training"), kinds={"pytorch", "safetensors"},
                                           code_version=cv_merged, description=MERGED_MODEL)},
-        ins={**trained_in, "base_model": dg.AssetIn(), "sft_dataset": dg.AssetIn(), **q_in},
-        check_specs=[dg.AssetCheckSpec("matches_adapter", asset="merged_model", partitions_def=parts,
+        ins={**trained_in, "base_model": c.asset_in(recipe), "sft_dataset": c.asset_in(recipe), **q_in},
+        check_specs=[dg.AssetCheckSpec("matches_adapter", asset=c.key(recipe, "merged_model"), partitions_def=parts,
                                        description=MATCHES_ADAPTER)])
     def merged_model(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource, **inputs):
-        if dg.AssetKey("merged_model") not in context.selected_asset_keys:
+        if c.key(recipe, "merged_model") not in context.selected_asset_keys:
             raise c.user_error(RuntimeError("matches_adapter checks the merged model a run writes: "
                                             "materialize merged_model (the check runs with it)"))
         trained = inputs.get("preference_adapter") or inputs["adapter"]
-        yield from _merge(context, recipe, compute, store.store(), trained, inputs["base_model"],
+        yield from _merge(context, recipe, compute, store.store(recipe.pipeline), trained, inputs["base_model"],
                           inputs.get("quantized_base"), inputs["sft_dataset"], cv_merged)
 
     return [adapter, merged_model]

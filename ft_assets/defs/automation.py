@@ -28,9 +28,9 @@ import json
 import dagster as dg
 
 from ..recipe import Recipe
+from . import _common as c
 from .resources import DATA_VERSION_TAG  # observations carry their data version in it too
 
-RECIPE_METHOD_KEY = dg.AssetKey(["recipe", "method"])
 AUTOMATION_SENSOR = "ft_assets_automation"
 OBSERVATION_SENSOR = "ft_assets_observe_sources"
 
@@ -66,10 +66,15 @@ def method_version(recipe: Recipe, name: str) -> str:
     return recipe.section_hash("seed", method=name)
 
 
+def recipe_method_key(recipe: Recipe) -> dg.AssetKey:
+    """The `recipe/method` source of the recipe's pipeline."""
+    return c.key(recipe, "recipe", "method")
+
+
 def recipe_methods_source(recipe: Recipe, partitions: dg.PartitionsDefinition):
     @dg.observable_source_asset(
-        key=RECIPE_METHOD_KEY,
-        group_name="raw_data",
+        key=recipe_method_key(recipe),
+        group_name=c.group(recipe, "raw_data"),
         partitions_def=partitions,
         description="Each method's recipe settings; data version = hash of that method's section.",
     )
@@ -95,14 +100,16 @@ def retrain(recipe: Recipe, partitions: dg.PartitionsDefinition) -> tuple[list, 
         return [], []
     selection = ["adapter"] if a.eager else ["adapter", "merged_model", "eval_report"]
     job = dg.define_asset_job(
-        "retrain_job",
-        selection=dg.AssetSelection.assets(*selection),
+        c.named(recipe, "retrain_job"),
+        selection=dg.AssetSelection.assets(*[c.key(recipe, name) for name in selection]),
         partitions_def=partitions,
         description="Retrain one method partition where its inputs changed (or always, with force).",
     )
-    run_config = {"ops": {"adapter": {"config": {"force": True}}}} if a.retrain_force else {}
+    adapter_op = c.key(recipe, "adapter").to_python_identifier()
+    run_config = {"ops": {adapter_op: {"config": {"force": True}}}} if a.retrain_force else {}
 
     @dg.schedule(
+        name=c.named(recipe, "retrain_schedule"),
         cron_schedule=a.retrain_cron,
         job=job,
         default_status=(dg.DefaultScheduleStatus.RUNNING if a.retrain_schedule_running
@@ -128,16 +135,16 @@ def source_versions(recipe: Recipe) -> dict[str, tuple[dg.AssetKey, str | None, 
 
     out = {}
     for ds in data_files(recipe):
-        out[f"raw/{ds.name}"] = (raw_key(ds), None, file_version(source_path(recipe, ds)))
+        out[f"raw/{ds.name}"] = (raw_key(recipe, ds), None, file_version(source_path(recipe, ds)))
     for name in recipe.methods:
-        out[f"recipe/method[{name}]"] = (RECIPE_METHOD_KEY, name, method_version(recipe, name))
+        out[f"recipe/method[{name}]"] = (recipe_method_key(recipe), name, method_version(recipe, name))
     return out
 
 
 def observation_sensor(recipe: Recipe) -> dg.SensorDefinition:
     """Record a new observation for each source whose version changed since the last tick."""
 
-    @dg.sensor(name=OBSERVATION_SENSOR, minimum_interval_seconds=recipe.automation.observe_interval_s,
+    @dg.sensor(name=c.named(recipe, OBSERVATION_SENSOR), minimum_interval_seconds=recipe.automation.observe_interval_s,
                default_status=dg.DefaultSensorStatus.RUNNING,
                description="Hashes the data files and each method's recipe settings; records changes.")
     def observe_sources(context: dg.SensorEvaluationContext):
@@ -158,11 +165,14 @@ def record_sources(defs: dg.Definitions, instance: dg.DagsterInstance) -> int:
     its first tick. Runs launched outside the daemon (the demo) call it, so what they consumed is
     on record: the sensor's first real observation of the same versions is then no change, and
     opening the UI after the demo re-runs nothing. Returns how many observations it recorded."""
-    sensor = defs.resolve_sensor_def(OBSERVATION_SENSOR)
-    result = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs))
-    for event in result.asset_events:
-        instance.report_runless_asset_event(event)
-    return len(result.asset_events)
+    recorded = 0
+    for sensor in defs.sensors or []:  # one per pipeline (`<pipeline>__ft_assets_observe_sources`)
+        if sensor.name.endswith(OBSERVATION_SENSOR):
+            result = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs))
+            for event in result.asset_events:
+                instance.report_runless_asset_event(event)
+            recorded += len(result.asset_events)
+    return recorded
 
 
 def automation_sensor() -> dg.AutomationConditionSensorDefinition:

@@ -35,13 +35,13 @@ def build(recipe: Recipe) -> list:
     # what of `publish` the card's text shows (push/private/token_env change only the upload)
     shown = hashlib.sha256(json.dumps([pub.repo_id, pub.license]).encode()).hexdigest()[:8]
     cv = f"{c.code_version('model_card', recipe)}-{shown}"
-    trained_in = {"adapter": dg.AssetIn(partition_mapping=adapter_mapping(recipe)),
-                  **({"preference_adapter": dg.AssetIn(partition_mapping=dpo_mapping(recipe))}
+    trained_in = {"adapter": c.asset_in(recipe, partition_mapping=adapter_mapping(recipe)),
+                  **({"preference_adapter": c.asset_in(recipe, partition_mapping=dpo_mapping(recipe))}
                      if recipe.methods_of_type("dpo") else {})}
 
-    @dg.asset(group_name="publishing", kinds={"huggingface", "markdown"}, code_version=cv, partitions_def=parts,
-              ins={"eval_report": dg.AssetIn(), "merged_model": dg.AssetIn(), **trained_in,
-                   "base_model": dg.AssetIn(), "sft_dataset": dg.AssetIn()})
+    @dg.asset(key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "publishing"), kinds={"huggingface", "markdown"}, code_version=cv, partitions_def=parts,
+              ins={"eval_report": c.asset_in(recipe), "merged_model": c.asset_in(recipe), **trained_in,
+                   "base_model": c.asset_in(recipe), "sft_dataset": c.asset_in(recipe)})
     def model_card(context: dg.AssetExecutionContext, store: StoreResource, **inputs) -> dg.Output:
         """The method's weights with a complete Hugging Face model card (lineage, usage, model-index
         metrics): a directory `hf upload` publishes as is; uploaded when `publish.push` is on."""
@@ -60,7 +60,7 @@ def build(recipe: Recipe) -> list:
                 "tokenizer." if weights is merged else
                 f"The `{name}` adapter as ft_assets saved it (method type `{lin.method_type}` cannot be merged).")
         uses_q = weights is trained and get_method(lin.method_type).uses_quantized_base
-        with store.store().write("model_card", name, recipe_hash=recipe.recipe_hash, code_version=cv,
+        with store.store(recipe.pipeline).write("model_card", name, recipe_hash=recipe.recipe_hash, code_version=cv,
                                  seed=recipe.seed) as st:
             st.inputs = c.inputs_of(report, merged, trained, inputs["base_model"], inputs["sft_dataset"])
             files = card.link_files(st.path, weights.dir)

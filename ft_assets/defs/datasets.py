@@ -36,11 +36,12 @@ def build(recipe: Recipe) -> list:
     cv = c.code_version("sft_dataset", recipe, "datasets", "prompt", "seed")
 
     @dg.asset(
-        group_name="data",
+        key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "data"),
         kinds={"arrow"},
-        deps=[raw_key(ds) for ds in recipe.datasets],
+        deps=[raw_key(recipe, ds) for ds in recipe.datasets],
+        ins=c.ins(recipe, "base_model"),
         code_version=cv,
-        check_specs=[dg.AssetCheckSpec("trainable", asset="sft_dataset", blocking=True,
+        check_specs=[dg.AssetCheckSpec("trainable", asset=c.key(recipe, "sft_dataset"), blocking=True,
                                        description="not empty; no example fully masked; end-of-turn labelled")],
     )
     def sft_dataset(context: dg.AssetExecutionContext, store: StoreResource, base_model: Artifact):
@@ -49,7 +50,7 @@ def build(recipe: Recipe) -> list:
         sources = data.sft_sources(recipe)
         try:
             made = sft.write_sft_dataset(
-                store.store(), sources, tok, system=recipe.prompt.system, template=recipe.prompt.template,
+                store.store(recipe.pipeline), sources, tok, system=recipe.prompt.system, template=recipe.prompt.template,
                 template_without_context=recipe.prompt.template_without_context,
                 max_length=recipe.prompt.max_length, seed=recipe.seed, num_proc=recipe.compute.data_workers,
                 inputs={**{f"raw/{s.name}": source_version(s.path) for s in sources}, **c.inputs_of(base_model)},
@@ -59,7 +60,7 @@ def build(recipe: Recipe) -> list:
             raise c.user_error(exc) from None
         except data.DataFileError as exc:
             if exc.rejected:  # no artifact is written, but the user needs the list to fix the file
-                report = sft.write_rejection_report(store.store(), exc)
+                report = sft.write_rejection_report(store.store(recipe.pipeline), exc)
                 raise c.user_error(exc, f"All {len(exc.rejected)} rejected rows, with reasons: {report}") from None
             raise c.user_error(exc) from None
         for source, rej in made.rejected[:20]:

@@ -48,11 +48,12 @@ def build(recipe: Recipe) -> list:
     cv = c.code_version("student", recipe, *SECTIONS)
 
     @dg.asset(
-        group_name="training",
+        key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "training"),
         kinds={"pytorch", "safetensors"},
         code_version=cv,
         pool="gpu",
-        ins={"merged_model": dg.AssetIn(partition_mapping=dg.SpecificPartitionsPartitionMapping([teacher]))},
+        ins={"merged_model": c.asset_in(recipe, partition_mapping=dg.SpecificPartitionsPartitionMapping([teacher])),
+             **c.ins(recipe, "sft_dataset", "base_model")},
         description=f"A smaller student distilled from merged_model[{teacher}]; quality, size and speed vs the teacher.",
     )
     def student(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource,
@@ -60,7 +61,7 @@ def build(recipe: Recipe) -> list:
         if not merged_model.manifest().get("mergeable"):
             raise c.user_error(RuntimeError(
                 f"distillation.teacher {teacher!r} cannot be merged into a plain model; pick a mergeable method"))
-        artifacts = store.store()
+        artifacts = store.store(recipe.pipeline)
         student_path = recipe.resolve_path(spec.student_path, "distillation.student_path") if spec.student_path else None
         inputs = c.inputs_of(merged_model, sft_dataset, base_model)
         derivation = c.derivation(inputs, c.code_version("student", recipe), settings_of(recipe, student_path))
@@ -80,8 +81,8 @@ def build(recipe: Recipe) -> list:
                 checkpoint_dir=checkpoints.dir, on_checkpoint=checkpoints.saved, log=context.log.info)
 
         merged_from = merged_model.manifest().get("inputs", {})  # a dpo teacher was merged from preference_adapter
-        adapter = {"method": teacher, "version": merged_from.get(f"adapter[{teacher}]",
-                                                                  merged_from.get(f"preference_adapter[{teacher}]"))}
+        adapter = {"method": teacher, "version": merged_from.get(f"{artifacts.qualified('adapter')}[{teacher}]",
+                                                                  merged_from.get(f"{artifacts.qualified('preference_adapter')}[{teacher}]"))}
         with artifacts.write("student", recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed,
                              min_free_bytes=MODEL_BYTES_HEADROOM,
                              derivation=c.forced(derivation, context) if config.force else derivation) as st:

@@ -27,12 +27,12 @@ def build(recipe: Recipe) -> list:
         return []
     cv = c.code_version("gguf_model", recipe, "export", "prompt")
 
-    @dg.asset(group_name="export", kinds={"gguf", "ollama"}, code_version=cv, partitions_def=methods_partitions(recipe),
-              ins={"merged_model": dg.AssetIn()}, description=GGUF_MODEL)
+    @dg.asset(key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "export"), kinds={"gguf", "ollama"}, code_version=cv, partitions_def=methods_partitions(recipe),
+              ins={"merged_model": c.asset_in(recipe)}, description=GGUF_MODEL)
     def gguf_model(context: dg.AssetExecutionContext, store: StoreResource, merged_model: Artifact) -> dg.Output:
         name = context.partition_key
         status = merged_model.manifest().get("mergeable", True)
-        with store.store().write("gguf_model", name, recipe_hash=recipe.recipe_hash, code_version=cv,
+        with store.store(recipe.pipeline).write("gguf_model", name, recipe_hash=recipe.recipe_hash, code_version=cv,
                                  seed=recipe.seed, min_free_bytes=MODEL_BYTES_HEADROOM) as st:
             st.inputs = c.inputs_of(merged_model)
             if not status:

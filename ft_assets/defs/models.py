@@ -2,7 +2,9 @@
 
 - `base_model`: the recipe's base model as a local safetensors directory (bundled GGUF ->
   dequantized -> saved; hub id from the local HF cache; or a local path). Same content, same
-  version: re-materializing an unchanged base changes nothing downstream.
+  version: re-materializing an unchanged base changes nothing downstream. A base read from a file
+  already read (same file hash, same `base_model` settings: another pipeline's, or an earlier run)
+  is reused, not converted again; the hub source always converts (its cache may change).
 - `quantized_base`: the base quantized with bitsandbytes (NF4 + double quantization by
   default), saved with `save_pretrained`; records its size against the base and how much the
   eval-set loss moved (against `base_eval`, on the same held-out split).
@@ -14,7 +16,7 @@ import json
 import dagster as dg
 
 from ..core import evaluate, quantize
-from ..core.models import LoadOptions, ModelSourceError, save_base
+from ..core.models import LoadOptions, ModelSourceError, base_origin, save_base
 from ..recipe import Recipe
 from ..store import Artifact, dir_bytes
 from . import _common as c
@@ -27,11 +29,21 @@ def build(recipe: Recipe) -> list:
     spec = recipe.base_model
     cv_base = c.code_version("base_model", recipe, "base_model")
 
-    @dg.asset(group_name="models", kinds={"pytorch", "safetensors"}, code_version=cv_base, pool="gpu")
+    @dg.asset(key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "models"),
+              kinds={"pytorch", "safetensors"}, code_version=cv_base, pool="gpu")
     def base_model(context: dg.AssetExecutionContext, store: StoreResource) -> dg.Output:
         """The recipe's base model as a plain safetensors checkpoint with its tokenizer."""
         local = recipe.resolve_path(spec.path, "base_model.path") if spec.source == "local" else None
-        with store.store().write("base_model", recipe_hash=recipe.recipe_hash, code_version=cv_base,
+        artifacts = store.store(recipe.pipeline)
+        origin = base_origin(spec.source, local)
+        made_from = {**origin, "code_version": cv_base} if origin else None
+        done = artifacts.find_made_from("base_model", None, made_from) if made_from else None
+        if done is not None:
+            artifacts.set_latest(done)
+            context.log.info(f"base_model: version {done.version} was read from this same file with these settings: "
+                             "reused, nothing converted")
+            return c.output(done, {**base_metadata(done.manifest()["model"], done), "reused": True})
+        with artifacts.write("base_model", recipe_hash=recipe.recipe_hash, code_version=cv_base,
                                  seed=recipe.seed, min_free_bytes=MODEL_BYTES_HEADROOM) as st:
             try:
                 facts = save_base(
@@ -42,16 +54,9 @@ def build(recipe: Recipe) -> list:
             except ModelSourceError as exc:
                 raise c.user_error(exc) from None
             st.extra["model"] = facts
-        art = st.artifact
-        return c.output(art, {
-            "origin": facts["origin"],
-            "architecture": facts["architecture"],
-            "parameters": facts["parameters"],
-            "layers": facts["layers"],
-            "dtype": facts["dtype"],
-            "bytes": dir_bytes(art.dir),
-            "content_hash": art.version,
-        })
+            if made_from:
+                st.extra["made_from"] = made_from
+        return c.output(st.artifact, base_metadata(facts, st.artifact))
 
     if recipe.quantization.method == "none":
         return [base_model]
@@ -59,7 +64,8 @@ def build(recipe: Recipe) -> list:
     q = recipe.quantization
     cv_q = c.code_version("quantized_base", recipe, "quantization")
 
-    @dg.asset(group_name="models", kinds={"pytorch", "bitsandbytes"}, code_version=cv_q, pool="gpu")
+    @dg.asset(key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "models"), kinds={"pytorch", "bitsandbytes"},
+              code_version=cv_q, pool="gpu", ins=c.ins(recipe, "base_model", "sft_dataset", "base_eval"))
     def quantized_base(
         context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource,
         base_model: Artifact, sft_dataset: Artifact, base_eval: Artifact,
@@ -68,7 +74,7 @@ def build(recipe: Recipe) -> list:
         hw = compute.resolve()
         cdtype = quantize.compute_dtype(q.compute_dtype, hw.device)
         evals = c.eval_examples(recipe, sft_dataset)
-        with store.store().write("quantized_base", recipe_hash=recipe.recipe_hash, code_version=cv_q,
+        with store.store(recipe.pipeline).write("quantized_base", recipe_hash=recipe.recipe_hash, code_version=cv_q,
                                  seed=recipe.seed, min_free_bytes=MODEL_BYTES_HEADROOM) as st:
             st.inputs = c.inputs_of(base_model, sft_dataset, base_eval)
             qmodel = quantize.quantize(base_model.dir, st.path, q.method, q.double_quant, cdtype, hw.device)
@@ -90,3 +96,8 @@ def build(recipe: Recipe) -> list:
         })
 
     return [base_model, quantized_base]
+
+
+def base_metadata(facts: dict, art: Artifact) -> dict:
+    return {key: facts[key] for key in ("origin", "architecture", "parameters", "layers", "dtype")} | {
+        "bytes": dir_bytes(art.dir), "content_hash": art.version}

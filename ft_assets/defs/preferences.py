@@ -29,7 +29,7 @@ from ..recipe import Recipe
 from ..core.hfdata import source_version
 from ..store import Artifact, ArtifactStore, derived_version, dir_bytes
 from . import _common as c
-from .automation import RECIPE_METHOD_KEY
+from .automation import recipe_method_key
 from .raw import raw_key
 from .resources import ComputeResource, StoreResource
 
@@ -71,12 +71,13 @@ def build(recipe: Recipe) -> list:
     cv = c.code_version("preference_dataset", recipe, "preferences", "prompt", "seed")
 
     @dg.asset(
-        group_name="data",
+        key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "data"),
         kinds={"jsonl"},
-        deps=[raw_key(spec)],
+        deps=[raw_key(recipe, spec)],
+        ins=c.ins(recipe, "base_model"),
         code_version=cv,
         partitions_def=parts,
-        check_specs=[dg.AssetCheckSpec("usable", asset="preference_dataset", blocking=True, partitions_def=parts,
+        check_specs=[dg.AssetCheckSpec("usable", asset=c.key(recipe, "preference_dataset"), blocking=True, partitions_def=parts,
                                        description="non-empty training split; every answer ends with end-of-turn")],
     )
     def preference_dataset(context: dg.AssetExecutionContext, store: StoreResource, base_model: Artifact):
@@ -91,7 +92,7 @@ def build(recipe: Recipe) -> list:
             raise c.user_error(exc) from None
         meta = {"tokenizer_fingerprint": data.tokenizer_fingerprint(tok), "max_length": recipe.prompt.max_length,
                 "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-        with store.store().write("preference_dataset", context.partition_key, recipe_hash=recipe.recipe_hash,
+        with store.store(recipe.pipeline).write("preference_dataset", context.partition_key, recipe_hash=recipe.recipe_hash,
                                  seed=recipe.seed, code_version=cv) as st:
             st.inputs = {f"raw/{spec.name}": source_version(src.path), **c.inputs_of(base_model)}
             preferences.save_preferences(built, st.path, meta)
@@ -120,17 +121,17 @@ def build(recipe: Recipe) -> list:
     cv_tuned = c.code_version("preference_adapter", recipe)
 
     @dg.asset(
-        group_name="training", kinds={"pytorch", "peft"}, code_version=cv_tuned, partitions_def=parts, pool="gpu",
-        deps=[dg.AssetDep(RECIPE_METHOD_KEY, partition_mapping=dg.StaticPartitionMapping({d: d for d in parts.get_partition_keys()}))],
-        ins={"adapter": dg.AssetIn(partition_mapping=dg.StaticPartitionMapping(sft_sources(recipe))),
-             "preference_dataset": dg.AssetIn(), "base_model": dg.AssetIn()},
+        key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "training"), kinds={"pytorch", "peft"}, code_version=cv_tuned, partitions_def=parts, pool="gpu",
+        deps=[dg.AssetDep(recipe_method_key(recipe), partition_mapping=dg.StaticPartitionMapping({d: d for d in parts.get_partition_keys()}))],
+        ins={"adapter": c.asset_in(recipe, partition_mapping=dg.StaticPartitionMapping(sft_sources(recipe))),
+             "preference_dataset": c.asset_in(recipe), "base_model": c.asset_in(recipe)},
     )
     def preference_adapter(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource,
                            config: c.TrainingRun, adapter: Artifact, preference_dataset: Artifact,
                            base_model: Artifact):
         """The SFT adapter (`sft_from`) continued with DPO on the preference pairs. Its version is that
         of its inputs, code and settings; an existing one is reused (`force` retrains)."""
-        return _tune(context, recipe, compute.resolve(), store.store(), adapter, preference_dataset, base_model,
+        return _tune(context, recipe, compute.resolve(), store.store(recipe.pipeline), adapter, preference_dataset, base_model,
                      cv_tuned, config.force)
 
     return [preference_dataset, preference_adapter]
@@ -156,7 +157,7 @@ def _tune(context, recipe: Recipe, hw: Compute, store: ArtifactStore, sft: Artif
     cfg = TrainConfig.from_spec(recipe.training_for(name), recipe.seed)
     context.log.info(f"{name}: DPO from adapter[{spec.sft_from}] {sft.version} on {len(pairs)} pairs, "
                      f"{dpo.dpo_steps(len(pairs), cfg)} steps, beta {spec.beta}, on {hw.device}")
-    work_dir = store.home / "checkpoints" / "preference_adapter" / name / derived_version(derivation)
+    work_dir = store.home / "checkpoints" / store.qualified("preference_adapter") / name / derived_version(derivation)
     work_dir.mkdir(parents=True, exist_ok=True)
     with c.training_failures(context, name):
         tuned = dpo.tune_sft_adapter(

@@ -13,10 +13,11 @@ import dagster as dg
 from ..core.data import source_path
 from ..core.hfdata import source_version
 from ..recipe import DatasetSpec, PreferenceDataSpec, Recipe
+from . import _common as c
 
 
-def raw_key(ds: DatasetSpec | PreferenceDataSpec) -> dg.AssetKey:
-    return dg.AssetKey(["raw", ds.name])
+def raw_key(recipe: Recipe, ds: DatasetSpec | PreferenceDataSpec) -> dg.AssetKey:
+    return c.key(recipe, "raw", ds.name)
 
 
 def file_version(path) -> str:
@@ -29,8 +30,8 @@ def _observer(recipe: Recipe, ds: DatasetSpec | PreferenceDataSpec):
     path = source_path(recipe, ds)
 
     @dg.observable_source_asset(
-        key=raw_key(ds),
-        group_name="raw_data",
+        key=raw_key(recipe, ds),
+        group_name=c.group(recipe, "raw_data"),
         description=f"The dataset file `{path.name}` ({ds.format}); data version = content hash.",
         metadata={"path": dg.MetadataValue.path(str(path)), "format": ds.format},
     )

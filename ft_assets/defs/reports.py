@@ -57,7 +57,8 @@ def build(recipe: Recipe) -> list:
     cv_base = c.code_version("base_eval", recipe, "evaluation")
     cv_report = c.code_version("eval_report", recipe, "evaluation")
 
-    @dg.asset(group_name="evaluation", kinds={"json", "parquet"}, code_version=cv_base, pool="gpu")
+    @dg.asset(key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "evaluation"), kinds={"json", "parquet"}, code_version=cv_base, pool="gpu",
+              ins=c.ins(recipe, "base_model", "sft_dataset"))
     def base_eval(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource,
                   base_model: Artifact, sft_dataset: Artifact) -> dg.Output:
         """The untuned base model on the held-out split (the baseline for every method)."""
@@ -65,7 +66,7 @@ def build(recipe: Recipe) -> list:
         tok = load_tokenizer(base_model.path)
         examples = c.eval_examples(recipe, sft_dataset)
         result = _run_eval(recipe, load_model(base_model.path, hw.device), tok, examples, hw.device)
-        with store.store().write("base_eval", recipe_hash=recipe.recipe_hash, code_version=cv_base, seed=recipe.seed) as st:
+        with store.store(recipe.pipeline).write("base_eval", recipe_hash=recipe.recipe_hash, code_version=cv_base, seed=recipe.seed) as st:
             st.inputs = c.inputs_of(base_model, sft_dataset)
             evaluate.save_eval(result, st.path)
         per_task = result["metrics"].get("per_task")
@@ -84,7 +85,7 @@ def build(recipe: Recipe) -> list:
                 quantized_base: Artifact | None, sft_dataset: Artifact, base_eval: Artifact):
         name = context.partition_key
         hw = compute.resolve()
-        artifacts = store.store()
+        artifacts = store.store(recipe.pipeline)
         trained_manifest = trained.manifest()
         preference = _preference_inputs(name, trained_manifest, reference, prefs) if prefs is not None else None
         forgetting = report.forgetting_inputs(artifacts, trained_manifest, recipe.evaluation.max_examples)
@@ -120,16 +121,16 @@ def build(recipe: Recipe) -> list:
     adapter_map = {m: {m} for m in adapter_partitions(recipe).get_partition_keys()}
     for sft, dpo_methods in sft_sources(recipe).items():
         adapter_map[sft] |= set(dpo_methods)
-    adapter_in = dg.AssetIn(partition_mapping=dg.StaticPartitionMapping(adapter_map) if recipe.methods_of_type("dpo")
+    adapter_in = c.asset_in(recipe, partition_mapping=dg.StaticPartitionMapping(adapter_map) if recipe.methods_of_type("dpo")
                             else None)  # identity: lets the automation run a partition's chain in one run
-    ins = {"merged_model": dg.AssetIn(), "adapter": adapter_in,
-           **{k: dg.AssetIn() for k in ("base_model", "sft_dataset", "base_eval")},
-           **({"quantized_base": dg.AssetIn()} if quantized else {})}
+    ins = {"merged_model": c.asset_in(recipe), "adapter": adapter_in,
+           **{k: c.asset_in(recipe) for k in ("base_model", "sft_dataset", "base_eval")},
+           **({"quantized_base": c.asset_in(recipe)} if quantized else {})}
     if recipe.methods_of_type("dpo"):
-        ins.update({k: dg.AssetIn(partition_mapping=dpo_mapping(recipe)) for k in ("preference_adapter", "preference_dataset")})
+        ins.update({k: c.asset_in(recipe, partition_mapping=dpo_mapping(recipe)) for k in ("preference_adapter", "preference_dataset")})
 
-    @dg.asset(group_name="evaluation", kinds={"json", "parquet"}, code_version=cv_report, partitions_def=parts, pool="gpu", ins=ins,
-              check_specs=[dg.AssetCheckSpec("beats_base", asset="eval_report", partitions_def=parts,
+    @dg.asset(key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "evaluation"), kinds={"json", "parquet"}, code_version=cv_report, partitions_def=parts, pool="gpu", ins=ins,
+              check_specs=[dg.AssetCheckSpec("beats_base", asset=c.key(recipe, "eval_report"), partitions_def=parts,
                                              description="tuned token F1 above the base model's (warning)")])
     def eval_report(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource, **inputs):
         """Base vs tuned on the held-out split: EM, token F1, ROUGE-L, loss, perplexity, per-example table."""
@@ -142,8 +143,8 @@ def build(recipe: Recipe) -> list:
 
     cv_board = c.code_version("leaderboard", recipe)
 
-    @dg.asset(group_name="evaluation", kinds={"csv", "json", "parquet"}, code_version=cv_board,
-              ins={"eval_report": all_partitions(), "base_eval": dg.AssetIn()})
+    @dg.asset(key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "evaluation"), kinds={"csv", "json", "parquet"}, code_version=cv_board,
+              ins={"eval_report": all_partitions(c.key(recipe, "eval_report")), "base_eval": c.asset_in(recipe)})
     def leaderboard(context: dg.AssetExecutionContext, store: StoreResource, eval_report: dict[str, Artifact],
                     base_eval: Artifact) -> dg.MaterializeResult:
         """Every method's eval_report on one table (plus the base model), as table, chart, CSV and JSON.
@@ -157,7 +158,7 @@ def build(recipe: Recipe) -> list:
                    for name, art in eval_report.items()}
         board = report.leaderboard({n: m.type for n, m in recipe.methods.items()}, reports,
                                    json.loads((base_eval.dir / "metrics.json").read_text()))
-        with store.store().write("leaderboard", recipe_hash=recipe.recipe_hash, code_version=cv_board,
+        with store.store(recipe.pipeline).write("leaderboard", recipe_hash=recipe.recipe_hash, code_version=cv_board,
                                  seed=recipe.seed) as st:
             st.inputs = c.inputs_of(base_eval, *(eval_report[n] for n in recipe.methods if n in eval_report))
             png = board.save(st.path)

@@ -14,9 +14,10 @@ DATA_VERSION_TAG = "dagster/data_version"  # where Dagster keeps a materializati
 ALL_PARTITIONS = "ft_assets/all_partitions"  # AssetIn metadata: load {partition: artifact} of every partition
 
 
-def all_partitions() -> dg.AssetIn:
-    """An input that receives every materialized partition of a partitioned upstream, as a dict."""
-    return dg.AssetIn(metadata={ALL_PARTITIONS: True})
+def all_partitions(key: dg.AssetKey | None = None) -> dg.AssetIn:
+    """An input that receives every materialized partition of a partitioned upstream (`key`, else
+    the parameter's name), as a dict."""
+    return dg.AssetIn(key=key, metadata={ALL_PARTITIONS: True})
 
 
 class ComputeResource(dg.ConfigurableResource):
@@ -30,12 +31,13 @@ class ComputeResource(dg.ConfigurableResource):
 
 
 class StoreResource(dg.ConfigurableResource):
-    """Versioned artifact directories under FT_HOME, a directory or a URL (see `ft_assets.store`)."""
+    """Versioned artifact directories under FT_HOME, a directory or a URL (see `ft_assets.store`).
+    One store serves every pipeline of the deployment, each in its namespace (`Recipe.pipeline`)."""
 
     home: str = ""
 
-    def store(self) -> ArtifactStore:
-        return ArtifactStore(self.home or None)
+    def store(self, namespace: str | None = None) -> ArtifactStore:
+        return ArtifactStore(self.home or None, namespace)
 
 
 class ArtifactIOManager(dg.ConfigurableIOManager):
@@ -44,18 +46,19 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
     whatever the store's LATEST pointer says now: a newer directory written by a run Dagster has
     not recorded (another instance, a run still in flight) cannot slip under the lineage the UI
     shows. The artifact itself is written by the asset through the store; this only moves the
-    LATEST pointer on output.
+    LATEST pointer on output. A key `<pipeline>/<asset>` is the asset in that pipeline's store
+    namespace (several recipes in one deployment).
     """
 
     home: str = ""
 
-    def _store(self) -> ArtifactStore:
-        return ArtifactStore(self.home or None)
+    def _store(self, key: dg.AssetKey | None = None) -> ArtifactStore:
+        return ArtifactStore(self.home or None, key.path[0] if key is not None and len(key.path) > 1 else None)
 
     def handle_output(self, context: dg.OutputContext, obj: Artifact) -> None:
         if obj is None:
             return
-        self._store().set_latest(obj)
+        self._store(context.asset_key).set_latest(obj)
 
     def load_input(self, context: dg.InputContext) -> Artifact | dict[str, Artifact] | None:
         if (context.definition_metadata or {}).get(ALL_PARTITIONS):
@@ -80,7 +83,7 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
         if not records:
             return None
         version = (records[0].asset_materialization.tags or {}).get(DATA_VERSION_TAG)
-        return self._store().get(context.asset_key.path[-1], partition, version) if version else None
+        return self._store(context.asset_key).get(context.asset_key.path[-1], partition, version) if version else None
 
 
 def default_resources() -> dict:

@@ -33,9 +33,9 @@ def build(recipe: Recipe) -> list:
         return []
     mapping = dg.StaticPartitionMapping({trial: family for family, trials in sweeps.items() for trial in trials})
 
-    @dg.asset(group_name="training", kinds={"json"}, code_version=c.code_version("best_adapter", recipe),
+    @dg.asset(key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "training"), kinds={"json"}, code_version=c.code_version("best_adapter", recipe),
               partitions_def=dg.StaticPartitionsDefinition(sorted(sweeps)),
-              ins={"adapter": dg.AssetIn(partition_mapping=mapping, metadata={ALL_PARTITIONS: True})})
+              ins={"adapter": c.asset_in(recipe, partition_mapping=mapping, metadata={ALL_PARTITIONS: True})})
     def best_adapter(context: dg.AssetExecutionContext, store: StoreResource, adapter: dict) -> dg.Output:
         """The trial of this method's sweep with the lowest validation loss, and every trial's score."""
         family = context.partition_key
@@ -47,7 +47,7 @@ def build(recipe: Recipe) -> list:
                                         for t, a in adapter.items()})
         except ValueError as exc:
             raise c.user_error(exc) from None
-        with store.store().write("best_adapter", family, recipe_hash=recipe.recipe_hash,
+        with store.store(recipe.pipeline).write("best_adapter", family, recipe_hash=recipe.recipe_hash,
                                  code_version=c.code_version("best_adapter", recipe), seed=recipe.seed) as st:
             st.inputs = c.inputs_of(*adapter.values())
             result.save(st.path)

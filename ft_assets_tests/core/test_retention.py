@@ -136,19 +136,21 @@ def test_a_killed_prune_leaves_no_version_that_looks_whole(tmp_path):
     assert store.latest("merged_model", "lora").version != old.version
 
 
-def test_what_continual_learning_reads_outside_the_inputs_stays(tmp_path):
+@pytest.mark.parametrize("namespace", [None, "finance"])  # finance: one pipeline of several in one store
+def test_what_continual_learning_reads_outside_the_inputs_stays(tmp_path, namespace):
     """A continued adapter's replay data and a report's forgetting baseline are not manifest
     inputs, yet re-running those steps reads them."""
-    s = ArtifactStore(tmp_path)
+    s = ArtifactStore(tmp_path, namespace)
+    q = s.qualified
     d1 = put(s, "sft_dataset", None, "old")
-    a1 = put(s, "adapter", "lora", "a1", {"sft_dataset": d1.version})
+    a1 = put(s, "adapter", "lora", "a1", {q("sft_dataset"): d1.version})
     d2 = put(s, "sft_dataset", None, "new")
-    a2 = put(s, "adapter", "lora", "a2", {"sft_dataset": d2.version}, continual={"previous_sft_dataset": d1.version})
+    a2 = put(s, "adapter", "lora", "a2", {q("sft_dataset"): d2.version}, continual={"previous_sft_dataset": d1.version})
     p = retention.plan(s, keep=1)
-    assert p.kept[("sft_dataset", None, d1.version)] == f"an input of adapter[lora] {a2.version}"
-    assert refs(p) == {("adapter", "lora", a1.version)}
-    r = put(s, "eval_report", "lora", "r", {"adapter[lora]": a2.version},
+    assert p.kept[(q("sft_dataset"), None, d1.version)] == f"an input of {q('adapter')}[lora] {a2.version}"
+    assert refs(p) == {(q("adapter"), "lora", a1.version)}
+    r = put(s, "eval_report", "lora", "r", {f"{q('adapter')}[lora]": a2.version},
             forgetting={"previous_adapter": a1.version, "previous_sft_dataset": d1.version})
     p = retention.plan(s, keep=1)
-    assert p.kept[("adapter", "lora", a1.version)] == f"an input of eval_report[lora] {r.version}"
+    assert p.kept[(q("adapter"), "lora", a1.version)] == f"an input of {q('eval_report')}[lora] {r.version}"
     assert refs(p) == set()

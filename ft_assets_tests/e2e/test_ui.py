@@ -8,7 +8,9 @@ off, so nothing runs unless a test launches it. Then:
   b. base_model + sft_dataset are materialized by clicking in the catalog (tick both rows,
      "Materialize selected"); the run must succeed and the asset page shows the metadata;
   c. runs launched with Dagster's GraphQL Python client succeed (base_eval + quantized_base,
-     and the `lora` partition of adapter).
+     and the `lora` partition of adapter);
+  d. a second `dagster dev` with FT_RECIPE naming a directory of two recipes: the lineage page
+     lists each recipe's groups apart (`finance_training`, `legal_training`, ...).
 
 Screenshots go to `<tmp>/ui-screenshots/` (beside FT_HOME) and are copied to
 /tmp/ft_ui_screenshots/. Every wait is bounded; a failure prints the tail of the dagster dev log.
@@ -36,6 +38,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ft_assets.recipe import DEMO_RECIPE
 from ft_assets.runs import CHILDREN_TAG, WORKER_TAG, Proc
 from ft_assets_tests.conftest import REPO, make_recipe, qa_rows, write_jsonl
 
@@ -240,8 +243,15 @@ def ui(tmp_path_factory, tiny_model_dir):
         ensure_instance(home).dispose()
     assert (dagster_home / "dagster.yaml").is_file()
 
+    with _serve(root, root / "recipe.yaml", home, dagster_home) as dev:
+        yield dev
+
+
+@contextlib.contextmanager
+def _serve(root: Path, recipes: Path, home: Path, dagster_home: Path):
+    """`dagster dev` on the workspace with FT_RECIPE=`recipes`, until the block ends."""
     dev = DagsterDev(root, home, _free_port(), root / "dagster-dev.log")
-    env = {**os.environ, "FT_RECIPE": str(root / "recipe.yaml"), "FT_HOME": str(home),
+    env = {**os.environ, "FT_RECIPE": str(recipes), "FT_HOME": str(home),
            "DAGSTER_HOME": str(dagster_home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONUNBUFFERED": "1"}
     cmd = [str(_dagster_bin()), "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(dev.port)]
@@ -513,3 +523,38 @@ def test_graphql_client_launches_runs(ui, snap, browser):
         browser.find_element(By.XPATH, "//*[normalize-space(text())='lora']").click()
         _wait_for_lines(browser, ["Materialized", "method", "final_loss", run_id[:8]])
         snap("c1-adapter-lora-partition")
+
+
+def test_two_recipes_show_as_separate_pipelines(tmp_path, browser):
+    """FT_RECIPE naming a directory of two recipes: one code location, each recipe's assets under
+    its own key prefix and groups, as the lineage page lists them."""
+    from ft_assets.demo import ensure_instance
+
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    demo = yaml.safe_load(DEMO_RECIPE.read_text())
+    for name in ("finance", "legal"):
+        recipe = {**demo, "name": name, "root": str(REPO), "automation": {"eager": False}}
+        (recipes / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    home, dagster_home = tmp_path / "ft_home", tmp_path / "ft_home" / "dagster"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FT_HOME", str(home))
+        mp.setenv("DAGSTER_HOME", str(dagster_home))
+        ensure_instance(home).dispose()
+    with _serve(tmp_path, recipes, home, dagster_home) as dev:
+        nodes = dev.gql("{ assetNodes { assetKey { path } groupName } }")["assetNodes"]
+        groups = {tuple(n["assetKey"]["path"]): n["groupName"] for n in nodes}
+        for pipeline in ("finance", "legal"):
+            assert groups[(pipeline, "adapter")] == f"{pipeline}_training"
+            assert groups[(pipeline, "base_model")] == f"{pipeline}_models"
+        assert {path[0] for path in groups} == {"finance", "legal"}
+        try:
+            browser.get(f"{dev.url}/asset-groups")
+            _wait_for_lines(browser, ["Global asset lineage", *(f"{p}_{g}" for p in ("finance", "legal")
+                                                                 for g in ("data", "training", "evaluation"))])
+            browser.save_screenshot(str(tmp_path / "two-pipelines.png"))
+            SCREENSHOT_COPY.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(tmp_path / "two-pipelines.png", SCREENSHOT_COPY / "d1-two-pipelines.png")
+        except BaseException:
+            print(f"----- dagster dev log ({dev.log}), last lines -----\n{dev.log_tail(100)}")
+            raise
