@@ -18,6 +18,7 @@ No Dagster here.
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import time
@@ -176,6 +177,22 @@ def check_tokenization(trl_dataset, pairs: list[PreferencePair]) -> None:
 
 def save_dpo_adapter(model, out_dir: Path) -> None:
     model.save_pretrained(out_dir, safe_serialization=True, selected_adapters=["default"])
+
+
+def write_preference_adapter(store, name: str, tuned: PreferenceTuning, *, inputs: dict[str, str],
+                             derivation: dict[str, Any], facts: dict[str, Any], **manifest: Any):
+    """`tuned` stored as `preference_adapter[name]` under `derivation` (an `ArtifactStore`), with
+    its train log; `facts` go to the manifest's extra keys, `manifest` (recipe_hash, code_version,
+    seed) to the store write. Returns the Artifact."""
+    r = tuned.result
+    log = {"losses": r.losses, "reward_accuracies": r.reward_accuracies, "reward_margins": r.reward_margins,
+           "steps": r.steps}
+    with store.write("preference_adapter", name, derivation=derivation, **manifest) as st:
+        st.inputs = inputs
+        save_dpo_adapter(tuned.model, st.path)
+        st.extra.update(facts)
+        (st.path / "train_log.json").write_text(json.dumps(log, indent=2, sort_keys=True) + "\n")
+    return st.artifact
 
 
 # --------------------------------------------------------------------------------------

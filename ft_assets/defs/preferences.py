@@ -164,21 +164,22 @@ def _tune(context, recipe: Recipe, hw: Compute, store: ArtifactStore, sft: Artif
             base_model.dir, sft.dir, tok, pairs, cfg, beta=spec.beta, loss_type=spec.loss_type,
             max_length=recipe.prompt.max_length, device=hw.device, dtype=hw.dtype, work_dir=work_dir,
             on_log=lambda step, loss: context.log.info(f"step {step}: DPO loss {loss:.4f}"))
-    result = tuned.result
-    summary = {**result.summary(), "device": hw.name}
-    with store.write("preference_adapter", name, recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed,
-                     derivation=c.forced(derivation, context) if force else derivation) as st:
-        st.inputs = inputs
-        dpo.save_dpo_adapter(tuned.model, st.path)
-        st.extra["method"] = {"name": name, "type": spec.type, "spec": spec.model_dump(mode="json"),
-                              "training": recipe.training_for(name).model_dump(mode="json")}
-        st.extra["dpo"] = {"sft_adapter": {"method": spec.sft_from, "version": sft.version, "path": sft.path},
-                           "preference_dataset": prefs.version, "beta": spec.beta, "loss_type": spec.loss_type}
-        st.extra["train"] = summary
-        c.write_json(st.path / "train_log.json", {"losses": result.losses, "reward_accuracies": result.reward_accuracies,
-                                                  "reward_margins": result.reward_margins, "steps": result.steps})
+    art = dpo.write_preference_adapter(
+        store, name, tuned, inputs=inputs, derivation=c.forced(derivation, context) if force else derivation,
+        facts=_tuned_facts(recipe, name, sft, prefs, {**tuned.result.summary(), "device": hw.name}),
+        recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed)
     shutil.rmtree(work_dir, ignore_errors=True)  # TRL's scratch space; the artifact is what remains
-    return c.output(st.artifact, _tuned_metadata(name, spec, sft, prefs, len(pairs), result, st.artifact, hw.name))
+    return c.output(art, _tuned_metadata(name, spec, sft, prefs, len(pairs), tuned.result, art, hw.name))
+
+
+def _tuned_facts(recipe: Recipe, name: str, sft: Artifact, prefs: Artifact, summary: dict) -> dict:
+    """The manifest's record of a DPO run: the method, what it continued and on which pairs, the run."""
+    spec = recipe.methods[name]
+    return {"method": {"name": name, "type": spec.type, "spec": spec.model_dump(mode="json"),
+                       "training": recipe.training_for(name).model_dump(mode="json")},
+            "dpo": {"sft_adapter": {"method": spec.sft_from, "version": sft.version, "path": sft.path},
+                    "preference_dataset": prefs.version, "beta": spec.beta, "loss_type": spec.loss_type},
+            "train": summary}
 
 
 def _tuned_metadata(name: str, spec, sft: Artifact, prefs: Artifact, n_pairs: int, result: dpo.DpoResult,
