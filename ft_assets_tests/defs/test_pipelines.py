@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from ft_assets.definitions import build_definitions
-from ft_assets.demo import materialize_all
+from ft_assets.demo import materialize_all, report
 from ft_assets.recipe import RecipeError, load_recipes
 from ft_assets.store import ArtifactStore
 from ft_assets_tests.conftest import make_recipe, qa_rows, write_jsonl
@@ -106,6 +106,15 @@ def test_the_base_model_is_converted_once_and_shared(deployment):
     for p in ("finance", "legal_qa"):
         adapter = ArtifactStore(home, p).latest("adapter", "lora")
         assert adapter.manifest()["inputs"]["base_model"] == first.tags["dagster/data_version"]
+
+
+def test_the_demo_reports_each_pipeline(deployment, capsys):
+    recipes, _, _, home = deployment
+    for recipe in recipes:
+        report(recipe, ArtifactStore(home, recipe.pipeline), failed=[])
+    out = capsys.readouterr().out
+    for p in ("finance", "legal_qa"):
+        assert f"[demo] {p}/    lora: token F1" in out and f"[demo] {p}/leaderboard: {home}/artifacts/{p}.leaderboard/" in out
 
 
 def test_lineage_reads_a_pipelines_artifact_back(deployment):
