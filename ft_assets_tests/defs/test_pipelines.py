@@ -3,8 +3,11 @@ sensors and store namespace; the base model read from one file is converted once
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +17,7 @@ import pytest
 import yaml
 
 from ft_assets.definitions import build_definitions
-from ft_assets.demo import materialize_all, report
+from ft_assets import demo
 from ft_assets.recipe import RecipeError, load_recipes
 from ft_assets.store import ArtifactStore
 from ft_assets_tests.conftest import make_recipe, qa_rows, write_jsonl
@@ -45,15 +48,27 @@ def two_recipes(root: Path, model_dir: Path, **second) -> Path:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory, tiny_model_dir):
-    """Both pipelines materialized end to end in one instance and one store."""
+    """What `FT_RECIPE=<dir> make demo` does: both pipelines materialized end to end by the demo,
+    in its persistent instance (the gpu pool limited to 1) and one store."""
     root = tmp_path_factory.mktemp("deployment")
-    recipes = load_recipes(two_recipes(root, tiny_model_dir))
+    recipes_dir = two_recipes(root, tiny_model_dir)
     home = root / "ft_home"
-    defs = build_definitions(recipes, home=str(home))
-    instance = dg.DagsterInstance.ephemeral()
-    failed = materialize_all(defs, instance, say=lambda *_: None)
-    assert failed == []
-    return recipes, defs, instance, home
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {"FT_RECIPE": str(recipes_dir), "FT_HOME": str(home),
+                            "DAGSTER_HOME": str(home / "dagster")}.items():
+            mp.setenv(name, value)
+        sigterm = signal.getsignal(signal.SIGTERM)  # the demo installs its own handler
+        try:
+            with contextlib.redirect_stdout(out):
+                rc = demo.main()
+        finally:
+            signal.signal(signal.SIGTERM, sigterm)
+        assert rc == 0, out.getvalue()
+        instance = demo.ensure_instance(home)
+    recipes = load_recipes(recipes_dir)
+    yield recipes, build_definitions(recipes, home=str(home)), instance, home, out.getvalue()
+    instance.dispose()
 
 
 def latest(instance, key: str, partition: str | None = None):
@@ -64,7 +79,7 @@ def latest(instance, key: str, partition: str | None = None):
 
 
 def test_each_recipe_is_a_pipeline_of_its_own(deployment):
-    recipes, defs, instance, home = deployment
+    recipes, defs, instance, home, _ = deployment
     assert [r.pipeline for r in recipes] == ["finance", "legal_qa"]
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
@@ -93,7 +108,7 @@ def test_each_recipe_is_a_pipeline_of_its_own(deployment):
 
 
 def test_the_base_model_is_converted_once_and_shared(deployment):
-    recipes, defs, instance, home = deployment
+    recipes, defs, instance, home, _ = deployment
     first, second = latest(instance, "finance/base_model"), latest(instance, "legal_qa/base_model")
     assert first.tags["dagster/data_version"] == second.tags["dagster/data_version"]
     reused = [m.metadata["reused"].value if "reused" in m.metadata else False for m in (first, second)]
@@ -108,17 +123,15 @@ def test_the_base_model_is_converted_once_and_shared(deployment):
         assert adapter.manifest()["inputs"]["base_model"] == first.tags["dagster/data_version"]
 
 
-def test_the_demo_reports_each_pipeline(deployment, capsys):
-    recipes, _, _, home = deployment
-    for recipe in recipes:
-        report(recipe, ArtifactStore(home, recipe.pipeline), failed=[])
-    out = capsys.readouterr().out
+def test_the_demo_reports_each_pipeline(deployment):
+    *_, home, out = deployment
+    assert "(recipe finance, legal-qa)" in out
     for p in ("finance", "legal_qa"):
         assert f"[demo] {p}/    lora: token F1" in out and f"[demo] {p}/leaderboard: {home}/artifacts/{p}.leaderboard/" in out
 
 
 def test_lineage_reads_a_pipelines_artifact_back(deployment):
-    _, _, _, home = deployment
+    _, _, _, home, _ = deployment
     report = ArtifactStore(home, "finance").latest("eval_report", "lora")
     out = subprocess.run([sys.executable, "-m", "ft_assets", "lineage", report.path, "--json"],
                          env={**os.environ, "FT_HOME": str(home)}, capture_output=True, text=True, cwd=REPO)
