@@ -25,6 +25,8 @@ multiprocess executor that records its worker process).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import dagster as dg
 
 from . import runs
@@ -47,10 +49,10 @@ def build_definitions(recipes: Recipe | list[Recipe], home: str | None = None) -
     pipelines = [pipeline(recipe) for recipe in recipes]
     machine = recipes[0].compute  # load_recipes refuses recipes whose compute settings differ
     return dg.Definitions(
-        assets=[a for p in pipelines for a in p["assets"]],
-        jobs=[j for p in pipelines for j in p["jobs"]],
-        schedules=[s for p in pipelines for s in p["schedules"]],
-        sensors=[*(p["sensor"] for p in pipelines), automation.automation_sensor(), runs.dead_runs_sensor()],
+        assets=[a for p in pipelines for a in p.assets],
+        jobs=[j for p in pipelines for j in p.jobs],
+        schedules=[s for p in pipelines for s in p.schedules],
+        sensors=[*(p.observation_sensor for p in pipelines), automation.automation_sensor(), runs.dead_runs_sensor()],
         executor=runs.worker_executor,
         resources={
             "compute": ComputeResource(device=machine.device, threads=machine.threads),
@@ -60,7 +62,17 @@ def build_definitions(recipes: Recipe | list[Recipe], home: str | None = None) -
     )
 
 
-def pipeline(recipe: Recipe) -> dict[str, list]:
+@dataclass(frozen=True)
+class Pipeline:
+    """What one recipe adds to the code location (the deployment adds the shared sensors and resources)."""
+
+    assets: list
+    jobs: list
+    schedules: list
+    observation_sensor: dg.SensorDefinition
+
+
+def pipeline(recipe: Recipe) -> Pipeline:
     """One recipe's assets, jobs, schedules and source-observation sensor."""
     parts = adapters.methods_partitions(recipe)
     sources = [*raw.build(recipe), automation.recipe_methods_source(recipe, parts)]
@@ -73,8 +85,7 @@ def pipeline(recipe: Recipe) -> dict[str, list]:
     if recipe.pipeline:  # the UI filters on it: tag:ft_assets/pipeline=<name> (sources: by key and group)
         derived = dg.map_asset_specs(lambda spec: spec.merge_attributes(tags={PIPELINE_TAG: recipe.pipeline}), derived)
     jobs, schedules = automation.retrain(recipe, adapters.adapter_partitions(recipe))
-    return {"assets": [*sources, *derived], "jobs": jobs, "schedules": schedules,
-            "sensor": automation.observation_sensor(recipe)}
+    return Pipeline([*sources, *derived], jobs, schedules, automation.observation_sensor(recipe))
 
 
 @dg.definitions
