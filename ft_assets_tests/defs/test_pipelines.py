@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from ft_assets.definitions import build_definitions
+from ft_assets.defs.automation import record_sources
 from ft_assets import demo
 from ft_assets.recipe import RecipeError, load_recipes
 from ft_assets.store import ArtifactStore
@@ -170,3 +171,24 @@ def test_pipelines_need_distinct_names_and_one_machine(tmp_path, tiny_model_dir)
     assert [r.pipeline for r in one] == [None]  # one recipe keeps today's bare keys
     with pytest.raises(ValueError, match="distinct pipeline names"):
         build_definitions([one[0], one[0]])
+
+
+def test_a_data_edit_reruns_only_its_own_pipeline(deployment):
+    """After the demo nothing is due; one row edited in legal's data file makes the automation's
+    next tick request legal_qa's assets below it (the adapters follow on later ticks, once the
+    new sft_dataset exists, as with one recipe) and nothing of finance's. (Runs last: it edits the file.)"""
+    _, defs, instance, home, _ = deployment
+    graph_keys = defs.resolve_asset_graph().get_all_asset_keys()
+
+    def requested(result) -> set[str]:
+        return {k.to_user_string() for k in graph_keys if result.get_num_requested(k)}
+
+    first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    assert requested(first) == set()  # the demo recorded what both pipelines consumed
+    rows = qa_rows()[::-1][:-2]
+    rows[0]["answer"] = "an edited answer"
+    write_jsonl(home.parent / "data" / "legal.jsonl", rows)
+    record_sources(defs, instance)  # the observation sensors' tick
+    got = requested(dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor))
+    assert {"legal_qa/sft_dataset", "legal_qa/base_eval"} <= got, got
+    assert all(k.startswith("legal_qa/") for k in got), got
