@@ -175,7 +175,8 @@ def _failure_messages(result) -> list[str]:
 
 
 def materialize_all(defs: dg.Definitions, instance: dg.DagsterInstance, say=print) -> list[str]:
-    """What `make demo` does: record the sources it consumes, then materialize the whole graph.
+    """What `make demo` does (its `main` makes the same two calls, keeping the failed keys): record
+    the sources it consumes, then materialize the whole graph.
     Returns the method partitions (or unpartitioned assets) that failed; the others still run."""
     record_sources(defs, instance)  # the versions these runs consume, on record (see record_sources)
     failed = materialize_graph(defs, instance, say=say)

@@ -693,13 +693,14 @@ def load_recipes(spec: str | Path | None = None) -> list[Recipe]:
         return [load_recipe(paths[0])]
     recipes = [load_recipe(p) for p in paths]
     seen: dict[str, Path] = {}
+    first = (recipes[0].compute.device, recipes[0].compute.threads)
     for path, recipe in zip(paths, recipes):
         name = pipeline_name(recipe.name)
         if name in seen:
             raise RecipeError(path, [f"name: {recipe.name!r} gives pipeline {name!r}, as the recipe {seen[name]} does; "
                                      "give each recipe of a deployment its own name"])
         seen[name] = path
-        machine, first = (recipe.compute.device, recipe.compute.threads), (recipes[0].compute.device, recipes[0].compute.threads)
+        machine = (recipe.compute.device, recipe.compute.threads)
         if machine != first:
             raise RecipeError(path, [f"compute: device/threads {machine} differ from {first} in {paths[0]}; the "
                                      "recipes of one deployment share its machine: give them the same compute settings"])
