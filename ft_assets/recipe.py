@@ -477,6 +477,22 @@ class ComputeSpec(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
     threads: Annotated[int, Field(ge=1)] | None = None  # torch CPU threads; null: torch's default
     data_workers: Annotated[int, Field(ge=1)] | None = None  # processes tokenizing sft_dataset (Dataset.map num_proc); null: os.cpu_count(). Does not change the data or its version
+    _OMIT_WHEN_DEFAULT = ("launcher", "nproc_per_node")
+
+    launcher: Literal["inprocess", "torchrun"] = "inprocess"  # where `adapter` trains: in the Dagster step, or in torchrun processes reporting through Dagster Pipes (README "Scaling out")
+    nproc_per_node: Annotated[int, Field(ge=1)] = 1  # torchrun: data-parallel processes (DDP), one per GPU on CUDA; a step takes training.batch_size x grad_accum rows on each
+
+    @model_validator(mode="after")
+    def _processes_need_torchrun(self) -> "ComputeSpec":
+        if self.nproc_per_node > 1 and self.launcher != "torchrun":
+            raise ValueError(f"nproc_per_node {self.nproc_per_node} needs launcher: torchrun (the in-process "
+                             "launcher trains in one process)")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """Processes one `adapter` run trains in."""
+        return self.nproc_per_node if self.launcher == "torchrun" else 1
 
 
 class AutomationSpec(_Strict):
@@ -631,7 +647,14 @@ class Recipe(_Strict):
         if method is not None:
             parts["method"] = dumped["methods"][method]
             parts["method_training"] = self.training_for(method).model_dump(mode="json")
+            if self.world_size_for(method) > 1:  # the global batch is per-process rows x processes
+                parts["world_size"] = self.world_size_for(method)
         return _hash_json(parts)
+
+    def world_size_for(self, method: str) -> int:
+        """Processes `method` trains in: `compute.world_size` for `adapter` methods; dpo methods
+        (`preference_adapter`) train in the Dagster step."""
+        return 1 if self.methods[method].type == "dpo" else self.compute.world_size
 
     @property
     def recipe_hash(self) -> str:

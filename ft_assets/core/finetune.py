@@ -21,6 +21,7 @@ asset's own history, not an edge of the graph.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +30,7 @@ import torch
 
 from ..store import ArtifactStore, derived_version
 from . import card, continual, data, train
+from .distributed import SINGLE, Ranks
 from .models import load_model, load_tokenizer, parameter_count
 from .quantize import compute_dtype, load_quantized
 
@@ -44,6 +46,7 @@ class ContinualPlan:
     start: continual.Start
     replay: list[data.Example] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    replay_dataset: str | None = None  # the sft_dataset directory `replay` was drawn from
 
     def facts(self, replay_fraction: float) -> dict[str, Any]:
         s = self.start
@@ -79,6 +82,7 @@ def plan_continual(store: ArtifactStore, name: str, spec, sft_dataset_version: s
         plan.notes.append("previous sft_dataset used another tokenizer: no replay")
     else:
         plan.replay = continual.replay_rows(data.load_split(old.path, "train"), examples, spec.replay_fraction, seed)
+        plan.replay_dataset = str(old.path)
         plan.notes.append(f"replaying {len(plan.replay)} rows of sft_dataset {old.version} "
                           f"({spec.replay_fraction:.0%} of its train split)")
     return plan
@@ -95,6 +99,7 @@ class TrainingData:
     examples: list[data.Example]
     pad_id: int
     plan: ContinualPlan | None
+    sft_dataset_dir: str = ""  # where `examples` came from (another process reads them there)
 
     @property
     def continued(self) -> bool:
@@ -115,7 +120,7 @@ def training_data(store: ArtifactStore, name: str, spec, sft_dataset_dir: str, s
     if spec.continue_from == "previous":
         plan = plan_continual(store, name, spec, sft_dataset_version, base_model_version, examples,
                               info["tokenizer_fingerprint"], seed)
-    return TrainingData(examples + (plan.replay if plan else []), tok.pad_token_id, plan)
+    return TrainingData(examples + (plan.replay if plan else []), tok.pad_token_id, plan, str(sft_dataset_dir))
 
 
 @dataclass
@@ -131,14 +136,32 @@ class FineTuned:
         (out_dir / "train_log.json").write_text(json.dumps(self.result.log(), indent=2, sort_keys=True) + "\n")
 
 
+@dataclass
+class TrainedElsewhere:
+    """A method another process trained (`ft_assets.jobs.train`): the files it saved in `staged`,
+    and what it reported. Stored by `write_adapter` like a `FineTuned`."""
+
+    staged: Path
+    result: train.TrainResult
+    trainable: int
+    total: int
+
+    def save(self, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for path in sorted(self.staged.iterdir()):
+            shutil.move(str(path), out_dir / path.name)  # a rename on one filesystem
+
+
 def finetune(method, spec, examples: list[data.Example], cfg: train.TrainConfig, *, base_dir: Path,
              quantized_dir: Path | None, quantized_compute_dtype: str, pad_id: int, device: str, dtype: torch.dtype,
              autocast_dtype: torch.dtype | None, start_adapter: Path | None = None,
              checkpoint_dir: Path | None = None, log: Callable[[str], None] = print,
              on_log: Callable[..., None] | None = None,
-             on_checkpoint: Callable[[Path], None] | None = None) -> FineTuned:
+             on_checkpoint: Callable[[Path], None] | None = None, ranks: Ranks = SINGLE) -> FineTuned:
     """Train `method` (a `core.methods` object, settings `spec`) on `examples`; resumes from the
-    newest checkpoint in `checkpoint_dir`. `start_adapter`: a previous version to continue from."""
+    newest checkpoint in `checkpoint_dir`. `start_adapter`: a previous version to continue from.
+    `ranks`: this process's place among data-parallel ones (`ft_assets.jobs.train`); every rank
+    loads, wraps and seeds alike, so the replicas start identical."""
     if method.uses_quantized_base:
         model = load_quantized(quantized_dir, device, compute_dtype(quantized_compute_dtype, device))
     else:
@@ -151,11 +174,12 @@ def finetune(method, spec, examples: list[data.Example], cfg: train.TrainConfig,
     held = train.validation_rows(len(examples), cfg)
     log(f"{trainable:,} trainable of {total:,} parameters; {len(examples) - held} train rows"
         f"{f' ({held} more held out for validation)' if held else ''}; "
-        f"{train.steps_for(len(examples) - held, cfg)} steps at most on {device}")
+        f"{train.steps_for(len(examples) - held, cfg)} steps at most on {device}"
+        f"{f' x {ranks.world_size} processes' if ranks.distributed else ''}")
     try:
         result = train.train(model, method, spec, examples, cfg, pad_id=pad_id, device=device,
                              autocast_dtype=autocast_dtype, checkpoint_dir=checkpoint_dir, on_log=on_log,
-                             on_checkpoint=on_checkpoint)
+                             on_checkpoint=on_checkpoint, ranks=ranks)
     except train.TrainingDiverged as exc:
         raise TrainingFailed(str(exc)) from None
     except torch.OutOfMemoryError as exc:
@@ -182,7 +206,7 @@ def adapter_facts(name: str, spec, training, tuned: FineTuned, device: str, plan
             **({"continual": plan.facts(spec.replay_fraction)} if plan is not None else {})}
 
 
-def write_adapter(store: ArtifactStore, name: str, tuned: FineTuned, *, inputs: dict[str, str],
+def write_adapter(store: ArtifactStore, name: str, tuned: FineTuned | TrainedElsewhere, *, inputs: dict[str, str],
                   derivation: dict[str, Any], facts: dict[str, Any], manifests: tuple[dict, dict],
                   write_card: Callable[[Path, card.Lineage], Any], **manifest: Any):
     """`tuned` stored as `adapter[name]` under `derivation`; `facts` go to the manifest's extra

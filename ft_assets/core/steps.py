@@ -33,8 +33,8 @@ def validation_rows(n_examples: int, cfg: Any) -> int:
 
 def steps_for(n_examples: int, cfg: Any) -> int:
     """Optimizer steps over `n_examples` rows. `cfg` has max_steps, epochs, batch_size and
-    grad_accum: a `core.train.TrainConfig` or a recipe `TrainingSpec`."""
-    per_step = cfg.batch_size * cfg.grad_accum
+    grad_accum (and, data parallel, world_size): a `core.train.TrainConfig` or a recipe `TrainingSpec`."""
+    per_step = cfg.batch_size * cfg.grad_accum * getattr(cfg, "world_size", 1)
     return max(1, min(cfg.max_steps, math.ceil(cfg.epochs * n_examples / per_step)))
 
 

@@ -25,6 +25,11 @@ kill computes exactly what an uninterrupted run would have. While it trains into
 no other process may (a lock), and a SIGTERM/SIGINT ends the current step, checkpoints it and
 raises `Preempted` ("preempted at step N"): see `core.preemption`.
 
+Several processes (`ranks`, a `core.distributed.Ranks` from torchrun or Ray Train): the same loop
+on every rank, each reading its slice of every global batch (batch_size x grad_accum x
+world_size rows), the step's label count and gradients summed over ranks, rank 0 writing
+checkpoints; it equals one process training the global batch (see `core.distributed`).
+
 Speed switches (`TrainConfig`, all exact up to float rounding; see `core.packing`, `core.loss`,
 `core.prepared`):
 `packing` lays each micro-batch's rows end to end (no padding, attention kept inside each row,
@@ -57,6 +62,7 @@ import torch
 
 from . import packing as P
 from .data import IGNORE_INDEX, Example
+from .distributed import SINGLE, Ranks
 from .sft_dataset import row_ids, row_lengths, take as take_rows
 from .preemption import Preempted, checkpoint_lock, stop_requests
 from .packing import collate  # noqa: F401  (the padded micro-batch; `train.collate` stays its public name)
@@ -99,6 +105,9 @@ class TrainConfig:
     # core.packing) and the row budget of the "mask" mode
     pack_attention: str = "auto"
     pack_max_tokens: int | None = None
+    # not a recipe key: processes training together (data parallel); a step takes
+    # batch_size x grad_accum rows on each of them. Set by the launcher (`ft_assets.jobs.train`).
+    world_size: int = 1
 
     @classmethod
     def from_spec(cls, spec: Any, seed: int) -> "TrainConfig":
@@ -125,6 +134,13 @@ class TrainResult:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens_seen / self.wall_s if self.wall_s else 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainResult":
+        """Back from `dataclasses.asdict` through JSON (another process's result: `ft_assets.jobs.train`)."""
+        pairs = lambda curve: [tuple(x) for x in curve]  # noqa: E731
+        return cls(**{**d, "losses": pairs(d["losses"]), "validation_losses": pairs(d["validation_losses"]),
+                      "terms": {k: pairs(v) for k, v in d["terms"].items()}})
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -161,14 +177,19 @@ class TrainResult:
 GROUP_STEPS = 8  # length grouping sorts within mega-batches of this many optimizer steps
 
 
-def batches(examples: Sequence[Example], cfg: TrainConfig, start_step: int = 0) -> Iterator[list[list[Example]]]:
+def batches(examples: Sequence[Example], cfg: TrainConfig, start_step: int = 0, rank: int = 0
+            ) -> Iterator[list[list[Example]]]:
     """Yield, per optimizer step, `grad_accum` micro-batches. Epoch e uses shuffle seed+e. Only
     the rows of a step are read (`examples` may be a memory-mapped `core.sft_dataset.SftRows`).
+    With `cfg.world_size` > 1 a step's global batch is world_size times as many rows, in the same
+    seeded order whatever the world size, and rank r reads the r-th contiguous slice of it.
 
     With `group_by_length`, each epoch's shuffled order is sorted by length within mega-batches of
     GROUP_STEPS steps (aligned to step boundaries), and each step's rows longest-first, so every
     micro-batch holds rows of similar length; the mega-batches' steps are then shuffled (seed+e)."""
-    per_step = cfg.batch_size * cfg.grad_accum
+    world = getattr(cfg, "world_size", 1)
+    local = cfg.batch_size * cfg.grad_accum
+    per_step = local * world
     group = getattr(cfg, "group_by_length", False)
     order: list[int] = []
     epoch = -1
@@ -187,10 +208,13 @@ def batches(examples: Sequence[Example], cfg: TrainConfig, start_step: int = 0) 
             chunk += take
             position += len(take)
         if step >= start_step:
-            rows = [examples[i] for i in chunk]
-            if group:
+            if group:  # longest first over the whole global batch, then this rank's slice
+                rows = [examples[i] for i in chunk]
                 rows = [r for _, r in sorted(zip(chunk, rows), key=lambda p: (-len(p[1].input_ids), p[0]))]
-            yield [rows[i: i + cfg.batch_size] for i in range(0, per_step, cfg.batch_size)]
+                rows = rows[rank * local: (rank + 1) * local]
+            else:
+                rows = [examples[i] for i in chunk[rank * local: (rank + 1) * local]]
+            yield [rows[i: i + cfg.batch_size] for i in range(0, local, cfg.batch_size)]
 
 
 def _length_grouped(order: list[int], examples: Sequence[Example], per_step: int, head: int, seed: int) -> list[int]:
@@ -279,7 +303,17 @@ def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
 # --------------------------------------------------------------------------------------
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, method, optimizer, scheduler, result: TrainResult) -> Path:
+def save_checkpoint(ckpt_root: Path, step: int, model, method, optimizer, scheduler, result: TrainResult,
+                    ranks: Ranks = SINGLE) -> Path:
+    """Rank 0 writes (weights, optimizer, scheduler, every rank's RNG, the curves); every rank
+    returns once it is complete."""
+    final = ckpt_root / f"step-{step:06d}"
+    # dropout masks differ per rank: each rank's CPU and (its own device's) CUDA RNG, to resume each exactly
+    rng_by_rank = ranks.gather(torch.get_rng_state())
+    cuda_by_rank = ranks.gather(torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+    if not ranks.is_main:
+        ranks.barrier()
+        return final
     ckpt_root.mkdir(parents=True, exist_ok=True)
     tmp = ckpt_root / f".tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -287,20 +321,22 @@ def save_checkpoint(ckpt_root: Path, step: int, model, method, optimizer, schedu
     torch.save({
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
+        "torch_rng": rng_by_rank[0],
+        **({"torch_rng_by_rank": rng_by_rank, "cuda_rng_by_rank": cuda_by_rank} if ranks.distributed else {}),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }, tmp / "state.pt")
     (tmp / "progress.json").write_text(json.dumps({
         "step": step, "losses": result.losses, "terms": result.terms, "tokens_seen": result.tokens_seen,
         "tokens_trained": result.tokens_trained, "wall_s": result.wall_s,
         "validation_losses": result.validation_losses, "kept_step": result.kept_step,
+        **({"world_size": ranks.world_size} if ranks.distributed else {}),
     }))
-    final = ckpt_root / f"step-{step:06d}"
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
     for old in sorted(ckpt_root.glob("step-*"))[:-1]:  # keep the newest only
         shutil.rmtree(old, ignore_errors=True)
+    ranks.barrier()
     return final
 
 
@@ -334,15 +370,24 @@ def _save_weights(root: Path, model, method) -> Path:
     return root
 
 
-def _restore(ckpt: Path, model, optimizer, scheduler, result: TrainResult, method=None) -> int:
+def _restore(ckpt: Path, model, optimizer, scheduler, result: TrainResult, method=None, ranks: Ranks = SINGLE) -> int:
+    progress = json.loads((ckpt / "progress.json").read_text())
+    if progress.get("world_size", 1) != ranks.world_size:
+        raise ValueError(f"checkpoint {ckpt} was written by {progress.get('world_size', 1)} processes and this run "
+                         f"has {ranks.world_size}: a global batch is rows per process x processes, so it cannot "
+                         "resume exactly; run with the same number of processes, or delete the checkpoint to start over")
     _load_weights(ckpt, model, method)
     blob = torch.load(ckpt / "state.pt", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
-    torch.set_rng_state(blob["torch_rng"])
-    if blob["cuda_rng"]:
-        torch.cuda.set_rng_state_all(blob["cuda_rng"])
-    progress = json.loads((ckpt / "progress.json").read_text())
+    if ranks.distributed:
+        torch.set_rng_state(blob["torch_rng_by_rank"][ranks.rank])
+        if blob["cuda_rng_by_rank"][ranks.rank] is not None:
+            torch.cuda.set_rng_state(blob["cuda_rng_by_rank"][ranks.rank])
+    else:
+        torch.set_rng_state(blob["torch_rng"])
+        if blob["cuda_rng"]:
+            torch.cuda.set_rng_state_all(blob["cuda_rng"])
     result.losses = [tuple(x) for x in progress["losses"]]
     result.terms = {name: [tuple(x) for x in curve] for name, curve in progress.get("terms", {}).items()}
     result.tokens_seen = progress["tokens_seen"]
@@ -405,12 +450,19 @@ def train(
     on_log: Callable[..., None] | None = None,
     objective: Objective | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
+    ranks: Ranks = SINGLE,
 ) -> TrainResult:
     """Train `model` (already wrapped by `method`) in place toward `objective` (default: SFT
     cross-entropy) and return what happened. `on_log(step, loss, **terms)` every `log_every` steps;
     with `checkpoint_dir`, checkpoints every `checkpoint_every` steps (and on SIGTERM/SIGINT, then
     raises `Preempted`) and resumes from the newest; `CheckpointBusy` if another process trains there.
-    `on_checkpoint(path)` after each checkpoint is complete (the store mirrors it to object storage)."""
+    `on_checkpoint(path)` after each checkpoint is complete (the store mirrors it to object storage).
+    `ranks`: this process's place among data-parallel processes (`cfg.world_size` must match);
+    the callbacks run on every rank, the caller passes them where it wants them (rank 0)."""
+    if cfg.world_size != ranks.world_size:
+        raise ValueError(f"TrainConfig.world_size {cfg.world_size} but {ranks.world_size} processes run")
+    if ranks.distributed and checkpoint_dir is None:
+        raise ValueError("several processes share checkpoints and best weights through checkpoint_dir; pass one")
     objective = objective if objective is not None else CrossEntropy(cfg.loss)
     seed_everything(cfg.seed)
     reset_peak_memory(device)
@@ -420,11 +472,13 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
     result = TrainResult(validation_rows=len(held_out))
     # one writer per checkpoint dir; the first SIGTERM/SIGINT becomes a checkpoint (core.preemption)
-    with checkpoint_lock(checkpoint_dir), stop_requests() as stop, _best_weights_root(checkpoint_dir) as best_root:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with checkpoint_lock(checkpoint_dir if ranks.is_main else None), stop_requests() as stop, \
+            _best_weights_root(checkpoint_dir) as best_root:
         start = 0
         ckpt = latest_checkpoint(checkpoint_dir)
         if ckpt is not None:
-            start = _restore(ckpt, model, optimizer, scheduler, result, method)
+            start = _restore(ckpt, model, optimizer, scheduler, result, method, ranks)
             result.resumed_from_step = start
 
         model.train()
@@ -433,9 +487,11 @@ def train(
         prepared = prepare(model, cfg, objective, device=device, pad_id=pad_id)
         t0 = time.perf_counter() - result.wall_s
         try:
-            for step, micro_batches in enumerate(batches(examples, cfg, start), start=start):
+            for step, micro_batches in enumerate(batches(examples, cfg, start, ranks.rank), start=start):
                 n_labels = sum(sum(1 for x in r.labels[1:] if x != IGNORE_INDEX) for mb in micro_batches for r in mb)
+                n_labels = int(ranks.sum([n_labels])[0])  # the global batch's labels: every rank divides by them
                 step_loss = 0.0
+                step_tokens = 0
                 step_terms: dict[str, float] = {}
                 for rows in micro_batches:
                     batch = prepared.batch(rows)
@@ -446,7 +502,12 @@ def train(
                     step_loss += loss_sum.item()
                     for name, term_sum in terms.items():
                         step_terms[name] = step_terms.get(name, 0.0) + float(term_sum)
-                    result.tokens_seen += batch_tokens(batch)
+                    step_tokens += batch_tokens(batch)
+                # sums over ranks (no-op alone): the step's loss, tokens and terms
+                step_loss, step_tokens, *term_sums = ranks.sum([step_loss, step_tokens, *step_terms.values()])
+                step_terms = dict(zip(step_terms, term_sums))
+                result.tokens_seen += int(step_tokens)
+                ranks.sync_gradients(trainable)
                 mean_loss = step_loss / n_labels
                 if not math.isfinite(mean_loss):
                     raise TrainingDiverged(
@@ -454,7 +515,7 @@ def train(
                         "check the data for empty answers, or use float32"
                     )
                 if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+                    torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -474,7 +535,8 @@ def train(
                     loss = round(validation_loss(model, prepared, held_out, cfg.batch_size, device, autocast_dtype), 6)
                     if result.kept_step is None or loss < min(v for _, v in result.validation_losses):
                         result.kept_step = step + 1
-                        _save_weights(best_root / f"step-{step + 1:06d}", model, method)
+                        if ranks.is_main:  # identical on every rank; the root is shared (checkpoint_dir)
+                            _save_weights(best_root / f"step-{step + 1:06d}", model, method)
                     result.validation_losses.append((step + 1, loss))
                     since_best = sum(1 for s, _ in result.validation_losses if s > result.kept_step)
                     if cfg.early_stopping_patience and since_best >= cfg.early_stopping_patience:
@@ -482,16 +544,21 @@ def train(
                         break
                 if step + 1 == total:
                     break
-                if checkpoint_dir is not None and ((step + 1) % cfg.checkpoint_every == 0 or stop.signal_name):
-                    saved = save_checkpoint(checkpoint_dir, step + 1, model, method, optimizer, scheduler, result)
-                    _drop_best_weights_but(best_root, result.kept_step)  # the checkpoint names the kept step
+                stopping = stop.signal_name  # a signal to any rank stops every rank after this step
+                if ranks.distributed and ranks.sum([1.0 if stopping else 0.0])[0] and not stopping:
+                    stopping = "a signal to another rank"
+                if checkpoint_dir is not None and ((step + 1) % cfg.checkpoint_every == 0 or stopping):
+                    saved = save_checkpoint(checkpoint_dir, step + 1, model, method, optimizer, scheduler, result, ranks)
+                    if ranks.is_main:
+                        _drop_best_weights_but(best_root, result.kept_step)  # the checkpoint names the kept step
                     if on_checkpoint is not None:
                         on_checkpoint(saved)
-                if stop.signal_name:  # SIGTERM/SIGINT arrived during this step: checkpointed above, now stop
-                    raise Preempted(step + 1, stop.signal_name, saved if checkpoint_dir is not None else None)
+                if stopping:  # SIGTERM/SIGINT arrived during this step: checkpointed above, now stop
+                    raise Preempted(step + 1, stopping, saved if checkpoint_dir is not None else None)
         finally:
             prepared.release()
         if result.kept_step is not None and result.kept_step != result.steps:
+            ranks.barrier()  # rank 0 saved them
             _load_weights(best_root / f"step-{result.kept_step:06d}", model, method)  # end with the best measured
         result.wall_s = time.perf_counter() - t0
     result.peak_memory_bytes = peak_memory_bytes(device)

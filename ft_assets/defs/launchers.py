@@ -1,0 +1,107 @@
+"""Where `adapter` trains (`compute.launcher`): in the Dagster step, or in torchrun processes.
+
+    inprocess   `core.finetune.finetune` in the step's own process (the default; the demo's speed)
+    torchrun    a `ft_assets.jobs.train.TrainJob` spec file, then `torchrun --standalone
+                --nproc-per-node N -m ft_assets.jobs.train SPEC` under Dagster's
+                `PipesSubprocessClient`: rank 0 streams the step log through Pipes and reports the
+                result, which comes back as a `core.finetune.TrainedElsewhere` -- stored and turned
+                into metadata exactly like an in-process `FineTuned`.
+
+Contract: the run's files live under the checkpoint directory (`trained/` the artifact's files,
+`ranks/` each rank's status), so a failed run leaves nothing in the store and its checkpoints
+for the rerun. A failed torchrun becomes one step failure naming each rank and how it ended
+(`JobFailed`): a rank that started and never reported was killed (kill -9, out of memory);
+a user-fixable error (NaN loss, batch too large) reads as it does in process.
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from ..core import finetune, train
+from ..jobs.train import RESULT_MESSAGE, TrainJob
+from ..recipe import Recipe
+
+
+class JobFailed(RuntimeError):
+    """The training processes failed; the message names each rank and what to do."""
+
+
+def train_job(recipe: Recipe, name: str, td: finetune.TrainingData, cfg: train.TrainConfig, *, base_dir: str,
+              quantized_dir: str | None, checkpoint_dir: Path) -> TrainJob:
+    """The spec of one method's run: what `core.finetune.finetune` takes, as paths and plain values."""
+    plan = td.plan
+    continued = td.continued
+    return TrainJob(
+        method=name, method_spec=recipe.methods[name].model_dump(mode="json"),
+        train_config={k: v for k, v in vars(cfg).items() if k != "world_size"},
+        sft_dataset_dir=str(td.sft_dataset_dir), base_dir=str(base_dir), pad_id=td.pad_id,
+        checkpoint_dir=str(checkpoint_dir), out_dir=str(checkpoint_dir / "trained"),
+        run_dir=str(checkpoint_dir / "ranks"), quantized_dir=str(quantized_dir) if quantized_dir else None,
+        quantized_compute_dtype=recipe.quantization.compute_dtype, device=recipe.compute.device,
+        threads=recipe.compute.threads, start_adapter=plan.start.adapter_path if continued else None,
+        replay=({"dataset_dir": plan.replay_dataset, "fraction": recipe.methods[name].replay_fraction}
+                if continued and plan.replay_dataset else {}))
+
+
+def torchrun_command(spec_path: Path, nproc_per_node: int) -> list[str]:
+    # this interpreter's torchrun (torch.distributed.run): the same environment as the step
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
+            "-m", "ft_assets.jobs.train", str(spec_path)]
+
+
+def run_torchrun(context: dg.AssetExecutionContext, job: TrainJob, nproc_per_node: int
+                 ) -> finetune.TrainedElsewhere:
+    """Run `job` on `nproc_per_node` processes through Pipes; the trained files and the result."""
+    run_dir, out_dir = Path(job.run_dir), Path(job.out_dir)
+    for stale in (run_dir, out_dir):  # an earlier attempt's statuses and files (its checkpoints stay)
+        shutil.rmtree(stale, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    spec_path = job.write(run_dir / "job.json")
+    command = torchrun_command(spec_path, nproc_per_node)
+    context.log.info(f"{job.method}: {' '.join(command)}")
+    try:
+        invocation = dg.PipesSubprocessClient().run(context=context, command=command)
+    except Exception as exc:  # Dagster's DagsterPipesExecutionError (not public): a non-zero exit
+        raise JobFailed(describe_failure(run_dir, nproc_per_node, job.checkpoint_dir, exc)) from None
+    reported = [m for m in invocation.get_custom_messages() if isinstance(m, dict) and m.get("kind") == RESULT_MESSAGE]
+    if not reported or not out_dir.is_dir():
+        raise JobFailed(f"torchrun ended without a result from rank 0 (see the step's stdout/stderr); "
+                        f"nothing was stored")
+    message = reported[-1]
+    return finetune.TrainedElsewhere(out_dir, train.TrainResult.from_dict(message["result"]),
+                                     message["trainable"], message["total"])
+
+
+def describe_failure(run_dir: Path, nproc_per_node: int, checkpoint_dir: str, exc: Exception) -> str:
+    """Each rank's end, from its status file, the cause first, and what to do."""
+    killed, failed, missing, user_errors = [], [], [], []
+    for rank in range(nproc_per_node):
+        path = run_dir / f"rank-{rank}.json"
+        status = json.loads(path.read_text()) if path.is_file() else None
+        if status is None:
+            missing.append(rank)
+        elif status["status"] == "started":
+            killed.append(f"rank {rank} (pid {status['pid']}) of {nproc_per_node} was killed without a word "
+                          "(kill -9, or the machine's out-of-memory killer: then lower training.batch_size)")
+        elif status["status"] == "failed":
+            failed.append(f"rank {rank} ({status['error'].splitlines()[0][:200]})")
+            if status.get("user_error"):
+                user_errors.append(status["error"].split(": ", 1)[-1])
+    if user_errors and not killed:  # the same error on every rank (NaN loss, bad settings): said as in process
+        return user_errors[0]
+    if killed:
+        said = "; ".join(killed) + (f"; {', '.join(failed)} stopped with it" if failed else "")
+    elif failed:
+        said = "; ".join(f"{f} failed" for f in failed)
+    else:
+        said = f"torchrun exited without any rank reporting ({exc}; its own error is in the step's stderr)"
+    if missing and (killed or failed):
+        said += f"; rank(s) {', '.join(map(str, missing))} never started"
+    newest = train.latest_checkpoint(Path(checkpoint_dir))
+    resume = (f"Materialize again to resume from the checkpoint of step {int(newest.name.removeprefix('step-'))} "
+              f"with the same {nproc_per_node} processes" if newest else "Materialize again (no checkpoint yet: it starts over)")
+    return f"{said}. Nothing was stored. {resume}."

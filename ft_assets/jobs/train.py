@@ -1,0 +1,170 @@
+"""`python -m ft_assets.jobs.train SPEC.json`: train one recipe method outside the Dagster process.
+
+    TrainJob (the spec file the asset writes)  ->  every rank: join the process group torchrun
+    set up (`core.distributed.Ranks.from_env`), load the train split (+ replay rows), call
+    `core.finetune.finetune`  ->  rank 0: save the trained files into `out_dir`, report the
+    result through Dagster Pipes.
+
+Contract:
+- Imports `dagster_pipes`, never `dagster`. Under several processes every rank inherits the
+  Pipes environment; only rank 0 opens it (one writer to the message channel). It forwards the
+  step log lines and reports the whole `TrainResult` as a custom message (`result_message`),
+  which the asset turns into the same metadata an in-process run gets. Without a Dagster parent
+  it prints the log and writes the result beside the spec.
+- The artifact: rank 0 writes the method's files and `train_log.json` into `out_dir` (the
+  asset's store staging directory); nothing else. Checkpoints go to `checkpoint_dir`, which
+  every rank reads on resume (one machine, or a filesystem all nodes share).
+- How a rank ended: `run_dir/rank-<r>.json` says "started" (with its pid), then "done" or
+  "failed" (with the error, and whether the user can act on it). A rank that says "started"
+  and no more was killed (kill -9, the out-of-memory killer): that is how the asset names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+RESULT_MESSAGE = "ft_assets.train_result"
+
+
+@dataclass
+class TrainJob:
+    method: str  # the recipe's method name
+    method_spec: dict[str, Any]  # its `methods.<name>` entry as the recipe validated it (with `type`)
+    train_config: dict[str, Any]  # core.train.TrainConfig fields; world_size comes from the launcher
+    sft_dataset_dir: str
+    base_dir: str
+    pad_id: int
+    checkpoint_dir: str
+    out_dir: str  # rank 0 writes the trained files here
+    run_dir: str  # rank-<r>.json status files
+    quantized_dir: str | None = None
+    quantized_compute_dtype: str = "bfloat16"
+    device: str = "auto"  # compute.device; under several processes each rank takes cuda:<local rank>
+    threads: int | None = None
+    start_adapter: str | None = None  # continual: the previous adapter version's directory
+    replay: dict[str, Any] = field(default_factory=dict)  # {"dataset_dir", "fraction"}: continual replay
+
+    def write(self, path: Path) -> Path:
+        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+        return path
+
+    @classmethod
+    def read(cls, path: str | Path) -> "TrainJob":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def result_message(tuned) -> dict[str, Any]:
+    """What rank 0 reports: the TrainResult's fields and the parameter counts."""
+    return {"kind": RESULT_MESSAGE, "result": asdict(tuned.result), "trainable": tuned.trainable,
+            "total": tuned.total}
+
+
+class RankStatus:
+    """`run_dir/rank-<r>.json`: started (pid) -> done | failed (error, user_error)."""
+
+    def __init__(self, run_dir: str | Path, rank: int):
+        self.path = Path(run_dir) / f"rank-{rank}.json"
+        self.rank = rank
+
+    def _write(self, **fields: Any) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"rank": self.rank, "pid": os.getpid(), **fields}))
+        os.replace(tmp, self.path)
+
+    def started(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._write(status="started")
+
+    def done(self) -> None:
+        self._write(status="done")
+
+    def failed(self, exc: BaseException, user_error: bool) -> None:
+        self._write(status="failed", error=f"{type(exc).__name__}: {exc}", user_error=user_error)
+
+
+@contextmanager
+def _reporter(is_main: bool) -> Iterator[Any]:
+    """Rank 0 under Dagster: the Pipes context. Elsewhere: None (log lines go to stdout)."""
+    from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
+
+    if not is_main or not PipesEnvVarParamsLoader().is_dagster_pipes_process():
+        yield None
+        return
+    with open_dagster_pipes() as pipes:
+        yield pipes
+
+
+def run(job: TrainJob) -> int:
+    from ..core import continual, data, finetune, train
+    from ..core.device import resolve
+    from ..core.distributed import Ranks
+    from ..core.methods import get_method
+    from ..core.preemption import CheckpointBusy
+    from ..recipe import _validate_method
+
+    hw = resolve(job.device, job.threads)
+    ranks = Ranks.from_env(hw.device)
+    status = RankStatus(job.run_dir, ranks.rank)
+    status.started()
+    try:
+        with _reporter(ranks.is_main) as pipes:
+            def log(msg: str) -> None:
+                if pipes is not None:
+                    pipes.log.info(msg)
+                elif ranks.is_main:
+                    print(msg, flush=True)
+
+            try:
+                spec = _validate_method(job.method_spec)
+                cfg = train.TrainConfig(**{**job.train_config, "world_size": ranks.world_size})
+                examples = data.load_split(job.sft_dataset_dir, "train")
+                if job.replay:
+                    old = data.load_split(job.replay["dataset_dir"], "train")
+                    examples = examples + continual.replay_rows(old, examples, job.replay["fraction"], cfg.seed)
+                tuned = finetune.finetune(
+                    get_method(spec.type), spec, examples, cfg, base_dir=Path(job.base_dir),
+                    quantized_dir=Path(job.quantized_dir) if job.quantized_dir else None,
+                    quantized_compute_dtype=job.quantized_compute_dtype, pad_id=job.pad_id,
+                    device=ranks.device(hw.device), dtype=hw.dtype, autocast_dtype=hw.autocast_dtype,
+                    start_adapter=Path(job.start_adapter) if job.start_adapter else None,
+                    checkpoint_dir=Path(job.checkpoint_dir), log=lambda m: log(f"{job.method}: {m}"),
+                    on_log=lambda step, loss, **_: log(f"step {step}: loss {loss:.4f}"), ranks=ranks)
+                if ranks.is_main:
+                    Path(job.out_dir).mkdir(parents=True, exist_ok=True)
+                    tuned.save(Path(job.out_dir))
+                    message = result_message(tuned)
+                    if pipes is not None:
+                        pipes.report_custom_message(message)
+                    else:
+                        (Path(job.run_dir) / "result.json").write_text(json.dumps(message))
+                ranks.barrier()
+            except Exception as exc:
+                user = isinstance(exc, (finetune.TrainingFailed, train.TrainingDiverged, CheckpointBusy, ValueError))
+                status.failed(exc, user_error=user)
+                if pipes is not None:
+                    pipes.log.error(f"rank {ranks.rank}: {type(exc).__name__}: {exc}")
+                traceback.print_exc()
+                return 1
+        status.done()
+        return 0
+    finally:
+        ranks.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m ft_assets.jobs.train SPEC.json", file=sys.stderr)
+        return 2
+    return run(TrainJob.read(argv[0]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

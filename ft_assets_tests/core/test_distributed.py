@@ -1,0 +1,196 @@
+"""Data parallelism in the one training loop (`core.distributed`, `core.train`): which rows each
+rank reads, and two gloo processes on loopback against one process (no Dagster, no torchrun:
+the launcher's side is `defs/test_scale_out.py`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from ft_assets.core import train
+from ft_assets.core.distributed import Ranks
+from ft_assets.core.methods import get_method
+from ft_assets.recipe import ComputeSpec
+from ft_assets_tests.conftest import formatted_examples
+from ft_assets_tests.core.test_train import SPEC, cfg, lora_model
+
+
+@pytest.fixture(scope="module")
+def examples(tiny_model_dir):
+    return formatted_examples(tiny_model_dir, 16)
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_each_rank_reads_its_own_slice_and_together_the_rows_one_process_reads(examples, group_by_length):
+    one = cfg(batch_size=8, max_steps=6, group_by_length=group_by_length)
+    two = cfg(batch_size=4, max_steps=6, world_size=2, group_by_length=group_by_length)
+    single = [[r.id for mb in step for r in mb] for step in train.batches(examples, one)]
+    rank0 = [[r.id for mb in step for r in mb] for step in train.batches(examples, two, rank=0)]
+    rank1 = [[r.id for mb in step for r in mb] for step in train.batches(examples, two, rank=1)]
+    assert len(single) == len(rank0) == len(rank1) == 6
+    for s, a, b in zip(single, rank0, rank1):
+        assert len(a) == len(b) == 4 and not set(a) & set(b)  # disjoint, none idle
+        assert a + b == s  # the same rows, in the same order, as one process
+    assert train.steps_for(16, two) == train.steps_for(16, one)
+
+
+def test_a_checkpoint_written_by_another_number_of_processes_is_refused(tiny_model_dir, examples, tmp_path):
+    method = get_method("lora")
+    train.train(lora_model(tiny_model_dir), method, SPEC, examples, cfg(max_steps=4), pad_id=2, checkpoint_dir=tmp_path)
+    progress = next(tmp_path.glob("step-*")) / "progress.json"
+    progress.write_text(json.dumps({**json.loads(progress.read_text()), "world_size": 2}))
+    with pytest.raises(ValueError, match="written by 2 processes and this run has 1"):
+        train.train(lora_model(tiny_model_dir), method, SPEC, examples, cfg(max_steps=6), pad_id=2, checkpoint_dir=tmp_path)
+
+
+def test_processes_need_the_torchrun_launcher():
+    with pytest.raises(ValueError, match="nproc_per_node 2 needs launcher: torchrun"):
+        ComputeSpec(nproc_per_node=2)
+    assert ComputeSpec(launcher="torchrun", nproc_per_node=2).world_size == 2
+    assert ComputeSpec().model_dump() == ComputeSpec(launcher="inprocess").model_dump()  # recipe hashes unchanged
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, port: int, model_dir: str, out: str, settings: dict) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    ranks = Ranks.from_env("cpu")
+    try:
+        model = lora_model(Path(model_dir))
+        result = train.train(model, get_method("lora"), SPEC, formatted_examples(Path(model_dir), 16),
+                             cfg(**settings, world_size=2), pad_id=2, checkpoint_dir=Path(out) / "ckpt", ranks=ranks)
+        weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        torch.save({"result": result.log(), "weights": weights}, Path(out) / f"rank-{rank}.pt")
+    finally:
+        ranks.close()
+
+
+def test_two_processes_with_validation_keep_what_one_process_keeps(tiny_model_dir, examples, tmp_path):
+    """Validation, early stopping and the best weights (saved by rank 0, read by both) under DDP,
+    within the spread of two single-process runs that differ in summation order only (batch 4,
+    and batch 2 x grad_accum 2: the per-process batches of the two-rank run)."""
+    settings = dict(max_steps=24, validation_fraction=0.25, validation_every=2, early_stopping_patience=2, lr=0.1)
+    single = {}
+    for label, shape in (("one", {"batch_size": 4}), ("accum", {"batch_size": 2, "grad_accum": 2})):
+        model = lora_model(tiny_model_dir)
+        result = train.train(model, get_method("lora"), SPEC, examples, cfg(**settings, **shape), pad_id=2)
+        single[label] = (result.log(), {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    mp.start_processes(_rank_main, args=(_free_port(), str(tiny_model_dir), str(tmp_path), {**settings, "batch_size": 2}),
+                       nprocs=2, start_method="spawn")
+    (one, w_one), (accum, w_accum) = single["one"], single["accum"]
+    loss_spread = max(abs(a - b) for (_, a), (_, b) in zip(one["validation_losses"], accum["validation_losses"]))
+    weight_spread = max(float((w_one[n] - w_accum[n]).abs().max()) for n in w_one)
+    assert one["stopped_early_at"] and one["kept_step"] < one["steps"]  # it stops early, ends with earlier weights
+    assert one["kept_step"] == accum["kept_step"] and one["stopped_early_at"] == accum["stopped_early_at"]
+    for r in (0, 1):
+        got = torch.load(tmp_path / f"rank-{r}.pt", weights_only=True)
+        assert (got["result"]["kept_step"], got["result"]["steps"], got["result"]["stopped_early_at"]) == \
+            (one["kept_step"], one["steps"], one["stopped_early_at"])
+        assert [s for s, _ in got["result"]["validation_losses"]] == [s for s, _ in one["validation_losses"]]
+        for (_, a), (_, b) in zip(got["result"]["validation_losses"], one["validation_losses"]):
+            assert abs(a - b) <= max(4 * loss_spread, 1e-6), (a, b, loss_spread)
+        for name, w in w_one.items():  # both ranks end with the kept step's weights
+            assert float((got["weights"][name] - w).abs().max()) <= max(4 * weight_spread, 1e-7), name
+
+
+def _rank_signalled(rank: int, port: int, model_dir: str, out: str) -> None:
+    """Rank 1 alone gets SIGTERM during step 2: both ranks must stop after that step, checkpointed."""
+    import signal
+
+    from ft_assets.core.preemption import Preempted
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    ranks = Ranks.from_env("cpu")
+
+    def on_log(step: int, loss: float) -> None:
+        if rank == 1 and step == 2:  # arrives during step 2 (its log line), on rank 1 only
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        train.train(lora_model(Path(model_dir)), get_method("lora"), SPEC, formatted_examples(Path(model_dir), 16),
+                    cfg(max_steps=12, batch_size=2, world_size=2, checkpoint_every=100), pad_id=2,
+                    checkpoint_dir=Path(out) / "ckpt", ranks=ranks, on_log=on_log)
+        outcome = "finished"
+    except Preempted as exc:
+        outcome = f"preempted at {exc.step}"
+    finally:
+        ranks.close()
+    (Path(out) / f"rank-{rank}.txt").write_text(outcome)
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_with_a_checkpoint(tiny_model_dir, tmp_path):
+    mp.start_processes(_rank_signalled, args=(_free_port(), str(tiny_model_dir), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    assert [(tmp_path / f"rank-{r}.txt").read_text() for r in (0, 1)] == ["preempted at 2"] * 2
+    assert train.latest_checkpoint(tmp_path / "ckpt").name == "step-000002"
+
+
+def _trained(model_dir: Path, name: str, settings: dict, **run) -> dict[str, torch.Tensor]:
+    """Method `name` of test_methods.SPECS trained on the 16 tiny rows; its trainable weights."""
+    from ft_assets.core.models import load_model
+    from ft_assets_tests.core.test_methods import SPECS
+    from ft_assets_tests.core.test_methods import cfg as method_cfg
+
+    spec = SPECS[name]
+    method = get_method(spec.type)
+    torch.manual_seed(0)
+    model = method.wrap(load_model(model_dir), spec)
+    c = method_cfg(spec)
+    c = train.TrainConfig(**{**vars(c), **settings})
+    train.train(model, method, spec, formatted_examples(model_dir, 16), c, pad_id=2, **run)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+DDP_METHODS = ("full", "last_layers", "dora", "lora_plus", "delta_lora", "vera", "ia3", "prefix", "prompt", "bottleneck")
+
+
+def _rank_methods(rank: int, port: int, model_dir: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    ranks = Ranks.from_env("cpu")
+    try:
+        for name in DDP_METHODS:
+            weights = _trained(Path(model_dir), name, {"batch_size": 2, "world_size": 2}, ranks=ranks,
+                               checkpoint_dir=Path(out) / name)
+            torch.save(weights, Path(out) / f"{name}-{rank}.pt")
+    finally:
+        ranks.close()
+
+
+@pytest.mark.slow
+def test_every_method_family_trains_under_two_processes_as_in_one(tiny_model_dir, tmp_path):
+    """Full weights, last layers, LoRA variants (DoRA's magnitudes, LoRA+'s groups, Delta-LoRA's
+    after-step base update, VeRA's shared projections), IA3, prompt learning (no packing) and
+    bottleneck adapters: 2 ranks x batch 2 against 1 process x batch 4, within 4x the spread of
+    1 process x batch 2 x grad_accum 2 (the same computation, another summation order)."""
+    mp.start_processes(_rank_methods, args=(_free_port(), str(tiny_model_dir), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    for name in DDP_METHODS:
+        one = _trained(tiny_model_dir, name, {"batch_size": 4})
+        accum = _trained(tiny_model_dir, name, {"batch_size": 2, "grad_accum": 2})
+        spread = max(float((one[k] - accum[k]).abs().max()) for k in one)
+        moved = max(float((one[k] - w).abs().max()) for k, w in
+                    _initial(tiny_model_dir, name).items())
+        for rank in (0, 1):
+            got = torch.load(tmp_path / f"{name}-{rank}.pt", weights_only=True)
+            off = max(float((one[k] - got[k]).abs().max()) for k in one)
+            assert off <= max(4 * spread, 1e-6) and off < moved / 100, (name, rank, off, spread, moved)
+
+
+def _initial(model_dir: Path, name: str) -> dict[str, torch.Tensor]:
+    return _trained(model_dir, name, {"max_steps": 1, "lr": 0.0})

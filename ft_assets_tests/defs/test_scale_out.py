@@ -1,0 +1,175 @@
+"""`compute.launcher: torchrun`: adapter training in torchrun processes (gloo, 2 ranks on CPU),
+launched through Dagster Pipes by the asset, on the persistent instance with its gpu pool.
+
+- DDP equals one process: 2 ranks x batch 4 against 1 process x batch 8 on the same rows, the
+  loss curve and the adapter's weights within the spread of two single-process runs that are
+  the same computation in another summation order (batch 8, and batch 4 x grad_accum 2).
+- the Pipes side: the step log lines and the training facts reach the materialization.
+- kill -9 of rank 1 mid-run: the step fails naming rank 1, nothing is stored; the rerun
+  resumes from the checkpoint and ends with the adapter an uninterrupted run makes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from ft_assets import demo
+from ft_assets.definitions import build_definitions
+from ft_assets.recipe import load_recipe
+from ft_assets.store import ArtifactStore
+from ft_assets_tests.conftest import make_recipe, qa_rows, write_jsonl
+from ft_assets_tests.defs.test_failures import failure_message
+
+pytestmark = pytest.mark.slow
+
+TRAINING = {"max_steps": 12, "epochs": 100, "lr": 2e-2, "warmup_ratio": 0.0, "checkpoint_every": 4}
+
+
+def recipe_file(root: Path, model_dir: Path, label: str, training: dict, compute: dict, method: str = "lora") -> Path:
+    recipe = make_recipe(model_dir, quantization={"method": "nf4" if method == "qlora" else "none"},
+                         training={**TRAINING, **training}, methods={method: {"r": 4, "alpha": 8, "dropout": 0.0}},
+                         compute={"device": "cpu", **compute})
+    path = root / f"{label}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("scale_out")
+    (root / "data").mkdir()
+    write_jsonl(root / "data" / "qa.jsonl", qa_rows())
+    return root, tiny_model_dir
+
+
+def materialize(path: Path, home: Path, instance: dg.DagsterInstance, raise_on_error: bool = True,
+                run_config: dict | None = None, method: str = "lora") -> dg.ExecuteInJobResult:
+    defs = build_definitions(load_recipe(path), home=str(home))
+    upstream = ["base_model", "sft_dataset"] + (["base_eval", "quantized_base"] if method == "qlora" else [])
+    dg.materialize(list(defs.assets), instance=instance, resources=defs.resources, selection=upstream)
+    return dg.materialize(list(defs.assets), instance=instance, resources=defs.resources, partition_key=method,
+                          selection=["adapter"], raise_on_error=raise_on_error, run_config=run_config)
+
+
+def adapter_of(result: dg.ExecuteInJobResult, home: Path, method: str = "lora") -> tuple[dict, dict[str, torch.Tensor]]:
+    """(materialization metadata, adapter weights) of the run's adapter."""
+    mat = result.asset_materializations_for_node("adapter")[0]
+    meta = {k: v.value for k, v in mat.metadata.items()}
+    art = ArtifactStore(home).get("adapter", method, meta["data_version"])
+    return meta, load_file(str(art.dir / "adapter_model.safetensors"))
+
+
+def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_two_ranks_train_what_one_process_trains_and_report_through_pipes(project, tmp_path):
+    root, model_dir = project
+    home = tmp_path / "ft_home"
+    instance = demo.ensure_instance(home)  # the user's instance: persistent, gpu pool limited to 1
+    try:
+        one = materialize(recipe_file(root, model_dir, "one", {"batch_size": 8}, {}), home, instance)
+        accum = materialize(recipe_file(root, model_dir, "accum", {"batch_size": 4, "grad_accum": 2}, {}), home, instance)
+        ddp = materialize(recipe_file(root, model_dir, "ddp", {"batch_size": 4},
+                                      {"launcher": "torchrun", "nproc_per_node": 2}), home, instance)
+        logs = [e.message for e in instance.all_logs(ddp.run_id) if e.user_message]
+    finally:
+        instance.dispose()
+    (m_one, w_one), (m_acc, w_acc), (m_ddp, w_ddp) = (adapter_of(r, home) for r in (one, accum, ddp))
+
+    # the same rows per step: as many label tokens and input tokens, step by step
+    assert (m_ddp["tokens_trained"], m_ddp["tokens_seen"], m_ddp["steps"]) == \
+        (m_one["tokens_trained"], m_one["tokens_seen"], m_one["steps"]) == (m_acc["tokens_trained"], m_acc["tokens_seen"], 12)
+    spread = largest_difference(w_one, w_acc)  # one computation, two summation orders
+    tolerance = max(4 * spread, 1e-6)
+    assert largest_difference(w_one, w_ddp) <= tolerance, (largest_difference(w_one, w_ddp), spread)
+    loss_spread = max(abs(a[1] - b[1]) for a, b in zip(m_one["losses"], m_acc["losses"]))
+    for (s1, l1), (s2, l2) in zip(m_one["losses"], m_ddp["losses"]):
+        assert s1 == s2 and abs(l1 - l2) <= max(4 * loss_spread, 1e-5), (s1, l1, l2)
+    # a rank that did nothing (or trained rank 0's rows again) would not match: the rows differ
+    # and the adapter moved (the first and last losses differ by far more than the tolerance)
+    assert m_one["losses"][0][1] - m_one["losses"][-1][1] > 100 * max(4 * loss_spread, 1e-5)
+    assert largest_difference(w_one, {k: torch.zeros_like(v) for k, v in w_one.items()}) > 100 * tolerance
+
+    # what Pipes carried: rank 0's log lines in the step's log, the facts on the materialization
+    assert any(line.startswith("step 12: loss") for line in logs), logs[-20:]
+    assert any("x 2 processes" in line for line in logs)
+    assert (m_ddp["launcher"], m_ddp["processes"]) == ("torchrun", 2)
+    for key in ("final_loss", "tokens_per_s", "peak_memory_bytes", "wall_time_s", "trainable_parameters"):
+        assert m_ddp[key] and m_ddp[key] > 0, key
+    assert m_ddp["data_version"] not in (m_one["data_version"], m_acc["data_version"])
+
+
+def test_qlora_trains_on_its_nf4_base_under_two_ranks_as_in_one_process(project, tmp_path):
+    root, model_dir = project
+    home = tmp_path / "ft_home"
+    instance = demo.ensure_instance(home)
+    runs = {}
+    try:
+        for label, training, compute in (("one", {"batch_size": 8}, {}), ("accum", {"batch_size": 4, "grad_accum": 2}, {}),
+                                         ("ddp", {"batch_size": 4}, {"launcher": "torchrun", "nproc_per_node": 2})):
+            path = recipe_file(root, model_dir, f"q{label}", training, compute, method="qlora")
+            runs[label] = adapter_of(materialize(path, home, instance, method="qlora"), home, "qlora")
+    finally:
+        instance.dispose()
+    (m_one, w_one), (_, w_acc), (m_ddp, w_ddp) = runs["one"], runs["accum"], runs["ddp"]
+    spread = largest_difference(w_one, w_acc)
+    assert m_ddp["tokens_trained"] == m_one["tokens_trained"] and m_ddp["processes"] == 2
+    assert largest_difference(w_one, w_ddp) <= max(4 * spread, 1e-6), (largest_difference(w_one, w_ddp), spread)
+    assert m_one["losses"][0][1] - m_one["losses"][-1][1] > 0.01  # it trained
+
+
+def test_kill_9_of_one_rank_fails_clearly_and_the_rerun_resumes_to_the_same_adapter(project, tmp_path):
+    root, model_dir = project
+    path = recipe_file(root, model_dir, "long", {"batch_size": 4, "max_steps": 60, "checkpoint_every": 5},
+                       {"launcher": "torchrun", "nproc_per_node": 2})
+    home = tmp_path / "ft_home"
+    instance = demo.ensure_instance(home)
+    killed: dict = {}
+
+    def kill_rank_1_after_a_checkpoint() -> None:
+        ckpts = home / "checkpoints" / "adapter" / "lora"
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            status = next(ckpts.glob("*/ranks/rank-1.json"), None)
+            if status is not None and next(ckpts.glob("*/step-*"), None) is not None:
+                pid = json.loads(status.read_text())["pid"]
+                os.kill(pid, signal.SIGKILL)
+                killed["pid"] = pid
+                return
+            time.sleep(0.05)
+
+    try:
+        killer = threading.Thread(target=kill_rank_1_after_a_checkpoint)
+        killer.start()
+        failed = materialize(path, home, instance, raise_on_error=False)
+        killer.join()
+        assert killed and not failed.success
+        message = failure_message(failed)
+        assert f"rank 1 (pid {killed['pid']}) of 2 was killed" in message, message
+        assert "Nothing was stored. Materialize again to resume from the checkpoint of step" in message, message
+        assert ArtifactStore(home).latest("adapter", "lora") is None  # nothing stored
+
+        resumed = materialize(path, home, instance)
+        m_resumed, w_resumed = adapter_of(resumed, home)
+        assert m_resumed["steps"] == 60
+        fresh = materialize(path, home, instance, run_config={"ops": {"adapter": {"config": {"force": True}}}})
+        m_fresh, w_fresh = adapter_of(fresh, home)
+    finally:
+        instance.dispose()
+    manifest = ArtifactStore(home).get("adapter", "lora", m_resumed["data_version"]).manifest()
+    assert 5 <= manifest["train"]["resumed_from_step"] < 60
+    assert m_fresh["losses"] == m_resumed["losses"]
+    assert largest_difference(w_fresh, w_resumed) == 0.0
