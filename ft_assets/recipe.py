@@ -477,16 +477,19 @@ class ComputeSpec(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
     threads: Annotated[int, Field(ge=1)] | None = None  # torch CPU threads; null: torch's default
     data_workers: Annotated[int, Field(ge=1)] | None = None  # processes tokenizing sft_dataset (Dataset.map num_proc); null: os.cpu_count(). Does not change the data or its version
-    _OMIT_WHEN_DEFAULT = ("launcher", "nproc_per_node")
+    _OMIT_WHEN_DEFAULT = ("launcher", "nproc_per_node", "parallel")
 
     launcher: Literal["inprocess", "torchrun"] = "inprocess"  # where `adapter` trains: in the Dagster step, or in torchrun processes reporting through Dagster Pipes (README "Scaling out")
     nproc_per_node: Annotated[int, Field(ge=1)] = 1  # torchrun: data-parallel processes (DDP), one per GPU on CUDA; a step takes training.batch_size x grad_accum rows on each
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # torchrun: ddp (every process holds the whole model) or fsdp (FSDP2: weights, gradients and optimizer state sharded; `full` methods, others stay ddp). The same training either way
 
     @model_validator(mode="after")
     def _processes_need_torchrun(self) -> "ComputeSpec":
         if self.nproc_per_node > 1 and self.launcher != "torchrun":
             raise ValueError(f"nproc_per_node {self.nproc_per_node} needs launcher: torchrun (the in-process "
                              "launcher trains in one process)")
+        if self.parallel == "fsdp" and self.launcher != "torchrun":
+            raise ValueError("parallel: fsdp shards the model over torchrun's processes: it needs launcher: torchrun")
         return self
 
     @property

@@ -18,6 +18,14 @@ Contract (DDP: every rank holds the whole model, `core.train.train` keeps them i
 - Files: rank 0 writes checkpoints and best weights (`is_main`); the others wait at `barrier()`
   and read them. Each rank's RNG state travels in the checkpoint (`gather`), so a resume with
   the same world size is exact. A resume with another world size is refused (`core.train`).
+
+FSDP2 (`shard`, full fine-tuning): each decoder layer and the root are `fully_shard`ed, so a rank
+holds 1/world_size of the weights, gradients and optimizer state; the all-gathers and the
+reduce-scatter of gradients happen inside forward/backward (averaged by FSDP2, so the loop
+scales the loss by world_size: summed, as above), and `sync_gradients` does nothing for a
+sharded model. Whole weights are read and written only through `save_full` / `load_full` and
+the full optimizer state dicts: collectives every rank calls, files in the formats one process
+writes (`methods.full`'s checkpoint, torch.save).
 """
 
 from __future__ import annotations
@@ -101,6 +109,55 @@ class Ranks:
         dist.all_gather_object(out, obj)
         return out
 
+    # ---- FSDP2 ------------------------------------------------------------------------
+
+    def shard(self, model):
+        """`fully_shard` every decoder layer, then the root (the tied embedding/head stays one
+        parameter of the root). FSDP2 averages gradients over ranks (gloo has no pre-multiplied
+        sum): the loop scales a sharded model's loss by world_size so that they are summed."""
+        from torch.distributed.fsdp import fully_shard
+
+        from .methods.full import decoder_layers
+
+        for layer in decoder_layers(model):
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+
+    def save_full(self, model, out_dir) -> None:
+        """A sharded full fine-tune saved as `methods.full` saves it (a transformers checkpoint, the
+        tied head left out), by rank 0; every rank must call it (it all-gathers the weights)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.is_main:
+            tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+            model.save_pretrained(out_dir, safe_serialization=True,
+                                  state_dict={k: v for k, v in state.items() if k not in tied})
+
+    @staticmethod
+    def load_full(model, saved_dir) -> None:
+        """Weights saved by `save_full` (every rank reads them) into a sharded model."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        from .methods.full import _read_safetensors_dir
+
+        set_model_state_dict(model, _read_safetensors_dir(saved_dir),
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+
+    @staticmethod
+    def full_optimizer_state(model, optimizer) -> dict[str, Any]:
+        """The whole optimizer state on rank 0 (others: empty); every rank must call it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    @staticmethod
+    def load_full_optimizer_state(model, optimizer, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
     def barrier(self) -> None:
         if self.distributed:
             import torch.distributed as dist
@@ -113,6 +170,15 @@ class Ranks:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def is_sharded(model) -> bool:
+    """Was `model` sharded by `Ranks.shard` (FSDP2)?"""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 SINGLE = Ranks()

@@ -30,7 +30,7 @@ import torch
 
 from ..store import ArtifactStore, derived_version
 from . import card, continual, data, train
-from .distributed import SINGLE, Ranks
+from .distributed import SINGLE, Ranks, is_sharded
 from .models import load_model, load_tokenizer, parameter_count
 from .quantize import compute_dtype, load_quantized
 
@@ -131,9 +131,14 @@ class FineTuned:
     trainable: int
     total: int
 
-    def save(self, out_dir: Path) -> None:
-        self.method.save(self.model, out_dir)
-        (out_dir / "train_log.json").write_text(json.dumps(self.result.log(), indent=2, sort_keys=True) + "\n")
+    def save(self, out_dir: Path, ranks: Ranks = SINGLE) -> None:
+        """By rank 0; a sharded (FSDP2) model needs every rank here, to gather its weights."""
+        if is_sharded(self.model):
+            ranks.save_full(self.model, out_dir)
+        elif ranks.is_main:
+            self.method.save(self.model, out_dir)
+        if ranks.is_main:
+            (out_dir / "train_log.json").write_text(json.dumps(self.result.log(), indent=2, sort_keys=True) + "\n")
 
 
 @dataclass
@@ -157,11 +162,13 @@ def finetune(method, spec, examples: list[data.Example], cfg: train.TrainConfig,
              autocast_dtype: torch.dtype | None, start_adapter: Path | None = None,
              checkpoint_dir: Path | None = None, log: Callable[[str], None] = print,
              on_log: Callable[..., None] | None = None,
-             on_checkpoint: Callable[[Path], None] | None = None, ranks: Ranks = SINGLE) -> FineTuned:
+             on_checkpoint: Callable[[Path], None] | None = None, ranks: Ranks = SINGLE,
+             shard: bool = False) -> FineTuned:
     """Train `method` (a `core.methods` object, settings `spec`) on `examples`; resumes from the
     newest checkpoint in `checkpoint_dir`. `start_adapter`: a previous version to continue from.
     `ranks`: this process's place among data-parallel ones (`ft_assets.jobs.train`); every rank
-    loads, wraps and seeds alike, so the replicas start identical."""
+    loads, wraps and seeds alike, so the replicas start identical. `shard`: FSDP2 instead of whole
+    replicas (`Ranks.shard`; full fine-tuning)."""
     if method.uses_quantized_base:
         model = load_quantized(quantized_dir, device, compute_dtype(quantized_compute_dtype, device))
     else:
@@ -171,11 +178,13 @@ def finetune(method, spec, examples: list[data.Example], cfg: train.TrainConfig,
     if start_adapter is not None:
         continual.load_state(model, method, start_adapter)
     trainable, total = parameter_count(model)
+    if shard:
+        model = ranks.shard(model)
     held = train.validation_rows(len(examples), cfg)
     log(f"{trainable:,} trainable of {total:,} parameters; {len(examples) - held} train rows"
         f"{f' ({held} more held out for validation)' if held else ''}; "
         f"{train.steps_for(len(examples) - held, cfg)} steps at most on {device}"
-        f"{f' x {ranks.world_size} processes' if ranks.distributed else ''}")
+        f"{f' x {ranks.world_size} processes' if ranks.distributed else ''}{' (FSDP2: weights sharded)' if shard else ''}")
     try:
         result = train.train(model, method, spec, examples, cfg, pad_id=pad_id, device=device,
                              autocast_dtype=autocast_dtype, checkpoint_dir=checkpoint_dir, on_log=on_log,

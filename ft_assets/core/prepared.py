@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from . import packing as P
 from .data import IGNORE_INDEX, Example
+from .distributed import is_sharded
 from .loss import linear_cross_entropy_sum
 
 if TYPE_CHECKING:
@@ -154,6 +155,8 @@ def lean_head(model) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
     if not P.supports_packing(model):  # prompt learning: peft adds virtual tokens / a prefix cache in its forward
         return None
     inner = P.inner_model(model)
+    if is_sharded(inner):  # FSDP2: only the root's own forward gathers the head's (and embedding's) shards
+        return None
     if "forward" in vars(inner) or not type(inner).__name__.endswith("ForCausalLM"):
         return None  # a patched forward, or not a plain causal LM
     backbone = getattr(inner, getattr(inner, "base_model_prefix", "") or "model", None)

@@ -62,7 +62,7 @@ import torch
 
 from . import packing as P
 from .data import IGNORE_INDEX, Example
-from .distributed import SINGLE, Ranks
+from .distributed import SINGLE, Ranks, is_sharded
 from .sft_dataset import row_ids, row_lengths, take as take_rows
 from .preemption import Preempted, checkpoint_lock, stop_requests
 from .packing import collate  # noqa: F401  (the padded micro-batch; `train.collate` stays its public name)
@@ -311,15 +311,21 @@ def save_checkpoint(ckpt_root: Path, step: int, model, method, optimizer, schedu
     # dropout masks differ per rank: each rank's CPU and (its own device's) CUDA RNG, to resume each exactly
     rng_by_rank = ranks.gather(torch.get_rng_state())
     cuda_by_rank = ranks.gather(torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+    tmp = ckpt_root / f".tmp-{uuid.uuid4().hex[:8]}"
+    if ranks.is_main:
+        tmp.mkdir(parents=True)
+    sharded = is_sharded(model)
+    if sharded:  # collectives: every rank gathers, rank 0 writes
+        optimizer_state = ranks.full_optimizer_state(model, optimizer)
+        ranks.save_full(model, tmp / "adapter")
     if not ranks.is_main:
         ranks.barrier()
         return final
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt_root / f".tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    method.save(model, tmp / "adapter")
+    if not sharded:
+        optimizer_state = optimizer.state_dict()
+        method.save(model, tmp / "adapter")
     torch.save({
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "torch_rng": rng_by_rank[0],
         **({"torch_rng_by_rank": rng_by_rank, "cuda_rng_by_rank": cuda_by_rank} if ranks.distributed else {}),
@@ -350,6 +356,9 @@ def latest_checkpoint(ckpt_root: Path | None) -> Path | None:
 def _load_weights(ckpt: Path, model, method) -> None:
     """The trained weights saved under `ckpt/adapter` (a checkpoint, or the best-so-far weights)."""
     adapter = ckpt / "adapter"
+    if is_sharded(model):  # FSDP2: whole tensors by name into the shards
+        Ranks.load_full(model, adapter)
+        return
     # A method whose saved names are not live parameter names (or that keeps more state than
     # parameters, e.g. Delta-LoRA's updated base weights) restores itself; the rest match names.
     restore = getattr(method, "restore", None)
@@ -359,11 +368,18 @@ def _load_weights(ckpt: Path, model, method) -> None:
         _restore_by_name(ckpt, model)
 
 
-def _save_weights(root: Path, model, method) -> Path:
-    """Replace `root/adapter` with the model's trained weights, atomically (tmp dir, rename)."""
-    root.mkdir(parents=True, exist_ok=True)
+def _save_weights(root: Path, model, method, ranks: Ranks = SINGLE) -> Path:
+    """Replace `root/adapter` with the model's trained weights, atomically (tmp dir, rename), by
+    rank 0 (a sharded model: every rank calls, to gather the weights)."""
     tmp = root / f".tmp-{uuid.uuid4().hex[:8]}"
-    method.save(model, tmp)
+    if ranks.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+    if is_sharded(model):
+        ranks.save_full(model, tmp)
+    elif ranks.is_main:
+        method.save(model, tmp)
+    if not ranks.is_main:
+        return root
     if (root / "adapter").exists():
         shutil.rmtree(root / "adapter")
     os.rename(tmp, root / "adapter")
@@ -378,7 +394,10 @@ def _restore(ckpt: Path, model, optimizer, scheduler, result: TrainResult, metho
                          "resume exactly; run with the same number of processes, or delete the checkpoint to start over")
     _load_weights(ckpt, model, method)
     blob = torch.load(ckpt / "state.pt", weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
+    if is_sharded(model):
+        ranks.load_full_optimizer_state(model, optimizer, blob["optimizer"])
+    else:
+        optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     if ranks.distributed:
         torch.set_rng_state(blob["torch_rng_by_rank"][ranks.rank])
@@ -431,6 +450,16 @@ def _match_param(saved_name: str, params: dict[str, torch.nn.Parameter]):
 # --------------------------------------------------------------------------------------
 
 
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> None:
+    """Scale gradients to a total norm of at most `max_norm`; FSDP2's sharded gradients too (the
+    norm of the whole, from every shard)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads)
+    if hasattr(total, "full_tensor"):  # a DTensor: the shards' partial norms, combined
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -473,6 +502,8 @@ def train(
     result = TrainResult(validation_rows=len(held_out))
     # one writer per checkpoint dir; the first SIGTERM/SIGINT becomes a checkpoint (core.preemption)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    sharded = is_sharded(model)  # FSDP2: gradients arrive reduced, whole weights only through collectives
+    loss_scale = ranks.world_size if sharded else 1  # FSDP2 averages gradients over ranks; we sum them
     with checkpoint_lock(checkpoint_dir if ranks.is_main else None), stop_requests() as stop, \
             _best_weights_root(checkpoint_dir) as best_root:
         start = 0
@@ -498,7 +529,7 @@ def train(
                     with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None):
                         loss_sum, _, terms = prepared.loss_sum(batch)
                     # normalise by the step's label count so grad accumulation equals one big batch
-                    (loss_sum / n_labels).backward()
+                    (loss_sum * loss_scale / n_labels).backward()
                     step_loss += loss_sum.item()
                     for name, term_sum in terms.items():
                         step_terms[name] = step_terms.get(name, 0.0) + float(term_sum)
@@ -507,7 +538,8 @@ def train(
                 step_loss, step_tokens, *term_sums = ranks.sum([step_loss, step_tokens, *step_terms.values()])
                 step_terms = dict(zip(step_terms, term_sums))
                 result.tokens_seen += int(step_tokens)
-                ranks.sync_gradients(trainable)
+                if not sharded:
+                    ranks.sync_gradients(trainable)
                 mean_loss = step_loss / n_labels
                 if not math.isfinite(mean_loss):
                     raise TrainingDiverged(
@@ -515,7 +547,7 @@ def train(
                         "check the data for empty answers, or use float32"
                     )
                 if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                    clip_gradients(trainable, cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -535,8 +567,8 @@ def train(
                     loss = round(validation_loss(model, prepared, held_out, cfg.batch_size, device, autocast_dtype), 6)
                     if result.kept_step is None or loss < min(v for _, v in result.validation_losses):
                         result.kept_step = step + 1
-                        if ranks.is_main:  # identical on every rank; the root is shared (checkpoint_dir)
-                            _save_weights(best_root / f"step-{step + 1:06d}", model, method)
+                        # identical on every rank; the root is shared (checkpoint_dir)
+                        _save_weights(best_root / f"step-{step + 1:06d}", model, method, ranks)
                     result.validation_losses.append((step + 1, loss))
                     since_best = sum(1 for s, _ in result.validation_losses if s > result.kept_step)
                     if cfg.early_stopping_patience and since_best >= cfg.early_stopping_patience:

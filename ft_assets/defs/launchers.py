@@ -42,6 +42,7 @@ def train_job(recipe: Recipe, name: str, td: finetune.TrainingData, cfg: train.T
         checkpoint_dir=str(checkpoint_dir), out_dir=str(checkpoint_dir / "trained"),
         run_dir=str(checkpoint_dir / "ranks"), quantized_dir=str(quantized_dir) if quantized_dir else None,
         quantized_compute_dtype=recipe.quantization.compute_dtype, device=recipe.compute.device,
+        parallel=recipe.compute.parallel,
         threads=recipe.compute.threads, start_adapter=plan.start.adapter_path if continued else None,
         replay=({"dataset_dir": plan.replay_dataset, "fraction": recipe.methods[name].replay_fraction}
                 if continued and plan.replay_dataset else {}))

@@ -47,6 +47,7 @@ class TrainJob:
     quantized_dir: str | None = None
     quantized_compute_dtype: str = "bfloat16"
     device: str = "auto"  # compute.device; under several processes each rank takes cuda:<local rank>
+    parallel: str = "ddp"  # compute.parallel: "fsdp" shards a `full` method's model (FSDP2)
     threads: int | None = None
     start_adapter: str | None = None  # continual: the previous adapter version's directory
     replay: dict[str, Any] = field(default_factory=dict)  # {"dataset_dir", "fraction"}: continual replay
@@ -135,10 +136,11 @@ def run(job: TrainJob) -> int:
                     device=ranks.device(hw.device), dtype=hw.dtype, autocast_dtype=hw.autocast_dtype,
                     start_adapter=Path(job.start_adapter) if job.start_adapter else None,
                     checkpoint_dir=Path(job.checkpoint_dir), log=lambda m: log(f"{job.method}: {m}"),
-                    on_log=lambda step, loss, **_: log(f"step {step}: loss {loss:.4f}"), ranks=ranks)
+                    on_log=lambda step, loss, **_: log(f"step {step}: loss {loss:.4f}"), ranks=ranks,
+                    shard=job.parallel == "fsdp" and spec.type == "full")
+                Path(job.out_dir).mkdir(parents=True, exist_ok=True)
+                tuned.save(Path(job.out_dir), ranks)
                 if ranks.is_main:
-                    Path(job.out_dir).mkdir(parents=True, exist_ok=True)
-                    tuned.save(Path(job.out_dir))
                     message = result_message(tuned)
                     if pipes is not None:
                         pipes.report_custom_message(message)

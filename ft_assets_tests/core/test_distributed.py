@@ -52,6 +52,8 @@ def test_a_checkpoint_written_by_another_number_of_processes_is_refused(tiny_mod
 def test_processes_need_the_torchrun_launcher():
     with pytest.raises(ValueError, match="nproc_per_node 2 needs launcher: torchrun"):
         ComputeSpec(nproc_per_node=2)
+    with pytest.raises(ValueError, match="parallel: fsdp shards the model over torchrun's processes"):
+        ComputeSpec(parallel="fsdp")
     assert ComputeSpec(launcher="torchrun", nproc_per_node=2).world_size == 2
     assert ComputeSpec().model_dump() == ComputeSpec(launcher="inprocess").model_dump()  # recipe hashes unchanged
 
@@ -194,3 +196,54 @@ def test_every_method_family_trains_under_two_processes_as_in_one(tiny_model_dir
 
 def _initial(model_dir: Path, name: str) -> dict[str, torch.Tensor]:
     return _trained(model_dir, name, {"max_steps": 1, "lr": 0.0})
+
+
+def _rank_fsdp(rank: int, port: int, model_dir: str, out: str, resume_at: int) -> None:
+    """`full` trained with FSDP2 on 2 ranks; with `resume_at`, stopped there first (its checkpoint
+    kept, as a killed run leaves it) and resumed by a fresh model."""
+    from ft_assets.core.models import load_model
+    from ft_assets_tests.core.test_methods import SPECS
+    from ft_assets_tests.core.test_methods import cfg as method_cfg
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    ranks = Ranks.from_env("cpu")
+    spec, method = SPECS["full"], get_method("full")
+    rows = formatted_examples(Path(model_dir), 16)
+    settings = {**vars(method_cfg(spec)), "batch_size": 2, "world_size": 2, "checkpoint_every": 3, "max_steps": 6}
+    try:
+        for stop in ([resume_at] if resume_at else []) + [6]:
+            torch.manual_seed(0)
+            model = ranks.shard(method.wrap(load_model(Path(model_dir)), spec))
+            result = train.train(model, method, spec, rows, train.TrainConfig(**{**settings, "max_steps": stop}),
+                                 pad_id=2, checkpoint_dir=Path(out) / "ckpt", ranks=ranks)
+        ranks.save_full(model, Path(out) / "saved")
+        if ranks.is_main:
+            (Path(out) / "result.json").write_text(json.dumps(result.log()))
+    finally:
+        ranks.close()
+
+
+@pytest.mark.slow
+def test_fsdp2_full_fine_tuning_trains_as_one_process_and_resumes_exactly(tiny_model_dir, tmp_path):
+    """Weights, gradients and optimizer state sharded over 2 ranks: the same training as one process
+    (within 4x the batch 4 / batch 2 x grad_accum 2 spread), and a run resumed from its step-3
+    checkpoint (sharded weights and optimizer state written whole, read back into shards) ends
+    where the uninterrupted one does."""
+    from safetensors.torch import load_file
+
+    # a sharded model's loss goes through the model's own forward (the logits path, `loss: plain`)
+    one = _trained(tiny_model_dir, "full", {"batch_size": 4, "max_steps": 6, "loss": "plain"})
+    accum = _trained(tiny_model_dir, "full", {"batch_size": 2, "grad_accum": 2, "max_steps": 6, "loss": "plain"})
+    spread = max(float((one[k] - accum[k]).abs().max()) for k in one)
+    for label, resume_at in (("straight", 0), ("resumed", 4)):
+        mp.start_processes(_rank_fsdp, args=(_free_port(), str(tiny_model_dir), str(tmp_path / label), resume_at),
+                           nprocs=2, start_method="spawn")
+    straight = load_file(str(tmp_path / "straight" / "saved" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "saved" / "model.safetensors"))
+    assert straight.keys() <= one.keys() and len(straight) >= len(one) - 1  # the tied head is not saved
+    off = max(float((one[k] - straight[k]).abs().max()) for k in straight)
+    assert off <= max(4 * spread, 1e-6), (off, spread)
+    assert json.loads((tmp_path / "resumed" / "result.json").read_text())["steps"] == 6
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)

@@ -33,12 +33,13 @@ from ft_assets_tests.defs.test_failures import failure_message
 
 pytestmark = pytest.mark.slow
 
+METHODS = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "qlora": {"r": 4, "alpha": 8, "dropout": 0.0}, "full": {}}
 TRAINING = {"max_steps": 12, "epochs": 100, "lr": 2e-2, "warmup_ratio": 0.0, "checkpoint_every": 4}
 
 
 def recipe_file(root: Path, model_dir: Path, label: str, training: dict, compute: dict, method: str = "lora") -> Path:
     recipe = make_recipe(model_dir, quantization={"method": "nf4" if method == "qlora" else "none"},
-                         training={**TRAINING, **training}, methods={method: {"r": 4, "alpha": 8, "dropout": 0.0}},
+                         training={**TRAINING, **training}, methods={method: METHODS[method]},
                          compute={"device": "cpu", **compute})
     path = root / f"{label}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -62,12 +63,13 @@ def materialize(path: Path, home: Path, instance: dg.DagsterInstance, raise_on_e
                           selection=["adapter"], raise_on_error=raise_on_error, run_config=run_config)
 
 
-def adapter_of(result: dg.ExecuteInJobResult, home: Path, method: str = "lora") -> tuple[dict, dict[str, torch.Tensor]]:
+def adapter_of(result: dg.ExecuteInJobResult, home: Path, method: str = "lora", weights: str = "adapter_model.safetensors"
+               ) -> tuple[dict, dict[str, torch.Tensor]]:
     """(materialization metadata, adapter weights) of the run's adapter."""
     mat = result.asset_materializations_for_node("adapter")[0]
     meta = {k: v.value for k, v in mat.metadata.items()}
     art = ArtifactStore(home).get("adapter", method, meta["data_version"])
-    return meta, load_file(str(art.dir / "adapter_model.safetensors"))
+    return meta, load_file(str(art.dir / weights))
 
 
 def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -129,6 +131,36 @@ def test_qlora_trains_on_its_nf4_base_under_two_ranks_as_in_one_process(project,
     assert m_ddp["tokens_trained"] == m_one["tokens_trained"] and m_ddp["processes"] == 2
     assert largest_difference(w_one, w_ddp) <= max(4 * spread, 1e-6), (largest_difference(w_one, w_ddp), spread)
     assert m_one["losses"][0][1] - m_one["losses"][-1][1] > 0.01  # it trained
+
+
+def test_fsdp2_full_fine_tuning_under_two_ranks_as_in_one_process_and_merged_downstream(project, tmp_path):
+    """`parallel: fsdp`: the full model's weights, gradients and optimizer state sharded over 2
+    torchrun ranks; the stored model equals one process's within the batch 8 / batch 4 x 2 spread,
+    and merged_model reads it like any full fine-tune (its check passes)."""
+    root, model_dir = project
+    home = tmp_path / "ft_home"
+    instance = demo.ensure_instance(home)
+    plain = {"loss": "plain", "lr": 1e-3}  # a sharded model's loss runs through the model's own forward
+    runs = {}
+    try:
+        for label, training, compute in (
+                ("one", {"batch_size": 8}, {}), ("accum", {"batch_size": 4, "grad_accum": 2}, {}),
+                ("fsdp", {"batch_size": 4}, {"launcher": "torchrun", "nproc_per_node": 2, "parallel": "fsdp"})):
+            path = recipe_file(root, model_dir, f"f{label}", {**plain, **training}, compute, method="full")
+            result = materialize(path, home, instance, method="full")
+            runs[label] = adapter_of(result, home, "full", "model.safetensors")
+        sharded = [e.message for e in instance.all_logs(result.run_id) if "FSDP2: weights sharded" in e.message]
+        defs = build_definitions(load_recipe(path), home=str(home))
+        merged = dg.materialize(list(defs.assets), instance=instance, resources=defs.resources, partition_key="full",
+                                selection=["merged_model"])
+    finally:
+        instance.dispose()
+    (m_one, w_one), (_, w_acc), (m_fsdp, w_fsdp) = runs["one"], runs["accum"], runs["fsdp"]
+    spread = largest_difference(w_one, w_acc)
+    assert sharded and m_fsdp["tokens_trained"] == m_one["tokens_trained"] and m_fsdp["processes"] == 2
+    assert largest_difference(w_one, w_fsdp) <= max(4 * spread, 1e-6), (largest_difference(w_one, w_fsdp), spread)
+    check = merged.get_asset_check_evaluations()[0]
+    assert check.check_name == "matches_adapter" and check.passed
 
 
 def test_kill_9_of_one_rank_fails_clearly_and_the_rerun_resumes_to_the_same_adapter(project, tmp_path):
