@@ -24,8 +24,6 @@ Beyond SFT (only for recipes that ask for it):
 """
 
 
-from pathlib import Path
-
 import dagster as dg
 
 from ..core import finetune, merge, plots, train
@@ -85,19 +83,8 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
     cfg = train.TrainConfig.from_spec(recipe.training_for(name), recipe.seed)
     ckpts = store.checkpoints("adapter", name, derived_version(derivation))
     with c.training_failures(context, name, user_errors=(launchers.JobFailed,)):
-        if recipe.compute.launcher == "torchrun":
-            job = launchers.train_job(recipe, name, td, cfg, base_dir=base_model.path, checkpoint_dir=ckpts.dir,
-                                      quantized_dir=quantized_base.dir if quantized_base else None)
-            tuned = launchers.run_torchrun(context, job, recipe.compute.nproc_per_node)
-        else:
-            tuned = finetune.finetune(
-                method, spec, td.examples, cfg, base_dir=base_model.path,
-                quantized_dir=quantized_base.dir if quantized_base else None,
-                quantized_compute_dtype=recipe.quantization.compute_dtype, pad_id=td.pad_id, device=hw.device,
-                dtype=hw.dtype, autocast_dtype=hw.autocast_dtype,
-                start_adapter=Path(plan.start.adapter_path) if continued else None, checkpoint_dir=ckpts.dir,
-                on_checkpoint=ckpts.saved, log=lambda msg: context.log.info(f"{name}: {msg}"),
-                on_log=lambda step, loss, **_: context.log.info(f"step {step}: loss {loss:.4f}"))
+        tuned = launchers.train_method(context, recipe, name, method, td, cfg, hw, ckpts, base_dir=base_model.path,
+                                       quantized_dir=quantized_base.dir if quantized_base else None)
     what = f"The trained `{name}` adapter (method type `{spec.type}`), as ft_assets saved it."
     art = finetune.write_adapter(
         store, name, tuned, inputs=inputs, derivation=c.forced(derivation, context) if force else derivation,
@@ -106,8 +93,7 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
         write_card=lambda path, lin: c.write_card(path, recipe, lin, what, method.uses_quantized_base),
         recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed)
     ckpts.finished()  # the artifact supersedes its checkpoints
-    launched = {"launcher": "torchrun", "processes": recipe.compute.nproc_per_node} if recipe.compute.launcher == "torchrun" else {}
-    return c.output(art, {**_trained_metadata(name, spec.type, tuned, art, hw.name, plan), **launched})
+    return c.output(art, {**_trained_metadata(name, spec.type, tuned, art, hw.name, plan), **launchers.facts(recipe)})
 
 
 def _trained_metadata(name: str, method_type: str, tuned, art: Artifact, device: str, plan) -> dict:

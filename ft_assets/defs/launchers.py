@@ -22,12 +22,37 @@ from pathlib import Path
 import dagster as dg
 
 from ..core import finetune, train
+from ..core.device import Compute
 from ..jobs.train import RESULT_MESSAGE, TrainJob
 from ..recipe import Recipe
+from ..store import Checkpoints
 
 
 class JobFailed(RuntimeError):
     """The training processes failed; the message names each rank and what to do."""
+
+
+def train_method(context: dg.AssetExecutionContext, recipe: Recipe, name: str, method, td: finetune.TrainingData,
+                 cfg: train.TrainConfig, hw: Compute, ckpts: Checkpoints, *, base_dir: str, quantized_dir: str | None
+                 ) -> finetune.FineTuned | finetune.TrainedElsewhere:
+    """Method `name` trained where `compute.launcher` says, resuming from `ckpts`."""
+    if recipe.compute.launcher == "torchrun":
+        job = train_job(recipe, name, td, cfg, base_dir=base_dir, checkpoint_dir=ckpts.dir, quantized_dir=quantized_dir)
+        return run_torchrun(context, job, recipe.compute.nproc_per_node)
+    return finetune.finetune(
+        method, recipe.methods[name], td.examples, cfg, base_dir=base_dir, quantized_dir=quantized_dir,
+        quantized_compute_dtype=recipe.quantization.compute_dtype, pad_id=td.pad_id, device=hw.device,
+        dtype=hw.dtype, autocast_dtype=hw.autocast_dtype,
+        start_adapter=Path(td.plan.start.adapter_path) if td.continued else None, checkpoint_dir=ckpts.dir,
+        on_checkpoint=ckpts.saved, log=lambda msg: context.log.info(f"{name}: {msg}"),
+        on_log=lambda step, loss, **_: context.log.info(f"step {step}: loss {loss:.4f}"))
+
+
+def facts(recipe: Recipe) -> dict:
+    """The adapter metadata's launcher facts (none for the in-process default)."""
+    if recipe.compute.launcher != "torchrun":
+        return {}
+    return {"launcher": "torchrun", "processes": recipe.compute.nproc_per_node}
 
 
 def train_job(recipe: Recipe, name: str, td: finetune.TrainingData, cfg: train.TrainConfig, *, base_dir: str,

@@ -11,8 +11,8 @@ Contract:
   step log lines and reports the whole `TrainResult` as a custom message (`result_message`),
   which the asset turns into the same metadata an in-process run gets. Without a Dagster parent
   it prints the log and writes the result beside the spec.
-- The artifact: rank 0 writes the method's files and `train_log.json` into `out_dir` (the
-  asset's store staging directory); nothing else. Checkpoints go to `checkpoint_dir`, which
+- The artifact: rank 0 writes the method's files and `train_log.json` into `out_dir` (beside
+  the checkpoints; the asset moves them into the store); nothing else. Checkpoints go to `checkpoint_dir`, which
   every rank reads on resume (one machine, or a filesystem all nodes share).
 - How a rank ended: `run_dir/rank-<r>.json` says "started" (with its pid), then "done" or
   "failed" (with the error, and whether the user can act on it). A rank that says "started"
