@@ -471,31 +471,46 @@ class ExportSpec(_Strict):
         return v
 
 
+class RaySpec(_Strict):
+    """`compute.launcher: ray`: the Ray cluster `adapter` submits its training job to."""
+
+    address: str = "http://127.0.0.1:8265"  # the cluster's dashboard (Jobs API) address; KubeRay: the head service's port 8265
+    num_workers: Annotated[int, Field(ge=1)] = 1  # Ray Train workers (data-parallel processes); a step takes training.batch_size x grad_accum rows on each
+    use_gpu: bool = False  # one GPU per worker from Ray's resources (Ray sets each worker's CUDA_VISIBLE_DEVICES); false: CPU workers
+    cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0  # CPUs Ray reserves for each worker
+    python: str = "python"  # the interpreter the job's entrypoint runs with on the cluster (ft_assets installed there)
+
+
 class ComputeSpec(_Strict):
     """Where training and evaluation run."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
     threads: Annotated[int, Field(ge=1)] | None = None  # torch CPU threads; null: torch's default
     data_workers: Annotated[int, Field(ge=1)] | None = None  # processes tokenizing sft_dataset (Dataset.map num_proc); null: os.cpu_count(). Does not change the data or its version
-    _OMIT_WHEN_DEFAULT = ("launcher", "nproc_per_node", "parallel")
+    _OMIT_WHEN_DEFAULT = ("launcher", "nproc_per_node", "parallel", "ray")
 
-    launcher: Literal["inprocess", "torchrun"] = "inprocess"  # where `adapter` trains: in the Dagster step, or in torchrun processes reporting through Dagster Pipes (README "Scaling out")
+    launcher: Literal["inprocess", "torchrun", "ray"] = "inprocess"  # where `adapter` trains: in the Dagster step, in torchrun processes, or as a job on a Ray cluster (Ray Train workers); the last two report through Dagster Pipes (README "Scaling out")
     nproc_per_node: Annotated[int, Field(ge=1)] = 1  # torchrun: data-parallel processes (DDP), one per GPU on CUDA; a step takes training.batch_size x grad_accum rows on each
-    parallel: Literal["ddp", "fsdp"] = "ddp"  # torchrun: ddp (every process holds the whole model) or fsdp (FSDP2: weights, gradients and optimizer state sharded; `full` methods, others stay ddp). The same training either way
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # torchrun / ray: ddp (every process holds the whole model) or fsdp (FSDP2: weights, gradients and optimizer state sharded; `full` methods, others stay ddp). The same training either way
+    ray: RaySpec = RaySpec()  # launcher ray: the cluster and its workers
 
     @model_validator(mode="after")
-    def _processes_need_torchrun(self) -> "ComputeSpec":
+    def _settings_match_launcher(self) -> "ComputeSpec":
         if self.nproc_per_node > 1 and self.launcher != "torchrun":
             raise ValueError(f"nproc_per_node {self.nproc_per_node} needs launcher: torchrun (the in-process "
                              "launcher trains in one process)")
-        if self.parallel == "fsdp" and self.launcher != "torchrun":
-            raise ValueError("parallel: fsdp shards the model over torchrun's processes: it needs launcher: torchrun")
+        if self.parallel == "fsdp" and self.launcher == "inprocess":
+            raise ValueError("parallel: fsdp shards the model over several processes: it needs launcher: torchrun or ray")
+        if self.ray != RaySpec() and self.launcher != "ray":
+            raise ValueError("compute.ray is set but launcher is not ray: set launcher: ray, or remove compute.ray")
+        if self.launcher == "ray" and self.device == "cuda" and not self.ray.use_gpu:
+            raise ValueError("device: cuda on Ray needs ray.use_gpu: true (Ray gives a worker no GPU unless asked)")
         return self
 
     @property
     def world_size(self) -> int:
         """Processes one `adapter` run trains in."""
-        return self.nproc_per_node if self.launcher == "torchrun" else 1
+        return {"torchrun": self.nproc_per_node, "ray": self.ray.num_workers}.get(self.launcher, 1)
 
 
 class AutomationSpec(_Strict):

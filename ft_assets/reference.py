@@ -50,6 +50,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("publish", R.PublishSpec),
     ("export", R.ExportSpec),
     ("compute", R.ComputeSpec),
+    ("compute.ray", R.RaySpec),
     ("automation", R.AutomationSpec),
 ]
 SHARED_METHOD_KEYS = tuple(k for k in MethodSpecBase.model_fields)  # training, continue_from, replay_fraction

@@ -1,4 +1,4 @@
-"""Where `adapter` trains (`compute.launcher`): in the Dagster step, or in torchrun processes.
+"""Where `adapter` trains (`compute.launcher`): in the Dagster step, in torchrun processes, or on Ray.
 
     inprocess   `core.finetune.finetune` in the step's own process (the default; the demo's speed)
     torchrun    a `ft_assets.jobs.train.TrainJob` spec file, then `torchrun --standalone
@@ -6,6 +6,9 @@
                 `PipesSubprocessClient`: rank 0 streams the step log through Pipes and reports the
                 result, which comes back as a `core.finetune.TrainedElsewhere` -- stored and turned
                 into metadata exactly like an in-process `FineTuned`.
+    ray         the same spec submitted as a Ray job (`python -m ft_assets.jobs.ray_train SPEC`) by
+                dagster-ray's `PipesRayJobClient` to `compute.ray.address`; Ray Train's workers
+                train, the job's driver reports through Pipes; the same result comes back.
 
 Contract: the run's files live under the checkpoint directory (`trained/` the artifact's files,
 `ranks/` each rank's status), so a failed run leaves nothing in the store and its checkpoints
@@ -15,6 +18,7 @@ a user-fixable error (NaN loss, batch too large) reads as it does in process.
 """
 
 import json
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -24,7 +28,7 @@ import dagster as dg
 from ..core import finetune, train
 from ..core.device import Compute
 from ..jobs.train import RESULT_MESSAGE, TrainJob
-from ..recipe import Recipe
+from ..recipe import ComputeSpec, RaySpec, Recipe
 from ..store import Checkpoints
 
 
@@ -36,9 +40,9 @@ def train_method(context: dg.AssetExecutionContext, recipe: Recipe, name: str, m
                  cfg: train.TrainConfig, hw: Compute, ckpts: Checkpoints, *, base_dir: str, quantized_dir: str | None
                  ) -> finetune.FineTuned | finetune.TrainedElsewhere:
     """Method `name` trained where `compute.launcher` says, resuming from `ckpts`."""
-    if recipe.compute.launcher == "torchrun":
+    if recipe.compute.launcher != "inprocess":
         job = train_job(recipe, name, td, cfg, base_dir=base_dir, checkpoint_dir=ckpts.dir, quantized_dir=quantized_dir)
-        return run_torchrun(context, job, recipe.compute.nproc_per_node)
+        return run_elsewhere(context, job, recipe.compute)
     return finetune.finetune(
         method, recipe.methods[name], td.examples, cfg, base_dir=base_dir, quantized_dir=quantized_dir,
         quantized_compute_dtype=recipe.quantization.compute_dtype, pad_id=td.pad_id, device=hw.device,
@@ -50,9 +54,11 @@ def train_method(context: dg.AssetExecutionContext, recipe: Recipe, name: str, m
 
 def facts(recipe: Recipe) -> dict:
     """The adapter metadata's launcher facts (none for the in-process default)."""
-    if recipe.compute.launcher != "torchrun":
+    compute = recipe.compute
+    if compute.launcher == "inprocess":
         return {}
-    return {"launcher": "torchrun", "processes": recipe.compute.nproc_per_node}
+    where = {"ray_address": compute.ray.address} if compute.launcher == "ray" else {}
+    return {"launcher": compute.launcher, "processes": compute.world_size, **where}
 
 
 def train_job(recipe: Recipe, name: str, td: finetune.TrainingData, cfg: train.TrainConfig, *, base_dir: str,
@@ -70,7 +76,8 @@ def train_job(recipe: Recipe, name: str, td: finetune.TrainingData, cfg: train.T
         parallel=recipe.compute.parallel,
         threads=recipe.compute.threads, start_adapter=plan.start.adapter_path if continued else None,
         replay=({"dataset_dir": plan.replay_dataset, "fraction": recipe.methods[name].replay_fraction}
-                if continued and plan.replay_dataset else {}))
+                if continued and plan.replay_dataset else {}),
+        ray=recipe.compute.ray.model_dump(include={"num_workers", "use_gpu", "cpus_per_worker"}))
 
 
 def torchrun_command(spec_path: Path, nproc_per_node: int) -> list[str]:
@@ -79,31 +86,44 @@ def torchrun_command(spec_path: Path, nproc_per_node: int) -> list[str]:
             "-m", "ft_assets.jobs.train", str(spec_path)]
 
 
-def run_torchrun(context: dg.AssetExecutionContext, job: TrainJob, nproc_per_node: int
-                 ) -> finetune.TrainedElsewhere:
-    """Run `job` on `nproc_per_node` processes through Pipes; the trained files and the result."""
+def ray_entrypoint(spec_path: Path, ray: RaySpec) -> str:
+    return f"{shlex.quote(ray.python)} -m ft_assets.jobs.ray_train {shlex.quote(str(spec_path))}"
+
+
+def run_elsewhere(context: dg.AssetExecutionContext, job: TrainJob, compute: ComputeSpec
+                  ) -> finetune.TrainedElsewhere:
+    """Run `job` under torchrun or on Ray through Pipes; the trained files and the result."""
     run_dir, out_dir = Path(job.run_dir), Path(job.out_dir)
     for stale in (run_dir, out_dir):  # an earlier attempt's statuses and files (its checkpoints stay)
         shutil.rmtree(stale, ignore_errors=True)
     run_dir.mkdir(parents=True)
     spec_path = job.write(run_dir / "job.json")
-    command = torchrun_command(spec_path, nproc_per_node)
-    context.log.info(f"{job.method}: {' '.join(command)}")
     try:
-        invocation = dg.PipesSubprocessClient().run(context=context, command=command)
-    except Exception as exc:  # Dagster's DagsterPipesExecutionError (not public): a non-zero exit
-        raise JobFailed(describe_failure(run_dir, nproc_per_node, job.checkpoint_dir, exc)) from None
+        if compute.launcher == "ray":
+            from dagster_ray import PipesRayJobClient
+
+            entrypoint = ray_entrypoint(spec_path, compute.ray)
+            context.log.info(f"{job.method}: Ray job on {compute.ray.address}: {entrypoint}")
+            invocation = PipesRayJobClient(address=compute.ray.address, poll_interval=0.5).run(
+                context=context, submit_job_params={"entrypoint": entrypoint, "entrypoint_num_cpus": 0})
+        else:
+            command = torchrun_command(spec_path, compute.nproc_per_node)
+            context.log.info(f"{job.method}: {' '.join(command)}")
+            invocation = dg.PipesSubprocessClient().run(context=context, command=command)
+    except Exception as exc:  # a non-zero exit (DagsterPipesExecutionError, not public) or a FAILED Ray job
+        raise JobFailed(describe_failure(run_dir, compute, job.checkpoint_dir, exc)) from None
     reported = [m for m in invocation.get_custom_messages() if isinstance(m, dict) and m.get("kind") == RESULT_MESSAGE]
     if not reported or not out_dir.is_dir():
-        raise JobFailed(f"torchrun ended without a result from rank 0 (see the step's stdout/stderr); "
+        raise JobFailed(f"{compute.launcher} ended without a result from rank 0 (see the step's stdout/stderr); "
                         f"nothing was stored")
     message = reported[-1]
     return finetune.TrainedElsewhere(out_dir, train.TrainResult.from_dict(message["result"]),
                                      message["trainable"], message["total"])
 
 
-def describe_failure(run_dir: Path, nproc_per_node: int, checkpoint_dir: str, exc: Exception) -> str:
+def describe_failure(run_dir: Path, compute: ComputeSpec, checkpoint_dir: str, exc: Exception) -> str:
     """Each rank's end, from its status file, the cause first, and what to do."""
+    nproc_per_node = compute.world_size
     killed, failed, missing, user_errors = [], [], [], []
     for rank in range(nproc_per_node):
         path = run_dir / f"rank-{rank}.json"
@@ -124,7 +144,8 @@ def describe_failure(run_dir: Path, nproc_per_node: int, checkpoint_dir: str, ex
     elif failed:
         said = "; ".join(f"{f} failed" for f in failed)
     else:
-        said = f"torchrun exited without any rank reporting ({exc}; its own error is in the step's stderr)"
+        said = (f"{compute.launcher} ended without any rank reporting ({str(exc)[:1000]}; its own error is in the "
+                f"step's stderr{' and the Ray job log' if compute.launcher == 'ray' else ''})")
     if missing and (killed or failed):
         said += f"; rank(s) {', '.join(map(str, missing))} never started"
     newest = train.latest_checkpoint(Path(checkpoint_dir))

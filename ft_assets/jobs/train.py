@@ -1,7 +1,7 @@
 """`python -m ft_assets.jobs.train SPEC.json`: train one recipe method outside the Dagster process.
 
     TrainJob (the spec file the asset writes)  ->  every rank: join the process group torchrun
-    set up (`core.distributed.Ranks.from_env`), load the train split (+ replay rows), call
+    (or Ray Train: `jobs.ray_train`) set up (`core.distributed.Ranks.from_env`), load the train split (+ replay rows), call
     `core.finetune.finetune`  ->  rank 0: save the trained files into `out_dir`, report the
     result through Dagster Pipes.
 
@@ -25,10 +25,10 @@ import json
 import os
 import sys
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 RESULT_MESSAGE = "ft_assets.train_result"
 
@@ -51,6 +51,7 @@ class TrainJob:
     threads: int | None = None
     start_adapter: str | None = None  # continual: the previous adapter version's directory
     replay: dict[str, Any] = field(default_factory=dict)  # {"dataset_dir", "fraction"}: continual replay
+    ray: dict[str, Any] = field(default_factory=dict)  # launcher ray: {"num_workers", "use_gpu", "cpus_per_worker"}
 
     def write(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
@@ -90,19 +91,56 @@ class RankStatus:
         self._write(status="failed", error=f"{type(exc).__name__}: {exc}", user_error=user_error)
 
 
+class Report:
+    """Where rank 0's log lines and result go: Dagster Pipes when a Dagster step launched this
+    process, else stdout and `run_dir/result.json`. Other ranks report nothing."""
+
+    def __init__(self, pipes: Any = None, run_dir: str | Path | None = None):
+        self.pipes, self.run_dir = pipes, run_dir
+
+    def log(self, msg: str) -> None:
+        if self.pipes is not None:
+            self.pipes.log.info(msg)
+        else:
+            print(msg, flush=True)
+
+    def error(self, msg: str) -> None:
+        if self.pipes is not None:
+            self.pipes.log.error(msg)
+
+    def result(self, message: dict[str, Any]) -> None:
+        if self.pipes is not None:
+            self.pipes.report_custom_message(message)
+        elif self.run_dir is not None:
+            (Path(self.run_dir) / "result.json").write_text(json.dumps(message))
+
+
+class Silent(Report):
+    """A rank other than 0."""
+
+    def log(self, msg: str) -> None:
+        pass
+
+    def result(self, message: dict[str, Any]) -> None:
+        pass
+
+
 @contextmanager
-def _reporter(is_main: bool) -> Iterator[Any]:
-    """Rank 0 under Dagster: the Pipes context. Elsewhere: None (log lines go to stdout)."""
+def pipes_report(run_dir: str | Path | None) -> Iterator[Report]:
+    """The Pipes context when this process runs under a Dagster step, else stdout."""
     from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
 
-    if not is_main or not PipesEnvVarParamsLoader().is_dagster_pipes_process():
-        yield None
+    if not PipesEnvVarParamsLoader().is_dagster_pipes_process():
+        yield Report(None, run_dir)
         return
     with open_dagster_pipes() as pipes:
-        yield pipes
+        yield Report(pipes, run_dir)
 
 
-def run(job: TrainJob) -> int:
+def run(job: TrainJob, report_for: Callable[[TrainJob], ContextManager[Report]] = lambda job: pipes_report(job.run_dir)
+        ) -> int:
+    """Train `job` as this process's rank; 0 when done. `report_for(job)` opens rank 0's report
+    (torchrun: rank 0 opens Pipes itself; Ray: a queue to the job's driver, `jobs.ray_train`)."""
     from ..core import continual, data, finetune, train
     from ..core.device import resolve
     from ..core.distributed import Ranks
@@ -115,13 +153,8 @@ def run(job: TrainJob) -> int:
     status = RankStatus(job.run_dir, ranks.rank)
     status.started()
     try:
-        with _reporter(ranks.is_main) as pipes:
-            def log(msg: str) -> None:
-                if pipes is not None:
-                    pipes.log.info(msg)
-                elif ranks.is_main:
-                    print(msg, flush=True)
-
+        with report_for(job) if ranks.is_main else nullcontext(Silent()) as report:
+            log = report.log
             try:
                 spec = _validate_method(job.method_spec)
                 cfg = train.TrainConfig(**{**job.train_config, "world_size": ranks.world_size})
@@ -140,18 +173,12 @@ def run(job: TrainJob) -> int:
                     shard=job.parallel == "fsdp" and spec.type == "full")
                 Path(job.out_dir).mkdir(parents=True, exist_ok=True)
                 tuned.save(Path(job.out_dir), ranks)
-                if ranks.is_main:
-                    message = result_message(tuned)
-                    if pipes is not None:
-                        pipes.report_custom_message(message)
-                    else:
-                        (Path(job.run_dir) / "result.json").write_text(json.dumps(message))
+                report.result(result_message(tuned))
                 ranks.barrier()
             except Exception as exc:
                 user = isinstance(exc, (finetune.TrainingFailed, train.TrainingDiverged, CheckpointBusy, ValueError))
                 status.failed(exc, user_error=user)
-                if pipes is not None:
-                    pipes.log.error(f"rank {ranks.rank}: {type(exc).__name__}: {exc}")
+                report.error(f"rank {ranks.rank}: {type(exc).__name__}: {exc}")
                 traceback.print_exc()
                 return 1
         status.done()

@@ -49,13 +49,20 @@ def test_a_checkpoint_written_by_another_number_of_processes_is_refused(tiny_mod
         train.train(lora_model(tiny_model_dir), method, SPEC, examples, cfg(max_steps=6), pad_id=2, checkpoint_dir=tmp_path)
 
 
-def test_processes_need_the_torchrun_launcher():
+def test_processes_need_a_launcher_that_starts_them():
     with pytest.raises(ValueError, match="nproc_per_node 2 needs launcher: torchrun"):
         ComputeSpec(nproc_per_node=2)
-    with pytest.raises(ValueError, match="parallel: fsdp shards the model over torchrun's processes"):
+    with pytest.raises(ValueError, match="parallel: fsdp shards the model over several processes"):
         ComputeSpec(parallel="fsdp")
+    with pytest.raises(ValueError, match="compute.ray is set but launcher is not ray"):
+        ComputeSpec(ray={"num_workers": 2})
+    with pytest.raises(ValueError, match="device: cuda on Ray needs ray.use_gpu: true"):
+        ComputeSpec(launcher="ray", device="cuda")
     assert ComputeSpec(launcher="torchrun", nproc_per_node=2).world_size == 2
+    assert ComputeSpec(launcher="ray", ray={"num_workers": 3}, parallel="fsdp").world_size == 3
+    assert ComputeSpec(launcher="ray").world_size == 1
     assert ComputeSpec().model_dump() == ComputeSpec(launcher="inprocess").model_dump()  # recipe hashes unchanged
+    assert "ray" not in ComputeSpec().model_dump()  # omitted at its default: no recipe hash moved
 
 
 def _free_port() -> int:

@@ -1,0 +1,157 @@
+"""`compute.launcher: ray`: adapter training as a job on a real Ray cluster (a local head on
+loopback, started and stopped here by its own process ids), submitted by dagster-ray's
+`PipesRayJobClient`; Ray Train's TorchTrainer runs 2 CPU workers (gloo).
+
+- Ray's 2 workers x batch 4 equal 1 process x batch 8 on the same rows, within the spread of
+  two single-process runs that are one computation in two summation orders (as under torchrun).
+- the Pipes side: the driver forwards rank 0's step log and result; they reach the step's log
+  and the materialization (steps, final loss, tokens/s), with the launcher's facts.
+- kill -9 of one Ray worker mid-run: the step fails naming that rank, nothing is stored, and the
+  message says which checkpoint a rerun resumes from (the resume itself is torchrun's test: the
+  same loop and checkpoint files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from ft_assets import demo
+from ft_assets.store import ArtifactStore
+from ft_assets_tests.defs.test_failures import failure_message
+from ft_assets_tests.defs.test_scale_out import adapter_of, largest_difference, materialize, project, recipe_file  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """`ray start --head --block` on 127.0.0.1 with 3 CPUs; yields the Jobs API address. Stopped
+    by the process ids it started (never `ray stop`, which stops every Ray on the machine)."""
+    gcs, dashboard, client, agent_http, agent_grpc, metrics, env_agent = _free_ports(7)
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node IP = loopback, servers bind 127.0.0.1
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # `python` = this venv
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    log = open(Path(temp_dir) / "head.log", "w")
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=3", "--num-gpus=0",
+         "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+         f"--runtime-env-agent-port={env_agent}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert head.poll() is None, (Path(temp_dir) / "head.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2).read()
+                break
+            except OSError:
+                assert time.time() < deadline, "the Ray head did not answer within 120 s"
+                time.sleep(0.5)
+        yield address
+    finally:
+        procs = [psutil.Process(head.pid)] + psutil.Process(head.pid).children(recursive=True)
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=20)
+        for p in alive:
+            p.kill()
+        psutil.wait_procs(alive, timeout=10)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_workers_train_what_one_process_trains_and_report_through_pipes(project, ray_head, tmp_path):
+    root, model_dir = project
+    home = tmp_path / "ft_home"
+    instance = demo.ensure_instance(home)  # the user's instance: persistent, gpu pool limited to 1
+    ray = {"launcher": "ray", "ray": {"address": ray_head, "num_workers": 2}}
+    try:
+        one = materialize(recipe_file(root, model_dir, "one", {"batch_size": 8}, {}), home, instance)
+        accum = materialize(recipe_file(root, model_dir, "accum", {"batch_size": 4, "grad_accum": 2}, {}), home, instance)
+        on_ray = materialize(recipe_file(root, model_dir, "ray", {"batch_size": 4}, ray), home, instance)
+        logs = [e.message for e in instance.all_logs(on_ray.run_id) if e.user_message]
+    finally:
+        instance.dispose()
+    (m_one, w_one), (m_acc, w_acc), (m_ray, w_ray) = (adapter_of(r, home) for r in (one, accum, on_ray))
+
+    assert (m_ray["tokens_trained"], m_ray["tokens_seen"], m_ray["steps"]) == \
+        (m_one["tokens_trained"], m_one["tokens_seen"], m_one["steps"]) == (m_acc["tokens_trained"], m_acc["tokens_seen"], 12)
+    spread = largest_difference(w_one, w_acc)
+    assert largest_difference(w_one, w_ray) <= max(4 * spread, 1e-6), (largest_difference(w_one, w_ray), spread)
+    loss_spread = max(abs(a[1] - b[1]) for a, b in zip(m_one["losses"], m_acc["losses"]))
+    for (s1, l1), (s2, l2) in zip(m_one["losses"], m_ray["losses"]):
+        assert s1 == s2 and abs(l1 - l2) <= max(4 * loss_spread, 1e-5), (s1, l1, l2)
+    assert m_one["losses"][0][1] - m_one["losses"][-1][1] > 100 * max(4 * loss_spread, 1e-5)  # rank 1's rows count
+
+    # what Pipes carried from the Ray job's driver: rank 0's step log, the result as metadata
+    assert any(line.startswith("step 12: loss") for line in logs), logs[-20:]
+    assert any("x 2 processes" in line for line in logs), logs[-20:]
+    assert any("Ray job" in line for line in logs)
+    assert (m_ray["launcher"], m_ray["processes"], m_ray["ray_address"]) == ("ray", 2, ray_head)
+    for key in ("final_loss", "tokens_per_s", "wall_time_s", "trainable_parameters"):
+        assert m_ray[key] and m_ray[key] > 0, key
+    assert m_ray["data_version"] not in (m_one["data_version"], m_acc["data_version"])
+
+
+def test_kill_9_of_a_ray_worker_fails_the_asset_naming_it_and_nothing_is_stored(project, ray_head, tmp_path):
+    root, model_dir = project
+    path = recipe_file(root, model_dir, "ray_long", {"batch_size": 4, "max_steps": 60, "checkpoint_every": 5},
+                       {"launcher": "ray", "ray": {"address": ray_head, "num_workers": 2}})
+    home = tmp_path / "ft_home"
+    instance = demo.ensure_instance(home)
+    killed: dict = {}
+
+    def kill_rank_1_after_a_checkpoint() -> None:
+        ckpts = home / "checkpoints" / "adapter" / "lora"
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            status = next(ckpts.glob("*/ranks/rank-1.json"), None)
+            if status is not None and next(ckpts.glob("*/step-*"), None) is not None:
+                killed["pid"] = json.loads(status.read_text())["pid"]
+                os.kill(killed["pid"], signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    try:
+        killer = threading.Thread(target=kill_rank_1_after_a_checkpoint)
+        killer.start()
+        failed = materialize(path, home, instance, raise_on_error=False)
+        killer.join()
+    finally:
+        instance.dispose()
+    assert killed and not failed.success
+    message = failure_message(failed)
+    assert f"rank 1 (pid {killed['pid']}) of 2 was killed" in message, message
+    assert "Nothing was stored. Materialize again to resume from the checkpoint of step" in message, message
+    assert ArtifactStore(home).latest("adapter", "lora") is None
