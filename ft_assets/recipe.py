@@ -487,10 +487,13 @@ class ComputeSpec(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
     threads: Annotated[int, Field(ge=1)] | None = None  # torch CPU threads; null: torch's default
     data_workers: Annotated[int, Field(ge=1)] | None = None  # processes tokenizing sft_dataset (Dataset.map num_proc); null: os.cpu_count(). Does not change the data or its version
-    _OMIT_WHEN_DEFAULT = ("launcher", "nproc_per_node", "parallel", "ray")
+    _OMIT_WHEN_DEFAULT = ("launcher", "nproc_per_node", "nnodes", "master_addr", "master_port", "parallel", "ray")
 
     launcher: Literal["inprocess", "torchrun", "ray"] = "inprocess"  # where `adapter` trains: in the Dagster step, in torchrun processes, or as a job on a Ray cluster (Ray Train workers); the last two report through Dagster Pipes (README "Scaling out")
     nproc_per_node: Annotated[int, Field(ge=1)] = 1  # torchrun: data-parallel processes (DDP), one per GPU on CUDA; a step takes training.batch_size x grad_accum rows on each
+    nnodes: Annotated[int, Field(ge=1)] = 1  # torchrun: machines; the Dagster step's is node 0, each other one runs `sh <run dir>/join.sh <node rank>` (README "Scaling out")
+    master_addr: str | None = None  # torchrun, nnodes > 1: node 0's address that the other nodes reach (torchrun's rendezvous store listens on it)
+    master_port: Annotated[int, Field(ge=1024, le=65535)] = 29500  # torchrun, nnodes > 1: the rendezvous port on node 0
     parallel: Literal["ddp", "fsdp"] = "ddp"  # torchrun / ray: ddp (every process holds the whole model) or fsdp (FSDP2: weights, gradients and optimizer state sharded; `full` methods, others stay ddp). The same training either way
     ray: RaySpec = RaySpec()  # launcher ray: the cluster and its workers
 
@@ -499,6 +502,11 @@ class ComputeSpec(_Strict):
         if self.nproc_per_node > 1 and self.launcher != "torchrun":
             raise ValueError(f"nproc_per_node {self.nproc_per_node} needs launcher: torchrun (the in-process "
                              "launcher trains in one process)")
+        if self.nnodes > 1 and (self.launcher != "torchrun" or not self.master_addr):
+            raise ValueError(f"nnodes {self.nnodes} needs launcher: torchrun and master_addr (node 0's address that "
+                             "the other nodes reach)")
+        if self.nnodes == 1 and (self.master_addr is not None or self.master_port != 29500):
+            raise ValueError("master_addr / master_port are for several nodes: set nnodes, or remove them")
         if self.parallel == "fsdp" and self.launcher == "inprocess":
             raise ValueError("parallel: fsdp shards the model over several processes: it needs launcher: torchrun or ray")
         if self.ray != RaySpec() and self.launcher != "ray":
@@ -510,7 +518,7 @@ class ComputeSpec(_Strict):
     @property
     def world_size(self) -> int:
         """Processes one `adapter` run trains in."""
-        return {"torchrun": self.nproc_per_node, "ray": self.ray.num_workers}.get(self.launcher, 1)
+        return {"torchrun": self.nproc_per_node * self.nnodes, "ray": self.ray.num_workers}.get(self.launcher, 1)
 
 
 class AutomationSpec(_Strict):

@@ -80,10 +80,32 @@ def train_job(recipe: Recipe, name: str, td: finetune.TrainingData, cfg: train.T
         ray=recipe.compute.ray.model_dump(include={"num_workers", "use_gpu", "cpus_per_worker"}))
 
 
-def torchrun_command(spec_path: Path, nproc_per_node: int) -> list[str]:
-    # this interpreter's torchrun (torch.distributed.run): the same environment as the step
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
+def torchrun_command(spec_path: Path, compute: ComputeSpec, node_rank: int | str = 0,
+                     python: str = sys.executable) -> list[str]:
+    """torchrun (torch.distributed.run) of `python`: on node 0 the step's own interpreter. Several
+    nodes: static rendezvous on node 0's master_addr:master_port, so global rank 0 (the one that
+    reports through Pipes) is a process of node 0, the step's machine."""
+    if compute.nnodes == 1:
+        where = ["--standalone"]
+    else:
+        where = [f"--nnodes={compute.nnodes}", f"--node-rank={node_rank}", f"--master-addr={compute.master_addr}",
+                 f"--master-port={compute.master_port}"]
+    return [python, "-m", "torch.distributed.run", *where, f"--nproc-per-node={compute.nproc_per_node}",
             "-m", "ft_assets.jobs.train", str(spec_path)]
+
+
+def write_join_script(run_dir: Path, spec_path: Path, compute: ComputeSpec) -> Path:
+    """`run_dir/join.sh <node rank>`: what each other node runs (FT_HOME mounted at the same path)."""
+    command = " ".join(shlex.quote(a) for a in torchrun_command(spec_path, compute, "RANK_PLACEHOLDER", "PYTHON_PLACEHOLDER"))
+    command = command.replace("RANK_PLACEHOLDER", '"$1"').replace("PYTHON_PLACEHOLDER", '"${PYTHON:-python}"')
+    script = run_dir / "join.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"# Joins this machine as node <node rank> (1..{compute.nnodes - 1}) to the training that the Dagster step\n"
+        "# started on node 0. Needs FT_HOME at the same path as there, and ft_assets in PYTHON's environment.\n"
+        f'case "$1" in ""|0|*[!0-9]*) echo "usage: sh $0 <node rank 1..{compute.nnodes - 1}>" >&2; exit 2;; esac\n'
+        f"exec {command}\n")
+    return script
 
 
 def ray_entrypoint(spec_path: Path, ray: RaySpec) -> str:
@@ -107,8 +129,12 @@ def run_elsewhere(context: dg.AssetExecutionContext, job: TrainJob, compute: Com
             invocation = PipesRayJobClient(address=compute.ray.address, poll_interval=0.5).run(
                 context=context, submit_job_params={"entrypoint": entrypoint, "entrypoint_num_cpus": 0})
         else:
-            command = torchrun_command(spec_path, compute.nproc_per_node)
+            command = torchrun_command(spec_path, compute)
             context.log.info(f"{job.method}: {' '.join(command)}")
+            if compute.nnodes > 1:
+                join = write_join_script(run_dir, spec_path, compute)
+                context.log.info(f"{job.method}: node 0 of {compute.nnodes} waits for the others (torchrun's rendezvous: "
+                                 f"600 s): on each other node run `sh {join} <node rank>`")
             invocation = dg.PipesSubprocessClient().run(context=context, command=command)
     except Exception as exc:  # a non-zero exit (DagsterPipesExecutionError, not public) or a FAILED Ray job
         raise JobFailed(describe_failure(run_dir, compute, job.checkpoint_dir, exc)) from None
@@ -131,7 +157,8 @@ def describe_failure(run_dir: Path, compute: ComputeSpec, checkpoint_dir: str, e
         if status is None:
             missing.append(rank)
         elif status["status"] == "started":
-            killed.append(f"rank {rank} (pid {status['pid']}) of {nproc_per_node} was killed without a word "
+            host = f" on {status.get('host')}" if compute.nnodes > 1 else ""
+            killed.append(f"rank {rank} (pid {status['pid']}{host}) of {nproc_per_node} was killed without a word "
                           "(kill -9, or the machine's out-of-memory killer: then lower training.batch_size)")
         elif status["status"] == "failed":
             failed.append(f"rank {rank} ({status['error'].splitlines()[0][:200]})")
@@ -148,6 +175,9 @@ def describe_failure(run_dir: Path, compute: ComputeSpec, checkpoint_dir: str, e
                 f"step's stderr{' and the Ray job log' if compute.launcher == 'ray' else ''})")
     if missing and (killed or failed):
         said += f"; rank(s) {', '.join(map(str, missing))} never started"
+    if missing and compute.nnodes > 1:
+        said += (f" (a node that never joined: run `sh {run_dir / 'join.sh'} <node rank>` on each other node "
+                 "within torchrun's 600 s rendezvous)")
     newest = train.latest_checkpoint(Path(checkpoint_dir))
     resume = (f"Materialize again to resume from the checkpoint of step {int(newest.name.removeprefix('step-'))} "
               f"with the same {nproc_per_node} processes" if newest else "Materialize again (no checkpoint yet: it starts over)")

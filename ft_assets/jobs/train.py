@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import traceback
 from contextlib import contextmanager, nullcontext
@@ -69,7 +70,7 @@ def result_message(tuned) -> dict[str, Any]:
 
 
 class RankStatus:
-    """`run_dir/rank-<r>.json`: started (pid) -> done | failed (error, user_error)."""
+    """`run_dir/rank-<r>.json`: started (pid, host) -> done | failed (error, user_error)."""
 
     def __init__(self, run_dir: str | Path, rank: int):
         self.path = Path(run_dir) / f"rank-{rank}.json"
@@ -77,7 +78,7 @@ class RankStatus:
 
     def _write(self, **fields: Any) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rank": self.rank, "pid": os.getpid(), **fields}))
+        tmp.write_text(json.dumps({"rank": self.rank, "pid": os.getpid(), "host": socket.gethostname(), **fields}))
         os.replace(tmp, self.path)
 
     def started(self) -> None:

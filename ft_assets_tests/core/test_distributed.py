@@ -58,7 +58,12 @@ def test_processes_need_a_launcher_that_starts_them():
         ComputeSpec(ray={"num_workers": 2})
     with pytest.raises(ValueError, match="device: cuda on Ray needs ray.use_gpu: true"):
         ComputeSpec(launcher="ray", device="cuda")
+    with pytest.raises(ValueError, match="nnodes 2 needs launcher: torchrun and master_addr"):
+        ComputeSpec(launcher="torchrun", nnodes=2)
+    with pytest.raises(ValueError, match="master_addr / master_port are for several nodes"):
+        ComputeSpec(launcher="torchrun", master_addr="10.0.0.1")
     assert ComputeSpec(launcher="torchrun", nproc_per_node=2).world_size == 2
+    assert ComputeSpec(launcher="torchrun", nproc_per_node=4, nnodes=2, master_addr="10.0.0.1").world_size == 8
     assert ComputeSpec(launcher="ray", ray={"num_workers": 3}, parallel="fsdp").world_size == 3
     assert ComputeSpec(launcher="ray").world_size == 1
     assert ComputeSpec().model_dump() == ComputeSpec(launcher="inprocess").model_dump()  # recipe hashes unchanged

@@ -5,6 +5,8 @@ launched through Dagster Pipes by the asset, on the persistent instance with its
   loss curve and the adapter's weights within the spread of two single-process runs that are
   the same computation in another summation order (batch 8, and batch 4 x grad_accum 2).
 - the Pipes side: the step log lines and the training facts reach the materialization.
+- two nodes (two torchrun agents over loopback, the second started from the step's join.sh)
+  train what one node with two processes trains, bit for bit.
 - kill -9 of rank 1 mid-run: the step fails naming rank 1, nothing is stored; the rerun
   resumes from the checkpoint and ends with the adapter an uninterrupted run makes.
 """
@@ -14,6 +16,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -205,3 +210,59 @@ def test_kill_9_of_one_rank_fails_clearly_and_the_rerun_resumes_to_the_same_adap
     assert 5 <= manifest["train"]["resumed_from_step"] < 60
     assert m_fresh["losses"] == m_resumed["losses"]
     assert largest_difference(w_fresh, w_resumed) == 0.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_train_what_one_node_with_two_processes_trains(project, tmp_path):
+    """`nnodes: 2` on loopback: the step starts node 0 (torchrun, static rendezvous on
+    master_addr:master_port); the test plays the second machine and runs the step's `join.sh 1`
+    once it appears. Two nodes x 1 process are the world of one node x 2 processes: the same
+    version, and the same adapter bit for bit (same ranks' rows, same sums; one thread each)."""
+    root, model_dir = project
+    port = _free_port()
+    nodes = recipe_file(root, model_dir, "nodes", {"batch_size": 4}, {
+        "launcher": "torchrun", "nnodes": 2, "master_addr": "127.0.0.1", "master_port": port, "threads": 1})
+    one_node = recipe_file(root, model_dir, "one_node", {"batch_size": 4}, {
+        "launcher": "torchrun", "nproc_per_node": 2, "threads": 1})
+    home_a, home_b = tmp_path / "a", tmp_path / "b"
+    joined: dict = {}
+
+    def join_as_node_1() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and "proc" not in joined:
+            script = next((home_a / "checkpoints" / "adapter" / "lora").glob("*/ranks/join.sh"), None)
+            if script is not None:
+                joined["proc"] = subprocess.Popen(["sh", str(script), "1"], start_new_session=True,
+                                                  env={**os.environ, "PYTHON": sys.executable})
+                joined["rc"] = joined["proc"].wait(timeout=600)
+                return
+            time.sleep(0.1)
+
+    instance = demo.ensure_instance(home_a)
+    other = threading.Thread(target=join_as_node_1)
+    other.start()
+    try:
+        two = materialize(nodes, home_a, instance)
+        logs = [e.message for e in instance.all_logs(two.run_id) if e.user_message]
+    finally:
+        other.join(timeout=60)
+        if "proc" in joined and joined["proc"].poll() is None:
+            os.killpg(joined["proc"].pid, signal.SIGKILL)
+        instance.dispose()
+    instance = demo.ensure_instance(home_b)
+    try:
+        one = materialize(one_node, home_b, instance)
+    finally:
+        instance.dispose()
+    assert joined.get("rc") == 0  # node 1's torchrun trained its rank and ended cleanly
+    (m_two, w_two), (m_one, w_one) = adapter_of(two, home_a), adapter_of(one, home_b)
+    assert any("on each other node run `sh " in line and "join.sh <node rank>`" in line for line in logs), logs[-20:]
+    assert m_two["processes"] == m_one["processes"] == 2 and m_two["steps"] == 12
+    assert m_two["data_version"] == m_one["data_version"]  # the world size is the version's, not its split
+    assert m_two["losses"] == m_one["losses"]
+    assert largest_difference(w_one, w_two) == 0.0
