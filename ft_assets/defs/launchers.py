@@ -3,7 +3,8 @@
     inprocess   `core.finetune.finetune` in the step's own process (the default; the demo's speed)
     torchrun    a `ft_assets.jobs.train.TrainJob` spec file, then `torchrun --standalone
                 --nproc-per-node N -m ft_assets.jobs.train SPEC` under Dagster's
-                `PipesSubprocessClient`: rank 0 streams the step log through Pipes and reports the
+                `PipesSubprocessClient`, on GPUs leased for the run (`core.gpu_leases`, passed as
+                CUDA_VISIBLE_DEVICES): rank 0 streams the step log through Pipes and reports the
                 result, which comes back as a `core.finetune.TrainedElsewhere` -- stored and turned
                 into metadata exactly like an in-process `FineTuned`.
     ray         the same spec submitted as a Ray job (`python -m ft_assets.jobs.ray_train SPEC`) by
@@ -21,11 +22,12 @@ import json
 import shlex
 import shutil
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import dagster as dg
 
-from ..core import finetune, train
+from ..core import finetune, gpu_leases, train
 from ..core.device import Compute
 from ..jobs.train import RESULT_MESSAGE, TrainJob
 from ..recipe import ComputeSpec, RaySpec, Recipe
@@ -135,7 +137,13 @@ def run_elsewhere(context: dg.AssetExecutionContext, job: TrainJob, compute: Com
                 join = write_join_script(run_dir, spec_path, compute)
                 context.log.info(f"{job.method}: node 0 of {compute.nnodes} waits for the others (torchrun's rendezvous: "
                                  f"600 s): on each other node run `sh {join} <node rank>`")
-            invocation = dg.PipesSubprocessClient().run(context=context, command=command)
+            gpus = gpu_leases.visible_devices() if compute.device != "cpu" else []
+            with gpu_leases.lease_gpus(compute.nproc_per_node, gpus, log=context.log.info) if gpus else nullcontext([]) as names:
+                if names:
+                    context.log.info(f"{job.method}: GPUs {','.join(names)} of this machine, leased for this run "
+                                     "(CUDA_VISIBLE_DEVICES)")
+                env = {"CUDA_VISIBLE_DEVICES": ",".join(names)} if names else {}
+                invocation = dg.PipesSubprocessClient(env=env).run(context=context, command=command)
     except Exception as exc:  # a non-zero exit (DagsterPipesExecutionError, not public) or a FAILED Ray job
         raise JobFailed(describe_failure(run_dir, compute, job.checkpoint_dir, exc)) from None
     reported = [m for m in invocation.get_custom_messages() if isinstance(m, dict) and m.get("kind") == RESULT_MESSAGE]

@@ -7,6 +7,7 @@ import os
 
 import dagster as dg
 
+from ..core import gpu_leases
 from ..core.device import Compute, resolve
 from ..store import Artifact, ArtifactStore, store_location
 
@@ -27,7 +28,10 @@ class ComputeResource(dg.ConfigurableResource):
     threads: int | None = None
 
     def resolve(self) -> Compute:
-        return resolve(self.device, self.threads)
+        hw = resolve(self.device, self.threads)
+        if hw.device == "cuda":  # steps at once (a gpu pool above 1) each on a GPU of their own
+            gpu_leases.hold_for_process()
+        return hw
 
 
 class StoreResource(dg.ConfigurableResource):

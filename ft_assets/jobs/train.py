@@ -156,6 +156,9 @@ def run(job: TrainJob, report_for: Callable[[TrainJob], ContextManager[Report]] 
     try:
         with report_for(job) if ranks.is_main else nullcontext(Silent()) as report:
             log = report.log
+            if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+                log(f"{job.method}: rank {ranks.rank} of {ranks.world_size}: "
+                    f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']}")
             try:
                 spec = _validate_method(job.method_spec)
                 cfg = train.TrainConfig(**{**job.train_config, "world_size": ranks.world_size})

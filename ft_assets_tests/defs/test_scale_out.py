@@ -7,6 +7,8 @@ launched through Dagster Pipes by the asset, on the persistent instance with its
 - the Pipes side: the step log lines and the training facts reach the materialization.
 - two nodes (two torchrun agents over loopback, the second started from the step's join.sh)
   train what one node with two processes trains, bit for bit.
+- GPU placement (on CPU, with named devices): a torchrun step leases GPUs no other step holds
+  and starts its ranks with them as CUDA_VISIBLE_DEVICES.
 - kill -9 of rank 1 mid-run: the step fails naming rank 1, nothing is stored; the rerun
   resumes from the checkpoint and ends with the adapter an uninterrupted run makes.
 """
@@ -30,6 +32,7 @@ import yaml
 from safetensors.torch import load_file
 
 from ft_assets import demo
+from ft_assets.core import gpu_leases
 from ft_assets.definitions import build_definitions
 from ft_assets.recipe import load_recipe
 from ft_assets.store import ArtifactStore
@@ -266,3 +269,32 @@ def test_two_nodes_train_what_one_node_with_two_processes_trains(project, tmp_pa
     assert m_two["data_version"] == m_one["data_version"]  # the world size is the version's, not its split
     assert m_two["losses"] == m_one["losses"]
     assert largest_difference(w_one, w_two) == 0.0
+
+
+def test_a_torchrun_step_trains_on_gpus_no_other_step_holds(project, tmp_path, monkeypatch):
+    """GPU placement, checked on CPU: this "machine" has the GPUs CUDA_VISIBLE_DEVICES names (0..3,
+    as on a 4-GPU machine; no CUDA here, so the ranks train on the CPU). Another process holds
+    0 and 1; the torchrun step leases 2 and 3, its ranks are started with
+    CUDA_VISIBLE_DEVICES=2,3 (rank 0 says so through Pipes), and the lease is free again after."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    monkeypatch.setenv("FT_GPU_LEASES", str(tmp_path / "leases"))
+    root, model_dir = project
+    path = recipe_file(root, model_dir, "placed", {"batch_size": 4},
+                       {"launcher": "torchrun", "nproc_per_node": 2, "device": "auto"})
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom ft_assets.core.gpu_leases import acquire\n"
+         "print(','.join(acquire(2)), flush=True)\ntime.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    home = tmp_path / "ft_home"
+    instance = demo.ensure_instance(home)
+    try:
+        assert other.stdout.readline().strip() == "0,1"
+        result = materialize(path, home, instance)
+        logs = [e.message for e in instance.all_logs(result.run_id) if e.user_message]
+    finally:
+        other.kill()
+        other.wait(timeout=30)
+        instance.dispose()
+    assert any("GPUs 2,3 of this machine, leased for this run" in line for line in logs), logs[-20:]
+    assert any(line.endswith("rank 0 of 2: CUDA_VISIBLE_DEVICES=2,3") for line in logs), logs[-20:]
+    with gpu_leases.lease_gpus(4, timeout_s=5, own=[]) as names:  # the step gave its two back
+        assert names == ["0", "1", "2", "3"]
