@@ -19,8 +19,9 @@ Contract (DDP: every rank holds the whole model, `core.train.train` keeps them i
   and read them. Each rank's RNG state travels in the checkpoint (`gather`), so a resume with
   the same world size is exact. A resume with another world size is refused (`core.train`).
 
-FSDP2 (`shard`, full fine-tuning): each decoder layer and the root are `fully_shard`ed, so a rank
-holds 1/world_size of the weights, gradients and optimizer state; the all-gathers and the
+FSDP2 (`shard`: full fine-tuning, and the LoRA family on a full-precision base): each decoder
+layer and the root are `fully_shard`ed, so a rank holds 1/world_size of the weights (the frozen
+base's too), gradients and optimizer state; the all-gathers and the
 reduce-scatter of gradients happen inside forward/backward (averaged by FSDP2, so the loop
 scales the loss by world_size: summed, as above), and `sync_gradients` does nothing for a
 sharded model. Whole weights are read and written only through `save_full` / `load_full` and
@@ -36,6 +37,7 @@ from typing import Any, Sequence
 
 import torch
 
+TRAINABLE_FILE = "sharded_trainable.safetensors"  # Ranks.save_sharded: an adapter's tensors by live name
 
 @dataclass(frozen=True)
 class Ranks:
@@ -119,10 +121,56 @@ class Ranks:
 
         from .methods.full import decoder_layers
 
-        for layer in decoder_layers(model):
+        transformer = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
+        for layer in decoder_layers(transformer):
             fully_shard(layer)
         fully_shard(model)
         return model
+
+    def save_sharded(self, model, out_dir, whole_model: bool) -> None:
+        """A sharded model's weights for a checkpoint, written by rank 0 (every rank calls: they are
+        all-gathered): the whole model (`save_full`), or, for an adapter on a frozen base, only the
+        trainable tensors by their live names (`TRAINABLE_FILE`; the base is not copied)."""
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        if whole_model:
+            self.save_full(model, out_dir)
+            return
+        state = self.trainable_state(model)
+        if self.is_main:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in state.items()}, str(Path(out_dir) / TRAINABLE_FILE))
+
+    @staticmethod
+    def load_sharded(model, saved_dir) -> None:
+        """What `save_sharded` wrote, into a sharded model (every rank reads the file)."""
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        trainable_file = Path(saved_dir) / TRAINABLE_FILE
+        if not trainable_file.is_file():
+            Ranks.load_full(model, saved_dir)
+            return
+        state = load_file(str(trainable_file))
+        expected = {n for n, p in model.named_parameters() if p.requires_grad}
+        if set(state) != expected:
+            raise ValueError(f"{trainable_file} holds other tensors than this model trains "
+                             f"({len(set(state) ^ expected)} names differ); delete the checkpoint to start over")
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+    def trainable_state(self, model) -> dict[str, torch.Tensor]:
+        """A sharded model's trainable tensors, whole, by live name, on rank 0 (others: {});
+        every rank must call it (it all-gathers them)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        return {k: v for k, v in state.items() if k in trainable} if self.is_main else {}
 
     def save_full(self, model, out_dir) -> None:
         """A sharded full fine-tune saved as `methods.full` saves it (a transformers checkpoint, the

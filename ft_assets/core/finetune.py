@@ -133,8 +133,12 @@ class FineTuned:
 
     def save(self, out_dir: Path, ranks: Ranks = SINGLE) -> None:
         """By rank 0; a sharded (FSDP2) model needs every rank here, to gather its weights."""
-        if is_sharded(self.model):
+        if is_sharded(self.model) and self.method.type == "full":
             ranks.save_full(self.model, out_dir)
+        elif is_sharded(self.model):  # an adapter: its tensors gathered whole, saved as the method saves them
+            state = ranks.trainable_state(self.model)
+            if ranks.is_main:
+                self.method.save(self.model, out_dir, state_dict=state)
         elif ranks.is_main:
             self.method.save(self.model, out_dir)
         if ranks.is_main:
@@ -168,7 +172,7 @@ def finetune(method, spec, examples: list[data.Example], cfg: train.TrainConfig,
     newest checkpoint in `checkpoint_dir`. `start_adapter`: a previous version to continue from.
     `ranks`: this process's place among data-parallel ones (`ft_assets.jobs.train`); every rank
     loads, wraps and seeds alike, so the replicas start identical. `shard`: FSDP2 instead of whole
-    replicas (`Ranks.shard`; full fine-tuning)."""
+    replicas (`Ranks.shard`; methods whose `fsdp` is true)."""
     if method.uses_quantized_base:
         model = load_quantized(quantized_dir, device, compute_dtype(quantized_compute_dtype, device))
     else:

@@ -155,7 +155,7 @@ def lean_head(model) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
     if not P.supports_packing(model):  # prompt learning: peft adds virtual tokens / a prefix cache in its forward
         return None
     inner = P.inner_model(model)
-    if is_sharded(inner):  # FSDP2: only the root's own forward gathers the head's (and embedding's) shards
+    if is_sharded(model) or is_sharded(inner):  # FSDP2: only the root's own forward gathers the head's (and embedding's) shards
         return None
     if "forward" in vars(inner) or not type(inner).__name__.endswith("ForCausalLM"):
         return None  # a patched forward, or not a plain causal LM

@@ -317,7 +317,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, method, optimizer, schedu
     sharded = is_sharded(model)
     if sharded:  # collectives: every rank gathers, rank 0 writes
         optimizer_state = ranks.full_optimizer_state(model, optimizer)
-        ranks.save_full(model, tmp / "adapter")
+        ranks.save_sharded(model, tmp / "adapter", whole_model=method.type == "full")
     if not ranks.is_main:
         ranks.barrier()
         return final
@@ -357,7 +357,7 @@ def _load_weights(ckpt: Path, model, method) -> None:
     """The trained weights saved under `ckpt/adapter` (a checkpoint, or the best-so-far weights)."""
     adapter = ckpt / "adapter"
     if is_sharded(model):  # FSDP2: whole tensors by name into the shards
-        Ranks.load_full(model, adapter)
+        Ranks.load_sharded(model, adapter)
         return
     # A method whose saved names are not live parameter names (or that keeps more state than
     # parameters, e.g. Delta-LoRA's updated base weights) restores itself; the rest match names.
@@ -375,7 +375,7 @@ def _save_weights(root: Path, model, method, ranks: Ranks = SINGLE) -> Path:
     if ranks.is_main:
         root.mkdir(parents=True, exist_ok=True)
     if is_sharded(model):
-        ranks.save_full(model, tmp)
+        ranks.save_sharded(model, tmp, whole_model=method.type == "full")
     elif ranks.is_main:
         method.save(model, tmp)
     if not ranks.is_main:

@@ -166,15 +166,19 @@ def run(job: TrainJob, report_for: Callable[[TrainJob], ContextManager[Report]] 
                 if job.replay:
                     old = data.load_split(job.replay["dataset_dir"], "train")
                     examples = examples + continual.replay_rows(old, examples, job.replay["fraction"], cfg.seed)
+                method = get_method(spec.type)
+                if job.parallel == "fsdp" and not getattr(method, "fsdp", False):
+                    log(f"{job.method}: parallel fsdp shards full fine-tuning and the LoRA family on a "
+                        f"full-precision base; {spec.type} trains data-parallel (ddp), each process holding the model")
                 tuned = finetune.finetune(
-                    get_method(spec.type), spec, examples, cfg, base_dir=Path(job.base_dir),
+                    method, spec, examples, cfg, base_dir=Path(job.base_dir),
                     quantized_dir=Path(job.quantized_dir) if job.quantized_dir else None,
                     quantized_compute_dtype=job.quantized_compute_dtype, pad_id=job.pad_id,
                     device=ranks.device(hw.device), dtype=hw.dtype, autocast_dtype=hw.autocast_dtype,
                     start_adapter=Path(job.start_adapter) if job.start_adapter else None,
                     checkpoint_dir=Path(job.checkpoint_dir), log=lambda m: log(f"{job.method}: {m}"),
                     on_log=lambda step, loss, **_: log(f"step {step}: loss {loss:.4f}"), ranks=ranks,
-                    shard=job.parallel == "fsdp" and spec.type == "full")
+                    shard=job.parallel == "fsdp" and getattr(method, "fsdp", False))
                 Path(job.out_dir).mkdir(parents=True, exist_ok=True)
                 tuned.save(Path(job.out_dir), ranks)
                 report.result(result_message(tuned))

@@ -210,9 +210,11 @@ def _initial(model_dir: Path, name: str) -> dict[str, torch.Tensor]:
     return _trained(model_dir, name, {"max_steps": 1, "lr": 0.0})
 
 
-def _rank_fsdp(rank: int, port: int, model_dir: str, out: str, resume_at: int) -> None:
-    """`full` trained with FSDP2 on 2 ranks; with `resume_at`, stopped there first (its checkpoint
-    kept, as a killed run leaves it) and resumed by a fresh model."""
+def _rank_fsdp(rank: int, port: int, model_dir: str, out: str, resume_at: int, name: str = "full") -> None:
+    """Method `name` trained with FSDP2 on 2 ranks; with `resume_at`, stopped there first (its
+    checkpoint kept, as a killed run leaves it) and resumed by a fresh model. Saved as the
+    artifact is (`FineTuned.save`)."""
+    from ft_assets.core.finetune import FineTuned
     from ft_assets.core.models import load_model
     from ft_assets_tests.core.test_methods import SPECS
     from ft_assets_tests.core.test_methods import cfg as method_cfg
@@ -221,7 +223,7 @@ def _rank_fsdp(rank: int, port: int, model_dir: str, out: str, resume_at: int) -
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     ranks = Ranks.from_env("cpu")
-    spec, method = SPECS["full"], get_method("full")
+    spec, method = SPECS[name], get_method(SPECS[name].type)
     rows = formatted_examples(Path(model_dir), 16)
     settings = {**vars(method_cfg(spec)), "batch_size": 2, "world_size": 2, "checkpoint_every": 3, "max_steps": 6}
     try:
@@ -230,7 +232,8 @@ def _rank_fsdp(rank: int, port: int, model_dir: str, out: str, resume_at: int) -
             model = ranks.shard(method.wrap(load_model(Path(model_dir)), spec))
             result = train.train(model, method, spec, rows, train.TrainConfig(**{**settings, "max_steps": stop}),
                                  pad_id=2, checkpoint_dir=Path(out) / "ckpt", ranks=ranks)
-        ranks.save_full(model, Path(out) / "saved")
+        (Path(out) / "saved").mkdir(parents=True, exist_ok=True)
+        FineTuned(model, method, result, 0, 0).save(Path(out) / "saved", ranks)
         if ranks.is_main:
             (Path(out) / "result.json").write_text(json.dumps(result.log()))
     finally:
@@ -258,4 +261,41 @@ def test_fsdp2_full_fine_tuning_trains_as_one_process_and_resumes_exactly(tiny_m
     off = max(float((one[k] - straight[k]).abs().max()) for k in straight)
     assert off <= max(4 * spread, 1e-6), (off, spread)
     assert json.loads((tmp_path / "resumed" / "result.json").read_text())["steps"] == 6
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+FSDP_ADAPTERS = ("lora", "dora", "rslora", "lora_plus", "lora_fa")
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_the_frozen_base_under_lora_family_adapters_as_one_process_trains(tiny_model_dir, tmp_path):
+    """`parallel: fsdp` for adapters: base and adapter sharded over 2 ranks (each rank holds half
+    of every decoder layer's frozen weights), the adapter saved in peft's format from the gathered
+    tensors, within 4x the batch 4 / batch 2 x grad_accum 2 spread of one process, for every
+    method marked `fsdp`; LoRA's run resumed from its step-3 checkpoint (the trainable tensors by
+    live name, the optimizer state whole) ends bit-identical to the uninterrupted one."""
+    from safetensors.torch import load_file
+
+    from ft_assets_tests.core.test_methods import SPECS
+
+    for name in FSDP_ADAPTERS:
+        assert get_method(SPECS[name].type).fsdp, name
+        one = _trained(tiny_model_dir, name, {"batch_size": 4, "max_steps": 6, "loss": "plain"})
+        accum = _trained(tiny_model_dir, name, {"batch_size": 2, "grad_accum": 2, "max_steps": 6, "loss": "plain"})
+        moved = max(float((one[k] - w).abs().max()) for k, w in _initial(tiny_model_dir, name).items())
+        spread = max(float((one[k] - accum[k]).abs().max()) for k in one)
+        runs = (("straight", 0), ("resumed", 4)) if name == "lora" else (("straight", 0),)
+        for label, resume_at in runs:
+            mp.start_processes(_rank_fsdp, args=(_free_port(), str(tiny_model_dir), str(tmp_path / name / label),
+                                                 resume_at, name), nprocs=2, start_method="spawn")
+        saved = load_file(str(tmp_path / name / "straight" / "saved" / "adapter_model.safetensors"))
+        # peft saves names without the adapter's, and DoRA's magnitude without `.weight`
+        live = {k.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): v
+                for k, v in one.items()}
+        assert saved.keys() == live.keys(), name
+        off = max(float((live[k] - saved[k]).abs().max()) for k in saved)
+        assert off <= max(4 * spread, 1e-6) and off < moved / 100, (name, off, spread, moved)
+    resumed = load_file(str(tmp_path / "lora" / "resumed" / "saved" / "adapter_model.safetensors"))
+    straight = load_file(str(tmp_path / "lora" / "straight" / "saved" / "adapter_model.safetensors"))
+    assert json.loads((tmp_path / "lora" / "resumed" / "result.json").read_text())["steps"] == 6
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)

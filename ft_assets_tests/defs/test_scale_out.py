@@ -171,6 +171,37 @@ def test_fsdp2_full_fine_tuning_under_two_ranks_as_in_one_process_and_merged_dow
     assert check.check_name == "matches_adapter" and check.passed
 
 
+def test_fsdp2_lora_shards_its_frozen_base_and_trains_as_one_process_through_the_asset(project, tmp_path):
+    """`parallel: fsdp` with LoRA: the base and the adapter sharded over 2 torchrun ranks; the stored
+    adapter (peft's format, from the gathered tensors) equals one process's within the batch 8 /
+    batch 4 x 2 spread, and merged_model reads it (its check passes)."""
+    root, model_dir = project
+    home = tmp_path / "ft_home"
+    instance = demo.ensure_instance(home)
+    plain = {"loss": "plain"}  # a sharded model's loss runs through the model's own forward
+    runs = {}
+    try:
+        for label, training, compute in (
+                ("one", {"batch_size": 8}, {}), ("accum", {"batch_size": 4, "grad_accum": 2}, {}),
+                ("fsdp", {"batch_size": 4}, {"launcher": "torchrun", "nproc_per_node": 2, "parallel": "fsdp"})):
+            path = recipe_file(root, model_dir, f"lf{label}", {**plain, **training}, compute)
+            result = materialize(path, home, instance)
+            runs[label] = adapter_of(result, home)
+        sharded = [e.message for e in instance.all_logs(result.run_id) if "FSDP2: weights sharded" in e.message]
+        defs = build_definitions(load_recipe(path), home=str(home))
+        merged = dg.materialize(list(defs.assets), instance=instance, resources=defs.resources, partition_key="lora",
+                                selection=["merged_model"])
+    finally:
+        instance.dispose()
+    (m_one, w_one), (_, w_acc), (m_fsdp, w_fsdp) = runs["one"], runs["accum"], runs["fsdp"]
+    spread = largest_difference(w_one, w_acc)
+    assert sharded and m_fsdp["tokens_trained"] == m_one["tokens_trained"] and m_fsdp["processes"] == 2
+    assert largest_difference(w_one, w_fsdp) <= max(4 * spread, 1e-6), (largest_difference(w_one, w_fsdp), spread)
+    assert largest_difference(w_one, {k: torch.zeros_like(v) for k, v in w_one.items()}) > 100 * max(4 * spread, 1e-6)
+    check = merged.get_asset_check_evaluations()[0]
+    assert check.check_name == "matches_adapter" and check.passed
+
+
 def test_kill_9_of_one_rank_fails_clearly_and_the_rerun_resumes_to_the_same_adapter(project, tmp_path):
     root, model_dir = project
     path = recipe_file(root, model_dir, "long", {"batch_size": 4, "max_steps": 60, "checkpoint_every": 5},

@@ -113,6 +113,7 @@ def untie_lm_head(model) -> None:
 class FullMethod:
     type: str = "full"
     uses_quantized_base: bool = False
+    fsdp: bool = True  # compute.parallel fsdp shards it (FSDP2)
     merge_rounding: str = "copy"  # the trained tensors are the merged model
 
     def wrap(self, model, spec, *, gradient_checkpointing: bool = False):

@@ -70,6 +70,7 @@ class PeftMethod:
 
     type: str
     uses_quantized_base: bool = False
+    fsdp: bool = False  # compute.parallel fsdp shards base and adapter (FSDP2); tested for the LoRA family
     mergeable: bool = True
     merge_rounding: str = "fold"  # W + s·B·A computed once
 
@@ -90,8 +91,9 @@ class PeftMethod:
     def param_groups(self, model, spec, lr: float, weight_decay: float) -> list[dict]:
         return default_param_groups(model, lr, weight_decay)
 
-    def save(self, model, out_dir: Path) -> None:
-        model.save_pretrained(out_dir, safe_serialization=True)
+    def save(self, model, out_dir: Path, state_dict: dict | None = None) -> None:
+        """`state_dict`: the live tensors gathered from a sharded model (peft keeps the adapter's)."""
+        model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
 
     def load(self, base, adapter_dir: Path):
         from peft import PeftModel
@@ -110,6 +112,6 @@ class LoraMethod(PeftMethod):
         return lora_config(spec)
 
 
-register(LoraMethod("lora"), spec=LoraSpec)
+register(LoraMethod("lora", fsdp=True), spec=LoraSpec)
 register(LoraMethod("qlora", uses_quantized_base=True), spec=LoraSpec)
 

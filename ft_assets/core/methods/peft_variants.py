@@ -282,10 +282,10 @@ def prefix_from_text(model, tokenizer_dir: str | None, text: str, n: int) -> tor
     return torch.stack(per_layer, dim=1).reshape(n, -1)
 
 
-register(LoraOptions("dora", option="use_dora"), spec=LoraVariantSpec)
-register(LoraOptions("rslora", option="use_rslora"), spec=LoraVariantSpec)
-register(LoraPlus("lora_plus"), spec=LoraPlusSpec)
-register(LoraFA("lora_fa"), spec=LoraVariantSpec)
+register(LoraOptions("dora", option="use_dora", fsdp=True), spec=LoraVariantSpec)
+register(LoraOptions("rslora", option="use_rslora", fsdp=True), spec=LoraVariantSpec)
+register(LoraPlus("lora_plus", fsdp=True), spec=LoraPlusSpec)
+register(LoraFA("lora_fa", fsdp=True), spec=LoraVariantSpec)
 register(Vera("vera"), spec=VeraSpec)
 register(IA3("ia3"), spec=IA3Spec)
 register(PromptLearning("prefix"), spec=PromptLearningSpec)
