@@ -13,17 +13,22 @@
 
 Contract: the run's files live under the checkpoint directory (`trained/` the artifact's files,
 `ranks/` each rank's status), so a failed run leaves nothing in the store and its checkpoints
-for the rerun. A failed torchrun becomes one step failure naming each rank and how it ended
+for the rerun; with an object-store FT_HOME this step's process mirrors each new checkpoint
+while the run goes on (`mirrored_checkpoints`), so the rerun may happen on another machine. A failed torchrun becomes one step failure naming each rank and how it ended
 (`JobFailed`): a rank that started and never reported was killed (kill -9, out of memory);
 a user-fixable error (NaN loss, batch too large) reads as it does in process.
 """
 
 import json
+import os
 import shlex
 import shutil
+import socket
 import sys
-from contextlib import nullcontext
+import threading
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Iterator
 
 import dagster as dg
 
@@ -44,7 +49,8 @@ def train_method(context: dg.AssetExecutionContext, recipe: Recipe, name: str, m
     """Method `name` trained where `compute.launcher` says, resuming from `ckpts`."""
     if recipe.compute.launcher != "inprocess":
         job = train_job(recipe, name, td, cfg, base_dir=base_dir, checkpoint_dir=ckpts.dir, quantized_dir=quantized_dir)
-        return run_elsewhere(context, job, recipe.compute)
+        with mirrored_checkpoints(ckpts):  # an object-store FT_HOME gets them as in process
+            return run_elsewhere(context, job, recipe.compute)
     return finetune.finetune(
         method, recipe.methods[name], td.examples, cfg, base_dir=base_dir, quantized_dir=quantized_dir,
         quantized_compute_dtype=recipe.quantization.compute_dtype, pad_id=td.pad_id, device=hw.device,
@@ -79,7 +85,15 @@ def train_job(recipe: Recipe, name: str, td: finetune.TrainingData, cfg: train.T
         threads=recipe.compute.threads, start_adapter=plan.start.adapter_path if continued else None,
         replay=({"dataset_dir": plan.replay_dataset, "fraction": recipe.methods[name].replay_fraction}
                 if continued and plan.replay_dataset else {}),
-        ray=recipe.compute.ray.model_dump(include={"num_workers", "use_gpu", "cpus_per_worker"}))
+        ray=recipe.compute.ray.model_dump(include={"num_workers", "use_gpu", "cpus_per_worker"}),
+        launcher=this_process() if recipe.compute.launcher == "torchrun" else {})
+
+
+def this_process() -> dict:
+    """Who the ranks watch (`jobs.train.watch_launcher`): this step's process, by pid and start time."""
+    import psutil
+
+    return {"pid": os.getpid(), "started": psutil.Process().create_time(), "host": socket.gethostname()}
 
 
 def torchrun_command(spec_path: Path, compute: ComputeSpec, node_rank: int | str = 0,
@@ -108,6 +122,38 @@ def write_join_script(run_dir: Path, spec_path: Path, compute: ComputeSpec) -> P
         f'case "$1" in ""|0|*[!0-9]*) echo "usage: sh $0 <node rank 1..{compute.nnodes - 1}>" >&2; exit 2;; esac\n'
         f"exec {command}\n")
     return script
+
+
+@contextmanager
+def mirrored_checkpoints(ckpts: Checkpoints, poll_s: float = 1.0) -> Iterator[None]:
+    """While other processes train into `ckpts.dir`: each new complete checkpoint mirrored to the
+    object store by this step's process (what `on_checkpoint` does in process); locally, nothing."""
+    if ckpts.remote is None:
+        yield
+        return
+    stop, pushed = threading.Event(), [None]
+
+    def push_newest() -> None:
+        newest = train.latest_checkpoint(ckpts.dir)
+        if newest is not None and newest.name != pushed[0]:
+            try:
+                ckpts.saved(newest)
+                pushed[0] = newest.name
+            except FileNotFoundError:  # rank 0 replaced it by a newer one mid-copy: that one goes next
+                pass
+
+    def watch() -> None:
+        while not stop.wait(poll_s):
+            push_newest()
+
+    watcher = threading.Thread(target=watch, name="checkpoint-mirror", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+        push_newest()  # the last one written before the run ended (or failed)
 
 
 def ray_entrypoint(spec_path: Path, ray: RaySpec) -> str:

@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
+import threading
+import time
 import traceback
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -53,6 +56,7 @@ class TrainJob:
     start_adapter: str | None = None  # continual: the previous adapter version's directory
     replay: dict[str, Any] = field(default_factory=dict)  # {"dataset_dir", "fraction"}: continual replay
     ray: dict[str, Any] = field(default_factory=dict)  # launcher ray: {"num_workers", "use_gpu", "cpus_per_worker"}
+    launcher: dict[str, Any] = field(default_factory=dict)  # torchrun: the Dagster step's {"pid", "started", "host"}
 
     def write(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
@@ -138,6 +142,30 @@ def pipes_report(run_dir: str | Path | None) -> Iterator[Report]:
         yield Report(pipes, run_dir)
 
 
+def watch_launcher(launcher: dict[str, Any], poll_s: float = 1.0) -> None:
+    """If the Dagster step that started this rank dies (kill -9 of its run worker, the OOM killer),
+    this rank asks itself to stop: SIGTERM, so the loop stops every rank after the same step with
+    a checkpoint and exits, and the checkpoint lock is free for the rerun. torchrun starts ranks in
+    sessions of their own: nothing else would stop them. Only ranks on the step's machine watch
+    (the others stop with them)."""
+    if not launcher or launcher.get("host") != socket.gethostname():
+        return
+    import psutil
+
+    def alive() -> bool:
+        try:
+            return psutil.Process(launcher["pid"]).create_time() == launcher["started"]
+        except psutil.NoSuchProcess:
+            return False
+
+    def watch() -> None:
+        while alive():
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
 def run(job: TrainJob, report_for: Callable[[TrainJob], ContextManager[Report]] = lambda job: pipes_report(job.run_dir)
         ) -> int:
     """Train `job` as this process's rank; 0 when done. `report_for(job)` opens rank 0's report
@@ -153,6 +181,7 @@ def run(job: TrainJob, report_for: Callable[[TrainJob], ContextManager[Report]] 
     ranks = Ranks.from_env(hw.device)
     status = RankStatus(job.run_dir, ranks.rank)
     status.started()
+    watch_launcher(job.launcher)
     try:
         with report_for(job) if ranks.is_main else nullcontext(Silent()) as report:
             log = report.log

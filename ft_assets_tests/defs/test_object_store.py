@@ -2,7 +2,8 @@
 started by these tests on 127.0.0.1 as a process of its own and stopped by its PID), through s3fs.
 The graph materializes and its lineage reads back; another machine (another local cache) gets the
 same bytes; a killed upload leaves nothing that looks finished; a training run killed on one node
-resumes on another from the checkpoint on the store and ends with the uninterrupted run's adapter."""
+resumes on another from the checkpoint on the store and ends with the uninterrupted run's adapter
+(in process, and under torchrun)."""
 
 from __future__ import annotations
 
@@ -192,8 +193,12 @@ def _train_on(recipe: Path, env: dict[str, str]) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_a_run_killed_on_one_node_resumes_on_another_from_the_store(project, s3_home, tmp_path):
+@pytest.mark.parametrize("launcher", ["inprocess", "torchrun"])
+def test_a_run_killed_on_one_node_resumes_on_another_from_the_store(project, s3_home, tmp_path, launcher):
+    """torchrun: 2 ranks train, the step's process mirrors their checkpoints to the store."""
     recipe = yaml.safe_load((project / "recipe.yaml").read_text())
+    if launcher == "torchrun":
+        recipe["compute"] = {**recipe.get("compute", {}), "launcher": "torchrun", "nproc_per_node": 2}
     recipe["quantization"] = {"method": "none"}
     recipe["methods"] = {"lora": recipe["methods"]["lora"]}
     recipe["training"].update({"epochs": 100, "max_steps": 60, "checkpoint_every": 5})

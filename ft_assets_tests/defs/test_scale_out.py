@@ -9,6 +9,7 @@ launched through Dagster Pipes by the asset, on the persistent instance with its
   train what one node with two processes trains, bit for bit.
 - GPU placement (on CPU, with named devices): a torchrun step leases GPUs no other step holds
   and starts its ranks with them as CUDA_VISIBLE_DEVICES.
+- kill -9 of the Dagster step's process: its ranks stop themselves with a checkpoint.
 - kill -9 of rank 1 mid-run: the step fails naming rank 1, nothing is stored; the rerun
   resumes from the checkpoint and ends with the adapter an uninterrupted run makes.
 """
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import psutil
 import pytest
 import torch
 import yaml
@@ -329,3 +331,62 @@ def test_a_torchrun_step_trains_on_gpus_no_other_step_holds(project, tmp_path, m
     assert any(line.endswith("rank 0 of 2: CUDA_VISIBLE_DEVICES=2,3") for line in logs), logs[-20:]
     with gpu_leases.lease_gpus(4, timeout_s=5, own=[]) as names:  # the step gave its two back
         assert names == ["0", "1", "2", "3"]
+
+
+STEP = """
+import sys
+import dagster as dg
+from ft_assets import demo
+from ft_assets.definitions import build_definitions
+from ft_assets.recipe import load_recipe
+from pathlib import Path
+home = Path(sys.argv[2])
+instance = demo.ensure_instance(home)
+defs = build_definitions(load_recipe(sys.argv[1]), home=str(home))
+dg.materialize(list(defs.assets), instance=instance, resources=defs.resources, selection=["base_model", "sft_dataset"])
+dg.materialize(list(defs.assets), instance=instance, resources=defs.resources, partition_key="lora", selection=["adapter"])
+"""
+
+
+def test_ranks_whose_dagster_step_died_stop_with_a_checkpoint_and_free_the_lock(project, tmp_path):
+    """kill -9 of the Dagster step's process only (as the OOM killer does): torchrun's ranks run in
+    sessions of their own, so they watch the step; they stop within seconds, after a checkpoint
+    that all ranks agree on, and the checkpoint directory's lock is free for the rerun."""
+    from ft_assets.core.preemption import checkpoint_lock
+
+    root, model_dir = project
+    path = recipe_file(root, model_dir, "orphan", {"batch_size": 4, "max_steps": 5000, "epochs": 10000, "checkpoint_every": 5},
+                       {"launcher": "torchrun", "nproc_per_node": 2})
+    home = tmp_path / "ft_home"
+    step = subprocess.Popen([sys.executable, "-c", STEP, str(path), str(home)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "DAGSTER_HOME": str(home / "dagster")})
+    ckpts = home / "checkpoints" / "adapter" / "lora"
+    try:
+        deadline = time.time() + 300
+        while not (len(list(ckpts.glob("*/ranks/rank-*.json"))) == 2 and next(ckpts.glob("*/step-*"), None)):
+            assert step.poll() is None and time.time() < deadline, "the step ended before its first checkpoint"
+            time.sleep(0.1)
+        ranks = [json.loads(p.read_text())["pid"] for p in sorted(ckpts.glob("*/ranks/rank-*.json"))]
+        os.kill(step.pid, signal.SIGKILL)  # the step's process only: torchrun's agent and ranks live on
+        step.wait(timeout=30)
+        killed_at = time.time()
+        while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in ranks):
+            assert time.time() - killed_at < 60, "the ranks kept training without their step"
+            time.sleep(0.2)
+        stopped_in = time.time() - killed_at
+    finally:
+        if step.poll() is None:
+            os.killpg(step.pid, signal.SIGKILL)
+        for pid in locals().get("ranks", []):
+            if psutil.pid_exists(pid):
+                os.kill(pid, signal.SIGKILL)
+    statuses = [json.loads(p.read_text()) for p in sorted(ckpts.glob("*/ranks/rank-*.json"))]
+    assert [s["status"] for s in statuses] == ["failed", "failed"], statuses
+    assert all(s["error"].startswith("Preempted: preempted at step ") for s in statuses), statuses
+    assert any("by SIGTERM" in s["error"] for s in statuses), statuses  # a watcher's own signal
+    assert len({s["error"].split(" by ")[0] for s in statuses}) == 1  # the same step on both ranks
+    assert stopped_in < 30
+    ckpt_dir = next(ckpts.glob("*/step-*")).parent
+    with checkpoint_lock(ckpt_dir):  # free: no orphan holds it
+        pass
