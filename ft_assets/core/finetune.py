@@ -175,8 +175,9 @@ def finetune(method, spec, examples: list[data.Example], cfg: train.TrainConfig,
     replicas (`Ranks.shard`; methods whose `fsdp` is true)."""
     if method.uses_quantized_base:
         model = load_quantized(quantized_dir, device, compute_dtype(quantized_compute_dtype, device))
-    else:
-        model = load_model(base_dir, device, dtype)
+    else:  # sharded: loaded on the CPU; fully_shard moves each layer's shard to the device, so
+        # a base larger than one device trains (one whole layer at a time passes through it)
+        model = load_model(base_dir, "cpu" if shard else device, dtype)
     train.seed_everything(cfg.seed)  # adapter init is random: seed it so reruns are reproducible
     model = method.wrap(model, spec, gradient_checkpointing=cfg.gradient_checkpointing)
     if start_adapter is not None:
