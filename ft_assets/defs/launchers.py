@@ -156,6 +156,33 @@ def mirrored_checkpoints(ckpts: Checkpoints, poll_s: float = 1.0) -> Iterator[No
         push_newest()  # the last one written before the run ended (or failed)
 
 
+def launch_on_ray(context: dg.AssetExecutionContext, job: TrainJob, spec_path: Path, compute: ComputeSpec):
+    """The spec as a Ray job (dagster-ray's PipesRayJobClient); Ray places the workers and their GPUs."""
+    from dagster_ray import PipesRayJobClient
+
+    entrypoint = ray_entrypoint(spec_path, compute.ray)
+    context.log.info(f"{job.method}: Ray job on {compute.ray.address}: {entrypoint}")
+    return PipesRayJobClient(address=compute.ray.address, poll_interval=0.5).run(
+        context=context, submit_job_params={"entrypoint": entrypoint, "entrypoint_num_cpus": 0})
+
+
+def launch_torchrun(context: dg.AssetExecutionContext, job: TrainJob, spec_path: Path, compute: ComputeSpec):
+    """torchrun on this machine (node 0) under PipesSubprocessClient, on GPUs leased for the run."""
+    command = torchrun_command(spec_path, compute)
+    context.log.info(f"{job.method}: {' '.join(command)}")
+    if compute.nnodes > 1:
+        join = write_join_script(Path(job.run_dir), spec_path, compute)
+        context.log.info(f"{job.method}: node 0 of {compute.nnodes} waits for the others (torchrun's rendezvous: "
+                         f"600 s): on each other node run `sh {join} <node rank>`")
+    gpus = gpu_leases.visible_devices() if compute.device != "cpu" else []
+    with gpu_leases.lease_gpus(compute.nproc_per_node, gpus, log=context.log.info) if gpus else nullcontext([]) as names:
+        if names:
+            context.log.info(f"{job.method}: GPUs {','.join(names)} of this machine, leased for this run "
+                             "(CUDA_VISIBLE_DEVICES)")
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(names)} if names else {}
+        return dg.PipesSubprocessClient(env=env).run(context=context, command=command)
+
+
 def ray_entrypoint(spec_path: Path, ray: RaySpec) -> str:
     return f"{shlex.quote(ray.python)} -m ft_assets.jobs.ray_train {shlex.quote(str(spec_path))}"
 
@@ -168,28 +195,11 @@ def run_elsewhere(context: dg.AssetExecutionContext, job: TrainJob, compute: Com
         shutil.rmtree(stale, ignore_errors=True)
     run_dir.mkdir(parents=True)
     spec_path = job.write(run_dir / "job.json")
+    launch = launch_on_ray if compute.launcher == "ray" else launch_torchrun
     try:
-        if compute.launcher == "ray":
-            from dagster_ray import PipesRayJobClient
-
-            entrypoint = ray_entrypoint(spec_path, compute.ray)
-            context.log.info(f"{job.method}: Ray job on {compute.ray.address}: {entrypoint}")
-            invocation = PipesRayJobClient(address=compute.ray.address, poll_interval=0.5).run(
-                context=context, submit_job_params={"entrypoint": entrypoint, "entrypoint_num_cpus": 0})
-        else:
-            command = torchrun_command(spec_path, compute)
-            context.log.info(f"{job.method}: {' '.join(command)}")
-            if compute.nnodes > 1:
-                join = write_join_script(run_dir, spec_path, compute)
-                context.log.info(f"{job.method}: node 0 of {compute.nnodes} waits for the others (torchrun's rendezvous: "
-                                 f"600 s): on each other node run `sh {join} <node rank>`")
-            gpus = gpu_leases.visible_devices() if compute.device != "cpu" else []
-            with gpu_leases.lease_gpus(compute.nproc_per_node, gpus, log=context.log.info) if gpus else nullcontext([]) as names:
-                if names:
-                    context.log.info(f"{job.method}: GPUs {','.join(names)} of this machine, leased for this run "
-                                     "(CUDA_VISIBLE_DEVICES)")
-                env = {"CUDA_VISIBLE_DEVICES": ",".join(names)} if names else {}
-                invocation = dg.PipesSubprocessClient(env=env).run(context=context, command=command)
+        invocation = launch(context, job, spec_path, compute)
+    except gpu_leases.NotEnoughGpus as exc:
+        raise JobFailed(f"{job.method}: {exc}") from None
     except Exception as exc:  # a non-zero exit (DagsterPipesExecutionError, not public) or a FAILED Ray job
         raise JobFailed(describe_failure(run_dir, compute, job.checkpoint_dir, exc)) from None
     reported = [m for m in invocation.get_custom_messages() if isinstance(m, dict) and m.get("kind") == RESULT_MESSAGE]
