@@ -24,9 +24,10 @@ layer and the root are `fully_shard`ed, so a rank holds 1/world_size of the weig
 base's too), gradients and optimizer state; the all-gathers and the
 reduce-scatter of gradients happen inside forward/backward (averaged by FSDP2, so the loop
 scales the loss by world_size: summed, as above), and `sync_gradients` does nothing for a
-sharded model. Whole weights are read and written only through `save_full` / `load_full` and
-the full optimizer state dicts: collectives every rank calls, files in the formats one process
-writes (`methods.full`'s checkpoint, torch.save).
+sharded model. Whole tensors are read and written only through collectives every rank calls:
+`save_full` / `load_full` (full fine-tuning: `methods.full`'s checkpoint), `trainable_state` /
+`save_sharded` / `load_sharded` (an adapter: its trainable tensors by live name; the base is
+never copied) and the full optimizer state dicts (torch.save).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import Any, Sequence
 import torch
 
 TRAINABLE_FILE = "sharded_trainable.safetensors"  # Ranks.save_sharded: an adapter's tensors by live name
+
 
 @dataclass(frozen=True)
 class Ranks:

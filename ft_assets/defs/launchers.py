@@ -2,7 +2,8 @@
 
     inprocess   `core.finetune.finetune` in the step's own process (the default; the demo's speed)
     torchrun    a `ft_assets.jobs.train.TrainJob` spec file, then `torchrun --standalone
-                --nproc-per-node N -m ft_assets.jobs.train SPEC` under Dagster's
+                --nproc-per-node N -m ft_assets.jobs.train SPEC` (several machines: a static
+                rendezvous with this one as node 0, `join.sh` for the others) under Dagster's
                 `PipesSubprocessClient`, on GPUs leased for the run (`core.gpu_leases`, passed as
                 CUDA_VISIBLE_DEVICES): rank 0 streams the step log through Pipes and reports the
                 result, which comes back as a `core.finetune.TrainedElsewhere` -- stored and turned
@@ -14,7 +15,8 @@
 Contract: the run's files live under the checkpoint directory (`trained/` the artifact's files,
 `ranks/` each rank's status), so a failed run leaves nothing in the store and its checkpoints
 for the rerun; with an object-store FT_HOME this step's process mirrors each new checkpoint
-while the run goes on (`mirrored_checkpoints`), so the rerun may happen on another machine. A failed torchrun becomes one step failure naming each rank and how it ended
+while the run goes on (`mirrored_checkpoints`), so the rerun may happen on another machine.
+A failed torchrun or Ray job becomes one step failure naming each rank and how it ended
 (`JobFailed`): a rank that started and never reported was killed (kill -9, out of memory);
 a user-fixable error (NaN loss, batch too large) reads as it does in process.
 """
@@ -131,14 +133,15 @@ def mirrored_checkpoints(ckpts: Checkpoints, poll_s: float = 1.0) -> Iterator[No
     if ckpts.remote is None:
         yield
         return
-    stop, pushed = threading.Event(), [None]
+    stop, pushed = threading.Event(), None
 
     def push_newest() -> None:
+        nonlocal pushed
         newest = train.latest_checkpoint(ckpts.dir)
-        if newest is not None and newest.name != pushed[0]:
+        if newest is not None and newest.name != pushed:
             try:
                 ckpts.saved(newest)
-                pushed[0] = newest.name
+                pushed = newest.name
             except FileNotFoundError:  # rank 0 replaced it by a newer one mid-copy: that one goes next
                 pass
 

@@ -51,7 +51,7 @@ class TrainJob:
     quantized_dir: str | None = None
     quantized_compute_dtype: str = "bfloat16"
     device: str = "auto"  # compute.device; under several processes each rank takes cuda:<local rank>
-    parallel: str = "ddp"  # compute.parallel: "fsdp" shards a `full` method's model (FSDP2)
+    parallel: str = "ddp"  # compute.parallel: "fsdp" shards the model of a method whose `fsdp` is true (FSDP2)
     threads: int | None = None
     start_adapter: str | None = None  # continual: the previous adapter version's directory
     replay: dict[str, Any] = field(default_factory=dict)  # {"dataset_dir", "fraction"}: continual replay

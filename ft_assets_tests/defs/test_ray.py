@@ -13,7 +13,6 @@ loopback, started and stopped here by its own process ids), submitted by dagster
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -21,7 +20,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -32,7 +30,8 @@ import pytest
 from ft_assets import demo
 from ft_assets.store import ArtifactStore
 from ft_assets_tests.defs.test_failures import failure_message
-from ft_assets_tests.defs.test_scale_out import adapter_of, largest_difference, materialize, project, recipe_file  # noqa: F401
+from ft_assets_tests.defs.test_scale_out import (  # noqa: F401  (project: the shared fixture)
+    adapter_of, largest_difference, materialize, materialize_killing_rank_1, project, recipe_file)
 
 pytestmark = pytest.mark.slow
 
@@ -130,24 +129,8 @@ def test_kill_9_of_a_ray_worker_fails_the_asset_naming_it_and_nothing_is_stored(
                        {"launcher": "ray", "ray": {"address": ray_head, "num_workers": 2}})
     home = tmp_path / "ft_home"
     instance = demo.ensure_instance(home)
-    killed: dict = {}
-
-    def kill_rank_1_after_a_checkpoint() -> None:
-        ckpts = home / "checkpoints" / "adapter" / "lora"
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            status = next(ckpts.glob("*/ranks/rank-1.json"), None)
-            if status is not None and next(ckpts.glob("*/step-*"), None) is not None:
-                killed["pid"] = json.loads(status.read_text())["pid"]
-                os.kill(killed["pid"], signal.SIGKILL)
-                return
-            time.sleep(0.05)
-
     try:
-        killer = threading.Thread(target=kill_rank_1_after_a_checkpoint)
-        killer.start()
-        failed = materialize(path, home, instance, raise_on_error=False)
-        killer.join()
+        failed, killed = materialize_killing_rank_1(path, home, instance)
     finally:
         instance.dispose()
     assert killed and not failed.success

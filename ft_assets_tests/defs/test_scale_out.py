@@ -143,28 +143,37 @@ def test_qlora_trains_on_its_nf4_base_under_two_ranks_as_in_one_process(project,
     assert m_one["losses"][0][1] - m_one["losses"][-1][1] > 0.01  # it trained
 
 
+def one_accum_and_fsdp(root: Path, model_dir: Path, home: Path, prefix: str, method: str, weights: str,
+                       training: dict) -> tuple[dict, list[str], dg.ExecuteInJobResult]:
+    """`method` trained through the asset as 1 process x batch 8, 1 x batch 4 x grad_accum 2 and
+    FSDP2 2 torchrun ranks x batch 4 (`training` added: a sharded model's loss runs through the
+    model's own forward, so `loss: plain`), then merged_model of the last: ((metadata, weights)
+    by label, the step log's FSDP2 lines, the merge's result)."""
+    instance = demo.ensure_instance(home)
+    runs = {}
+    try:
+        for label, batch, compute in (
+                ("one", {"batch_size": 8}, {}), ("accum", {"batch_size": 4, "grad_accum": 2}, {}),
+                ("fsdp", {"batch_size": 4}, {"launcher": "torchrun", "nproc_per_node": 2, "parallel": "fsdp"})):
+            path = recipe_file(root, model_dir, f"{prefix}{label}", {**training, **batch}, compute, method=method)
+            result = materialize(path, home, instance, method=method)
+            runs[label] = adapter_of(result, home, method, weights)
+        sharded = [e.message for e in instance.all_logs(result.run_id) if "FSDP2: weights sharded" in e.message]
+        defs = build_definitions(load_recipe(path), home=str(home))
+        merged = dg.materialize(list(defs.assets), instance=instance, resources=defs.resources, partition_key=method,
+                                selection=["merged_model"])
+    finally:
+        instance.dispose()
+    return runs, sharded, merged
+
+
 def test_fsdp2_full_fine_tuning_under_two_ranks_as_in_one_process_and_merged_downstream(project, tmp_path):
     """`parallel: fsdp`: the full model's weights, gradients and optimizer state sharded over 2
     torchrun ranks; the stored model equals one process's within the batch 8 / batch 4 x 2 spread,
     and merged_model reads it like any full fine-tune (its check passes)."""
     root, model_dir = project
-    home = tmp_path / "ft_home"
-    instance = demo.ensure_instance(home)
-    plain = {"loss": "plain", "lr": 1e-3}  # a sharded model's loss runs through the model's own forward
-    runs = {}
-    try:
-        for label, training, compute in (
-                ("one", {"batch_size": 8}, {}), ("accum", {"batch_size": 4, "grad_accum": 2}, {}),
-                ("fsdp", {"batch_size": 4}, {"launcher": "torchrun", "nproc_per_node": 2, "parallel": "fsdp"})):
-            path = recipe_file(root, model_dir, f"f{label}", {**plain, **training}, compute, method="full")
-            result = materialize(path, home, instance, method="full")
-            runs[label] = adapter_of(result, home, "full", "model.safetensors")
-        sharded = [e.message for e in instance.all_logs(result.run_id) if "FSDP2: weights sharded" in e.message]
-        defs = build_definitions(load_recipe(path), home=str(home))
-        merged = dg.materialize(list(defs.assets), instance=instance, resources=defs.resources, partition_key="full",
-                                selection=["merged_model"])
-    finally:
-        instance.dispose()
+    runs, sharded, merged = one_accum_and_fsdp(root, model_dir, tmp_path / "ft_home", "f", "full", "model.safetensors",
+                                               {"loss": "plain", "lr": 1e-3})
     (m_one, w_one), (_, w_acc), (m_fsdp, w_fsdp) = runs["one"], runs["accum"], runs["fsdp"]
     spread = largest_difference(w_one, w_acc)
     assert sharded and m_fsdp["tokens_trained"] == m_one["tokens_trained"] and m_fsdp["processes"] == 2
@@ -178,23 +187,8 @@ def test_fsdp2_lora_shards_its_frozen_base_and_trains_as_one_process_through_the
     adapter (peft's format, from the gathered tensors) equals one process's within the batch 8 /
     batch 4 x 2 spread, and merged_model reads it (its check passes)."""
     root, model_dir = project
-    home = tmp_path / "ft_home"
-    instance = demo.ensure_instance(home)
-    plain = {"loss": "plain"}  # a sharded model's loss runs through the model's own forward
-    runs = {}
-    try:
-        for label, training, compute in (
-                ("one", {"batch_size": 8}, {}), ("accum", {"batch_size": 4, "grad_accum": 2}, {}),
-                ("fsdp", {"batch_size": 4}, {"launcher": "torchrun", "nproc_per_node": 2, "parallel": "fsdp"})):
-            path = recipe_file(root, model_dir, f"lf{label}", {**plain, **training}, compute)
-            result = materialize(path, home, instance)
-            runs[label] = adapter_of(result, home)
-        sharded = [e.message for e in instance.all_logs(result.run_id) if "FSDP2: weights sharded" in e.message]
-        defs = build_definitions(load_recipe(path), home=str(home))
-        merged = dg.materialize(list(defs.assets), instance=instance, resources=defs.resources, partition_key="lora",
-                                selection=["merged_model"])
-    finally:
-        instance.dispose()
+    runs, sharded, merged = one_accum_and_fsdp(root, model_dir, tmp_path / "ft_home", "lf", "lora",
+                                               "adapter_model.safetensors", {"loss": "plain"})
     (m_one, w_one), (_, w_acc), (m_fsdp, w_fsdp) = runs["one"], runs["accum"], runs["fsdp"]
     spread = largest_difference(w_one, w_acc)
     assert sharded and m_fsdp["tokens_trained"] == m_one["tokens_trained"] and m_fsdp["processes"] == 2
@@ -204,12 +198,10 @@ def test_fsdp2_lora_shards_its_frozen_base_and_trains_as_one_process_through_the
     assert check.check_name == "matches_adapter" and check.passed
 
 
-def test_kill_9_of_one_rank_fails_clearly_and_the_rerun_resumes_to_the_same_adapter(project, tmp_path):
-    root, model_dir = project
-    path = recipe_file(root, model_dir, "long", {"batch_size": 4, "max_steps": 60, "checkpoint_every": 5},
-                       {"launcher": "torchrun", "nproc_per_node": 2})
-    home = tmp_path / "ft_home"
-    instance = demo.ensure_instance(home)
+def materialize_killing_rank_1(path: Path, home: Path, instance: dg.DagsterInstance
+                               ) -> tuple[dg.ExecuteInJobResult, dict]:
+    """The lora adapter materialized while a thread kill -9s rank 1 as soon as it has started and
+    a checkpoint exists: (the run's result, {"pid": the pid killed} or {} if it never came)."""
     killed: dict = {}
 
     def kill_rank_1_after_a_checkpoint() -> None:
@@ -224,11 +216,21 @@ def test_kill_9_of_one_rank_fails_clearly_and_the_rerun_resumes_to_the_same_adap
                 return
             time.sleep(0.05)
 
+    killer = threading.Thread(target=kill_rank_1_after_a_checkpoint)
+    killer.start()
+    failed = materialize(path, home, instance, raise_on_error=False)
+    killer.join()
+    return failed, killed
+
+
+def test_kill_9_of_one_rank_fails_clearly_and_the_rerun_resumes_to_the_same_adapter(project, tmp_path):
+    root, model_dir = project
+    path = recipe_file(root, model_dir, "long", {"batch_size": 4, "max_steps": 60, "checkpoint_every": 5},
+                       {"launcher": "torchrun", "nproc_per_node": 2})
+    home = tmp_path / "ft_home"
+    instance = demo.ensure_instance(home)
     try:
-        killer = threading.Thread(target=kill_rank_1_after_a_checkpoint)
-        killer.start()
-        failed = materialize(path, home, instance, raise_on_error=False)
-        killer.join()
+        failed, killed = materialize_killing_rank_1(path, home, instance)
         assert killed and not failed.success
         message = failure_message(failed)
         assert f"rank 1 (pid {killed['pid']}) of 2 was killed" in message, message
