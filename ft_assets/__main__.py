@@ -1,4 +1,4 @@
-"""Command line over the recipe, the artifact store and (`runs`) the Dagster instance.
+"""Command line over the recipe, the artifact store and (`runs`, `prune`) the Dagster instance.
 
     python -m ft_assets init DATA_FILE [-o recipe.yaml]
                                               guess the column mapping, show three rows through the
@@ -6,14 +6,18 @@
     python -m ft_assets validate [RECIPE]     exit 0 + summary (with the steps each method will run), or
                                               exit 2 + errors on stderr
     python -m ft_assets artifacts [--json]    latest artifact of every asset/partition
-    python -m ft_assets lineage PATH          the chain from an artifact back to raw data files
+    python -m ft_assets lineage PATH          the chain from an artifact back to raw data files (a
+                                              version that is its own ancestor is marked as a cycle)
     python -m ft_assets prune [--keep N] [--delete]
                                               artifact versions nothing kept refers to (the latest and
-                                              N newest of each asset/partition stay, with everything
-                                              they were made from); lists them, deletes with --delete
+                                              N newest of each asset/partition stay, and the version
+                                              the latest materialization in the Dagster instance
+                                              ($DAGSTER_HOME) recorded, with everything they were made
+                                              from); lists them, deletes with --delete (a slot a
+                                              writer is in at that moment is left alone)
     python -m ft_assets runs [--reap]         unfinished runs, their worker processes and pool slots;
                                               --reap fails the ones whose worker is gone and frees
-                                              their slots (the only command here that needs Dagster)
+                                              their slots
     python -m ft_assets chat [ASSET[PARTITION] | PATH] [--prompt TEXT] [--compare base]
                                               chat in the terminal with the newest (or given) merged
                                               model or adapter, streaming greedy answers; --prompt
@@ -31,6 +35,7 @@ import json
 import sys
 from pathlib import Path
 
+from .asset_keys import format_key, parse_key
 from .core.data import source_path
 from .core.steps import recipe_step_estimates
 from .object_store import is_url
@@ -122,59 +127,108 @@ def cmd_lineage(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from .retention import apply, plan
+    from .defs.recorded import InstanceUnreadable, recorded_reader
+    from .slot_locks import SlotLockError
 
     store = ArtifactStore(args.home)
     try:
-        p = plan(store, args.keep)
+        with recorded_reader(store) as recorded:  # the versions the next runs load: kept
+            return prune(store, args.keep, args.delete, recorded)
+    except InstanceUnreadable as exc:
+        print(f"error: {exc}; nothing deleted (prune keeps the versions Dagster recorded, so it must read "
+              "them: fix the instance, or point DAGSTER_HOME at the one your runs use)", file=sys.stderr)
+        return 2
+    except SlotLockError as exc:
+        print(f"error: {exc}; nothing deleted", file=sys.stderr)
+        return 2
+
+
+def prune(store: ArtifactStore, keep: int, delete: bool, recorded) -> int:
+    """List (and with `delete`, drop) what `retention.plan` lets go; `recorded`: the reader of the
+    versions Dagster recorded (`defs.recorded`), None without an instance."""
+    from .defs.recorded import instance_home
+    from .retention import apply, plan
+
+    try:
+        p = plan(store, keep, recorded() if recorded else None)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     mib = 1 << 20
-    print(f"{store.artifacts_location}: {len(p.kept)} versions kept (the latest and the {args.keep} newest of each "
-          f"asset/partition, and what they were made from), {len(p.drop)} to drop ({p.drop_bytes / mib:.1f} MiB)")
+    print(f"{store.artifacts_location}: {len(p.kept)} versions kept (the latest and the {keep} newest of each "
+          f"asset/partition, the ones Dagster recorded last, and what they were made from), {len(p.drop)} to drop "
+          f"({p.drop_bytes / mib:.1f} MiB)")
+    if recorded is None:
+        print(f"  no Dagster instance at {instance_home(store)} ($DAGSTER_HOME): no recorded version to keep")
+    for (asset, part, version), why in p.kept.items():
+        if why.startswith("recorded by"):  # kept though neither LATEST nor among the newest
+            print(f"  keep {format_key(asset, part):<28} {version}: {why}")
     for v in p.drop:
         print(f"  drop {v.key:<28} {v.version:<18} {v.created:<26} {v.bytes / mib:9.1f} MiB")
     for d in p.leftovers:
         print(f"  drop {d} (left by an interrupted prune)")
-    if not args.delete:
+    if not delete:
         if p.drop or p.leftovers:
             print("dry run: nothing deleted; rerun with --delete to delete these")
         return 0
-    freed = apply(store, p)
-    print(f"deleted {len(p.drop)} versions, {freed / mib:.1f} MiB freed")
+    done = apply(store, p, recorded)
+    for (asset, part, version), why in done.spared.items():
+        print(f"  kept {format_key(asset, part):<28} {version}: {why}")
+    print(f"deleted {len(done.dropped)} versions, {done.freed / mib:.1f} MiB freed")
     return 0
 
 
 def lineage(store: ArtifactStore, asset: str, partition: str | None, version: str) -> dict:
-    """The artifact's manifest facts and, recursively, those of everything it was made from."""
+    """The artifact's manifest facts and those of everything it was made from, depth first. A
+    version that is its own ancestor (a manifest edited to name itself, or a cycle) appears again
+    only as {asset, partition, version, "cycle": True}, not followed. No recursion: a chain as long
+    as the store holds is walked."""
+    root, pending = _lineage_node(store, asset, partition, version)
+    todo = [(root, pending, frozenset({(asset, partition, version)}))]  # node, its inputs, itself and its ancestors
+    while todo:
+        node, pending, above = todo.pop()
+        for key, ver in pending:
+            if key.startswith("raw/"):
+                node["inputs"].append({"asset": key, "version": ver, "raw_file": True})
+                continue
+            ref = (*parse_key(key), ver)
+            if ref in above:
+                node["inputs"].append({"asset": ref[0], "partition": ref[1], "version": ver, "cycle": True})
+                continue
+            child, child_pending = _lineage_node(store, *ref)
+            node["inputs"].append(child)
+            todo.append((child, child_pending, above | {ref}))
+    return root
+
+
+def _lineage_node(store: ArtifactStore, asset: str, partition: str | None, version: str) -> tuple[dict, list]:
+    """(the version's node, its manifest's inputs still to follow, by key)."""
     m = store.read_manifest(asset, partition, version)  # nothing is downloaded from a remote store
     if m is None:
-        return {"asset": asset, "partition": partition, "version": version, "missing": True}
+        return {"asset": asset, "partition": partition, "version": version, "missing": True}, []
     where = store.remote.url_of(store.rel(asset, partition, version)) if store.remote else \
         str(store.path(asset, partition, version))
     node = {"asset": asset, "partition": partition, "version": version, "path": where,
             "recipe_hash": m.get("recipe_hash"), "code_version": m.get("code_version"), "seed": m.get("seed"),
             "created": m.get("created"), "inputs": []}
-    for key, ver in sorted(m.get("inputs", {}).items()):
-        if key.startswith("raw/"):
-            node["inputs"].append({"asset": key, "version": ver, "raw_file": True})
-            continue
-        name, _, part = key.partition("[")
-        node["inputs"].append(lineage(store, name, part.rstrip("]") or None, ver))
-    return node
+    return node, sorted((m.get("inputs") or {}).items())
 
 
 def _print_tree(node: dict, depth: int) -> None:
-    pad = "  " * depth
-    label = node["asset"] + (f"[{node['partition']}]" if node.get("partition") else "")
-    if node.get("raw_file"):
-        print(f"{pad}{label}  sha256:{node['version']}  (raw data file)")
-        return
-    extra = "  MISSING" if node.get("missing") else f"  recipe {node['recipe_hash']}  code {node['code_version']}  seed {node['seed']}"
-    print(f"{pad}{label}  {node['version']}{extra}")
-    for child in node.get("inputs", []):
-        _print_tree(child, depth + 1)
+    todo = [(node, depth)]
+    while todo:
+        node, depth = todo.pop()
+        pad = "  " * depth
+        label = format_key(node["asset"], node.get("partition"))
+        if node.get("raw_file"):
+            print(f"{pad}{label}  sha256:{node['version']}  (raw data file)")
+            continue
+        if node.get("cycle"):
+            print(f"{pad}{label}  {node['version']}  (cycle: already shown above)")
+            continue
+        extra = "  MISSING" if node.get("missing") else f"  recipe {node['recipe_hash']}  code {node['code_version']}  seed {node['seed']}"
+        print(f"{pad}{label}  {node['version']}{extra}")
+        todo += [(child, depth + 1) for child in reversed(node.get("inputs", []))]
 
 
 def cmd_runs(args) -> int:

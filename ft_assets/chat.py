@@ -4,6 +4,7 @@ REF is `asset[partition]` or `asset` (its LATEST version in the store: `merged_m
 `adapter[prefix]`, `model_card[lora]`, `preference_adapter[dpo]`, `base_model`, `student`), or
 a PATH (an artifact directory, or any local transformers checkpoint with safetensors weights).
 With several recipes in one deployment, a pipeline's artifact is `<pipeline>.merged_model[lora]`.
+REF and the input keys manifests record are read by `asset_keys.parse_key`, the one parser.
 Without REF: the newest `merged_model` that holds weights (of any pipeline), else the newest `adapter`.
 
 Loading: a directory with `config.json` loads as a causal LM (safetensors only, no remote code);
@@ -29,10 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from .asset_keys import format_key, parse_key
 from .recipe import RecipeError, load_recipe
 from .store import Artifact, ArtifactStore
 
-REF = re.compile(r"^(?P<asset>([A-Za-z0-9_]+\.)?[a-z_]+)(\[(?P<partition>[^\]]+)\])?$")
+ASSET = re.compile(r"([A-Za-z0-9_]+\.)?[a-z_]+")  # an asset name in REF, `<pipeline>.` first with several recipes
 EXIT, RESET = "/exit", "/reset"
 
 
@@ -102,9 +104,9 @@ def resolve(ref: str | None, store: ArtifactStore) -> Artifact | Path:
                     return art
         raise ChatError(f"no merged_model or adapter in {store.artifacts_location}; train one first (`make demo`), "
                         "or name a model: chat merged_model[lora] | PATH")
-    m = REF.match(ref)
-    if m and not Path(ref).exists():
-        art = store.latest(m["asset"], m["partition"])
+    named = parse_ref(ref)
+    if named and not Path(ref).exists():
+        art = store.latest(*named)
         if art is None:
             raise ChatError(f"{ref}: no such artifact in {store.artifacts_location} (see `python -m ft_assets artifacts`)")
         return art
@@ -114,12 +116,18 @@ def resolve(ref: str | None, store: ArtifactStore) -> Artifact | Path:
     return store.find_by_path(path) or path
 
 
+def parse_ref(ref: str) -> tuple[str, str | None] | None:
+    """(asset, partition) when REF is an artifact's name (`asset_keys.parse_key`'s rule), else None."""
+    asset, partition = parse_key(ref)
+    return (asset, partition) if ASSET.fullmatch(asset) and (partition or "[" not in ref) else None
+
+
 def _recorded(store: ArtifactStore, art: Artifact, asset: str) -> Artifact | None:
     """The input `asset` (with any partition) whose version `art`'s manifest records."""
     for key, version in art.manifest().get("inputs", {}).items():
-        name, _, part = key.partition("[")
+        name, part = parse_key(key)
         if name.rsplit(".", 1)[-1] == asset:  # `<pipeline>.<asset>` in a deployment of several recipes
-            return store.get(name, part.rstrip("]") or None, version)
+            return store.get(name, part, version)
     return None
 
 
@@ -176,7 +184,7 @@ def load(target: Artifact | Path, store: ArtifactStore, device: str = "cpu") -> 
 
 
 def art_key(art: Artifact) -> str:
-    return f"{art.asset}[{art.partition}]" if art.partition else art.asset
+    return format_key(art.asset, art.partition)
 
 
 # --------------------------------------------------------------------------------------

@@ -19,8 +19,10 @@ and, when the recipe asks for them:
     adapter[m@k=v...] (every trial of m's sweep) ─> best_adapter[m]            (sweeps)
 
 plus the automation sensor (eager reruns), the dead-runs sensor (`ft_assets.runs`), and the
-retraining schedule when the recipe has one. Launched runs use `runs.worker_executor` (Dagster's
-multiprocess executor that records its worker process).
+retraining schedule when the recipe has one. Every run these Definitions execute (the UI, schedules,
+sensors, `dagster asset materialize`) uses `runs.worker_executor`: Dagster's multiprocess executor
+that records its worker process, marks the processes it starts, and frees the pool slots of dead
+runs before and while its steps wait.
 """
 
 from __future__ import annotations

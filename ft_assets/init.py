@@ -15,7 +15,9 @@
 4. show three rows rendered through the chat template exactly as `sft_dataset` formats them
    (plain prompts when the tokenizer cannot be loaded);
 5. write the recipe (YAML with comments), check it with `load_recipe`, and refuse to overwrite
-   an existing file without `--force`.
+   an existing file without `--force`. File and column names go in as quoted values that read
+   back exactly (`_q`; in comments, escaped onto one line): a name cannot add a key. `-o` that
+   is a symbolic link, dangling or not, is refused; the file appears whole (`write_recipe`).
 
 Torch and transformers are imported only to load the tokenizer (step 3/4), never at import.
 """
@@ -38,7 +40,7 @@ import yaml
 from .core.data import DataFileError, Example, build_messages, check_columns, train_row_bounds, validate_rows
 from .core.data import read_rows as _read_rows
 from .core.steps import recipe_step_estimates, steps_for
-from .recipe import DatasetSpec, RecipeError, TrainingSpec, parse_recipe
+from .recipe import DatasetSpec, RecipeError, TrainingSpec, parse_recipe, read_recipe_yaml
 
 ROLES = ("question", "context", "answer")
 # Column names each role is guessed from (compared after lower-casing, `-`/space -> `_`).
@@ -367,9 +369,22 @@ def _elide(text: str, width: int = 300) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def _q(s: str) -> str:
-    """A YAML scalar for any string (JSON's double-quoted strings are valid YAML)."""
-    return json.dumps(s, ensure_ascii=False)
+def _q(s: Any) -> str:
+    """A YAML scalar on one line that reads back as exactly `s`, whatever a file or column name
+    holds: a string double-quoted by PyYAML's own emitter, which escapes every line break (also
+    NEL, U+2028/9 that JSON's quoting leaves raw) and non-printable character; a mapping (the
+    fixed role names) as JSON, which is YAML."""
+    if not isinstance(s, str):
+        return json.dumps(s, ensure_ascii=False)
+    out = yaml.safe_dump(s, default_style='"', allow_unicode=True, width=math.inf).rstrip("\n")
+    if "\n" in out or yaml.safe_load(out) != s:  # never seen; refuse rather than write another value
+        raise InitError(f"{s!r} cannot be written as one YAML value; rename it")
+    return out
+
+
+def _shown(s: str) -> str:
+    """`s` in a comment line: as it is when printable, else JSON-escaped, so it stays one line."""
+    return s if s.isprintable() else json.dumps(s)
 
 
 def _ident(stem: str, pattern: str, fallback: str) -> str:
@@ -422,7 +437,7 @@ def recipe_text(*, data_arg: str, name: str, ds_name: str, root: str, path: str,
             {"messages": "messages"} if schema == "messages" else {k: v for k, v in defaults.items() if v is not None}))
     cols = ", ".join(f"{k}: {_q(v) if v is not None else 'null'}" for k, v in columns.items())
     lines = [
-        f"# Written by `python -m ft_assets init {data_arg}`: a starting point sized for this file. Edit freely,",
+        f"# Written by `python -m ft_assets init {_shown(data_arg)}`: a starting point sized for this file. Edit freely,",
         "# then check it with `python -m ft_assets validate THIS_FILE` (it prints the steps each method runs).",
         f"name: {name}",
         "seed: 42",
@@ -613,8 +628,7 @@ def _run(args, load_tokenizer, out, err) -> int:
         raise InitError(f"{data}: cannot tell the format from {data.suffix!r}; pass --format {'|'.join(FORMAT_CHOICES)}")
     if args.split is not None and fmt != "hf":
         raise InitError(f"--split applies to format hf (a dataset directory) only; {data} is {fmt}")
-    if dest.exists() and not args.force:
-        raise InitError(f"{dest} exists; pass --force to overwrite it, or -o another file")
+    check_output(dest, args.force)
     if not (data.is_dir() if fmt == "hf" else data.is_file()):
         raise InitError(f"{data}: no such {'dataset directory' if fmt == 'hf' else 'file'}")
     rows = _read_rows(data, fmt, args.split)
@@ -693,10 +707,7 @@ def _run(args, load_tokenizer, out, err) -> int:
         recipe = _parse(text, dest)
         est = recipe_step_estimates(recipe).methods["lora_plus"]
 
-    if dest.exists() and not args.force:  # checked again: it may have appeared meanwhile
-        raise InitError(f"{dest} exists; pass --force to overwrite it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(text, encoding="utf-8")
+    write_recipe(dest, text, args.force)
     say("", f"wrote {dest}: method lora_plus, lr {LR:g}, {est.describe()}, batch {BATCH_SIZE}, "
         f"max_length {max_length}" + (", early stopping on validation loss" if early else ""),
         f"next: edit it, check it with `python -m ft_assets validate {dest}`, then materialize with FT_RECIPE={dest}")
@@ -758,8 +769,42 @@ def _conversation_mapping(conversation: dict[str, Any], facts: dict[str, ColumnF
     return Mapping(columns, notes, questions, unused)
 
 
+def check_output(dest: Path, force: bool) -> None:
+    """Refuse `-o` that is a symbolic link (dangling or not: init never writes through one) or,
+    without --force, a path that exists."""
+    if dest.is_symlink():
+        raise InitError(f"{dest} is a symbolic link (to {os.readlink(dest)}); init writes a file of its own, never "
+                        "through a link: remove the link, or pass -o another path")
+    if dest.exists() and not force:
+        raise InitError(f"{dest} exists; pass --force to overwrite it, or -o another file")
+    if dest.is_dir():
+        raise InitError(f"{dest} is a directory; pass -o a file path")
+
+
+def write_recipe(dest: Path, text: str, force: bool) -> None:
+    """Write `dest` whole or not at all, never through a link: a new file beside it (O_EXCL,
+    O_NOFOLLOW), then hard-linked into place (which fails when anything, a dangling link
+    included, appeared at `dest` meanwhile) or, with --force, renamed over it (which replaces a
+    link, never follows it)."""
+    check_output(dest, force)  # again: something may have appeared meanwhile
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        if force:
+            os.replace(tmp, dest)
+        else:
+            os.link(tmp, dest, follow_symlinks=False)
+    except FileExistsError:
+        raise InitError(f"{dest} appeared while init ran; pass --force to overwrite it, or -o another file") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _parse(text: str, dest: Path):
     try:
-        return parse_recipe(yaml.safe_load(text), dest.resolve())
+        return parse_recipe(read_recipe_yaml(text, dest), dest.resolve())
     except RecipeError as exc:  # a bug here, not the user's: say so plainly
         raise InitError(f"the recipe init built does not validate (please report): {exc}") from None

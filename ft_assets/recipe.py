@@ -17,6 +17,14 @@ training defaults (qlora's paged optimizer) its spec's `training_defaults`.
 Relative paths in the recipe resolve against `root` (itself relative to the recipe file,
 default: the recipe's own directory). Paths that leave `root` are refused unless
 `allow_paths_outside_root: true`.
+
+A recipe may come from someone else. Its YAML may not alias a list or a mapping (aliases
+multiply: 1 KB would expand to gigabytes), nor set what the program sets (`PROGRAM_SET_KEYS`:
+`pipeline`, `source_file`). Every method name, sweep trials included, becomes an `adapter`
+partition and a directory name, so it passes one rule (`method_name_problem`); sweep values are
+scalars or flat lists of them, and a trial name writes a value as it is only when its text is
+letters, digits and `._+-` (every numeric, boolean or plain-word sweep keeps the name it always
+had), else a hash of it, in at most 128 characters (`trial_name`).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import types
 import typing
 import warnings
@@ -365,6 +374,16 @@ class DistillationSpec(_Strict):
 
 
 SWEEP_SEPARATOR = "@"  # trial names: <method>@<key>=<value>@<key>=<value>, e.g. lora@lr=2e-4@r=8
+MAX_METHOD_NAME = 100  # characters of a method's name as written in the recipe
+MAX_PARTITION_NAME = 128  # characters of any method name, sweep trials included (one directory name)
+# A trial label's value is written as it is when str() gives only these characters (the names of
+# every sweep of numbers, booleans and plain words stay what they were); anything else is hashed.
+SAFE_VALUE = re.compile(r"[A-Za-z0-9._+-]+")
+SWEEP_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+SWEEP_SCALARS = (str, int, float, bool, type(None))
+TAIL_KEY = "rest"  # `<method>@...@rest=h<hash>`: the labels a too long trial name could not keep
+SWEEP_VALUES_HINT = ("sweep values are numbers, true/false, null, strings (quote anything else, e.g. "
+                     "'2024-01-01') or flat lists of those, e.g. target_modules: [[q_proj, v_proj], all-linear]")
 
 
 def sweep_family(method_name: str) -> str:
@@ -372,34 +391,81 @@ def sweep_family(method_name: str) -> str:
     return method_name.split(SWEEP_SEPARATOR, 1)[0]
 
 
+def method_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a method (an `adapter` partition, a directory name), or None. A
+    method's own name is letters, digits and underscores; a trial's adds `@key=value` labels whose
+    values are SAFE_VALUE (what `expand_sweep` writes)."""
+    family, *labels = name.split(SWEEP_SEPARATOR)
+    if not family or not family.replace("_", "").isalnum() or not family[0].isalpha():
+        return f"method name {family!r} must be letters, digits and underscores, starting with a letter"
+    if len(family) > MAX_METHOD_NAME:
+        return f"method name {family[:20]!r}... is {len(family)} characters; at most {MAX_METHOD_NAME}"
+    for label in labels:
+        key, eq, value = label.partition("=")
+        if not (eq and SWEEP_KEY.fullmatch(key) and SAFE_VALUE.fullmatch(value)):
+            return (f"method name {name!r}: {SWEEP_SEPARATOR!r} starts a sweep trial's label, key=value with "
+                    "a value of letters, digits and . _ + - only; rename the method")
+    if len(name) > MAX_PARTITION_NAME:
+        return f"method name {name[:40]!r}... is {len(name)} characters; at most {MAX_PARTITION_NAME}"
+    return None
+
+
 def expand_sweep(name: str, spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """`methods.<name>.sweep: {key: [values]}` -> one method per combination, named after its
-    settings (`lora@lr=2e-4@r=8`), each an ordinary method (an `adapter` partition, merged and
-    evaluated like any other). A key of `training:` (lr, epochs, ...) goes under the trial's
-    `training`, any other key is the method's own (r, alpha, ...). Trials are scored on
-    validation loss (`best_adapter`), so they hold out validation rows: `validation_fraction`
-    defaults to 0.1 for them."""
+    settings (`lora@lr=2e-4@r=8`, see `trial_name`), each an ordinary method (an `adapter`
+    partition, merged and evaluated like any other). A key of `training:` (lr, epochs, ...) goes
+    under the trial's `training`, any other key is the method's own (r, alpha, ...). Values are
+    scalars or flat lists of scalars. Trials are scored on validation loss (`best_adapter`), so
+    they hold out validation rows: `validation_fraction` defaults to 0.1 for them."""
     sweep = spec["sweep"]
     where = f"methods.{name}.sweep"
     if not isinstance(sweep, dict) or not sweep:
         raise ValueError(f"{where}: give a mapping of key -> list of values, e.g. {{lr: [1.0e-4, 2.0e-4]}}")
     for key, values in sweep.items():
+        if not isinstance(key, str) or not SWEEP_KEY.fullmatch(key):
+            raise ValueError(f"{where}: {str(key)[:40]!r} is not a key of the method or of training")
         if not isinstance(values, list) or len(values) < 1:
             raise ValueError(f"{where}.{key}: give a list of values")
         if key in ("validation_fraction", "validation_every", "seed", "type", "training", "sweep"):
             raise ValueError(f"{where}.{key}: cannot be swept (trials are compared on the same held-out rows)")
+        for value in values:
+            if not _flat_scalars(value):
+                raise ValueError(f"{where}.{key}: {_short(value)} is a {_kind(value)}; {SWEEP_VALUES_HINT}")
     base = {k: v for k, v in spec.items() if k != "sweep"}
     training_keys = set(TrainingSpec.model_fields)
     out = {}
     for combo in itertools.product(*sweep.values()):
         trial = {**base, "training": dict(base.get("training") or {})}
         trial["training"].setdefault("validation_fraction", 0.1)
-        label = []
         for key, value in zip(sweep, combo):
             (trial["training"] if key in training_keys else trial)[key] = value
-            label.append(f"{key}={_sweep_value(value)}")
-        out[SWEEP_SEPARATOR.join([name, *label])] = trial
+        out[trial_name(name, dict(zip(sweep, combo)))] = trial
     return out
+
+
+def trial_name(method: str, settings: dict[str, Any]) -> str:
+    """`<method>@<key>=<label>...`: a value whose text is SAFE_VALUE as it is (`lr=2e-4`), any other
+    `h` + 8 hex of its canonical JSON (`target_modules=h1f0c...`). A name over MAX_PARTITION_NAME
+    keeps the labels that fit and ends with `@rest=h<8 hex of the whole name>`."""
+    labels = [f"{key}={_sweep_label(value)}" for key, value in settings.items()]
+    name = SWEEP_SEPARATOR.join([method, *labels])
+    if len(name) <= MAX_PARTITION_NAME:
+        return name
+    tail = f"{SWEEP_SEPARATOR}{TAIL_KEY}=h{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    kept = method
+    for label in labels:
+        if len(kept) + len(SWEEP_SEPARATOR) + len(label) + len(tail) > MAX_PARTITION_NAME:
+            break
+        kept += SWEEP_SEPARATOR + label
+    return kept + tail
+
+
+def _sweep_label(value: Any) -> str:
+    text = _sweep_value(value) if isinstance(value, SWEEP_SCALARS) else ""
+    if SAFE_VALUE.fullmatch(text):
+        return text
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return "h" + hashlib.sha256(canonical.encode()).hexdigest()[:8]
 
 
 def _sweep_value(value: Any) -> str:
@@ -407,6 +473,22 @@ def _sweep_value(value: Any) -> str:
         short = f"{value:.0e}".replace("e-0", "e-").replace("e+0", "e")
         return short if float(short) == value else f"{value:g}"
     return str(value)
+
+
+def _flat_scalars(value: Any) -> bool:
+    return isinstance(value, SWEEP_SCALARS) or (isinstance(value, list) and all(isinstance(v, SWEEP_SCALARS)
+                                                                                  for v in value))
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "mapping"
+    return "list with a list or mapping in it" if isinstance(value, list) else type(value).__name__
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class EvaluationSpec(_Strict):
@@ -598,9 +680,9 @@ class Recipe(_Strict):
         if dupes:
             raise ValueError(f"dataset names must be unique; repeated: {', '.join(dupes)}")
         for name in self.methods:
-            family = sweep_family(name)
-            if not family.replace("_", "").isalnum() or not family[0].isalpha():
-                raise ValueError(f"method name {family!r} must be letters, digits and underscores")
+            problem = method_name_problem(name)
+            if problem:
+                raise ValueError(problem)
         weighted = [d.name for d in self.datasets if d.weight is not None]
         if weighted and len(weighted) != len(self.datasets):
             raise ValueError(f"give every dataset a weight or none (weighted: {', '.join(weighted)})")
@@ -707,12 +789,59 @@ def load_recipe(path: str | Path | None = None) -> Recipe:
     if not path.is_file():
         raise RecipeError(path, [f"no such file (set FT_RECIPE or pass a path; default is {DEFAULT_RECIPE})"])
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        data = read_recipe_yaml(path.read_text(encoding="utf-8"), path)
+    except UnicodeDecodeError as exc:
         raise RecipeError(path, [f"not valid YAML: {exc}"]) from None
     if not isinstance(data, dict):
         raise RecipeError(path, ["the top level must be a mapping of keys (name, datasets, methods, ...)"])
     return parse_recipe(data, path)
+
+
+MAX_YAML_DEPTH = 32  # levels of lists/mappings in a recipe file (the shipped ones use 4)
+
+
+class _RecipeYamlLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses an alias of a list or a mapping, and nesting deeper than
+    MAX_YAML_DEPTH. Such aliases multiply: nine of them, each naming the previous nine times,
+    make 1 KB of YAML a billion strings for the validation to walk ("billion laughs"). An alias of
+    a single value (all_methods.yaml's `*system`) repeats that value once per use and is kept.
+    Deep nesting costs PyYAML quadratic time, then Python's recursion limit."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            alias = self.peek_event()
+            node = self.anchors.get(alias.anchor)
+            if node is not None and not isinstance(node, yaml.ScalarNode):
+                kind = "mapping" if isinstance(node, yaml.MappingNode) else "list"
+                raise _NotARecipe(
+                    f"line {alias.start_mark.line + 1}: alias *{alias.anchor} repeats the {kind} anchored at line "
+                    f"{node.start_mark.line + 1}; aliases of lists and mappings are refused (a few of them can "
+                    "multiply a small file into gigabytes): write the values out (an alias of a single value, "
+                    "like *system, is fine)")
+        if self.depth >= MAX_YAML_DEPTH:
+            raise _NotARecipe(f"line {self.peek_event().start_mark.line + 1}: lists/mappings nested more than "
+                              f"{MAX_YAML_DEPTH} levels deep; a recipe needs a few")
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+class _NotARecipe(Exception):
+    pass
+
+
+def read_recipe_yaml(text: str, path: str | Path = "<recipe>") -> Any:
+    """The YAML document of a recipe (`_RecipeYamlLoader`); RecipeError when it is not one."""
+    try:
+        return yaml.load(text, Loader=_RecipeYamlLoader)  # noqa: S506 (a SafeLoader)
+    except _NotARecipe as exc:
+        raise RecipeError(path, [str(exc)]) from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(path, [f"not valid YAML: {exc}"]) from None
 
 
 def recipe_paths(spec: str | Path | None = None) -> list[Path]:
@@ -756,7 +885,20 @@ def load_recipes(spec: str | Path | None = None) -> list[Recipe]:
     return [r.model_copy(update={"pipeline": pipeline_name(r.name)}) for r in recipes]
 
 
+# Recipe fields the program sets (excluded from the recipe hash): a recipe file that set them
+# would choose its own store namespace or where its relative paths resolve.
+PROGRAM_SET_KEYS = {
+    "pipeline": "the recipe's name gives it when a deployment loads several recipes",
+    "source_file": "the path the recipe is read from",
+}
+
+
 def parse_recipe(data: dict[str, Any], path: str | Path = "<recipe>") -> Recipe:
+    """Validate a recipe's YAML document (`path`: the file, for messages and relative paths)."""
+    set_here = [f"{key}: set by the program, not by a recipe; remove it ({why})"
+                for key, why in PROGRAM_SET_KEYS.items() if key in data]
+    if set_here:
+        raise RecipeError(path, set_here)
     try:
         recipe = Recipe(**data, source_file=str(path) if path != "<recipe>" else None)
     except ValidationError as exc:

@@ -20,11 +20,17 @@ previous good version untouched. Version dirs are never overwritten. The version
 The manifest records the content hash of the files in every case, as a fact.
 FT_HOME may also be a URL (`s3://bucket/prefix`, any fsspec filesystem): the same layout lives
 there, written manifest-last and read through a local cache keyed by version
-(`ft_assets.object_store`); `Artifact.path` is then the cached copy, so readers are the same.
+(`ft_assets.object_store`); `Artifact.path` is then the cached copy, so readers are the same. Every
+name read from such a store (slots, versions, file names) is checked before it becomes a cache path,
+a download is verified against its manifest's content hash, and a writer that finds another
+machine's copy of its version committed first takes that copy into its cache.
 Several pipelines (recipes) in one store: a store opened with `namespace=<pipeline>` keeps each
 asset in the slot `<pipeline>.<asset>`, except the `SHARED_ASSETS` (the base model, whose version
-is its content): pipelines reading the same base file share one version. Nothing here imports
-Dagster or torch.
+is its content): pipelines reading the same base file share one version.
+Each slot has a lock in `<home>/.locks/` (`ft_assets.slot_locks`, one machine): a writer holds it
+shared for its whole write, a reuser while it finds a version (`find_derived`, `find_made_from`) and
+makes it LATEST; `prune` holds it exclusively while it drops versions of the slot. Nothing here
+imports Dagster or torch.
 """
 
 from __future__ import annotations
@@ -41,7 +47,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .object_store import MANIFEST, ObjectStore, is_url
+from . import slot_locks
+from .object_store import (MANIFEST, ObjectStore, UnsafeStoreName, check_slot_name, check_version,
+                           content_hash, is_url)
 
 LATEST = "LATEST.json"
 SHARED_ASSETS = frozenset({"base_model"})  # one slot for every pipeline (see the module doc)
@@ -201,6 +209,8 @@ class ArtifactStore:
         if min_free_bytes:
             check_free_space(slot, min_free_bytes)
         staging = Staging(asset, partition, slot / f".staging-{uuid.uuid4().hex[:12]}")
+        in_use = contextlib.ExitStack()  # the slot's lock, to the end: meanwhile a prune leaves the slot alone
+        in_use.enter_context(self.slot_in_use(asset, partition))
         staging.path.mkdir()
         try:
             yield staging
@@ -230,7 +240,7 @@ class ArtifactStore:
             _write_json_atomic(staging.path / MANIFEST, manifest)
             _fsync_tree(staging.path)
             if self.remote is not None:  # committed remotely (manifest last) before the cache has it
-                self.remote.upload_version(staging.path, self.rel(asset, partition, version))
+                self._commit_remote(staging.path, self.rel(asset, partition, version), final)
             try:
                 os.rename(staging.path, final)
             except OSError:
@@ -243,6 +253,33 @@ class ArtifactStore:
         finally:
             if staging.path.exists():
                 shutil.rmtree(staging.path, ignore_errors=True)
+            in_use.close()
+
+    def slot_in_use(self, asset: str, partition: str | None):
+        """The slot's shared lock (`ft_assets.slot_locks`): while it is held, no prune drops a version
+        of the slot. Writers hold it for the whole write, reusers while they find and re-point LATEST."""
+        return slot_locks.shared(self.home, self.rel(asset, partition))
+
+    def _reused(self, found: Artifact | None) -> Artifact | None:
+        """A version found for reuse becomes LATEST before the slot's lock (held by the caller) goes:
+        a prune that re-checks the slot afterwards keeps it."""
+        if found is not None and self.latest_version(found.asset, found.partition) != found.version:
+            self.set_latest(found)
+        return found
+
+    def _commit_remote(self, staging_dir: Path, rel: str, final: Path) -> None:
+        """Upload the staged version. When another writer's copy of it was committed first (a rerun,
+        or a twin on another machine), the staging directory takes that copy: its manifest, and its
+        bytes unless the content hashes agree, so one version has one content in every cache."""
+        won, committed = self.remote.upload_version(staging_dir, rel)
+        if won or (final / MANIFEST).is_file():
+            return  # ours is the store's; or the cache has the version already (the rename keeps it)
+        if committed["content_hash"] == content_hash(staging_dir):
+            _write_json_atomic(staging_dir / MANIFEST, committed)  # the same bytes: only the manifest differs
+            return
+        shutil.rmtree(staging_dir)
+        if not self.remote.download_version(rel, staging_dir):
+            raise OSError(f"{self.remote.url_of(rel)} was deleted while being written; write it again")
 
     def set_latest(self, art: Artifact) -> None:
         self.slot(art.asset, art.partition).mkdir(parents=True, exist_ok=True)
@@ -257,8 +294,12 @@ class ArtifactStore:
     def latest_version(self, asset: str, partition: str | None = None) -> str | None:
         """The version LATEST names (on the store itself; nothing is downloaded)."""
         if self.remote is not None:
-            pointer = self.remote.read_json(f"{self.rel(asset, partition)}/{LATEST}")
-            return pointer["version"] if pointer else None
+            rel = f"{self.rel(asset, partition)}/{LATEST}"
+            pointer = self.remote.read_json(rel)
+            if pointer is None:
+                return None
+            return check_version(pointer.get("version") if isinstance(pointer, dict) else pointer,
+                                 where=self.remote.where(rel))
         f = self.slot(asset, partition) / LATEST
         return json.loads(f.read_text())["version"] if f.is_file() else None
 
@@ -268,25 +309,33 @@ class ArtifactStore:
 
     def find_derived(self, asset: str, partition: str | None, derivation: dict[str, Any]) -> Artifact | None:
         """The finished artifact made by exactly `derivation`: the latest version if its own
-        derivation (a forced retrain's nonce aside) is this one, else the derived version."""
-        latest = self.latest(asset, partition)
-        if latest is not None:
-            made_by = dict(latest.manifest().get("derivation") or {})
-            made_by.pop("forced_by", None)
-            if made_by == json.loads(json.dumps(derivation)):
-                return latest
-        return self.get(asset, partition, derived_version(derivation))
+        derivation (a forced retrain's nonce aside) is this one, else the derived version, which then
+        becomes LATEST (found and re-pointed under the slot's lock: a concurrent prune keeps it)."""
+        with self.slot_in_use(asset, partition):
+            latest = self.latest(asset, partition)
+            if latest is not None:
+                made_by = dict(latest.manifest().get("derivation") or {})
+                made_by.pop("forced_by", None)
+                if made_by == json.loads(json.dumps(derivation)):
+                    return latest
+            return self._reused(self.get(asset, partition, derived_version(derivation)))
 
     def find_made_from(self, asset: str, partition: str | None, made_from: dict[str, Any]) -> Artifact | None:
         """A finished content-versioned artifact whose manifest records it was made from exactly
         `made_from` (its writer's `extra["made_from"]`): a costly making not to repeat, such as the
-        base model read from the same file by another pipeline."""
+        base model read from the same file by another pipeline. The one found becomes LATEST (found
+        and re-pointed under the slot's lock: a concurrent prune keeps it)."""
+        with self.slot_in_use(asset, partition):
+            return self._reused(self._find_made_from(asset, partition, made_from))
+
+    def _find_made_from(self, asset: str, partition: str | None, made_from: dict[str, Any]) -> Artifact | None:
         want = json.loads(json.dumps(made_from))
         latest = self.latest(asset, partition)
         if latest is not None and latest.manifest().get("made_from") == want:
             return latest
         if self.remote is not None:
-            versions = [r.split("/")[-2] for r in self.remote.glob(f"{self.rel(asset, partition)}/*/{MANIFEST}")]
+            versions = [check_version(r.split("/")[-2], where=self.remote.where(r))
+                        for r in self.remote.glob(f"{self.rel(asset, partition)}/*/{MANIFEST}")]
         else:
             versions = [f.parent.name for f in sorted(self.slot(asset, partition).glob(f"*/{MANIFEST}"))]
         for version in versions:
@@ -297,14 +346,19 @@ class ArtifactStore:
 
     def get(self, asset: str, partition: str | None, version: str) -> Artifact | None:
         """The finished version, or None. On a remote store the remote manifest decides (a version
-        pruned there is gone even if cached here); its files are synced to the cache once."""
+        pruned there is gone even if cached here); its files are synced to the cache once, checked
+        (`ObjectStore.download_version`). On a remote store the names must be the store's own (they
+        become cache paths): else `UnsafeStoreName`."""
         asset = self.qualified(asset)
         p = self.path(asset, partition, version)
         if self.remote is not None:
             rel = self.rel(asset, partition, version)
+            self._check_slot(asset, partition, rel)
+            check_version(version, where=self.remote.where(rel))
             if not self.remote.exists(f"{rel}/{MANIFEST}"):
                 return None
-            if not (p / MANIFEST).is_file() and not self.remote.download_version(rel, p):
+            if not (p / MANIFEST).is_file() and not self.remote.download_version(
+                    rel, p, identity={"asset": asset, "partition": partition}):
                 return None
         return Artifact(asset, partition, version, str(p)) if (p / MANIFEST).is_file() else None
 
@@ -318,6 +372,8 @@ class ArtifactStore:
             pointers = [p.relative_to(self.home).as_posix() for p in sorted(self.root.glob(f"*/*/{LATEST}"))]
         for rel in pointers:
             _, asset, part, _ = rel.split("/")
+            if self.remote is not None:
+                self._check_slot(asset, part, rel)
             partition = None if part == NO_PARTITION else part
             version = self.latest_version(asset, partition)
             manifest = self.read_manifest(asset, partition, version) if version else None
@@ -361,8 +417,10 @@ class ArtifactStore:
         if self.remote is not None:
             for rel in self.remote.glob(f"artifacts/*/*/*/{MANIFEST}"):
                 _, asset, part, version, _ = rel.split("/")
-                m = self.remote.read_json(rel)
-                if m is None or version.startswith("."):
+                self._check_slot(asset, part, rel)
+                check_version(version, where=self.remote.where(rel))
+                m = self.remote.read_manifest(rel.rsplit("/", 1)[0])  # checked: its sizes are counted
+                if m is None:
                     continue
                 size = sum((m.get("files") or {}).values())
                 out.append(StoredVersion(asset, None if part == NO_PARTITION else part, version, m,
@@ -407,7 +465,19 @@ class ArtifactStore:
         parts = (self.remote.rel_of(url) or "").split("/") if self.remote else []
         if len(parts) < 4 or parts[0] != "artifacts":
             return None
+        try:  # a URL whose names are not the store's is not one of its versions
+            self._check_slot(parts[1], parts[2], url)
+            check_version(parts[3], where=url)
+        except UnsafeStoreName:
+            return None
         return parts[1], None if parts[2] == NO_PARTITION else parts[2], parts[3]
+
+    def _check_slot(self, asset: str, partition: str | None, rel: str) -> None:
+        """The asset and partition names of a slot of a remote store are directory names (they
+        become paths in the cache): `UnsafeStoreName` naming the object `rel` otherwise."""
+        where = self.remote.where(rel) if "://" not in rel else f"object store {self.remote.url}, object {rel}"
+        check_slot_name(asset, where=where, what="asset name")
+        check_slot_name(partition or NO_PARTITION, where=where, what="partition name")
 
     def find_by_path(self, path: str | Path) -> Artifact | None:
         """The version a path lies in: a local directory (or file) inside a version, or on a remote
@@ -426,21 +496,6 @@ class ArtifactStore:
 # --------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------
-
-
-def content_hash(directory: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> str:
-    """sha256 over relative paths and bytes of every file below `directory` (16 hex chars)."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in directory.rglob("*") if p.is_file()):
-        rel = f.relative_to(directory).as_posix()
-        if rel in exclude:
-            continue
-        h.update(rel.encode() + b"\0")
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        h.update(b"\0")
-    return h.hexdigest()[:16]
 
 
 def derived_version(derivation: dict[str, Any]) -> str:
@@ -485,7 +540,7 @@ def _file_list(directory: Path) -> dict[str, int]:
     return {
         p.relative_to(directory).as_posix(): p.stat().st_size
         for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.relative_to(directory).as_posix() != MANIFEST  # as content_hash
     }
 
 

@@ -10,6 +10,15 @@ A row goes through four steps, each of which can only reject it with a reason:
              token; it fits `max_length` without cutting the answer;
 4. split:    a stable, seeded hash of the row's key puts it in train or eval, so editing one
              row never reshuffles the others.
+
+Hostile rows are rejected like any bad row, never crash or stall the build: a row over
+MAX_ROW_BYTES (16 MiB: a 128k-token context is ~0.5-1 MB; a JSONL line, or an Arrow row's
+buffers) is refused unread; a row nested deeper than MAX_ROW_DEPTH lists/objects (JSON lines,
+JSON text in a cell) is refused instead of raising RecursionError; a CSV record over the cap is a
+DataFileError naming the line it starts at (the usual cause, an unclosed quote, leaves no next
+record to resume at; csv's field_size_limit is raised to the cap). A value quoted in a reason is
+cut to SHOWN_CHARS characters with its length, and a rejected row over WHOLE_ROW_CHARS of JSON is
+stored in rejected.jsonl with its long values cut the same way (smaller rows whole, as before).
 """
 
 from __future__ import annotations
@@ -22,6 +31,10 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 IGNORE_INDEX = -100
+MAX_ROW_BYTES = 16 * 2**20  # one row: a JSONL line, a CSV record, an Arrow row's buffers
+MAX_ROW_DEPTH = 100  # lists/objects inside each other in one row (the row itself is level 1)
+SHOWN_CHARS = 200  # of a value quoted in a rejection reason
+WHOLE_ROW_CHARS = 2**20  # a rejected row's JSON up to this is stored whole in rejected.jsonl
 
 
 class DataFileError(ValueError):
@@ -32,6 +45,81 @@ class DataFileError(ValueError):
         self.path, self.line, self.rejected = str(path), line, rejected or []
         where = f"{path}:{line}" if line is not None else str(path)
         super().__init__(f"{where}: {message}")
+
+
+class UnreadableRow(dict):
+    """What a reader yields for a row it refuses (over MAX_ROW_BYTES, nested deeper than
+    MAX_ROW_DEPTH): no columns, and the reason `validate_row` rejects it with."""
+
+    def __init__(self, reason: str):
+        super().__init__()
+        self.reason = reason
+
+
+class NestedTooDeep(ValueError):
+    """JSON text nests lists/objects deeper than MAX_ROW_DEPTH."""
+
+
+def over_cap_reason(size: int) -> str:
+    return (f"row is {size:,} bytes, over the {MAX_ROW_BYTES >> 20} MiB a row may hold (data.MAX_ROW_BYTES); "
+            "shorten or split it")
+
+
+TOO_DEEP = f"nested deeper than {MAX_ROW_DEPTH} levels (data.MAX_ROW_DEPTH)"
+
+
+def cut(text: str) -> str:
+    """`text`, or its first SHOWN_CHARS characters and its length when longer."""
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text):,} characters)"
+
+
+def shown(value: Any) -> str:
+    """A value as a reason quotes it: its repr, cut to SHOWN_CHARS."""
+    return cut(repr(value))
+
+
+def stored_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A rejected row as rejected.jsonl keeps it: whole, or when its JSON is over WHOLE_ROW_CHARS,
+    with each key and value whose text is over SHOWN_CHARS cut (as text)."""
+    if len(json.dumps(row, ensure_ascii=False, default=str)) <= WHOLE_ROW_CHARS:
+        return row
+    return {_short(str(k)): _short(v) for k, v in row.items()}
+
+
+def _short(value: Any) -> Any:
+    """`value`, or its text (JSON unless a string) cut, when that is over SHOWN_CHARS."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    return value if len(text) <= SHOWN_CHARS else cut(text)
+
+
+def nested_too_deep(value: Any, text: str | bytes) -> bool:
+    """Whether `value` (parsed from JSON `text`) nests lists/objects deeper than MAX_ROW_DEPTH;
+    iterative, and skipped when `text` has too few brackets to be that deep."""
+    brackets = (b"[", b"{") if isinstance(text, bytes) else ("[", "{")
+    if text.count(brackets[0]) + text.count(brackets[1]) <= MAX_ROW_DEPTH:
+        return False
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else None
+        if children is None:
+            continue
+        if depth > MAX_ROW_DEPTH:
+            return True
+        stack.extend((c, depth + 1) for c in children)
+    return False
+
+
+def loads_shallow(text: str | bytes) -> Any:
+    """`json.loads`, raising NestedTooDeep past MAX_ROW_DEPTH (json's own RecursionError comes
+    near Python's recursion limit, wherever the stack already is)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise NestedTooDeep(TOO_DEEP) from None
+    if nested_too_deep(value, text):
+        raise NestedTooDeep(TOO_DEEP)
+    return value
 
 
 @dataclass
@@ -108,7 +196,7 @@ def iter_rows(path: str | Path, fmt: str, split: str | None = None) -> Iterator[
             batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
             line = 0
             for batch in batches:
-                for r in batch.to_pylist():
+                for r in batch_rows(batch):
                     line += 1
                     yield line, r
         except Exception as exc:  # pyarrow raises several types for corrupt files
@@ -126,48 +214,97 @@ def row_word(fmt: str) -> str:
     return "line" if fmt in ("jsonl", "csv") else "row"
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _lines(path: Path) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line number, bytes, size without the newline) of each line; bytes None for a line over
+    MAX_ROW_BYTES, which is read through in chunks and never held whole."""
     with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataFileError(
-                    path, f"not UTF-8 (byte {exc.start} of the line); re-save the file as UTF-8", lineno
-                ) from None
-            if not line.strip():
+        lineno = 0
+        while raw := fh.readline(MAX_ROW_BYTES + 1):
+            lineno += 1
+            if len(raw) <= MAX_ROW_BYTES or raw.endswith(b"\n"):
+                yield lineno, raw, len(raw) - raw.endswith(b"\n")
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataFileError(
-                    path, f"not valid JSON ({exc.msg} at column {exc.colno}); fix or delete this line", lineno
-                ) from None
-            if not isinstance(obj, dict):
-                raise DataFileError(path, f"each line must be a JSON object, got {type(obj).__name__}", lineno)
-            yield lineno, obj
+            size = len(raw)
+            while not raw.endswith(b"\n") and (raw := fh.readline(1 << 20)):
+                size += len(raw)
+            yield lineno, None, size - raw.endswith(b"\n")
 
 
-def _csv_lines(path: Path) -> Iterator[str]:
-    """The file's lines decoded one by one (a decoding error names its line; a BOM is dropped)."""
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DataFileError(path, "not UTF-8; re-save the file as UTF-8", lineno) from None
-            yield line[1:] if lineno == 1 and line.startswith("\ufeff") else line
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    for lineno, raw, size in _lines(path):
+        if raw is None:
+            yield lineno, UnreadableRow(over_cap_reason(size))
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataFileError(
+                path, f"not UTF-8 (byte {exc.start} of the line); re-save the file as UTF-8", lineno
+            ) from None
+        if not line.strip():
+            continue
+        try:
+            obj = loads_shallow(line)
+        except json.JSONDecodeError as exc:
+            raise DataFileError(
+                path, f"not valid JSON ({exc.msg} at column {exc.colno}); fix or delete this line", lineno
+            ) from None
+        except NestedTooDeep:
+            yield lineno, UnreadableRow(f"row is {TOO_DEEP}; flatten it")
+            continue
+        if not isinstance(obj, dict):
+            raise DataFileError(path, f"each line must be a JSON object, got {type(obj).__name__}", lineno)
+        yield lineno, obj
+
+
+def _csv_lines(path: Path, record: dict[str, int]) -> Iterator[str]:
+    """The file's lines decoded one by one (a decoding error names its line; a BOM is dropped).
+    `record` counts the bytes of the record being read (its reader zeroes `bytes` after each):
+    past MAX_ROW_BYTES, a DataFileError names the line the record starts at."""
+    for lineno, raw, size in _lines(path):
+        if record["bytes"] or raw is None or raw.strip():  # blank lines between records belong to none
+            if not record["bytes"]:
+                record["start"] = lineno
+            record["bytes"] += size + 1  # with its newline, which a quoted field holds too
+        if raw is None or record["bytes"] > MAX_ROW_BYTES:
+            raise DataFileError(
+                path, f"the CSV record that starts at line {record['start']} is over {MAX_ROW_BYTES >> 20} MiB "
+                      f"(data.MAX_ROW_BYTES) at line {lineno}; most often an unclosed quote runs a record on: check "
+                      "the quotes from there, or shorten the row (a long row may also go in jsonl or parquet)",
+                record["start"])
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataFileError(path, "not UTF-8; re-save the file as UTF-8", lineno) from None
+        yield line[1:] if lineno == 1 and line.startswith("\ufeff") else line
 
 
 def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    reader = csv.DictReader(_csv_lines(path))
+    # one field may fill a row (csv's default, 128 KiB, fails long contexts); _csv_lines caps the record
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_ROW_BYTES))
+    record = {"start": 1, "bytes": 0}
+    reader = csv.DictReader(_csv_lines(path, record))
     try:
+        reader.fieldnames  # reads the header first, so that each record counts its own bytes
+        record["bytes"] = 0
         for rec in reader:
             if None in rec:  # more cells than header columns
                 raise DataFileError(path, "more cells than header columns; quote fields with commas", reader.line_num)
+            record["bytes"] = 0
             yield reader.line_num, dict(rec)  # values stay strings: no type guessing
-    except csv.Error as exc:
-        raise DataFileError(path, f"not valid CSV ({exc})", reader.line_num) from None
+    except csv.Error as exc:  # the line being parsed (DictReader's own line_num is the last record's)
+        raise DataFileError(path, f"not valid CSV ({exc})", reader.reader.line_num) from None
+
+
+def batch_rows(batch) -> Iterator[dict[str, Any]]:
+    """A pyarrow RecordBatch's (or Table's) rows as dicts; a row whose buffers are over
+    MAX_ROW_BYTES as an UnreadableRow, never converted (rows are measured only in a batch over it)."""
+    if batch.nbytes <= MAX_ROW_BYTES:
+        yield from batch.to_pylist()
+        return
+    for i in range(batch.num_rows):
+        one = batch.slice(i, 1)
+        yield UnreadableRow(over_cap_reason(one.nbytes)) if one.nbytes > MAX_ROW_BYTES else one.to_pylist()[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -221,7 +358,8 @@ def validate_rows(
             continue
         key = duplicate_key(ex)
         if key in seen:
-            rejected.append(Rejected(lineno, f"exact duplicate of {unit} {seen[key]}", None, row_id(row, columns), row))
+            rejected.append(Rejected(lineno, f"exact duplicate of {unit} {seen[key]}", None, row_id(row, columns),
+                                     stored_row(row)))
             continue
         seen[key] = lineno
         kept.append(ex)
@@ -231,10 +369,12 @@ def validate_rows(
 def validate_row(lineno: int, row: dict, columns: dict[str, Any], task: str = "", schema: str = "qa"
                  ) -> tuple[Example | None, Rejected | None]:
     """One row's Example, or its rejection (duplicates aside: see `duplicate_key`)."""
+    if isinstance(row, UnreadableRow):
+        return None, Rejected(lineno, row.reason)
     rid = row_id(row, columns)
     ex, key, problem = _row_example(row, columns, schema, lineno, task)
     if problem:
-        return None, Rejected(lineno, problem[1], problem[0], rid, row)
+        return None, Rejected(lineno, problem[1], problem[0], rid, stored_row(row))
     # qa keeps its historical id (question, context, answer) so existing splits do not move
     ex.id = rid or (_stable_id(*key) if schema == "qa" else _stable_id(schema, json.dumps(key)))
     return ex, None
@@ -270,7 +410,7 @@ def _row_example(row: dict, columns: dict[str, Any], schema: str, lineno: int, t
         if col is not None and row.get(col) is not None:  # input is optional: absent, null or blank = none
             if not isinstance(row[col], str):
                 return None, None, ("input", f"input (column {col!r}) is {type(row[col]).__name__} "
-                                             f"{row[col]!r}, expected text")
+                                             f"{shown(row[col])}, expected text")
             inp = row[col].strip() or None
         return Example("", v["instruction"], inp, v["output"], lineno, task), (v["instruction"], inp, v["output"]), None
     if schema == "messages":
@@ -300,7 +440,7 @@ def text_fields(row: dict, columns: dict[str, str | None], fields: tuple[str, ..
         if v is None:
             return values, (fld, f"{fld} (column {col!r}) is missing or null")
         if not isinstance(v, str):
-            return values, (fld, f"{fld} (column {col!r}) is {type(v).__name__} {v!r}, expected text; quote it")
+            return values, (fld, f"{fld} (column {col!r}) is {type(v).__name__} {shown(v)}, expected text; quote it")
         if not v.strip():
             return values, (fld, f"{fld} (column {col!r}) is empty or whitespace")
         values[fld] = v.strip()

@@ -18,6 +18,9 @@ Contract (DDP: every rank holds the whole model, `core.train.train` keeps them i
 - Files: rank 0 writes checkpoints and best weights (`is_main`); the others wait at `barrier()`
   and read them. Each rank's RNG state travels in the checkpoint (`gather`), so a resume with
   the same world size is exact. A resume with another world size is refused (`core.train`).
+- No pickles between ranks: what ranks exchange are tensors (`gather` takes byte tensors, as
+  torch's RNG states are), never objects, which torch's `*_object` collectives unpickle and which
+  could run code sent by whoever joined the process group.
 
 FSDP2 (`shard`: full fine-tuning, and the LoRA family on a full-precision base): each decoder
 layer and the root are `fully_shard`ed, so a rank holds 1/world_size of the weights (the frozen
@@ -103,15 +106,29 @@ class Ranks:
                 g.copy_(flat[offset: offset + g.numel()].view_as(g))
                 offset += g.numel()
 
-    def gather(self, obj: Any) -> list[Any]:
-        """Every rank's `obj`, in rank order (on every rank)."""
+    def gather(self, state: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """Every rank's `state` (a 1-D uint8 CPU tensor, such as an RNG state, or None), in rank
+        order, on every rank, as CPU tensors: lengths, then the bytes padded to the longest, by
+        tensor all-gathers (nothing is unpickled)."""
+        if state is not None and (state.dtype != torch.uint8 or state.dim() != 1):
+            raise TypeError(f"Ranks.gather takes a 1-D uint8 tensor or None, not {state.dtype} of shape "
+                            f"{tuple(state.shape)}")
         if not self.distributed:
-            return [obj]
+            return [state]
         import torch.distributed as dist
 
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
+        nccl = dist.get_backend() == "nccl"  # its collectives take CUDA tensors only
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        length = torch.tensor([-1 if state is None else state.numel()], dtype=torch.int64, device=device)
+        lengths = [torch.empty_like(length) for _ in range(self.world_size)]
+        dist.all_gather(lengths, length)
+        sizes = [int(n.item()) for n in lengths]
+        padded = torch.zeros(max(max(sizes), 1), dtype=torch.uint8, device=device)
+        if state is not None:
+            padded[: state.numel()] = state.to(device)
+        everyone = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(everyone, padded)
+        return [None if n < 0 else got[:n].cpu().clone() for n, got in zip(sizes, everyone)]
 
     # ---- FSDP2 ------------------------------------------------------------------------
 

@@ -17,13 +17,21 @@ metadata (the converter copies them from the checkpoint's tokenizer files). A ch
 could run code (`*.py` files, an `auto_map`) is refused: the converter loads tokenizers with
 trust_remote_code. Only the ChatML template family is translated to Ollama; any other template is
 refused with a message naming it. Nothing here imports Dagster or torch.
+
+Every llama.cpp tool runs under a time limit (`tool_limit_s`: FT_EXPORT_TIMEOUT_S seconds when
+set, else TOOL_LIMIT_FLOOR_S plus TOOL_LIMIT_S_PER_GIB per GiB of weights), in a process group
+of its own: past the limit, or when this process is interrupted, the whole group is killed and
+an `ExportError` names the command, the limit and what to do. A failed export removes its
+scratch files (`.converter-input`, the intermediate f16 GGUF) and the GGUF it was writing.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -40,6 +48,10 @@ GGUF_TYPES = CONVERTER_TYPES + QUANTIZE_TYPES
 MODELFILE = "Modelfile"
 # ChatML's turn markers; `_ollama_template` writes the Go template for exactly this layout
 CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"
+INTERMEDIATE_F16 = ".intermediate-f16.gguf"  # what llama-quantize reads when f16 itself was not asked for
+TIMEOUT_ENV = "FT_EXPORT_TIMEOUT_S"
+TOOL_LIMIT_FLOOR_S = 30 * 60  # the least any llama.cpp tool is given, however small the model
+TOOL_LIMIT_S_PER_GIB = 5 * 60  # plus this per GiB of weights
 
 
 class ExportError(RuntimeError):
@@ -103,35 +115,66 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, types: list[str], sy
     check_types(types)
     _refuse_code(model_dir)
     template, stop, system = modelfile_parts(model_dir, system)  # before the slow part: refuse early
+    limit_s = tool_limit_s(sum(p.stat().st_size for p in model_dir.glob("*.safetensors")))
 
     work = out_dir / ".converter-input"  # removed before the export is finished
     source = converter_input(model_dir, work)
-    files, sizes, seconds = {}, {}, {}
-    f16_source = None  # llama-quantize reads an f16 GGUF (the requested one, or a temporary one)
-    for kind in [t for t in types if t in CONVERTER_TYPES] + [t for t in types if t in QUANTIZE_TYPES]:
-        t0 = time.perf_counter()
-        target = out_dir / gguf_file(kind)
-        if kind in CONVERTER_TYPES:
-            _convert(source, target, kind)
-            if kind == "f16":
-                f16_source = target
-        else:
-            if f16_source is None:
-                f16_source = out_dir / ".intermediate-f16.gguf"
-                _convert(source, f16_source, "f16")
-            _run([str(tool("llama-quantize")), str(f16_source), str(target), kind.upper()], f"llama-quantize {kind}")
-        files[kind], sizes[kind], seconds[kind] = target.name, target.stat().st_size, round(time.perf_counter() - t0, 2)
-        log(f"{target.name}: {sizes[kind] / 2**20:.1f} MiB in {seconds[kind]:.1f} s")
-    if f16_source is not None and f16_source.name.startswith(".intermediate"):
-        f16_source.unlink()
-    if source == work:
-        shutil.rmtree(work)
+    try:
+        files, sizes, seconds = _write_types(source, out_dir, types, limit_s, log)
+    finally:  # done or failed: no scratch files stay
+        if source == work:
+            shutil.rmtree(work, ignore_errors=True)
+        (out_dir / INTERMEDIATE_F16).unlink(missing_ok=True)
 
     first = files[types[0]]
     (out_dir / MODELFILE).write_text(modelfile_text(first, template, system, stop), encoding="utf-8")
     return GgufExport(files=files, bytes=sizes, seconds=seconds, converter=converter_version(),
                       modelfile=MODELFILE, modelfile_from=first, system=system, stop=stop,
                       metadata=read_metadata(out_dir / first))
+
+
+def _write_types(source: Path, out_dir: Path, types: list[str], limit_s: float, log
+                 ) -> tuple[dict[str, str], dict[str, int], dict[str, float]]:
+    """Each type's GGUF (converter types first), each tool run within `limit_s`; a GGUF whose tool
+    failed is removed. (file names, sizes, seconds) by type."""
+    files, sizes, seconds = {}, {}, {}
+    f16_source = None  # llama-quantize reads an f16 GGUF (the requested one, or a temporary one)
+    for kind in [t for t in types if t in CONVERTER_TYPES] + [t for t in types if t in QUANTIZE_TYPES]:
+        t0 = time.perf_counter()
+        target = out_dir / gguf_file(kind)
+        try:
+            if kind in CONVERTER_TYPES:
+                _convert(source, target, kind, limit_s)
+                if kind == "f16":
+                    f16_source = target
+            else:
+                if f16_source is None:
+                    f16_source = out_dir / INTERMEDIATE_F16
+                    _convert(source, f16_source, "f16", limit_s)
+                _run([str(tool("llama-quantize")), str(f16_source), str(target), kind.upper()],
+                     f"llama-quantize {kind}", limit_s)
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
+        files[kind], sizes[kind], seconds[kind] = target.name, target.stat().st_size, round(time.perf_counter() - t0, 2)
+        log(f"{target.name}: {sizes[kind] / 2**20:.1f} MiB in {seconds[kind]:.1f} s")
+    return files, sizes, seconds
+
+
+def tool_limit_s(model_bytes: int) -> float:
+    """Seconds a llama.cpp tool may run on a model of `model_bytes`: FT_EXPORT_TIMEOUT_S when set,
+    else TOOL_LIMIT_FLOOR_S plus TOOL_LIMIT_S_PER_GIB per GiB (tens of times what it takes)."""
+    said = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not said:
+        return TOOL_LIMIT_FLOOR_S + TOOL_LIMIT_S_PER_GIB * model_bytes / 2**30
+    try:
+        limit = float(said)
+    except ValueError:
+        limit = float("nan")
+    if not limit > 0:
+        raise ExportError(f"{TIMEOUT_ENV}={said!r} is not a positive number of seconds; unset it for the default "
+                          f"({TOOL_LIMIT_FLOOR_S} s plus {TOOL_LIMIT_S_PER_GIB} s per GiB of weights)")
+    return limit
 
 
 def converter_version() -> str:
@@ -178,19 +221,50 @@ def converter_input(model_dir: Path, work: Path) -> Path:
     return work
 
 
-def _convert(model_dir: Path, target: Path, kind: str) -> None:
+def _convert(model_dir: Path, target: Path, kind: str, limit_s: float) -> None:
     root = llama_cpp_dir()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_LOCAL_GGUF": "",
            "PYTHONPATH": os.pathsep.join([str(root / "gguf-py"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     _run([sys.executable, str(root / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", kind,
-          "--outfile", str(target)], f"convert_hf_to_gguf.py --outtype {kind}", env=env)
+          "--outfile", str(target)], f"convert_hf_to_gguf.py --outtype {kind}", limit_s, env=env)
 
 
-def _run(cmd: list[str], what: str, env: dict | None = None) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+def _run(cmd: list[str], what: str, limit_s: float, env: dict | None = None) -> None:
+    proc = run_within(cmd, what, limit_s, env=env)
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
         raise ExportError(f"{what} failed (exit {proc.returncode}):\n{tail}")
+
+
+def run_within(cmd: list[str], what: str, limit_s: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`cmd` to its end (output captured), in a process group of its own that is killed, with
+    everything it started, past `limit_s` seconds (then an ExportError) or if this process is
+    interrupted meanwhile."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        raise ExportError(
+            f"{what} did not finish within its limit of {limit_s:.0f} s and was stopped, with every process it "
+            f"started: {shlex.join(cmd)}. Nothing was kept. If this machine is only slow for this model, allow "
+            f"more with {TIMEOUT_ENV}=<seconds>; otherwise check that it is not out of memory or swapping.") from None
+    except BaseException:
+        _kill_group(proc)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()  # reaped; its pipes are closed with it (not read: a killed tool's output is of no use)
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +377,7 @@ def llama_cpp_generate(gguf: str | Path, prompt: str, max_new_tokens: int, threa
         cmd = [str(binary), "-m", str(gguf), "-f", f.name, "-n", str(max_new_tokens), "--temp", "0", "--seed", "0",
                "-no-cnv", "--no-display-prompt", "--no-escape", "--no-warmup", "-t", str(threads), "-c", str(ctx)]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        proc = run_within(cmd, "llama-completion", tool_limit_s(Path(gguf).stat().st_size))
         wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise ExportError(f"llama-completion failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")

@@ -8,21 +8,32 @@ Contract:
   Nothing is ever downloaded: an id missing from the cache is an error saying so.
 - `format: arrow` reads one Arrow IPC file (file or stream format, as `save_to_disk` writes).
 - Rows are numbered 1..N in dataset order; errors say "row N". Both readers are generators that
-  hold one record batch at a time (the dataset or file is memory-mapped), never every row.
+  hold one record batch at a time (the dataset or file is memory-mapped), never every row; a
+  row over `data.MAX_ROW_BYTES` comes as an `UnreadableRow` (rejected), never converted. Arrow
+  itself refuses types nested deeper than `data.MAX_ROW_DEPTH` (the file is unreadable).
 - `source_version` is the content hash of the data: a file's bytes, or a directory's files
   (relative names + bytes, sorted; `state.json` and hidden files, which hold fingerprints and
-  locks rather than data, are left out). Same data, same version, on any machine.
+  locks rather than data, are left out). Same data, same version, on any machine. A process
+  reads a file's bytes again only when its size, mtime, ctime, inode or device moved since it
+  last hashed it (`file_sha256`; the observation sensor asks every tick), or when it had changed
+  within `SETTLED_S` of that hash (a write in the same timestamp tick would not show).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from .data import DataFileError
+from .data import DataFileError, batch_rows
 
 NOT_DATA = ("state.json",)
+SETTLED_S = 2.0  # a file changed this recently is hashed again next time (covers 1-2 s timestamp granularity)
+# file_sha256's cache: (device, inode) -> ((size, mtime_ns, ctime_ns), sha256 hex)
+_DIGESTS: dict[tuple[int, int], tuple[tuple[int, int, int], str]] = {}
+_DIGESTS_KEPT = 100_000  # entries before the cache starts over (a long-lived sensor process)
 ROWS_PER_BATCH = 4096
 
 
@@ -79,7 +90,7 @@ def read_hf(path: Path, split: str | None) -> Iterator[tuple[int, dict[str, Any]
                                   "(no splits); remove datasets[].split")
     line = 0
     for batch in loaded.with_format("arrow").iter(batch_size=ROWS_PER_BATCH):
-        for row in batch.to_pylist():
+        for row in batch_rows(batch):
             line += 1
             yield line, row
 
@@ -99,19 +110,40 @@ def read_arrow(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise DataFileError(path, "not a readable Arrow IPC file (file or stream format)")
     line = 0
     for batch in table.to_batches(max_chunksize=ROWS_PER_BATCH):
-        for row in batch.to_pylist():
+        for row in batch_rows(batch):
             line += 1
             yield line, row
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 (hex) of a file's bytes; reused while the open file's size, mtime, ctime (which
+    no tool can set back), inode and device are the ones seen when it was read."""
+    seen_at = time.time_ns()
+    with path.open("rb") as fh:
+        info = os.fstat(fh.fileno())  # of the file read, even if `path` is replaced meanwhile
+        key, stamp = (info.st_dev, info.st_ino), (info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        known = _DIGESTS.get(key)
+        if known is not None and known[0] == stamp:
+            return known[1]
+        digest = _sha256_of_bytes(fh)
+    if seen_at - max(info.st_mtime_ns, info.st_ctime_ns) > SETTLED_S * 1e9:
+        if len(_DIGESTS) >= _DIGESTS_KEPT:
+            _DIGESTS.clear()
+        _DIGESTS[key] = (stamp, digest)
+    return digest
+
+
+def _sha256_of_bytes(fh) -> str:
+    h = hashlib.sha256()
+    for chunk in iter(lambda: fh.read(1 << 20), b""):
+        h.update(chunk)
+    return h.hexdigest()
 
 
 def source_version(path: Path) -> str:
     """16 hex digits of the data's content hash ("missing" when there is nothing to read)."""
     if path.is_file():
-        h = hashlib.sha256()
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()[:16]
+        return file_sha256(path)[:16]
     if not path.exists():
         snap = None if path.is_absolute() else hub_snapshot(path.as_posix())
         if snap is None:

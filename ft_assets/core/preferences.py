@@ -1,7 +1,8 @@
 """Preference pairs (prompt, chosen, rejected) for DPO: the same four steps as SFT data.
 
 1. read:     `core.data.read_rows` (jsonl/csv/parquet/arrow, or `format: hf` offline; file +
-             line/row errors, nothing written on failure);
+             line/row errors, nothing written on failure; a row over `data.MAX_ROW_BYTES` or
+             nested deeper than `data.MAX_ROW_DEPTH`, JSON text in a cell too, is rejected);
 2. validate: schema `text` (TRL's standard form): prompt/chosen/rejected are non-blank text.
              Schema `messages` (TRL's conversational form): the prompt is a conversation ending
              with a user turn (an optional system turn first, `core.chat.conversation`'s rules) and
@@ -30,8 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from .data import (
-    DataFileError, Rejected, TrainRowCount, _stable_id, check_columns, prompt_ids, read_rows, row_id, row_word,
-    split_examples, text_fields, train_row_bounds, write_jsonl,
+    TOO_DEEP, DataFileError, NestedTooDeep, Rejected, TrainRowCount, UnreadableRow, _stable_id, check_columns,
+    loads_shallow, prompt_ids, read_rows, row_id, row_word, shown, split_examples, stored_row, text_fields,
+    train_row_bounds, write_jsonl,
 )
 
 
@@ -94,6 +96,9 @@ def validate_pairs(rows: list[tuple[int, dict]], columns: dict[str, Any], task: 
     kept, rejected = [], []
     seen: dict[tuple, int] = {}
     for lineno, row in rows:
+        if isinstance(row, UnreadableRow):  # over the byte cap or nested too deep: refused by the reader
+            rejected.append(Rejected(lineno, row.reason))
+            continue
         rid = row_id(row, columns)
         if schema == "messages":
             turns, values, problem = _conversation_pair(row, columns)
@@ -103,12 +108,12 @@ def validate_pairs(rows: list[tuple[int, dict]], columns: dict[str, Any], task: 
         if problem is None and values["chosen"] == values["rejected"]:
             problem = ("rejected", "chosen and rejected are the same text; a pair needs two different answers")
         if problem:
-            rejected.append(Rejected(lineno, problem[1], problem[0], rid, row))
+            rejected.append(Rejected(lineno, problem[1], problem[0], rid, stored_row(row)))
             continue
         key = (values["prompt"] if turns is None else json.dumps(turns, ensure_ascii=False),
                values["chosen"], values["rejected"])
         if key in seen:
-            rejected.append(Rejected(lineno, f"exact duplicate of {unit} {seen[key]}", None, rid, row))
+            rejected.append(Rejected(lineno, f"exact duplicate of {unit} {seen[key]}", None, rid, stored_row(row)))
             continue
         seen[key] = lineno
         kept.append(PreferencePair(rid or _stable_id(*key), values["prompt"], values["chosen"], values["rejected"],
@@ -138,11 +143,14 @@ def _conversation_pair(row: dict, columns: dict[str, Any]
     else:
         value = row.get(columns["prompt"])
         if isinstance(value, str):  # JSON text of the turns (a CSV cell), or the user turn's text itself
-            parsed = _json_or_none(value)
+            try:
+                parsed = _json_or_none(value)
+            except NestedTooDeep:
+                return None, {}, ("prompt", f"prompt (column {columns['prompt']!r}): JSON {TOO_DEEP}")
             value = parsed if isinstance(parsed, list) else [{keys[0]: "user", keys[1]: value}]
         if isinstance(value, (list, tuple)) and value and isinstance(value[-1], dict):
             last = value[-1].get(keys[0])
-            if keys[2].get(last, last) == "assistant":
+            if isinstance(last, str) and keys[2].get(last, last) == "assistant":  # other roles: conversation()
                 return None, {}, ("prompt", f"prompt: the last turn (turn {len(value)}) is assistant; the prompt must "
                                             "end with a user turn (chosen and rejected are the assistant's reply)")
             value = [*value, {keys[0]: "assistant", keys[1]: "(the answer)"}]  # checked as awaiting its reply
@@ -161,8 +169,9 @@ def _conversation_pair(row: dict, columns: dict[str, Any]
 
 
 def _json_or_none(text: str) -> Any:
+    """The JSON value of `text`, None when it is not JSON; NestedTooDeep past MAX_ROW_DEPTH."""
     try:
-        return json.loads(text)
+        return loads_shallow(text)
     except json.JSONDecodeError:
         return None
 
@@ -174,7 +183,10 @@ def _answer_turn(value: Any, column: str, role_key: str, content_key: str, role_
     if value is None:
         return None, "missing or null"
     if isinstance(value, str):
-        parsed = _json_or_none(value)
+        try:
+            parsed = _json_or_none(value)
+        except NestedTooDeep:
+            return None, f"JSON {TOO_DEEP}"
         if not isinstance(parsed, (list, dict)):
             return (value.strip(), None) if value.strip() else (None, "empty or whitespace")
         value = parsed
@@ -184,10 +196,10 @@ def _answer_turn(value: Any, column: str, role_key: str, content_key: str, role_
         return None, f"is {type(value).__name__}, expected a list of one assistant turn or its text"
     if len(value) != 1 or not isinstance(value[0], dict):
         return None, f"has {len(value)} turns; an answer is one assistant turn"
-    role = role_names.get(value[0].get(role_key), value[0].get(role_key))
-    content = value[0].get(content_key)
+    raw_role, content = value[0].get(role_key), value[0].get(content_key)
+    role = role_names.get(raw_role, raw_role) if isinstance(raw_role, str) else raw_role  # a list role: no lookup
     if role != "assistant":
-        return None, f"its turn has role {value[0].get(role_key)!r}; an answer is an assistant turn"
+        return None, f"its turn has role {shown(raw_role)}; an answer is an assistant turn"
     if not isinstance(content, str) or not content.strip():
         return None, f"its turn's content ({content_key!r}) is missing, not text or blank"
     return content.strip(), None

@@ -5,7 +5,9 @@ Layout of the artifact directory::
     train/  eval/        Arrow datasets (`datasets` save_to_disk; the shard files depend on num_proc),
                          one row per example: `data.Example`'s fields (`input_ids`/`labels` int32
                          lists, fields other than text/line/tokens as JSON text) + `length` (tokens)
-    rejected.jsonl       every rejected row: source, line, reason, field, id, row (null for duplicates)
+    rejected.jsonl       every rejected row: source, line, reason, field, id, row (null for duplicates,
+                         rows the reader refused and rows refused by formatting; a row over
+                         `data.WHOLE_ROW_CHARS` of JSON with its long values cut: `data.stored_row`)
     dataset_info.json    tokenizer fingerprint, max_length, eos/pad ids, row and token statistics
 
 Guarantees:

@@ -1,7 +1,10 @@
 """Choosing among a sweep's trials: the trial with the lowest validation loss wins.
 
 Contract. A sweep (`methods.<m>.sweep` in the recipe, expanded by `recipe.expand_sweep`) is a
-set of ordinary methods named `<m>@<key>=<value>...`; each trains as an `adapter` partition,
+set of ordinary methods named `<m>@<key>=<value>...` (a value that is not letters, digits and
+`._+-` is written as `h<8 hex>`, a hash of it, and a name over 128 characters ends with
+`@rest=h<8 hex>`: see `recipe.trial_name`; the table shows the labels as the name has them, the
+trial's method in the recipe the values); each trains as an `adapter` partition,
 holding out the same validation rows (same seed and fraction) and ending with the weights of
 its best validation measurement. `pick_best` compares those best losses (lower wins; a tie
 goes to the first trial in name order) and `SweepResult.save` writes the table of all trials

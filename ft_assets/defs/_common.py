@@ -102,8 +102,7 @@ def reuse_or_say_why(context, store: ArtifactStore, asset: str, partition: str |
     why this run has to train: forced, or what differs from the latest version."""
     label = f"{asset}[{partition}]" if partition else asset
     done = None if force else store.find_derived(asset, partition, made_by)
-    if done is not None:
-        store.set_latest(done)
+    if done is not None:  # find_derived made it LATEST again
         context.log.info(f"{label}: version {done.version} was made from these same inputs, code and settings: "
                          "reused, nothing trained (config force: true retrains)")
         return done

@@ -1,9 +1,11 @@
 """Where `adapter` trains (`compute.launcher`): in the Dagster step, in torchrun processes, or on Ray.
 
     inprocess   `core.finetune.finetune` in the step's own process (the default; the demo's speed)
-    torchrun    a `ft_assets.jobs.train.TrainJob` spec file, then `torchrun --standalone
-                --nproc-per-node N -m ft_assets.jobs.train SPEC` (several machines: a static
-                rendezvous with this one as node 0, `join.sh` for the others) under Dagster's
+    torchrun    a `ft_assets.jobs.train.TrainJob` spec file, then torchrun `--nproc-per-node N
+                -m ft_assets.jobs.train SPEC` (one machine: through `jobs.loopback_torchrun`, its
+                rendezvous and ranks listening on loopback only; several machines: torch's own, a
+                static rendezvous on `master_addr` with this one as node 0 and `join.sh` for the
+                others, on a network only the training nodes reach) under Dagster's
                 `PipesSubprocessClient`, on GPUs leased for the run (`core.gpu_leases`, passed as
                 CUDA_VISIBLE_DEVICES): rank 0 streams the step log through Pipes and reports the
                 result, which comes back as a `core.finetune.TrainedElsewhere` -- stored and turned
@@ -100,15 +102,17 @@ def this_process() -> dict:
 
 def torchrun_command(spec_path: Path, compute: ComputeSpec, node_rank: int | str = 0,
                      python: str = sys.executable) -> list[str]:
-    """torchrun (torch.distributed.run) of `python`: on node 0 the step's own interpreter. Several
-    nodes: static rendezvous on node 0's master_addr:master_port, so global rank 0 (the one that
-    reports through Pipes) is a process of node 0, the step's machine."""
+    """torchrun of `python`: on node 0 the step's own interpreter. One node: `jobs.loopback_torchrun`
+    (a static rendezvous on 127.0.0.1, nothing listening beyond loopback). Several nodes:
+    torch.distributed.run, static rendezvous on node 0's master_addr:master_port, so global rank 0
+    (the one that reports through Pipes) is a process of node 0, the step's machine."""
     if compute.nnodes == 1:
-        where = ["--standalone"]
+        run, where = "ft_assets.jobs.loopback_torchrun", []
     else:
-        where = [f"--nnodes={compute.nnodes}", f"--node-rank={node_rank}", f"--master-addr={compute.master_addr}",
-                 f"--master-port={compute.master_port}"]
-    return [python, "-m", "torch.distributed.run", *where, f"--nproc-per-node={compute.nproc_per_node}",
+        run, where = "torch.distributed.run", [
+            f"--nnodes={compute.nnodes}", f"--node-rank={node_rank}", f"--master-addr={compute.master_addr}",
+            f"--master-port={compute.master_port}"]
+    return [python, "-m", run, *where, f"--nproc-per-node={compute.nproc_per_node}",
             "-m", "ft_assets.jobs.train", str(spec_path)]
 
 
@@ -201,7 +205,7 @@ def run_elsewhere(context: dg.AssetExecutionContext, job: TrainJob, compute: Com
     launch = launch_on_ray if compute.launcher == "ray" else launch_torchrun
     try:
         invocation = launch(context, job, spec_path, compute)
-    except gpu_leases.NotEnoughGpus as exc:
+    except gpu_leases.LeaseError as exc:  # none free in time, or an unsafe lease directory
         raise JobFailed(f"{job.method}: {exc}") from None
     except Exception as exc:  # a non-zero exit (DagsterPipesExecutionError, not public) or a FAILED Ray job
         raise JobFailed(describe_failure(run_dir, compute, job.checkpoint_dir, exc)) from None

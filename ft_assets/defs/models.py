@@ -38,8 +38,7 @@ def build(recipe: Recipe) -> list:
         origin = base_origin(spec.source, local)
         made_from = {**origin, "code_version": cv_base} if origin else None
         done = artifacts.find_made_from("base_model", None, made_from) if made_from else None
-        if done is not None:
-            artifacts.set_latest(done)
+        if done is not None:  # find_made_from made it LATEST again
             context.log.info(f"base_model: version {done.version} was read from this same file with these settings: "
                              "reused, nothing converted")
             return c.output(done, {**base_metadata(done.manifest()["model"], done), "reused": True})

@@ -4,7 +4,9 @@ The data version is the sha256 of the file's bytes (a `format: hf` directory or 
 of its data files, `core.hfdata.source_version`), so rewriting or touching a file without
 changing it changes nothing downstream; editing one row makes its descendants stale. The
 `ft_assets_observe_sources` sensor (defs/automation.py) hashes the files every
-`automation.observe_interval_s` seconds; "Observe" in the UI does the same by hand.
+`automation.observe_interval_s` seconds; "Observe" in the UI does the same by hand. A file whose
+size, mtime, ctime, inode and device are those of its last hash in this process is not read
+again (`core.hfdata.file_sha256`): a tick costs a stat per unchanged file, not its bytes.
 """
 
 

@@ -1,7 +1,8 @@
 """`best_adapter[<method>]`: the winner of a method's sweep, with the table of all its trials.
 
 A recipe method with `sweep:` becomes one `adapter` partition per combination of settings
-(`lora@lr=2e-4@r=8`; see `recipe.expand_sweep`); every other asset treats them as ordinary
+(`lora@lr=2e-4@r=8`; a value other than letters, digits and `._+-` is a hash, `h<8 hex>`: see
+`recipe.expand_sweep`, `recipe.trial_name`); every other asset treats them as ordinary
 methods. `best_adapter` has one partition per swept method and reads all of its trials through
 a `StaticPartitionMapping` {trial: method} (declared in the graph, so Dagster re-runs it when a
 trial changes); one `core.sweep.pick_best` call chooses the lowest validation loss. Its artifact

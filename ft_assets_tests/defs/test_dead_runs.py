@@ -248,11 +248,12 @@ def test_only_runs_whose_local_worker_is_gone_are_reaped_and_the_processes_they_
     elsewhere = Proc("some-other-host", 1, 1.0)
     gone_here = Proc(Proc.of().host, 2**22 + 7, 1.0)  # a pid no process has
     reused = Proc(Proc.of().host, os.getpid(), Proc.of().started - 100)  # this pid, but an older process's
-    orphan = subprocess.Popen(["sleep", "600"])  # what a dead worker left training (a step process, a torchrun rank)
     ids = {name: _started_run(instance, tags) for name, tags in (
         ("elsewhere", {WORKER_TAG: elsewhere.tag()}), ("unrecorded", {}), ("alive", {WORKER_TAG: Proc.of().tag()}),
-        ("gone", {WORKER_TAG: gone_here.tag(), CHILDREN_TAG: Proc.of(orphan.pid).tag()}),
-        ("pid_reused", {WORKER_TAG: reused.tag()}))}
+        ("gone", {WORKER_TAG: gone_here.tag()}), ("pid_reused", {WORKER_TAG: reused.tag()}))}
+    # what a dead worker left training (a step process, a torchrun rank): it carries the run's marker
+    orphan = subprocess.Popen(["sleep", "600"], env={**os.environ, runs.RUN_MARKER_ENV: ids["gone"]})
+    instance.add_run_tags(ids["gone"], {CHILDREN_TAG: Proc.of(orphan.pid).tag()})
     reaped = {d.run_id: d for d in reap_dead_runs(instance)}
     assert set(reaped) == {ids["gone"], ids["pid_reused"]}
     status = {n: instance.get_run_by_id(r).status for n, r in ids.items()}

@@ -153,7 +153,7 @@ def test_a_killed_upload_leaves_nothing_that_looks_done(s3_home):
     proc = subprocess.Popen([sys.executable, "-c", SLOW_UPLOAD, s3_home], start_new_session=True)
     try:
         deadline = time.time() + 120
-        while not remote.glob("artifacts/merged_model/lora/*/shard-*"):  # the upload has begun
+        while not remote.glob("artifacts/merged_model/lora/*/.uploads/*/shard-*"):  # the upload has begun
             assert proc.poll() is None and time.time() < deadline, "the writer ended before uploading"
             time.sleep(0.05)
         assert not remote.glob(f"artifacts/merged_model/lora/*/{MANIFEST}")  # still uploading
@@ -162,7 +162,7 @@ def test_a_killed_upload_leaves_nothing_that_looks_done(s3_home):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    uploaded = remote.glob("artifacts/merged_model/lora/*/shard-*")
+    uploaded = remote.glob("artifacts/merged_model/lora/*/.uploads/*/shard-*")
     assert 0 < len(uploaded) < 300, len(uploaded)  # killed mid-upload
     assert not remote.glob(f"artifacts/merged_model/lora/*/{MANIFEST}")
     store = ArtifactStore()
