@@ -25,6 +25,7 @@ Torch and transformers are imported only to load the tokenizer (step 3/4), never
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -781,6 +782,21 @@ def check_output(dest: Path, force: bool) -> None:
         raise InitError(f"{dest} is a directory; pass -o a file path")
 
 
+def _link_or_create(tmp: Path, dest: Path, text: str) -> None:
+    """Hard-link `tmp` to `dest`; where the file system has no hard links (FAT, some network
+    mounts), create `dest` exclusively (O_EXCL, O_NOFOLLOW: still never over or through anything)."""
+    try:
+        os.link(tmp, dest, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS):
+            raise
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+
 def write_recipe(dest: Path, text: str, force: bool) -> None:
     """Write `dest` whole or not at all, never through a link: a new file beside it (O_EXCL,
     O_NOFOLLOW), then hard-linked into place (which fails when anything, a dangling link
@@ -796,7 +812,7 @@ def write_recipe(dest: Path, text: str, force: bool) -> None:
         if force:
             os.replace(tmp, dest)
         else:
-            os.link(tmp, dest, follow_symlinks=False)
+            _link_or_create(tmp, dest, text)
     except FileExistsError:
         raise InitError(f"{dest} appeared while init ran; pass --force to overwrite it, or -o another file") from None
     finally:

@@ -7,6 +7,7 @@ recipe hashes: the literals below were computed on the code before these checks 
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
@@ -215,3 +216,19 @@ def test_init_refuses_to_write_through_a_symlink(tmp_path):
     rc, text = run_init(data, "-o", out)
     assert rc == 0 and not out.is_symlink() and load_recipe(out).datasets[0].path == "qa.jsonl", text
     assert sorted(os.listdir(tmp_path)) == ["elsewhere", "qa.jsonl", "recipe.yaml"]  # no temporary file left
+
+
+def test_init_writes_where_the_file_system_has_no_hard_links(tmp_path, monkeypatch):
+    """FAT and some network mounts refuse link(2): init creates the file exclusively instead, and
+    still refuses an existing file without --force."""
+    def no_links(*_a, **_k):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(12))
+    out = tmp_path / "recipe.yaml"
+    rc, text = run_init(data, "-o", out)
+    assert rc == 0 and load_recipe(out).datasets[0].path == "qa.jsonl", text
+    rc, text = run_init(data, "-o", out)
+    assert rc == 2 and "exists" in text, text
+    assert sorted(os.listdir(tmp_path)) == ["qa.jsonl", "recipe.yaml"]
