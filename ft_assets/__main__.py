@@ -35,12 +35,12 @@ import json
 import sys
 from pathlib import Path
 
-from .asset_keys import format_key, parse_key
+from .artifacts.asset_keys import format_key, parse_key
 from .core.data import source_path
 from .core.steps import recipe_step_estimates
-from .object_store import is_url
+from .config.paths import is_url
 from .recipe import RecipeError, load_recipes
-from .store import ArtifactStore
+from .artifacts.store import ArtifactStore
 
 
 def cmd_validate(args) -> int:
@@ -128,7 +128,7 @@ def cmd_lineage(args) -> int:
 
 def cmd_prune(args) -> int:
     from .defs.recorded import InstanceUnreadable, recorded_reader
-    from .slot_locks import SlotLockError
+    from .artifacts.slot_locks import SlotLockError
 
     store = ArtifactStore(args.home)
     try:
@@ -147,7 +147,7 @@ def prune(store: ArtifactStore, keep: int, delete: bool, recorded) -> int:
     """List (and with `delete`, drop) what `retention.plan` lets go; `recorded`: the reader of the
     versions Dagster recorded (`defs.recorded`), None without an instance."""
     from .defs.recorded import instance_home
-    from .retention import apply, plan
+    from .artifacts.retention import apply, plan
 
     try:
         p = plan(store, keep, recorded() if recorded else None)

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from .asset_keys import format_key, parse_key
+from .artifacts.asset_keys import format_key, parse_key
 from .recipe import RecipeError, load_recipe
-from .store import Artifact, ArtifactStore
+from .artifacts.store import Artifact, ArtifactStore
 
 ASSET = re.compile(r"([A-Za-z0-9_]+\.)?[a-z_]+")  # an asset name in REF, `<pipeline>.` first with several recipes
 EXIT, RESET = "/exit", "/reset"

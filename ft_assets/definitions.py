@@ -2,7 +2,7 @@
 $FT_RECIPE may also name several recipes (a directory of them, or paths joined by `:`): each is
 then a pipeline of its own in this one code location, its asset keys, groups, jobs, schedules and
 sensors prefixed with its name (`finance/adapter`, group `finance_training`) and its artifacts in
-its store namespace; the base model read from one file is shared (`ft_assets.store`).
+its store namespace; the base model read from one file is shared (`ft_assets.artifacts.store`).
 
     raw/<dataset> ─> sft_dataset <─ base_model ─> quantized_base
     recipe/method[m] ─> adapter[m] ─> merged_model[m] ─> eval_report[m] ─> leaderboard
@@ -35,7 +35,7 @@ from . import runs
 from .defs import adapters, automation, cards, datasets, distill, export, models, preferences, raw, reports, sweeps
 from .defs.resources import ArtifactIOManager, ComputeResource, StoreResource
 from .recipe import Recipe, load_recipes
-from .store import store_location
+from .config.paths import store_location
 
 
 PIPELINE_TAG = "ft_assets/pipeline"  # each asset's pipeline, with several recipes

@@ -19,7 +19,8 @@ from .definitions import build_definitions
 from .defs.automation import record_sources
 from .recipe import DEMO_RECIPE, load_recipes
 from .runs import LAUNCH_TAG, PoolWatch, launch_tags, reap_dead_runs
-from .store import ArtifactStore, ft_home
+from .artifacts.store import ArtifactStore
+from .config.paths import ft_home
 
 INSTANCE_MARK = "# Written by ft_assets"
 INSTANCE_YAML = f"""\

@@ -99,7 +99,7 @@ def train_ours(recipe_path: Path, home: Path, train: bool = True) -> dict:
 
     from ft_assets.definitions import build_definitions
     from ft_assets.recipe import load_recipe
-    from ft_assets.store import ArtifactStore
+    from ft_assets.artifacts.store import ArtifactStore
 
     recipe = load_recipe(recipe_path)
     (method,) = recipe.methods

@@ -42,7 +42,7 @@ def materialize(recipe_path: Path, method: str, types: list[str], home: Path, ma
 
     from ft_assets.definitions import build_definitions
     from ft_assets.recipe import load_recipe
-    from ft_assets.store import ArtifactStore
+    from ft_assets.artifacts.store import ArtifactStore
 
     raw = yaml.safe_load(recipe_path.read_text())
     raw["root"] = str((recipe_path.parent / raw.get("root", ".")).resolve())
@@ -71,7 +71,7 @@ def materialize(recipe_path: Path, method: str, types: list[str], home: Path, ma
 def reuse(home: Path, method: str) -> dict:
     """The artifacts an earlier invocation left in FT_HOME (measure again without training again)."""
     from ft_assets.recipe import load_recipe
-    from ft_assets.store import ArtifactStore
+    from ft_assets.artifacts.store import ArtifactStore
 
     store = ArtifactStore(home)
     return {"recipe": load_recipe(home / "bench_recipe.yaml"), "pipeline_s": None,

@@ -45,7 +45,6 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..store import dir_bytes
 from . import evaluate
 from .data import IGNORE_INDEX, Example, write_jsonl
 from .methods import get_method
@@ -226,7 +225,7 @@ class Distilled:
         out_dir = Path(out_dir)
         self.student.save_pretrained(out_dir, safe_serialization=True)
         self.tokenizer.save_pretrained(out_dir)
-        report = self.report(teacher, student_bytes=dir_bytes(out_dir))
+        report = self.report(teacher, student_bytes=_bytes_under(out_dir))
         _write_json(out_dir / "distill_report.json", report)
         _write_json(out_dir / "train_log.json", self.training.log())
         write_jsonl(out_dir / "predictions.jsonl", self.quality["student"]["rows"])
@@ -290,7 +289,7 @@ def distill_student(teacher_dir: Path, tokenizer_dir: Path | str, examples: list
         kl_before=kl_before, kl_after=kl_after, quality=quality, speed=speed,
         parameters={who: parameters(m) for who, m in models.items()},
         layers={who: m.config.num_hidden_layers for who, m in models.items()},
-        teacher_bytes=dir_bytes(teacher_dir), training=result,
+        teacher_bytes=_bytes_under(teacher_dir), training=result,
     )
 
 
@@ -326,3 +325,8 @@ def generation_speed(model, examples: list[Example], *, new_tokens: int, pad_id:
     wall = time.perf_counter() - t0
     return {"tokens_per_s": round(len(examples) * new_tokens / wall, 2), "prompts": len(examples),
             "new_tokens": new_tokens, "wall_s": round(wall, 3)}
+
+
+def _bytes_under(directory: Path) -> int:
+    """The size of the files below `directory` (the report's model sizes)."""
+    return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())

@@ -38,7 +38,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..store import REPO_ROOT
+from ..config.paths import REPO_ROOT
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the llama-cpp-python sdist whose vendored llama.cpp is used (Makefile: LLAMA_CPP_PY)
 CONVERTER_TYPES = ("f16", "bf16", "q8_0")  # written directly by convert_hf_to_gguf.py

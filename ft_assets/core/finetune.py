@@ -1,21 +1,17 @@
 """Train one recipe method from its inputs: the single call behind the `adapter` asset.
 
-    training_data(store, ...) -> TrainingData     the train split (tokenizer checked), plus, for
-                                                  `continue_from: previous`, the ContinualPlan
-    plan_continual(store, ...) -> ContinualPlan   where a `continue_from: previous` run starts,
-                                                  and the previous train split's replay rows
     finetune(method, spec, examples, cfg, ...) -> FineTuned
         load the base (full precision, or the 4-bit `quantized_base` for QLoRA) -> seed ->
         `method.wrap` -> the previous adapter's state (continual) -> `core.train.train`
-
-    write_adapter(store, name, tuned, ...) -> Artifact
-        the store write: `FineTuned.save` + the manifest's method/train facts + the model card
+    TrainingData, ContinualPlan: what a method trains on and where a `continue_from: previous`
+        run starts; `defs.adapter_store` reads them from the store (the previous versions are the
+        asset's own history, read by exact version, not an edge of the graph)
+    adapter_facts(...): the adapter manifest's method/train facts
 
 `FineTuned.save(dir)` writes what the method trained plus `train_log.json` (no timings, so the
 artifact's bytes depend on the training only). Failures a user can act on raise `TrainingFailed`
-(NaN loss, out of memory with the recipe keys to change); nothing here knows Dagster. Previous
-versions (continual learning) are read from the artifact store by exact version: they are this
-asset's own history, not an edge of the graph.
+(NaN loss, out of memory with the recipe keys to change). Nothing here knows Dagster or the
+artifact store.
 """
 
 from __future__ import annotations
@@ -28,10 +24,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..store import ArtifactStore, derived_version
-from . import card, continual, data, train
+from . import continual, data, train
 from .distributed import SINGLE, Ranks, is_sharded
-from .models import load_model, load_tokenizer, parameter_count
+from .models import load_model, parameter_count
 from .quantize import compute_dtype, load_quantized
 
 
@@ -59,35 +54,6 @@ class ContinualPlan:
         }
 
 
-def plan_continual(store: ArtifactStore, name: str, spec, sft_dataset_version: str, base_model_version: str,
-                   examples: list[data.Example], tokenizer_fingerprint: str, seed: int) -> ContinualPlan:
-    """The start `continual.pick_start` chooses from this method's previous versions, and
-    `spec.replay_fraction` of the previous sft_dataset's train split when it continues."""
-    prev = store.latest("adapter", name)  # the newest version before this run
-
-    def manifest_of(version: str):
-        art = store.get("adapter", name, version)
-        return (art.manifest(), art.path) if art else None
-
-    start = continual.pick_start(prev.manifest() if prev else None, prev.path if prev else None,
-                                 sft_dataset=sft_dataset_version, base_model=base_model_version,
-                                 spec=spec.model_dump(mode="json"), manifest_of=manifest_of)
-    plan = ContinualPlan(start, notes=[f"{name}: {start.reason}"])
-    if start.from_scratch or not spec.replay_fraction or not start.previous_sft_dataset:
-        return plan
-    old = store.get("sft_dataset", None, start.previous_sft_dataset)
-    if old is None:
-        plan.notes.append(f"previous sft_dataset {start.previous_sft_dataset} is gone: no replay")
-    elif data.dataset_info(old.path).get("tokenizer_fingerprint") != tokenizer_fingerprint:
-        plan.notes.append("previous sft_dataset used another tokenizer: no replay")
-    else:
-        plan.replay = continual.replay_rows(data.load_split(old.path, "train"), examples, spec.replay_fraction, seed)
-        plan.replay_dataset = str(old.path)
-        plan.notes.append(f"replaying {len(plan.replay)} rows of sft_dataset {old.version} "
-                          f"({spec.replay_fraction:.0%} of its train split)")
-    return plan
-
-
 class StaleDataset(RuntimeError):
     """The sft_dataset was tokenized by another tokenizer than the base model has now."""
 
@@ -104,23 +70,6 @@ class TrainingData:
     @property
     def continued(self) -> bool:
         return self.plan is not None and not self.plan.start.from_scratch
-
-
-def training_data(store: ArtifactStore, name: str, spec, sft_dataset_dir: str, sft_dataset_version: str,
-                  base_model_dir: str, base_model_version: str, seed: int) -> TrainingData:
-    """The train split of `sft_dataset` (checked against the base model's tokenizer) and, for
-    `continue_from: previous`, where the run starts and the rows it replays."""
-    info = data.dataset_info(sft_dataset_dir)
-    tok = load_tokenizer(base_model_dir)
-    if data.tokenizer_fingerprint(tok) != info["tokenizer_fingerprint"]:
-        raise StaleDataset("sft_dataset was built with a different tokenizer than base_model has now; "
-                           "re-materialize sft_dataset")
-    examples = data.load_split(sft_dataset_dir, "train")
-    plan = None
-    if spec.continue_from == "previous":
-        plan = plan_continual(store, name, spec, sft_dataset_version, base_model_version, examples,
-                              info["tokenizer_fingerprint"], seed)
-    return TrainingData(examples + (plan.replay if plan else []), tok.pad_token_id, plan, str(sft_dataset_dir))
 
 
 @dataclass
@@ -218,22 +167,6 @@ def adapter_facts(name: str, spec, training, tuned: FineTuned, device: str, plan
             "train": {**tuned.result.summary(), "trainable_parameters": tuned.trainable,
                       "total_parameters": tuned.total, "device": device},
             **({"continual": plan.facts(spec.replay_fraction)} if plan is not None else {})}
-
-
-def write_adapter(store: ArtifactStore, name: str, tuned: FineTuned | TrainedElsewhere, *, inputs: dict[str, str],
-                  derivation: dict[str, Any], facts: dict[str, Any], manifests: tuple[dict, dict],
-                  write_card: Callable[[Path, card.Lineage], Any], **manifest: Any):
-    """`tuned` stored as `adapter[name]` under `derivation`; `facts` go to the manifest's extra
-    keys, `manifests` (base_model's, sft_dataset's) into the card's lineage; `manifest`:
-    recipe_hash, code_version, seed for the store write. Returns the Artifact."""
-    with store.write("adapter", name, derivation=derivation, **manifest) as st:
-        st.inputs = inputs
-        tuned.save(st.path)
-        st.extra.update(facts)
-        lin = card.lineage_from({"asset": "adapter", "partition": name, "version": derived_version(derivation),
-                                 "inputs": inputs, **manifest, **st.extra}, *manifests)
-        write_card(st.path, lin)
-    return st.artifact
 
 
 def out_of_memory_hint(cfg: train.TrainConfig, device: str, exc: Exception) -> str:

@@ -37,7 +37,7 @@ _combined = None
 
 def evaluate_cache() -> Path:
     """Where evaluate may write: `modules/` (the copied metric modules) and `metrics/`."""
-    from ..store import ft_home
+    from ..config.paths import ft_home
 
     return ft_home() / "cache" / "evaluate"
 

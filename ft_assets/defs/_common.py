@@ -16,7 +16,7 @@ from ..core.finetune import TrainingFailed
 from ..core.preemption import CheckpointBusy, Preempted
 from ..core.train import TrainingDiverged
 from ..recipe import Recipe
-from ..store import Artifact, ArtifactStore
+from ..artifacts.store import Artifact, ArtifactStore
 
 # Dagster's run tag: retry this run (with the daemon's run_retries) even though a step failed
 RETRY_ON_STEP_FAILURE_TAG = "dagster/retry_on_asset_or_op_failure"

@@ -19,7 +19,7 @@ Beyond SFT (only for recipes that ask for it):
   `adapter[m]` for every other m ({m: m}; Dagster's identity when the recipe has no dpo
   method, so a partition's adapter and merge can share a run); each partition reads exactly one.
 - `continue_from: previous`: the method starts from its own previous adapter version when the
-  data changed (`core.finetune.plan_continual`), replaying `replay_fraction` of the previous
+  data changed (`defs.adapter_store.plan_continual`), replaying `replay_fraction` of the previous
   sft_dataset's train split; manifest inputs name that adapter version under `adapter[<method>]`.
 """
 
@@ -29,8 +29,9 @@ import dagster as dg
 from ..core import finetune, merge, plots, train
 from ..core.methods import get_method
 from ..recipe import Recipe
-from ..store import Artifact, ArtifactStore, derived_version, dir_bytes
+from ..artifacts.store import Artifact, ArtifactStore, derived_version, dir_bytes
 from . import _common as c
+from . import adapter_store
 from . import launchers
 from .automation import recipe_method_key
 from .models import MODEL_BYTES_HEADROOM
@@ -65,7 +66,7 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
     spec = recipe.methods[name]
     method = get_method(spec.type)
     try:
-        td = finetune.training_data(store, name, spec, sft_dataset.path, sft_dataset.version, base_model.path,
+        td = adapter_store.training_data(store, name, spec, sft_dataset.path, sft_dataset.version, base_model.path,
                                     base_model.version, recipe.seed)
     except finetune.StaleDataset as exc:
         raise c.user_error(RuntimeError(str(exc))) from None
@@ -86,7 +87,7 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
         tuned = launchers.train_method(context, recipe, name, method, td, cfg, hw, ckpts, base_dir=base_model.path,
                                        quantized_dir=quantized_base.dir if quantized_base else None)
     what = f"The trained `{name}` adapter (method type `{spec.type}`), as ft_assets saved it."
-    art = finetune.write_adapter(
+    art = adapter_store.write_adapter(
         store, name, tuned, inputs=inputs, derivation=c.forced(derivation, context) if force else derivation,
         facts=finetune.adapter_facts(name, spec, recipe.training_for(name), tuned, hw.name, plan),
         manifests=(base_model.manifest(), sft_dataset.manifest()),

@@ -22,7 +22,7 @@ import dagster as dg
 from ..core import card
 from ..core.methods import get_method
 from ..recipe import Recipe
-from ..store import Artifact, dir_bytes
+from ..artifacts.store import Artifact, dir_bytes
 from . import _common as c
 from .adapters import adapter_mapping, methods_partitions
 from .preferences import dpo_mapping

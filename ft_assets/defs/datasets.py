@@ -26,7 +26,7 @@ from ..core.chat import ChatTemplateError
 from ..core.hfdata import source_version
 from ..core.models import load_tokenizer
 from ..recipe import Recipe
-from ..store import Artifact
+from ..artifacts.store import Artifact
 from . import _common as c
 from .raw import raw_key
 from .resources import StoreResource

@@ -30,7 +30,7 @@ import dagster as dg
 
 from ..core import data, distill, plots, train
 from ..recipe import Recipe
-from ..store import Artifact, content_hash, derived_version
+from ..artifacts.store import Artifact, content_hash, derived_version
 from . import _common as c
 from .models import MODEL_BYTES_HEADROOM
 from .reports import METRIC_KEYS, TABLE_COLUMNS

@@ -12,7 +12,7 @@ import dagster as dg
 
 from ..core import export
 from ..recipe import Recipe
-from ..store import Artifact
+from ..artifacts.store import Artifact
 from . import _common as c
 from .adapters import methods_partitions
 from .models import MODEL_BYTES_HEADROOM

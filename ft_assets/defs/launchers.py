@@ -40,7 +40,7 @@ from ..core import finetune, gpu_leases, train
 from ..core.device import Compute
 from ..jobs.train import RESULT_MESSAGE, TrainJob
 from ..recipe import ComputeSpec, RaySpec, Recipe
-from ..store import Checkpoints
+from ..artifacts.store import Checkpoints
 
 
 class JobFailed(RuntimeError):

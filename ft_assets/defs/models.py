@@ -18,7 +18,7 @@ import dagster as dg
 from ..core import evaluate, quantize
 from ..core.models import LoadOptions, ModelSourceError, base_origin, save_base
 from ..recipe import Recipe
-from ..store import Artifact, dir_bytes
+from ..artifacts.store import Artifact, dir_bytes
 from . import _common as c
 from .resources import ComputeResource, StoreResource
 

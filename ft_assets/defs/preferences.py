@@ -27,7 +27,7 @@ from ..core.models import load_tokenizer
 from ..core.train import TrainConfig
 from ..recipe import Recipe
 from ..core.hfdata import source_version
-from ..store import Artifact, ArtifactStore, derived_version, dir_bytes
+from ..artifacts.store import Artifact, ArtifactStore, derived_version, dir_bytes
 from . import _common as c
 from .automation import recipe_method_key
 from .raw import raw_key

@@ -2,7 +2,7 @@
 version its latest materialization names (the data version `_common.output` gives it). That is what
 `ArtifactIOManager` loads as a downstream input, whatever LATEST says (a step that failed after its
 store write, a write by another instance), so `prune` keeps it: these are `retention.plan`'s
-`pinned` versions, read here because `ft_assets.retention` does not import Dagster.
+`pinned` versions, read here because `ft_assets.artifacts.retention` does not import Dagster.
 
 The instance is the one the user's runs use (`demo.ensure_instance`): $DAGSTER_HOME, else
 `dagster/` in the local home beside the store. Where no instance is (no `dagster.yaml`, no SQLite
@@ -19,7 +19,8 @@ from typing import Callable, Iterator
 
 import dagster as dg
 
-from ..store import ArtifactStore, local_home
+from ..artifacts.store import ArtifactStore
+from ..config.paths import local_home
 
 Ref = tuple[str, str | None, str]  # (slot's asset, partition, version), as `retention.Ref`
 DATA_VERSION_TAG = "dagster/data_version"  # = resources.DATA_VERSION_TAG (not imported: resources imports torch)

@@ -29,13 +29,15 @@ and `dagster/row_count`.
 
 
 import json
+from typing import Any
 
 import dagster as dg
 
 from ..core import evaluate, plots, preferences, report, tables
 from ..core.models import load_model, load_tokenizer
 from ..recipe import Recipe
-from ..store import Artifact, dir_bytes
+from ..artifacts.store import Artifact, ArtifactStore, dir_bytes
+from ..core.data import load_split
 from . import _common as c
 from .adapters import adapter_partitions, methods_partitions
 from .preferences import dpo_mapping, sft_sources
@@ -88,7 +90,7 @@ def build(recipe: Recipe) -> list:
         artifacts = store.store(recipe.pipeline)
         trained_manifest = trained.manifest()
         preference = _preference_inputs(name, trained_manifest, reference, prefs) if prefs is not None else None
-        forgetting = report.forgetting_inputs(artifacts, trained_manifest, recipe.evaluation.max_examples)
+        forgetting = forgetting_inputs(artifacts, trained_manifest, recipe.evaluation.max_examples)
         tuned_model = report.TunedModel(base_model.dir, trained.dir,
                                         merged_model.dir if merged_model.manifest().get("mergeable") else None,
                                         quantized_base.dir if quantized_base else None)
@@ -249,3 +251,20 @@ def _forgetting_meta(f: dict) -> dict:
         "forgetting_previous_sft_dataset": f["previous_sft_dataset"],
         "forgetting": c.table(rows, ["model", *METRIC_KEYS]),
     }
+
+
+def forgetting_inputs(store: ArtifactStore, adapter_manifest: dict[str, Any], max_examples: int | None
+                      ) -> report.ForgettingEval | None:
+    """The previous adapter and the previous data's eval split, when this adapter continued one
+    (`continual` in its manifest) and both are still in the store; else None."""
+    facts = adapter_manifest.get("continual") or {}
+    prev = facts.get("continued_from")
+    if not prev or not facts.get("previous_sft_dataset"):
+        return None
+    old_data = store.get("sft_dataset", None, facts["previous_sft_dataset"])
+    prev_art = store.get("adapter", adapter_manifest["partition"], prev["version"])
+    if old_data is None or prev_art is None:
+        return None
+    old_eval = load_split(old_data.path, "eval")
+    return report.ForgettingEval(prev_art.dir, prev["version"], old_data.version,
+                                 old_eval[:max_examples] if max_examples else old_eval)

@@ -9,7 +9,8 @@ import dagster as dg
 
 from ..core import gpu_leases
 from ..core.device import Compute, resolve
-from ..store import Artifact, ArtifactStore, store_location
+from ..artifacts.store import Artifact, ArtifactStore
+from ..config.paths import store_location
 
 DATA_VERSION_TAG = "dagster/data_version"  # where Dagster keeps a materialization's data version
 ALL_PARTITIONS = "ft_assets/all_partitions"  # AssetIn metadata: load {partition: artifact} of every partition
@@ -35,7 +36,7 @@ class ComputeResource(dg.ConfigurableResource):
 
 
 class StoreResource(dg.ConfigurableResource):
-    """Versioned artifact directories under FT_HOME, a directory or a URL (see `ft_assets.store`).
+    """Versioned artifact directories under FT_HOME, a directory or a URL (see `ft_assets.artifacts.store`).
     One store serves every pipeline of the deployment, each in its namespace (`Recipe.pipeline`)."""
 
     home: str = ""

@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 from ft_assets.core import data as D
 from ft_assets.core import preferences
 from ft_assets.core import sft_dataset as S
-from ft_assets.store import ArtifactStore
+from ft_assets.artifacts.store import ArtifactStore
 from ft_assets_tests.conftest import qa_rows, write_jsonl
 
 QA = {"question": "question", "context": "context", "answer": "answer", "id": "id"}

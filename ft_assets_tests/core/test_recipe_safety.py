@@ -22,7 +22,7 @@ import yaml
 
 from ft_assets import init
 from ft_assets.recipe import PACKAGE_DIR, RecipeError, load_recipe, parse_recipe
-from ft_assets.store import ArtifactStore
+from ft_assets.artifacts.store import ArtifactStore
 from ft_assets_tests.conftest import make_recipe, qa_rows, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from ft_assets.core import chat, data, hfdata
 from ft_assets.recipe import RecipeError, parse_recipe
-from ft_assets.store import file_hash
+from ft_assets.artifacts.store import file_hash
 from ft_assets_tests.conftest import write_jsonl
 
 MSG_COLS = {"messages": "messages", "role": "role", "content": "content", "roles": {}, "id": None}

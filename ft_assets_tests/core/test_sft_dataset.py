@@ -15,7 +15,7 @@ from ft_assets.core import sft_dataset as S
 from ft_assets.core.methods import get_method
 from ft_assets.core.methods.lora import LoraSpec
 from ft_assets.core.models import load_model
-from ft_assets.store import ArtifactStore, content_hash
+from ft_assets.artifacts.store import ArtifactStore, content_hash
 from ft_assets_tests.conftest import qa_rows, write_jsonl
 
 COLS = {"question": "question", "context": "context", "answer": "answer", "id": "id"}

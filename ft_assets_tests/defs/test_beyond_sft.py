@@ -16,7 +16,7 @@ from ft_assets.defs import _common
 from ft_assets.defs.automation import record_sources
 from ft_assets.demo import materialize_all, materialize_graph
 from ft_assets.recipe import load_recipe
-from ft_assets.store import ArtifactStore
+from ft_assets.artifacts.store import ArtifactStore
 from ft_assets_tests.conftest import make_recipe, qa_rows, write_jsonl
 
 PARTITIONED = ("adapter", "preference_adapter", "merged_model", "eval_report", "preference_dataset")

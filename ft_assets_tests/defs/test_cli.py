@@ -14,7 +14,7 @@ from ft_assets.__main__ import main
 from ft_assets.core import data, train
 from ft_assets.definitions import build_definitions
 from ft_assets.recipe import load_recipe
-from ft_assets.store import ArtifactStore
+from ft_assets.artifacts.store import ArtifactStore
 from ft_assets_tests.conftest import qa_rows, write_jsonl
 
 
@@ -44,7 +44,7 @@ def test_artifacts_and_lineage_walk_back_to_the_raw_file(project, ft_home):
     inputs = {n["asset"]: n for n in tree["inputs"]}
     assert set(inputs) == {"sft_dataset", "base_model", "quantized_base"}  # the adapter read these three
     raw = [n for n in inputs["sft_dataset"]["inputs"] if n.get("raw_file")]
-    from ft_assets.store import file_hash
+    from ft_assets.artifacts.store import file_hash
 
     assert raw == [{"asset": "raw/qa", "version": file_hash(project / "data" / "qa.jsonl")[:16], "raw_file": True}]
     text = cli("lineage", str(adapter.dir), home=ft_home)

@@ -25,7 +25,7 @@ from ft_assets.demo import INSTANCE_YAML
 from ft_assets_tests.conftest import make_recipe, qa_rows, write_jsonl
 from ft_assets import runs
 from ft_assets.runs import CHILDREN_TAG, WORKER_TAG, Proc, held_slots, reap_dead_runs
-from ft_assets.store import ArtifactStore
+from ft_assets.artifacts.store import ArtifactStore
 
 # Train one adapter partition through the launcher users run (shared assets first, in the same call).
 RUNNER = textwrap.dedent("""

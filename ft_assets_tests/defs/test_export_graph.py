@@ -11,7 +11,7 @@ import yaml
 from ft_assets.core.export import read_metadata
 from ft_assets.definitions import build_definitions
 from ft_assets.recipe import load_recipe
-from ft_assets.store import ArtifactStore
+from ft_assets.artifacts.store import ArtifactStore
 
 
 def test_gguf_model_materializes_per_method(project, ft_home):

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from ft_assets.core import train
 from ft_assets.definitions import build_definitions
 from ft_assets.recipe import load_recipe
-from ft_assets.store import ArtifactStore
+from ft_assets.artifacts.store import ArtifactStore
 from ft_assets_tests.defs.test_failures import instance_of
 
 # Two of these at once are two deployments sharing one FT_HOME (each its own instance): what the

@@ -11,7 +11,7 @@ import yaml
 from ft_assets.definitions import build_definitions
 from ft_assets.demo import materialize_all
 from ft_assets.recipe import load_recipe
-from ft_assets.store import ArtifactStore
+from ft_assets.artifacts.store import ArtifactStore
 
 
 def test_non_mergeable_and_custom_methods_materialize_end_to_end(project, ft_home):

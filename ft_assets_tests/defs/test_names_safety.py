@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from ft_assets.store import MANIFEST, ArtifactStore
+from ft_assets.artifacts.store import MANIFEST, ArtifactStore
 from ft_assets_tests.conftest import REPO
 
 OLD_TRIAL = "lora@target_modules=['q_proj', 'v_proj']"  # str() of a list value: the name sweeps gave before

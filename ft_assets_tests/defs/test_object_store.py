@@ -23,12 +23,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from ft_assets import retention
+from ft_assets.artifacts import retention
 from ft_assets.__main__ import main as cli
 from ft_assets.definitions import build_definitions
 from ft_assets.demo import ensure_instance, materialize_graph
 from ft_assets.recipe import load_recipe
-from ft_assets.store import MANIFEST, ArtifactStore, content_hash
+from ft_assets.artifacts.store import MANIFEST, ArtifactStore, content_hash
 
 BUCKET = "ft-team"
 
@@ -141,7 +141,7 @@ def test_the_graph_materializes_on_s3_and_its_lineage_reads_back(project, s3_hom
 
 SLOW_UPLOAD = textwrap.dedent("""
     import os, sys
-    from ft_assets.store import ArtifactStore
+    from ft_assets.artifacts.store import ArtifactStore
     with ArtifactStore(sys.argv[1]).write("merged_model", "lora") as st:
         for i in range(300):
             (st.path / f"shard-{i:04d}.bin").write_bytes(os.urandom(64 << 10))

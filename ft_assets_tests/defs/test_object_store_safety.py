@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from ft_assets.__main__ import main as cli
-from ft_assets.store import MANIFEST, ArtifactStore, content_hash, derived_version
+from ft_assets.artifacts.store import MANIFEST, ArtifactStore, content_hash, derived_version
 from ft_assets_tests.defs.test_object_store import s3_endpoint, s3_home  # noqa: F401  (the S3 server)
 
 ASSET, PART = "merged_model", "lora"
@@ -278,7 +278,7 @@ def test_a_version_uploaded_before_upload_prefixes_still_reads(s3_home, tmp_path
 
 
 def test_the_names_the_store_accepts():
-    from ft_assets.object_store import UnsafeStoreName, check_slot_name, check_version, safe_relpath
+    from ft_assets.artifacts.object_store import UnsafeStoreName, check_slot_name, check_version, safe_relpath
 
     for ok in ("a", "a/b.json", "tokenizer/vocab.json", "step-000010/adapter_model.safetensors", ".hidden/x"):
         assert safe_relpath(ok, where="here") == ok

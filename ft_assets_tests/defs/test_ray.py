@@ -28,7 +28,7 @@ import psutil
 import pytest
 
 from ft_assets import demo
-from ft_assets.store import ArtifactStore
+from ft_assets.artifacts.store import ArtifactStore
 from ft_assets_tests.defs.test_failures import failure_message
 from ft_assets_tests.defs.test_scale_out import (  # noqa: F401  (project: the shared fixture)
     adapter_of, largest_difference, materialize, materialize_killing_rank_1, project, recipe_file)

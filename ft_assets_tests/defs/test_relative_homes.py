@@ -10,7 +10,8 @@ import subprocess
 import dagster as dg
 
 from ft_assets.demo import ensure_instance
-from ft_assets.store import ArtifactStore, ft_home
+from ft_assets.artifacts.store import ArtifactStore
+from ft_assets.config.paths import ft_home
 from ft_assets_tests.conftest import REPO
 
 

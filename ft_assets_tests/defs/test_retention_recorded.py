@@ -12,10 +12,10 @@ import threading
 import dagster as dg
 import pytest
 
-from ft_assets import slot_locks
+from ft_assets.artifacts import slot_locks
 from ft_assets.__main__ import main as cli
 from ft_assets.defs import _common as c
-from ft_assets.store import LATEST, MANIFEST, ArtifactStore
+from ft_assets.artifacts.store import LATEST, MANIFEST, ArtifactStore
 from ft_assets_tests.defs.conftest import tiny_recipe, write_project
 
 WAIT_S = 60  # bound of every wait on the other thread (they take milliseconds)

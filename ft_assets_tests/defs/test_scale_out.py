@@ -37,7 +37,7 @@ from ft_assets import demo
 from ft_assets.core import gpu_leases
 from ft_assets.definitions import build_definitions
 from ft_assets.recipe import load_recipe
-from ft_assets.store import ArtifactStore
+from ft_assets.artifacts.store import ArtifactStore
 from ft_assets_tests.conftest import make_recipe, qa_rows, write_jsonl
 from ft_assets_tests.defs.test_failures import failure_message
 

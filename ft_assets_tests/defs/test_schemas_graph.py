@@ -15,7 +15,7 @@ from ft_assets.core.hfdata import source_version
 from ft_assets.definitions import build_definitions
 from ft_assets.demo import materialize_all
 from ft_assets.recipe import load_recipe
-from ft_assets.store import ArtifactStore
+from ft_assets.artifacts.store import ArtifactStore
 from ft_assets_tests.conftest import make_recipe, qa_rows, write_jsonl
 
 

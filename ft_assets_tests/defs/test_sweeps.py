@@ -10,7 +10,7 @@ import yaml
 
 from ft_assets.definitions import build_definitions
 from ft_assets.recipe import load_recipe
-from ft_assets.store import ArtifactStore
+from ft_assets.artifacts.store import ArtifactStore
 from ft_assets_tests.defs.test_failures import instance_of
 
 TRIALS = ["lora@lr=5e-3", "lora@lr=5e-2"]

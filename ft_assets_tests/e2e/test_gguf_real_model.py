@@ -13,7 +13,7 @@ from ft_assets.core import data, evaluate, export
 from ft_assets.core.models import bundled_gguf_path, load_model, load_tokenizer
 from ft_assets.definitions import build_definitions
 from ft_assets.recipe import DEMO_RECIPE, load_recipe
-from ft_assets.store import ArtifactStore
+from ft_assets.artifacts.store import ArtifactStore
 
 pytestmark = pytest.mark.slow
 

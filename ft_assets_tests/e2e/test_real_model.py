@@ -12,7 +12,7 @@ from ft_assets.core.models import bundled_gguf_path
 from ft_assets.definitions import build_definitions
 from ft_assets.demo import materialize_all
 from ft_assets.recipe import DEMO_RECIPE, load_recipe
-from ft_assets.store import ArtifactStore
+from ft_assets.artifacts.store import ArtifactStore
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ shares) and opened without following a symlink; a `.locks` that is a symlink, no
 writable by others, or owned by neither this user nor the home's owner is refused. Lock files are
 created 0660 inside it, opened O_NOFOLLOW, never truncated nor written. `flock` excludes processes
 of one machine only (and is not reliable on every network file system): on an object store it does
-not exclude a writer on another machine (see `ft_assets.retention`). Nothing here imports Dagster.
+not exclude a writer on another machine (see `ft_assets.artifacts.retention`). Nothing here imports Dagster.
 """
 
 from __future__ import annotations

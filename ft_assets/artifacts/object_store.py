@@ -42,6 +42,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ..config.paths import is_url
+
 MANIFEST = "manifest.json"
 DELETING = ".deleting"
 CHECKPOINT_DONE = "progress.json"  # core.train writes it last into a checkpoint; so does the upload
@@ -49,12 +51,6 @@ UPLOADS = ".uploads"  # <version>/.uploads/<32 hex>/: one writer's files (the mo
 VERSION_FORMAT = re.compile(r"[0-9a-f]{16}")
 STEP_DIR = re.compile(r"step-([0-9]{1,18})")
 UPLOAD_PREFIX = re.compile(re.escape(UPLOADS) + r"/[0-9a-f]{32}")
-
-
-def is_url(location: str | os.PathLike) -> bool:
-    """A remote location (`s3://...`); `file://` URLs and plain paths are local directories."""
-    s = str(location)
-    return "://" in s and not s.startswith("file://")
 
 
 # -- names read from a store --------------------------------------------------------------

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ft_assets.store import MANIFEST, ArtifactStore
+from ft_assets.artifacts.store import MANIFEST, ArtifactStore
 
 
 def test_write_creates_versioned_dir_with_manifest(tmp_path):

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from ft_assets import retention
+from ft_assets.artifacts import retention
 from ft_assets.__main__ import main as cli
-from ft_assets.store import MANIFEST, ArtifactStore
+from ft_assets.artifacts.store import MANIFEST, ArtifactStore
 
 
 def put(store: ArtifactStore, asset: str, partition: str | None, text: str, inputs=None, **extra):
@@ -112,8 +112,8 @@ def test_a_killed_prune_leaves_no_version_that_looks_whole(tmp_path):
     old = st.artifact
     put(store, "merged_model", "lora", "newer")
     code = ("import sys, shutil, time\n"
-            "from ft_assets import retention, store\n"
-            "from ft_assets.store import ArtifactStore\n"
+            "from ft_assets.artifacts import retention, store\n"
+            "from ft_assets.artifacts.store import ArtifactStore\n"
             "real = shutil.rmtree\n"
             "def slow(path, *a, **k):\n"
             "    print('deleting', flush=True); time.sleep(30); real(path, *a, **k)\n"

@@ -12,7 +12,7 @@ report). Everything else is dropped. A version named by a kept manifest is never
 its age.
 
 Concurrent writers (`apply`): each slot is dropped from under its exclusive lock
-(`ft_assets.slot_locks`), taken without waiting. A writer holds that lock shared for its whole
+(`ft_assets.artifacts.slot_locks`), taken without waiting. A writer holds that lock shared for its whole
 write, a step reusing a version while it finds it and makes it LATEST, so a slot in use is skipped
 (its versions stay; the next prune drops them). Under the locks, what must stay is computed again
 (LATEST of every slot now, what Dagster records now, and what they name) and spared. The locks are

@@ -20,14 +20,14 @@ previous good version untouched. Version dirs are never overwritten. The version
 The manifest records the content hash of the files in every case, as a fact.
 FT_HOME may also be a URL (`s3://bucket/prefix`, any fsspec filesystem): the same layout lives
 there, written manifest-last and read through a local cache keyed by version
-(`ft_assets.object_store`); `Artifact.path` is then the cached copy, so readers are the same. Every
+(`ft_assets.artifacts.object_store`); `Artifact.path` is then the cached copy, so readers are the same. Every
 name read from such a store (slots, versions, file names) is checked before it becomes a cache path,
 a download is verified against its manifest's content hash, and a writer that finds another
 machine's copy of its version committed first takes that copy into its cache.
 Several pipelines (recipes) in one store: a store opened with `namespace=<pipeline>` keeps each
 asset in the slot `<pipeline>.<asset>`, except the `SHARED_ASSETS` (the base model, whose version
 is its content): pipelines reading the same base file share one version.
-Each slot has a lock in `<home>/.locks/` (`ft_assets.slot_locks`, one machine): a writer holds it
+Each slot has a lock in `<home>/.locks/` (`ft_assets.artifacts.slot_locks`, one machine): a writer holds it
 shared for its whole write, a reuser while it finds a version (`find_derived`, `find_made_from`) and
 makes it LATEST; `prune` holds it exclusively while it drops versions of the slot. Nothing here
 imports Dagster or torch.
@@ -48,38 +48,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import slot_locks
+from ..config.paths import is_url, local_home, store_location
 from .object_store import (MANIFEST, ObjectStore, UnsafeStoreName, check_slot_name, check_version,
-                           content_hash, is_url)
+                           content_hash)
 
 LATEST = "LATEST.json"
 SHARED_ASSETS = frozenset({"base_model"})  # one slot for every pipeline (see the module doc)
 NO_PARTITION = "_"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def store_location(home: str | os.PathLike | None = None) -> str:
-    """Where artifacts live: `home`, else $FT_HOME, else `.ft_home/` in the repo. A URL
-    (`s3://bucket/prefix`) is kept as written; a path (or `file://` URL) is resolved against the
-    current directory."""
-    loc = str(home or os.environ.get("FT_HOME") or REPO_ROOT / ".ft_home")
-    if is_url(loc):
-        return loc.rstrip("/")
-    return str(Path(loc.removeprefix("file://")).resolve())
-
-
-def ft_home() -> Path:
-    """The local working directory: FT_HOME itself when it is a path; when FT_HOME is a URL,
-    $FT_LOCAL_HOME (default `.ft_home/` in the repo), which then holds the local copies of remote
-    artifacts and checkpoints, caches and the default DAGSTER_HOME."""
-    loc = store_location()
-    return local_home() if is_url(loc) else Path(loc)
-
-
-def local_home() -> Path:
-    """Local state beside a remote store: $FT_LOCAL_HOME, default `.ft_home/` in the repo."""
-    return Path(os.environ.get("FT_LOCAL_HOME") or REPO_ROOT / ".ft_home").resolve()
-
-
 @dataclass(frozen=True)
 class Artifact:
     """A finished artifact: what downstream steps receive (a path, never pickled weights)."""
@@ -256,7 +231,7 @@ class ArtifactStore:
             in_use.close()
 
     def slot_in_use(self, asset: str, partition: str | None):
-        """The slot's shared lock (`ft_assets.slot_locks`): while it is held, no prune drops a version
+        """The slot's shared lock (`ft_assets.artifacts.slot_locks`): while it is held, no prune drops a version
         of the slot. Writers hold it for the whole write, reusers while they find and re-point LATEST."""
         return slot_locks.shared(self.home, self.rel(asset, partition))
 

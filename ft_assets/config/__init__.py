@@ -1,0 +1,1 @@
+"""Configuration: where things live (`paths`); the recipe schema moves here next (issue 32)."""
