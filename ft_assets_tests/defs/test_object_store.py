@@ -57,6 +57,11 @@ def s3_endpoint(tmp_path_factory):
                 time.sleep(0.2)
         yield f"http://127.0.0.1:{port}"
     finally:
+        import s3fs
+
+        # fsspec reuses filesystem instances (bound to the endpoint they were made with): the next
+        # module's server listens on another port
+        s3fs.S3FileSystem.clear_instance_cache()
         os.kill(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=20)

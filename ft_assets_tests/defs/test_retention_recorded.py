@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import stat
-import sys
 import threading
 
 import dagster as dg
@@ -202,8 +201,8 @@ def test_a_version_a_step_is_reusing_survives_a_concurrent_prune(tmp_path, capsy
 
 
 def test_a_version_found_for_reuse_is_latest_before_the_step_moves_on(tmp_path, capsys):
-    """The step has found the version to reuse and let go of the slot's lock, and has not yet made it
-    LATEST itself when a prune runs: the store already made it LATEST, so it stays."""
+    """The step has found the version to reuse and let go of the slot's lock, and has not yet returned
+    it when a prune runs: the store made it LATEST while it held the lock, so it stays."""
     store = ArtifactStore(tmp_path)
     made_by = {"inputs": {"sft_dataset": "d1"}, "code_version": "1", "recipe": "r1"}
     oldest = put(store, "adapter", "lora", "w0", {**made_by, "recipe": "r0"})
@@ -211,14 +210,14 @@ def test_a_version_found_for_reuse_is_latest_before_the_step_moves_on(tmp_path, 
     put(store, "adapter", "lora", "w2", {**made_by, "recipe": "r2"})
 
     step_store = ArtifactStore(tmp_path)
-    real_set_latest = step_store.set_latest
+    real_find_derived = step_store.find_derived
 
-    def set_latest(art):
-        if sys._getframe(1).f_code.co_name == c.reuse_or_say_why.__name__:  # the step's own call, after the find
-            step.pause_at()
-        real_set_latest(art)
+    def find_derived(*args):  # the step between the find (lock released) and returning the artifact
+        found = real_find_derived(*args)
+        step.pause_at()
+        return found
 
-    step_store.set_latest = set_latest
+    step_store.find_derived = find_derived
     step = Paused(lambda: c.reuse_or_say_why(dg.build_asset_context(), step_store, "adapter", "lora", made_by, False))
     step.start()
     assert cli(["prune", "--home", str(tmp_path), "--delete"]) == 0

@@ -24,6 +24,7 @@ import yaml
 from ft_assets import runs
 from ft_assets.runs import CHILDREN_TAG, WORKER_TAG, Proc, held_slots, reap_dead_runs
 from ft_assets_tests.conftest import REPO, make_recipe, qa_rows, write_jsonl
+from ft_assets_tests.defs.test_dead_runs import _noop_job
 
 DAGSTER = Path(sys.executable).with_name("dagster")
 DEAD_PID = 2**22 + 7  # a pid no process has (above the kernel's pid_max)
@@ -41,18 +42,6 @@ def instance(tmp_path, monkeypatch) -> dg.DagsterInstance:
     from ft_assets.demo import ensure_instance
 
     return ensure_instance(tmp_path)
-
-
-def _noop_job():
-    @dg.op
-    def noop():
-        return None
-
-    @dg.job
-    def idle():
-        noop()
-
-    return idle
 
 
 def started_run(instance: dg.DagsterInstance, tags: dict[str, str]) -> str:
