@@ -164,15 +164,29 @@ class Paused:
         return self.result
 
 
+MADE_BY = {"inputs": {"sft_dataset": "d1"}, "code_version": "1", "recipe": "r1"}  # what the reusing step asks for
+
+
+def three_adapter_versions(home):
+    """(store, oldest, reused): adapter[lora] w0 (another recipe), w1 (made by MADE_BY: neither LATEST
+    nor the newest), w2 (another recipe: LATEST and the newest)."""
+    store = ArtifactStore(home)
+    oldest = put(store, "adapter", "lora", "w0", {**MADE_BY, "recipe": "r0"})
+    reused = put(store, "adapter", "lora", "w1", MADE_BY)
+    put(store, "adapter", "lora", "w2", {**MADE_BY, "recipe": "r2"})
+    return store, oldest, reused
+
+
+def reuse(step_store):
+    """The adapter step's reuse rule, on the step's own store object (another process in real life)."""
+    return c.reuse_or_say_why(dg.build_asset_context(), step_store, "adapter", "lora", MADE_BY, False)
+
+
 def test_a_version_a_step_is_reusing_survives_a_concurrent_prune(tmp_path, capsys):
     """A step finds the adapter made from its inputs already stored (an older version, neither LATEST
     nor the newest) and reuses it; a `prune --delete` runs in between: that version stays, and so
     does everything else of the slot until the step is done; then prune works as before."""
-    store = ArtifactStore(tmp_path)
-    made_by = {"inputs": {"sft_dataset": "d1"}, "code_version": "1", "recipe": "r1"}
-    oldest = put(store, "adapter", "lora", "w0", {**made_by, "recipe": "r0"})
-    reused = put(store, "adapter", "lora", "w1", made_by)
-    put(store, "adapter", "lora", "w2", {**made_by, "recipe": "r2"})  # LATEST and the newest
+    store, oldest, reused = three_adapter_versions(tmp_path)
 
     step_store = ArtifactStore(tmp_path)  # the step's own store object (another process in real life)
     real_get = step_store.get
@@ -184,7 +198,7 @@ def test_a_version_a_step_is_reusing_survives_a_concurrent_prune(tmp_path, capsy
         return found
 
     step_store.get = get
-    step = Paused(lambda: c.reuse_or_say_why(dg.build_asset_context(), step_store, "adapter", "lora", made_by, False))
+    step = Paused(lambda: reuse(step_store))
     step.start()
     assert cli(["prune", "--home", str(tmp_path), "--delete"]) == 0
     out = capsys.readouterr().out
@@ -203,11 +217,7 @@ def test_a_version_a_step_is_reusing_survives_a_concurrent_prune(tmp_path, capsy
 def test_a_version_found_for_reuse_is_latest_before_the_step_moves_on(tmp_path, capsys):
     """The step has found the version to reuse and let go of the slot's lock, and has not yet returned
     it when a prune runs: the store made it LATEST while it held the lock, so it stays."""
-    store = ArtifactStore(tmp_path)
-    made_by = {"inputs": {"sft_dataset": "d1"}, "code_version": "1", "recipe": "r1"}
-    oldest = put(store, "adapter", "lora", "w0", {**made_by, "recipe": "r0"})
-    reused = put(store, "adapter", "lora", "w1", made_by)
-    put(store, "adapter", "lora", "w2", {**made_by, "recipe": "r2"})
+    store, oldest, reused = three_adapter_versions(tmp_path)
 
     step_store = ArtifactStore(tmp_path)
     real_find_derived = step_store.find_derived
@@ -218,7 +228,7 @@ def test_a_version_found_for_reuse_is_latest_before_the_step_moves_on(tmp_path, 
         return found
 
     step_store.find_derived = find_derived
-    step = Paused(lambda: c.reuse_or_say_why(dg.build_asset_context(), step_store, "adapter", "lora", made_by, False))
+    step = Paused(lambda: reuse(step_store))
     step.start()
     assert cli(["prune", "--home", str(tmp_path), "--delete"]) == 0
     out = capsys.readouterr().out
