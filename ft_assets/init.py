@@ -38,9 +38,10 @@ from typing import Any, Callable
 
 import yaml
 
-from .core.data import DataFileError, Example, build_messages, check_columns, train_row_bounds, validate_rows
+from .core.data import (DataFileError, Example, Rejected, build_messages, check_columns, train_row_bounds,
+                        validate_rows)
 from .core.data import read_rows as _read_rows
-from .core.steps import recipe_step_estimates, steps_for
+from .core.steps import StepEstimate, recipe_step_estimates, steps_for
 from .recipe import DatasetSpec, RecipeError, TrainingSpec, parse_recipe, read_recipe_yaml
 
 ROLES = ("question", "context", "answer")
@@ -176,106 +177,145 @@ class Mapping:
     unused: list[str]
 
 
+@dataclass
+class _Guess:
+    """`guess_columns` under way: the roles settled so far and what it has to say about them."""
+    facts: dict[str, ColumnFacts]
+    chosen: dict[str, str] = field(default_factory=dict)  # role -> column
+    taken: set[str] = field(default_factory=set)  # columns no further role may be guessed from
+    notes: list[str] = field(default_factory=list)
+    questions: list[str] = field(default_factory=list)
+
+    def free(self) -> list[str]:
+        return [c for c in self.facts if c not in self.taken]
+
+
 def guess_columns(facts: dict[str, ColumnFacts], given: dict[str, str | None], no_context: bool = False,
                   no_id: bool = False) -> Mapping:
     """Settle question/context/answer/id. `given`: columns named by flags (they always win)."""
-    cols = list(facts)
-    notes, questions, chosen = [], [], {}
+    guess = _Guess(facts)
+    _take_flagged_columns(guess, given)
+    if not no_context:
+        _take_alpaca_pair(guess)
+    for role in ("question", "answer", "context"):  # context last: it may be asked about the columns left
+        if role in guess.chosen or (role == "context" and no_context):
+            continue
+        _guess_role(guess, role)
+    if no_context:
+        guess.chosen.pop("context", None)
+        guess.notes.append("context  <- none (--no-context)")
+    if no_id:
+        guess.chosen.pop("id", None)
+        guess.notes.append("id       <- none (--no-id; rows get ids from a hash of their text)")
+    elif "id" not in guess.chosen:
+        _guess_id(guess)
+    order = ("question", "context", "answer", "id")
+    notes = sorted(guess.notes, key=lambda n: order.index(n.split()[0]))
+    columns = {role: guess.chosen.get(role) for role in order}
+    unused = [c for c in facts if c not in columns.values()]
+    return Mapping(columns, notes, guess.questions, unused)
+
+
+def _flag_hint(role: str) -> str:
+    return f"--{role} COL (recipe key datasets[0].columns.{role})"
+
+
+def _looks_like_id(column: str) -> bool:
+    return _norm(column) in ID_NAMES or _norm(column).endswith("_id")
+
+
+def _take_flagged_columns(guess: _Guess, given: dict[str, str | None]) -> None:
+    """The columns named by flags; a name the file lacks is an error."""
     for role, col in given.items():
         if col is None:
             continue
-        if col not in facts:
-            raise InitError(f"--{role} {col!r}: no such column; the file has {', '.join(map(repr, cols))}")
-        chosen[role] = col
-        notes.append(f"{role:<8} <- {col!r} (--{role})")
-    taken = set(chosen.values())
+        if col not in guess.facts:
+            raise InitError(f"--{role} {col!r}: no such column; the file has {', '.join(map(repr, guess.facts))}")
+        guess.chosen[role] = col
+        guess.notes.append(f"{role:<8} <- {col!r} (--{role})")
+    guess.taken = set(guess.chosen.values())
 
-    def key(role: str) -> str:
-        return f"--{role} COL (recipe key datasets[0].columns.{role})"
 
-    def candidates(role: str) -> tuple[list[str], str]:
-        free = [c for c in cols if c not in taken]
-        exact = [c for c in free if _norm(c) in ROLE_NAMES[role]]
-        if exact:
-            return exact, "named"
-        # A name that contains one role's word (`answer_text`, `user_prompt`), and no other role's.
-        loose = []
-        for c in free:
-            hits = {r for r in ROLES if _tokens(c) & set(ROLE_NAMES[r])}
-            if hits == {role}:
-                loose.append(c)
-        return loose, "name contains"
+def _role_candidates(guess: _Guess, role: str) -> tuple[list[str], str]:
+    """The free columns `role` could be, and how they were found (for the note)."""
+    free = guess.free()
+    exact = [c for c in free if _norm(c) in ROLE_NAMES[role]]
+    if exact:
+        return exact, "named"
+    # A name that contains one role's word (`answer_text`, `user_prompt`), and no other role's.
+    loose = []
+    for c in free:
+        hits = {r for r in ROLES if _tokens(c) & set(ROLE_NAMES[r])}
+        if hits == {role}:
+            loose.append(c)
+    return loose, "name contains"
 
-    # Alpaca's convention: `instruction` is the task, `input` the material it applies to.
-    alpaca = {_norm(c): c for c in cols if c not in taken and _norm(c) in ("instruction", "input")}
-    if (len(alpaca) == 2 and "question" not in chosen and "context" not in chosen and not no_context
-            and not candidates("context")[0]):
-        chosen["question"], chosen["context"] = alpaca["instruction"], alpaca["input"]
-        taken |= set(alpaca.values())
-        notes.append(f"question <- {alpaca['instruction']!r}, context <- {alpaca['input']!r} (Alpaca's "
-                     "instruction/input convention; swap with --question/--context)")
 
-    id_like = {c for c in cols if _norm(c) in ID_NAMES or _norm(c).endswith("_id")}
-    for role in ("question", "answer", "context"):  # context last: it may be asked about the columns left
-        if role in chosen or (role == "context" and no_context):
-            continue
-        found, how = candidates(role)
-        words = "/".join(ROLE_NAMES[role])
-        if len(found) == 1:
-            chosen[role] = found[0]
-            taken.add(found[0])
-            notes.append(f"{role:<8} <- {found[0]!r} ({how} {_norm(found[0]) if how == 'named' else words})")
-        elif len(found) > 1:
-            listed = "; ".join(facts[c].describe() for c in found)
-            questions.append(f"Which column is the {role}? {len(found)} columns could be: {listed}. "
-                             f"Pass {key(role)}" + (", or --no-context for none." if role == "context" else "."))
-        elif role != "context":
-            rest = [c for c in cols if c not in taken]
-            questions.append(f"Which column is the {role}? No column is named {words} (columns: "
-                             f"{', '.join(map(repr, rest))}). Pass {key(role)}.")
-        elif questions:
-            notes.append("context  <- settled once the question and answer are")
-        else:
-            # No context by name; a text column nobody claimed may well be it (a headline, a review).
-            left = [c for c in cols if c not in taken and c not in id_like and facts[c].text
-                    and len(facts[c].values) > 1]
-            if left:
-                listed = "; ".join(facts[c].describe() for c in left)
-                questions.append(f"Is one of the columns left the context (the material the question is about)? "
-                                 f"No column is named {words}; left: {listed}. Pass {key('context')}, or "
-                                 "--no-context if the question alone is the prompt.")
-            else:
-                notes.append("context  <- none (no column named " + words + "; prompts use "
-                             "prompt.template_without_context)")
-    if no_context:
-        chosen.pop("context", None)
-        notes.append("context  <- none (--no-context)")
+def _take_alpaca_pair(guess: _Guess) -> None:
+    """Alpaca's convention: `instruction` is the task (question), `input` the material it applies
+    to (context), when neither role is settled and no column is named for the context."""
+    alpaca = {_norm(c): c for c in guess.free() if _norm(c) in ("instruction", "input")}
+    if (len(alpaca) == 2 and "question" not in guess.chosen and "context" not in guess.chosen
+            and not _role_candidates(guess, "context")[0]):
+        guess.chosen["question"], guess.chosen["context"] = alpaca["instruction"], alpaca["input"]
+        guess.taken |= set(alpaca.values())
+        guess.notes.append(f"question <- {alpaca['instruction']!r}, context <- {alpaca['input']!r} (Alpaca's "
+                           "instruction/input convention; swap with --question/--context)")
 
-    if "id" not in chosen and not no_id:
-        ids = [c for c in cols if c not in taken and (_norm(c) in ID_NAMES or _norm(c).endswith("_id"))]
-        unique = [c for c in ids if facts[c].duplicates == 0]
-        if len(unique) == 1:
-            chosen["id"] = unique[0]
-            notes.append(f"id       <- {unique[0]!r} (its {len(facts[unique[0]].values)} values are unique)")
-        elif len(unique) > 1:
-            questions.append(f"Which column is the row id? {', '.join(map(repr, unique))} all hold unique values. "
-                             f"Pass {key('id')}, or --no-id to derive ids from the row text.")
-        elif ids:
-            f = facts[ids[0]]
-            questions.append(f"Column {ids[0]!r} looks like a row id but repeats values ({f.duplicates} repeats, "
-                             f"e.g. {f.example_duplicate!r}); the eval split and reports key rows by id. Pass "
-                             f"--no-id to derive ids from the row text, or {key('id')} to use it anyway.")
-        else:
-            notes.append("id       <- none (no unique id column; rows get ids from a hash of their text)")
-    elif no_id:
-        chosen.pop("id", None)
-        notes.append("id       <- none (--no-id; rows get ids from a hash of their text)")
-    order = ("question", "context", "answer", "id")
-    notes.sort(key=lambda n: order.index(n.split()[0]))
-    columns = {"question": chosen.get("question"), "context": chosen.get("context"),
-               "answer": chosen.get("answer"), "id": chosen.get("id")}
-    unused = [c for c in cols if c not in columns.values()]
-    return Mapping(columns, notes, questions, unused)
+
+def _guess_role(guess: _Guess, role: str) -> None:
+    """Question, answer or context from the column names: one candidate settles it, several are
+    a question; none is a question too, except for the context (which may have no column)."""
+    found, how = _role_candidates(guess, role)
+    words = "/".join(ROLE_NAMES[role])
+    if len(found) == 1:
+        guess.chosen[role] = found[0]
+        guess.taken.add(found[0])
+        guess.notes.append(f"{role:<8} <- {found[0]!r} ({how} {_norm(found[0]) if how == 'named' else words})")
+    elif len(found) > 1:
+        listed = "; ".join(guess.facts[c].describe() for c in found)
+        guess.questions.append(f"Which column is the {role}? {len(found)} columns could be: {listed}. "
+                               f"Pass {_flag_hint(role)}" + (", or --no-context for none." if role == "context" else "."))
+    elif role != "context":
+        guess.questions.append(f"Which column is the {role}? No column is named {words} (columns: "
+                               f"{', '.join(map(repr, guess.free()))}). Pass {_flag_hint(role)}.")
+    elif guess.questions:
+        guess.notes.append("context  <- settled once the question and answer are")
+    else:
+        _ask_about_unclaimed_context(guess, words)
+
+
+def _ask_about_unclaimed_context(guess: _Guess, words: str) -> None:
+    """No context by name; a text column nobody claimed may well be it (a headline, a review)."""
+    facts = guess.facts
+    left = [c for c in guess.free() if not _looks_like_id(c) and facts[c].text and len(facts[c].values) > 1]
+    if left:
+        listed = "; ".join(facts[c].describe() for c in left)
+        guess.questions.append(f"Is one of the columns left the context (the material the question is about)? "
+                               f"No column is named {words}; left: {listed}. Pass {_flag_hint('context')}, or "
+                               "--no-context if the question alone is the prompt.")
+    else:
+        guess.notes.append("context  <- none (no column named " + words + "; prompts use "
+                           "prompt.template_without_context)")
+
+
+def _guess_id(guess: _Guess) -> None:
+    """The row id: the one free id-named column whose values are unique, or a question."""
+    ids = [c for c in guess.free() if _looks_like_id(c)]
+    unique = [c for c in ids if guess.facts[c].duplicates == 0]
+    if len(unique) == 1:
+        guess.chosen["id"] = unique[0]
+        guess.notes.append(f"id       <- {unique[0]!r} (its {len(guess.facts[unique[0]].values)} values are unique)")
+    elif len(unique) > 1:
+        guess.questions.append(f"Which column is the row id? {', '.join(map(repr, unique))} all hold unique values. "
+                               f"Pass {_flag_hint('id')}, or --no-id to derive ids from the row text.")
+    elif ids:
+        f = guess.facts[ids[0]]
+        guess.questions.append(f"Column {ids[0]!r} looks like a row id but repeats values ({f.duplicates} repeats, "
+                               f"e.g. {f.example_duplicate!r}); the eval split and reports key rows by id. Pass "
+                               f"--no-id to derive ids from the row text, or {_flag_hint('id')} to use it anyway.")
+    else:
+        guess.notes.append("id       <- none (no unique id column; rows get ids from a hash of their text)")
 
 
 # --------------------------------------------------------------------------------------
@@ -422,21 +462,25 @@ def recipe_text(*, data_arg: str, name: str, ds_name: str, root: str, path: str,
     """The recipe as commented YAML. `train_rows`: the training split; `trained_rows`: what the
     training loop trains on (the split less the validation rows, when validation is on)."""
     trained_rows = train_rows if trained_rows is None else trained_rows
+    lines = [
+        *_header_lines(data_arg, name, root, outside, outside_why),
+        "",
+        *_dataset_lines(schema, n_rows, ds_name, path, fmt, split, _columns_value(columns, schema)),
+        "",
+        *_prompt_lines(schema, system, template, template_without_context, max_length, max_length_how),
+        "",
+        *_model_lines(),
+        *_training_lines(train_rows, trained_rows, early_stopping),
+        "",
+        *_method_lines(),
+        "",
+        *_evaluation_lines(max_length_how, max_new_tokens),
+    ]
+    return "\n".join(lines)
 
-    def epochs_of(n: int) -> int:
-        return steps_for(n, argparse.Namespace(max_steps=sys.maxsize, epochs=EPOCHS, batch_size=BATCH_SIZE,
-                                               grad_accum=1))
 
-    epoch_steps = epochs_of(trained_rows)
-    max_steps = 2 * epochs_of(train_rows)
-    less = "" if trained_rows == train_rows else f" ({train_rows} less the validation rows)"
-    validation_every = max(1, math.ceil(epoch_steps / 4))
-    checkpoint_every = validation_every
-    if schema != "qa":  # keys at their defaults say nothing
-        defaults = SCHEMA_DEFAULTS[schema]
-        columns = ({k: v for k, v in columns.items() if v != defaults.get(k)} or (
-            {"messages": "messages"} if schema == "messages" else {k: v for k, v in defaults.items() if v is not None}))
-    cols = ", ".join(f"{k}: {_q(v) if v is not None else 'null'}" for k, v in columns.items())
+def _header_lines(data_arg: str, name: str, root: str, outside: bool, outside_why: str) -> list[str]:
+    """What wrote the recipe, its name and seed, and where its paths resolve from."""
     lines = [
         f"# Written by `python -m ft_assets init {_shown(data_arg)}`: a starting point sized for this file. Edit freely,",
         "# then check it with `python -m ft_assets validate THIS_FILE` (it prints the steps each method runs).",
@@ -448,86 +492,117 @@ def recipe_text(*, data_arg: str, name: str, ds_name: str, root: str, path: str,
         lines += [f"# {outside_why}; so allow_paths_outside_root is on. Move the file next to",
                   "# the recipe (or the recipe next to it) to turn it off.",
                   "allow_paths_outside_root: true"]
+    return lines
+
+
+def _columns_value(columns: dict, schema: str) -> str:
+    """The `columns:` mapping on one line; for the non-qa schemas without the keys at their defaults
+    (they say nothing), or, when every key is, the schema's named columns."""
+    if schema != "qa":
+        defaults = SCHEMA_DEFAULTS[schema]
+        columns = ({k: v for k, v in columns.items() if v != defaults.get(k)} or (
+            {"messages": "messages"} if schema == "messages" else {k: v for k, v in defaults.items() if v is not None}))
+    return ", ".join(f"{k}: {_q(v) if v is not None else 'null'}" for k, v in columns.items())
+
+
+def _dataset_lines(schema: str, n_rows: int, ds_name: str, path: str, fmt: str, split: str | None,
+                   cols: str) -> list[str]:
+    """The `datasets:` section, its comment saying what a row of this schema is."""
     if schema == "messages":
-        data_lines = [
+        what = [
             f"# The data: {n_rows} conversations (schema messages). `columns` names the column holding each",
             "# row's turns (and the turns' keys and role names when they differ from role/content and",
             "# system/user/assistant). eval_fraction is held out (by a seeded hash of each row id) for the",
             "# eval report, which generates each held-out conversation's last assistant turn.",
-            "datasets:",
-            f"  - name: {ds_name}",
-            f"    path: {_q(path)}",
-            *format_lines(fmt, split),
-            "    schema: messages",
-            f"    columns: {{{cols}}}",
-            "    train_on: all_assistant    # or last_assistant: only the final reply carries loss",
-        ]
-        prompt_lines = [
-            "# The conversations are rendered by the base model's chat template; system is added to those",
-            "# without a system turn. max_length is sized for this file (" + max_length_how + ");",
-            "# a conversation longer than max_length is rejected, never cut.",
-            "prompt:",
-            f"  system: {_q(system)}",
-            f"  max_length: {max_length}",
         ]
     elif schema in ("alpaca", "prompt_completion"):
-        what = ("Alpaca rows: the user turn is the instruction, then the input (when the row has one)\n"
+        rows = ("Alpaca rows: the user turn is the instruction, then the input (when the row has one)\n"
                 "# after a blank line; the output is the trained reply" if schema == "alpaca" else
                 "prompt/completion pairs (TRL's form): the prompt is the user turn as written, the\n"
                 "# completion the trained reply")
-        data_lines = [
-            f"# The data: {n_rows} {what}. `columns` names the file's column for each field. eval_fraction is",
+        what = [
+            f"# The data: {n_rows} {rows}. `columns` names the file's column for each field. eval_fraction is",
             "# held out (by a seeded hash of each row id) for the eval report and never trained on.",
-            "datasets:",
-            f"  - name: {ds_name}",
-            f"    path: {_q(path)}",
-            *format_lines(fmt, split),
-            f"    schema: {schema}",
-            f"    columns: {{{cols}}}",
-        ]
-        prompt_lines = [
-            "# The rows are rendered by the base model's chat template after the system prompt (no template:",
-            "# the user turn is the row's own text). max_length is sized for this file (" + max_length_how + ");",
-            "# a row longer than max_length is rejected, never cut.",
-            "prompt:",
-            f"  system: {_q(system)}",
-            f"  max_length: {max_length}",
         ]
     else:
-        data_lines = [
+        what = [
             f"# The data: {n_rows} rows. `columns` maps each field of an example to a column of the file;",
             "# context: null builds prompts from template_without_context. eval_fraction is held out (by a",
             "# seeded hash of each row id) for the eval report and never trained on.",
-            "datasets:",
-            f"  - name: {ds_name}",
-            f"    path: {_q(path)}",
-            *format_lines(fmt, split),
-            f"    columns: {{{cols}}}",
         ]
-        prompt_lines = [
+    return [
+        *what,
+        "datasets:",
+        f"  - name: {ds_name}",
+        f"    path: {_q(path)}",
+        *format_lines(fmt, split),
+        *([f"    schema: {schema}"] if schema != "qa" else []),
+        f"    columns: {{{cols}}}",
+        *(["    train_on: all_assistant    # or last_assistant: only the final reply carries loss"]
+          if schema == "messages" else []),
+        f"    eval_fraction: {EVAL_FRACTION}",
+        f"    max_rejected_fraction: {MAX_REJECTED_FRACTION}   # more bad rows (blank, too long) fail the data stage",
+    ]
+
+
+def _prompt_lines(schema: str, system: str, template: str, template_without_context: str, max_length: int,
+                  max_length_how: str) -> list[str]:
+    """The `prompt:` section: how a row becomes a chat, and max_length sized for the file."""
+    if schema == "messages":
+        how = [
+            "# The conversations are rendered by the base model's chat template; system is added to those",
+            "# without a system turn. max_length is sized for this file (" + max_length_how + ");",
+            "# a conversation longer than max_length is rejected, never cut.",
+        ]
+    elif schema in ("alpaca", "prompt_completion"):
+        how = [
+            "# The rows are rendered by the base model's chat template after the system prompt (no template:",
+            "# the user turn is the row's own text). max_length is sized for this file (" + max_length_how + ");",
+            "# a row longer than max_length is rejected, never cut.",
+        ]
+    else:
+        how = [
             "# How a row becomes a chat: the system prompt and the user turn (the answer is the assistant turn).",
             "# max_length is sized for this file (" + max_length_how + ");",
             "# a row longer than max_length is rejected, never cut.",
-            "prompt:",
-            f"  system: {_q(system)}",
-            f"  template: {_q(template)}",
-            f"  template_without_context: {_q(template_without_context)}",
-            f"  max_length: {max_length}",
         ]
-    lines += [
-        "",
-        *data_lines,
-        f"    eval_fraction: {EVAL_FRACTION}",
-        f"    max_rejected_fraction: {MAX_REJECTED_FRACTION}   # more bad rows (blank, too long) fail the data stage",
-        "",
-        *prompt_lines,
-        "",
+    templates = [f"  template: {_q(template)}", f"  template_without_context: {_q(template_without_context)}"]
+    return [
+        *how,
+        "prompt:",
+        f"  system: {_q(system)}",
+        *(templates if schema == "qa" else []),
+        f"  max_length: {max_length}",
+    ]
+
+
+def _model_lines() -> list[str]:
+    """The `base_model:` and `quantization:` sections (the same for every file)."""
+    return [
         "base_model:",
         "  source: bundled        # SmolLM2-135M-Instruct, offline; or hub (id: ...) / local (path: ...)",
         "",
         "quantization:",
         "  method: none           # nf4 only matters for qlora methods; none skips the 4-bit copy",
         "",
+    ]
+
+
+def _epoch_steps(n_rows: int) -> int:
+    """Optimizer steps for EPOCHS over `n_rows` rows at BATCH_SIZE (as the training loop counts them)."""
+    return steps_for(n_rows, argparse.Namespace(max_steps=sys.maxsize, epochs=EPOCHS, batch_size=BATCH_SIZE,
+                                                grad_accum=1))
+
+
+def _training_lines(train_rows: int, trained_rows: int, early_stopping: bool) -> list[str]:
+    """The `training:` section: steps that follow the rows, and validation-based stopping (commented
+    out where this version's schema lacks it)."""
+    epoch_steps = _epoch_steps(trained_rows)
+    max_steps = 2 * _epoch_steps(train_rows)
+    less = "" if trained_rows == train_rows else f" ({train_rows} less the validation rows)"
+    validation_every = max(1, math.ceil(epoch_steps / 4))
+    checkpoint_every = validation_every
+    lines = [
         "# Training length follows the data: epochs stops the run at",
         f"#   ceil({EPOCHS:g} epochs * {trained_rows} train rows{less} / (batch_size {BATCH_SIZE} * grad_accum 1))",
         f"#   = {epoch_steps} steps;",
@@ -557,8 +632,12 @@ def recipe_text(*, data_arg: str, name: str, ds_name: str, root: str, path: str,
         lines += ["  # Validation-based stopping (issue 17) is not in this version's schema yet; when it is,",
                   "  # uncomment these to keep the best checkpoint and stop when validation loss stops improving:"]
         lines += [f"  # {s}" for s in stop]
-    lines += [
-        "",
+    return lines
+
+
+def _method_lines() -> list[str]:
+    """The `methods:` section: lora_plus, the method the defaults study chose."""
+    return [
         "# Each key under methods is a partition of the `adapter` asset (type defaults to the key).",
         "# lora_plus: LoRA with B learning `ratio` times faster than A (Hayou et al. 2024). To compare,",
         "# add e.g. `lora: {r: 16, alpha: 32, dropout: 0.05}`; each method may override training keys",
@@ -569,7 +648,12 @@ def recipe_text(*, data_arg: str, name: str, ds_name: str, root: str, path: str,
         "    alpha: 32",
         "    dropout: 0.05",
         "    ratio: 16",
-        "",
+    ]
+
+
+def _evaluation_lines(max_length_how: str, max_new_tokens: int) -> list[str]:
+    """The `evaluation:` and `compute:` sections; the recipe ends with a newline."""
+    return [
         f"# max_new_tokens is sized for this file's answers ({max_length_how.rpartition('; ')[2] or 'default'}).",
         "evaluation:",
         f"  max_new_tokens: {max_new_tokens}",
@@ -579,7 +663,6 @@ def recipe_text(*, data_arg: str, name: str, ds_name: str, root: str, path: str,
         "  device: auto           # auto | cpu | cuda",
         "",
     ]
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------
@@ -624,26 +707,12 @@ def _run(args, load_tokenizer, out, err) -> int:
             print(line, file=out)
 
     data, dest = Path(args.data), Path(args.output)
-    fmt = args.format or ("hf" if data.is_dir() else FORMATS.get(data.suffix.lower()))
-    if fmt is None:
-        raise InitError(f"{data}: cannot tell the format from {data.suffix!r}; pass --format {'|'.join(FORMAT_CHOICES)}")
-    if args.split is not None and fmt != "hf":
-        raise InitError(f"--split applies to format hf (a dataset directory) only; {data} is {fmt}")
-    check_output(dest, args.force)
-    if not (data.is_dir() if fmt == "hf" else data.is_file()):
-        raise InitError(f"{data}: no such {'dataset directory' if fmt == 'hf' else 'file'}")
+    fmt = _input_format(args, data, dest)
     rows = _read_rows(data, fmt, args.split)
     facts = column_facts(rows)
     say(f"{data}: {len(rows)} rows, {fmt}, columns: {', '.join(facts)}")
 
-    given = {r: getattr(args, r) for r in (*ROLES, "id")}
-    schema, found = _schema_of(args, rows, facts, given)
-    if schema == "messages":
-        m = _conversation_mapping(found, facts, given, args.no_id)
-    elif schema != "qa":
-        m = _instruction_mapping(schema, found, facts, given, args.no_id)
-    else:
-        m = guess_columns(facts, given, no_context=args.no_context, no_id=args.no_id)
+    schema, m = _column_mapping(args, rows, facts)
     say("", "Column mapping (datasets[0].columns):", *[f"  {n}" for n in m.notes])
     if m.unused:
         say(f"  not used: {', '.join(map(repr, m.unused))}")
@@ -653,6 +722,64 @@ def _run(args, load_tokenizer, out, err) -> int:
         return 2
 
     columns = m.columns
+    kept, rejected = _kept_rows(data, rows, columns, schema)
+    if rejected:
+        say(f"  {len(rejected)} of {len(rows)} rows will be rejected (first: line {rejected[0].line}: "
+            f"{rejected[0].reason})")
+    prompt = _prompt_for(schema, columns)
+    tok, tok_error, (max_length, max_new, how) = _measure_lengths(load_tokenizer, kept, prompt, schema)
+    say("", f"{EXAMPLES_SHOWN} rows as sft_dataset will format them"
+        + (" (the bundled SmolLM2 chat template):" if tok is not None else ":"))
+    if tok is None:
+        say(f"  (the tokenizer could not be loaded or used: {tok_error}; "
+            "showing the plain prompt instead of the chat template)")
+    say(*render_examples(tok, kept, prompt, schema))
+
+    names = _recipe_names(data, dest)
+    early = "validation_fraction" in TrainingSpec.model_fields
+    # The training split's rows, counted as the data stage splits them (and as `validate` counts them).
+    train_rows = train_row_bounds(data, len(rows), len(rejected), EVAL_FRACTION, MAX_REJECTED_FRACTION).high
+    kwargs = dict(data_arg=str(args.data), **names, fmt=fmt, split=args.split, columns=columns,
+                  n_rows=len(rows), **prompt, max_length=max_length, max_length_how=how, max_new_tokens=max_new,
+                  train_rows=train_rows, early_stopping=early, schema=schema)
+    text, est = _checked_recipe(kwargs, train_rows, dest)
+    write_recipe(dest, text, args.force)
+    say("", f"wrote {dest}: method lora_plus, lr {LR:g}, {est.describe()}, batch {BATCH_SIZE}, "
+        f"max_length {max_length}" + (", early stopping on validation loss" if early else ""),
+        f"next: edit it, check it with `python -m ft_assets validate {dest}`, then materialize with FT_RECIPE={dest}")
+    return 0
+
+
+def _input_format(args: argparse.Namespace, data: Path, dest: Path) -> str:
+    """The data's format (from `--format`, or the extension; a directory is hf), once the flags,
+    the output path and the data's existence are checked (in that order)."""
+    fmt = args.format or ("hf" if data.is_dir() else FORMATS.get(data.suffix.lower()))
+    if fmt is None:
+        raise InitError(f"{data}: cannot tell the format from {data.suffix!r}; pass --format {'|'.join(FORMAT_CHOICES)}")
+    if args.split is not None and fmt != "hf":
+        raise InitError(f"--split applies to format hf (a dataset directory) only; {data} is {fmt}")
+    check_output(dest, args.force)
+    if not (data.is_dir() if fmt == "hf" else data.is_file()):
+        raise InitError(f"{data}: no such {'dataset directory' if fmt == 'hf' else 'file'}")
+    return fmt
+
+
+def _column_mapping(args: argparse.Namespace, rows: list[tuple[int, dict]],
+                    facts: dict[str, ColumnFacts]) -> tuple[str, Mapping]:
+    """(schema, column mapping) from the flags and the columns."""
+    given = {r: getattr(args, r) for r in (*ROLES, "id")}
+    schema, found = _schema_of(args, rows, facts, given)
+    if schema == "messages":
+        return schema, _conversation_mapping(found, facts, given, args.no_id)
+    if schema != "qa":
+        return schema, _instruction_mapping(schema, found, facts, given, args.no_id)
+    return schema, guess_columns(facts, given, no_context=args.no_context, no_id=args.no_id)
+
+
+def _kept_rows(data: Path, rows: list[tuple[int, dict]], columns: dict,
+               schema: str) -> tuple[list[Example], list[Rejected]]:
+    """(kept, rejected) rows as the data stage validates them; an error where the data stage would
+    fail (no row kept, or more rejected than MAX_REJECTED_FRACTION)."""
     check_columns(data, rows, columns, schema)
     kept, rejected = validate_rows(rows, columns, schema=schema)
     if not kept:
@@ -663,43 +790,44 @@ def _run(args, load_tokenizer, out, err) -> int:
         raise InitError(f"{data}: {len(rejected)} of {len(rows)} rows would be rejected "
                         f"(> max_rejected_fraction {MAX_REJECTED_FRACTION}), so the data stage would fail. "
                         f"First: {worst}. Fix the file or the mapping")
-    if rejected:
-        say(f"  {len(rejected)} of {len(rows)} rows will be rejected (first: line {rejected[0].line}: "
-            f"{rejected[0].reason})")
+    return kept, rejected
 
+
+def _prompt_for(schema: str, columns: dict) -> dict[str, str]:
+    """The recipe's prompt keys: the schema's system prompt (qa's says whether there is a context)."""
     system = SYSTEM[schema] if schema != "qa" else (
         "Answer the question from the context." if columns["context"] else "Answer the question.")
-    prompt = {"system": system,
-              "template": "Context:\n{context}\n\nQuestion: {question}", "template_without_context": "{question}"}
+    return {"system": system,
+            "template": "Context:\n{context}\n\nQuestion: {question}", "template_without_context": "{question}"}
+
+
+def _measure_lengths(load_tokenizer: Callable[[], Any], kept: list[Example], prompt: dict,
+                     schema: str) -> tuple[Any, str | None, tuple[int, int, str]]:
+    """(tokenizer, why it is None, (max_length, max_new_tokens, how)): lengths measured on the rows,
+    or the schema defaults when the tokenizer cannot be loaded or used on them."""
     try:
         tok = load_tokenizer()
-        max_length, max_new, how = size_lengths(tok, kept, prompt, schema)
+        lengths = size_lengths(tok, kept, prompt, schema)
         render_examples(tok, kept[:1], prompt, schema)
-        tok_error = None
+        return tok, None, lengths
     except Exception as exc:  # a missing GGUF, no transformers, no chat template: show plain prompts
-        tok, tok_error = None, f"{type(exc).__name__}: {exc}"
-    if tok is None:
-        max_length, max_new, how = 384, 48, "schema defaults: the tokenizer could not be loaded to measure rows"
+        return None, f"{type(exc).__name__}: {exc}", (
+            384, 48, "schema defaults: the tokenizer could not be loaded to measure rows")
 
-    say("", f"{EXAMPLES_SHOWN} rows as sft_dataset will format them"
-        + (" (the bundled SmolLM2 chat template):" if tok is not None else ":"))
-    if tok is None:
-        say(f"  (the tokenizer could not be loaded or used: {tok_error}; "
-            "showing the plain prompt instead of the chat template)")
-    say(*render_examples(tok, kept, prompt, schema))
 
+def _recipe_names(data: Path, dest: Path) -> dict[str, Any]:
+    """recipe_text's name, dataset name and path arguments for `data` in a recipe at `dest`."""
     stem = data.stem
     ds_name = _ident(stem, r"[a-z][a-z0-9_]*", "")
     ds_name = ds_name if ds_name[:1].isalpha() else f"data_{ds_name}".rstrip("_")
     name = _ident(stem, r"[a-z0-9][a-z0-9_]*", "my").replace("_", "-") + "-lora-plus"
     root, path, outside, why = recipe_paths(data, dest)
-    early = "validation_fraction" in TrainingSpec.model_fields
-    # The training split's rows, counted as the data stage splits them (and as `validate` counts them).
-    train_rows = train_row_bounds(data, len(rows), len(rejected), EVAL_FRACTION, MAX_REJECTED_FRACTION).high
-    kwargs = dict(data_arg=str(args.data), name=name, ds_name=ds_name, root=root, path=path, outside=outside,
-                  outside_why=why, fmt=fmt, split=args.split, columns=columns, n_rows=len(rows), **prompt, max_length=max_length,
-                  max_length_how=how, max_new_tokens=max_new, train_rows=train_rows, early_stopping=early,
-                  schema=schema)
+    return dict(name=name, ds_name=ds_name, root=root, path=path, outside=outside, outside_why=why)
+
+
+def _checked_recipe(kwargs: dict[str, Any], train_rows: int, dest: Path) -> tuple[str, StepEstimate]:
+    """(text, lora_plus step estimate) of the recipe, checked by `load_recipe`'s parser; written
+    again with the rows the loop trains on (the split less validation rows) where they differ."""
     text = recipe_text(**kwargs)
     recipe = _parse(text, dest)
     est = recipe_step_estimates(recipe).methods["lora_plus"]
@@ -707,12 +835,7 @@ def _run(args, load_tokenizer, out, err) -> int:
         text = recipe_text(**{**kwargs, "trained_rows": est.rows.high})
         recipe = _parse(text, dest)
         est = recipe_step_estimates(recipe).methods["lora_plus"]
-
-    write_recipe(dest, text, args.force)
-    say("", f"wrote {dest}: method lora_plus, lr {LR:g}, {est.describe()}, batch {BATCH_SIZE}, "
-        f"max_length {max_length}" + (", early stopping on validation loss" if early else ""),
-        f"next: edit it, check it with `python -m ft_assets validate {dest}`, then materialize with FT_RECIPE={dest}")
-    return 0
+    return text, est
 
 
 def _schema_of(args, rows, facts, given) -> tuple[str, dict[str, Any] | None]:
