@@ -67,13 +67,21 @@ def build(recipe: Recipe) -> list:
     parts = dpo_partitions(recipe)
     if parts is None or recipe.preferences is None:
         return []
-    spec = recipe.preferences
+    return [_preference_dataset_asset(recipe, parts), _preference_adapter_asset(recipe, parts)]
+
+
+# --------------------------------------------------------------------------------------
+# preference_dataset[d]
+# --------------------------------------------------------------------------------------
+
+
+def _preference_dataset_asset(recipe: Recipe, parts: dg.StaticPartitionsDefinition) -> dg.AssetsDefinition:
     cv = c.code_version("preference_dataset", recipe, "preferences", "prompt", "seed")
 
     @dg.asset(
         key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "data"),
         kinds={"jsonl"},
-        deps=[raw_key(recipe, spec)],
+        deps=[raw_key(recipe, recipe.preferences)],
         ins=c.ins(recipe, "base_model"),
         code_version=cv,
         partitions_def=parts,
@@ -83,41 +91,66 @@ def build(recipe: Recipe) -> list:
     def preference_dataset(context: dg.AssetExecutionContext, store: StoreResource, base_model: Artifact):
         """Validated, chat-rendered prompt/chosen/rejected pairs, split train/eval (one partition per dpo method)."""
         tok = load_tokenizer(base_model.path)
-        src = preferences.preference_source(recipe)
-        try:
-            built = preferences.build_preference_dataset(src, tok, system=recipe.prompt.system,
-                                                         max_length=recipe.prompt.max_length,
-                                                         chat_template=recipe.chat_template_text())
-        except data.DataFileError as exc:
-            raise c.user_error(exc) from None
-        meta = {"tokenizer_fingerprint": data.tokenizer_fingerprint(tok), "max_length": recipe.prompt.max_length,
-                "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-        with store.store(recipe.pipeline).write("preference_dataset", context.partition_key, recipe_hash=recipe.recipe_hash,
-                                 seed=recipe.seed, code_version=cv) as st:
-            st.inputs = {f"raw/{spec.name}": source_version(src.path), **c.inputs_of(base_model)}
-            preferences.save_preferences(built, st.path, meta)
-        art = st.artifact
-        for rej in built.rejected[:20]:
-            context.log.warning(f"rejected {spec.name} line {rej.line}: {rej.reason}")
-        preview = [{"id": p.id, "prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected,
-                    "tokens": len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))}
-                   for p in built.train[: recipe.evaluation.preview_rows]]
-        rejected = [{"line": r.line, "field": r.field, "reason": r.reason} for r in built.rejected[:50]]
-        yield c.output(art, {
-            "rows_kept": built.stats["kept"],
-            "rows_rejected": built.stats["rejected_rows"],
-            "train_pairs": built.stats["train_rows"],
-            "eval_pairs": built.stats["eval_rows"],
-            "token_lengths": dg.MetadataValue.json(built.stats["tokens"]),
-            "preview": c.table(preview, PREVIEW_COLUMNS),
-            "rejected": c.table(rejected, ["line", "field", "reason"]),
-        })
-        problems = check_usable(built.train, tok.eos_token_id)
-        yield dg.AssetCheckResult(
-            check_name="usable", passed=not problems,
-            metadata={"problems": dg.MetadataValue.json(problems[:20]), "train_pairs": len(built.train)},
-        )
+        art, built = _write_preference_dataset(context, recipe, cv, store, tok, base_model)
+        yield c.output(art, _preference_dataset_metadata(built, recipe.evaluation.preview_rows))
+        yield _usable(built, tok.eos_token_id)
 
+    return preference_dataset
+
+
+def _write_preference_dataset(context, recipe: Recipe, cv: str, store: StoreResource, tok,
+                              base_model: Artifact) -> tuple[Artifact, preferences.BuiltPreferences]:
+    """(the written preference_dataset artifact, the pairs): the recipe's pairs validated, rendered
+    with `tok`'s chat template and split; a file that cannot be parsed fails with file and line."""
+    spec = recipe.preferences
+    src = preferences.preference_source(recipe)
+    try:
+        built = preferences.build_preference_dataset(src, tok, system=recipe.prompt.system,
+                                                     max_length=recipe.prompt.max_length,
+                                                     chat_template=recipe.chat_template_text())
+    except data.DataFileError as exc:
+        raise c.user_error(exc) from None
+    meta = {"tokenizer_fingerprint": data.tokenizer_fingerprint(tok), "max_length": recipe.prompt.max_length,
+            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    with store.store(recipe.pipeline).write("preference_dataset", context.partition_key, recipe_hash=recipe.recipe_hash,
+                                            seed=recipe.seed, code_version=cv) as st:
+        st.inputs = {f"raw/{spec.name}": source_version(src.path), **c.inputs_of(base_model)}
+        preferences.save_preferences(built, st.path, meta)
+    for rej in built.rejected[:20]:
+        context.log.warning(f"rejected {spec.name} line {rej.line}: {rej.reason}")
+    return st.artifact, built
+
+
+def _preference_dataset_metadata(built: preferences.BuiltPreferences, preview_rows: int) -> dict:
+    preview = [{"id": p.id, "prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected,
+                "tokens": len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))}
+               for p in built.train[:preview_rows]]
+    rejected = [{"line": r.line, "field": r.field, "reason": r.reason} for r in built.rejected[:50]]
+    return {
+        "rows_kept": built.stats["kept"],
+        "rows_rejected": built.stats["rejected_rows"],
+        "train_pairs": built.stats["train_rows"],
+        "eval_pairs": built.stats["eval_rows"],
+        "token_lengths": dg.MetadataValue.json(built.stats["tokens"]),
+        "preview": c.table(preview, PREVIEW_COLUMNS),
+        "rejected": c.table(rejected, ["line", "field", "reason"]),
+    }
+
+
+def _usable(built: preferences.BuiltPreferences, eos_id: int) -> dg.AssetCheckResult:
+    problems = check_usable(built.train, eos_id)
+    return dg.AssetCheckResult(
+        check_name="usable", passed=not problems,
+        metadata={"problems": dg.MetadataValue.json(problems[:20]), "train_pairs": len(built.train)},
+    )
+
+
+# --------------------------------------------------------------------------------------
+# preference_adapter[d]
+# --------------------------------------------------------------------------------------
+
+
+def _preference_adapter_asset(recipe: Recipe, parts: dg.StaticPartitionsDefinition) -> dg.AssetsDefinition:
     cv_tuned = c.code_version("preference_adapter", recipe)
 
     @dg.asset(
@@ -134,7 +167,7 @@ def build(recipe: Recipe) -> list:
         return _tune(context, recipe, compute.resolve(), store.store(recipe.pipeline), adapter, preference_dataset, base_model,
                      cv_tuned, config.force)
 
-    return [preference_dataset, preference_adapter]
+    return preference_adapter
 
 
 def _tune(context, recipe: Recipe, hw: Compute, store: ArtifactStore, sft: Artifact, prefs: Artifact,

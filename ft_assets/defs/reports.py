@@ -54,72 +54,79 @@ def _run_eval(recipe: Recipe, model, tok, examples, device: str) -> dict:
 
 
 def build(recipe: Recipe) -> list:
-    parts = methods_partitions(recipe)
-    quantized = recipe.quantization.method != "none"
-    cv_base = c.code_version("base_eval", recipe, "evaluation")
-    cv_report = c.code_version("eval_report", recipe, "evaluation")
+    return [_base_eval_asset(recipe), _eval_report_asset(recipe), _leaderboard_asset(recipe)]
 
-    @dg.asset(key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "evaluation"), kinds={"json", "parquet"}, code_version=cv_base, pool="gpu",
+
+# --------------------------------------------------------------------------------------
+# base_eval
+# --------------------------------------------------------------------------------------
+
+
+def _base_eval_asset(recipe: Recipe) -> dg.AssetsDefinition:
+    cv = c.code_version("base_eval", recipe, "evaluation")
+
+    @dg.asset(key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "evaluation"), kinds={"json", "parquet"}, code_version=cv, pool="gpu",
               ins=c.ins(recipe, "base_model", "sft_dataset"))
     def base_eval(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource,
                   base_model: Artifact, sft_dataset: Artifact) -> dg.Output:
         """The untuned base model on the held-out split (the baseline for every method)."""
-        hw = compute.resolve()
-        tok = load_tokenizer(base_model.path)
-        examples = c.eval_examples(recipe, sft_dataset)
-        result = _run_eval(recipe, load_model(base_model.path, hw.device), tok, examples, hw.device)
-        with store.store(recipe.pipeline).write("base_eval", recipe_hash=recipe.recipe_hash, code_version=cv_base, seed=recipe.seed) as st:
-            st.inputs = c.inputs_of(base_model, sft_dataset)
-            evaluate.save_eval(result, st.path)
-        per_task = result["metrics"].get("per_task")
-        extra = {"per_task": c.frame_table(tables.per_task_frame(per_task))} if per_task else {}
-        predictions = tables.predictions_frame(result["rows"])
-        return c.output(st.artifact, {
-            **extra,
-            **{k: result["metrics"][k] for k in METRIC_KEYS},
-            "examples": result["metrics"]["examples"],
-            "predictions": c.frame_table(predictions, recipe.evaluation.preview_rows),
-            **c.table_facts(predictions),
-        })
+        art, result = _evaluate_base(recipe, cv, compute, store, base_model, sft_dataset)
+        return c.output(art, _base_eval_metadata(result, recipe.evaluation.preview_rows))
 
-    def _report(context, compute: ComputeResource, store: StoreResource, merged_model: Artifact, trained: Artifact,
-                reference: Artifact | None, prefs: Artifact | None, base_model: Artifact,
-                quantized_base: Artifact | None, sft_dataset: Artifact, base_eval: Artifact):
-        name = context.partition_key
-        hw = compute.resolve()
-        artifacts = store.store(recipe.pipeline)
-        trained_manifest = trained.manifest()
-        preference = _preference_inputs(name, trained_manifest, reference, prefs) if prefs is not None else None
-        forgetting = forgetting_inputs(artifacts, trained_manifest, recipe.evaluation.max_examples)
-        tuned_model = report.TunedModel(base_model.dir, trained.dir,
-                                        merged_model.dir if merged_model.manifest().get("mergeable") else None,
-                                        quantized_base.dir if quantized_base else None)
-        ev = recipe.evaluation
-        made = report.evaluate_tuned(
-            recipe.methods[name].type, name, tuned_model, load_tokenizer(base_model.path),
-            c.eval_examples(recipe, sft_dataset), json.loads((base_eval.dir / "metrics.json").read_text()),
-            max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, device=hw.device,
-            preference=preference, forgetting=forgetting)
-        with artifacts.write("eval_report", name, recipe_hash=recipe.recipe_hash, code_version=cv_report,
-                             seed=recipe.seed) as st:
-            st.inputs = c.inputs_of(merged_model, trained, sft_dataset, base_eval, reference, prefs)
-            made.save(st.path)
-            if forgetting is not None:
-                st.extra["forgetting"] = {"previous_adapter": forgetting.previous_adapter,
-                                          "previous_sft_dataset": forgetting.previous_sft_dataset}
-            # what the leaderboard shows beside the scores, so it reads only reports
-            st.extra["adapter"] = {"asset": c.key_of(trained), "version": trained.version,
-                                   "train": trained_manifest.get("train", {}), "bytes": dir_bytes(trained.dir)}
-        base, tuned = made.metrics["base"], made.metrics["tuned"]
-        yield c.output(st.artifact, _report_metadata(name, made, ev.preview_rows))
-        yield dg.AssetCheckResult(
-            check_name="beats_base", passed=tuned["token_f1"] > base["token_f1"],
-            severity=dg.AssetCheckSeverity.WARN,
-            metadata={"tuned_token_f1": tuned["token_f1"], "base_token_f1": base["token_f1"]},
-        )
+    return base_eval
 
-    # Partition m reads adapter[m]; a dpo partition d reads preference_adapter[d] (what it evaluates),
-    # preference_dataset[d] (held-out pairs) and adapter[sft_from] (the reference policy).
+
+def _evaluate_base(recipe: Recipe, cv: str, compute: ComputeResource, store: StoreResource,
+                   base_model: Artifact, sft_dataset: Artifact) -> tuple[Artifact, dict]:
+    """(the written base_eval artifact, the evaluation result)."""
+    hw = compute.resolve()
+    tok = load_tokenizer(base_model.path)
+    examples = c.eval_examples(recipe, sft_dataset)
+    result = _run_eval(recipe, load_model(base_model.path, hw.device), tok, examples, hw.device)
+    with store.store(recipe.pipeline).write("base_eval", recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed) as st:
+        st.inputs = c.inputs_of(base_model, sft_dataset)
+        evaluate.save_eval(result, st.path)
+    return st.artifact, result
+
+
+def _base_eval_metadata(result: dict, preview_rows: int) -> dict:
+    per_task = result["metrics"].get("per_task")
+    extra = {"per_task": c.frame_table(tables.per_task_frame(per_task))} if per_task else {}
+    predictions = tables.predictions_frame(result["rows"])
+    return {
+        **extra,
+        **{k: result["metrics"][k] for k in METRIC_KEYS},
+        "examples": result["metrics"]["examples"],
+        "predictions": c.frame_table(predictions, preview_rows),
+        **c.table_facts(predictions),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# eval_report[method]
+# --------------------------------------------------------------------------------------
+
+
+def _eval_report_asset(recipe: Recipe) -> dg.AssetsDefinition:
+    parts = methods_partitions(recipe)
+    cv = c.code_version("eval_report", recipe, "evaluation")
+
+    @dg.asset(key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "evaluation"), kinds={"json", "parquet"}, code_version=cv, partitions_def=parts, pool="gpu",
+              ins=_eval_report_ins(recipe),
+              check_specs=[dg.AssetCheckSpec("beats_base", asset=c.key(recipe, "eval_report"), partitions_def=parts,
+                                             description="tuned token F1 above the base model's (warning)")])
+    def eval_report(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource, **inputs):
+        """Base vs tuned on the held-out split: EM, token F1, ROUGE-L, loss, perplexity, per-example table."""
+        art, made = _evaluate_report(context, recipe, cv, compute, store, inputs)
+        yield c.output(art, _report_metadata(context.partition_key, made, recipe.evaluation.preview_rows))
+        yield _beats_base(made)
+
+    return eval_report
+
+
+def _eval_report_ins(recipe: Recipe) -> dict[str, dg.AssetIn]:
+    """Partition m reads adapter[m]; a dpo partition d reads preference_adapter[d] (what it evaluates),
+    preference_dataset[d] (held-out pairs) and adapter[sft_from] (the reference policy)."""
     adapter_map = {m: {m} for m in adapter_partitions(recipe).get_partition_keys()}
     for sft, dpo_methods in sft_sources(recipe).items():
         adapter_map[sft] |= set(dpo_methods)
@@ -127,25 +134,75 @@ def build(recipe: Recipe) -> list:
                             else None)  # identity: lets the automation run a partition's chain in one run
     ins = {"merged_model": c.asset_in(recipe), "adapter": adapter_in,
            **{k: c.asset_in(recipe) for k in ("base_model", "sft_dataset", "base_eval")},
-           **({"quantized_base": c.asset_in(recipe)} if quantized else {})}
+           **({"quantized_base": c.asset_in(recipe)} if recipe.quantization.method != "none" else {})}
     if recipe.methods_of_type("dpo"):
         ins.update({k: c.asset_in(recipe, partition_mapping=dpo_mapping(recipe)) for k in ("preference_adapter", "preference_dataset")})
+    return ins
 
-    @dg.asset(key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "evaluation"), kinds={"json", "parquet"}, code_version=cv_report, partitions_def=parts, pool="gpu", ins=ins,
-              check_specs=[dg.AssetCheckSpec("beats_base", asset=c.key(recipe, "eval_report"), partitions_def=parts,
-                                             description="tuned token F1 above the base model's (warning)")])
-    def eval_report(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource, **inputs):
-        """Base vs tuned on the held-out split: EM, token F1, ROUGE-L, loss, perplexity, per-example table."""
-        tuned_by_dpo = inputs.get("preference_adapter")
-        trained = tuned_by_dpo or inputs["adapter"]
-        reference = inputs["adapter"] if tuned_by_dpo else None
-        yield from _report(context, compute, store, inputs["merged_model"], trained, reference,
-                           inputs.get("preference_dataset"), inputs["base_model"], inputs.get("quantized_base"),
-                           inputs["sft_dataset"], inputs["base_eval"])
 
-    cv_board = c.code_version("leaderboard", recipe)
+def _evaluate_report(context, recipe: Recipe, cv: str, compute: ComputeResource, store: StoreResource,
+                     inputs: dict[str, Artifact]) -> tuple[Artifact, report.TunedReport]:
+    """(the written eval_report artifact, the report): the tuned model of this partition against the
+    base on the held-out split, with preference metrics and forgetting where they apply."""
+    name = context.partition_key
+    tuned_by_dpo = inputs.get("preference_adapter")
+    trained = tuned_by_dpo or inputs["adapter"]
+    reference = inputs["adapter"] if tuned_by_dpo else None
+    merged_model, prefs, base_eval = inputs["merged_model"], inputs.get("preference_dataset"), inputs["base_eval"]
+    hw = compute.resolve()
+    artifacts = store.store(recipe.pipeline)
+    trained_manifest = trained.manifest()
+    preference = _preference_inputs(name, trained_manifest, reference, prefs) if prefs is not None else None
+    forgetting = forgetting_inputs(artifacts, trained_manifest, recipe.evaluation.max_examples)
+    made = _evaluate_tuned(recipe, name, hw.device, inputs, trained, preference, forgetting)
+    with artifacts.write("eval_report", name, recipe_hash=recipe.recipe_hash, code_version=cv,
+                         seed=recipe.seed) as st:
+        st.inputs = c.inputs_of(merged_model, trained, inputs["sft_dataset"], base_eval, reference, prefs)
+        made.save(st.path)
+        if forgetting is not None:
+            st.extra["forgetting"] = {"previous_adapter": forgetting.previous_adapter,
+                                      "previous_sft_dataset": forgetting.previous_sft_dataset}
+        # what the leaderboard shows beside the scores, so it reads only reports
+        st.extra["adapter"] = {"asset": c.key_of(trained), "version": trained.version,
+                               "train": trained_manifest.get("train", {}), "bytes": dir_bytes(trained.dir)}
+    return st.artifact, made
 
-    @dg.asset(key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "evaluation"), kinds={"csv", "json", "parquet"}, code_version=cv_board,
+
+def _evaluate_tuned(recipe: Recipe, name: str, device: str, inputs: dict[str, Artifact], trained: Artifact,
+                    preference: report.PreferenceEval | None,
+                    forgetting: report.ForgettingEval | None) -> report.TunedReport:
+    """The tuned model (merged when mergeable, else base + adapter; on the quantized base when there
+    is one) and the base scores of `base_eval`, on the held-out split."""
+    merged_model, base_model, quantized_base = inputs["merged_model"], inputs["base_model"], inputs.get("quantized_base")
+    tuned_model = report.TunedModel(base_model.dir, trained.dir,
+                                    merged_model.dir if merged_model.manifest().get("mergeable") else None,
+                                    quantized_base.dir if quantized_base else None)
+    ev = recipe.evaluation
+    return report.evaluate_tuned(
+        recipe.methods[name].type, name, tuned_model, load_tokenizer(base_model.path),
+        c.eval_examples(recipe, inputs["sft_dataset"]), json.loads((inputs["base_eval"].dir / "metrics.json").read_text()),
+        max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, device=device,
+        preference=preference, forgetting=forgetting)
+
+
+def _beats_base(made: report.TunedReport) -> dg.AssetCheckResult:
+    base, tuned = made.metrics["base"], made.metrics["tuned"]
+    return dg.AssetCheckResult(
+        check_name="beats_base", passed=tuned["token_f1"] > base["token_f1"],
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"tuned_token_f1": tuned["token_f1"], "base_token_f1": base["token_f1"]},
+    )
+
+
+# --------------------------------------------------------------------------------------
+# leaderboard
+# --------------------------------------------------------------------------------------
+
+
+def _leaderboard_asset(recipe: Recipe) -> dg.AssetsDefinition:
+    cv = c.code_version("leaderboard", recipe)
+
+    @dg.asset(key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "evaluation"), kinds={"csv", "json", "parquet"}, code_version=cv,
               ins={"eval_report": all_partitions(c.key(recipe, "eval_report")), "base_eval": c.asset_in(recipe)})
     def leaderboard(context: dg.AssetExecutionContext, store: StoreResource, eval_report: dict[str, Artifact],
                     base_eval: Artifact) -> dg.MaterializeResult:
@@ -155,32 +212,40 @@ def build(recipe: Recipe) -> list:
         of the adapter it evaluated. Correct with only some partitions materialized: the missing
         ones are listed, not guessed.
         """
-        reports = {name: (json.loads((art.dir / "metrics.json").read_text())["tuned"],
-                          art.manifest().get("adapter", {}))  # reports made before this field: no training facts
-                   for name, art in eval_report.items()}
-        board = report.leaderboard({n: m.type for n, m in recipe.methods.items()}, reports,
-                                   json.loads((base_eval.dir / "metrics.json").read_text()))
-        with store.store(recipe.pipeline).write("leaderboard", recipe_hash=recipe.recipe_hash, code_version=cv_board,
-                                 seed=recipe.seed) as st:
-            st.inputs = c.inputs_of(base_eval, *(eval_report[n] for n in recipe.methods if n in eval_report))
-            png = board.save(st.path)
+        art, board, png = _write_leaderboard(recipe, cv, store, eval_report, base_eval)
         if board.missing:
             context.log.warning(f"leaderboard without {board.missing}: their eval_report is not materialized")
-        table = board.frame()
-        return dg.MaterializeResult(
-            data_version=dg.DataVersion(st.artifact.version),
-            metadata={
-                "path": dg.MetadataValue.path(st.artifact.path),
-                "leaderboard": c.frame_table(table),
-                **c.table_facts(table),
-                "chart": dg.MetadataValue.md(plots.markdown_image(png, "token F1 by method")),
-                "missing_methods": dg.MetadataValue.json(board.missing),
-                "methods_ranked": len(board.rows) - 1,
-                "best": board.best,
-            },
-        )
+        return dg.MaterializeResult(data_version=dg.DataVersion(art.version), metadata=_leaderboard_metadata(art, board, png))
 
-    return [base_eval, eval_report, leaderboard]
+    return leaderboard
+
+
+def _write_leaderboard(recipe: Recipe, cv: str, store: StoreResource, eval_report: dict[str, Artifact],
+                       base_eval: Artifact) -> tuple[Artifact, report.Leaderboard, bytes]:
+    """(the written leaderboard artifact, the board, its chart) from the recorded reports."""
+    reports = {name: (json.loads((art.dir / "metrics.json").read_text())["tuned"],
+                      art.manifest().get("adapter", {}))  # reports made before this field: no training facts
+               for name, art in eval_report.items()}
+    board = report.leaderboard({n: m.type for n, m in recipe.methods.items()}, reports,
+                               json.loads((base_eval.dir / "metrics.json").read_text()))
+    with store.store(recipe.pipeline).write("leaderboard", recipe_hash=recipe.recipe_hash, code_version=cv,
+                                            seed=recipe.seed) as st:
+        st.inputs = c.inputs_of(base_eval, *(eval_report[n] for n in recipe.methods if n in eval_report))
+        png = board.save(st.path)
+    return st.artifact, board, png
+
+
+def _leaderboard_metadata(art: Artifact, board: report.Leaderboard, png: bytes) -> dict:
+    table = board.frame()
+    return {
+        "path": dg.MetadataValue.path(art.path),
+        "leaderboard": c.frame_table(table),
+        **c.table_facts(table),
+        "chart": dg.MetadataValue.md(plots.markdown_image(png, "token F1 by method")),
+        "missing_methods": dg.MetadataValue.json(board.missing),
+        "methods_ranked": len(board.rows) - 1,
+        "best": board.best,
+    }
 
 
 # --------------------------------------------------------------------------------------
