@@ -269,30 +269,52 @@ def _has(module: str) -> bool:
 def run_trl(args, device, dtype, autocast_dtype, tok, train_rows, eval_rows, prompt, variant: str) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-
-    from ft_assets.core import data
-
-    def conversation(ex):
-        msgs = data.build_messages(ex, prompt.system, prompt.template, prompt.template_without_context)
-        return {"prompt": msgs, "completion": [{"role": "assistant", "content": ex.answer}]}
+    from trl import SFTConfig
 
     packed = variant == "trl-best"
     # padded configurations read our step order (same rows per step: comparable eval losses);
     # packing re-orders rows into bins, so that one keeps TRL's own shuffling
     rows = train_rows if packed else ours_order(args, train_rows)
-    dataset = Dataset.from_list([conversation(e) for e in rows])
+    dataset = Dataset.from_list([trl_conversation(e, prompt) for e in rows])
     model = with_lora(build_model(args, device, dtype))
     steps = args.warmup_steps + args.steps
-    common = dict(
+    common = trl_common_args(args, device, steps, packed)
+    extra = trl_variant_args(args, device, train_rows, variant)
+    cfg = SFTConfig(**common, **extra)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer, marks = measured_trainer(model, cfg, dataset, tok, device)
+    trainer.train()
+    result = trl_result(args, device, trainer, model, cfg, extra, marks, steps)
+    if not args.skip_eval:
+        model = trainer.model
+        model.eval()
+        result["eval_loss"] = evaluate_loss(model, eval_rows, tok.pad_token_id, device, autocast_dtype)
+    return result
+
+
+def trl_conversation(ex, prompt) -> dict:
+    """One row for TRL: the pipeline's prompt messages and the answer as the completion."""
+    from ft_assets.core import data
+
+    msgs = data.build_messages(ex, prompt.system, prompt.template, prompt.template_without_context)
+    return {"prompt": msgs, "completion": [{"role": "assistant", "content": ex.answer}]}
+
+
+def trl_common_args(args, device, steps: int, packed: bool) -> dict:
+    """SFTConfig arguments of every TRL configuration: the same schedule and optimizer as ours."""
+    return dict(
         output_dir=tempfile.mkdtemp(prefix="trl-bench-"), max_steps=steps, learning_rate=args.lr,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, seed=42,
         save_strategy="no", report_to="none", dataloader_num_workers=0, logging_steps=10, disable_tqdm=True,
         bf16=device == "cuda", fp16=False, use_cpu=device == "cpu",
         train_sampling_strategy="random" if packed else "sequential",  # data order only, no effect on speed
     )
-    if packed:
+
+
+def trl_variant_args(args, device, train_rows, variant: str) -> dict:
+    """SFTConfig arguments that make `variant` (reported as its settings)."""
+    if variant == "trl-best":
         # packing (bfd, padding-free) into rows of pack_len tokens; one row per forward and
         # accumulation over about batch_size samples: on sdpa the packed row carries a
         # block-diagonal mask whose cost grows with the square of the row, so short rows are
@@ -306,14 +328,20 @@ def run_trl(args, device, dtype, autocast_dtype, tok, train_rows, eval_rows, pro
                      gradient_accumulation_steps=rows_per_step // per_forward, gradient_checkpointing=False)
         if _has("liger_kernel"):
             extra["use_liger_kernel"] = True
-    elif variant == "trl-nogc":
-        extra = dict(per_device_train_batch_size=args.batch_size, gradient_checkpointing=False)
-    else:
-        extra = dict(per_device_train_batch_size=args.batch_size)  # everything else: TRL's defaults
-    cfg = SFTConfig(**common, **extra)
+        return extra
+    if variant == "trl-nogc":
+        return dict(per_device_train_batch_size=args.batch_size, gradient_checkpointing=False)
+    return dict(per_device_train_batch_size=args.batch_size)  # everything else: TRL's defaults
+
+
+def measured_trainer(model, cfg, dataset, tok, device):
+    """(an SFTTrainer that counts the non-padding tokens and the samples it trains on, the marks it
+    fills: per optimizer step, (wall s, CPU s, tokens, samples) at the step's end)."""
+    from transformers import TrainerCallback
+    from trl import SFTTrainer
 
     counted = {"tokens": 0, "samples": 0}
-    marks: dict[int, tuple[float, int, int]] = {}
+    marks: dict[int, tuple[float, float, int, int]] = {}
 
     class Bench(SFTTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -329,25 +357,21 @@ def run_trl(args, device, dtype, autocast_dtype, tok, train_rows, eval_rows, pro
         def on_step_end(self, a, state, control, **kw):
             marks[state.global_step] = (*_clock(device), counted["tokens"], counted["samples"])
 
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    trainer = Bench(model=model, args=cfg, train_dataset=dataset, processing_class=tok, callbacks=[Marks()])
-    trainer.train()
+    return Bench(model=model, args=cfg, train_dataset=dataset, processing_class=tok, callbacks=[Marks()]), marks
+
+
+def trl_result(args, device, trainer, model, cfg, extra: dict, marks: dict, steps: int) -> dict:
+    """The measured steps (after the warm-up) from `marks`, the settings, logged losses and peak memory."""
     t0, c0, tok0, s0 = marks[args.warmup_steps] if args.warmup_steps else (None, None, 0, 0)
     t1, c1, tok1, s1 = marks[steps]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    result = dict(
+    return dict(
         settings={k: v for k, v in extra.items()} | {
             "gradient_checkpointing": cfg.gradient_checkpointing, "padding_free": trainer.padding_free,
             "attn_implementation": model.config._attn_implementation, "bf16": cfg.bf16},
         useful_tokens=tok1 - tok0, seconds=t1 - t0, cpu_seconds=c1 - c0, steps_measured=args.steps,
         samples_per_step=(s1 - s0) / args.steps, logged_losses=losses, **peak_memory(device),
     )
-    if not args.skip_eval:
-        model = trainer.model
-        model.eval()
-        result["eval_loss"] = evaluate_loss(model, eval_rows, tok.pad_token_id, device, autocast_dtype)
-    return result
 
 
 def worker(args) -> None:
@@ -481,8 +505,22 @@ def device_slug() -> str:
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
-    gib = 2**30
-    lines = [
+    lines = _md_header(meta) + [_md_table_row(r) for r in rows]
+    ok = [r for r in rows if "error" not in r]
+    ours = next((r for r in ok if r["config"] == "ours"), None)
+    lines += _md_fastest_trl(ok, ours)
+    lines += _md_passes(ok)
+    lines += _md_rates_note(rows)
+    lines += _md_settings(rows)
+    lines += _md_quality(meta, rows, ok, ours)
+    lines += _md_peak_memory(meta, ok, ours)
+    lines += _md_device_note(meta, ok)
+    return "\n".join(lines) + "\n"
+
+
+def _md_header(meta: dict) -> list[str]:
+    """The title, what was measured and how, and the results table's head."""
+    return [
         f"# Training throughput: ft_assets core vs TRL SFTTrainer ({meta['device_kind']})",
         "",
         f"- date: {meta['date']}",
@@ -502,43 +540,63 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "| s/step | tokens/step | epoch (extrap.) | peak memory | eval loss | Δ vs ours |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+
+def _md_table_row(r: dict) -> str:
+    """One configuration's row of the results table (its error, when it failed)."""
+    gib = 2**30
     nan = float("nan")
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['config']} | error: {r['error'][:120]} |||||||||||")
-            continue
-        cpu = f"{r['useful_tok_per_cpu_s']:.0f}" if r.get("useful_tok_per_cpu_s") else "n/a"
-        lines.append(
-            f"| {r['config']} | {r['useful_tok_s']:.1f} | {r.get('speedup_vs_trl-best', nan):.2f}x "
+    if "error" in r:
+        return f"| {r['config']} | error: {r['error'][:120]} |||||||||||"
+    cpu = f"{r['useful_tok_per_cpu_s']:.0f}" if r.get("useful_tok_per_cpu_s") else "n/a"
+    return (f"| {r['config']} | {r['useful_tok_s']:.1f} | {r.get('speedup_vs_trl-best', nan):.2f}x "
             f"| {r.get('speedup_vs_trl-defaults', nan):.2f}x | {r.get('speedup_vs_trl-fastest', nan):.2f}x | {cpu} "
             f"| {r['s_per_step']:.1f} | {r['tokens_per_step']:.0f} | {r['epoch_s_extrapolated'] / 60:.1f} min "
             f"| {r['peak_memory_bytes'] / gib:.2f} GiB | {r['eval_loss']:.4f} | {r.get('eval_loss_delta_vs_ours', 0):+.4f} |")
-    ok = [r for r in rows if "error" not in r]
+
+
+def _md_fastest_trl(ok: list[dict], ours: dict | None) -> list[str]:
     trl = [r for r in ok if r["config"].startswith("trl")]
-    ours = next((r for r in ok if r["config"] == "ours"), None)
-    if trl and ours:
-        fastest = max(trl, key=lambda r: r["useful_tok_s"])
-        cpu_note = ""
-        if ours.get("cpu_speedup_vs_trl-fastest"):
-            cpu_note = f" (per CPU-second: {ours['cpu_speedup_vs_trl-fastest']:.2f}x)"
-        lines += ["", f"Fastest TRL configuration measured: {fastest['config']}; ours is "
-                  f"{ours['speedup_vs_trl-fastest']:.2f}x its useful tokens/s{cpu_note}."]
-    if any(len(r.get("passes", [])) > 1 for r in ok):
-        lines += ["", "Per pass (useful tok/s wall / per CPU-s): " + "; ".join(
-            f"{r['config']} " + ", ".join(f"{p['useful_tok_s']:.1f}/{p['useful_tok_per_cpu_s'] or float('nan'):.0f}"
-                                          for p in r["passes"]) for r in ok) + "."]
-    lines += ["", "useful tok/s: non-padding input tokens of the measured steps / their wall-clock time. "
-              "useful tok per CPU-s: the same tokens / the process CPU time (user + system, all threads) over "
-              "those steps; with one thread per configuration on a shared machine this is the rate an idle core "
-              "would give, while wall-clock rates move with the other jobs' load (load average per "
-              "configuration at its end: " + ", ".join(
-                  f"{r['config']} {r['load_avg'][0]:.1f}" for r in rows if "load_avg" in r) + ")."]
-    before = next((r.get("eval_loss_before") for r in rows if r.get("eval_loss_before") is not None), None)
-    lines += ["", "Settings:", ""]
+    if not (trl and ours):
+        return []
+    fastest = max(trl, key=lambda r: r["useful_tok_s"])
+    cpu_note = ""
+    if ours.get("cpu_speedup_vs_trl-fastest"):
+        cpu_note = f" (per CPU-second: {ours['cpu_speedup_vs_trl-fastest']:.2f}x)"
+    return ["", f"Fastest TRL configuration measured: {fastest['config']}; ours is "
+            f"{ours['speedup_vs_trl-fastest']:.2f}x its useful tokens/s{cpu_note}."]
+
+
+def _md_passes(ok: list[dict]) -> list[str]:
+    """Each pass's rates, when there were several passes."""
+    if not any(len(r.get("passes", [])) > 1 for r in ok):
+        return []
+    return ["", "Per pass (useful tok/s wall / per CPU-s): " + "; ".join(
+        f"{r['config']} " + ", ".join(f"{p['useful_tok_s']:.1f}/{p['useful_tok_per_cpu_s'] or float('nan'):.0f}"
+                                      for p in r["passes"]) for r in ok) + "."]
+
+
+def _md_rates_note(rows: list[dict]) -> list[str]:
+    return ["", "useful tok/s: non-padding input tokens of the measured steps / their wall-clock time. "
+            "useful tok per CPU-s: the same tokens / the process CPU time (user + system, all threads) over "
+            "those steps; with one thread per configuration on a shared machine this is the rate an idle core "
+            "would give, while wall-clock rates move with the other jobs' load (load average per "
+            "configuration at its end: " + ", ".join(
+                f"{r['config']} {r['load_avg'][0]:.1f}" for r in rows if "load_avg" in r) + ")."]
+
+
+def _md_settings(rows: list[dict]) -> list[str]:
+    lines = ["", "Settings:", ""]
     for r in rows:
         if "settings" in r:
             lines.append(f"- {r['config']}: " + ", ".join(f"{k}={v}" for k, v in r["settings"].items()))
-    lines += [""]
+    return lines + [""]
+
+
+def _md_quality(meta: dict, rows: list[dict], ok: list[dict], ours: dict | None) -> list[str]:
+    """The eval loss before training, the tolerance, and whether each configuration's eval loss agrees with ours."""
+    lines = []
+    before = next((r.get("eval_loss_before") for r in rows if r.get("eval_loss_before") is not None), None)
     if before is not None:
         lines.append(f"Eval loss before training (base + zero LoRA update): {before:.4f}.")
     lines.append(f"Quality tolerance: eval losses agree when within {meta['tolerance']:.0%} (relative) of ours. "
@@ -551,26 +609,36 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             lines.append(f"- {r['config']}: eval loss {r['eval_loss']:.4f} vs ours {ours['eval_loss']:.4f} "
                          f"({r['eval_loss_delta_vs_ours'] / ours['eval_loss']:+.1%}): "
                          + ("agrees" if r["eval_loss_agrees"] else "outside the tolerance"))
-    if ours is not None:
-        trl_best = next((r for r in ok if r["config"] == "trl-best"), None)
-        forwards = (f"trl-best runs {trl_best['settings']['gradient_accumulation_steps']} forward(s) of "
-                    f"{trl_best['settings']['per_device_train_batch_size']} packed row(s) of at most "
-                    f"{meta.get('trl_pack_len', 512)} tokens, " if trl_best else "")
-        lines += ["", f"Peak memory: ours runs each step's {meta['batch_size']} rows as one packed forward (about "
-                  f"{ours['tokens_per_step']:,.0f} tokens of activations at once, no gradient checkpointing); "
-                  f"{forwards}trl-defaults recomputes activations (gradient checkpointing). `grad_accum` or "
-                  "`gradient_checkpointing` lower ours the same way."]
+    return lines
+
+
+def _md_peak_memory(meta: dict, ok: list[dict], ours: dict | None) -> list[str]:
+    """Why the peak memories differ: how many tokens each configuration's forward holds at once."""
+    if ours is None:
+        return []
+    trl_best = next((r for r in ok if r["config"] == "trl-best"), None)
+    forwards = (f"trl-best runs {trl_best['settings']['gradient_accumulation_steps']} forward(s) of "
+                f"{trl_best['settings']['per_device_train_batch_size']} packed row(s) of at most "
+                f"{meta.get('trl_pack_len', 512)} tokens, " if trl_best else "")
+    return ["", f"Peak memory: ours runs each step's {meta['batch_size']} rows as one packed forward (about "
+            f"{ours['tokens_per_step']:,.0f} tokens of activations at once, no gradient checkpointing); "
+            f"{forwards}trl-defaults recomputes activations (gradient checkpointing). `grad_accum` or "
+            "`gradient_checkpointing` lower ours the same way."]
+
+
+def _md_device_note(meta: dict, ok: list[dict]) -> list[str]:
+    """On a CPU, where the GPU numbers are; on a GPU, the model FLOP utilisation table."""
     if meta["device_kind"] == "cpu":
-        lines += ["", GPU_NOTE]
-    elif any("mfu" in r for r in ok):
-        lines += ["", f"Model FLOP utilisation against the measured bf16 matmul rate of this GPU "
-                  f"({meta['bf16_matmul_tflops']} TFLOP/s, 8192^3 products): training FLOPs per token = 4 per frozen "
-                  "weight + 6 per trained weight + causal attention (the peer's convention), the same count for "
-                  "every configuration.", "", "| configuration | model TFLOP/s | MFU | peak memory per token of step |",
-                  "|---|---:|---:|---:|"]
-        lines += [f"| {r['config']} | {r['model_tflops']:.1f} | {r['mfu']:.1%} "
-                  f"| {r['peak_memory_bytes'] / r['tokens_per_step'] / 2**20:.2f} MiB |" for r in ok if "mfu" in r]
-    return "\n".join(lines) + "\n"
+        return ["", GPU_NOTE]
+    if not any("mfu" in r for r in ok):
+        return []
+    return ["", f"Model FLOP utilisation against the measured bf16 matmul rate of this GPU "
+            f"({meta['bf16_matmul_tflops']} TFLOP/s, 8192^3 products): training FLOPs per token = 4 per frozen "
+            "weight + 6 per trained weight + causal attention (the peer's convention), the same count for "
+            "every configuration.", "", "| configuration | model TFLOP/s | MFU | peak memory per token of step |",
+            "|---|---:|---:|---:|"] + [
+        f"| {r['config']} | {r['model_tflops']:.1f} | {r['mfu']:.1%} "
+        f"| {r['peak_memory_bytes'] / r['tokens_per_step'] / 2**20:.2f} MiB |" for r in ok if "mfu" in r]
 
 
 GPU_NOTE = """GPU targets are not measured on a CPU (>= 4x TRL best, >= 10x TRL defaults in useful tokens/s,
@@ -582,6 +650,31 @@ TRL defaults 7,471, defaults + Liger 10,721, packing 16,660, packing + Liger 21,
 
 
 def main(argv=None) -> None:
+    ap = parser()
+    args = ap.parse_args(argv)
+    if args.rerender:
+        saved = json.loads(Path(args.rerender).read_text())
+        Path(args.rerender).with_suffix(".md").write_text(markdown(saved["meta"], saved["rows"]))
+        return None
+    if not args.base_dir and not args.random_init:
+        ap.error("pass --base-dir (a saved checkpoint) or --random-init CONFIG")
+    if args.worker:
+        return worker(args)
+
+    import torch
+
+    command = " ".join([Path(sys.executable).name, "-m", "ft_assets.bench.train_throughput", *(argv or sys.argv[1:])])
+    load_start = os.getloadavg()
+    passthrough = [a for a in (argv or sys.argv[1:])]
+    names = args.configs.split(",")
+    passes = run_passes(args, names, passthrough)
+    ceiling = round(matmul_ceiling_tflops(), 1) if torch.cuda.is_available() else None
+    rows = summarize([pool(passes[n]) for n in names], args.tolerance, ceiling)
+    meta = results_meta(args, rows, command, load_start, ceiling)
+    write_results(args, meta, rows)
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base-dir", help="a saved safetensors checkpoint with its tokenizer (e.g. .ft_home/artifacts/base_model/_/<version>)")
     ap.add_argument("--random-init", choices=sorted(RANDOM_INIT), help="random-init model of a real configuration (GPU runs)")
@@ -610,22 +703,12 @@ def main(argv=None) -> None:
     ap.add_argument("--rerender", help="write the markdown again from a results JSON (no runs)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.rerender:
-        saved = json.loads(Path(args.rerender).read_text())
-        Path(args.rerender).with_suffix(".md").write_text(markdown(saved["meta"], saved["rows"]))
-        return None
-    if not args.base_dir and not args.random_init:
-        ap.error("pass --base-dir (a saved checkpoint) or --random-init CONFIG")
-    if args.worker:
-        return worker(args)
+    return ap
 
-    import torch
 
-    command = " ".join([Path(sys.executable).name, "-m", "ft_assets.bench.train_throughput", *(argv or sys.argv[1:])])
-    load_start = os.getloadavg()
-    passthrough = [a for a in (argv or sys.argv[1:])]
-    names = args.configs.split(",")
+def run_passes(args, names: list[str], passthrough: list[str]) -> dict[str, list[dict]]:
+    """Each configuration's result (or error) per pass: `args.repeats` passes over `names`, their
+    order alternating (ABC CBA ...), each configuration in its own worker process."""
     passes: dict[str, list[dict]] = {n: [] for n in names}
     for rep in range(args.repeats):
         order = names if rep % 2 == 0 else names[::-1]
@@ -633,26 +716,38 @@ def main(argv=None) -> None:
             last = rep == args.repeats - 1  # the last pass also evaluates
             with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
                 result_path = fh.name
-            cmd = [sys.executable, "-m", "ft_assets.bench.train_throughput", *passthrough, "--worker", name,
-                   "--result", result_path, *([] if last else ["--skip-eval", "--no-eval-before"])]
             print(f"== {name} (pass {rep + 1}/{args.repeats})", flush=True)
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-            if proc.returncode != 0:
-                err = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
-                passes[name].append({"config": name, "error": err})
-                print(proc.stderr[-3000:], file=sys.stderr)
-            else:
-                passes[name].append(json.loads(Path(result_path).read_text()))
-            os.unlink(result_path)
+            passes[name].append(run_worker(name, passthrough, result_path, evaluate=last))
             print(f"   {time.perf_counter() - t0:.0f} s: " + json.dumps(
                 {k: v for k, v in passes[name][-1].items() if k not in ("losses", "logged_losses")})[:600], flush=True)
-    ceiling = round(matmul_ceiling_tflops(), 1) if torch.cuda.is_available() else None
-    rows = summarize([pool(passes[n]) for n in names], args.tolerance, ceiling)
+    return passes
+
+
+def run_worker(name: str, passthrough: list[str], result_path: str, evaluate: bool) -> dict:
+    """One configuration in a worker process: its result, or {config, error} with the last line of
+    its stderr (whose tail goes to ours); `result_path` is removed either way."""
+    cmd = [sys.executable, "-m", "ft_assets.bench.train_throughput", *passthrough, "--worker", name,
+           "--result", result_path, *([] if evaluate else ["--skip-eval", "--no-eval-before"])]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        err = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+        result = {"config": name, "error": err}
+        print(proc.stderr[-3000:], file=sys.stderr)
+    else:
+        result = json.loads(Path(result_path).read_text())
+    os.unlink(result_path)
+    return result
+
+
+def results_meta(args, rows: list[dict], command: str, load_start, ceiling: float | None) -> dict:
+    """The results' `meta`: the machine, versions, command and settings of the run."""
+    import torch
+
     ok = [r for r in rows if "error" not in r]
     first = ok[0] if ok else {}
     kind = "cuda" if torch.cuda.is_available() else "cpu"
-    meta = {
+    return {
         "date": dt.datetime.now().isoformat(timespec="seconds"), "device": device_name(), "device_kind": kind,
         "threads": first.get("threads"), "load_avg_start": [round(x, 1) for x in load_start],
         "load_avg_end": [round(x, 1) for x in os.getloadavg()], "versions": versions(), "command": command,
@@ -662,6 +757,10 @@ def main(argv=None) -> None:
         "batch_size": args.batch_size, "lr": args.lr, "tolerance": args.tolerance, "repeats": args.repeats,
         "trl_pack_len": args.trl_pack_len, "quantize": args.quantize, "bf16_matmul_tflops": ceiling,
     }
+
+
+def write_results(args, meta: dict, rows: list[dict]) -> None:
+    """train_throughput_<device>_<date>[_<tag>].{json,md} in `args.out_dir`; the markdown also to stdout."""
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"train_throughput_{device_slug()}_{dt.date.today().isoformat()}{'_' + args.tag if args.tag else ''}"

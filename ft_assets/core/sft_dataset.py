@@ -357,94 +357,155 @@ def _build(sources: list[SourceSpec], tokenizer, system, template, template_with
     import datasets
 
     num_proc = max(1, num_proc or os.cpu_count() or 1)
+    tmp, work = _work_dir(work_dir)
+    fmt_kwargs = dict(tokenizer=tokenizer, system=system, template=template,
+                      template_without_context=template_without_context, max_length=max_length)
+    with _quiet():
+        parts, rejected, per_source, train_by_task, eval_idx = [], [], {}, {}, []
+        offset = 0  # the first row of this source in the concatenated parts
+        for k, src in enumerate(sources):
+            prepared = _prepare_source(src, work / f"source-{k}.arrow", work, num_proc, fmt_kwargs)
+            parts.append(prepared.tokens)
+            train_by_task[src.name] = prepared.train + offset
+            eval_idx.append(prepared.eval + offset)
+            offset += prepared.kept_rows
+            rejected += [(src.name, r) for r in prepared.rejected]
+            per_source[src.name] = {"rows": prepared.rows, "kept": prepared.usable_rows,
+                                    "rejected": len(prepared.rejected), "train": len(prepared.train),
+                                    "eval": len(prepared.eval)}
+        train_idx, mixture = _train_index(sources, train_by_task, per_source, mixture_seed)
+        every = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        train = SftRows(every, tmp, np.asarray(train_idx, dtype=np.int64))
+        evals = SftRows(every, tmp, np.concatenate(eval_idx))
+    stats = _build_stats(per_source, train, evals, len(rejected), tokenizer.eos_token_id)
+    if mixture is not None:
+        stats["mixture"] = {"seed": mixture_seed, "tasks": mixture}
+    return BuiltDataset(train, evals, rejected, stats, num_proc)
+
+
+def _work_dir(work_dir: str | Path | None) -> tuple[tempfile.TemporaryDirectory | None, Path]:
+    """(the temporary directory, when `work_dir` is None: the rows keep it alive; the build's directory)."""
     tmp = None
     if work_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="ft-sft-")
         work_dir = tmp.name
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    fmt_kwargs = dict(tokenizer=tokenizer, system=system, template=template,
-                      template_without_context=template_without_context, max_length=max_length)
-    with _quiet():
-        parts, rejected, per_source, train_by_task, eval_idx = [], [], {}, {}, []
-        offset = 0
-        for k, src in enumerate(sources):
-            arrow_path = work / f"source-{k}.arrow"
-            v = _validate_source(src, arrow_path)
-            rej = list(v.rejected)
-            n_kept = len(v.split_rank)
-            usable = np.ones(n_kept, dtype=bool)
-            unit = D.row_word(src.format)
-            tokens = (_tokenize(arrow_path, work, num_proc, {**fmt_kwargs, "schema": src.schema, "train_on": src.train_on})
-                      if n_kept else None)
-            if tokens is not None:
-                lines = tokens.data.column("line").to_numpy()
-                ids = tokens.data.column("id")
-                rej += [Rejected(int(lines[row]), f"exact duplicate of {unit} {lines[first]}", None, ids[row].as_py())
-                        for row, first in v.dup_of.items()]
-                rej.sort(key=lambda r: r.line)  # validation's rejections in file order, as one pass gives them
-                usable[list(v.dup_of)] = False
-                reasons = tokens.data.column("rejected_because").to_numpy(zero_copy_only=False)
-                bad = np.nonzero((reasons != "") & usable)[0]
-                field = "messages" if src.schema == "messages" else "prompt"
-                rej += [Rejected(int(lines[i]), str(reasons[i]), field, ids[int(i)].as_py()) for i in bad]
-                usable[bad] = False
-            n_usable = int(usable.sum())
-            frac = len(rej) / v.rows
-            if not n_usable:
-                raise DataFileError(src.path, f"every row was rejected ({len(rej)} rows); first reason: "
-                                    f"{unit} {rej[0].line}: {rej[0].reason}", rejected=rej)
-            if frac > src.max_rejected_fraction:
-                worst = "; ".join(f"{unit} {r.line}: {r.reason}" for r in sorted(rej, key=lambda r: r.line)[:5])
-                raise DataFileError(
-                    src.path,
-                    f"{len(rej)} of {v.rows} rows rejected ({frac:.0%} > max_rejected_fraction "
-                    f"{src.max_rejected_fraction:.0%}). First: {worst}",
-                    rejected=rej,
-                )
-            kept = np.nonzero(usable)[0]
-            n_eval = D.eval_size(n_usable, src.eval_fraction)
-            held = np.sort(kept[np.argsort(v.split_rank[kept], kind="stable")[:n_eval]])
-            train_rows = np.setdiff1d(kept, held, assume_unique=True)
-            parts.append(tokens.remove_columns(["rejected_because"]))
-            train_by_task[src.name] = train_rows + offset
-            eval_idx.append(held + offset)
-            offset += n_kept
-            rejected += [(src.name, r) for r in rej]
-            per_source[src.name] = {"rows": v.rows, "kept": n_usable, "rejected": len(rej),
-                                    "train": len(train_rows), "eval": len(held)}
-        mixture = None
-        weights = {s.name: s.weight for s in sources if s.weight is not None}
-        if weights:
-            from .mixture import mix
+    return tmp, work
 
-            train_idx, counts = mix(train_by_task, weights, mixture_seed)
-            total_w = sum(weights.values())
-            mixture = {t: {"weight": weights[t], "share": round(weights[t] / total_w, 4), "rows": counts[t],
-                           "unique_rows": len(train_by_task[t])} for t in sorted(weights)}
-            for t, info in mixture.items():
-                per_source[t]["mixed_train"] = info["rows"]
-        else:
-            train_idx = np.concatenate(list(train_by_task.values()))
-        every = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-        train = SftRows(every, tmp, np.asarray(train_idx, dtype=np.int64))
-        evals = SftRows(every, tmp, np.concatenate(eval_idx))
+
+@dataclass
+class _PreparedSource:
+    """One source validated, tokenized, checked and split."""
+
+    tokens: Any  # datasets.Dataset: every kept row (duplicates and rows formatting refused included)
+    rejected: list[Rejected]  # validation's and duplicates in file order, then formatting's
+    rows: int  # rows read
+    kept_rows: int  # rows of `tokens`
+    usable_rows: int  # rows of `tokens` neither duplicates nor refused: train + eval
+    train: np.ndarray  # row indices into `tokens`
+    eval: np.ndarray
+
+
+def _prepare_source(src: SourceSpec, arrow_path: Path, work: Path, num_proc: int,
+                    fmt_kwargs: dict[str, Any]) -> _PreparedSource:
+    """Read, validate, tokenize, collect the rejections, check their share and split one source;
+    a DataFileError when it keeps no row or rejects more than `max_rejected_fraction`."""
+    v = _validate_source(src, arrow_path)
+    n_kept = len(v.split_rank)
+    tokens = (_tokenize(arrow_path, work, num_proc, {**fmt_kwargs, "schema": src.schema, "train_on": src.train_on})
+              if n_kept else None)
+    rej, usable = _rejections(src, v, tokens)
+    n_usable = int(usable.sum())
+    _check_rejected(src, v.rows, rej, n_usable)
+    train_rows, held = _split_usable(usable, n_usable, v.split_rank, src.eval_fraction)
+    return _PreparedSource(tokens.remove_columns(["rejected_because"]), rej, v.rows, n_kept, n_usable,
+                           train_rows, held)
+
+
+def _rejections(src: SourceSpec, v: _Validated, tokens) -> tuple[list[Rejected], np.ndarray]:
+    """(every rejection of the source, a bool per kept row: neither a duplicate nor refused by
+    formatting). Without `tokens` (no kept row) only validation's rejections."""
+    rej = list(v.rejected)
+    usable = np.ones(len(v.split_rank), dtype=bool)
+    if tokens is None:
+        return rej, usable
+    unit = D.row_word(src.format)
+    lines = tokens.data.column("line").to_numpy()
+    ids = tokens.data.column("id")
+    rej += [Rejected(int(lines[row]), f"exact duplicate of {unit} {lines[first]}", None, ids[row].as_py())
+            for row, first in v.dup_of.items()]
+    rej.sort(key=lambda r: r.line)  # validation's rejections in file order, as one pass gives them
+    usable[list(v.dup_of)] = False
+    reasons = tokens.data.column("rejected_because").to_numpy(zero_copy_only=False)
+    bad = np.nonzero((reasons != "") & usable)[0]
+    field = "messages" if src.schema == "messages" else "prompt"
+    rej += [Rejected(int(lines[i]), str(reasons[i]), field, ids[int(i)].as_py()) for i in bad]
+    usable[bad] = False
+    return rej, usable
+
+
+def _check_rejected(src: SourceSpec, rows: int, rej: list[Rejected], n_usable: int) -> None:
+    """A DataFileError (carrying `rej`) when no row is usable or too many were rejected."""
+    unit = D.row_word(src.format)
+    frac = len(rej) / rows
+    if not n_usable:
+        raise DataFileError(src.path, f"every row was rejected ({len(rej)} rows); first reason: "
+                            f"{unit} {rej[0].line}: {rej[0].reason}", rejected=rej)
+    if frac > src.max_rejected_fraction:
+        worst = "; ".join(f"{unit} {r.line}: {r.reason}" for r in sorted(rej, key=lambda r: r.line)[:5])
+        raise DataFileError(
+            src.path,
+            f"{len(rej)} of {rows} rows rejected ({frac:.0%} > max_rejected_fraction "
+            f"{src.max_rejected_fraction:.0%}). First: {worst}",
+            rejected=rej,
+        )
+
+
+def _split_usable(usable: np.ndarray, n_usable: int, split_rank: np.ndarray,
+                  eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, held-out rows), both ascending: the usable rows of the smallest split ranks are held out."""
+    kept = np.nonzero(usable)[0]
+    n_eval = D.eval_size(n_usable, eval_fraction)
+    held = np.sort(kept[np.argsort(split_rank[kept], kind="stable")[:n_eval]])
+    return np.setdiff1d(kept, held, assume_unique=True), held
+
+
+def _train_index(sources: list[SourceSpec], train_by_task: dict[str, np.ndarray], per_source: dict[str, dict],
+                 mixture_seed: int) -> tuple[Any, dict[str, dict] | None]:
+    """(the training split's rows, the mixture's facts per task or None): with weights,
+    `core.mixture.mix` of the sources' training rows (each source's `mixed_train` count added to
+    `per_source`); without, every source's training rows one source after another."""
+    weights = {s.name: s.weight for s in sources if s.weight is not None}
+    if not weights:
+        return np.concatenate(list(train_by_task.values())), None
+    from .mixture import mix
+
+    train_idx, counts = mix(train_by_task, weights, mixture_seed)
+    total_w = sum(weights.values())
+    mixture = {t: {"weight": weights[t], "share": round(weights[t] / total_w, 4), "rows": counts[t],
+                   "unique_rows": len(train_by_task[t])} for t in sorted(weights)}
+    for t, info in mixture.items():
+        per_source[t]["mixed_train"] = info["rows"]
+    return train_idx, mixture
+
+
+def _build_stats(per_source: dict[str, dict], train: SftRows, evals: SftRows, rejected_rows: int,
+                 eos_id: int) -> dict[str, Any]:
+    """dataset_info.json's build facts: rows per source and split, token statistics of both splits."""
     lengths = np.sort(np.concatenate([train.lengths(), evals.lengths()]))
-    trained, _ = label_facts(train, tokenizer.eos_token_id)
-    stats = {
+    trained, _ = label_facts(train, eos_id)
+    return {
         "sources": per_source,
         "train_rows": len(train),
         "eval_rows": len(evals),
-        "rejected_rows": len(rejected),
+        "rejected_rows": rejected_rows,
         "tokens": {
             "min": int(lengths[0]), "max": int(lengths[-1]), "mean": round(float(lengths.mean()), 1),
             "p50": int(lengths[len(lengths) // 2]), "p95": int(lengths[min(len(lengths) - 1, int(len(lengths) * 0.95))]),
         },
         "trained_tokens_per_epoch": trained,
     }
-    if mixture is not None:
-        stats["mixture"] = {"seed": mixture_seed, "tasks": mixture}
-    return BuiltDataset(train, evals, rejected, stats, num_proc)
 
 
 def label_facts(rows: SftRows, eos_id: int, max_problems: int = 20) -> tuple[int, list[str]]:
