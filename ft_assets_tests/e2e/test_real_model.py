@@ -1,37 +1,69 @@
-"""The real SmolLM2-135M-Instruct (bundled GGUF) through the Dagster graph. Slow: ~2 min on CPU."""
+"""The real SmolLM2-135M-Instruct (bundled GGUF) through the Dagster graph, materialized once for
+the module (the demo recipe with a short LoRA run, an evaluation section and a GGUF export):
+- it trains and is evaluated, and the untuned model produces real text (skipped without the
+  bundled GGUF);
+- gguf_model's export runs in llama.cpp's own binary (built by `make install`) and answers
+  held-out prompts greedily as transformers does on the merged safetensors model (never skipped:
+  without the bundled GGUF or the llama.cpp build it fails and says so).
+Slow: a few minutes on CPU."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import dagster as dg
 import pytest
 import yaml
 
-from ft_assets.core.models import bundled_gguf_path
+from ft_assets.artifacts.store import ArtifactStore
+from ft_assets.core import data, evaluate, export
+from ft_assets.core.models import bundled_gguf_path, load_model, load_tokenizer
 from ft_assets.definitions import build_definitions
 from ft_assets.demo import materialize_all
 from ft_assets.recipe import DEMO_RECIPE, load_recipe
-from ft_assets.artifacts.store import ArtifactStore
 
 pytestmark = pytest.mark.slow
 
+PROMPTS = 6
+MAX_NEW_TOKENS = 16
 
-def test_bundled_model_trains_and_is_evaluated(tmp_path, ft_home):
+
+@dataclass
+class BundledRun:
+    home: Path  # FT_HOME of the run: the store
+    instance: dg.DagsterInstance  # the ephemeral instance it ran in
+
+
+@pytest.fixture(scope="module")
+def bundled_run(tmp_path_factory):
+    """The whole graph of the demo recipe on the bundled model, materialized once (minutes on CPU)
+    for both tests. Requested by name inside each test, after its own check of what must be
+    installed, so a missing GGUF skips or fails before anything runs."""
+    work = tmp_path_factory.mktemp("real_model")
+    home = work / "ft_home"
+    with pytest.MonkeyPatch.context() as mp:  # conftest's ft_home, for the whole module
+        mp.setenv("FT_HOME", str(home))
+        recipe = yaml.safe_load(DEMO_RECIPE.read_text())
+        recipe["root"] = str(DEMO_RECIPE.parent.parent.parent)
+        recipe["quantization"] = {"method": "none"}
+        recipe["methods"] = {"lora": {"r": 8, "alpha": 16, "dropout": 0.0}}
+        recipe["training"].update({"max_steps": 3, "batch_size": 4, "checkpoint_every": 2})
+        recipe["evaluation"] = {"max_new_tokens": 12, "batch_size": 8, "max_examples": 8}
+        recipe["export"] = {"gguf": ["f16", "q8_0"]}
+        (work / "r.yaml").write_text(yaml.safe_dump(recipe))
+        defs = build_definitions(load_recipe(work / "r.yaml"), home=str(home))
+        instance = dg.DagsterInstance.ephemeral()
+        # failures are not asserted here: each test checks the assets it reads
+        materialize_all(defs, instance, say=lambda *_: None)
+        yield BundledRun(home, instance)
+
+
+def test_bundled_model_trains_and_is_evaluated(request):
     if not bundled_gguf_path().is_file():
         pytest.skip("bundled GGUF missing; run `make install`")
-    recipe = yaml.safe_load(DEMO_RECIPE.read_text())
-    recipe["root"] = str(DEMO_RECIPE.parent.parent.parent)
-    recipe["quantization"] = {"method": "none"}
-    recipe["methods"] = {"lora": {"r": 8, "alpha": 16, "dropout": 0.0}}
-    recipe["training"].update({"max_steps": 3, "batch_size": 4, "checkpoint_every": 2})
-    recipe["evaluation"] = {"max_new_tokens": 12, "batch_size": 8, "max_examples": 8}
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    r = load_recipe(tmp_path / "r.yaml")
-    defs = build_definitions(r, home=str(ft_home))
-    materialize_all(defs, dg.DagsterInstance.ephemeral(), say=lambda *_: None)
-
-    store = ArtifactStore(ft_home)
+    store = ArtifactStore(request.getfixturevalue("bundled_run").home)
     base = store.latest("base_model").manifest()["model"]
     assert base["architecture"] == "LlamaForCausalLM" and base["layers"] == 30
     assert 134_000_000 < base["parameters"] < 135_000_000
@@ -45,3 +77,35 @@ def test_bundled_model_trains_and_is_evaluated(tmp_path, ft_home):
     assert metrics["base"]["perplexity"] < 1000
     log = json.loads((store.latest("adapter", "lora").dir / "train_log.json").read_text())
     assert log["steps"] == 3 and all(l < 20 for _, l in log["losses"])
+
+
+def test_llama_cpp_answers_like_transformers(request):
+    missing = [str(p) for p in (bundled_gguf_path(),) if not p.is_file()]
+    missing += [n for n in ("llama-completion", "llama-quantize") if export.tool(n) is None]
+    assert not missing, f"missing {', '.join(missing)}: run `make install`"
+    bundled = request.getfixturevalue("bundled_run")
+    for name in ("adapter", "merged_model", "gguf_model"):  # the chain this test reads materialized
+        assert "lora" in bundled.instance.get_materialized_partitions(dg.AssetKey(name)), f"{name}[lora] failed"
+
+    store = ArtifactStore(bundled.home)
+    merged, gguf = store.latest("merged_model", "lora").dir, store.latest("gguf_model", "lora").dir
+    tok = load_tokenizer(merged)
+    examples = data.load_split(store.latest("sft_dataset").dir, "eval")[:PROMPTS]
+    expected = evaluate.generate_answers(load_model(merged), tok, examples, max_new_tokens=MAX_NEW_TOKENS,
+                                         batch_size=1, device="cpu")
+    assert sum(any(ch.isalpha() or ch.isdigit() for ch in a) for a in expected) >= PROMPTS - 1  # real answers
+    prompts = [tok.decode(ex.input_ids[: ex.prompt_len]) for ex in examples]  # the chat text, special tokens in
+    runs = {kind: [export.llama_cpp_generate(gguf / export.gguf_file(kind), p, MAX_NEW_TOKENS) for p in prompts]
+            for kind in ("f16", "q8_0")}
+    f16 = [r.text for r in runs["f16"]]
+    assert f16 == expected, "\n".join(f"transformers {e!r} / llama.cpp f16 {g!r}" for e, g in zip(expected, f16))
+    # it stops where the model ends its turn (<|im_end|>, from the GGUF metadata): answers shorter
+    # than the budget in transformers are shorter in llama.cpp too
+    hf_lengths = [len(tok(a, add_special_tokens=False)["input_ids"]) for a in expected]
+    for n_hf, run in zip(hf_lengths, runs["f16"]):
+        if n_hf < MAX_NEW_TOKENS - 1:
+            assert run.generated_tokens <= n_hf + 1, (n_hf, run)
+    # q8_0 rounds every weight: the same answer for most prompts, and close text for all
+    q8 = [r.text for r in runs["q8_0"]]
+    same = sum(a == b for a, b in zip(q8, expected))
+    assert same >= PROMPTS - 2, "\n".join(f"transformers {e!r} / llama.cpp q8_0 {g!r}" for e, g in zip(expected, q8))
