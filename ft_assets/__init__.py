@@ -1,8 +1,28 @@
 """ft_assets: LLM fine-tuning as Dagster software-defined assets, declared by a YAML recipe.
 
-The folders are the architecture (README "Layout"; pyproject.toml's import-linter contracts keep
-it true): `defs/` is the Dagster wiring and, with the command line, the only user of
-`artifacts/` (the versioned store); `core/` is the ML code and knows no Dagster; `jobs/` runs a
-training step outside the Dagster process; `config/` knows no torch or Dagster. This file is
-empty on purpose: importing the package starts nothing and pulls in neither torch nor Dagster.
+The folders are the architecture; imports go one way (pyproject.toml's import-linter contracts,
+checked inside `make test`):
+
+    cli -> defs -> jobs -> {trainers : evaluation : publish} -> training -> {methods : data : models} -> config
+
+`artifacts/` (the versioned store) is used by `defs/` and `cli/` only. Importing this package
+starts nothing and pulls in neither torch nor Dagster.
+
+bitsandbytes logs "Failed to load CPU gemm_4bit_forward from kernels-community" when it is
+imported on a CPU with AVX512_BF16. That kernel only serves the bfloat16 inference path that
+`models.quantize.exact_nf4_kernels` turns off, so the message is dropped here, before any module
+of the package imports bitsandbytes.
 """
+
+import logging
+
+
+def _drop_unused_kernel_warning(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_unused_kernel_warning)
+
+# The composition root: the method families register their recipe specs with the configuration
+# (config.method_spec) on import, so a recipe validates whichever module loads it first.
+from . import methods  # noqa: E402,F401

@@ -18,7 +18,7 @@ and, when the recipe asks for them:
     merged_model[m] ─> gguf_model[m]                          (export.gguf: GGUF files + Ollama Modelfile)
     adapter[m@k=v...] (every trial of m's sweep) ─> best_adapter[m]            (sweeps)
 
-plus the automation sensor (eager reruns), the dead-runs sensor (`ft_assets.runs`), and the
+plus the automation sensor (eager reruns), the dead-runs sensor (`ft_assets.defs.runs`), and the
 retraining schedule when the recipe has one. Every run these Definitions execute (the UI, schedules,
 sensors, `dagster asset materialize`) uses `runs.worker_executor`: Dagster's multiprocess executor
 that records its worker process, marks the processes it starts, and frees the pool slots of dead
@@ -31,10 +31,10 @@ from dataclasses import dataclass
 
 import dagster as dg
 
-from . import runs
+from .defs import runs
 from .defs import adapters, automation, cards, datasets, distill, export, models, preferences, raw, reports, sweeps
 from .defs.resources import ArtifactIOManager, ComputeResource, StoreResource
-from .recipe import Recipe, load_recipes
+from .config.recipe import Recipe, load_recipes
 from .config.paths import store_location
 
 

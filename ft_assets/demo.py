@@ -14,11 +14,11 @@ from pathlib import Path
 
 import dagster as dg
 
-from .core.preemption import PREEMPTED
+from .training.preemption import PREEMPTED
 from .definitions import build_definitions
 from .defs.automation import record_sources
-from .recipe import DEMO_RECIPE, load_recipes
-from .runs import LAUNCH_TAG, PoolWatch, launch_tags, reap_dead_runs
+from .config.recipe import DEMO_RECIPE, load_recipes
+from .defs.runs import LAUNCH_TAG, PoolWatch, launch_tags, reap_dead_runs
 from .artifacts.store import ArtifactStore
 from .config.paths import ft_home
 
@@ -31,7 +31,7 @@ concurrency:
   pools:
     default_limit: 1
 # With the daemon (make ui): fail runs stuck starting or canceling, free the slots of ended runs.
-# Runs whose worker process died are found by ft_assets' dead_runs sensor (ft_assets/runs.py).
+# Runs whose worker process died are found by ft_assets' dead_runs sensor (ft_assets/defs/runs.py).
 run_monitoring:
   enabled: true
   start_timeout_seconds: 180
@@ -133,7 +133,7 @@ def materialize_graph(defs: dg.Definitions, instance: dg.DagsterInstance, target
     run per batch and partition key. A run that fails does not stop the others; targets whose
     same-partition (or unpartitioned) upstream failed are skipped; after a run preempted by a signal
     nothing more is launched. Dead runs are cleaned up first and while a run waits on a pool
-    (`ft_assets.runs`). Returns what did not materialize."""
+    (`ft_assets.defs.runs`). Returns what did not materialize."""
     t0 = time.perf_counter()
     failed: list[Target] = []
     stopped = False
@@ -190,7 +190,7 @@ def _interrupt(signum, frame):
 
 def main() -> int:
     # SIGTERM outside training stops like Ctrl-C (Dagster records the run as failed and frees its slots);
-    # during training the loop turns it into a checkpoint first (core.preemption)
+    # during training the loop turns it into a checkpoint first (training.preemption)
     signal.signal(signal.SIGTERM, _interrupt)
     recipes = load_recipes(os.environ.get("FT_RECIPE") or DEMO_RECIPE)  # several: one pipeline each
     instance = ensure_instance()

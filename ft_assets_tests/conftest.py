@@ -13,7 +13,7 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from ft_assets.core.models import bundled_gguf_path  # noqa: E402
+from ft_assets.models.base_model import bundled_gguf_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,7 +55,7 @@ def tiny_model_dir(real_tokenizer_dir, tmp_path_factory) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from ft_assets.core.models import fix_special_tokens
+    from ft_assets.models.base_model import fix_special_tokens
 
     tok = AutoTokenizer.from_pretrained(real_tokenizer_dir)
     torch.manual_seed(0)
@@ -88,7 +88,7 @@ def formatted_examples(model_dir: Path, n: int, drop_context_every: int = 0) -> 
     its context and the others lose it (rows of several lengths)."""
     from transformers import AutoTokenizer
 
-    from ft_assets.core import data
+    from ft_assets.data import rows as data
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     out = []

@@ -28,9 +28,13 @@ def test_the_package_keeps_its_import_rules():
 
 def test_a_forbidden_import_breaks_a_contract(tmp_path):
     shutil.copytree(REPO / "ft_assets", tmp_path / "ft_assets", ignore=shutil.ignore_patterns("__pycache__", "bench"))
-    models = tmp_path / "ft_assets" / "core" / "models.py"
+    models = tmp_path / "ft_assets" / "models" / "base_model.py"
     models.write_text(models.read_text() + "\nfrom ..artifacts.store import ArtifactStore  # planted\n")
+    rows = tmp_path / "ft_assets" / "data" / "rows.py"
+    rows.write_text(rows.read_text() + "\nfrom ..trainers import sft  # planted: an upward import\n")
     done = lint(tmp_path)
     assert done.returncode != 0, done.stdout[-3000:]
     assert "The artifact store is used by the Dagster layer and the command line only BROKEN" in done.stdout
-    assert "ft_assets.core.models -> ft_assets.artifacts.store" in done.stdout
+    assert "ft_assets.models.base_model -> ft_assets.artifacts.store" in done.stdout
+    assert "Rooms import downwards only BROKEN" in done.stdout
+    assert "ft_assets.data.rows -> ft_assets.trainers.sft" in done.stdout

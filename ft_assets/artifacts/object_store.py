@@ -46,7 +46,7 @@ from ..config.paths import is_url
 
 MANIFEST = "manifest.json"
 DELETING = ".deleting"
-CHECKPOINT_DONE = "progress.json"  # core.train writes it last into a checkpoint; so does the upload
+CHECKPOINT_DONE = "progress.json"  # training.loop writes it last into a checkpoint; so does the upload
 UPLOADS = ".uploads"  # <version>/.uploads/<32 hex>/: one writer's files (the module doc)
 VERSION_FORMAT = re.compile(r"[0-9a-f]{16}")
 STEP_DIR = re.compile(r"step-([0-9]{1,18})")
@@ -364,7 +364,7 @@ class ObjectStore:
             shutil.rmtree(best, ignore_errors=True)
             if tmp_best.is_dir():
                 os.rename(tmp_best, best)
-            os.rename(tmp, local_root / f"step-{step:06d}")  # core.train's name: it sorts steps by name
+            os.rename(tmp, local_root / f"step-{step:06d}")  # training.loop's name: it sorts steps by name
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(tmp_best, ignore_errors=True)

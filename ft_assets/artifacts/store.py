@@ -94,7 +94,7 @@ class Checkpoints:
     rel: str
 
     def saved(self, _checkpoint: Path) -> None:
-        """`core.train`'s on_checkpoint: mirror the newest checkpoint to the object store."""
+        """`training.loop`'s on_checkpoint: mirror the newest checkpoint to the object store."""
         if self.remote is not None:
             self.remote.push_checkpoint(self.dir, self.rel)
 

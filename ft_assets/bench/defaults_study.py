@@ -17,7 +17,7 @@ eval split, max_new_tokens), so only the training defaults differ:
 
 Our configurations train through the Dagster graph (base_model, sft_dataset, adapter[m]) with a
 throwaway instance; every model, TRL's included, is scored by the function eval_report uses
-(`core.evaluate.evaluate`: greedy answers on the held-out split, token F1 / exact match / ROUGE-L).
+(`evaluation.heldout.evaluate`: greedy answers on the held-out split, token F1 / exact match / ROUGE-L).
 Training time is the training loop's wall time (ours: the adapter's `train.wall_s`, validation
 passes included; TRL: `trainer.train()`), and the process CPU time around it (ours: the whole
 `adapter` materialization), which moves less when something else shares the machine.
@@ -58,7 +58,7 @@ SCORES = ("token_f1", "exact_match", "rouge_l", "eval_loss")
 
 def init_recipe(task: str, work: Path) -> Path:
     """The recipe `init` writes for the task's file (exactly what a user gets)."""
-    from ft_assets import init
+    from ft_assets.cli import init
 
     data, flags = TASKS[task]
     out = work / task / "init.yaml"
@@ -98,7 +98,7 @@ def train_ours(recipe_path: Path, home: Path, train: bool = True) -> dict:
     import dagster as dg
 
     from ft_assets.definitions import build_definitions
-    from ft_assets.recipe import load_recipe
+    from ft_assets.config.recipe import load_recipe
     from ft_assets.artifacts.store import ArtifactStore
 
     recipe = load_recipe(recipe_path)
@@ -120,7 +120,7 @@ def train_ours(recipe_path: Path, home: Path, train: bool = True) -> dict:
 
 
 def score(model, tok, examples, recipe) -> dict:
-    from ft_assets.core.evaluate import evaluate
+    from ft_assets.evaluation.heldout import evaluate
 
     ev = recipe.evaluation
     out = evaluate(model, tok, examples, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, device="cpu")
@@ -128,7 +128,7 @@ def score(model, tok, examples, recipe) -> dict:
 
 
 def trl_conversations(examples, recipe) -> list[dict]:
-    from ft_assets.core.data import build_messages
+    from ft_assets.data.rows import build_messages
 
     ds, p = recipe.datasets[0], recipe.prompt
     rows = []
@@ -146,8 +146,8 @@ def run_trl(ours: dict, smoke: int = 0) -> dict:
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from ft_assets.core.data import load_split
-    from ft_assets.core.models import load_model, load_tokenizer
+    from ft_assets.data.sft_dataset import load_split
+    from ft_assets.models.base_model import load_model, load_tokenizer
 
     recipe = ours["recipe"]
     tok = load_tokenizer(ours["base_dir"])
@@ -175,10 +175,10 @@ def run_trl(ours: dict, smoke: int = 0) -> dict:
 def run_config(task: str, config: str, work: Path, smoke: int = 0) -> dict:
     import torch
 
-    from ft_assets.core import merge
-    from ft_assets.core.data import load_split
-    from ft_assets.core.methods import get_method
-    from ft_assets.core.models import load_model, load_tokenizer
+    from ft_assets.evaluation import merge
+    from ft_assets.data.sft_dataset import load_split
+    from ft_assets.methods import get_method
+    from ft_assets.models.base_model import load_model, load_tokenizer
 
     torch.manual_seed(0)
     init_path = init_recipe(task, work)
@@ -225,7 +225,7 @@ def write_results(results: list[dict], out: Path, command: str) -> Path:
         f"- date: {meta['date']}; machine: {meta['machine']}; torch {meta['torch']}, transformers "
         f"{meta['transformers']}, trl {meta['trl']}",
         "- model: SmolLM2-135M-Instruct (bundled); scores: greedy answers on each task's held-out split "
-        "(`core.evaluate.evaluate`, as `eval_report`); time: the training loop's wall time",
+        "(`evaluation.heldout.evaluate`, as `eval_report`); time: the training loop's wall time",
         f"- command: `{command}`", "",
         "| task | configuration | steps (kept) | train s (wall) | train CPU s | token F1 | exact match | ROUGE-L | eval loss |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",

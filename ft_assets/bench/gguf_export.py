@@ -6,7 +6,7 @@ recipe's own settings, `export.gguf` replaced by --types), then on the held-out 
 (`--max-examples` rows, the order sft_dataset wrote them):
 
   size        bytes on disk: merged model.safetensors vs each model-<type>.gguf
-  token F1    greedy answers (`evaluation.max_new_tokens`) scored by core.metrics against the
+  token F1    greedy answers (`evaluation.max_new_tokens`) scored by evaluation.qa_metrics against the
               references: transformers on the merged checkpoint (float32, batch 1) vs
               llama.cpp's llama-completion on each GGUF (the same chat-formatted prompt text)
   agreement   share of prompts where llama.cpp's answer equals transformers' answer
@@ -41,7 +41,7 @@ def materialize(recipe_path: Path, method: str, types: list[str], home: Path, ma
     import dagster as dg
 
     from ft_assets.definitions import build_definitions
-    from ft_assets.recipe import load_recipe
+    from ft_assets.config.recipe import load_recipe
     from ft_assets.artifacts.store import ArtifactStore
 
     raw = yaml.safe_load(recipe_path.read_text())
@@ -70,7 +70,7 @@ def materialize(recipe_path: Path, method: str, types: list[str], home: Path, ma
 
 def reuse(home: Path, method: str) -> dict:
     """The artifacts an earlier invocation left in FT_HOME (measure again without training again)."""
-    from ft_assets.recipe import load_recipe
+    from ft_assets.config.recipe import load_recipe
     from ft_assets.artifacts.store import ArtifactStore
 
     store = ArtifactStore(home)
@@ -82,7 +82,7 @@ def reuse(home: Path, method: str) -> dict:
 def transformers_answers(merged_dir: Path, examples, max_new_tokens: int, threads: int) -> tuple[list[str], dict]:
     import torch
 
-    from ft_assets.core.models import load_model, load_tokenizer
+    from ft_assets.models.base_model import load_model, load_tokenizer
 
     torch.set_num_threads(threads)
     tok, model = load_tokenizer(merged_dir), load_model(merged_dir)
@@ -102,7 +102,7 @@ def transformers_answers(merged_dir: Path, examples, max_new_tokens: int, thread
 
 
 def llama_cpp_answers(gguf: Path, prompts: list[str], max_new_tokens: int, threads: int) -> tuple[list[str], dict]:
-    from ft_assets.core.export import llama_cpp_generate
+    from ft_assets.publish.gguf import llama_cpp_generate
 
     runs = [llama_cpp_generate(gguf, p, max_new_tokens, threads=threads) for p in prompts]
     generated = sum(r.generated_tokens for r in runs)  # measured: equals transformers' count (EOS included)
@@ -114,13 +114,13 @@ def llama_cpp_answers(gguf: Path, prompts: list[str], max_new_tokens: int, threa
 
 
 def score(answers: list[str], examples) -> float:
-    from ft_assets.core.metrics import score_answers
+    from ft_assets.evaluation.qa_metrics import score_answers
 
     return score_answers(answers, [ex.answer for ex in examples]).means["token_f1"]
 
 
 def run(args) -> dict:
-    from ft_assets.core import data
+    from ft_assets.data import sft_dataset
 
     home = Path(os.environ.get("FT_HOME") or tempfile.mkdtemp(prefix="gguf-bench-"))
     home.mkdir(parents=True, exist_ok=True)
@@ -129,9 +129,9 @@ def run(args) -> dict:
     arts = reuse(home, args.method) if args.reuse else materialize(Path(args.recipe).resolve(), args.method, types,
                                                                      home, args.max_steps)
     recipe, merged, gguf = arts["recipe"], arts["merged"].dir, arts["gguf"].dir
-    examples = data.load_split(arts["dataset"].dir, "eval")[: args.max_examples]
+    examples = sft_dataset.load_split(arts["dataset"].dir, "eval")[: args.max_examples]
     max_new = recipe.evaluation.max_new_tokens
-    from ft_assets.core.models import load_tokenizer
+    from ft_assets.models.base_model import load_tokenizer
 
     tok = load_tokenizer(merged)
     prompts = [tok.decode(ex.input_ids[: ex.prompt_len]) for ex in examples]

@@ -42,8 +42,8 @@ EOF
     tests)  # the device-aware test modules on cuda
       stamp tests
       FT_TEST_DEVICE=cuda FT_TEST_TOKENIZER_DIR=$TOK timeout 180 python3 -m pytest -q -p no:cacheprovider -rs \
-        --junitxml="$OUT/pytest_cuda.xml" ft_assets_tests/core/test_cuda.py ft_assets_tests/core/test_packing.py \
-        ft_assets_tests/core/test_merge_and_quantize.py 2>&1 | tail -40
+        --junitxml="$OUT/pytest_cuda.xml" ft_assets_tests/training/test_cuda.py ft_assets_tests/training/test_packing.py \
+        ft_assets_tests/evaluation/test_merge_and_quantize.py 2>&1 | tail -40
       ;;
     lora)  # SmolLM2-135M LoRA: ours vs TRL defaults vs TRL best (packing + Liger), batch 16
       stamp lora

@@ -52,9 +52,9 @@ def prepare(work: Path, random_init: str) -> tuple[Path, Path, int]:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from ft_assets.bench.train_throughput import load_tokenizer
-    from ft_assets.core import data
-    from ft_assets.core.sft_dataset import build_sft_dataset, save_dataset
-    from ft_assets.recipe import load_recipe
+    from ft_assets.data import rows as data
+    from ft_assets.data.sft_dataset import build_sft_dataset, save_dataset
+    from ft_assets.config.recipe import load_recipe
 
     tok = load_tokenizer(argparse.Namespace(tokenizer_dir=None, base_dir=None))
     recipe = load_recipe(REPO / "ft_assets" / "recipes" / "default.yaml")

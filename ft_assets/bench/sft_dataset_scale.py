@@ -3,10 +3,10 @@
 Contract. For each row count N (default 10k, 100k, 1M) it writes a JSONL file of N rows of the
 shipped finqa kind, then runs, each in a fresh subprocess so peak memory is per run:
 
-  old   `core.data.build_sft_dataset` + `save_dataset` of the code at `--old-ref` (the JSONL
+  old   `data.rows.build_sft_dataset` + `save_dataset` of the code at `--old-ref` (the JSONL
         layout: every row a Python dict, an Example and token lists in memory), extracted with
         `git archive` into the work directory;
-  new   this tree's `core.sft_dataset` build (streamed, `Dataset.map(num_proc)`) + `save_dataset`
+  new   this tree's `data.sft_dataset` build (streamed, `Dataset.map(num_proc)`) + `save_dataset`
         + `canonical_version`;
 
 with the default recipe's prompt (system, template, max_length) and the real SmolLM2 tokenizer.
@@ -53,7 +53,10 @@ import ft_assets
 print("code:", ft_assets.__file__, file=sys.stderr)
 prompt, num_proc = json.loads(prompt), int(num_proc)
 from transformers import AutoTokenizer
-from ft_assets.core import data as D
+try:
+    from ft_assets.data import rows as D  # this tree
+except ImportError:
+    from ft_assets.core import data as D  # the layout of --old-ref
 tok = AutoTokenizer.from_pretrained(tok_dir)
 def rss(key):
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -112,7 +115,7 @@ kw = dict(system=prompt["system"], template=prompt["template"],
           template_without_context=prompt["template_without_context"], max_length=prompt["max_length"])
 version = None
 if impl == "new":
-    from ft_assets.core import sft_dataset as S
+    from ft_assets.data import sft_dataset as S
     built = S.build_sft_dataset([src], tok, num_proc=num_proc, work_dir=out / ".build", **kw)
     S.save_dataset(built, out, meta)
     stats = built.stats
@@ -197,7 +200,7 @@ def save_tokenizer(workdir: Path) -> Path:
     if not (out / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
-        from ft_assets.core.models import bundled_gguf_path
+        from ft_assets.models.base_model import bundled_gguf_path
 
         gguf = bundled_gguf_path()
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
@@ -205,7 +208,7 @@ def save_tokenizer(workdir: Path) -> Path:
 
 
 def default_prompt() -> dict:
-    from ft_assets.recipe import load_recipe
+    from ft_assets.config.recipe import load_recipe
 
     p = load_recipe(REPO_ROOT / "ft_assets" / "recipes" / "default.yaml").prompt
     return {"system": p.system, "template": p.template, "template_without_context": p.template_without_context,
@@ -256,8 +259,8 @@ def markdown(result: dict) -> str:
         f"- data: {result['data']}",
         f"- prompt: the default recipe's (max_length {result['prompt']['max_length']}); real SmolLM2 tokenizer; "
         "eval_fraction 0.15, split seed 42",
-        f"- old: `core.data.build_sft_dataset` + `save_dataset` at {result['old_ref']} (JSONL files); "
-        f"new: `core.sft_dataset` with num_proc {result['num_proc']} (Arrow, save_to_disk, canonical version)",
+        f"- old: `data.rows.build_sft_dataset` + `save_dataset` at {result['old_ref']} (JSONL files); "
+        f"new: `data.sft_dataset` with num_proc {result['num_proc']} (Arrow, save_to_disk, canonical version)",
         f"- command: `{result['command']}`",
         "",
         "| code | rows | wall s | rows/s | CPU s | rows per CPU-s | peak RSS (run) | largest worker RSS | RSS before build | peak private (run) | peak private (run + workers, PSS) | private before build | artifact | load start -> end |",

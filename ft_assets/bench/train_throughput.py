@@ -2,7 +2,7 @@
 
 One invocation runs, each in a fresh subprocess (so peak memory is per configuration):
 
-  ours          ft_assets.core.train: packed micro-batches (per-sample attention, no padding),
+  ours          ft_assets.training.loop: packed micro-batches (per-sample attention, no padding),
                 LM head + chunked cross-entropy on the labelled positions only (Liger's fused head on
                 CUDA when installed), one flash varlen kernel call for packed rows on CUDA, compile
                 only with --compile;
@@ -17,13 +17,13 @@ the same conversations in prompt/completion form, so it masks the prompt), LoRA 
 about the same tokens per optimizer step. It reports useful (non-padding) tokens/s over the
 measured steps (after warm-up), time per epoch extrapolated from that rate, peak memory (CPU: peak
 RSS of the subprocess; CUDA: max allocated) and the eval loss on the held-out rows, computed for
-every configuration by the same function (`core.evaluate.eval_loss`).
+every configuration by the same function (`evaluation.heldout.eval_loss`).
 
     python -m ft_assets.bench.train_throughput --base-dir .ft_home/artifacts/base_model/_/<version>
     python -m ft_assets.bench.train_throughput --random-init llama3.2-1b --tokenizer-dir <dir>   # GPU
 
 Results: ft_assets/bench/results/train_throughput_<device>_<date>.{json,md}. Importable without
-Dagster (it uses ft_assets.core and ft_assets.recipe only).
+Dagster (it uses ft_assets.core and ft_assets.config.recipe only).
 """
 
 from __future__ import annotations
@@ -74,14 +74,14 @@ def load_tokenizer(args):
 
     tok_dir = args.tokenizer_dir or args.base_dir
     if tok_dir is None:
-        from ft_assets.core.models import bundled_gguf_path
+        from ft_assets.models.base_model import bundled_gguf_path
 
         gguf = bundled_gguf_path()
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     else:
         tok = AutoTokenizer.from_pretrained(tok_dir)
     if tok.eos_token != "<|im_end|>" and "<|im_end|>" in tok.get_vocab():
-        tok.eos_token = "<|im_end|>"  # SmolLM2 ends a turn with <|im_end|> (see core.models.fix_special_tokens)
+        tok.eos_token = "<|im_end|>"  # SmolLM2 ends a turn with <|im_end|> (see models.base_model.fix_special_tokens)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -89,15 +89,15 @@ def load_tokenizer(args):
 
 def load_data(args, tok):
     """(train, eval) Examples, formatted exactly as the pipeline's sft_dataset, plus the recipe's prompt."""
-    from ft_assets.core import data
-    from ft_assets.recipe import load_recipe
+    from ft_assets.data import rows as data, sft_dataset
+    from ft_assets.config.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     ds = recipe.datasets[0]
     path = Path(args.data).resolve() if args.data else recipe.dataset_path(ds)
     source = data.SourceSpec(ds.name, path, ds.format, ds.columns.model_dump(), ds.eval_fraction,
                              recipe.split_seed(ds), 1.0)
-    built = data.build_sft_dataset(
+    built = sft_dataset.build_sft_dataset(
         [source], tok, system=recipe.prompt.system, template=recipe.prompt.template,
         template_without_context=recipe.prompt.template_without_context, max_length=recipe.prompt.max_length,
     )
@@ -131,7 +131,7 @@ def build_model(args, device, dtype):
     else:
         source = args.base_dir
     # QLoRA: the pipeline's own NF4 settings (double quantization, bf16 compute on CUDA)
-    from ft_assets.core.quantize import bnb_config, compute_dtype, exact_nf4_kernels
+    from ft_assets.models.quantize import bnb_config, compute_dtype, exact_nf4_kernels
 
     compute = compute_dtype("auto", device)
     model = AutoModelForCausalLM.from_pretrained(source, quantization_config=bnb_config("nf4", True, compute), dtype=compute,
@@ -176,7 +176,7 @@ def flops_per_token(model, seq_len: float) -> float:
 def evaluate_loss(model, eval_rows, pad_id, device, autocast_dtype) -> float:
     import torch
 
-    from ft_assets.core.evaluate import eval_loss
+    from ft_assets.evaluation.heldout import eval_loss
 
     with torch.autocast(device_type=device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         return eval_loss(model, eval_rows, pad_id, device, batch_size=16)["eval_loss"]
@@ -188,7 +188,7 @@ def evaluate_loss(model, eval_rows, pad_id, device, autocast_dtype) -> float:
 
 
 def ours_config(args):
-    from ft_assets.core import train as T
+    from ft_assets.training import loop as T
 
     return T.TrainConfig(max_steps=args.warmup_steps + args.steps, epochs=1000, batch_size=args.batch_size, grad_accum=1,
                          lr=args.lr, warmup_ratio=0.0, lr_scheduler="constant", max_grad_norm=1.0,
@@ -198,7 +198,7 @@ def ours_config(args):
 def ours_order(args, train_rows):
     """The rows in the order our loop consumes them, step after step (TRL's padded configurations
     read them in this order, so every configuration without packing sees the same rows per step)."""
-    from ft_assets.core import train as T
+    from ft_assets.training import loop as T
 
     return [r for step in T.batches(train_rows, ours_config(args)) for mb in step for r in mb]
 
@@ -206,9 +206,9 @@ def ours_order(args, train_rows):
 def run_ours(args, device, dtype, autocast_dtype, tok, train_rows, eval_rows, prompt) -> dict:
     import torch
 
-    from ft_assets.core import train as T
-    from ft_assets.core.methods import get_method
-    from ft_assets.core.methods.lora import LoraSpec
+    from ft_assets.training import loop as T
+    from ft_assets.methods import get_method
+    from ft_assets.methods.lora import LoraSpec
 
     model = with_lora(build_model(args, device, dtype))
     result: dict = {}
@@ -228,7 +228,7 @@ def run_ours(args, device, dtype, autocast_dtype, tok, train_rows, eval_rows, pr
     seconds = t_end - t_start if t_start is not None else res.wall_s
     cpu_seconds = c_end - c_start if c_start is not None else None
     measured = step_tokens[args.warmup_steps: steps]
-    from ft_assets.core import packing as P
+    from ft_assets.training import packing as P
 
     result.update(
         settings={"packing": True, "pack_attention": P.attention_mode(model), "loss": "auto (lean head, chunked CE"
@@ -295,7 +295,7 @@ def run_trl(args, device, dtype, autocast_dtype, tok, train_rows, eval_rows, pro
 
 def trl_conversation(ex, prompt) -> dict:
     """One row for TRL: the pipeline's prompt messages and the answer as the completion."""
-    from ft_assets.core import data
+    from ft_assets.data import rows as data
 
     msgs = data.build_messages(ex, prompt.system, prompt.template, prompt.template_without_context)
     return {"prompt": msgs, "completion": [{"role": "assistant", "content": ex.answer}]}

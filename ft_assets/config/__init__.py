@@ -1,1 +1,2 @@
-"""Configuration: where things live (`paths`); the recipe schema moves here next (issue 32)."""
+"""The recipe: schema, loading and validation (recipe.py), and where things live (paths.py).
+Knows no torch and no Dagster; every other room may import it."""

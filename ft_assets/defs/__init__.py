@@ -1,2 +1,2 @@
 """Dagster wiring: one module per stage of the lineage. Thin: read the recipe, call
-`ft_assets.core`, write metadata. `ft_assets.definitions` assembles them."""
+the ML rooms (trainers, evaluation, publish, ...), write metadata. `ft_assets.definitions` assembles them."""

@@ -11,11 +11,11 @@ from typing import Any, Iterable
 import dagster as dg
 from pydantic import Field
 
-from ..core import card
-from ..core.finetune import TrainingFailed
-from ..core.preemption import CheckpointBusy, Preempted
-from ..core.train import TrainingDiverged
-from ..recipe import Recipe
+from ..publish import card
+from ..trainers.sft import TrainingFailed
+from ..training.preemption import CheckpointBusy, Preempted
+from ..training.loop import TrainingDiverged
+from ..config.recipe import Recipe
 from ..artifacts.store import Artifact, ArtifactStore
 
 # Dagster's run tag: retry this run (with the daemon's run_retries) even though a step failed
@@ -194,7 +194,7 @@ def table(rows: list[dict[str, Any]], columns: Iterable[str]) -> dg.TableMetadat
 
 def frame_table(df, preview_rows: int | None = None) -> dg.TableMetadataValue:
     """A pandas DataFrame (its first `preview_rows` rows) as a UI table, columns typed from its dtypes."""
-    from ..core.tables import column_kinds, records
+    from ..evaluation.tables import column_kinds, records
 
     shown = df if preview_rows is None else df.head(preview_rows)
     schema = dg.TableSchema(columns=[dg.TableColumn(c, kind) for c, kind in column_kinds(df).items()])
@@ -204,7 +204,7 @@ def frame_table(df, preview_rows: int | None = None) -> dg.TableMetadataValue:
 
 def table_facts(df) -> dict[str, Any]:
     """The asset's own table, as Dagster's standard keys: `dagster/column_schema`, `dagster/row_count`."""
-    from ..core.tables import column_kinds
+    from ..evaluation.tables import column_kinds
 
     schema = dg.TableSchema(columns=[dg.TableColumn(c, kind) for c, kind in column_kinds(df).items()])
     return {"dagster/column_schema": dg.MetadataValue.table_schema(schema),
@@ -230,7 +230,7 @@ def _type(rows: list[dict[str, Any]], col: str) -> str:
 
 def eval_examples(recipe: Recipe, sft_dataset: Artifact):
     """The held-out split every evaluation uses (capped by evaluation.max_examples)."""
-    from ..core.data import load_split
+    from ..data.sft_dataset import load_split
 
     examples = load_split(sft_dataset.path, "eval")
     return examples[: recipe.evaluation.max_examples] if recipe.evaluation.max_examples else examples

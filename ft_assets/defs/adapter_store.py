@@ -6,7 +6,7 @@
   read by exact version (the asset's own history, not an edge of the graph).
 - `write_adapter`: `FineTuned.save` (or a `TrainedElsewhere`'s files) into one store write, with
   the manifest's method/train facts and the model card.
-The ML stays in `core.finetune` (no store, no Dagster); this module is the store side of it.
+The ML stays in `trainers.sft` (no store, no Dagster); this module is the store side of it.
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..artifacts.store import ArtifactStore, derived_version
-from ..core import card, continual, data
-from ..core.finetune import ContinualPlan, FineTuned, StaleDataset, TrainedElsewhere, TrainingData
-from ..core.models import load_tokenizer
+from ..publish import card
+from ..training import continual
+from ..data import rows as data, sft_dataset
+from ..trainers.sft import ContinualPlan, FineTuned, StaleDataset, TrainedElsewhere, TrainingData
+from ..models.base_model import load_tokenizer
 
 
 def plan_continual(store: ArtifactStore, name: str, spec, sft_dataset_version: str, base_model_version: str,
@@ -42,7 +44,7 @@ def plan_continual(store: ArtifactStore, name: str, spec, sft_dataset_version: s
     elif data.dataset_info(old.path).get("tokenizer_fingerprint") != tokenizer_fingerprint:
         plan.notes.append("previous sft_dataset used another tokenizer: no replay")
     else:
-        plan.replay = continual.replay_rows(data.load_split(old.path, "train"), examples, spec.replay_fraction, seed)
+        plan.replay = continual.replay_rows(sft_dataset.load_split(old.path, "train"), examples, spec.replay_fraction, seed)
         plan.replay_dataset = str(old.path)
         plan.notes.append(f"replaying {len(plan.replay)} rows of sft_dataset {old.version} "
                           f"({spec.replay_fraction:.0%} of its train split)")
@@ -58,7 +60,7 @@ def training_data(store: ArtifactStore, name: str, spec, sft_dataset_dir: str, s
     if data.tokenizer_fingerprint(tok) != info["tokenizer_fingerprint"]:
         raise StaleDataset("sft_dataset was built with a different tokenizer than base_model has now; "
                            "re-materialize sft_dataset")
-    examples = data.load_split(sft_dataset_dir, "train")
+    examples = sft_dataset.load_split(sft_dataset_dir, "train")
     plan = None
     if spec.continue_from == "previous":
         plan = plan_continual(store, name, spec, sft_dataset_version, base_model_version, examples,

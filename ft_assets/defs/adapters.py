@@ -1,6 +1,6 @@
 """`adapter` (one partition per recipe method) and `merged_model`.
 
-- `adapter[method]`: one `core.finetune.finetune` call (load the base, or for QLoRA
+- `adapter[method]`: one `trainers.sft.finetune` call (load the base, or for QLoRA
   `quantized_base`; wrap with the method; train on the `sft_dataset` train split) after the
   reuse rule (`_common.reuse_or_say_why`), then the store write and metadata. Checkpoints go to
   $FT_HOME/checkpoints/adapter/<method>/<derived version> during training (a re-run with the
@@ -10,7 +10,7 @@
 - `merged_model[method]`: the adapter folded into full-precision base weights, saved as a
   plain transformers checkpoint; check `matches_adapter` compares its logits with
   base+adapter, relative to the logit scale, against the rounding the method's merge
-  explains (`core.merge.compare`). Methods that cannot merge record why and still materialize.
+  explains (`evaluation.merge.compare`). Methods that cannot merge record why and still materialize.
 
 Beyond SFT (only for recipes that ask for it):
 - a `dpo` method d is not a partition of `adapter`: `preference_adapter[d]` (defs/preferences.py)
@@ -26,9 +26,11 @@ Beyond SFT (only for recipes that ask for it):
 
 import dagster as dg
 
-from ..core import finetune, merge, plots, train
-from ..core.methods import get_method
-from ..recipe import Recipe
+from ..trainers import sft as finetune
+from ..evaluation import merge, plots
+from ..training import loop as train
+from ..methods import get_method
+from ..config.recipe import Recipe
 from ..artifacts.store import Artifact, ArtifactStore, derived_version, dir_bytes
 from . import _common as c
 from . import adapter_store
@@ -167,7 +169,7 @@ MATCHES_ADAPTER = (
     "The merged model computes what base + adapter computes, up to what float rounding explains: "
     "every Linear layer on random inputs (2·(2·sqrt(K)+1)·u of its output scale) and the logits on "
     "eval prompts (identical weights: one rounding u; folded weights: (4L+1)·sqrt(K)·u of the logit "
-    "scale). A failure names the layer furthest off. See ft_assets/core/merge.py."
+    "scale). A failure names the layer furthest off. See ft_assets/evaluation/merge.py."
 )
 
 

@@ -27,7 +27,7 @@ import json
 
 import dagster as dg
 
-from ..recipe import Recipe
+from ..config.recipe import Recipe
 from . import _common as c
 from .resources import DATA_VERSION_TAG  # observations carry their data version in it too
 
@@ -130,7 +130,7 @@ def source_versions(recipe: Recipe) -> dict[str, tuple[dg.AssetKey, str | None, 
     """Every source the graph reads, with its current version: each data file of the recipe
     (datasets and the preference file) and each method's settings. The observation sensor and
     `record_sources` both use this one list."""
-    from ..core.data import source_path
+    from ..data.rows import source_path
     from .raw import data_files, file_version, raw_key
 
     out = {}

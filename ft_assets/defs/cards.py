@@ -3,7 +3,7 @@
 Its directory is what `hf upload REPO $FT_HOME/artifacts/model_card/<method>/<version>` publishes:
 the merged model's files (or, for a method that cannot merge, the adapter's), hard-linked from
 those immutable artifacts, and README.md, a Hugging Face model card whose `model-index` holds the
-scores of `eval_report[method]` (`core/card.py` renders it). `adapter` and `merged_model` carry
+scores of `eval_report[method]` (`publish/card.py` renders it). `adapter` and `merged_model` carry
 cards too, written before any evaluation, that say the metrics are pending: artifacts are
 immutable, so the complete card is this downstream asset, and Dagster records which report,
 merge, adapter, base and dataset versions it describes (all declared inputs, no store lookups).
@@ -19,9 +19,9 @@ import json
 
 import dagster as dg
 
-from ..core import card
-from ..core.methods import get_method
-from ..recipe import Recipe
+from ..publish import card
+from ..methods import get_method
+from ..config.recipe import Recipe
 from ..artifacts.store import Artifact, dir_bytes
 from . import _common as c
 from .adapters import adapter_mapping, methods_partitions

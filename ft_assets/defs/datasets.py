@@ -6,13 +6,13 @@
   counted, written to `rejected.jsonl` beside the artifact, and fail the asset above
   `max_rejected_fraction`;
 - streams the rows and tokenizes them in `compute.data_workers` processes into Arrow splits,
-  versioned by a hash of their content in row order (`core.sft_dataset`: layout and guarantees);
+  versioned by a hash of their content in row order (`data.sft_dataset`: layout and guarantees);
 - renders each row with the base model's chat template (or `prompt.chat_template`) and masks
   labels so only the answer and its end-of-turn token train (`messages`: the assistant turns
   `train_on` selects);
 - splits train/eval by a seeded hash of each row's id (stable under edits of other rows);
 - with `weight`s on the datasets (tasks), the training split is a seeded mixture in those
-  proportions (`core.mixture`); the eval split keeps every task's held-out rows.
+  proportions (`data.mixture`); the eval split keeps every task's held-out rows.
 
 Blocking check `trainable`: not empty, no example fully masked, end-of-turn token labelled.
 """
@@ -20,12 +20,12 @@ Blocking check `trainable`: not empty, no example fully masked, end-of-turn toke
 
 import dagster as dg
 
-from ..core import data
-from ..core import sft_dataset as sft
-from ..core.chat import ChatTemplateError
-from ..core.hfdata import source_version
-from ..core.models import load_tokenizer
-from ..recipe import Recipe
+from ..data import rows as data
+from ..data import sft_dataset as sft
+from ..data.chat import ChatTemplateError
+from ..data.hfdata import source_version
+from ..models.base_model import load_tokenizer
+from ..config.recipe import Recipe
 from ..artifacts.store import Artifact
 from . import _common as c
 from .raw import raw_key

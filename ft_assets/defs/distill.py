@@ -3,8 +3,8 @@
 Reads the recipe's `distillation:` section. The teacher is the merged fine-tuned model of one
 method (a Dagster input mapped to that single partition, so only that teacher re-runs it);
 the student is the teacher with fewer decoder layers (`keep_layers`) or a local model
-(`student_path`). The work is `core.distill.distill_student`: it trains the student on the
-`sft_dataset` train split with `core.train`'s loop and the objective
+(`student_path`). The work is `trainers.distill.distill_student`: it trains the student on the
+`sft_dataset` train split with `training.loop`'s loop and the objective
 alpha * KL(teacher || student at T) * T^2 + (1 - alpha) * answer-token CE, then measures teacher
 and student. This module maps the recipe and inputs to that call, writes through the store and
 maps the result to metadata.
@@ -28,8 +28,11 @@ from typing import Any
 
 import dagster as dg
 
-from ..core import data, distill, plots, train
-from ..recipe import Recipe
+from ..data import rows as data, sft_dataset
+from ..trainers import distill
+from ..evaluation import plots
+from ..training import loop as train
+from ..config.recipe import Recipe
 from ..artifacts.store import Artifact, content_hash, derived_version
 from . import _common as c
 from .models import MODEL_BYTES_HEADROOM
@@ -73,7 +76,7 @@ def build(recipe: Recipe) -> list:
         checkpoints = artifacts.checkpoints("student", None, derived_version(derivation))
         with c.training_failures(context, "student", user_errors=(distill.NotDistillable,)):
             distilled = distill.distill_student(
-                merged_model.dir, base_model.path, data.load_split(sft_dataset.path, "train"),
+                merged_model.dir, base_model.path, sft_dataset.load_split(sft_dataset.path, "train"),
                 c.eval_examples(recipe, sft_dataset), train.TrainConfig.from_spec(recipe.training_for_distillation(), recipe.seed),
                 keep_layers=spec.keep_layers, student_path=student_path, alpha=spec.alpha, temperature=spec.temperature,
                 max_new_tokens=recipe.evaluation.max_new_tokens, eval_batch_size=recipe.evaluation.batch_size,

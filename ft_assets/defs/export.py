@@ -1,7 +1,7 @@
 """`gguf_model[method]`: the merged model as GGUF files for llama.cpp / Ollama, plus a Modelfile.
 
 Built only when the recipe lists `export.gguf` types. Partitioned like `merged_model` (one
-partition per method, identity mapping): one `core.export.export_gguf` call into the store, then
+partition per method, identity mapping): one `publish.gguf.export_gguf` call into the store, then
 metadata (bytes per type, converter, the Modelfile's FROM/SYSTEM/stop). A method whose
 merged_model is not mergeable has no weights to convert: the partition still materializes, with
 `export_status.json` {"exported": false, "reason": ...} and a warning, as merged_model does.
@@ -10,8 +10,8 @@ merged_model is not mergeable has no weights to convert: the partition still mat
 
 import dagster as dg
 
-from ..core import export
-from ..recipe import Recipe
+from ..publish import gguf as export
+from ..config.recipe import Recipe
 from ..artifacts.store import Artifact
 from . import _common as c
 from .adapters import methods_partitions

@@ -1,14 +1,14 @@
 """Where `adapter` trains (`compute.launcher`): in the Dagster step, in torchrun processes, or on Ray.
 
-    inprocess   `core.finetune.finetune` in the step's own process (the default; the demo's speed)
+    inprocess   `trainers.sft.finetune` in the step's own process (the default; the demo's speed)
     torchrun    a `ft_assets.jobs.train.TrainJob` spec file, then torchrun `--nproc-per-node N
                 -m ft_assets.jobs.train SPEC` (one machine: through `jobs.loopback_torchrun`, its
                 rendezvous and ranks listening on loopback only; several machines: torch's own, a
                 static rendezvous on `master_addr` with this one as node 0 and `join.sh` for the
                 others, on a network only the training nodes reach) under Dagster's
-                `PipesSubprocessClient`, on GPUs leased for the run (`core.gpu_leases`, passed as
+                `PipesSubprocessClient`, on GPUs leased for the run (`models.gpu_leases`, passed as
                 CUDA_VISIBLE_DEVICES): rank 0 streams the step log through Pipes and reports the
-                result, which comes back as a `core.finetune.TrainedElsewhere` -- stored and turned
+                result, which comes back as a `trainers.sft.TrainedElsewhere` -- stored and turned
                 into metadata exactly like an in-process `FineTuned`.
     ray         the same spec submitted as a Ray job (`python -m ft_assets.jobs.ray_train SPEC`) by
                 dagster-ray's `PipesRayJobClient` to `compute.ray.address`; Ray Train's workers
@@ -36,10 +36,12 @@ from typing import Iterator
 
 import dagster as dg
 
-from ..core import finetune, gpu_leases, train
-from ..core.device import Compute
+from ..trainers import sft as finetune
+from ..models import gpu_leases
+from ..training import loop as train
+from ..models.device import Compute
 from ..jobs.train import RESULT_MESSAGE, TrainJob
-from ..recipe import ComputeSpec, RaySpec, Recipe
+from ..config.recipe import ComputeSpec, RaySpec, Recipe
 from ..artifacts.store import Checkpoints
 
 
@@ -75,7 +77,7 @@ def facts(recipe: Recipe) -> dict:
 
 def train_job(recipe: Recipe, name: str, td: finetune.TrainingData, cfg: train.TrainConfig, *, base_dir: str,
               quantized_dir: str | None, checkpoint_dir: Path) -> TrainJob:
-    """The spec of one method's run: what `core.finetune.finetune` takes, as paths and plain values."""
+    """The spec of one method's run: what `trainers.sft.finetune` takes, as paths and plain values."""
     plan = td.plan
     continued = td.continued
     return TrainJob(

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from ..core import evaluate, quantize
-from ..core.models import LoadOptions, ModelSourceError, base_origin, save_base
-from ..recipe import QuantizationSpec, Recipe
+from ..evaluation import heldout as evaluate
+from ..models import quantize
+from ..models.base_model import LoadOptions, ModelSourceError, base_origin, save_base
+from ..config.recipe import QuantizationSpec, Recipe
 from ..artifacts.store import Artifact, ArtifactStore, dir_bytes
 from . import _common as c
 from .resources import ComputeResource, StoreResource

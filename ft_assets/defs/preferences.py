@@ -9,7 +9,7 @@
   `raw/<preferences.name>` is an observable source. Blocking check `usable`: a non-empty training
   split whose answers all end with end-of-turn. Every partition holds the same pairs.
 - `preference_adapter[d]`: `adapter[<sft_from of d>]` continued with TRL's DPOTrainer on
-  `preference_dataset[d]` (`core.dpo.tune_sft_adapter`). Every input is declared: the SFT adapter
+  `preference_dataset[d]` (`trainers.dpo.tune_sft_adapter`). Every input is declared: the SFT adapter
   through a `StaticPartitionMapping` {sft_from: d} (another asset's partition, so the UI draws the
   edge and a new SFT adapter version makes d stale), the pairs partition-to-partition. Versioned
   like `adapter`: by what made it (inputs, code, d's recipe section, seed); an identical request
@@ -21,12 +21,14 @@ import shutil
 
 import dagster as dg
 
-from ..core import data, dpo, plots, preferences
-from ..core.device import Compute
-from ..core.models import load_tokenizer
-from ..core.train import TrainConfig
-from ..recipe import Recipe
-from ..core.hfdata import source_version
+from ..data import rows as data, preferences
+from ..trainers import dpo
+from ..evaluation import plots
+from ..models.device import Compute
+from ..models.base_model import load_tokenizer
+from ..training.loop import TrainConfig
+from ..config.recipe import Recipe
+from ..data.hfdata import source_version
 from ..artifacts.store import Artifact, ArtifactStore, derived_version, dir_bytes
 from . import _common as c
 from .automation import recipe_method_key

@@ -1,20 +1,20 @@
 """Raw data: one observable source asset per dataset file in the recipe.
 
 The data version is the sha256 of the file's bytes (a `format: hf` directory or cached id:
-of its data files, `core.hfdata.source_version`), so rewriting or touching a file without
+of its data files, `data.hfdata.source_version`), so rewriting or touching a file without
 changing it changes nothing downstream; editing one row makes its descendants stale. The
 `ft_assets_observe_sources` sensor (defs/automation.py) hashes the files every
 `automation.observe_interval_s` seconds; "Observe" in the UI does the same by hand. A file whose
 size, mtime, ctime, inode and device are those of its last hash in this process is not read
-again (`core.hfdata.file_sha256`): a tick costs a stat per unchanged file, not its bytes.
+again (`data.hfdata.file_sha256`): a tick costs a stat per unchanged file, not its bytes.
 """
 
 
 import dagster as dg
 
-from ..core.data import source_path
-from ..core.hfdata import source_version
-from ..recipe import DatasetSpec, PreferenceDataSpec, Recipe
+from ..data.rows import source_path
+from ..data.hfdata import source_version
+from ..config.recipe import DatasetSpec, PreferenceDataSpec, Recipe
 from . import _common as c
 
 

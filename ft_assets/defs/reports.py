@@ -22,7 +22,7 @@
     metrics.json: the previous adapter and the new one on the *previous* sft_dataset's eval
     split (before/after and the drop).
 
-Tables are pandas DataFrames built in core (`core.tables`); each asset shows previews as table
+Tables are pandas DataFrames built in core (`evaluation.tables`); each asset shows previews as table
 metadata and describes its own table (predictions; the leaderboard) with `dagster/column_schema`
 and `dagster/row_count`.
 """
@@ -33,11 +33,12 @@ from typing import Any
 
 import dagster as dg
 
-from ..core import evaluate, plots, preferences, report, tables
-from ..core.models import load_model, load_tokenizer
-from ..recipe import Recipe
+from ..evaluation import heldout as evaluate, plots, report, tables
+from ..data import preferences
+from ..models.base_model import load_model, load_tokenizer
+from ..config.recipe import Recipe
 from ..artifacts.store import Artifact, ArtifactStore, dir_bytes
-from ..core.data import load_split
+from ..data.sft_dataset import load_split
 from . import _common as c
 from .adapters import adapter_partitions, methods_partitions
 from .preferences import dpo_mapping, sft_sources

@@ -7,8 +7,8 @@ import os
 
 import dagster as dg
 
-from ..core import gpu_leases
-from ..core.device import Compute, resolve
+from ..models import gpu_leases
+from ..models.device import Compute, resolve
 from ..artifacts.store import Artifact, ArtifactStore
 from ..config.paths import store_location
 

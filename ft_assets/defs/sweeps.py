@@ -5,14 +5,14 @@ A recipe method with `sweep:` becomes one `adapter` partition per combination of
 `recipe.expand_sweep`, `recipe.trial_name`); every other asset treats them as ordinary
 methods. `best_adapter` has one partition per swept method and reads all of its trials through
 a `StaticPartitionMapping` {trial: method} (declared in the graph, so Dagster re-runs it when a
-trial changes); one `core.sweep.pick_best` call chooses the lowest validation loss. Its artifact
+trial changes); one `evaluation.sweep.pick_best` call chooses the lowest validation loss. Its artifact
 holds `trials.json` and `best.json` (the winner's adapter version and path); it copies no weights.
 """
 
 import dagster as dg
 
-from ..core.sweep import pick_best
-from ..recipe import Recipe, sweep_family
+from ..evaluation.sweep import pick_best
+from ..config.recipe import Recipe, sweep_family
 from . import _common as c
 from .resources import ALL_PARTITIONS, StoreResource
 

@@ -1,8 +1,8 @@
 """`python -m ft_assets.jobs.train SPEC.json`: train one recipe method outside the Dagster process.
 
     TrainJob (the spec file the asset writes)  ->  every rank: join the process group torchrun
-    (or Ray Train: `jobs.ray_train`) set up (`core.distributed.Ranks.from_env`), load the train split (+ replay rows), call
-    `core.finetune.finetune`  ->  rank 0: save the trained files into `out_dir`, report the
+    (or Ray Train: `jobs.ray_train`) set up (`training.distributed.Ranks.from_env`), load the train split (+ replay rows), call
+    `trainers.sft.finetune`  ->  rank 0: save the trained files into `out_dir`, report the
     result through Dagster Pipes.
 
 Contract:
@@ -41,7 +41,7 @@ RESULT_MESSAGE = "ft_assets.train_result"
 class TrainJob:
     method: str  # the recipe's method name
     method_spec: dict[str, Any]  # its `methods.<name>` entry as the recipe validated it (with `type`)
-    train_config: dict[str, Any]  # core.train.TrainConfig fields; world_size comes from the launcher
+    train_config: dict[str, Any]  # training.loop.TrainConfig fields; world_size comes from the launcher
     sft_dataset_dir: str
     base_dir: str
     pad_id: int
@@ -170,12 +170,14 @@ def run(job: TrainJob, report_for: Callable[[TrainJob], ContextManager[Report]] 
         ) -> int:
     """Train `job` as this process's rank; 0 when done. `report_for(job)` opens rank 0's report
     (torchrun: rank 0 opens Pipes itself; Ray: a queue to the job's driver, `jobs.ray_train`)."""
-    from ..core import continual, data, finetune, train
-    from ..core.device import resolve
-    from ..core.distributed import Ranks
-    from ..core.methods import get_method
-    from ..core.preemption import CheckpointBusy
-    from ..recipe import _validate_method
+    from ..training import continual, loop as train
+    from ..data import sft_dataset
+    from ..trainers import sft as finetune
+    from ..models.device import resolve
+    from ..training.distributed import Ranks
+    from ..methods import get_method
+    from ..training.preemption import CheckpointBusy
+    from ..config.recipe import _validate_method
 
     hw = resolve(job.device, job.threads)
     ranks = Ranks.from_env(hw.device)
@@ -191,9 +193,9 @@ def run(job: TrainJob, report_for: Callable[[TrainJob], ContextManager[Report]] 
             try:
                 spec = _validate_method(job.method_spec)
                 cfg = train.TrainConfig(**{**job.train_config, "world_size": ranks.world_size})
-                examples = data.load_split(job.sft_dataset_dir, "train")
+                examples = sft_dataset.load_split(job.sft_dataset_dir, "train")
                 if job.replay:
-                    old = data.load_split(job.replay["dataset_dir"], "train")
+                    old = sft_dataset.load_split(job.replay["dataset_dir"], "train")
                     examples = examples + continual.replay_rows(old, examples, job.replay["fraction"], cfg.seed)
                 method = get_method(spec.type)
                 if job.parallel == "fsdp" and not getattr(method, "fsdp", False):

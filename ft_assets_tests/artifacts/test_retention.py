@@ -13,7 +13,7 @@ import time
 import pytest
 
 from ft_assets.artifacts import retention
-from ft_assets.__main__ import main as cli
+from ft_assets.cli.main import main as cli
 from ft_assets.artifacts.store import MANIFEST, ArtifactStore
 
 

@@ -9,12 +9,12 @@ import dagster as dg
 import pytest
 import yaml
 
-from ft_assets.core import train
+from ft_assets.training import loop as train
 from ft_assets.defs import _common
 from ft_assets.defs.automation import record_sources
 from ft_assets.definitions import build_definitions
 from ft_assets.demo import materialize_all
-from ft_assets.recipe import DEFAULT_RECIPE, DEMO_RECIPE, load_recipe
+from ft_assets.config.recipe import DEFAULT_RECIPE, DEMO_RECIPE, load_recipe
 from ft_assets.artifacts.store import ArtifactStore
 from ft_assets_tests.conftest import make_recipe, qa_rows, write_jsonl
 

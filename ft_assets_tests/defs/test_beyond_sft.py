@@ -10,12 +10,12 @@ import dagster as dg
 import pytest
 import yaml
 
-from ft_assets.core import distill
+from ft_assets.trainers import distill
 from ft_assets.definitions import build_definitions
 from ft_assets.defs import _common
 from ft_assets.defs.automation import record_sources
 from ft_assets.demo import materialize_all, materialize_graph
-from ft_assets.recipe import load_recipe
+from ft_assets.config.recipe import load_recipe
 from ft_assets.artifacts.store import ArtifactStore
 from ft_assets_tests.conftest import make_recipe, qa_rows, write_jsonl
 
@@ -171,7 +171,7 @@ def test_student_is_distilled_from_the_teacher_with_a_report(world):
     assert report["train"]["steps"] == 3 and report["loss"] == {"alpha": 0.5, "temperature": 2.0}
     md = meta(world, "student")
     assert md["student_layers"].value == 1 and md["kl_after"].value == report["kl_to_teacher"]["after"]["kl"]
-    from ft_assets.core.models import load_model
+    from ft_assets.models.base_model import load_model
 
     assert load_model(student.path).config.num_hidden_layers == 1  # a plain checkpoint
 
@@ -325,7 +325,7 @@ def test_continue_from_previous_when_the_data_changes(world):
     dg.materialize(assets, instance=instance, resources=res, partition_key="lora", selection=["adapter"])
     assert store.latest("adapter", "lora").manifest()["inputs"]["adapter[lora]"] == v1.version
     # the lineage command follows the chain back through v1 to the previous data
-    from ft_assets.__main__ import lineage
+    from ft_assets.cli.main import lineage
 
     tree = lineage(store, "adapter", "lora", v2.version)
     prev = next(n for n in tree["inputs"] if n["asset"] == "adapter")

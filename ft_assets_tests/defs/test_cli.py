@@ -10,10 +10,11 @@ import sys
 import dagster as dg
 import yaml
 
-from ft_assets.__main__ import main
-from ft_assets.core import data, train
+from ft_assets.cli.main import main
+from ft_assets.data import rows as data, sft_dataset
+from ft_assets.training import loop as train
 from ft_assets.definitions import build_definitions
-from ft_assets.recipe import load_recipe
+from ft_assets.config.recipe import load_recipe
 from ft_assets.artifacts.store import ArtifactStore
 from ft_assets_tests.conftest import qa_rows, write_jsonl
 
@@ -115,7 +116,7 @@ def real_train_rows(tmp_path, tokenizer_dir) -> int:
     from transformers import AutoTokenizer
 
     recipe = load_recipe(tmp_path / "recipe.yaml")
-    built = data.build_sft_dataset(
+    built = sft_dataset.build_sft_dataset(
         data.sft_sources(recipe), AutoTokenizer.from_pretrained(tokenizer_dir), system=recipe.prompt.system,
         template=recipe.prompt.template, template_without_context=recipe.prompt.template_without_context,
         max_length=recipe.prompt.max_length, mixture_seed=recipe.seed)

@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 
 from ft_assets.demo import INSTANCE_YAML
 from ft_assets_tests.conftest import make_recipe, qa_rows, write_jsonl
-from ft_assets import runs
-from ft_assets.runs import CHILDREN_TAG, WORKER_TAG, Proc, held_slots, reap_dead_runs
+from ft_assets.defs import runs
+from ft_assets.defs.runs import CHILDREN_TAG, WORKER_TAG, Proc, held_slots, reap_dead_runs
 from ft_assets.artifacts.store import ArtifactStore
 
 # Train one adapter partition through the launcher users run (shared assets first, in the same call).
@@ -32,7 +32,7 @@ RUNNER = textwrap.dedent("""
     import sys, dagster as dg
     from ft_assets.demo import ensure_instance, materialize_graph
     from ft_assets.definitions import build_definitions
-    from ft_assets.recipe import load_recipe
+    from ft_assets.config.recipe import load_recipe
     recipe_path, home, method = sys.argv[1:4]
     defs = build_definitions(load_recipe(recipe_path), home=home)
     targets = {(dg.AssetKey("base_model"), None), (dg.AssetKey("sft_dataset"), None), (dg.AssetKey("adapter"), method)}

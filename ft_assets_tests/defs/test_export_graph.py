@@ -8,9 +8,9 @@ import json
 import dagster as dg
 import yaml
 
-from ft_assets.core.export import read_metadata
+from ft_assets.publish.gguf import read_metadata
 from ft_assets.definitions import build_definitions
-from ft_assets.recipe import load_recipe
+from ft_assets.config.recipe import load_recipe
 from ft_assets.artifacts.store import ArtifactStore
 
 

@@ -19,9 +19,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from ft_assets.core import train
+from ft_assets.training import loop as train
 from ft_assets.definitions import build_definitions
-from ft_assets.recipe import load_recipe
+from ft_assets.config.recipe import load_recipe
 from ft_assets.artifacts.store import ArtifactStore
 from ft_assets_tests.defs.test_failures import instance_of
 
@@ -30,7 +30,7 @@ from ft_assets_tests.defs.test_failures import instance_of
 RUNNER = textwrap.dedent("""
     import sys, dagster as dg
     from ft_assets.definitions import build_definitions
-    from ft_assets.recipe import load_recipe
+    from ft_assets.config.recipe import load_recipe
     recipe_path, home, method = sys.argv[1:4]
     defs = build_definitions(load_recipe(recipe_path), home=home)
     instance = dg.DagsterInstance.ephemeral()
@@ -47,7 +47,7 @@ STUDENT_RUNNER = textwrap.dedent("""
     import sys, dagster as dg
     from ft_assets.demo import ensure_instance, materialize_graph
     from ft_assets.definitions import build_definitions
-    from ft_assets.recipe import load_recipe
+    from ft_assets.config.recipe import load_recipe
     recipe_path, home = sys.argv[1:3]
     defs = build_definitions(load_recipe(recipe_path), home=home)
     targets = {(dg.AssetKey(k), p) for k, p in (("base_model", None), ("sft_dataset", None), ("adapter", "lora"),

@@ -9,10 +9,10 @@ import pytest
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from ft_assets.core.methods.lora import LoraMethod
+from ft_assets.methods.lora import LoraMethod
 from ft_assets.definitions import build_definitions
 from ft_assets.demo import materialize_all
-from ft_assets.recipe import load_recipe
+from ft_assets.config.recipe import load_recipe
 from ft_assets.artifacts.store import ArtifactStore
 from ft_assets_tests.conftest import qa_rows, write_jsonl
 

@@ -20,12 +20,12 @@ from pathlib import Path
 import psutil
 
 from ft_assets.defs.launchers import torchrun_command
-from ft_assets.recipe import ComputeSpec
+from ft_assets.config.recipe import ComputeSpec
 
 PROBE = """
 import sys, time
 from pathlib import Path
-from ft_assets.core.distributed import Ranks
+from ft_assets.training.distributed import Ranks
 out = Path(sys.argv[1])
 ranks = Ranks.from_env("cpu")
 assert ranks.sum([1.0]) == [2.0]

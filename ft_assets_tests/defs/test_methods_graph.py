@@ -10,7 +10,7 @@ import yaml
 
 from ft_assets.definitions import build_definitions
 from ft_assets.demo import materialize_all
-from ft_assets.recipe import load_recipe
+from ft_assets.config.recipe import load_recipe
 from ft_assets.artifacts.store import ArtifactStore
 
 

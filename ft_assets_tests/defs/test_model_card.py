@@ -12,7 +12,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from ft_assets.definitions import build_definitions
-from ft_assets.recipe import load_recipe
+from ft_assets.config.recipe import load_recipe
 from ft_assets_tests.defs.conftest import tiny_recipe, write_project
 
 
@@ -89,7 +89,7 @@ def test_push_without_token_fails_before_anything_is_written_or_uploaded(cards_p
 
 
 def test_push_with_a_token_refuses_to_go_online_when_offline(monkeypatch):
-    from ft_assets.core import card
+    from ft_assets.publish import card
 
     monkeypatch.setenv("MY_TOKEN", "hf_x")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

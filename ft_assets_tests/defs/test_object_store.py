@@ -24,10 +24,10 @@ import yaml
 from safetensors.torch import load_file
 
 from ft_assets.artifacts import retention
-from ft_assets.__main__ import main as cli
+from ft_assets.cli.main import main as cli
 from ft_assets.definitions import build_definitions
 from ft_assets.demo import ensure_instance, materialize_graph
-from ft_assets.recipe import load_recipe
+from ft_assets.config.recipe import load_recipe
 from ft_assets.artifacts.store import MANIFEST, ArtifactStore, content_hash
 
 BUCKET = "ft-team"
@@ -182,7 +182,7 @@ def test_a_killed_upload_leaves_nothing_that_looks_done(s3_home):
 NODE = textwrap.dedent("""
     import sys, dagster as dg
     from ft_assets.definitions import build_definitions
-    from ft_assets.recipe import load_recipe
+    from ft_assets.config.recipe import load_recipe
     defs = build_definitions(load_recipe(sys.argv[1]))
     instance = dg.DagsterInstance.ephemeral()
     dg.materialize(list(defs.assets), resources=defs.resources, instance=instance,

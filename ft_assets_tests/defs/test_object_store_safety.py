@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from ft_assets.__main__ import main as cli
+from ft_assets.cli.main import main as cli
 from ft_assets.artifacts.store import MANIFEST, ArtifactStore, content_hash, derived_version
 from ft_assets_tests.defs.test_object_store import s3_endpoint, s3_home  # noqa: F401  (the S3 server)
 

@@ -19,7 +19,7 @@ import yaml
 from ft_assets.definitions import build_definitions
 from ft_assets.defs.automation import record_sources
 from ft_assets import demo
-from ft_assets.recipe import RecipeError, load_recipes
+from ft_assets.config.recipe import RecipeError, load_recipes
 from ft_assets.artifacts.store import ArtifactStore
 from ft_assets_tests.conftest import make_recipe, qa_rows, write_jsonl
 

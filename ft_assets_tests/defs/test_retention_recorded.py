@@ -12,7 +12,7 @@ import dagster as dg
 import pytest
 
 from ft_assets.artifacts import slot_locks
-from ft_assets.__main__ import main as cli
+from ft_assets.cli.main import main as cli
 from ft_assets.defs import _common as c
 from ft_assets.artifacts.store import LATEST, MANIFEST, ArtifactStore
 from ft_assets_tests.defs.conftest import tiny_recipe, write_project
@@ -34,7 +34,7 @@ def test_prune_keeps_the_version_dagster_recorded_though_latest_moved_past_it(tm
     to a version no materialization names; the next downstream run still loads the recorded one."""
     from ft_assets.definitions import build_definitions
     from ft_assets.demo import ensure_instance
-    from ft_assets.recipe import load_recipe
+    from ft_assets.config.recipe import load_recipe
 
     home = tmp_path / "ft_home"
     monkeypatch.setenv("FT_HOME", str(home))

@@ -34,9 +34,9 @@ import yaml
 from safetensors.torch import load_file
 
 from ft_assets import demo
-from ft_assets.core import gpu_leases
+from ft_assets.models import gpu_leases
 from ft_assets.definitions import build_definitions
-from ft_assets.recipe import load_recipe
+from ft_assets.config.recipe import load_recipe
 from ft_assets.artifacts.store import ArtifactStore
 from ft_assets_tests.conftest import make_recipe, qa_rows, write_jsonl
 from ft_assets_tests.defs.test_failures import failure_message
@@ -317,7 +317,7 @@ def test_a_torchrun_step_trains_on_gpus_no_other_step_holds(project, tmp_path, m
     path = recipe_file(root, model_dir, "placed", {"batch_size": 4},
                        {"launcher": "torchrun", "nproc_per_node": 2, "device": "auto"})
     other = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom ft_assets.core.gpu_leases import acquire\n"
+        [sys.executable, "-c", "import sys, time\nfrom ft_assets.models.gpu_leases import acquire\n"
          "print(','.join(acquire(2)), flush=True)\ntime.sleep(600)"], stdout=subprocess.PIPE, text=True)
     home = tmp_path / "ft_home"
     instance = demo.ensure_instance(home)
@@ -340,7 +340,7 @@ import sys
 import dagster as dg
 from ft_assets import demo
 from ft_assets.definitions import build_definitions
-from ft_assets.recipe import load_recipe
+from ft_assets.config.recipe import load_recipe
 from pathlib import Path
 home = Path(sys.argv[2])
 instance = demo.ensure_instance(home)
@@ -354,7 +354,7 @@ def test_ranks_whose_dagster_step_died_stop_with_a_checkpoint_and_free_the_lock(
     """kill -9 of the Dagster step's process only (as the OOM killer does): torchrun's ranks run in
     sessions of their own, so they watch the step; they stop within seconds, after a checkpoint
     that all ranks agree on, and the checkpoint directory's lock is free for the rerun."""
-    from ft_assets.core.preemption import checkpoint_lock
+    from ft_assets.training.preemption import checkpoint_lock
 
     root, model_dir = project
     path = recipe_file(root, model_dir, "orphan", {"batch_size": 4, "max_steps": 5000, "epochs": 10000, "checkpoint_every": 5},

@@ -10,11 +10,11 @@ import dagster as dg
 import pytest
 import yaml
 
-from ft_assets.core import data
-from ft_assets.core.hfdata import source_version
+from ft_assets.data import rows as data, sft_dataset
+from ft_assets.data.hfdata import source_version
 from ft_assets.definitions import build_definitions
 from ft_assets.demo import materialize_all
-from ft_assets.recipe import load_recipe
+from ft_assets.config.recipe import load_recipe
 from ft_assets.artifacts.store import ArtifactStore
 from ft_assets_tests.conftest import make_recipe, qa_rows, write_jsonl
 
@@ -70,7 +70,7 @@ def test_every_schema_trains_and_evaluates_through_the_graph(schemas_project, ft
     info = data.dataset_info(sft.path)
     assert {t: s["kept"] for t, s in info["sources"].items()} == {"qa": 16, "chat": 16, "pc": 16, "alp": 16}
     assert info["rejected_rows"] == 0
-    chat_eval = [e for e in data.load_split(sft.path, "eval") if e.task == "chat"]
+    chat_eval = [e for e in sft_dataset.load_split(sft.path, "eval") if e.task == "chat"]
     assert len(chat_eval) == 4 and all(e.messages and e.answer.endswith("bikes") for e in chat_eval)
     # the raw dataset's version is the content hash of the save_to_disk directory's data files
     version = sft.manifest()["inputs"]["raw/chat"]
@@ -90,7 +90,7 @@ def test_conversational_preferences_from_an_hf_dataset_through_the_graph(tmp_pat
     the directory's content hash."""
     import datasets
 
-    from ft_assets.core import preferences
+    from ft_assets.data import preferences
     from ft_assets.demo import materialize_graph
 
     d = tmp_path / "data"

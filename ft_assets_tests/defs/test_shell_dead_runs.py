@@ -21,8 +21,8 @@ import dagster as dg
 import pytest
 import yaml
 
-from ft_assets import runs
-from ft_assets.runs import CHILDREN_TAG, WORKER_TAG, Proc, held_slots, reap_dead_runs
+from ft_assets.defs import runs
+from ft_assets.defs.runs import CHILDREN_TAG, WORKER_TAG, Proc, held_slots, reap_dead_runs
 from ft_assets_tests.conftest import REPO, make_recipe, qa_rows, write_jsonl
 from ft_assets_tests.defs.test_dead_runs import _noop_job
 
@@ -72,7 +72,7 @@ def test_a_worker_record_names_its_boot_and_pid_namespace_and_only_ours_are_judg
 def test_a_live_worker_in_another_pid_namespace_on_this_host_is_not_reaped(instance):
     """Two containers with one host name: the other's worker is pid 1 of its namespace, and our
     pid 1 is some other process: judged from here, it would look gone (pid reused)."""
-    code = ("import time; from ft_assets.runs import worker_tags, WORKER_TAG; "
+    code = ("import time; from ft_assets.defs.runs import worker_tags, WORKER_TAG; "
             "print(worker_tags()[WORKER_TAG], flush=True); time.sleep(600)")
     cmd = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code]
     worker = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)

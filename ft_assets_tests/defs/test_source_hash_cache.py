@@ -17,7 +17,7 @@ import pytest
 
 from ft_assets.definitions import build_definitions
 from ft_assets.defs.raw import file_version
-from ft_assets.recipe import load_recipe
+from ft_assets.config.recipe import load_recipe
 
 ROW = json.dumps({"question": "What was total revenue?", "context": "x" * 200, "answer": "$1 million"}) + "\n"
 ROWS, OTHER_ROWS = ROW * 12000, ROW.replace("$1 million", "$2 million") * 12000  # 3.3 MB each, same size

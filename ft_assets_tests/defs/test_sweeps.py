@@ -9,7 +9,7 @@ import dagster as dg
 import yaml
 
 from ft_assets.definitions import build_definitions
-from ft_assets.recipe import load_recipe
+from ft_assets.config.recipe import load_recipe
 from ft_assets.artifacts.store import ArtifactStore
 from ft_assets_tests.defs.test_failures import instance_of
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ft_assets.definitions import build_definitions
-from ft_assets.recipe import PACKAGE_DIR, load_recipe
+from ft_assets.config.recipe import PACKAGE_DIR, load_recipe
 
 PINNED = Path(__file__).with_name("pinned_versions.json")
 RECIPES = sorted((PACKAGE_DIR / "recipes").glob("*.yaml"))

@@ -21,7 +21,7 @@ import pytest
 
 from ft_assets.definitions import build_definitions
 from ft_assets.demo import PG_URL_ENV, POSTGRES_STORAGE, ensure_instance, instance_yaml
-from ft_assets.recipe import load_recipe
+from ft_assets.config.recipe import load_recipe
 
 pytestmark = pytest.mark.slow  # a server start and four runs: about a minute
 

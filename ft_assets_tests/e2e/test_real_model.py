@@ -18,11 +18,13 @@ import pytest
 import yaml
 
 from ft_assets.artifacts.store import ArtifactStore
-from ft_assets.core import data, evaluate, export
-from ft_assets.core.models import bundled_gguf_path, load_model, load_tokenizer
+from ft_assets.data import sft_dataset
+from ft_assets.evaluation import heldout as evaluate
+from ft_assets.models.base_model import bundled_gguf_path, load_model, load_tokenizer
+from ft_assets.publish import gguf as export
 from ft_assets.definitions import build_definitions
 from ft_assets.demo import materialize_all
-from ft_assets.recipe import DEMO_RECIPE, load_recipe
+from ft_assets.config.recipe import DEMO_RECIPE, load_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +92,7 @@ def test_llama_cpp_answers_like_transformers(request):
     store = ArtifactStore(bundled.home)
     merged, gguf = store.latest("merged_model", "lora").dir, store.latest("gguf_model", "lora").dir
     tok = load_tokenizer(merged)
-    examples = data.load_split(store.latest("sft_dataset").dir, "eval")[:PROMPTS]
+    examples = sft_dataset.load_split(store.latest("sft_dataset").dir, "eval")[:PROMPTS]
     expected = evaluate.generate_answers(load_model(merged), tok, examples, max_new_tokens=MAX_NEW_TOKENS,
                                          batch_size=1, device="cpu")
     assert sum(any(ch.isalpha() or ch.isdigit() for ch in a) for a in expected) >= PROMPTS - 1  # real answers

@@ -38,8 +38,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ft_assets.recipe import DEMO_RECIPE
-from ft_assets.runs import CHILDREN_TAG, WORKER_TAG, Proc
+from ft_assets.config.recipe import DEMO_RECIPE
+from ft_assets.defs.runs import CHILDREN_TAG, WORKER_TAG, Proc
 from ft_assets_tests.conftest import REPO, make_recipe, qa_rows, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.ui]  # minutes: `make test-fast` (-m 'not slow') skips it

@@ -1,0 +1,1 @@
+"""Models out: GGUF export with llama.cpp (gguf.py) and Hugging Face model cards (card.py)."""

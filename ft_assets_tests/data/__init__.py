@@ -1,0 +1,1 @@
+"""Tests of ft_assets/data/."""

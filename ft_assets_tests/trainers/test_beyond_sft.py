@@ -1,0 +1,482 @@
+"""Beyond SFT on the tiny model: DPO, distillation, continual learning, multi-task mixtures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from ft_assets.training import continual, loop as train
+from ft_assets.data import rows as data, mixture, preferences, sft_dataset
+from ft_assets.trainers import distill, dpo
+from ft_assets.evaluation import heldout as evaluate
+from ft_assets.config import chat_templates
+from ft_assets.methods import get_method
+from ft_assets.methods.lora import LoraSpec
+from ft_assets.models.base_model import load_model
+from ft_assets_tests.conftest import qa_rows, write_jsonl
+
+SPEC = LoraSpec(type="lora", r=4, alpha=8, dropout=0.0)
+TEMPLATE = "Context:\n{context}\n\nQuestion: {question}"
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def make_examples(tok, rows, task="qa") -> list[data.Example]:
+    out = []
+    for i, row in enumerate(rows):
+        ex = data.Example(row["id"], row["question"], row["context"], row["answer"], i + 1, task)
+        assert data.format_example(tok, ex, data.build_messages(ex, None, TEMPLATE, "{question}"), 128) is None
+        out.append(ex)
+    return out
+
+
+def pref_rows(n: int = 16) -> list[dict]:
+    """Pairs a 2-layer random model can learn: the right unit ("$463 million", chosen) over the
+    wrong one ("$463 billion", rejected): same length in tokens, so no length bias at the start."""
+    out = []
+    for r in qa_rows(n):
+        out.append({"id": r["id"], "prompt": TEMPLATE.format(context=r["context"], question=r["question"]),
+                    "chosen": r["answer"], "rejected": r["answer"].replace("million", "billion")})
+    return out
+
+
+def make_pairs(tok, rows) -> list[preferences.PreferencePair]:
+    cols = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "id": "id"}
+    pairs, rejected = preferences.validate_pairs(list(enumerate(rows, start=1)), cols, "prefs")
+    assert not rejected
+    for p in pairs:
+        assert preferences.format_pair(tok, p, None, 160) is None
+    return pairs
+
+
+def cfg(**kw) -> train.TrainConfig:
+    base = dict(max_steps=6, epochs=50, batch_size=4, lr=1e-2, warmup_ratio=0.0, lr_scheduler="constant", seed=3)
+    base.update(kw)
+    return train.TrainConfig(**base)
+
+
+# --------------------------------------------------------------------------------------
+# multi-task mixtures
+# --------------------------------------------------------------------------------------
+
+
+def test_mixture_follows_the_weights_exactly_and_deterministically():
+    rows = {"a": [f"a{i}" for i in range(100)], "b": [f"b{i}" for i in range(30)], "c": [f"c{i}" for i in range(7)]}
+    weights = {"a": 0.5, "b": 0.3, "c": 0.2}
+    mixed, counts = mixture.mix(rows, weights, seed=1, size=1001)
+    assert len(mixed) == 1001 and sum(counts.values()) == 1001
+    got = Counter(x[0] for x in mixed)
+    for task, w in weights.items():  # tolerance: one row of the exact share (largest-remainder rounding)
+        assert abs(got[task] - 1001 * w) <= 1, (task, got[task])
+    # upsampling repeats every row equally often (+-1); downsampling never repeats a row
+    c_reps = Counter(x for x in mixed if x[0] == "c")
+    assert max(c_reps.values()) - min(c_reps.values()) <= 1 and len(c_reps) == 7
+    a_reps = Counter(x for x in mixed if x[0] == "a")
+    assert max(a_reps.values()) - min(a_reps.values()) <= 1
+    assert mixture.mix(rows, weights, seed=1, size=1001)[0] == mixed  # pure function of the seed
+    assert mixture.mix(rows, weights, seed=2, size=1001)[0] != mixed
+    with pytest.raises(ValueError, match="no training rows"):
+        mixture.mix({"a": [], "b": ["x"]}, {"a": 1, "b": 1}, seed=0)
+
+
+def test_weighted_sources_make_a_mixed_training_split(tmp_path, tok):
+    qa = write_jsonl(tmp_path / "qa.jsonl", qa_rows(40))
+    heads = write_jsonl(tmp_path / "heads.jsonl", [
+        {"id": f"h{i}", "instruction": "Classify the sentiment.", "headline": f"Company {i} beats estimates",
+         "label": "positive" if i % 2 else "negative"} for i in range(20)])
+    srcs = [
+        data.SourceSpec("qa", qa, "jsonl", {"question": "question", "context": "context", "answer": "answer", "id": "id"},
+                        0.25, 7, 0.1, weight=0.25),
+        data.SourceSpec("heads", heads, "jsonl", {"question": "instruction", "context": "headline", "answer": "label",
+                                                  "id": "id"}, 0.25, 7, 0.1, weight=0.75),
+    ]
+    built = sft_dataset.build_sft_dataset(srcs, tok, system=None, template=TEMPLATE, template_without_context="{question}",
+                                   max_length=128, mixture_seed=7)
+    n = len(built.train)
+    assert n == 30 + 15  # the mixture keeps the number of training rows; it changes the proportions
+    counts = Counter(e.task for e in built.train)
+    assert abs(counts["heads"] - 0.75 * n) <= 1 and abs(counts["qa"] - 0.25 * n) <= 1
+    assert built.stats["mixture"]["tasks"]["heads"]["rows"] == counts["heads"]
+    assert Counter(e.task for e in built.eval) == {"qa": 10, "heads": 5}  # eval keeps every held-out row
+    again = sft_dataset.build_sft_dataset(srcs, tok, system=None, template=TEMPLATE, template_without_context="{question}",
+                                   max_length=128, mixture_seed=7)
+    assert [e.id for e in again.train] == [e.id for e in built.train]
+
+
+def test_per_task_metrics_are_computed_within_each_task(tiny_model_dir, tok):
+    rows = [{"task": "a", "prediction": "x", "reference": "x"}, {"task": "a", "prediction": "y", "reference": "x"},
+            {"task": "b", "prediction": "z", "reference": "z"}]
+    from ft_assets.evaluation.qa_metrics import qa_scores
+
+    for r in rows:
+        r.update(qa_scores(r["prediction"], r["reference"]))
+    per = evaluate.per_task_scores(rows)
+    assert per["a"]["exact_match"] == 0.5 and per["b"]["exact_match"] == 1.0
+    assert per["a"]["examples"] == 2 and per["b"]["examples"] == 1
+    # and through evaluate(): one entry per task, each with its own loss
+    qa = make_examples(tok, qa_rows(6), task="qa")
+    heads = make_examples(tok, [{"id": f"h{i}", "question": "Sentiment?", "context": f"Firm {i} misses",
+                                 "answer": "negative"} for i in range(3)], task="heads")
+    model = load_model(tiny_model_dir)
+    out = evaluate.evaluate(model, tok, qa + heads, max_new_tokens=3, batch_size=4, device="cpu")
+    per = out["metrics"]["per_task"]
+    assert set(per) == {"qa", "heads"} and per["qa"]["examples"] == 6 and per["heads"]["examples"] == 3
+    assert per["qa"]["eval_loss"] != per["heads"]["eval_loss"]
+    only_heads = evaluate.eval_loss(model, heads, tok.pad_token_id, "cpu")["eval_loss"]
+    assert per["heads"]["eval_loss"] == only_heads
+
+
+# --------------------------------------------------------------------------------------
+# preference data and DPO
+# --------------------------------------------------------------------------------------
+
+
+def test_preference_rows_are_validated_with_lines(tmp_path, tok):
+    rows = pref_rows(6)
+    rows[1]["chosen"] = ""                           # blank
+    rows[2]["rejected"] = rows[2]["chosen"]          # same answers
+    rows.append(dict(rows[0]))                       # duplicate of line 1
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    src = preferences.PreferenceSource("prefs", path, "jsonl", {"prompt": "prompt", "chosen": "chosen",
+                                       "rejected": "rejected", "id": "id"}, 0.25, 1, 0.5)
+    built = preferences.build_preference_dataset(src, tok, system="Be brief.", max_length=160)
+    reasons = {r.line: r.reason for r in built.rejected}
+    assert set(reasons) == {2, 3, 7}
+    assert "empty" in reasons[2] and "same text" in reasons[3] and "duplicate of line 1" in reasons[7]
+    assert len(built.train) + len(built.eval) == 4
+    pair = built.train[0]
+    assert pair.chosen_ids[-1] == tok.eos_token_id and pair.rejected_ids[-1] == tok.eos_token_id
+    assert tok(pair.prompt_text + pair.chosen_text)["input_ids"] == pair.prompt_ids + pair.chosen_ids
+    src.max_rejected_fraction = 0.1
+    with pytest.raises(data.DataFileError, match="3 of 7 rows rejected"):
+        preferences.build_preference_dataset(src, tok, system=None, max_length=160)
+
+
+def test_preference_pairs_use_the_recipes_chat_template_for_a_base_without_one(tmp_path, tiny_model_dir):
+    """prompt.chat_template renders preference pairs as it renders SFT rows; no template anywhere
+    is refused with what to set, and the override does not outlive the build."""
+    from ft_assets.data import chat
+
+    bare = AutoTokenizer.from_pretrained(tiny_model_dir)
+    bare.chat_template = None
+    path = write_jsonl(tmp_path / "p.jsonl", pref_rows(4))
+    src = preferences.PreferenceSource("prefs", path, "jsonl", {"prompt": "prompt", "chosen": "chosen",
+                                       "rejected": "rejected", "id": "id"}, 0.25, 1, 0.5)
+    with pytest.raises(chat.ChatTemplateError, match="set prompt.chat_template"):
+        preferences.build_preference_dataset(src, bare, system=None, max_length=160)
+    built = preferences.build_preference_dataset(src, bare, system="Be brief.", max_length=160,
+                                                 chat_template=chat_templates.chat_template_text("chatml"))
+    pair = built.train[0]
+    assert pair.prompt_text == (f"<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n{pair.prompt}<|im_end|>\n"
+                                "<|im_start|>assistant\n")
+    assert pair.chosen_text == f"{pair.chosen}<|im_end|>" and pair.chosen_ids[-1] == bare.eos_token_id
+    assert bare.chat_template is None
+
+
+def saved_adapter(tiny_model_dir, out: Path) -> Path:
+    """A saved LoRA adapter, as `adapter[lora]` leaves one (untrained here: B = 0, so the policy
+    starts as the random base, which has no preference between the two units)."""
+    torch.manual_seed(0)
+    get_method("lora").save(get_method("lora").wrap(load_model(tiny_model_dir), SPEC), out)
+    return out
+
+
+def test_dpo_raises_preference_accuracy_on_training_pairs(tiny_model_dir, tok, tmp_path):
+    from peft import PeftModel
+
+    adapter = saved_adapter(tiny_model_dir, tmp_path / "sft")
+    pairs = make_pairs(tok, pref_rows(16))
+    assert all(len(p.chosen_ids) == len(p.rejected_ids) for p in pairs)
+    model = PeftModel.from_pretrained(load_model(tiny_model_dir), adapter, is_trainable=True)
+    ref = dpo.sequence_logps(model, pairs, tok.pad_token_id)
+    before = dpo.preference_metrics(ref, ref, beta=0.1)
+    assert before["reward_margin"] == 0.0 and before["reward_accuracy"] == 0.0  # policy == reference
+    result = dpo.train_dpo(model, tok, pairs, cfg(max_steps=6, lr=1e-2), beta=0.1, max_length=160)
+    assert result.steps == 6 and len(result.losses) == 6
+    assert set(model.peft_config) == {"default"}  # TRL's frozen "ref" copy is gone
+    after = dpo.preference_metrics(dpo.sequence_logps(model, pairs, tok.pad_token_id), ref, beta=0.1)
+    print("DPO on training pairs: before", before, "after", after, "losses", result.losses)
+    assert before["logp_accuracy"] <= 0.75  # the starting policy does not already separate the pairs
+    assert after["logp_accuracy"] >= 0.9 and after["logp_accuracy"] > before["logp_accuracy"]
+    assert after["reward_accuracy"] >= 0.9 and after["reward_margin"] > 0.1
+    assert result.losses[-1][1] < result.losses[0][1]
+    # saved like any LoRA adapter: plain peft loads it, and it reproduces the trained policy
+    dpo.save_dpo_adapter(model, tmp_path / "dpo")
+    assert not (tmp_path / "dpo" / "ref").exists()
+    reloaded = get_method("dpo").load(load_model(tiny_model_dir), tmp_path / "dpo")
+    again = dpo.sequence_logps(reloaded, pairs, tok.pad_token_id)
+    assert again[0] == pytest.approx(dpo.sequence_logps(model, pairs, tok.pad_token_id)[0], abs=1e-3)
+
+
+# --------------------------------------------------------------------------------------
+# distillation
+# --------------------------------------------------------------------------------------
+
+
+def fine_tuned_teacher(tiny_model_dir, tok, out: Path) -> Path:
+    """The tiny model after a few full fine-tuning steps on the QA rows (a random model is too
+    flat a teacher: its KL to any student is ~0)."""
+    from ft_assets.methods.full import FullSpec
+
+    torch.manual_seed(0)
+    spec = FullSpec(type="full")
+    model = get_method("full").wrap(load_model(tiny_model_dir), spec)
+    train.train(model, get_method("full"), spec, make_examples(tok, qa_rows(16)), cfg(max_steps=10), pad_id=2)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tiny_model_dir, tok, tmp_path_factory):
+    return fine_tuned_teacher(tiny_model_dir, tok, tmp_path_factory.mktemp("teacher"))
+
+
+def test_student_from_teacher_layers_is_smaller_and_reloads(teacher_dir, tok, tmp_path):
+    teacher = load_model(teacher_dir)
+    student, facts = distill.build_student(teacher_dir, [1])
+    assert facts["kept_layers"] == [1] and student.config.num_hidden_layers == 1
+    assert distill.parameters(student) < distill.parameters(teacher)
+    assert distill.layer_indices(30, "every_other") == list(range(0, 30, 2)) + [29]
+    assert distill.layer_indices(4, "first_half") == [0, 1]
+    with pytest.raises(ValueError, match="out of range"):
+        distill.layer_indices(2, [0, 5])
+    # the kept layer is the teacher's layer 1, renumbered 0 (the KV cache indexes by position)
+    torch.testing.assert_close(student.model.layers[0].mlp.up_proj.weight, teacher.model.layers[1].mlp.up_proj.weight)
+    assert student.model.layers[0].self_attn.layer_idx == 0
+    student.save_pretrained(tmp_path / "student")
+    reloaded = load_model(tmp_path / "student")
+    assert reloaded.config.num_hidden_layers == 1
+    examples = make_examples(tok, qa_rows(2))
+    speed = distill.generation_speed(reloaded, examples, new_tokens=4, pad_id=2, eos_id=2)
+    assert speed["tokens_per_s"] > 0 and speed["prompts"] == 2
+
+
+def test_distillation_lowers_the_kl_to_the_teacher(teacher_dir, tok, tmp_path):
+    """A student that starts far from the teacher (another random 1-layer model, the
+    `student_path` route): the KL term pulls it toward the teacher; CE alone (alpha=0) much less."""
+    from ft_assets.models.base_model import random_init_model
+    from ft_assets_tests.conftest import tiny_llama_config
+
+    config = tiny_llama_config(len(tok))
+    config.num_hidden_layers = 1
+    random_init_model(config, seed=5).save_pretrained(tmp_path / "other")
+    teacher = load_model(teacher_dir)
+    examples = make_examples(tok, qa_rows(16))
+    after = {}
+    for alpha in (0.8, 0.0):
+        student, facts = distill.build_student(teacher_dir, "every_other", student_path=tmp_path / "other")
+        before = distill.kl_to_teacher(student, teacher, examples, temperature=2.0, pad_id=2)
+        result = distill.train_student(student, teacher, examples, cfg(max_steps=8, lr=3e-3), alpha=alpha,
+                                       temperature=2.0, pad_id=2)
+        after[alpha] = distill.kl_to_teacher(student, teacher, examples, temperature=2.0, pad_id=2)
+        assert result.steps == 8 and facts["origin"].startswith("local:")
+        assert [s for s, _ in result.terms["kl"]] == [s for s, _ in result.terms["ce"]] == list(range(1, 9))
+    print("distillation KL(teacher||student): before", before, "after alpha=0.8", after[0.8], "alpha=0", after[0.0])
+    assert after[0.8]["kl"] < 0.8 * before["kl"], (before, after)
+    assert after[0.8]["kl"] < after[0.0]["kl"]
+
+
+def test_alpha_zero_is_plain_sft_loss(tiny_model_dir, tok):
+    """alpha=0 leaves only the answer-token CE: the same number token_loss_sum gives."""
+    model = load_model(tiny_model_dir)
+    examples = make_examples(tok, qa_rows(4))
+    batch = train.collate(examples, 2, "cpu")
+    loss_sum, n = train.token_loss_sum(model, batch)
+    with torch.no_grad():
+        loss, m, terms = distill.Distillation(model, alpha=0.0, temperature=2.0).loss_sum(model, batch)
+    assert m == n and float(terms["kl"]) == pytest.approx(0.0, abs=1e-4)
+    assert float(loss) == float(terms["ce"]) == pytest.approx(float(loss_sum), rel=1e-5)
+
+
+def test_distillation_objective_is_alpha_t2_kl_plus_ce_over_answer_tokens(teacher_dir, tiny_model_dir, tok):
+    """The objective's sum is alpha * T^2 * KL + (1 - alpha) * CE of `distill_terms`, over the labels."""
+    teacher, student = load_model(teacher_dir), load_model(tiny_model_dir)
+    batch = train.collate(make_examples(tok, qa_rows(4)), 2, "cpu")
+    with torch.no_grad():
+        loss, n, terms = distill.Distillation(teacher, alpha=0.3, temperature=3.0).loss_sum(student, batch)
+    assert n == int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
+    assert float(loss) == pytest.approx(0.3 * 9.0 * float(terms["kl"]) + 0.7 * float(terms["ce"]), rel=1e-6)
+    assert float(terms["kl"]) > 0
+
+
+def distill_cfg(**kw) -> train.TrainConfig:
+    return cfg(**{"max_steps": 6, "lr": 3e-3, "checkpoint_every": 3, "weight_decay": 0.1, **kw})
+
+
+def test_distillation_resumes_from_a_checkpoint_exactly(teacher_dir, tok, tmp_path):
+    """Distillation goes through training.loop's checkpoints: a run that stopped after step 3 (its
+    checkpoint is what a killed process leaves) resumes to the uninterrupted run's weights and curves."""
+    teacher = load_model(teacher_dir)
+    examples = make_examples(tok, qa_rows(16))
+
+    def run(ckpt: Path):
+        student, _ = distill.build_student(teacher_dir, [1])
+        result = distill.train_student(student, teacher, examples, distill_cfg(), alpha=0.5, temperature=2.0,
+                                       pad_id=2, checkpoint_dir=ckpt)
+        return student, result
+
+    ref, ref_result = run(tmp_path / "ref")
+    assert train.latest_checkpoint(tmp_path / "ref").name == "step-000003"  # the last step writes none
+    # the checkpoint a killed run left behind, picked up by a fresh student
+    shutil.copytree(tmp_path / "ref", tmp_path / "killed")
+    resumed, result = run(tmp_path / "killed")
+    assert result.resumed_from_step == 3 and result.steps == 6
+    assert result.losses == ref_result.losses and result.terms == ref_result.terms
+    assert set(result.terms) == {"kl", "ce"} and len(result.terms["kl"]) == 6
+    assert result.log()["kl"] == result.terms["kl"] and result.log()["ce"] == result.terms["ce"]
+    for (name, a), (_, b) in zip(ref.named_parameters(), resumed.named_parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_distillation_takes_its_optimizer_and_decay_from_train_config(teacher_dir, tok, monkeypatch):
+    """No hard-coded AdamW: `training.optimizer` reaches the optimizer, weight decay spares norms."""
+    seen = {}
+    real = train.make_optimizer
+
+    def spy(name, groups, lr):
+        seen.update(name=name, decays=sorted({g["weight_decay"] for g in groups}))
+        return real("adamw", groups, lr)
+
+    monkeypatch.setattr(train, "make_optimizer", spy)
+    student, _ = distill.build_student(teacher_dir, [1])
+    distill.train_student(student, load_model(teacher_dir), make_examples(tok, qa_rows(4)),
+                          distill_cfg(max_steps=1, optimizer="adamw_8bit"), alpha=0.5, temperature=2.0, pad_id=2)
+    assert seen == {"name": "adamw_8bit", "decays": [0.0, 0.1]}
+
+
+def test_distillation_stops_on_nan_like_sft(teacher_dir, tok):
+    student, _ = distill.build_student(teacher_dir, [1])
+    with torch.no_grad():
+        student.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(train.TrainingDiverged, match=r"loss is nan at step 1; lower the learning rate"):
+        distill.train_student(student, load_model(teacher_dir), make_examples(tok, qa_rows(4)), distill_cfg(),
+                              alpha=0.5, temperature=2.0, pad_id=2)
+
+
+# --------------------------------------------------------------------------------------
+# continual learning
+# --------------------------------------------------------------------------------------
+
+
+def test_continuing_starts_at_the_previous_adapters_loss(tiny_model_dir, tok, tmp_path):
+    method = get_method("lora")
+    old = make_examples(tok, qa_rows(16))
+    new = make_examples(tok, [dict(r, id=f"n{i}", question=r["question"].replace("What", "Which figure"))
+                              for i, r in enumerate(qa_rows(16))])
+    torch.manual_seed(0)
+    prev = method.wrap(load_model(tiny_model_dir), SPEC)
+    train.train(prev, method, SPEC, old, cfg(max_steps=10), pad_id=2)
+    method.save(prev, tmp_path / "prev")
+    prev_loss = evaluate.eval_loss(prev, new, 2, "cpu", batch_size=16)["eval_loss"]
+
+    torch.manual_seed(1)  # a different fresh init: the loaded state must override it
+    cont = method.wrap(load_model(tiny_model_dir), SPEC)
+    fresh_loss = evaluate.eval_loss(cont, new, 2, "cpu", batch_size=16)["eval_loss"]
+    assert continual.load_state(cont, method, tmp_path / "prev") > 0
+    one = cfg(max_steps=1, batch_size=16)  # one step over all 16 rows: its loss is the start's loss
+    result = train.train(cont, method, SPEC, new, one, pad_id=2)
+    print("continual: first loss", result.losses[0][1], "previous adapter", prev_loss, "fresh", fresh_loss)
+    assert result.losses[0][1] == pytest.approx(prev_loss, abs=2e-3)
+    assert abs(fresh_loss - prev_loss) > 0.3
+
+
+def manifest(version, sft, base="b1", spec=None, continued=None):
+    m = {"version": version, "inputs": {"sft_dataset": sft, "base_model": base},
+         "method": {"spec": spec or {"type": "lora", "r": 4, "training": {}}}}
+    if continued:
+        m["continual"] = {"continued_from": {"version": continued}}
+    return m
+
+
+def test_pick_start_continues_only_across_data_changes():
+    spec = {"type": "lora", "r": 4, "training": {"lr": 0.1}, "continue_from": "previous"}
+    store = {"v1": manifest("v1", "d1"), "v2": manifest("v2", "d2", continued="v1")}
+    lookup = lambda v: (store[v], f"/a/{v}") if v in store else None  # noqa: E731
+    pick = lambda prev, sft, **kw: continual.pick_start(prev, prev and f"/a/{prev['version']}", sft_dataset=sft,  # noqa: E731
+                                                        base_model=kw.get("base", "b1"), spec=spec, manifest_of=lookup)
+    assert pick(None, "d1").from_scratch
+    s = pick(store["v1"], "d2")  # data changed: continue from v1, replay/forget against d1
+    assert (s.adapter_version, s.adapter_path, s.previous_sft_dataset) == ("v1", "/a/v1", "d1")
+    s = pick(store["v2"], "d2")  # rerun with unchanged data: repeat v2's own start (idempotent)
+    assert (s.adapter_version, s.previous_sft_dataset) == ("v1", "d1")
+    assert pick(store["v1"], "d1").from_scratch  # v1 was itself from scratch on d1
+    assert pick(store["v1"], "d2", base="b2").from_scratch
+    other = manifest("v3", "d1", spec={"type": "lora", "r": 8, "training": {}})
+    assert "other method settings" in pick(other, "d2").reason
+
+
+def test_replay_draws_a_seeded_fraction_of_rows_the_new_split_lacks(tok):
+    old = make_examples(tok, qa_rows(20))
+    new = old[:5] + make_examples(tok, [dict(r, id=f"n{i}", answer="$1 million") for i, r in enumerate(qa_rows(5))])
+    rows = continual.replay_rows(old, new, 0.5, seed=3)
+    assert len(rows) == 10 and not {e.id for e in rows} & {e.id for e in old[:5]}
+    assert [e.id for e in continual.replay_rows(old, new, 0.5, seed=3)] == [e.id for e in rows]
+    assert continual.replay_rows(old, new, 0.0, seed=3) == []
+    assert len(continual.replay_rows(old, new, 1.0, seed=3)) == 15  # only 15 old rows are not in new
+
+
+# --------------------------------------------------------------------------------------
+# recipe keys
+# --------------------------------------------------------------------------------------
+
+BASE = {"name": "r", "datasets": [{"name": "qa", "path": "data/qa.jsonl"}], "methods": {"lora": {"r": 8}}}
+PREFS = {"name": "prefs", "path": "data/prefs.jsonl"}
+
+
+def test_beyond_sft_recipe_is_valid():
+    from ft_assets.config.recipe import PACKAGE_DIR, load_recipe
+
+    r = load_recipe(PACKAGE_DIR / "recipes" / "beyond_sft.yaml")
+    assert r.methods["dpo"].type == "dpo" and r.methods["dpo"].sft_from == "lora"
+    assert r.methods["lora"].continue_from == "previous" and r.methods["lora"].replay_fraction == 0.25
+    assert [d.weight for d in r.datasets] == [0.7, 0.3] and r.distillation.teacher == "lora"
+    assert all(r.dataset_path(d).is_file() for d in (*r.datasets, r.preferences))
+    assert r.training_for_distillation().lr == 1e-4 and r.training_for_distillation().max_steps == 16
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"methods": {"lora": {}, "dpo": {"sft_from": "lora"}}}, "needs a `preferences:` section"),
+    ({"methods": {"lora": {}, "dpo": {"sft_from": "nope"}}, "preferences": PREFS}, "'nope' is not a method"),
+    ({"methods": {"qlora": {}, "dpo": {"sft_from": "qlora"}}, "preferences": PREFS}, "is a qlora method"),
+    ({"methods": {"lora": {}, "dpo": {"sft_from": "lora", "continue_from": "previous"}}, "preferences": PREFS},
+     "always continues its sft_from adapter"),
+    ({"methods": {"lora": {"replay_fraction": 0.2}}}, "replay_fraction needs continue_from"),
+    ({"methods": {"lora": {"continue_from": "first"}}}, "continue_from: Input should be 'previous'"),
+    ({"datasets": [{"name": "a", "path": "a.jsonl", "weight": 1}, {"name": "b", "path": "b.jsonl"}]},
+     "give every dataset a weight or none"),
+    ({"datasets": [{"name": "a", "path": "a.jsonl", "weight": 0}]}, "weight: Input should be greater than 0"),
+    ({"preferences": {"name": "qa", "path": "p.jsonl"}}, "also a dataset name"),
+    ({"preferences": {"name": "p", "path": "p.jsonl", "colums": {}}}, "did you mean 'columns'"),
+    ({"distillation": {"teacher": "nope"}}, "distillation.teacher: 'nope' is not a method"),
+    ({"distillation": {"teacher": "lora", "alpha": 1.5}}, "distillation.alpha: Input should be less than or equal to 1"),
+    ({"distillation": {"teacher": "lora", "keep_layers": "odd"}}, "keep_layers"),
+])
+def test_bad_beyond_sft_keys_name_the_key(change, expected):
+    from ft_assets.config.recipe import RecipeError, parse_recipe
+
+    with pytest.raises(RecipeError) as err:
+        parse_recipe({**BASE, **change}, "recipe.yaml")
+    assert expected in str(err.value), str(err.value)
+
+
+def test_new_keys_at_their_defaults_leave_every_hash_unchanged():
+    """Recipes that use none of this keep their hashes, so upgrading re-runs nothing."""
+    from ft_assets.config.recipe import parse_recipe
+
+    plain = parse_recipe(BASE)
+    explicit = parse_recipe({**BASE, "methods": {"lora": {"r": 8, "continue_from": None, "replay_fraction": 0.0}},
+                             "datasets": [{"name": "qa", "path": "data/qa.jsonl", "weight": None}]})
+    assert plain.recipe_hash == explicit.recipe_hash
+    assert plain.section_hash("seed", method="lora") == explicit.section_hash("seed", method="lora")
+    assert "continue_from" not in plain.model_dump()["methods"]["lora"]
+    used = parse_recipe({**BASE, "methods": {"lora": {"r": 8, "continue_from": "previous"}}})
+    assert used.section_hash("seed", method="lora") != plain.section_hash("seed", method="lora")
