@@ -23,7 +23,7 @@ every configuration by the same function (`evaluation.heldout.eval_loss`).
     python -m ft_assets.bench.train_throughput --random-init llama3.2-1b --tokenizer-dir <dir>   # GPU
 
 Results: ft_assets/bench/results/train_throughput_<device>_<date>.{json,md}. Importable without
-Dagster (it uses ft_assets.core and ft_assets.config.recipe only).
+Dagster (it uses the ML rooms and ft_assets.config only).
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ from typing import Any, Callable
 from ..artifacts.store import ArtifactStore, derived_version
 from ..publish import card
 from ..training import continual
-from ..data import rows as data, sft_dataset
+from ..data import rows as data
+from ..data.sft_dataset import load_split
 from ..trainers.sft import ContinualPlan, FineTuned, StaleDataset, TrainedElsewhere, TrainingData
 from ..models.base_model import load_tokenizer
 
@@ -44,7 +45,7 @@ def plan_continual(store: ArtifactStore, name: str, spec, sft_dataset_version: s
     elif data.dataset_info(old.path).get("tokenizer_fingerprint") != tokenizer_fingerprint:
         plan.notes.append("previous sft_dataset used another tokenizer: no replay")
     else:
-        plan.replay = continual.replay_rows(sft_dataset.load_split(old.path, "train"), examples, spec.replay_fraction, seed)
+        plan.replay = continual.replay_rows(load_split(old.path, "train"), examples, spec.replay_fraction, seed)
         plan.replay_dataset = str(old.path)
         plan.notes.append(f"replaying {len(plan.replay)} rows of sft_dataset {old.version} "
                           f"({spec.replay_fraction:.0%} of its train split)")
@@ -60,7 +61,7 @@ def training_data(store: ArtifactStore, name: str, spec, sft_dataset_dir: str, s
     if data.tokenizer_fingerprint(tok) != info["tokenizer_fingerprint"]:
         raise StaleDataset("sft_dataset was built with a different tokenizer than base_model has now; "
                            "re-materialize sft_dataset")
-    examples = sft_dataset.load_split(sft_dataset_dir, "train")
+    examples = load_split(sft_dataset_dir, "train")
     plan = None
     if spec.continue_from == "previous":
         plan = plan_continual(store, name, spec, sft_dataset_version, base_model_version, examples,

@@ -28,7 +28,8 @@ from typing import Any
 
 import dagster as dg
 
-from ..data import rows as data, sft_dataset
+from ..data import rows as data
+from ..data.sft_dataset import load_split
 from ..trainers import distill
 from ..evaluation import plots
 from ..training import loop as train
@@ -76,7 +77,7 @@ def build(recipe: Recipe) -> list:
         checkpoints = artifacts.checkpoints("student", None, derived_version(derivation))
         with c.training_failures(context, "student", user_errors=(distill.NotDistillable,)):
             distilled = distill.distill_student(
-                merged_model.dir, base_model.path, sft_dataset.load_split(sft_dataset.path, "train"),
+                merged_model.dir, base_model.path, load_split(sft_dataset.path, "train"),
                 c.eval_examples(recipe, sft_dataset), train.TrainConfig.from_spec(recipe.training_for_distillation(), recipe.seed),
                 keep_layers=spec.keep_layers, student_path=student_path, alpha=spec.alpha, temperature=spec.temperature,
                 max_new_tokens=recipe.evaluation.max_new_tokens, eval_batch_size=recipe.evaluation.batch_size,

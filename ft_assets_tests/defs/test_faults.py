@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from ft_assets.training import loop as train
+from ft_assets.training import loop as train, prepared
 from ft_assets.definitions import build_definitions
 from ft_assets.config.recipe import load_recipe
 from ft_assets.artifacts.store import ArtifactStore
@@ -85,7 +85,8 @@ def distill_recipe(project: Path, **training) -> Path:
 
 
 def test_kill_9_mid_distillation_then_rerun_resumes_and_matches_uninterrupted(project, tmp_path):
-    recipe = distill_recipe(project, max_steps=30, checkpoint_every=5, lr=2e-3)
+    steps = 20  # killed once the step-10 checkpoint exists: 10 steps (teacher and student forwards) still to run
+    recipe = distill_recipe(project, max_steps=steps, checkpoint_every=5, lr=2e-3)
     ref_home, home = tmp_path / "ref", tmp_path / "killed"
     ref = start(recipe, ref_home, runner=STUDENT_RUNNER)
 
@@ -117,12 +118,12 @@ def test_kill_9_mid_distillation_then_rerun_resumes_and_matches_uninterrupted(pr
     for name in want_w:  # tolerance: 1e-6 absolute on fp32 CPU weights
         torch.testing.assert_close(got_w[name], want_w[name], atol=1e-6, rtol=0, msg=name)
     log, ref_log = (json.loads((a.dir / "train_log.json").read_text()) for a in (got, want))
-    assert log["steps"] == 30 and len(log["kl"]) == len(log["ce"]) == 30
+    assert log["steps"] == steps and len(log["kl"]) == len(log["ce"]) == steps
     for curve in ("losses", "kl", "ce"):  # the curves before the kill come back from the checkpoint
-        assert [s for s, _ in log[curve]] == list(range(1, 31))
+        assert [s for s, _ in log[curve]] == list(range(1, steps + 1))
         assert [v for _, v in log[curve]] == pytest.approx([v for _, v in ref_log[curve]], abs=1e-5)
     run = got.manifest()["train"]
-    print("student killed after its checkpoint at step", run["resumed_from_step"], "of 30; resumed there")
+    print("student killed after its checkpoint at step", run["resumed_from_step"], f"of {steps}; resumed there")
     assert run["resumed_from_step"] >= 10 and run["resumed_from_step"] % 5 == 0
     assert not list(ckpts.glob("*/step-*"))  # finished: checkpoints cleaned up
 
@@ -153,13 +154,13 @@ def _failure(result) -> str:
 
 def test_nan_loss_fails_fast_and_no_merged_model_is_made(project, ft_home, monkeypatch):
     assert _run(project, ft_home, ["base_model", "sft_dataset", "quantized_base", "base_eval"]).success
-    real = train.TokenLoss.loss_sum  # the SFT objective's loss of a micro-batch, as the loop asks for it
+    real = prepared.TokenLoss.loss_sum  # the SFT objective's loss of a micro-batch, as the loop asks for it
 
     def poisoned(self, batch):
         loss, n, terms = real(self, batch)
         return loss * float("nan"), n, terms
 
-    monkeypatch.setattr(train.TokenLoss, "loss_sum", poisoned)
+    monkeypatch.setattr(prepared.TokenLoss, "loss_sum", poisoned)
     result = _run(project, ft_home, ["adapter", "merged_model", "eval_report"], partition="lora")
     assert not result.success
     assert "loss is nan at step 1; lower the learning rate" in _failure(result)
@@ -173,7 +174,7 @@ def test_out_of_memory_says_what_to_change(project, ft_home, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train.TokenLoss, "loss_sum", oom)
+    monkeypatch.setattr(prepared.TokenLoss, "loss_sum", oom)
     result = _run(project, ft_home, ["adapter"], partition="lora")
     msg = _failure(result)
     assert "lora: out of memory on cpu with batch_size 4" in msg

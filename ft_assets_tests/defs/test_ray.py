@@ -76,18 +76,35 @@ def ray_head():
                 time.sleep(0.5)
         yield address
     finally:
-        procs = [psutil.Process(head.pid)] + psutil.Process(head.pid).children(recursive=True)
-        for p in procs:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=20)
-        for p in alive:
-            p.kill()
-        psutil.wait_procs(alive, timeout=10)
+        _stop_head(head)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stop_head(head: subprocess.Popen) -> None:
+    """SIGTERM to the head's own pid and 3 s of grace (stopping cleanly takes Ray ~20 s, which
+    nothing here needs), then SIGKILL to its process group (the session it leads: Ray's servers
+    and workers) and to every descendant seen before (Ray's job drivers run in sessions of their own)."""
+    try:
+        procs = [psutil.Process(head.pid)] + psutil.Process(head.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        procs = []
+    head.send_signal(signal.SIGTERM)
+    try:
+        head.wait(timeout=3)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(head.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the group is empty: everything stopped within the grace
+        pass
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    head.wait(timeout=10)
+    psutil.wait_procs(procs, timeout=10)
 
 
 def test_ray_workers_train_what_one_process_trains_and_report_through_pipes(project, ray_head, tmp_path):

@@ -1,9 +1,11 @@
 """Data parallelism in the one training loop (`training.distributed`, `training.loop`): which rows each
 rank reads, and two gloo processes on loopback against one process (no Dagster, no torchrun:
-the launcher's side is `defs/test_scale_out.py`)."""
+the launcher's side is `defs/test_scale_out.py`). The slow tests' two-rank runs (DDP method
+families, FSDP2) are spawned once for the module (`two_rank_runs`); each test asserts on its own."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -21,9 +23,16 @@ from ft_assets_tests.conftest import formatted_examples
 from ft_assets_tests.training.test_train import SPEC, cfg, lora_model
 
 
+@functools.lru_cache(maxsize=None)
+def _rows(model_dir: Path) -> list:
+    """The 16 formatted rows every run here trains on, made once per process (each call reads
+    the tokenizer; training never changes the rows)."""
+    return formatted_examples(model_dir, 16)
+
+
 @pytest.fixture(scope="module")
 def examples(tiny_model_dir):
-    return formatted_examples(tiny_model_dir, 16)
+    return _rows(tiny_model_dir)
 
 
 @pytest.mark.parametrize("group_by_length", [False, True])
@@ -83,7 +92,7 @@ def _rank_main(rank: int, port: int, model_dir: str, out: str, settings: dict) -
     ranks = Ranks.from_env("cpu")
     try:
         model = lora_model(Path(model_dir))
-        result = train.train(model, get_method("lora"), SPEC, formatted_examples(Path(model_dir), 16),
+        result = train.train(model, get_method("lora"), SPEC, _rows(Path(model_dir)),
                              cfg(**settings, world_size=2), pad_id=2, checkpoint_dir=Path(out) / "ckpt", ranks=ranks)
         weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         torch.save({"result": result.log(), "weights": weights}, Path(out) / f"rank-{rank}.pt")
@@ -135,7 +144,7 @@ def _rank_signalled(rank: int, port: int, model_dir: str, out: str) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
 
     try:
-        train.train(lora_model(Path(model_dir)), get_method("lora"), SPEC, formatted_examples(Path(model_dir), 16),
+        train.train(lora_model(Path(model_dir)), get_method("lora"), SPEC, _rows(Path(model_dir)),
                     cfg(max_steps=12, batch_size=2, world_size=2, checkpoint_every=100), pad_id=2,
                     checkpoint_dir=Path(out) / "ckpt", ranks=ranks, on_log=on_log)
         outcome = "finished"
@@ -165,52 +174,27 @@ def _trained(model_dir: Path, name: str, settings: dict, **run) -> dict[str, tor
     model = method.wrap(load_model(model_dir), spec)
     c = method_cfg(spec)
     c = train.TrainConfig(**{**vars(c), **settings})
-    train.train(model, method, spec, formatted_examples(model_dir, 16), c, pad_id=2, **run)
+    train.train(model, method, spec, _rows(model_dir), c, pad_id=2, **run)
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 DDP_METHODS = ("full", "last_layers", "dora", "lora_plus", "delta_lora", "vera", "ia3", "prefix", "prompt", "bottleneck")
+FSDP_ADAPTERS = ("lora", "dora", "rslora", "lora_plus", "lora_fa")
+# (method, run label, step it is first stopped at: 0 = straight through) of the FSDP2 tests
+FSDP_RUNS = (("full", "straight", 0), ("full", "resumed", 4),
+             *((name, "straight", 0) for name in FSDP_ADAPTERS), ("lora", "resumed", 4))
 
 
-def _rank_methods(rank: int, port: int, model_dir: str, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    ranks = Ranks.from_env("cpu")
-    try:
-        for name in DDP_METHODS:
-            weights = _trained(Path(model_dir), name, {"batch_size": 2, "world_size": 2}, ranks=ranks,
-                               checkpoint_dir=Path(out) / name)
-            torch.save(weights, Path(out) / f"{name}-{rank}.pt")
-    finally:
-        ranks.close()
-
-
-@pytest.mark.slow
-def test_every_method_family_trains_under_two_processes_as_in_one(tiny_model_dir, tmp_path):
-    """Full weights, last layers, LoRA variants (DoRA's magnitudes, LoRA+'s groups, Delta-LoRA's
-    after-step base update, VeRA's shared projections), IA3, prompt learning (no packing) and
-    bottleneck adapters: 2 ranks x batch 2 against 1 process x batch 4, within 4x the spread of
-    1 process x batch 2 x grad_accum 2 (the same computation, another summation order)."""
-    mp.start_processes(_rank_methods, args=(_free_port(), str(tiny_model_dir), str(tmp_path)), nprocs=2,
-                       start_method="spawn")
+def _ddp_methods(ranks: Ranks, model_dir: Path, out: Path) -> None:
+    """Every method of DDP_METHODS trained on 2 ranks x batch 2; rank r's weights in `<name>-<r>.pt`."""
+    out.mkdir(parents=True, exist_ok=True)
     for name in DDP_METHODS:
-        one = _trained(tiny_model_dir, name, {"batch_size": 4})
-        accum = _trained(tiny_model_dir, name, {"batch_size": 2, "grad_accum": 2})
-        spread = max(float((one[k] - accum[k]).abs().max()) for k in one)
-        moved = max(float((one[k] - w).abs().max()) for k, w in
-                    _initial(tiny_model_dir, name).items())
-        for rank in (0, 1):
-            got = torch.load(tmp_path / f"{name}-{rank}.pt", weights_only=True)
-            off = max(float((one[k] - got[k]).abs().max()) for k in one)
-            assert off <= max(4 * spread, 1e-6) and off < moved / 100, (name, rank, off, spread, moved)
+        weights = _trained(model_dir, name, {"batch_size": 2, "world_size": 2}, ranks=ranks,
+                           checkpoint_dir=out / name)
+        torch.save(weights, out / f"{name}-{ranks.rank}.pt")
 
 
-def _initial(model_dir: Path, name: str) -> dict[str, torch.Tensor]:
-    return _trained(model_dir, name, {"max_steps": 1, "lr": 0.0})
-
-
-def _rank_fsdp(rank: int, port: int, model_dir: str, out: str, resume_at: int, name: str = "full") -> None:
+def _fsdp_run(ranks: Ranks, model_dir: Path, out: Path, resume_at: int, name: str) -> None:
     """Method `name` trained with FSDP2 on 2 ranks; with `resume_at`, stopped there first (its
     checkpoint kept, as a killed run leaves it) and resumed by a fresh model. Saved as the
     artifact is (`FineTuned.save`)."""
@@ -219,29 +203,71 @@ def _rank_fsdp(rank: int, port: int, model_dir: str, out: str, resume_at: int, n
     from ft_assets_tests.methods.test_methods import SPECS
     from ft_assets_tests.methods.test_methods import cfg as method_cfg
 
+    spec, method = SPECS[name], get_method(SPECS[name].type)
+    settings = {**vars(method_cfg(spec)), "batch_size": 2, "world_size": 2, "checkpoint_every": 3, "max_steps": 6}
+    for stop in ([resume_at] if resume_at else []) + [6]:
+        torch.manual_seed(0)
+        model = ranks.shard(method.wrap(load_model(model_dir), spec))
+        c = train.TrainConfig(**{**settings, "max_steps": stop})
+        result = train.train(model, method, spec, _rows(model_dir), c, pad_id=2, checkpoint_dir=out / "ckpt",
+                             ranks=ranks)
+    (out / "saved").mkdir(parents=True, exist_ok=True)
+    FineTuned(model, method, result, 0, 0).save(out / "saved", ranks)
+    if ranks.is_main:
+        (out / "result.json").write_text(json.dumps(result.log()))
+
+
+def _rank_slow_runs(rank: int, port: int, model_dir: str, out: str) -> None:
+    """The slow tests' two-rank training, all in one process group: the DDP method families
+    (`ddp/`), then every FSDP_RUNS entry (`fsdp/<method>/<label>/`)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     ranks = Ranks.from_env("cpu")
-    spec, method = SPECS[name], get_method(SPECS[name].type)
-    rows = formatted_examples(Path(model_dir), 16)
-    settings = {**vars(method_cfg(spec)), "batch_size": 2, "world_size": 2, "checkpoint_every": 3, "max_steps": 6}
     try:
-        for stop in ([resume_at] if resume_at else []) + [6]:
-            torch.manual_seed(0)
-            model = ranks.shard(method.wrap(load_model(Path(model_dir)), spec))
-            result = train.train(model, method, spec, rows, train.TrainConfig(**{**settings, "max_steps": stop}),
-                                 pad_id=2, checkpoint_dir=Path(out) / "ckpt", ranks=ranks)
-        (Path(out) / "saved").mkdir(parents=True, exist_ok=True)
-        FineTuned(model, method, result, 0, 0).save(Path(out) / "saved", ranks)
-        if ranks.is_main:
-            (Path(out) / "result.json").write_text(json.dumps(result.log()))
+        _ddp_methods(ranks, Path(model_dir), Path(out) / "ddp")
+        for name, label, resume_at in FSDP_RUNS:
+            _fsdp_run(ranks, Path(model_dir), Path(out) / "fsdp" / name / label, resume_at, name)
     finally:
         ranks.close()
 
 
+@pytest.fixture(scope="module")
+def two_rank_runs(tiny_model_dir, tmp_path_factory) -> Path:
+    """Where `_rank_slow_runs` left its results: the two processes are spawned once for the
+    module (each one's imports take seconds; a spawn per run was most of these tests' time)."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    mp.start_processes(_rank_slow_runs, args=(_free_port(), str(tiny_model_dir), str(out)), nprocs=2,
+                       start_method="spawn")
+    return out
+
+
 @pytest.mark.slow
-def test_fsdp2_full_fine_tuning_trains_as_one_process_and_resumes_exactly(tiny_model_dir, tmp_path):
+def test_every_method_family_trains_under_two_processes_as_in_one(tiny_model_dir, two_rank_runs):
+    """Full weights, last layers, LoRA variants (DoRA's magnitudes, LoRA+'s groups, Delta-LoRA's
+    after-step base update, VeRA's shared projections), IA3, prompt learning (no packing) and
+    bottleneck adapters: 2 ranks x batch 2 against 1 process x batch 4, within 4x the spread of
+    1 process x batch 2 x grad_accum 2 (the same computation, another summation order)."""
+    for name in DDP_METHODS:
+        one = _trained(tiny_model_dir, name, {"batch_size": 4})
+        accum = _trained(tiny_model_dir, name, {"batch_size": 2, "grad_accum": 2})
+        spread = max(float((one[k] - accum[k]).abs().max()) for k in one)
+        moved = max(float((one[k] - w).abs().max()) for k, w in
+                    _initial(tiny_model_dir, name).items())
+        for rank in (0, 1):
+            got = torch.load(two_rank_runs / "ddp" / f"{name}-{rank}.pt", weights_only=True)
+            off = max(float((one[k] - got[k]).abs().max()) for k in one)
+            assert off <= max(4 * spread, 1e-6) and off < moved / 100, (name, rank, off, spread, moved)
+
+
+@functools.lru_cache(maxsize=None)
+def _initial(model_dir: Path, name: str) -> dict[str, torch.Tensor]:
+    """Method `name`'s trainable weights as wrapped (one step at lr 0), once per module: read only."""
+    return _trained(model_dir, name, {"max_steps": 1, "lr": 0.0})
+
+
+@pytest.mark.slow
+def test_fsdp2_full_fine_tuning_trains_as_one_process_and_resumes_exactly(tiny_model_dir, two_rank_runs):
     """Weights, gradients and optimizer state sharded over 2 ranks: the same training as one process
     (within 4x the batch 4 / batch 2 x grad_accum 2 spread), and a run resumed from its step-3
     checkpoint (sharded weights and optimizer state written whole, read back into shards) ends
@@ -252,23 +278,18 @@ def test_fsdp2_full_fine_tuning_trains_as_one_process_and_resumes_exactly(tiny_m
     one = _trained(tiny_model_dir, "full", {"batch_size": 4, "max_steps": 6, "loss": "plain"})
     accum = _trained(tiny_model_dir, "full", {"batch_size": 2, "grad_accum": 2, "max_steps": 6, "loss": "plain"})
     spread = max(float((one[k] - accum[k]).abs().max()) for k in one)
-    for label, resume_at in (("straight", 0), ("resumed", 4)):
-        mp.start_processes(_rank_fsdp, args=(_free_port(), str(tiny_model_dir), str(tmp_path / label), resume_at),
-                           nprocs=2, start_method="spawn")
-    straight = load_file(str(tmp_path / "straight" / "saved" / "model.safetensors"))
-    resumed = load_file(str(tmp_path / "resumed" / "saved" / "model.safetensors"))
+    runs = two_rank_runs / "fsdp" / "full"
+    straight = load_file(str(runs / "straight" / "saved" / "model.safetensors"))
+    resumed = load_file(str(runs / "resumed" / "saved" / "model.safetensors"))
     assert straight.keys() <= one.keys() and len(straight) >= len(one) - 1  # the tied head is not saved
     off = max(float((one[k] - straight[k]).abs().max()) for k in straight)
     assert off <= max(4 * spread, 1e-6), (off, spread)
-    assert json.loads((tmp_path / "resumed" / "result.json").read_text())["steps"] == 6
+    assert json.loads((runs / "resumed" / "result.json").read_text())["steps"] == 6
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
-FSDP_ADAPTERS = ("lora", "dora", "rslora", "lora_plus", "lora_fa")
-
-
 @pytest.mark.slow
-def test_fsdp2_shards_the_frozen_base_under_lora_family_adapters_as_one_process_trains(tiny_model_dir, tmp_path):
+def test_fsdp2_shards_the_frozen_base_under_lora_family_adapters_as_one_process_trains(tiny_model_dir, two_rank_runs):
     """`parallel: fsdp` for adapters: base and adapter sharded over 2 ranks (each rank holds half
     of every decoder layer's frozen weights), the adapter saved in peft's format from the gathered
     tensors, within 4x the batch 4 / batch 2 x grad_accum 2 spread of one process, for every
@@ -278,24 +299,21 @@ def test_fsdp2_shards_the_frozen_base_under_lora_family_adapters_as_one_process_
 
     from ft_assets_tests.methods.test_methods import SPECS
 
+    runs = two_rank_runs / "fsdp"
     for name in FSDP_ADAPTERS:
         assert get_method(SPECS[name].type).fsdp, name
         one = _trained(tiny_model_dir, name, {"batch_size": 4, "max_steps": 6, "loss": "plain"})
         accum = _trained(tiny_model_dir, name, {"batch_size": 2, "grad_accum": 2, "max_steps": 6, "loss": "plain"})
         moved = max(float((one[k] - w).abs().max()) for k, w in _initial(tiny_model_dir, name).items())
         spread = max(float((one[k] - accum[k]).abs().max()) for k in one)
-        runs = (("straight", 0), ("resumed", 4)) if name == "lora" else (("straight", 0),)
-        for label, resume_at in runs:
-            mp.start_processes(_rank_fsdp, args=(_free_port(), str(tiny_model_dir), str(tmp_path / name / label),
-                                                 resume_at, name), nprocs=2, start_method="spawn")
-        saved = load_file(str(tmp_path / name / "straight" / "saved" / "adapter_model.safetensors"))
+        saved = load_file(str(runs / name / "straight" / "saved" / "adapter_model.safetensors"))
         # peft saves names without the adapter's, and DoRA's magnitude without `.weight`
         live = {k.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): v
                 for k, v in one.items()}
         assert saved.keys() == live.keys(), name
         off = max(float((live[k] - saved[k]).abs().max()) for k in saved)
         assert off <= max(4 * spread, 1e-6) and off < moved / 100, (name, off, spread, moved)
-    resumed = load_file(str(tmp_path / "lora" / "resumed" / "saved" / "adapter_model.safetensors"))
-    straight = load_file(str(tmp_path / "lora" / "straight" / "saved" / "adapter_model.safetensors"))
-    assert json.loads((tmp_path / "lora" / "resumed" / "result.json").read_text())["steps"] == 6
+    resumed = load_file(str(runs / "lora" / "resumed" / "saved" / "adapter_model.safetensors"))
+    straight = load_file(str(runs / "lora" / "straight" / "saved" / "adapter_model.safetensors"))
+    assert json.loads((runs / "lora" / "resumed" / "result.json").read_text())["steps"] == 6
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
