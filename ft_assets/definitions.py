@@ -12,7 +12,7 @@ its store namespace; the base model read from one file is shared (`ft_assets.art
 and, when the recipe asks for them:
 
     raw/<preferences> ─> preference_dataset[d] ─> preference_adapter[d] ─> merged_model[d] ─> eval_report[d]
-                               adapter[sft_from of d] ─┘                  (d: each dpo method; eval_report[d]
+                               adapter[sft_from of d] ─┘                  (d: each preference method; eval_report[d]
                                                                     also reads adapter[sft_from], its reference)
     merged_model[teacher] ─> student                                           (distillation)
     merged_model[m] ─> gguf_model[m]                          (export.gguf: GGUF files + Ollama Modelfile)

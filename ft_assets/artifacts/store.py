@@ -189,46 +189,52 @@ class ArtifactStore:
         staging.path.mkdir()
         try:
             yield staging
-            content = content_hash(staging.path)
-            if derivation is not None and staging.version is not None:
-                raise ValueError(f"{asset}: a version is either derived or set, not both")
-            basis = "derivation" if derivation is not None else "canonical" if staging.version else "content"
-            version = {"derivation": derived_version(derivation) if derivation is not None else "",
-                       "canonical": staging.version or "", "content": content}[basis]
-            final = slot / version
-            manifest = {
-                "asset": asset,
-                "partition": partition,
-                "version": version,
-                "content_hash": content,
-                "version_basis": basis,
-                **({"derivation": derivation} if derivation is not None else {}),
-                "inputs": staging.inputs,
-                "recipe_hash": recipe_hash,
-                "code_version": code_version,
-                "seed": seed,
-                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "libraries": library_versions(),
-                "files": _file_list(staging.path),
-                **staging.extra,
-            }
-            _write_json_atomic(staging.path / MANIFEST, manifest)
-            _fsync_tree(staging.path)
-            if self.remote is not None:  # committed remotely (manifest last) before the cache has it
-                self._commit_remote(staging.path, self.rel(asset, partition, version), final)
-            try:
-                os.rename(staging.path, final)
-            except OSError:
-                if not (final / MANIFEST).is_file():
-                    raise
-                # Same version already stored (a rerun, or a concurrent twin): keep the first.
-                shutil.rmtree(staging.path, ignore_errors=True)
-            staging.artifact = Artifact(asset, partition, version, str(final))
-            self.set_latest(staging.artifact)
+            self._commit(staging, slot, derivation, recipe_hash=recipe_hash, code_version=code_version, seed=seed)
         finally:
             if staging.path.exists():
                 shutil.rmtree(staging.path, ignore_errors=True)
             in_use.close()
+
+    def _commit(self, staging: Staging, slot: Path, derivation: dict[str, Any] | None, *, recipe_hash: str,
+                code_version: str, seed: int | None) -> None:
+        """The staged files hashed, their manifest written, renamed into `slot` as their version, LATEST moved."""
+        asset, partition = staging.asset, staging.partition
+        content = content_hash(staging.path)
+        if derivation is not None and staging.version is not None:
+            raise ValueError(f"{asset}: a version is either derived or set, not both")
+        basis = "derivation" if derivation is not None else "canonical" if staging.version else "content"
+        version = {"derivation": derived_version(derivation) if derivation is not None else "",
+                   "canonical": staging.version or "", "content": content}[basis]
+        final = slot / version
+        manifest = {
+            "asset": asset,
+            "partition": partition,
+            "version": version,
+            "content_hash": content,
+            "version_basis": basis,
+            **({"derivation": derivation} if derivation is not None else {}),
+            "inputs": staging.inputs,
+            "recipe_hash": recipe_hash,
+            "code_version": code_version,
+            "seed": seed,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "libraries": library_versions(),
+            "files": _file_list(staging.path),
+            **staging.extra,
+        }
+        _write_json_atomic(staging.path / MANIFEST, manifest)
+        _fsync_tree(staging.path)
+        if self.remote is not None:  # committed remotely (manifest last) before the cache has it
+            self._commit_remote(staging.path, self.rel(asset, partition, version), final)
+        try:
+            os.rename(staging.path, final)
+        except OSError:
+            if not (final / MANIFEST).is_file():
+                raise
+            # Same version already stored (a rerun, or a concurrent twin): keep the first.
+            shutil.rmtree(staging.path, ignore_errors=True)
+        staging.artifact = Artifact(asset, partition, version, str(final))
+        self.set_latest(staging.artifact)
 
     def slot_in_use(self, asset: str, partition: str | None):
         """The slot's shared lock (`ft_assets.artifacts.slot_locks`): while it is held, no prune drops a version

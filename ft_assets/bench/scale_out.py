@@ -29,11 +29,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from ft_assets.bench.train_throughput import RANDOM_INIT, device_slug
 from ft_assets.jobs.train import TrainJob
+from ft_assets.trainers.sft import SftRequest
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -76,12 +76,12 @@ def prepare(work: Path, random_init: str) -> tuple[Path, Path, int]:
 
 def spec(work: Path, label: str, base: Path, sft: Path, pad_id: int, steps: int, processes: int) -> Path:
     run = work / label
-    job = TrainJob(
+    request = SftRequest(
         method="lora", method_spec={"type": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
-        train_config={"max_steps": steps, "epochs": 100.0, "batch_size": GLOBAL_BATCH // max(processes, 1), "lr": 1e-4,
-                      "warmup_ratio": 0.0, "lr_scheduler": "constant", "checkpoint_every": 10**6, "seed": 42},
-        sft_dataset_dir=str(sft), base_dir=str(base), pad_id=pad_id, checkpoint_dir=str(run / "ckpt"),
-        out_dir=str(run / "trained"), run_dir=str(run / "ranks"), device="auto")
+        training={"max_steps": steps, "epochs": 100.0, "batch_size": GLOBAL_BATCH // max(processes, 1), "lr": 1e-4,
+                  "warmup_ratio": 0.0, "lr_scheduler": "constant", "checkpoint_every": 10**6}, seed=42,
+        sft_dataset_dir=str(sft), base_dir=str(base), pad_id=pad_id, checkpoint_dir=str(run / "ckpt"))
+    job = TrainJob(request.to_json(), out_dir=str(run / "trained"), run_dir=str(run / "ranks"), device="auto")
     (run / "ranks").mkdir(parents=True)
     return job.write(run / "job.json")
 

@@ -187,12 +187,15 @@ def evaluate_loss(model, eval_rows, pad_id, device, autocast_dtype) -> float:
 # --------------------------------------------------------------------------------------
 
 
-def ours_config(args):
-    from ft_assets.training import loop as T
+SEED = 42
 
-    return T.TrainConfig(max_steps=args.warmup_steps + args.steps, epochs=1000, batch_size=args.batch_size, grad_accum=1,
-                         lr=args.lr, warmup_ratio=0.0, lr_scheduler="constant", max_grad_norm=1.0,
-                         checkpoint_every=10**9, packing=True, loss="auto", compile=args.compile or None, seed=42)
+
+def ours_config(args):
+    from ft_assets.config.training import TrainingSpec
+
+    return TrainingSpec(max_steps=args.warmup_steps + args.steps, epochs=1000, batch_size=args.batch_size, grad_accum=1,
+                        lr=args.lr, warmup_ratio=0.0, lr_scheduler="constant", max_grad_norm=1.0,
+                        checkpoint_every=10**9, packing=True, loss="auto", compile=args.compile or None)
 
 
 def ours_order(args, train_rows):
@@ -200,7 +203,7 @@ def ours_order(args, train_rows):
     read them in this order, so every configuration without packing sees the same rows per step)."""
     from ft_assets.training import loop as T
 
-    return [r for step in T.batches(train_rows, ours_config(args)) for mb in step for r in mb]
+    return [r for step in T.batches(train_rows, ours_config(args), SEED) for mb in step for r in mb]
 
 
 def run_ours(args, device, dtype, autocast_dtype, tok, train_rows, eval_rows, prompt) -> dict:
@@ -216,12 +219,12 @@ def run_ours(args, device, dtype, autocast_dtype, tok, train_rows, eval_rows, pr
         result["eval_loss_before"] = evaluate_loss(model, eval_rows, tok.pad_token_id, device, autocast_dtype)
     steps = args.warmup_steps + args.steps
     cfg = ours_config(args)
-    step_tokens = [sum(len(r.input_ids) for mb in s for r in mb) for s in T.batches(train_rows, cfg)]
+    step_tokens = [sum(len(r.input_ids) for mb in s for r in mb) for s in T.batches(train_rows, cfg, SEED)]
     marks: list[tuple[int, float]] = []
     spec = LoraSpec(type="lora", r=16, alpha=32, dropout=0.0)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    res = T.train(model, get_method("lora"), spec, train_rows, cfg, pad_id=tok.pad_token_id, device=device,
+    res = T.train(model, get_method("lora"), spec, train_rows, cfg, seed=SEED, pad_id=tok.pad_token_id, device=device,
                   autocast_dtype=autocast_dtype, on_log=lambda step, loss: marks.append((step, _clock(device))))
     (t_start, c_start) = dict(marks)[args.warmup_steps] if args.warmup_steps else (None, None)
     (t_end, c_end) = dict(marks)[steps]

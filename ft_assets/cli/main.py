@@ -69,7 +69,7 @@ def describe(recipe) -> None:
     steps = recipe_step_estimates(recipe)
     for name, spec in recipe.methods.items():
         t = recipe.training_for(name)
-        extra = f", continues adapter[{spec.sft_from}] (beta {spec.beta})" if spec.type == "dpo" else ""
+        extra = spec.describe()
         if spec.continue_from:
             extra += f", continue_from {spec.continue_from} (replay {spec.replay_fraction:.0%})"
         if t.validation_fraction:

@@ -74,6 +74,18 @@ class MethodSpecBase(Strict):
         the method's own `training:` overrides still win."""
         return {}
 
+    def describe(self) -> str:
+        """What `python -m ft_assets validate` adds to this method's line (e.g. what it continues)."""
+        return ""
+
+
+class PreferenceSpecBase(MethodSpecBase):
+    """A method trained on the recipe's `preferences:` pairs from the adapter of another method of
+    the recipe (its `sft_from: str` field, which every subclass declares): it is a partition of
+    `preference_adapter`, not of `adapter`, and trains in the Dagster step (one process). DPO is
+    one (`methods/dpo.py`); the graph, step estimates and launchers ask `isinstance` of this
+    class, never a method type."""
+
 
 def spec_types(spec: type[MethodSpecBase]) -> tuple[str, ...]:
     """The method types a spec class configures: the values of its `type: Literal[...]`."""

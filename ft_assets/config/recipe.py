@@ -49,7 +49,7 @@ from pydantic import (
 
 from .chat_templates import BUILTIN_TEMPLATES, chat_template_text, is_template_file
 from .gguf_types import GGUF_TYPES
-from .method_spec import SPECS, MethodSpecBase, spec_classes, spec_types
+from .method_spec import SPECS, MethodSpecBase, PreferenceSpecBase, spec_classes, spec_types
 from .strict import Strict as _Strict
 from .training import TrainingSpec
 
@@ -294,7 +294,7 @@ class QuantizationSpec(_Strict):
 # --------------------------------------------------------------------------------------
 
 
-def _validate_method(value: Any) -> MethodSpecBase:
+def validate_method(value: Any) -> MethodSpecBase:
     """One `methods.<name>` entry, against the spec classes registered now (see `_method_union`)."""
     return _method_union(spec_classes()).validate_python(value)
 
@@ -311,7 +311,7 @@ def _method_union(classes: tuple[type[MethodSpecBase], ...]) -> TypeAdapter:
 
 # A method's spec: validated by the registered class of its `type`, dumped (and so hashed) with
 # that class's fields.
-MethodSpec = Annotated[SerializeAsAny[MethodSpecBase], PlainValidator(_validate_method)]
+MethodSpec = Annotated[SerializeAsAny[MethodSpecBase], PlainValidator(validate_method)]
 
 
 class DistillationSpec(_Strict):
@@ -601,7 +601,7 @@ class Recipe(_Strict):
     quantization: QuantizationSpec = QuantizationSpec()
     training: TrainingSpec = TrainingSpec()
     methods: Annotated[dict[str, MethodSpec], Field(min_length=1)]  # method name -> its keys (see `methods.<name>`); each is a partition of `adapter`
-    preferences: PreferenceDataSpec | None = None  # prompt/chosen/rejected pairs (needed by dpo methods)
+    preferences: PreferenceDataSpec | None = None  # prompt/chosen/rejected pairs (needed by preference methods: dpo)
     distillation: DistillationSpec | None = None  # the `student` asset; null: no student
     evaluation: EvaluationSpec = EvaluationSpec()
     publish: PublishSpec = PublishSpec()  # model cards' upload to the Hub (off by default)
@@ -649,7 +649,7 @@ class Recipe(_Strict):
         if self.preferences is not None and self.preferences.name in names:
             raise ValueError(f"preferences.name {self.preferences.name!r} is also a dataset name; use another")
         for name, spec in self.methods.items():
-            spec.check_in_recipe(name, self)  # e.g. qlora needs nf4, dpo needs preferences and its sft_from
+            spec.check_in_recipe(name, self)  # e.g. qlora needs nf4, a preference method needs preferences and its sft_from
         if self.publish.push and len(self.methods) > 1 and "{method}" not in (self.publish.repo_id or ""):
             raise ValueError(f"publish.repo_id {self.publish.repo_id!r} must contain {{method}}: the recipe has "
                              f"{len(self.methods)} methods and each is uploaded to a repo of its own")
@@ -718,9 +718,13 @@ class Recipe(_Strict):
         return _hash_json(parts)
 
     def world_size_for(self, method: str) -> int:
-        """Processes `method` trains in: `compute.world_size` for `adapter` methods; dpo methods
-        (`preference_adapter`) train in the Dagster step."""
-        return 1 if self.methods[method].type == "dpo" else self.compute.world_size
+        """Processes `method` trains in: `compute.world_size` for `adapter` methods; preference
+        methods (`preference_adapter`) train in the Dagster step."""
+        return 1 if isinstance(self.methods[method], PreferenceSpecBase) else self.compute.world_size
+
+    def preference_methods(self) -> list[str]:
+        """The methods `preference_adapter` trains (specs extending `PreferenceSpecBase`); the others are `adapter`'s."""
+        return [n for n, m in self.methods.items() if isinstance(m, PreferenceSpecBase)]
 
     @property
     def recipe_hash(self) -> str:

@@ -66,7 +66,7 @@ def training_data(store: ArtifactStore, name: str, spec, sft_dataset_dir: str, s
     if spec.continue_from == "previous":
         plan = plan_continual(store, name, spec, sft_dataset_version, base_model_version, examples,
                               info["tokenizer_fingerprint"], seed)
-    return TrainingData(examples + (plan.replay if plan else []), tok.pad_token_id, plan, str(sft_dataset_dir))
+    return TrainingData(str(sft_dataset_dir), tok.pad_token_id, plan)
 
 
 def write_adapter(store: ArtifactStore, name: str, tuned: FineTuned | TrainedElsewhere, *, inputs: dict[str, str],

@@ -13,7 +13,7 @@
   explains (`evaluation.merge.compare`). Methods that cannot merge record why and still materialize.
 
 Beyond SFT (only for recipes that ask for it):
-- a `dpo` method d is not a partition of `adapter`: `preference_adapter[d]` (defs/preferences.py)
+- a preference method (`dpo`) d is not a partition of `adapter`: `preference_adapter[d]` (defs/preferences.py)
   continues `adapter[<sft_from>]`. `merged_model` and `eval_report` have every method's partition
   and read `preference_adapter[d]` for partition d (a `StaticPartitionMapping` {d: d}) and
   `adapter[m]` for every other m ({m: m}; Dagster's identity when the recipe has no dpo
@@ -28,7 +28,6 @@ import dagster as dg
 
 from ..trainers import sft as finetune
 from ..evaluation import merge, plots
-from ..training import loop as train
 from ..methods import get_method
 from ..config.recipe import Recipe
 from ..artifacts.store import Artifact, ArtifactStore, derived_version, dir_bytes
@@ -37,7 +36,7 @@ from . import adapter_store
 from . import launchers
 from .automation import recipe_method_key
 from .models import MODEL_BYTES_HEADROOM
-from .preferences import dpo_mapping
+from .preferences import preference_mapping
 from .resources import ComputeResource, StoreResource
 
 
@@ -47,16 +46,16 @@ def methods_partitions(recipe: Recipe) -> dg.StaticPartitionsDefinition:
 
 
 def adapter_partitions(recipe: Recipe) -> dg.StaticPartitionsDefinition:
-    """The methods `adapter` trains: all but the dpo ones (those are `preference_adapter`'s)."""
-    names = [n for n in recipe.methods if n not in recipe.methods_of_type("dpo")]
+    """The methods `adapter` trains: all but the preference ones (those are `preference_adapter`'s)."""
+    names = [n for n in recipe.methods if n not in recipe.preference_methods()]
     return methods_partitions(recipe) if len(names) == len(recipe.methods) else dg.StaticPartitionsDefinition(names)
 
 
 def adapter_mapping(recipe: Recipe) -> dg.StaticPartitionMapping | None:
-    """adapter[m] feeds partition m of a method-partitioned asset (dpo partitions read no adapter).
-    None (Dagster's identity) when there are no dpo methods: only identity lets the automation
+    """adapter[m] feeds partition m of a method-partitioned asset (preference partitions read no adapter).
+    None (Dagster's identity) when there are no preference methods: only identity lets the automation
     request adapter[m] and its merge in one run."""
-    if not recipe.methods_of_type("dpo"):
+    if not recipe.preference_methods():
         return None
     return dg.StaticPartitionMapping({n: n for n in adapter_partitions(recipe).get_partition_keys()})
 
@@ -83,11 +82,10 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
     if done is not None:
         return c.output(done, c.reused_metadata(done))
     hw = compute.resolve()
-    cfg = train.TrainConfig.from_spec(recipe.training_for(name), recipe.seed)
     ckpts = store.checkpoints("adapter", name, derived_version(derivation))
+    request = sft_request(recipe, name, td, ckpts, base_model, quantized_base if method.uses_quantized_base else None)
     with c.training_failures(context, name, user_errors=(launchers.JobFailed,)):
-        tuned = launchers.train_method(context, recipe, name, method, td, cfg, hw, ckpts, base_dir=base_model.path,
-                                       quantized_dir=quantized_base.dir if quantized_base else None)
+        tuned = launchers.train_method(context, request, recipe.compute, hw, ckpts)
     what = f"The trained `{name}` adapter (method type `{spec.type}`), as ft_assets saved it."
     art = adapter_store.write_adapter(
         store, name, tuned, inputs=inputs, derivation=c.forced(derivation, context) if force else derivation,
@@ -97,6 +95,23 @@ def _train_adapter(context, recipe: Recipe, compute: ComputeResource, store: Art
         recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed)
     ckpts.finished()  # the artifact supersedes its checkpoints
     return c.output(art, {**_trained_metadata(name, spec.type, tuned, art, hw.name, plan), **launchers.facts(recipe)})
+
+
+def sft_request(recipe: Recipe, name: str, td: finetune.TrainingData, ckpts, base_model: Artifact,
+                quantized_base: Artifact | None) -> finetune.SftRequest:
+    """The one description of method `name`'s run, whatever runs it (in process, torchrun, Ray)."""
+    plan = td.plan
+    replay = {}
+    if td.continued and plan.replay_dataset:
+        replay = {"dataset_dir": plan.replay_dataset, "fraction": recipe.methods[name].replay_fraction}
+    return finetune.SftRequest(
+        method=name, method_spec=recipe.methods[name].model_dump(mode="json"),
+        training=recipe.training_for(name).model_dump(mode="json"), seed=recipe.seed,
+        sft_dataset_dir=str(td.sft_dataset_dir), base_dir=str(base_model.path), pad_id=td.pad_id,
+        checkpoint_dir=str(ckpts.dir), quantized_dir=str(quantized_base.dir) if quantized_base else None,
+        quantized_compute_dtype=recipe.quantization.compute_dtype,
+        start_adapter=plan.start.adapter_path if td.continued else None, replay=replay,
+        parallel=recipe.compute.parallel)
 
 
 def _trained_metadata(name: str, method_type: str, tuned, art: Artifact, device: str, plan) -> dict:
@@ -136,7 +151,7 @@ def _trained_metadata(name: str, method_type: str, tuned, art: Artifact, device:
 
 def _merge(context, recipe: Recipe, compute: ComputeResource, store: ArtifactStore, adapter: Artifact,
            base_model: Artifact, quantized_base: Artifact | None, sft_dataset: Artifact, cv: str):
-    """`adapter`: what partition m trained: adapter[m], or preference_adapter[m] for a dpo method."""
+    """`adapter`: what partition m trained: adapter[m], or preference_adapter[m] for a preference method."""
     name = context.partition_key
     method = get_method(recipe.methods[name].type)
     q_dir = quantized_base.dir if (quantized_base and method.uses_quantized_base) else None
@@ -176,16 +191,16 @@ MATCHES_ADAPTER = (
 def build(recipe: Recipe) -> list:
     parts = methods_partitions(recipe)
     trained_parts = adapter_partitions(recipe)
-    dpo = bool(recipe.methods_of_type("dpo"))
+    preference = bool(recipe.preference_methods())
     quantized = recipe.quantization.method != "none"
     # Per-method settings are versioned per partition by the `recipe/method` source (an edit of
     # one method re-trains only that partition), so they are not part of the asset's code version.
     cv_adapter = c.code_version("adapter", recipe)
     cv_merged = c.code_version("merged_model", recipe)
     recipe_dep = [dg.AssetDep(recipe_method_key(recipe), partition_mapping=adapter_mapping(recipe))]
-    # what each partition of merged_model trained: adapter[m] or, for a dpo method, preference_adapter[m]
+    # what each partition of merged_model trained: adapter[m] or, for a preference method, preference_adapter[m]
     trained_in = {"adapter": c.asset_in(recipe, partition_mapping=adapter_mapping(recipe)),
-                  **({"preference_adapter": c.asset_in(recipe, partition_mapping=dpo_mapping(recipe))} if dpo else {})}
+                  **({"preference_adapter": c.asset_in(recipe, partition_mapping=preference_mapping(recipe))} if preference else {})}
 
     # quantized_base is an input only when the recipe quantizes (QLoRA trains on it)
     q_in = {"quantized_base": c.asset_in(recipe)} if quantized else {}

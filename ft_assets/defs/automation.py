@@ -11,7 +11,7 @@
 - Each method's recipe section is an observable, partitioned source `recipe/method[<name>]`
   whose data version is the hash of that method's settings (its spec + effective training
   settings + seed). Editing one method's learning rate therefore makes only that partition of
-  `adapter` (or, for a dpo method, `preference_adapter`) stale. A dpo method's SFT adapter is a
+  `adapter` (or, for a preference method, `preference_adapter`) stale. A preference method's SFT adapter is a
   declared input of `preference_adapter`, so a new SFT adapter version re-runs it like any input.
 - Every derived asset is `on_new_input_versions()`: Dagster's eager(), except that a dependency
   counts as updated only when its *data version* changed. Trained artifacts are versioned by
@@ -19,7 +19,7 @@
   keeps its version and re-runs nothing below it. Optionally `| code_version_changed()` (a
   stage's code version bump re-runs it).
 - `retrain`: an optional cron schedule requesting `adapter` for every partition (see `retrain`
-  for what re-runs; dpo methods follow their SFT adapter), its default state from the recipe.
+  for what re-runs; preference methods follow their SFT adapter), its default state from the recipe.
 The automation sensor is on by default, so all of this works as soon as `dagster dev` runs.
 """
 
@@ -88,13 +88,13 @@ def retrain(recipe: Recipe, partitions: dg.PartitionsDefinition) -> tuple[list, 
     """(jobs, schedules) for scheduled retraining; empty when the recipe sets no retrain_cron.
 
     Each tick requests `adapter` for each of its partitions (`partitions`: every method but the
-    dpo ones). An adapter whose inputs, code and settings did not change is reused at once and
+    preference ones). An adapter whose inputs, code and settings did not change is reused at once and
     keeps its version, so nothing downstream re-runs; one that changed trains, logs what changed,
     and (with automation on) its new version re-runs merge and evaluation, and the
     `preference_adapter` of any dpo method that continues it. With automation off the job runs
-    merge and evaluation itself (the recipe refuses dpo methods there: their chain crosses
+    merge and evaluation itself (the recipe refuses preference methods there: their chain crosses
     partitions sets that one job cannot hold). `retrain_force: true` retrains every adapter
-    regardless (each gets a new version, so the dpo methods retrain too)."""
+    regardless (each gets a new version, so the preference methods retrain too)."""
     a = recipe.automation
     if a.retrain_cron is None:
         return [], []

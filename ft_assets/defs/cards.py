@@ -25,7 +25,7 @@ from ..config.recipe import Recipe
 from ..artifacts.store import Artifact, dir_bytes
 from . import _common as c
 from .adapters import adapter_mapping, methods_partitions
-from .preferences import dpo_mapping
+from .preferences import preference_mapping
 from .resources import StoreResource
 
 
@@ -36,8 +36,8 @@ def build(recipe: Recipe) -> list:
     shown = hashlib.sha256(json.dumps([pub.repo_id, pub.license]).encode()).hexdigest()[:8]
     cv = f"{c.code_version('model_card', recipe)}-{shown}"
     trained_in = {"adapter": c.asset_in(recipe, partition_mapping=adapter_mapping(recipe)),
-                  **({"preference_adapter": c.asset_in(recipe, partition_mapping=dpo_mapping(recipe))}
-                     if recipe.methods_of_type("dpo") else {})}
+                  **({"preference_adapter": c.asset_in(recipe, partition_mapping=preference_mapping(recipe))}
+                     if recipe.preference_methods() else {})}
 
     @dg.asset(key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "publishing"), kinds={"huggingface", "markdown"}, code_version=cv, partitions_def=parts,
               ins={"eval_report": c.asset_in(recipe), "merged_model": c.asset_in(recipe), **trained_in,

@@ -28,11 +28,8 @@ from typing import Any
 
 import dagster as dg
 
-from ..data import rows as data
-from ..data.sft_dataset import load_split
 from ..trainers import distill
 from ..evaluation import plots
-from ..training import loop as train
 from ..config.recipe import Recipe
 from ..artifacts.store import Artifact, content_hash, derived_version
 from . import _common as c
@@ -75,16 +72,11 @@ def build(recipe: Recipe) -> list:
 
         hw = compute.resolve()
         checkpoints = artifacts.checkpoints("student", None, derived_version(derivation))
+        request = distill_request(recipe, merged_model, sft_dataset, base_model, student_path, checkpoints.dir)
         with c.training_failures(context, "student", user_errors=(distill.NotDistillable,)):
-            distilled = distill.distill_student(
-                merged_model.dir, base_model.path, load_split(sft_dataset.path, "train"),
-                c.eval_examples(recipe, sft_dataset), train.TrainConfig.from_spec(recipe.training_for_distillation(), recipe.seed),
-                keep_layers=spec.keep_layers, student_path=student_path, alpha=spec.alpha, temperature=spec.temperature,
-                max_new_tokens=recipe.evaluation.max_new_tokens, eval_batch_size=recipe.evaluation.batch_size,
-                speed_prompts=spec.speed_prompts, device=hw.device, autocast_dtype=hw.autocast_dtype,
-                checkpoint_dir=checkpoints.dir, on_checkpoint=checkpoints.saved, log=context.log.info)
+            distilled = distill.run(request, hw, log=context.log.info, on_checkpoint=checkpoints.saved)
 
-        merged_from = merged_model.manifest().get("inputs", {})  # a dpo teacher was merged from preference_adapter
+        merged_from = merged_model.manifest().get("inputs", {})  # a preference-tuned teacher was merged from preference_adapter
         adapter = {"method": teacher, "version": merged_from.get(f"{artifacts.qualified('adapter')}[{teacher}]",
                                                                   merged_from.get(f"{artifacts.qualified('preference_adapter')}[{teacher}]"))}
         with artifacts.write("student", recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed,
@@ -101,6 +93,19 @@ def build(recipe: Recipe) -> list:
         return c.output(st.artifact, metadata_of(report, distilled, recipe.evaluation.preview_rows, hw.name))
 
     return [student]
+
+
+def distill_request(recipe: Recipe, merged_model: Artifact, sft_dataset: Artifact, base_model: Artifact,
+                    student_path: Path | None, checkpoint_dir: Path) -> distill.DistillRequest:
+    """The one description of the student's run."""
+    spec, evaluation = recipe.distillation, recipe.evaluation
+    return distill.DistillRequest(
+        teacher_dir=str(merged_model.dir), tokenizer_dir=str(base_model.path), sft_dataset_dir=str(sft_dataset.path),
+        training=recipe.training_for_distillation().model_dump(mode="json"), seed=recipe.seed,
+        keep_layers=spec.keep_layers, alpha=spec.alpha, temperature=spec.temperature,
+        checkpoint_dir=str(checkpoint_dir), max_eval_examples=evaluation.max_examples,
+        max_new_tokens=evaluation.max_new_tokens, eval_batch_size=evaluation.batch_size,
+        speed_prompts=spec.speed_prompts, student_path=str(student_path) if student_path else None)
 
 
 def settings_of(recipe: Recipe, student_path: Path | None) -> str:

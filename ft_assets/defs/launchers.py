@@ -1,7 +1,7 @@
 """Where `adapter` trains (`compute.launcher`): in the Dagster step, in torchrun processes, or on Ray.
 
-    inprocess   `trainers.sft.finetune` in the step's own process (the default; the demo's speed)
-    torchrun    a `ft_assets.jobs.train.TrainJob` spec file, then torchrun `--nproc-per-node N
+    inprocess   `trainers.sft.run(request)` in the step's own process (the default; the demo's speed)
+    torchrun    the same `trainers.sft.SftRequest` in a `ft_assets.jobs.train.TrainJob` spec file, then torchrun `--nproc-per-node N
                 -m ft_assets.jobs.train SPEC` (one machine: through `jobs.loopback_torchrun`, its
                 rendezvous and ranks listening on loopback only; several machines: torch's own, a
                 static rendezvous on `master_addr` with this one as node 0 and `join.sh` for the
@@ -36,9 +36,10 @@ from typing import Iterator
 
 import dagster as dg
 
-from ..trainers import sft as finetune
+from ..trainers import sft
 from ..models import gpu_leases
-from ..training import loop as train
+from ..training import checkpoint
+from ..training.result import TrainResult
 from ..models.device import Compute
 from ..jobs.train import RESULT_MESSAGE, TrainJob
 from ..config.recipe import ComputeSpec, RaySpec, Recipe
@@ -49,21 +50,15 @@ class JobFailed(RuntimeError):
     """The training processes failed; the message names each rank and what to do."""
 
 
-def train_method(context: dg.AssetExecutionContext, recipe: Recipe, name: str, method, td: finetune.TrainingData,
-                 cfg: train.TrainConfig, hw: Compute, ckpts: Checkpoints, *, base_dir: str, quantized_dir: str | None
-                 ) -> finetune.FineTuned | finetune.TrainedElsewhere:
-    """Method `name` trained where `compute.launcher` says, resuming from `ckpts`."""
-    if recipe.compute.launcher != "inprocess":
-        job = train_job(recipe, name, td, cfg, base_dir=base_dir, checkpoint_dir=ckpts.dir, quantized_dir=quantized_dir)
+def train_method(context: dg.AssetExecutionContext, request: sft.SftRequest, compute: ComputeSpec, hw: Compute,
+                 ckpts: Checkpoints) -> sft.FineTuned | sft.TrainedElsewhere:
+    """`request` trained where `compute.launcher` says, resuming from `ckpts`."""
+    if compute.launcher != "inprocess":
         with mirrored_checkpoints(ckpts):  # an object-store FT_HOME gets them as in process
-            return run_elsewhere(context, job, recipe.compute)
-    return finetune.finetune(
-        method, recipe.methods[name], td.examples, cfg, base_dir=base_dir, quantized_dir=quantized_dir,
-        quantized_compute_dtype=recipe.quantization.compute_dtype, pad_id=td.pad_id, device=hw.device,
-        dtype=hw.dtype, autocast_dtype=hw.autocast_dtype,
-        start_adapter=Path(td.plan.start.adapter_path) if td.continued else None, checkpoint_dir=ckpts.dir,
-        on_checkpoint=ckpts.saved, log=lambda msg: context.log.info(f"{name}: {msg}"),
-        on_log=lambda step, loss, **_: context.log.info(f"step {step}: loss {loss:.4f}"))
+            return run_elsewhere(context, train_job(request, compute), compute)
+    return sft.run(request, hw, log=lambda msg: context.log.info(f"{request.method}: {msg}"),
+                   on_log=lambda step, loss, **_: context.log.info(f"step {step}: loss {loss:.4f}"),
+                   on_checkpoint=ckpts.saved)
 
 
 def facts(recipe: Recipe) -> dict:
@@ -75,24 +70,14 @@ def facts(recipe: Recipe) -> dict:
     return {"launcher": compute.launcher, "processes": compute.world_size, **where}
 
 
-def train_job(recipe: Recipe, name: str, td: finetune.TrainingData, cfg: train.TrainConfig, *, base_dir: str,
-              quantized_dir: str | None, checkpoint_dir: Path) -> TrainJob:
-    """The spec of one method's run: what `trainers.sft.finetune` takes, as paths and plain values."""
-    plan = td.plan
-    continued = td.continued
+def train_job(request: sft.SftRequest, compute: ComputeSpec) -> TrainJob:
+    """The spec file of a torchrun or Ray launch: `request` as is, and where this launch reports."""
+    run_files = Path(request.checkpoint_dir)
     return TrainJob(
-        method=name, method_spec=recipe.methods[name].model_dump(mode="json"),
-        train_config={k: v for k, v in vars(cfg).items() if k != "world_size"},
-        sft_dataset_dir=str(td.sft_dataset_dir), base_dir=str(base_dir), pad_id=td.pad_id,
-        checkpoint_dir=str(checkpoint_dir), out_dir=str(checkpoint_dir / "trained"),
-        run_dir=str(checkpoint_dir / "ranks"), quantized_dir=str(quantized_dir) if quantized_dir else None,
-        quantized_compute_dtype=recipe.quantization.compute_dtype, device=recipe.compute.device,
-        parallel=recipe.compute.parallel,
-        threads=recipe.compute.threads, start_adapter=plan.start.adapter_path if continued else None,
-        replay=({"dataset_dir": plan.replay_dataset, "fraction": recipe.methods[name].replay_fraction}
-                if continued and plan.replay_dataset else {}),
-        ray=recipe.compute.ray.model_dump(include={"num_workers", "use_gpu", "cpus_per_worker"}),
-        launcher=this_process() if recipe.compute.launcher == "torchrun" else {})
+        request.to_json(), out_dir=str(run_files / "trained"), run_dir=str(run_files / "ranks"),
+        device=compute.device, threads=compute.threads,
+        ray=compute.ray.model_dump(include={"num_workers", "use_gpu", "cpus_per_worker"}),
+        launcher=this_process() if compute.launcher == "torchrun" else {})
 
 
 def this_process() -> dict:
@@ -143,7 +128,7 @@ def mirrored_checkpoints(ckpts: Checkpoints, poll_s: float = 1.0) -> Iterator[No
 
     def push_newest() -> None:
         nonlocal pushed
-        newest = train.latest_checkpoint(ckpts.dir)
+        newest = checkpoint.latest_checkpoint(ckpts.dir)
         if newest is not None and newest.name != pushed:
             try:
                 ckpts.saved(newest)
@@ -197,7 +182,7 @@ def ray_entrypoint(spec_path: Path, ray: RaySpec) -> str:
 
 
 def run_elsewhere(context: dg.AssetExecutionContext, job: TrainJob, compute: ComputeSpec
-                  ) -> finetune.TrainedElsewhere:
+                  ) -> sft.TrainedElsewhere:
     """Run `job` under torchrun or on Ray through Pipes; the trained files and the result."""
     run_dir, out_dir = Path(job.run_dir), Path(job.out_dir)
     for stale in (run_dir, out_dir):  # an earlier attempt's statuses and files (its checkpoints stay)
@@ -216,7 +201,7 @@ def run_elsewhere(context: dg.AssetExecutionContext, job: TrainJob, compute: Com
         raise JobFailed(f"{compute.launcher} ended without a result from rank 0 (see the step's stdout/stderr); "
                         f"nothing was stored")
     message = reported[-1]
-    return finetune.TrainedElsewhere(out_dir, train.TrainResult.from_dict(message["result"]),
+    return sft.TrainedElsewhere(out_dir, TrainResult.from_dict(message["result"]),
                                      message["trainable"], message["total"])
 
 
@@ -251,7 +236,7 @@ def describe_failure(run_dir: Path, compute: ComputeSpec, checkpoint_dir: str, e
     if missing and compute.nnodes > 1:
         said += (f" (a node that never joined: run `sh {run_dir / 'join.sh'} <node rank>` on each other node "
                  "within torchrun's 600 s rendezvous)")
-    newest = train.latest_checkpoint(Path(checkpoint_dir))
+    newest = checkpoint.latest_checkpoint(Path(checkpoint_dir))
     resume = (f"Materialize again to resume from the checkpoint of step {int(newest.name.removeprefix('step-'))} "
               f"with the same {nproc_per_node} processes" if newest else "Materialize again (no checkpoint yet: it starts over)")
     return f"{said}. Nothing was stored. {resume}."

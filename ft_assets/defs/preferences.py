@@ -17,8 +17,6 @@
 """
 
 
-import shutil
-
 import dagster as dg
 
 from ..data import rows as data, preferences
@@ -26,7 +24,6 @@ from ..trainers import dpo
 from ..evaluation import plots
 from ..models.device import Compute
 from ..models.base_model import load_tokenizer
-from ..training.loop import TrainConfig
 from ..config.recipe import Recipe
 from ..data.hfdata import source_version
 from ..artifacts.store import Artifact, ArtifactStore, derived_version, dir_bytes
@@ -38,21 +35,21 @@ from .resources import ComputeResource, StoreResource
 PREVIEW_COLUMNS = ["id", "prompt", "chosen", "rejected", "tokens"]
 
 
-def dpo_partitions(recipe: Recipe) -> dg.StaticPartitionsDefinition | None:
-    names = recipe.methods_of_type("dpo")
+def preference_partitions(recipe: Recipe) -> dg.StaticPartitionsDefinition | None:
+    names = recipe.preference_methods()
     return dg.StaticPartitionsDefinition(names) if names else None
 
 
-def dpo_mapping(recipe: Recipe) -> dg.StaticPartitionMapping:
-    """Partition d of a dpo-partitioned asset feeds partition d of a method-partitioned one (and
+def preference_mapping(recipe: Recipe) -> dg.StaticPartitionMapping:
+    """Partition d of a preference-partitioned asset feeds partition d of a method-partitioned one (and
     nothing else: the other methods' partitions read no dpo partition)."""
-    return dg.StaticPartitionMapping({n: n for n in recipe.methods_of_type("dpo")})
+    return dg.StaticPartitionMapping({n: n for n in recipe.preference_methods()})
 
 
 def sft_sources(recipe: Recipe) -> dict[str, list[str]]:
-    """{sft method: the dpo methods that continue it}."""
+    """{sft method: the preference methods that continue it}."""
     out: dict[str, list[str]] = {}
-    for d in recipe.methods_of_type("dpo"):
+    for d in recipe.preference_methods():
         out.setdefault(recipe.methods[d].sft_from, []).append(d)
     return out
 
@@ -66,7 +63,7 @@ def check_usable(pairs: list[preferences.PreferencePair], eos_id: int) -> list[s
 
 
 def build(recipe: Recipe) -> list:
-    parts = dpo_partitions(recipe)
+    parts = preference_partitions(recipe)
     if parts is None or recipe.preferences is None:
         return []
     return [_preference_dataset_asset(recipe, parts), _preference_adapter_asset(recipe, parts)]
@@ -91,7 +88,7 @@ def _preference_dataset_asset(recipe: Recipe, parts: dg.StaticPartitionsDefiniti
                                        description="non-empty training split; every answer ends with end-of-turn")],
     )
     def preference_dataset(context: dg.AssetExecutionContext, store: StoreResource, base_model: Artifact):
-        """Validated, chat-rendered prompt/chosen/rejected pairs, split train/eval (one partition per dpo method)."""
+        """Validated, chat-rendered prompt/chosen/rejected pairs, split train/eval (one partition per preference method)."""
         tok = load_tokenizer(base_model.path)
         art, built = _write_preference_dataset(context, recipe, cv, store, tok, base_model)
         yield c.output(art, _preference_dataset_metadata(built, recipe.evaluation.preview_rows))
@@ -188,23 +185,30 @@ def _tune(context, recipe: Recipe, hw: Compute, store: ArtifactStore, sft: Artif
     done = c.reuse_or_say_why(context, store, "preference_adapter", name, derivation, force)
     if done is not None:
         return c.output(done, c.reused_metadata(done))
-    pairs = preferences.load_pairs(prefs.path, "train")
-    cfg = TrainConfig.from_spec(recipe.training_for(name), recipe.seed)
-    context.log.info(f"{name}: DPO from adapter[{spec.sft_from}] {sft.version} on {len(pairs)} pairs, "
-                     f"{dpo.dpo_steps(len(pairs), cfg)} steps, beta {spec.beta}, on {hw.device}")
-    work_dir = store.home / "checkpoints" / store.qualified("preference_adapter") / name / derived_version(derivation)
-    work_dir.mkdir(parents=True, exist_ok=True)
+    # keyed like adapter's: a re-run of this derivation resumes (on an object store, on any node)
+    ckpts = store.checkpoints("preference_adapter", name, derived_version(derivation))
+    context.log.info(f"{name}: continues adapter[{spec.sft_from}] {sft.version}")
     with c.training_failures(context, name):
-        tuned = dpo.tune_sft_adapter(
-            base_model.dir, sft.dir, tok, pairs, cfg, beta=spec.beta, loss_type=spec.loss_type,
-            max_length=recipe.prompt.max_length, device=hw.device, dtype=hw.dtype, work_dir=work_dir,
-            on_log=lambda step, loss: context.log.info(f"step {step}: DPO loss {loss:.4f}"))
+        tuned = dpo.run(dpo_request(recipe, name, base_model, sft, prefs, ckpts.dir), hw,
+                        log=lambda msg: context.log.info(f"{name}: {msg}"),
+                        on_log=lambda step, loss: context.log.info(f"step {step}: DPO loss {loss:.4f}"),
+                        on_checkpoint=ckpts.saved)
     art = dpo.write_preference_adapter(
         store, name, tuned, inputs=inputs, derivation=c.forced(derivation, context) if force else derivation,
         facts=_tuned_facts(recipe, name, sft, prefs, {**tuned.result.summary(), "device": hw.name}),
         recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed)
-    shutil.rmtree(work_dir, ignore_errors=True)  # TRL's scratch space; the artifact is what remains
-    return c.output(art, _tuned_metadata(name, spec, sft, prefs, len(pairs), tuned.result, art, hw.name))
+    ckpts.finished()  # the artifact supersedes its checkpoints
+    return c.output(art, _tuned_metadata(name, spec, sft, prefs, tuned.pairs, tuned.result, art, hw.name))
+
+
+def dpo_request(recipe: Recipe, name: str, base_model: Artifact, sft: Artifact, prefs: Artifact,
+                checkpoint_dir) -> dpo.DpoRequest:
+    """The one description of preference method `name`'s run."""
+    spec = recipe.methods[name]
+    return dpo.DpoRequest(
+        method=name, base_dir=str(base_model.dir), sft_adapter_dir=str(sft.dir), preference_dataset_dir=str(prefs.path),
+        training=recipe.training_for(name).model_dump(mode="json"), seed=recipe.seed, beta=spec.beta,
+        loss_type=spec.loss_type, max_length=recipe.prompt.max_length, checkpoint_dir=str(checkpoint_dir))
 
 
 def _tuned_facts(recipe: Recipe, name: str, sft: Artifact, prefs: Artifact, summary: dict) -> dict:
@@ -212,7 +216,7 @@ def _tuned_facts(recipe: Recipe, name: str, sft: Artifact, prefs: Artifact, summ
     spec = recipe.methods[name]
     return {"method": {"name": name, "type": spec.type, "spec": spec.model_dump(mode="json"),
                        "training": recipe.training_for(name).model_dump(mode="json")},
-            "dpo": {"sft_adapter": {"method": spec.sft_from, "version": sft.version, "path": sft.path},
+            dpo.KEY: {"sft_adapter": {"method": spec.sft_from, "version": sft.version, "path": sft.path},
                     "preference_dataset": prefs.version, "beta": spec.beta, "loss_type": spec.loss_type},
             "train": summary}
 

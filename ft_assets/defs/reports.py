@@ -13,7 +13,7 @@
   Beyond SFT, when they apply:
   - several tasks in the eval split: `per_task` in metrics.json ({task: {"base", "tuned"}}),
     `per_task.parquet` and a per-task metadata table;
-  - a `dpo` method d: the tuned model is `preference_adapter[d]`, and `preference_metrics.json`
+  - a preference method (`dpo`) d: the tuned model is `preference_adapter[d]`, and `preference_metrics.json`
     scores the held-out pairs of `preference_dataset[d]` (log-prob accuracy of base, SFT and DPO
     models; DPO reward accuracy and margin against the SFT adapter). That SFT adapter is a declared
     input: the `adapter` input maps adapter[sft_from] to partition d as well as adapter[m] to m, so
@@ -34,6 +34,7 @@ from typing import Any
 import dagster as dg
 
 from ..evaluation import heldout as evaluate, plots, report, tables
+from ..trainers import dpo
 from ..data import preferences
 from ..models.base_model import load_model, load_tokenizer
 from ..config.recipe import Recipe
@@ -41,7 +42,7 @@ from ..artifacts.store import Artifact, ArtifactStore, dir_bytes
 from ..data.sft_dataset import load_split
 from . import _common as c
 from .adapters import adapter_partitions, methods_partitions
-from .preferences import dpo_mapping, sft_sources
+from .preferences import preference_mapping, sft_sources
 from .resources import ComputeResource, StoreResource, all_partitions
 
 METRIC_KEYS = report.METRIC_KEYS
@@ -126,18 +127,18 @@ def _eval_report_asset(recipe: Recipe) -> dg.AssetsDefinition:
 
 
 def _eval_report_ins(recipe: Recipe) -> dict[str, dg.AssetIn]:
-    """Partition m reads adapter[m]; a dpo partition d reads preference_adapter[d] (what it evaluates),
+    """Partition m reads adapter[m]; a preference partition d reads preference_adapter[d] (what it evaluates),
     preference_dataset[d] (held-out pairs) and adapter[sft_from] (the reference policy)."""
     adapter_map = {m: {m} for m in adapter_partitions(recipe).get_partition_keys()}
-    for sft, dpo_methods in sft_sources(recipe).items():
-        adapter_map[sft] |= set(dpo_methods)
-    adapter_in = c.asset_in(recipe, partition_mapping=dg.StaticPartitionMapping(adapter_map) if recipe.methods_of_type("dpo")
+    for sft, continuing in sft_sources(recipe).items():
+        adapter_map[sft] |= set(continuing)
+    adapter_in = c.asset_in(recipe, partition_mapping=dg.StaticPartitionMapping(adapter_map) if recipe.preference_methods()
                             else None)  # identity: lets the automation run a partition's chain in one run
     ins = {"merged_model": c.asset_in(recipe), "adapter": adapter_in,
            **{k: c.asset_in(recipe) for k in ("base_model", "sft_dataset", "base_eval")},
            **({"quantized_base": c.asset_in(recipe)} if recipe.quantization.method != "none" else {})}
-    if recipe.methods_of_type("dpo"):
-        ins.update({k: c.asset_in(recipe, partition_mapping=dpo_mapping(recipe)) for k in ("preference_adapter", "preference_dataset")})
+    if recipe.preference_methods():
+        ins.update({k: c.asset_in(recipe, partition_mapping=preference_mapping(recipe)) for k in ("preference_adapter", "preference_dataset")})
     return ins
 
 
@@ -146,9 +147,9 @@ def _evaluate_report(context, recipe: Recipe, cv: str, compute: ComputeResource,
     """(the written eval_report artifact, the report): the tuned model of this partition against the
     base on the held-out split, with preference metrics and forgetting where they apply."""
     name = context.partition_key
-    tuned_by_dpo = inputs.get("preference_adapter")
-    trained = tuned_by_dpo or inputs["adapter"]
-    reference = inputs["adapter"] if tuned_by_dpo else None
+    tuned_by_preferences = inputs.get("preference_adapter")
+    trained = tuned_by_preferences or inputs["adapter"]
+    reference = inputs["adapter"] if tuned_by_preferences else None
     merged_model, prefs, base_eval = inputs["merged_model"], inputs.get("preference_dataset"), inputs["base_eval"]
     hw = compute.resolve()
     artifacts = store.store(recipe.pipeline)
@@ -255,9 +256,9 @@ def _leaderboard_metadata(art: Artifact, board: report.Leaderboard, png: bytes) 
 
 
 def _preference_inputs(name: str, trained_manifest: dict, reference: Artifact, prefs: Artifact) -> report.PreferenceEval:
-    """The held-out pairs and the SFT reference the dpo adapter continued (both declared inputs);
+    """The held-out pairs and the SFT reference the preference adapter continued (both declared inputs);
     fails when the reference Dagster recorded is not the one this adapter started from."""
-    facts = trained_manifest["dpo"]
+    facts = trained_manifest[dpo.KEY]
     if facts["sft_adapter"]["version"] != reference.version:
         raise c.user_error(RuntimeError(
             f"preference_adapter[{name}] continued {c.key_of(reference)} {facts['sft_adapter']['version']}, but "
@@ -294,12 +295,13 @@ def _report_metadata(name: str, made: report.TunedReport, preview_rows: int) -> 
 
 
 def _preference_meta(name: str, out: dict) -> dict:
+    tuned = out[dpo.KEY]
     rows = [{"model": "base", **out["base"]}, {"model": f"sft ({out['reference']['adapter']})", **out["sft"]},
-            {"model": name, **out["dpo"]}]
+            {"model": name, **tuned}]
     return {
-        "preference_accuracy": out["dpo"]["reward_accuracy"],
-        "reward_margin": out["dpo"]["reward_margin"],
-        "logp_accuracy_dpo": out["dpo"]["logp_accuracy"],
+        "preference_accuracy": tuned["reward_accuracy"],
+        "reward_margin": tuned["reward_margin"],
+        f"logp_accuracy_{dpo.KEY}": tuned["logp_accuracy"],
         "logp_accuracy_sft": out["sft"]["logp_accuracy"],
         "logp_accuracy_base": out["base"]["logp_accuracy"],
         "preference_pairs": out["pairs"],

@@ -1,9 +1,10 @@
 """`python -m ft_assets.jobs.train SPEC.json`: train one recipe method outside the Dagster process.
 
-    TrainJob (the spec file the asset writes)  ->  every rank: join the process group torchrun
-    (or Ray Train: `jobs.ray_train`) set up (`training.distributed.Ranks.from_env`), load the train split (+ replay rows), call
-    `trainers.sft.finetune`  ->  rank 0: save the trained files into `out_dir`, report the
-    result through Dagster Pipes.
+    TrainJob (the spec file the asset writes: the `trainers.sft.SftRequest` the asset built, and
+    where this launch reports)  ->  every rank: join the process group torchrun (or Ray Train:
+    `jobs.ray_train`) set up (`training.distributed.Ranks.from_env`), call `trainers.sft.run` with
+    that request  ->  rank 0: save the trained files into `out_dir`, report the result through
+    Dagster Pipes.
 
 Contract:
 - Imports `dagster_pipes`, never `dagster`. Under several processes every rank inherits the
@@ -39,24 +40,21 @@ RESULT_MESSAGE = "ft_assets.train_result"
 
 @dataclass
 class TrainJob:
-    method: str  # the recipe's method name
-    method_spec: dict[str, Any]  # its `methods.<name>` entry as the recipe validated it (with `type`)
-    train_config: dict[str, Any]  # training.loop.TrainConfig fields; world_size comes from the launcher
-    sft_dataset_dir: str
-    base_dir: str
-    pad_id: int
-    checkpoint_dir: str
+    request: dict[str, Any]  # `trainers.sft.SftRequest.to_json()`, as the asset built it for an in-process run too
     out_dir: str  # rank 0 writes the trained files here
     run_dir: str  # rank-<r>.json status files
-    quantized_dir: str | None = None
-    quantized_compute_dtype: str = "bfloat16"
     device: str = "auto"  # compute.device; under several processes each rank takes cuda:<local rank>
-    parallel: str = "ddp"  # compute.parallel: "fsdp" shards the model of a method whose `fsdp` is true (FSDP2)
     threads: int | None = None
-    start_adapter: str | None = None  # continual: the previous adapter version's directory
-    replay: dict[str, Any] = field(default_factory=dict)  # {"dataset_dir", "fraction"}: continual replay
     ray: dict[str, Any] = field(default_factory=dict)  # launcher ray: {"num_workers", "use_gpu", "cpus_per_worker"}
     launcher: dict[str, Any] = field(default_factory=dict)  # torchrun: the Dagster step's {"pid", "started", "host"}
+
+    @property
+    def method(self) -> str:
+        return self.request["method"]
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.request["checkpoint_dir"]
 
     def write(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
@@ -170,14 +168,11 @@ def run(job: TrainJob, report_for: Callable[[TrainJob], ContextManager[Report]] 
         ) -> int:
     """Train `job` as this process's rank; 0 when done. `report_for(job)` opens rank 0's report
     (torchrun: rank 0 opens Pipes itself; Ray: a queue to the job's driver, `jobs.ray_train`)."""
-    from ..training import continual, loop as train
-    from ..data import sft_dataset
-    from ..trainers import sft as finetune
+    from ..training import loop as train
+    from ..trainers import sft
     from ..models.device import resolve
     from ..training.distributed import Ranks
-    from ..methods import get_method
     from ..training.preemption import CheckpointBusy
-    from ..config.recipe import _validate_method
 
     hw = resolve(job.device, job.threads)
     ranks = Ranks.from_env(hw.device)
@@ -191,31 +186,15 @@ def run(job: TrainJob, report_for: Callable[[TrainJob], ContextManager[Report]] 
                 log(f"{job.method}: rank {ranks.rank} of {ranks.world_size}: "
                     f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']}")
             try:
-                spec = _validate_method(job.method_spec)
-                cfg = train.TrainConfig(**{**job.train_config, "world_size": ranks.world_size})
-                examples = sft_dataset.load_split(job.sft_dataset_dir, "train")
-                if job.replay:
-                    old = sft_dataset.load_split(job.replay["dataset_dir"], "train")
-                    examples = examples + continual.replay_rows(old, examples, job.replay["fraction"], cfg.seed)
-                method = get_method(spec.type)
-                if job.parallel == "fsdp" and not getattr(method, "fsdp", False):
-                    log(f"{job.method}: parallel fsdp shards full fine-tuning and the LoRA family on a "
-                        f"full-precision base; {spec.type} trains data-parallel (ddp), each process holding the model")
-                tuned = finetune.finetune(
-                    method, spec, examples, cfg, base_dir=Path(job.base_dir),
-                    quantized_dir=Path(job.quantized_dir) if job.quantized_dir else None,
-                    quantized_compute_dtype=job.quantized_compute_dtype, pad_id=job.pad_id,
-                    device=ranks.device(hw.device), dtype=hw.dtype, autocast_dtype=hw.autocast_dtype,
-                    start_adapter=Path(job.start_adapter) if job.start_adapter else None,
-                    checkpoint_dir=Path(job.checkpoint_dir), log=lambda m: log(f"{job.method}: {m}"),
-                    on_log=lambda step, loss, **_: log(f"step {step}: loss {loss:.4f}"), ranks=ranks,
-                    shard=job.parallel == "fsdp" and getattr(method, "fsdp", False))
+                tuned = sft.run(sft.SftRequest.from_json(job.request), hw, ranks=ranks,
+                                log=lambda m: log(f"{job.method}: {m}"),
+                                on_log=lambda step, loss, **_: log(f"step {step}: loss {loss:.4f}"))
                 Path(job.out_dir).mkdir(parents=True, exist_ok=True)
                 tuned.save(Path(job.out_dir), ranks)
                 report.result(result_message(tuned))
                 ranks.barrier()
             except Exception as exc:
-                user = isinstance(exc, (finetune.TrainingFailed, train.TrainingDiverged, CheckpointBusy, ValueError))
+                user = isinstance(exc, (sft.TrainingFailed, train.TrainingDiverged, CheckpointBusy, ValueError))
                 status.failed(exc, user_error=user)
                 report.error(f"rank {ranks.rank}: {type(exc).__name__}: {exc}")
                 traceback.print_exc()

@@ -53,6 +53,8 @@ class NotMergeable(Exception):
 class Method(Protocol):
     type: str
     uses_quantized_base: bool  # trains on `quantized_base` instead of `base_model`
+    fsdp: bool  # compute.parallel fsdp may shard it (FSDP2); else it trains data-parallel (ddp)
+    saves_whole_model: bool  # `save` writes every weight of the model (full fine-tuning), not an adapter
     # how `merge` makes its weights, which sets the rounding `evaluation.merge.compare` accepts:
     # "copy" (the trained tensors themselves), "fold" (computed from base and adapter), "none"
     merge_rounding: str

@@ -104,6 +104,8 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
 class BottleneckMethod:
     type: str = "bottleneck"
     uses_quantized_base: bool = False
+    fsdp: bool = False
+    saves_whole_model: bool = False  # the bottleneck modules' tensors only
     merge_rounding: str = "none"
 
     def wrap(self, model, spec, *, gradient_checkpointing: bool = False):

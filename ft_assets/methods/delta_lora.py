@@ -72,6 +72,8 @@ def _remember_product(layer) -> None:
 class DeltaLoraMethod:
     type: str = "delta_lora"
     uses_quantized_base: bool = False
+    fsdp: bool = False
+    saves_whole_model: bool = False  # the adapter and the base weights it moved
     merge_rounding: str = "fold"  # moved W + s·B·A computed once
 
     def wrap(self, model, spec, *, gradient_checkpointing: bool = False):

@@ -17,13 +17,13 @@ from pydantic import Field, model_validator
 
 from . import register
 from .lora import PeftMethod
-from ..config.method_spec import MethodSpecBase
+from ..config.method_spec import PreferenceSpecBase
 
 # The method types a `dpo` method may start from: peft LoRA adapters on the full-precision base.
 DPO_SFT_TYPES = ("lora", "dora", "rslora")
 
 
-class DpoSpec(MethodSpecBase):
+class DpoSpec(PreferenceSpecBase):
     """DPO (Rafailov et al. 2023) with TRL's DPOTrainer: continues the adapter of method
     `sft_from` (as `preference_adapter[<name>]`, a declared input) on the recipe's `preferences`; the reference policy is that
     SFT adapter, frozen. `beta` scales the implicit reward; `loss_type` picks TRL's loss."""
@@ -38,6 +38,9 @@ class DpoSpec(MethodSpecBase):
         if self.continue_from is not None:
             raise ValueError("a dpo method always continues its sft_from adapter; drop continue_from")
         return self
+
+    def describe(self) -> str:
+        return f", continues adapter[{self.sft_from}] (beta {self.beta})"
 
     def check_in_recipe(self, name: str, recipe: "Recipe") -> None:  # config.recipe.Recipe, passed in
         if recipe.preferences is None:

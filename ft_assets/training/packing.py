@@ -36,7 +36,7 @@ How rule 1 is enforced depends on the attention implementation (`attention_mode`
 - "flash" (CUDA with flash_attention_2/3): one row, `position_ids` + `cu_seq_lens_*`: flash-attn's
   varlen kernel, no mask.
 - "mask" (anything else, or on request): first-fit-decreasing rows of at most `max_tokens` tokens
-  (`TrainConfig.pack_max_tokens`, default 1024), right-padded, with a block-diagonal causal 4-D
+  (`prepare(..., pack_max_tokens=)`, default 1024), right-padded, with a block-diagonal causal 4-D
   mask (bool for sdpa, additive float for eager).
   transformers 5.17 passes a 4-D mask through unchanged. Its `position_ids`-only packed detection
   also works, but only with `use_cache=False` (with the default cache the model silently attends

@@ -1,15 +1,15 @@
 """The model prepared for the training loop: every fact about it looked up once, before the first step.
 
-Contract. `prepare(model, cfg, objective, device=, pad_id=)` is called once per training run and
+Contract. `prepare(model, training, objective, device=, pad_id=)` is called once per training run and
 returns a `PreparedModel`; the loop then only asks it two things per micro-batch and one at the end:
-- `batch(rows)`: the micro-batch of those rows. Packed (`training.packing`) when `cfg.packing`, the
+- `batch(rows)`: the micro-batch of those rows. Packed (`training.packing`) when `training.packing`, the
   objective (`objective.packs`) and the model (`packing.supports_packing`: not prompt/prefix
   tuning) all allow it, in the attention mode decided here (`packing.attention_mode`, or
-  `cfg.pack_attention`), with the eager-attention mask dtype decided here; else padded.
+  `pack_attention`), with the eager-attention mask dtype decided here; else padded.
 - `loss_sum(batch)`: the objective's (loss summed over the labelled positions, their count, extra
   sums by name), i.e. `objective.bind(model)`, called here once. For SFT that is `TokenLoss`.
 - `release()`: undo what preparing did to the model, in the loop's `finally`.
-Preparing changes the model in one way only: with `cfg.compile` (opt-in, off by default), its
+Preparing changes the model in one way only: with `training.compile` (opt-in, off by default), its
 decoder layers are torch.compiled in place (names and state dict unchanged) until `release()`.
 It computes exactly what asking the model per batch computed.
 
@@ -34,7 +34,7 @@ from ..data.rows import IGNORE_INDEX, Example
 from .distributed import is_sharded
 from .loss import linear_cross_entropy_sum
 from .objective import LossSum, Objective
-from .settings import TrainConfig
+from ..config.training import TrainingSpec
 
 
 # --------------------------------------------------------------------------------------
@@ -68,16 +68,19 @@ class PreparedModel:
         self.compiled_layers = []
 
 
-def prepare(model, cfg: "TrainConfig", objective: "Objective", *, device: str, pad_id: int) -> PreparedModel:
-    """Decide, once, how `model` is fed and scored while training toward `objective` (module docstring)."""
-    packs = cfg.packing and objective.packs and P.supports_packing(model)
-    pack_mode = P.attention_mode(model, cfg.pack_attention) if packs else None
+def prepare(model, training: TrainingSpec, objective: "Objective", *, device: str, pad_id: int,
+            pack_attention: str = "auto", pack_max_tokens: int | None = None) -> PreparedModel:
+    """Decide, once, how `model` is fed and scored while training toward `objective` (module docstring).
+    `pack_attention` ("auto" | "varlen" | "flash" | "mask") and `pack_max_tokens` (the "mask" mode's
+    row budget) force a packed-attention mode (`training.packing`); the loop leaves them at "auto"."""
+    packs = training.packing and objective.packs and P.supports_packing(model)
+    pack_mode = P.attention_mode(model, pack_attention) if packs else None
     # bound before compiling, so nothing is left to undo if it raises (compiling changes no fact it reads)
     loss_sum = objective.bind(model)
     return PreparedModel(
-        model=model, pad_id=pad_id, device=device, pack_mode=pack_mode, pack_max_tokens=cfg.pack_max_tokens,
+        model=model, pad_id=pad_id, device=device, pack_mode=pack_mode, pack_max_tokens=pack_max_tokens,
         eager_mask_dtype=P.eager_mask_dtype(model, pack_mode), loss_sum=loss_sum,
-        compiled_layers=compile_layers(model, cfg),
+        compiled_layers=compile_layers(model, training),
     )
 
 
@@ -183,14 +186,14 @@ def virtual_token_count(model) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def compile_layers(model, cfg: "TrainConfig") -> list[torch.nn.Module]:
-    """torch.compile each decoder layer in place (names and state dicts unchanged) when `cfg.compile`
+def compile_layers(model, training: TrainingSpec) -> list[torch.nn.Module]:
+    """torch.compile each decoder layer in place (names and state dicts unchanged) when `training.compile`
     is true. Off by default (None) on every device: measured on an H200 (SmolLM2-135M LoRA, 16 rows
     a step; ft_assets/bench/results/train_throughput_h200_2026-11-30.md) compiling took about 90 s
     of a 105 s run and the compiled steps were no faster (7.3k useful tok/s; the steps stay bound by
     the CPU launching kernels, and the packed per-sample attention splits each layer's graph in two);
     on a few CPU cores it costs minutes. The choice is the recipe's, whatever the device."""
-    if not cfg.compile:
+    if not training.compile:
         return []
     layers = getattr(getattr(P.inner_model(model), "model", None), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
@@ -209,7 +212,7 @@ def uncompile_layers(layers: list[torch.nn.Module]) -> None:
 class CrossEntropy:
     """SFT: next-token cross-entropy on the labelled (answer) tokens, `training.prepared.TokenLoss`."""
 
-    loss: str = "auto"  # TrainConfig.loss: "auto" | "chunked" | "plain"
+    loss: str = "auto"  # TrainingSpec.loss: "auto" | "chunked" | "plain"
     packs: bool = True
 
     def bind(self, model) -> LossSum:

@@ -31,11 +31,11 @@ def validation_rows(n_examples: int, cfg: Any) -> int:
     return max(1, round(fraction * n_examples)) if fraction > 0 else 0
 
 
-def steps_for(n_examples: int, cfg: Any) -> int:
-    """Optimizer steps over `n_examples` rows. `cfg` has max_steps, epochs, batch_size and
-    grad_accum (and, data parallel, world_size): a `training.loop.TrainConfig` or a recipe `TrainingSpec`."""
-    per_step = cfg.batch_size * cfg.grad_accum * getattr(cfg, "world_size", 1)
-    return max(1, min(cfg.max_steps, math.ceil(cfg.epochs * n_examples / per_step)))
+def steps_for(n_examples: int, training: Any, world_size: int = 1) -> int:
+    """Optimizer steps over `n_examples` rows. `training` has max_steps, epochs, batch_size and
+    grad_accum (a recipe `TrainingSpec`); data parallel, `world_size` processes share each step."""
+    per_step = training.batch_size * training.grad_accum * world_size
+    return max(1, min(training.max_steps, math.ceil(training.epochs * n_examples / per_step)))
 
 
 @dataclass(frozen=True)
@@ -123,12 +123,12 @@ class RecipeSteps:
 
 def recipe_step_estimates(recipe) -> RecipeSteps:
     """Steps of every method (and of distillation) of `recipe`, a `ft_assets.config.recipe.Recipe`:
-    SFT-style methods and distillation over the `sft_dataset` training split, dpo methods over
+    SFT-style methods and distillation over the `sft_dataset` training split, preference methods over
     the `preference_dataset` training pairs. Each data file is read once."""
     sft, sft_unknown = _count(lambda: count_train_rows(sft_sources(recipe)),
                               [source_path(recipe, ds) for ds in recipe.datasets])
     prefs, prefs_unknown = None, None
-    if recipe.preferences is not None and recipe.methods_of_type("dpo"):
+    if recipe.preferences is not None and recipe.preference_methods():
         from ..data.preferences import count_train_pairs, preference_source
 
         prefs, prefs_unknown = _count(lambda: count_train_pairs(preference_source(recipe)),
@@ -136,7 +136,7 @@ def recipe_step_estimates(recipe) -> RecipeSteps:
     methods = {}
     for name, spec in recipe.methods.items():
         cfg = recipe.training_for(name)
-        if spec.type == "dpo":
+        if name in recipe.preference_methods():
             methods[name] = estimate_steps(cfg, prefs, unit="pairs", unknown=prefs_unknown)
         else:
             replay = (f"rows replayed when continuing ({spec.replay_fraction:.0%} of the previous train split)"

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from ft_assets.data import rows as data
+from ft_assets.config.training import TrainingSpec
 from ft_assets.training import loop as train
 from ft_assets.data import sft_dataset as S
 from ft_assets.methods import get_method
@@ -114,13 +115,13 @@ def test_training_on_the_arrow_split_equals_training_on_its_rows_as_a_list(tiny_
     d = saved(S.build_sft_dataset([source(p)], tok, max_length=128, num_proc=1, **PROMPT), tmp_path / "out")
     rows = S.load_split(d, "train")
     spec = LoraSpec(type="lora", r=4, alpha=8, dropout=0.0)
-    cfg = train.TrainConfig(max_steps=4, batch_size=4, lr=1e-2, warmup_ratio=0.0, lr_scheduler="constant", seed=3,
-                            group_by_length=True, packing=False, validation_fraction=0.2, validation_every=2)
+    cfg = TrainingSpec(max_steps=4, batch_size=4, lr=1e-2, warmup_ratio=0.0, lr_scheduler="constant",
+                       group_by_length=True, packing=False, validation_fraction=0.2, validation_every=2)
     losses = []
     for examples in (rows, list(rows)):
         torch.manual_seed(0)
         model = get_method("lora").wrap(load_model(tiny_model_dir), spec)
-        result = train.train(model, get_method("lora"), spec, examples, cfg, pad_id=tok.pad_token_id)
+        result = train.train(model, get_method("lora"), spec, examples, cfg, seed=3, pad_id=tok.pad_token_id)
         losses.append((result.losses, result.validation_losses))
     assert losses[0] == losses[1] and len(losses[0][0]) == 4 and losses[0][1]
 

@@ -139,7 +139,7 @@ def test_validate_prints_the_epoch_bound_when_it_stops_the_run_before_max_steps(
     real = real_train_rows(tmp_path, real_tokenizer_dir)
     assert real == 36
     recipe = load_recipe(tmp_path / "recipe.yaml")
-    assert train.steps_for(real, train.TrainConfig.from_spec(recipe.training_for("lora"), recipe.seed)) == 9
+    assert train.steps_for(real, recipe.training_for("lora")) == 9
 
 
 def test_validate_prints_max_steps_when_it_binds(tmp_path, capsys, real_tokenizer_dir):
@@ -151,7 +151,7 @@ def test_validate_prints_max_steps_when_it_binds(tmp_path, capsys, real_tokenize
     real = real_train_rows(tmp_path, real_tokenizer_dir)
     assert real == 36
     recipe = load_recipe(tmp_path / "recipe.yaml")
-    assert train.steps_for(real, train.TrainConfig.from_spec(recipe.training_for("lora"), recipe.seed)) == 5
+    assert train.steps_for(real, recipe.training_for("lora")) == 5
 
 
 def test_validate_counts_the_rows_validation_holds_out_and_says_what_it_does(tmp_path, capsys, real_tokenizer_dir):
@@ -164,7 +164,7 @@ def test_validate_counts_the_rows_validation_holds_out_and_says_what_it_does(tmp
     assert ("validation on 25% of the training rows every 3 steps (keeps the best, stops after 2 without a "
             "new best)") in method_line(out, "lora")
     recipe = load_recipe(tmp_path / "recipe.yaml")
-    cfg = train.TrainConfig.from_spec(recipe.training_for("lora"), recipe.seed)
+    cfg = recipe.training_for("lora")
     real = real_train_rows(tmp_path, real_tokenizer_dir)
     assert train.steps_for(real - train.validation_rows(real, cfg), cfg) == 7  # what the loop will take
 

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ft_assets.data import rows as data
 from ft_assets.evaluation import merge
 from ft_assets.models import quantize
+from ft_assets.config.training import TrainingSpec
 from ft_assets.training import loop as train
 from ft_assets.methods import get_method
 from ft_assets.methods.lora import LoraSpec
@@ -38,8 +39,8 @@ def examples(model_dir, n=8):
 def trained_adapter(model, method_name, exs, out_dir):
     method = get_method(method_name)
     model = method.wrap(model, SPEC)
-    train.train(model, method, SPEC, exs, train.TrainConfig(max_steps=3, batch_size=4, lr=2e-2, warmup_ratio=0.0,
-                                                             optimizer="adamw"), pad_id=2, device=DEVICE)
+    train.train(model, method, SPEC, exs, TrainingSpec(max_steps=3, batch_size=4, lr=2e-2, warmup_ratio=0.0,
+                                                        optimizer="adamw"), seed=42, pad_id=2, device=DEVICE)
     method.save(model, out_dir)
     return model
 

@@ -20,6 +20,8 @@ from transformers import AutoTokenizer
 from ft_assets.config import recipe as R
 from ft_assets.data import rows as data
 from ft_assets.evaluation import heldout as evaluate, merge
+from ft_assets.config.training import TrainingSpec
+from ft_assets.training import checkpoint
 from ft_assets.training import loop as train
 from ft_assets.methods import REGISTRY, NotMergeable, get_method
 from ft_assets.methods.bottleneck import BottleneckSpec
@@ -54,10 +56,13 @@ STEPS, CHECKPOINT_AT = 6, 3
 PAD = 2
 
 
-def cfg(spec) -> train.TrainConfig:
-    base = dict(max_steps=STEPS, epochs=100, batch_size=4, warmup_ratio=0.0, lr_scheduler="constant", seed=3,
+SEED = 3
+
+
+def cfg(spec) -> TrainingSpec:
+    base = dict(max_steps=STEPS, epochs=100, batch_size=4, warmup_ratio=0.0, lr_scheduler="constant",
                 checkpoint_every=CHECKPOINT_AT, max_grad_norm=1.0)
-    return train.TrainConfig(**{**base, **spec.training})
+    return TrainingSpec(**{**base, **spec.training})
 
 
 @dataclass
@@ -117,7 +122,7 @@ def run(tiny_model_dir, examples, tmp_path_factory):
         root = tmp_path_factory.mktemp(name)
         train.make_optimizer = recording
         try:
-            result = train.train(model, method, spec, examples, cfg(spec), pad_id=PAD, checkpoint_dir=root / "ckpt")
+            result = train.train(model, method, spec, examples, cfg(spec), seed=SEED, pad_id=PAD, checkpoint_dir=root / "ckpt")
         finally:
             train.make_optimizer = real
         loss_after = evaluate.eval_loss(model, examples, PAD, "cpu")["eval_loss"]
@@ -240,10 +245,10 @@ def test_resume_from_checkpoint_matches_the_uninterrupted_run(run, name, tiny_mo
     r = run(name)
     ckpt = tmp_path / "ckpt"
     shutil.copytree(r.ckpt_dir, ckpt)
-    assert train.latest_checkpoint(ckpt).name == f"step-{CHECKPOINT_AT:06d}"
+    assert checkpoint.latest_checkpoint(ckpt).name == f"step-{CHECKPOINT_AT:06d}"
     # another seed: whatever the checkpoint holds must come from the checkpoint, not the init
     resumed = wrapped(name, tiny_model_dir, seed=1234)
-    result = train.train(resumed, r.method, r.spec, examples, cfg(r.spec), pad_id=PAD, checkpoint_dir=ckpt)
+    result = train.train(resumed, r.method, r.spec, examples, cfg(r.spec), seed=SEED, pad_id=PAD, checkpoint_dir=ckpt)
     assert result.resumed_from_step == CHECKPOINT_AT and result.steps == STEPS
     assert [l for _, l in result.losses] == pytest.approx([l for _, l in r.result.losses], abs=1e-5)
     ref = r.model.state_dict()

@@ -11,6 +11,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from ft_assets.config.training import TrainingSpec
+from ft_assets.training import checkpoint
 from ft_assets.training import continual, loop as train
 from ft_assets.data import rows as data, mixture, preferences, sft_dataset
 from ft_assets.trainers import distill, dpo
@@ -58,10 +60,13 @@ def make_pairs(tok, rows) -> list[preferences.PreferencePair]:
     return pairs
 
 
-def cfg(**kw) -> train.TrainConfig:
-    base = dict(max_steps=6, epochs=50, batch_size=4, lr=1e-2, warmup_ratio=0.0, lr_scheduler="constant", seed=3)
+SEED = 3
+
+
+def cfg(**kw) -> TrainingSpec:
+    base = dict(max_steps=6, epochs=50, batch_size=4, lr=1e-2, warmup_ratio=0.0, lr_scheduler="constant")
     base.update(kw)
-    return train.TrainConfig(**base)
+    return TrainingSpec(**base)
 
 
 # --------------------------------------------------------------------------------------
@@ -200,7 +205,7 @@ def test_dpo_raises_preference_accuracy_on_training_pairs(tiny_model_dir, tok, t
     ref = dpo.sequence_logps(model, pairs, tok.pad_token_id)
     before = dpo.preference_metrics(ref, ref, beta=0.1)
     assert before["reward_margin"] == 0.0 and before["reward_accuracy"] == 0.0  # policy == reference
-    result = dpo.train_dpo(model, tok, pairs, cfg(max_steps=6, lr=1e-2), beta=0.1, max_length=160)
+    result = dpo.train_dpo(model, tok, pairs, cfg(max_steps=6, lr=1e-2), seed=SEED, beta=0.1, max_length=160)
     assert result.steps == 6 and len(result.losses) == 6
     assert set(model.peft_config) == {"default"}  # TRL's frozen "ref" copy is gone
     after = dpo.preference_metrics(dpo.sequence_logps(model, pairs, tok.pad_token_id), ref, beta=0.1)
@@ -230,7 +235,7 @@ def fine_tuned_teacher(tiny_model_dir, tok, out: Path) -> Path:
     torch.manual_seed(0)
     spec = FullSpec(type="full")
     model = get_method("full").wrap(load_model(tiny_model_dir), spec)
-    train.train(model, get_method("full"), spec, make_examples(tok, qa_rows(16)), cfg(max_steps=10), pad_id=2)
+    train.train(model, get_method("full"), spec, make_examples(tok, qa_rows(16)), cfg(max_steps=10), seed=SEED, pad_id=2)
     model.save_pretrained(out)
     return out
 
@@ -276,7 +281,7 @@ def test_distillation_lowers_the_kl_to_the_teacher(teacher_dir, tok, tmp_path):
         student, facts = distill.build_student(teacher_dir, "every_other", student_path=tmp_path / "other")
         before = distill.kl_to_teacher(student, teacher, examples, temperature=2.0, pad_id=2)
         result = distill.train_student(student, teacher, examples, cfg(max_steps=8, lr=3e-3), alpha=alpha,
-                                       temperature=2.0, pad_id=2)
+                                       temperature=2.0, seed=SEED, pad_id=2)
         after[alpha] = distill.kl_to_teacher(student, teacher, examples, temperature=2.0, pad_id=2)
         assert result.steps == 8 and facts["origin"].startswith("local:")
         assert [s for s, _ in result.terms["kl"]] == [s for s, _ in result.terms["ce"]] == list(range(1, 9))
@@ -308,7 +313,7 @@ def test_distillation_objective_is_alpha_t2_kl_plus_ce_over_answer_tokens(teache
     assert float(terms["kl"]) > 0
 
 
-def distill_cfg(**kw) -> train.TrainConfig:
+def distill_cfg(**kw) -> TrainingSpec:
     return cfg(**{"max_steps": 6, "lr": 3e-3, "checkpoint_every": 3, "weight_decay": 0.1, **kw})
 
 
@@ -321,11 +326,11 @@ def test_distillation_resumes_from_a_checkpoint_exactly(teacher_dir, tok, tmp_pa
     def run(ckpt: Path):
         student, _ = distill.build_student(teacher_dir, [1])
         result = distill.train_student(student, teacher, examples, distill_cfg(), alpha=0.5, temperature=2.0,
-                                       pad_id=2, checkpoint_dir=ckpt)
+                                       seed=SEED, pad_id=2, checkpoint_dir=ckpt)
         return student, result
 
     ref, ref_result = run(tmp_path / "ref")
-    assert train.latest_checkpoint(tmp_path / "ref").name == "step-000003"  # the last step writes none
+    assert checkpoint.latest_checkpoint(tmp_path / "ref").name == "step-000003"  # the last step writes none
     # the checkpoint a killed run left behind, picked up by a fresh student
     shutil.copytree(tmp_path / "ref", tmp_path / "killed")
     resumed, result = run(tmp_path / "killed")
@@ -349,7 +354,7 @@ def test_distillation_takes_its_optimizer_and_decay_from_train_config(teacher_di
     monkeypatch.setattr(train, "make_optimizer", spy)
     student, _ = distill.build_student(teacher_dir, [1])
     distill.train_student(student, load_model(teacher_dir), make_examples(tok, qa_rows(4)),
-                          distill_cfg(max_steps=1, optimizer="adamw_8bit"), alpha=0.5, temperature=2.0, pad_id=2)
+                          distill_cfg(max_steps=1, optimizer="adamw_8bit"), alpha=0.5, temperature=2.0, seed=SEED, pad_id=2)
     assert seen == {"name": "adamw_8bit", "decays": [0.0, 0.1]}
 
 
@@ -359,7 +364,7 @@ def test_distillation_stops_on_nan_like_sft(teacher_dir, tok):
         student.model.norm.weight.fill_(float("nan"))
     with pytest.raises(train.TrainingDiverged, match=r"loss is nan at step 1; lower the learning rate"):
         distill.train_student(student, load_model(teacher_dir), make_examples(tok, qa_rows(4)), distill_cfg(),
-                              alpha=0.5, temperature=2.0, pad_id=2)
+                              alpha=0.5, temperature=2.0, seed=SEED, pad_id=2)
 
 
 # --------------------------------------------------------------------------------------
@@ -374,7 +379,7 @@ def test_continuing_starts_at_the_previous_adapters_loss(tiny_model_dir, tok, tm
                               for i, r in enumerate(qa_rows(16))])
     torch.manual_seed(0)
     prev = method.wrap(load_model(tiny_model_dir), SPEC)
-    train.train(prev, method, SPEC, old, cfg(max_steps=10), pad_id=2)
+    train.train(prev, method, SPEC, old, cfg(max_steps=10), seed=SEED, pad_id=2)
     method.save(prev, tmp_path / "prev")
     prev_loss = evaluate.eval_loss(prev, new, 2, "cpu", batch_size=16)["eval_loss"]
 
@@ -383,7 +388,7 @@ def test_continuing_starts_at_the_previous_adapters_loss(tiny_model_dir, tok, tm
     fresh_loss = evaluate.eval_loss(cont, new, 2, "cpu", batch_size=16)["eval_loss"]
     assert continual.load_state(cont, method, tmp_path / "prev") > 0
     one = cfg(max_steps=1, batch_size=16)  # one step over all 16 rows: its loss is the start's loss
-    result = train.train(cont, method, SPEC, new, one, pad_id=2)
+    result = train.train(cont, method, SPEC, new, one, seed=SEED, pad_id=2)
     print("continual: first loss", result.losses[0][1], "previous adapter", prev_loss, "fresh", fresh_loss)
     assert result.losses[0][1] == pytest.approx(prev_loss, abs=2e-3)
     assert abs(fresh_loss - prev_loss) > 0.3

@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ft_assets.config.training import TrainingSpec
 from ft_assets.training import loss as L, packing as P, prepared, loop as train
 from ft_assets.models import quantize
 from ft_assets.methods import get_method
@@ -95,7 +96,7 @@ def test_compiled_layers_compute_what_the_eager_layers_compute(tiny_model_dir, e
     out = {}
     for compile_ in (False, True):
         model = lora_model(tiny_model_dir)
-        prep = prepared.prepare(model, train.TrainConfig(max_steps=1, compile=compile_), train.CrossEntropy(), device=DEVICE, pad_id=PAD)
+        prep = prepared.prepare(model, TrainingSpec(max_steps=1, compile=compile_), train.CrossEntropy(), device=DEVICE, pad_id=PAD)
         assert bool(prep.compiled_layers) == compile_
         try:
             model.zero_grad(set_to_none=True)
@@ -132,8 +133,8 @@ def test_training_on_cuda_with_bf16_and_packing_lowers_the_loss(tiny_model_dir, 
 
     before = evaluate.eval_loss(model, examples, PAD, DEVICE)["eval_loss"]
     result = train.train(model, get_method("lora"), LORA, examples,
-                         train.TrainConfig(max_steps=8, batch_size=4, lr=1e-2, warmup_ratio=0.0, lr_scheduler="constant", seed=3),
-                         pad_id=PAD, device=DEVICE, autocast_dtype=BF16)
+                         TrainingSpec(max_steps=8, batch_size=4, lr=1e-2, warmup_ratio=0.0, lr_scheduler="constant"),
+                         seed=3, pad_id=PAD, device=DEVICE, autocast_dtype=BF16)
     after = evaluate.eval_loss(model, examples, PAD, DEVICE)["eval_loss"]
     assert after < before - 0.05, (before, after, result.losses)
 
@@ -152,9 +153,9 @@ def test_qlora_on_a_bf16_nf4_base_trains_with_the_paged_8bit_optimizer(tiny_mode
 
     before = evaluate.eval_loss(model, examples, PAD, DEVICE)["eval_loss"]
     result = train.train(model, method, LORA, examples,
-                         train.TrainConfig(max_steps=8, batch_size=4, lr=2e-2, warmup_ratio=0.0, lr_scheduler="constant",
-                                           seed=3, optimizer="paged_adamw_8bit"),
-                         pad_id=PAD, device=DEVICE, autocast_dtype=BF16)
+                         TrainingSpec(max_steps=8, batch_size=4, lr=2e-2, warmup_ratio=0.0, lr_scheduler="constant",
+                                      optimizer="paged_adamw_8bit"),
+                         seed=3, pad_id=PAD, device=DEVICE, autocast_dtype=BF16)
     after = evaluate.eval_loss(model, examples, PAD, DEVICE)["eval_loss"]
     assert all(l == l for _, l in result.losses)  # no NaN
     assert after < before - 0.05, (before, after, result.losses)

@@ -15,12 +15,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ft_assets.training import loop as train
+from ft_assets.config.training import TrainingSpec
+from ft_assets.training import checkpoint, loop as train
 from ft_assets.training.distributed import Ranks
 from ft_assets.methods import get_method
 from ft_assets.config.recipe import ComputeSpec
 from ft_assets_tests.conftest import formatted_examples
-from ft_assets_tests.training.test_train import SPEC, cfg, lora_model
+from ft_assets_tests.training.test_train import SEED, SPEC, cfg, lora_model
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,24 +39,24 @@ def examples(tiny_model_dir):
 @pytest.mark.parametrize("group_by_length", [False, True])
 def test_each_rank_reads_its_own_slice_and_together_the_rows_one_process_reads(examples, group_by_length):
     one = cfg(batch_size=8, max_steps=6, group_by_length=group_by_length)
-    two = cfg(batch_size=4, max_steps=6, world_size=2, group_by_length=group_by_length)
-    single = [[r.id for mb in step for r in mb] for step in train.batches(examples, one)]
-    rank0 = [[r.id for mb in step for r in mb] for step in train.batches(examples, two, rank=0)]
-    rank1 = [[r.id for mb in step for r in mb] for step in train.batches(examples, two, rank=1)]
+    two = cfg(batch_size=4, max_steps=6, group_by_length=group_by_length)
+    single = [[r.id for mb in step for r in mb] for step in train.batches(examples, one, SEED)]
+    rank0 = [[r.id for mb in step for r in mb] for step in train.batches(examples, two, SEED, rank=0, world_size=2)]
+    rank1 = [[r.id for mb in step for r in mb] for step in train.batches(examples, two, SEED, rank=1, world_size=2)]
     assert len(single) == len(rank0) == len(rank1) == 6
     for s, a, b in zip(single, rank0, rank1):
         assert len(a) == len(b) == 4 and not set(a) & set(b)  # disjoint, none idle
         assert a + b == s  # the same rows, in the same order, as one process
-    assert train.steps_for(16, two) == train.steps_for(16, one)
+    assert train.steps_for(16, two, 2) == train.steps_for(16, one)
 
 
 def test_a_checkpoint_written_by_another_number_of_processes_is_refused(tiny_model_dir, examples, tmp_path):
     method = get_method("lora")
-    train.train(lora_model(tiny_model_dir), method, SPEC, examples, cfg(max_steps=4), pad_id=2, checkpoint_dir=tmp_path)
+    train.train(lora_model(tiny_model_dir), method, SPEC, examples, cfg(max_steps=4), seed=SEED, pad_id=2, checkpoint_dir=tmp_path)
     progress = next(tmp_path.glob("step-*")) / "progress.json"
     progress.write_text(json.dumps({**json.loads(progress.read_text()), "world_size": 2}))
     with pytest.raises(ValueError, match="written by 2 processes and this run has 1"):
-        train.train(lora_model(tiny_model_dir), method, SPEC, examples, cfg(max_steps=6), pad_id=2, checkpoint_dir=tmp_path)
+        train.train(lora_model(tiny_model_dir), method, SPEC, examples, cfg(max_steps=6), seed=SEED, pad_id=2, checkpoint_dir=tmp_path)
 
 
 def test_processes_need_a_launcher_that_starts_them():
@@ -93,7 +94,7 @@ def _rank_main(rank: int, port: int, model_dir: str, out: str, settings: dict) -
     try:
         model = lora_model(Path(model_dir))
         result = train.train(model, get_method("lora"), SPEC, _rows(Path(model_dir)),
-                             cfg(**settings, world_size=2), pad_id=2, checkpoint_dir=Path(out) / "ckpt", ranks=ranks)
+                             cfg(**settings), seed=SEED, pad_id=2, checkpoint_dir=Path(out) / "ckpt", ranks=ranks)
         weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         torch.save({"result": result.log(), "weights": weights}, Path(out) / f"rank-{rank}.pt")
     finally:
@@ -108,7 +109,7 @@ def test_two_processes_with_validation_keep_what_one_process_keeps(tiny_model_di
     single = {}
     for label, shape in (("one", {"batch_size": 4}), ("accum", {"batch_size": 2, "grad_accum": 2})):
         model = lora_model(tiny_model_dir)
-        result = train.train(model, get_method("lora"), SPEC, examples, cfg(**settings, **shape), pad_id=2)
+        result = train.train(model, get_method("lora"), SPEC, examples, cfg(**settings, **shape), seed=SEED, pad_id=2)
         single[label] = (result.log(), {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
     mp.start_processes(_rank_main, args=(_free_port(), str(tiny_model_dir), str(tmp_path), {**settings, "batch_size": 2}),
                        nprocs=2, start_method="spawn")
@@ -145,7 +146,7 @@ def _rank_signalled(rank: int, port: int, model_dir: str, out: str) -> None:
 
     try:
         train.train(lora_model(Path(model_dir)), get_method("lora"), SPEC, _rows(Path(model_dir)),
-                    cfg(max_steps=12, batch_size=2, world_size=2, checkpoint_every=100), pad_id=2,
+                    cfg(max_steps=12, batch_size=2, checkpoint_every=100), seed=SEED, pad_id=2,
                     checkpoint_dir=Path(out) / "ckpt", ranks=ranks, on_log=on_log)
         outcome = "finished"
     except Preempted as exc:
@@ -159,7 +160,7 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_with_a_checkp
     mp.start_processes(_rank_signalled, args=(_free_port(), str(tiny_model_dir), str(tmp_path)), nprocs=2,
                        start_method="spawn")
     assert [(tmp_path / f"rank-{r}.txt").read_text() for r in (0, 1)] == ["preempted at 2"] * 2
-    assert train.latest_checkpoint(tmp_path / "ckpt").name == "step-000002"
+    assert checkpoint.latest_checkpoint(tmp_path / "ckpt").name == "step-000002"
 
 
 def _trained(model_dir: Path, name: str, settings: dict, **run) -> dict[str, torch.Tensor]:
@@ -173,8 +174,8 @@ def _trained(model_dir: Path, name: str, settings: dict, **run) -> dict[str, tor
     torch.manual_seed(0)
     model = method.wrap(load_model(model_dir), spec)
     c = method_cfg(spec)
-    c = train.TrainConfig(**{**vars(c), **settings})
-    train.train(model, method, spec, _rows(model_dir), c, pad_id=2, **run)
+    c = c.model_copy(update=settings)
+    train.train(model, method, spec, _rows(model_dir), c, seed=SEED, pad_id=2, **run)
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -189,7 +190,7 @@ def _ddp_methods(ranks: Ranks, model_dir: Path, out: Path) -> None:
     """Every method of DDP_METHODS trained on 2 ranks x batch 2; rank r's weights in `<name>-<r>.pt`."""
     out.mkdir(parents=True, exist_ok=True)
     for name in DDP_METHODS:
-        weights = _trained(model_dir, name, {"batch_size": 2, "world_size": 2}, ranks=ranks,
+        weights = _trained(model_dir, name, {"batch_size": 2}, ranks=ranks,
                            checkpoint_dir=out / name)
         torch.save(weights, out / f"{name}-{ranks.rank}.pt")
 
@@ -204,12 +205,12 @@ def _fsdp_run(ranks: Ranks, model_dir: Path, out: Path, resume_at: int, name: st
     from ft_assets_tests.methods.test_methods import cfg as method_cfg
 
     spec, method = SPECS[name], get_method(SPECS[name].type)
-    settings = {**vars(method_cfg(spec)), "batch_size": 2, "world_size": 2, "checkpoint_every": 3, "max_steps": 6}
+    settings = {**method_cfg(spec).model_dump(), "batch_size": 2, "checkpoint_every": 3, "max_steps": 6}
     for stop in ([resume_at] if resume_at else []) + [6]:
         torch.manual_seed(0)
         model = ranks.shard(method.wrap(load_model(model_dir), spec))
-        c = train.TrainConfig(**{**settings, "max_steps": stop})
-        result = train.train(model, method, spec, _rows(model_dir), c, pad_id=2, checkpoint_dir=out / "ckpt",
+        c = TrainingSpec(**{**settings, "max_steps": stop})
+        result = train.train(model, method, spec, _rows(model_dir), c, seed=SEED, pad_id=2, checkpoint_dir=out / "ckpt",
                              ranks=ranks)
     (out / "saved").mkdir(parents=True, exist_ok=True)
     FineTuned(model, method, result, 0, 0).save(out / "saved", ranks)

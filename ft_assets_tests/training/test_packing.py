@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ft_assets.data import rows as data
 from ft_assets.evaluation import heldout as evaluate
+from ft_assets.config.training import TrainingSpec
 from ft_assets.training import loss as L, packing as P, loop as train
 from ft_assets.methods import REGISTRY, get_method
 from ft_assets.methods.bottleneck import BottleneckSpec
@@ -51,10 +52,13 @@ def lora_model(model_dir, seed=0, attn="sdpa"):
     return model
 
 
-def cfg(**kw):
-    base = dict(max_steps=6, epochs=10, batch_size=4, lr=1e-2, warmup_ratio=0.0, lr_scheduler="constant", seed=3,
+SEED = 3
+
+
+def cfg(**kw) -> TrainingSpec:
+    base = dict(max_steps=6, epochs=10, batch_size=4, lr=1e-2, warmup_ratio=0.0, lr_scheduler="constant",
                 checkpoint_every=3)
-    return train.TrainConfig(**{**base, **kw})
+    return TrainingSpec(**{**base, **kw})
 
 
 def loss_of(model, batch, loss="plain"):
@@ -255,7 +259,7 @@ def test_training_with_packing_lowers_the_loss_and_tracks_the_padded_run(tiny_mo
     for packing in (True, False):
         model = lora_model(tiny_model_dir)
         before = evaluate.eval_loss(model, examples, PAD, DEVICE)["eval_loss"]
-        results[packing] = train.train(model, get_method("lora"), LORA, examples, cfg(max_steps=8, packing=packing, loss="auto" if packing else "plain"), pad_id=PAD, device=DEVICE)
+        results[packing] = train.train(model, get_method("lora"), LORA, examples, cfg(max_steps=8, packing=packing, loss="auto" if packing else "plain"), seed=SEED, pad_id=PAD, device=DEVICE)
         after[packing] = evaluate.eval_loss(model, examples, PAD, DEVICE)["eval_loss"]
     assert after[True] < before - 0.05, (before, after)
     # same rows per micro-batch, same normalisation: the packed run is the padded run up to rounding
@@ -269,14 +273,14 @@ def test_resume_is_exact_with_packing(tiny_model_dir, examples, tmp_path, group_
     method = get_method("lora")
     c = cfg(packing=True, group_by_length=group_by_length)
     ref = lora_model(tiny_model_dir)
-    ref_result = train.train(ref, method, LORA, examples, c, pad_id=PAD, device=DEVICE)
+    ref_result = train.train(ref, method, LORA, examples, c, seed=SEED, pad_id=PAD, device=DEVICE)
     ckpt = tmp_path / "ckpt"
-    train.train(lora_model(tiny_model_dir), method, LORA, examples, c, pad_id=PAD, checkpoint_dir=ckpt, device=DEVICE)
+    train.train(lora_model(tiny_model_dir), method, LORA, examples, c, seed=SEED, pad_id=PAD, checkpoint_dir=ckpt, device=DEVICE)
     for late in sorted(ckpt.glob("step-*")):
         if late.name != "step-000003":
             shutil.rmtree(late)
     resumed = lora_model(tiny_model_dir, seed=1234)
-    result = train.train(resumed, method, LORA, examples, c, pad_id=PAD, checkpoint_dir=ckpt, device=DEVICE)
+    result = train.train(resumed, method, LORA, examples, c, seed=SEED, pad_id=PAD, checkpoint_dir=ckpt, device=DEVICE)
     assert result.resumed_from_step == 3 and result.steps == 6
     assert [l for _, l in result.losses] == pytest.approx([l for _, l in ref_result.losses], abs=1e-5)
     for (n, a), (_, b) in zip(ref.named_parameters(), resumed.named_parameters()):
@@ -287,14 +291,14 @@ def test_resume_is_exact_with_packing(tiny_model_dir, examples, tmp_path, group_
 def test_length_grouped_batches_are_pure_and_grouped(examples):
     many = examples * 4  # 64 rows, 16 steps of 4
     grouped, plain = cfg(max_steps=40, group_by_length=True), cfg(max_steps=40)
-    full = [[r.id for mb in s for r in mb] for s in train.batches(many, grouped)]
-    tail = [[r.id for mb in s for r in mb] for s in train.batches(many, grouped, start_step=23)]
+    full = [[r.id for mb in s for r in mb] for s in train.batches(many, grouped, SEED)]
+    tail = [[r.id for mb in s for r in mb] for s in train.batches(many, grouped, SEED, start_step=23)]
     assert full[23:] == tail  # a pure function of (seed, step): resume sees the same batches
     assert sorted(sum(full[:16], [])) == sorted(r.id for r in many)  # an epoch still sees every row once
 
     def padding(c):
         waste = 0
-        for step in train.batches(many, c):
+        for step in train.batches(many, c, SEED):
             for mb in step:
                 width = max(len(r.input_ids) for r in mb)
                 waste += sum(width - len(r.input_ids) for r in mb)

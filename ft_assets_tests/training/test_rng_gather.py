@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from ft_assets.training import loop as train
+from ft_assets.training import checkpoint
+from ft_assets.training.result import TrainResult
 from ft_assets.training.distributed import Ranks
 from ft_assets.methods import get_method
 from ft_assets_tests.training.test_train import lora_model
@@ -55,10 +56,10 @@ def _rank_checkpoints(rank: int, port: int, model_dir: str, out: str) -> None:
         torch.manual_seed(100 + rank)
         torch.rand(3 + rank)  # each rank's generator somewhere of its own
         mine = torch.get_rng_state().clone()
-        ckpt = train.save_checkpoint(Path(out) / "ckpt", 3, model, method, optimizer, scheduler, train.TrainResult(),
-                                     ranks)
+        ckpt = checkpoint.save_checkpoint(Path(out) / "ckpt", 3, model, method, optimizer, scheduler, TrainResult(),
+                                          ranks)
         torch.rand(7)  # moves on after the checkpoint; the resume must put it back
-        train._restore(ckpt, model, optimizer, scheduler, train.TrainResult(), method, ranks)
+        checkpoint.resume(ckpt.parent, model, method, optimizer, scheduler, TrainResult(), ranks)
         restored = torch.get_rng_state().clone()
         uneven = ranks.gather(torch.arange(5, dtype=torch.uint8) if rank else None)
         torch.save({"mine": mine, "restored": restored, "uneven": uneven}, Path(out) / f"rank-{rank}.pt")

@@ -15,7 +15,8 @@ import torch
 
 from ft_assets.data import rows as data
 from ft_assets.evaluation import heldout as evaluate
-from ft_assets.training import loop as train
+from ft_assets.config.training import TrainingSpec
+from ft_assets.training import checkpoint, loop as train
 from ft_assets.methods import get_method
 from ft_assets.methods.lora import LoraSpec
 from ft_assets.models.base_model import load_model
@@ -42,17 +43,20 @@ def assert_same_trained_weights(a_model, b_model) -> None:
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)
 
 
-def cfg(**kw):
-    base = dict(max_steps=6, epochs=10, batch_size=4, lr=1e-2, warmup_ratio=0.0, lr_scheduler="constant", seed=3,
+SEED = 3
+
+
+def cfg(**kw) -> TrainingSpec:
+    base = dict(max_steps=6, epochs=10, batch_size=4, lr=1e-2, warmup_ratio=0.0, lr_scheduler="constant",
                 checkpoint_every=3)
     base.update(kw)
-    return train.TrainConfig(**base)
+    return TrainingSpec(**base)
 
 
 def test_a_few_steps_lower_the_loss_on_the_training_rows(tiny_model_dir, examples):
     model = lora_model(tiny_model_dir)
     before = evaluate.eval_loss(model, examples, 2, "cpu")["eval_loss"]
-    result = train.train(model, get_method("lora"), SPEC, examples, cfg(max_steps=8), pad_id=2)
+    result = train.train(model, get_method("lora"), SPEC, examples, cfg(max_steps=8), seed=SEED, pad_id=2)
     after = evaluate.eval_loss(model, examples, 2, "cpu")["eval_loss"]
     assert after < before - 0.05, (before, after)
     assert result.steps == 8 and result.tokens_trained > 0 and result.tokens_seen > result.tokens_trained
@@ -88,7 +92,7 @@ def first_step_gradient(tiny_model_dir, examples, monkeypatch, **kw) -> torch.Te
 
     monkeypatch.setattr(train, "make_optimizer", spy)
     result = train.train(lora_model(tiny_model_dir), get_method("lora"), SPEC, examples,
-                         cfg(max_steps=1, max_grad_norm=None, **kw), pad_id=2)
+                         cfg(max_steps=1, max_grad_norm=None, **kw), seed=SEED, pad_id=2)
     assert result.steps == 1 and len(seen) == 1
     return seen[0]
 
@@ -96,7 +100,7 @@ def first_step_gradient(tiny_model_dir, examples, monkeypatch, **kw) -> torch.Te
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
 def test_grad_accumulation_equals_one_big_batch(tiny_model_dir, uneven_examples, monkeypatch, packing):
     shapes = ((4, 1), (2, 2), (1, 4))  # batch_size x grad_accum: 4 rows per optimizer step each time
-    steps = [next(train.batches(uneven_examples, cfg(batch_size=b, grad_accum=a))) for b, a in shapes]
+    steps = [next(train.batches(uneven_examples, cfg(batch_size=b, grad_accum=a), SEED)) for b, a in shapes]
     # the same rows reach the step in every shape (so the gradients must match) ...
     assert len({tuple(r.id for mb in step for r in mb) for step in steps}) == 1
     # ... and the micro-batches carry unequal label counts (so normalising per micro-batch would not)
@@ -112,8 +116,8 @@ def test_grad_accumulation_equals_one_big_batch(tiny_model_dir, uneven_examples,
 
 def test_batches_are_a_pure_function_of_seed_and_step(examples):
     c = cfg(max_steps=10)
-    full = [[r.id for mb in step for r in mb] for step in train.batches(examples, c)]
-    tail = [[r.id for mb in step for r in mb] for step in train.batches(examples, c, start_step=7)]
+    full = [[r.id for mb in step for r in mb] for step in train.batches(examples, c, SEED)]
+    tail = [[r.id for mb in step for r in mb] for step in train.batches(examples, c, SEED, start_step=7)]
     assert full[7:] == tail
     assert sorted(sum(full[:4], [])) == sorted(e.id for e in examples)  # epoch 1 sees every row once
 
@@ -121,19 +125,19 @@ def test_batches_are_a_pure_function_of_seed_and_step(examples):
 def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_model_dir, examples, tmp_path):
     method = get_method("lora")
     ref = lora_model(tiny_model_dir)
-    ref_result = train.train(ref, method, SPEC, examples, cfg(), pad_id=2, checkpoint_dir=tmp_path / "ref")
+    ref_result = train.train(ref, method, SPEC, examples, cfg(), seed=SEED, pad_id=2, checkpoint_dir=tmp_path / "ref")
 
     # A run that stops after step 3 (its checkpoint is what a killed process leaves behind)...
     ckpt = tmp_path / "ckpt"
     first = lora_model(tiny_model_dir)
-    train.train(first, method, SPEC, examples, cfg(max_steps=6), pad_id=2, checkpoint_dir=ckpt)
+    train.train(first, method, SPEC, examples, cfg(max_steps=6), seed=SEED, pad_id=2, checkpoint_dir=ckpt)
     for late in sorted(ckpt.glob("step-*")):
         if late.name != "step-000003":
             shutil.rmtree(late)
-    assert train.latest_checkpoint(ckpt).name == "step-000003"
+    assert checkpoint.latest_checkpoint(ckpt).name == "step-000003"
     # ...and a fresh process that picks it up.
     resumed = lora_model(tiny_model_dir)
-    result = train.train(resumed, method, SPEC, examples, cfg(), pad_id=2, checkpoint_dir=ckpt)
+    result = train.train(resumed, method, SPEC, examples, cfg(), seed=SEED, pad_id=2, checkpoint_dir=ckpt)
     assert result.resumed_from_step == 3 and result.steps == 6
     assert [l for _, l in result.losses] == pytest.approx([l for _, l in ref_result.losses], abs=1e-5)
     assert_same_trained_weights(ref, resumed)
@@ -144,7 +148,7 @@ def test_nan_loss_stops_with_step_and_hint(tiny_model_dir, examples):
     with torch.no_grad():
         model.base_model.model.model.norm.weight.fill_(float("nan"))
     with pytest.raises(train.TrainingDiverged, match=r"loss is nan at step 1; lower the learning rate"):
-        train.train(model, get_method("lora"), SPEC, examples, cfg(), pad_id=2)
+        train.train(model, get_method("lora"), SPEC, examples, cfg(), seed=SEED, pad_id=2)
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resettable peak RSS is Linux-only")
@@ -168,7 +172,7 @@ def test_cpu_peak_memory_is_per_window_not_per_process():
 def test_a_signal_checkpoints_the_step_it_arrives_in_and_resume_continues_exactly(tiny_model_dir, examples, tmp_path, sig):
     method = get_method("lora")
     ref = lora_model(tiny_model_dir)
-    ref_result = train.train(ref, method, SPEC, examples, cfg(), pad_id=2)
+    ref_result = train.train(ref, method, SPEC, examples, cfg(), seed=SEED, pad_id=2)
 
     def send_during_step_4(step, loss, **_):  # on_log runs inside step 4, before its checkpoint decision
         if step == 4:
@@ -177,13 +181,13 @@ def test_a_signal_checkpoints_the_step_it_arrives_in_and_resume_continues_exactl
     ckpt = tmp_path / "ckpt"
     before = signal.getsignal(sig)
     with pytest.raises(Preempted, match=rf"^preempted at step 4 by {sig.name}: checkpoint written at .*step-000004"):
-        train.train(lora_model(tiny_model_dir), method, SPEC, examples, cfg(log_every=1), pad_id=2,
+        train.train(lora_model(tiny_model_dir), method, SPEC, examples, cfg(log_every=1), seed=SEED, pad_id=2,
                     checkpoint_dir=ckpt, on_log=send_during_step_4)
     assert signal.getsignal(sig) is before  # the handler is put back
-    assert train.latest_checkpoint(ckpt).name == "step-000004"  # not 3, the last periodic one
+    assert checkpoint.latest_checkpoint(ckpt).name == "step-000004"  # not 3, the last periodic one
 
     resumed = lora_model(tiny_model_dir)
-    result = train.train(resumed, method, SPEC, examples, cfg(), pad_id=2, checkpoint_dir=ckpt)
+    result = train.train(resumed, method, SPEC, examples, cfg(), seed=SEED, pad_id=2, checkpoint_dir=ckpt)
     assert result.resumed_from_step == 4 and result.steps == 6
     assert [l for _, l in result.losses] == pytest.approx([l for _, l in ref_result.losses], abs=1e-5)
     assert_same_trained_weights(ref, resumed)
@@ -193,23 +197,23 @@ def test_a_checkpoint_dir_in_use_is_refused_and_free_again_when_its_holder_lets_
     ckpt = tmp_path / "ckpt"
     with checkpoint_lock(ckpt):  # another writer (flock is per open file: same process counts)
         with pytest.raises(CheckpointBusy, match=rf"{ckpt} is being trained into by process {os.getpid()}"):
-            train.train(lora_model(tiny_model_dir), get_method("lora"), SPEC, examples, cfg(), pad_id=2,
+            train.train(lora_model(tiny_model_dir), get_method("lora"), SPEC, examples, cfg(), seed=SEED, pad_id=2,
                         checkpoint_dir=ckpt)
-    result = train.train(lora_model(tiny_model_dir), get_method("lora"), SPEC, examples, cfg(), pad_id=2,
+    result = train.train(lora_model(tiny_model_dir), get_method("lora"), SPEC, examples, cfg(), seed=SEED, pad_id=2,
                          checkpoint_dir=ckpt)
     assert result.steps == 6
 
 
 def test_validation_rows_are_held_out_of_training_by_a_seeded_rule(examples):
     c = cfg(validation_fraction=0.25)
-    rows, held = train.split_validation(examples, c)
+    rows, held = train.split_validation(examples, c, SEED)
     assert len(held) == 4 and len(rows) == 12 and {e.id for e in rows}.isdisjoint(e.id for e in held)
-    assert train.split_validation(examples, c) == (rows, held)  # a pure function of rows and seed
+    assert train.split_validation(examples, c, SEED) == (rows, held)  # a pure function of rows and seed
     # a row stays on its side when rows are added (they are chosen by a hash of their id)
-    _, held_of_fewer = train.split_validation(examples[:8], cfg(validation_fraction=0.25))
+    _, held_of_fewer = train.split_validation(examples[:8], cfg(validation_fraction=0.25), SEED)
     assert {e.id for e in held_of_fewer} <= {e.id for e in held} | {e.id for e in examples[:8]}
-    assert train.split_validation(examples, cfg()) == (examples, [])
-    assert {e.id for b in train.batches(rows, c) for mb in b for e in mb}.isdisjoint(e.id for e in held)
+    assert train.split_validation(examples, cfg(), SEED) == (examples, [])
+    assert {e.id for b in train.batches(rows, c, SEED) for mb in b for e in mb}.isdisjoint(e.id for e in held)
 
 
 def test_early_stopping_ends_with_the_weights_of_the_best_validation_loss(tiny_model_dir, examples):
@@ -217,7 +221,7 @@ def test_early_stopping_ends_with_the_weights_of_the_best_validation_loss(tiny_m
     # lr high enough that the held-out loss turns up again within 30 steps on 12 rows
     c = dict(validation_fraction=0.25, validation_every=2, max_steps=30, lr=5e-2)
     model = lora_model(tiny_model_dir)
-    result = train.train(model, method, SPEC, examples, cfg(**c, early_stopping_patience=3), pad_id=2)
+    result = train.train(model, method, SPEC, examples, cfg(**c, early_stopping_patience=3), seed=SEED, pad_id=2)
     steps, losses = zip(*result.validation_losses)
     best = min(losses)
     assert result.kept_step == steps[losses.index(best)]  # the first step with the lowest held-out loss
@@ -227,10 +231,10 @@ def test_early_stopping_ends_with_the_weights_of_the_best_validation_loss(tiny_m
     # the weights it ends with are those of the kept step: a run of exactly that many steps
     # (constant lr, the same held-out rows) ends with the same weights
     short = lora_model(tiny_model_dir)
-    short_result = train.train(short, method, SPEC, examples, cfg(**{**c, "max_steps": result.kept_step}), pad_id=2)
+    short_result = train.train(short, method, SPEC, examples, cfg(**{**c, "max_steps": result.kept_step}), seed=SEED, pad_id=2)
     assert short_result.kept_step == result.kept_step
     assert_same_trained_weights(model, short)
-    held = train.split_validation(examples, cfg(**c))[1]
+    held = train.split_validation(examples, cfg(**c), SEED)[1]
     assert evaluate.eval_loss(model, held, pad_id=2, device="cpu")["eval_loss"] == pytest.approx(best, abs=1e-4)
 
 
@@ -238,7 +242,7 @@ def test_resume_with_validation_keeps_its_measurements_and_best_weights(tiny_mod
     method = get_method("lora")
     c = cfg(validation_fraction=0.25, validation_every=2, max_steps=16, lr=5e-2, early_stopping_patience=20)
     ref = lora_model(tiny_model_dir)
-    ref_result = train.train(ref, method, SPEC, examples, c, pad_id=2)
+    ref_result = train.train(ref, method, SPEC, examples, c, seed=SEED, pad_id=2)
 
     def stop_at_7(step, loss, **_):
         if step == 7:
@@ -246,9 +250,9 @@ def test_resume_with_validation_keeps_its_measurements_and_best_weights(tiny_mod
 
     ckpt = tmp_path / "ckpt"
     with pytest.raises(Preempted):
-        train.train(lora_model(tiny_model_dir), method, SPEC, examples, c, pad_id=2, checkpoint_dir=ckpt, on_log=stop_at_7)
+        train.train(lora_model(tiny_model_dir), method, SPEC, examples, c, seed=SEED, pad_id=2, checkpoint_dir=ckpt, on_log=stop_at_7)
     resumed = lora_model(tiny_model_dir)
-    result = train.train(resumed, method, SPEC, examples, c, pad_id=2, checkpoint_dir=ckpt)
+    result = train.train(resumed, method, SPEC, examples, c, seed=SEED, pad_id=2, checkpoint_dir=ckpt)
     assert result.resumed_from_step == 7
     assert [s for s, _ in result.validation_losses] == [s for s, _ in ref_result.validation_losses]
     assert [v for _, v in result.validation_losses] == pytest.approx([v for _, v in ref_result.validation_losses], abs=1e-5)
