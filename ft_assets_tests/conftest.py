@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny random-init Llama (the real SmolLM2 architecture family) with the
-real SmolLM2 tokenizer, a small QA dataset file, and recipes pointing at them."""
+real SmolLM2 tokenizer, a small QA dataset file, and recipes pointing at them. Also the order the
+modules run in (the slowest first, see SLOW_MODULES) and how idle OpenMP threads wait."""
 
 from __future__ import annotations
 
@@ -12,10 +13,51 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Idle OpenMP threads (torch's intra-op pool, here and in every process a test starts) sleep instead
+# of spinning: two pytest-xdist workers, torchrun ranks and step processes share 2 cores, and
+# spinning threads burn the time the others need (the real-model graph twice at once on 2 cores:
+# 184 -> 113 CPU-s and 188 -> 116 s each; alone, up to 10 % slower). Set before torch loads its OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from ft_assets.models.base_model import bundled_gguf_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+# The modules that take a minute or more, slowest first (seconds per module on the project's 2-core
+# machine, 2026-12-07, under `make test`'s two workers). pytest-xdist hands whole modules to its
+# workers in collection order (`make test`: --dist loadfile --no-loadscope-reorder), so the long
+# ones start first and the many short ones fill the end, instead of a long one starting last.
+# A module missing here only runs later; a name here that no longer exists changes nothing.
+SLOW_MODULES = (
+    "defs/test_scale_out.py",  # ~330
+    "defs/test_dead_runs.py",  # ~290
+    "defs/test_shell_dead_runs.py",  # ~200
+    "training/test_distributed.py",  # ~190
+    "e2e/test_ui.py",  # ~190
+    "defs/test_object_store.py",  # ~160
+    "e2e/test_real_model.py",  # ~150
+    "defs/test_ray.py",  # ~110
+    "defs/test_faults.py",  # ~100
+    "trainers/test_beyond_sft.py",  # ~60
+    "defs/test_graph.py",  # ~60
+    "publish/test_export.py",  # ~55
+    "defs/test_beyond_sft.py",  # ~45
+    "defs/test_automation.py",  # ~40
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """SLOW_MODULES first, in that order; the rest keep pytest's order (a stable sort, so the
+    tests of a module keep theirs)."""
+    rank = {name: i for i, name in enumerate(SLOW_MODULES)}
+
+    def module_rank(item: pytest.Item) -> int:
+        inside = item.path.is_relative_to(TESTS)
+        return rank.get(item.path.relative_to(TESTS).as_posix(), len(rank)) if inside else len(rank)
+
+    items.sort(key=module_rank)
+
 
 # The device the device-aware tests (packing, chunked loss, QLoRA/merge, the CUDA module) run on:
 # `FT_TEST_DEVICE=cuda pytest ...` on a GPU machine; CPU everywhere else (CI).
@@ -109,11 +151,16 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture
 def project(tmp_path, tiny_model_dir) -> Path:
     """A project dir: data/qa.jsonl and recipe.yaml using the tiny model as a local base."""
-    (tmp_path / "data").mkdir()
-    write_jsonl(tmp_path / "data" / "qa.jsonl", qa_rows())
-    recipe = make_recipe(tiny_model_dir)
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return tmp_path
+    return write_tiny_project(tmp_path, tiny_model_dir)
+
+
+def write_tiny_project(root: Path, model_dir: Path) -> Path:
+    """`project`'s files under `root` (for a fixture of a wider scope)."""
+    (root / "data").mkdir()
+    write_jsonl(root / "data" / "qa.jsonl", qa_rows())
+    recipe = make_recipe(model_dir)
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return root
 
 
 def make_recipe(model_dir: Path, **overrides) -> dict:

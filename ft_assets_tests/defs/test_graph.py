@@ -14,15 +14,20 @@ from ft_assets.definitions import build_definitions
 from ft_assets.demo import materialize_all
 from ft_assets.config.recipe import load_recipe
 from ft_assets.artifacts.store import ArtifactStore
-from ft_assets_tests.conftest import qa_rows, write_jsonl
+from ft_assets_tests.conftest import qa_rows, write_jsonl, write_tiny_project
 
 
-@pytest.fixture
-def graph(project, ft_home):
-    recipe = load_recipe(project / "recipe.yaml")
-    defs = build_definitions(recipe, home=str(ft_home))
-    instance = dg.DagsterInstance.ephemeral()
-    materialize_all(defs, instance, say=lambda *_: None)
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory, tiny_model_dir):
+    """The whole graph of the tiny project, materialized once for the tests that only read it."""
+    project = write_tiny_project(tmp_path_factory.mktemp("graph"), tiny_model_dir)
+    ft_home = project / "ft_home"
+    with pytest.MonkeyPatch.context() as mp:  # conftest's ft_home, for the materialization
+        mp.setenv("FT_HOME", str(ft_home))
+        recipe = load_recipe(project / "recipe.yaml")
+        defs = build_definitions(recipe, home=str(ft_home))
+        instance = dg.DagsterInstance.ephemeral()
+        materialize_all(defs, instance, say=lambda *_: None)
     return recipe, defs, instance, ArtifactStore(ft_home)
 
 
