@@ -133,8 +133,10 @@ validate: install
 demo: install
 	$(PY) -m ft_assets.demo
 
-# Two workers (pytest-xdist), whole modules per worker so a module's shared fixtures are built once;
-# TEST_WORKERS=0 runs in one process.
+# Two workers (pytest-xdist), whole modules per worker so a module's shared fixtures are built once,
+# handed out in collection order, which puts the slowest modules first (SLOW_MODULES in
+# ft_assets_tests/conftest.py; xdist itself would order them by test count). A third worker was no
+# faster on 2 cores (the slow modules are CPU-bound). TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: install
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30
