@@ -61,11 +61,10 @@ def training_data(store: ArtifactStore, name: str, spec, sft_dataset_dir: str, s
     if data.tokenizer_fingerprint(tok) != info["tokenizer_fingerprint"]:
         raise StaleDataset("sft_dataset was built with a different tokenizer than base_model has now; "
                            "re-materialize sft_dataset")
-    examples = load_split(sft_dataset_dir, "train")
     plan = None
-    if spec.continue_from == "previous":
-        plan = plan_continual(store, name, spec, sft_dataset_version, base_model_version, examples,
-                              info["tokenizer_fingerprint"], seed)
+    if spec.continue_from == "previous":  # replay is drawn against this split; otherwise only the trainer reads it
+        plan = plan_continual(store, name, spec, sft_dataset_version, base_model_version,
+                              load_split(sft_dataset_dir, "train"), info["tokenizer_fingerprint"], seed)
     return TrainingData(str(sft_dataset_dir), tok.pad_token_id, plan)
 
 

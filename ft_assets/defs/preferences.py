@@ -176,10 +176,6 @@ def _tune(context, recipe: Recipe, hw: Compute, store: ArtifactStore, sft: Artif
     if sft.manifest().get("inputs", {}).get("base_model") != base_model.version:
         raise c.user_error(RuntimeError(f"adapter[{spec.sft_from}] {sft.version} was trained on another base_model; "
                                         f"materialize adapter[{spec.sft_from}] first"))
-    tok = load_tokenizer(base_model.path)
-    if data.tokenizer_fingerprint(tok) != data.dataset_info(prefs.path)["tokenizer_fingerprint"]:
-        raise c.user_error(RuntimeError("preference_dataset was built with a different tokenizer than base_model "
-                                        "has now; re-materialize preference_dataset"))
     inputs = c.inputs_of(sft, prefs, base_model)
     derivation = c.derivation(inputs, cv, recipe.section_hash("seed", method=name))
     done = c.reuse_or_say_why(context, store, "preference_adapter", name, derivation, force)

@@ -18,7 +18,8 @@ import torch
 from . import tables
 from ..data.rows import Example, write_jsonl
 from .qa_metrics import mean_scores, perplexity, score_answers
-from ..training.loop import collate, token_loss_sum
+from ..training.packing import collate
+from ..training.prepared import token_loss_sum
 
 
 @torch.inference_mode()

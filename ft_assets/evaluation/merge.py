@@ -43,7 +43,7 @@ from ..data.types import Example
 from ..methods import Method, NotMergeable
 from ..models.base_model import load_model, load_tokenizer
 from ..models.quantize import dequantized, load_quantized
-from ..training.loop import collate
+from ..training.packing import collate
 
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float64: 2.0**-53}
 LINEAR_MAPS_IN_SERIES_PER_LAYER = 4  # q/k/v -> o, gate/up -> down

@@ -53,7 +53,9 @@ from ..models.base_model import ModelSourceError, check_tokenizer_matches, load_
 from ..config.training import TrainingSpec
 from ..data.sft_dataset import load_split
 from ..models.device import Compute
-from ..training.loop import TrainResult, collate, train
+from ..training.loop import train
+from ..training.packing import collate
+from ..training.result import TrainResult
 
 
 class NotDistillable(ValueError):

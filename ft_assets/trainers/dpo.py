@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -49,21 +48,21 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from transformers import TrainerCallback
 
-from ..data.rows import IGNORE_INDEX, Example
+from ..data.rows import IGNORE_INDEX, Example, dataset_info, tokenizer_fingerprint
 from ..models.base_model import load_model, load_tokenizer, parameter_count
 from ..models.device import Compute
 from ..data.preferences import PreferencePair, load_pairs
 from ..config.training import TrainingSpec
-from ..training.checkpoint import latest_checkpoint
+from ..training import checkpoint
+from ..training.checkpoint import PROGRESS, latest_checkpoint
 from ..training.steps import steps_for
-from ..training.loop import TrainingDiverged, collate, peak_memory_bytes, reset_peak_memory, seed_everything
+from ..training.loop import TrainingDiverged, peak_memory_bytes, reset_peak_memory, seed_everything
+from ..training.packing import collate
 from ..training.preemption import Preempted, StopRequest, checkpoint_lock, stop_requests
 
 KEY = "dpo"  # what this trainer's records are filed under: the adapter manifest's section, the tuned model's preference scores
 TRL_OPTIMIZERS = {"adamw": "adamw_torch", "paged_adamw_8bit": "paged_adamw_8bit", "adamw_8bit": "adamw_bnb_8bit"}
-PROGRESS = "progress.json"  # written last into a checkpoint: its completeness mark (the store mirrors on it too)
 
 
 @dataclass
@@ -128,10 +127,16 @@ def run(request: DpoRequest, hw: Compute, *, log: Callable[[str], None] = print,
         on_checkpoint: Callable[[Path], None] | None = None) -> PreferenceTuning:
     """DPO as `request` says, on `hw`, resuming from its checkpoints."""
     training = TrainingSpec.model_validate(request.training)
+    tokenizer = load_tokenizer(request.base_dir)
+    if tokenizer_fingerprint(tokenizer) != dataset_info(request.preference_dataset_dir)["tokenizer_fingerprint"]:
+        from .sft import TrainingFailed
+
+        raise TrainingFailed("preference_dataset was built with a different tokenizer than base_model has now; "
+                             "re-materialize preference_dataset")
     pairs = load_pairs(request.preference_dataset_dir, "train")
     log(f"DPO on {len(pairs)} pairs, {dpo_steps(len(pairs), training)} steps, beta {request.beta}, on {hw.device}")
     tuned = tune_sft_adapter(
-        Path(request.base_dir), Path(request.sft_adapter_dir), load_tokenizer(request.base_dir), pairs, training,
+        Path(request.base_dir), Path(request.sft_adapter_dir), tokenizer, pairs, training,
         seed=request.seed, beta=request.beta, loss_type=request.loss_type, max_length=request.max_length,
         device=hw.device, dtype=hw.dtype, checkpoint_dir=Path(request.checkpoint_dir), on_log=on_log,
         on_checkpoint=on_checkpoint)
@@ -204,7 +209,7 @@ def train_dpo(
         resume = latest_checkpoint(checkpoint_dir)
         if resume is not None:
             result.resumed_from_step = _restore_progress(resume, result)
-        run = _RunCallback(result, stop, checkpoint_dir, on_log, on_checkpoint)
+        run = _hf_callback(result, stop, checkpoint_dir, on_log, on_checkpoint)
         args = _dpo_config(training, seed, steps, out, checkpoint_dir is not None, beta=beta, loss_type=loss_type,
                            max_length=max_length, device=device)
         trainer = DPOTrainer(model=model, args=args, train_dataset=to_trl_dataset(pairs),
@@ -244,9 +249,10 @@ def _dpo_config(training: TrainingSpec, seed: int, steps: int, out: Path, checkp
     )
 
 
-class _RunCallback(TrainerCallback):
-    """Records the logged curves into `result`; checkpoints on a stop request and never after the
-    last step; turns each HF checkpoint into a complete step-N (`_publish_checkpoint`)."""
+class _RunCallback:
+    """(HF's `TrainerCallback` added at use, `_hf_callback`: transformers' trainer stays unimported
+    until DPO runs.) Records the logged curves into `result`; checkpoints on a stop request and never after the
+    last step; turns each HF checkpoint into a complete step-N (`checkpoint.publish`)."""
 
     def __init__(self, result: DpoResult, stop: StopRequest, checkpoint_dir: Path | None,
                  on_log: Callable[[int, float], None] | None, on_checkpoint: Callable[[Path], None] | None):
@@ -285,9 +291,16 @@ class _RunCallback(TrainerCallback):
                     "reward_accuracies": self.result.reward_accuracies, "reward_margins": self.result.reward_margins,
                     "wall_s": time.perf_counter() - self.t0}
         hf_checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        self.saved = _publish_checkpoint(hf_checkpoint, self.checkpoint_dir, state.global_step, progress)
+        shutil.rmtree(hf_checkpoint / "ref", ignore_errors=True)  # TRL's copy: HF would load it (module doc)
+        self.saved = checkpoint.publish(hf_checkpoint, self.checkpoint_dir, state.global_step, progress)
         if self.on_checkpoint is not None:
             self.on_checkpoint(self.saved)
+
+
+def _hf_callback(*args) -> _RunCallback:
+    from transformers import TrainerCallback
+
+    return type("RunCallback", (_RunCallback, TrainerCallback), {})(*args)
 
 
 @contextmanager
@@ -304,25 +317,9 @@ def _trainer_output_dir(checkpoint_dir: Path | None) -> Iterator[Path]:
     yield out
 
 
-def _publish_checkpoint(hf_checkpoint: Path, root: Path, step: int, progress: dict[str, Any]) -> Path:
-    """HF's complete `checkpoint-N` becomes `root/step-NNNNNN`: TRL's "ref" copy dropped (the
-    module doc: HF would load it instead of "default"), progress.json written, then one rename, so
-    a step-N dir is whole or absent; older ones go."""
-    shutil.rmtree(hf_checkpoint / "ref", ignore_errors=True)
-    (hf_checkpoint / PROGRESS).write_text(json.dumps(progress))
-    final = root / f"step-{step:06d}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(hf_checkpoint, final)
-    for old in root.glob("step-*"):  # keep the newest only
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _restore_progress(checkpoint: Path, result: DpoResult) -> int:
-    """The curves logged before `checkpoint` into `result`; its step."""
-    progress = json.loads((checkpoint / PROGRESS).read_text())
+def _restore_progress(ckpt: Path, result: DpoResult) -> int:
+    """The curves logged before `ckpt` into `result`; its step."""
+    progress = json.loads((ckpt / PROGRESS).read_text())
     result.losses = [tuple(x) for x in progress["losses"]]
     result.reward_accuracies = [tuple(x) for x in progress["reward_accuracies"]]
     result.reward_margins = [tuple(x) for x in progress["reward_margins"]]

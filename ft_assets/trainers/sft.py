@@ -35,6 +35,7 @@ from ..models.device import Compute
 from ..models.quantize import compute_dtype, load_quantized
 from ..training import checkpoint, continual, loop as train
 from ..training.distributed import SINGLE, Ranks
+from ..training.steps import steps_for
 
 
 class TrainingFailed(RuntimeError):
@@ -187,7 +188,7 @@ def finetune(method, spec, examples: list[data.Example], training: TrainingSpec,
     held = train.validation_rows(len(examples), training)
     log(f"{trainable:,} trainable of {total:,} parameters; {len(examples) - held} train rows"
         f"{f' ({held} more held out for validation)' if held else ''}; "
-        f"{train.steps_for(len(examples) - held, training, ranks.world_size)} steps at most on {device}"
+        f"{steps_for(len(examples) - held, training, ranks.world_size)} steps at most on {device}"
         f"{f' x {ranks.world_size} processes' if ranks.distributed else ''}{' (FSDP2: weights sharded)' if shard else ''}")
     try:
         result = train.train(model, method, spec, examples, training, seed=seed, pad_id=pad_id, device=device,

@@ -34,6 +34,8 @@ import torch
 from .distributed import SINGLE, Ranks, is_sharded
 from .result import TrainResult
 
+PROGRESS = "progress.json"  # written last into a checkpoint: its completeness mark (the store mirrors on it too)
+
 
 def save_checkpoint(ckpt_root: Path, step: int, model, method, optimizer, scheduler, result: TrainResult,
                     ranks: Ranks = SINGLE) -> Path:
@@ -64,13 +66,24 @@ def save_checkpoint(ckpt_root: Path, step: int, model, method, optimizer, schedu
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }, tmp / "state.pt")
     world = {"world_size": ranks.world_size} if ranks.distributed else {}
-    (tmp / "progress.json").write_text(json.dumps({**result.progress(step), **world}))
+    publish(tmp, ckpt_root, step, {**result.progress(step), **world})
+    ranks.barrier()
+    return final
+
+
+def publish(complete: Path, ckpt_root: Path, step: int, progress: dict[str, Any]) -> Path:
+    """A finished checkpoint's files (`complete`, on `ckpt_root`'s filesystem) become
+    `ckpt_root/step-NNNNNN`: progress.json written last, then one rename, so a step-N dir is whole
+    or absent; the older ones go (the newest only is kept). Also for trainers whose library
+    writes the files (DPO: HF Trainer's checkpoint-N)."""
+    (complete / PROGRESS).write_text(json.dumps(progress))
+    final = ckpt_root / f"step-{step:06d}"
     if final.exists():
         shutil.rmtree(final)
-    os.rename(tmp, final)
-    for old in sorted(ckpt_root.glob("step-*"))[:-1]:  # keep the newest only
-        shutil.rmtree(old, ignore_errors=True)
-    ranks.barrier()
+    os.rename(complete, final)
+    for old in ckpt_root.glob("step-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -78,7 +91,7 @@ def latest_checkpoint(ckpt_root: Path | None) -> Path | None:
     """The newest complete checkpoint under `ckpt_root`, or None."""
     if ckpt_root is None or not ckpt_root.is_dir():
         return None
-    done = sorted(p for p in ckpt_root.glob("step-*") if (p / "progress.json").is_file())
+    done = sorted(p for p in ckpt_root.glob("step-*") if (p / PROGRESS).is_file())
     return done[-1] if done else None
 
 
@@ -88,7 +101,7 @@ def resume(ckpt_root: Path | None, model, method, optimizer, scheduler, result: 
     ckpt = latest_checkpoint(ckpt_root)
     if ckpt is None:
         return 0
-    progress = json.loads((ckpt / "progress.json").read_text())
+    progress = json.loads((ckpt / PROGRESS).read_text())
     if progress.get("world_size", 1) != ranks.world_size:
         raise ValueError(f"checkpoint {ckpt} was written by {progress.get('world_size', 1)} processes and this run "
                          f"has {ranks.world_size}: a global batch is rows per process x processes, so it cannot "

@@ -62,12 +62,10 @@ from ..data.rows import IGNORE_INDEX, Example
 from .distributed import SINGLE, Ranks, is_sharded
 from ..data.sft_dataset import row_ids, row_lengths, take as take_rows
 from .preemption import Preempted, checkpoint_lock, stop_requests
-from .packing import collate  # noqa: F401  (the padded micro-batch; `train.collate` stays its public name)
 from .objective import Objective
 from .prepared import CrossEntropy, prepare
 from .result import TrainResult
-from .prepared import lean_head, token_loss_sum  # noqa: F401  (`train.token_loss_sum`, `train.lean_head` stay public)
-from .steps import steps_for, validation_rows  # noqa: F401  (the step rule; `train.steps_for` stays public)
+from .steps import steps_for, validation_rows
 
 
 class TrainingDiverged(RuntimeError):

@@ -12,7 +12,7 @@ import yaml
 
 from ft_assets.cli.main import main
 from ft_assets.data import rows as data, sft_dataset
-from ft_assets.training import loop as train
+from ft_assets.training.steps import steps_for, validation_rows
 from ft_assets.definitions import build_definitions
 from ft_assets.config.recipe import load_recipe
 from ft_assets.artifacts.store import ArtifactStore
@@ -139,7 +139,7 @@ def test_validate_prints_the_epoch_bound_when_it_stops_the_run_before_max_steps(
     real = real_train_rows(tmp_path, real_tokenizer_dir)
     assert real == 36
     recipe = load_recipe(tmp_path / "recipe.yaml")
-    assert train.steps_for(real, recipe.training_for("lora")) == 9
+    assert steps_for(real, recipe.training_for("lora")) == 9
 
 
 def test_validate_prints_max_steps_when_it_binds(tmp_path, capsys, real_tokenizer_dir):
@@ -151,7 +151,7 @@ def test_validate_prints_max_steps_when_it_binds(tmp_path, capsys, real_tokenize
     real = real_train_rows(tmp_path, real_tokenizer_dir)
     assert real == 36
     recipe = load_recipe(tmp_path / "recipe.yaml")
-    assert train.steps_for(real, recipe.training_for("lora")) == 5
+    assert steps_for(real, recipe.training_for("lora")) == 5
 
 
 def test_validate_counts_the_rows_validation_holds_out_and_says_what_it_does(tmp_path, capsys, real_tokenizer_dir):
@@ -166,7 +166,7 @@ def test_validate_counts_the_rows_validation_holds_out_and_says_what_it_does(tmp
     recipe = load_recipe(tmp_path / "recipe.yaml")
     cfg = recipe.training_for("lora")
     real = real_train_rows(tmp_path, real_tokenizer_dir)
-    assert train.steps_for(real - train.validation_rows(real, cfg), cfg) == 7  # what the loop will take
+    assert steps_for(real - validation_rows(real, cfg), cfg) == 7  # what the loop will take
 
 
 def test_validate_counts_preference_pairs_for_dpo_and_uses_distillation_training(tmp_path, capsys):

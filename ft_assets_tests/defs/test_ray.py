@@ -46,16 +46,44 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+RAY_LOGS = ("ray_process_exit.log", "dashboard.log", "dashboard.err", "dashboard_JobHead.log", "gcs_server.err",
+            "gcs_server.out", "raylet.err", "raylet.out")
+
+
+def ray_logs(temp_dir: Path) -> str:
+    """The head's console and the tails of the Ray logs that say why a part of it stopped."""
+    parts = [f"--- head.log\n{(temp_dir / 'head.log').read_text()[-2000:]}"]
+    for name in RAY_LOGS:
+        path = temp_dir / "session_latest" / "logs" / name
+        if path.is_file() and path.stat().st_size:
+            parts.append(f"--- {name}\n{path.read_text(errors='replace')[-1500:]}")
+    return "\n".join(parts)
+
+
+def head_problem(head: subprocess.Popen, address: str) -> str | None:
+    """Why the head cannot take a job now (stopped, or its Jobs API does not answer), or None."""
+    if head.poll() is not None:
+        return f"the Ray head exited with {head.returncode}"
+    try:
+        urllib.request.urlopen(f"{address}/api/version", timeout=10).read()
+    except OSError as exc:
+        return f"the Ray head's Jobs API ({address}) does not answer: {exc}"
+    return None
+
+
 @pytest.fixture(scope="module")
-def ray_head():
-    """`ray start --head --block` on 127.0.0.1 with 3 CPUs; yields the Jobs API address. Stopped
-    by the process ids it started (never `ray stop`, which stops every Ray on the machine)."""
+def ray_cluster():
+    """`ray start --head --block` on 127.0.0.1 with 3 CPUs: (its process, Jobs API address, temp
+    dir). Stopped by the process ids it started (never `ray stop`, which stops every Ray on the machine)."""
     gcs, dashboard, client, agent_http, agent_grpc, metrics, env_agent = _free_ports(7)
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node IP = loopback, servers bind 127.0.0.1
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # `python` = this venv
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    log = open(Path(temp_dir) / "head.log", "w")
+           "RAY_USAGE_STATS_ENABLED": "0",
+           # the dashboard's modules are processes that must answer within 30 s of (re)starting, or
+           # the dashboard gives up on them: not always so on 2 cores shared with two test workers
+           "RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "300"}
+    log = open(temp_dir / "head.log", "w")
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=3", "--num-gpus=0",
          "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
@@ -66,20 +94,26 @@ def ray_head():
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.time() + 300  # a loaded 2-core machine (two test workers) starts Ray's dashboard slowly
-        while True:
-            assert head.poll() is None, (Path(temp_dir) / "head.log").read_text()[-3000:]
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2).read()
-                break
-            except OSError:
-                assert time.time() < deadline, ("the Ray head did not answer within 300 s:\n"
-                                                + (Path(temp_dir) / "head.log").read_text()[-3000:])
-                time.sleep(0.5)
-        yield address
+        while (problem := head_problem(head, address)) is not None:
+            assert head.poll() is None and time.time() < deadline, f"{problem}:\n{ray_logs(temp_dir)}"
+            time.sleep(0.5)
+        yield head, address, temp_dir
     finally:
         _stop_head(head)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_head(ray_cluster):
+    """The Jobs API address of a head that answers; a test after which it no longer does fails
+    with Ray's own account of what stopped (the tests' failures would only say "connection refused")."""
+    head, address, temp_dir = ray_cluster
+    problem = head_problem(head, address)
+    assert problem is None, f"before the test: {problem}:\n{ray_logs(temp_dir)}"
+    yield address
+    problem = head_problem(head, address)
+    assert problem is None, f"during the test: {problem}:\n{ray_logs(temp_dir)}"
 
 
 def _stop_head(head: subprocess.Popen) -> None:

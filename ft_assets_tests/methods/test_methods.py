@@ -21,8 +21,7 @@ from ft_assets.config import recipe as R
 from ft_assets.data import rows as data
 from ft_assets.evaluation import heldout as evaluate, merge
 from ft_assets.config.training import TrainingSpec
-from ft_assets.training import checkpoint
-from ft_assets.training import loop as train
+from ft_assets.training import checkpoint, loop as train, packing, prepared
 from ft_assets.methods import REGISTRY, NotMergeable, get_method
 from ft_assets.methods.bottleneck import BottleneckSpec
 from ft_assets.methods.delta_lora import DeltaLoraSpec
@@ -408,9 +407,9 @@ def test_bottleneck_parameter_count_and_identity_start(run, tiny_model_dir, exam
 @pytest.mark.parametrize("name", ["prefix", "prompt"])
 def test_virtual_token_loss_equals_cross_entropy_by_hand(run, name, examples):
     r = run(name)
-    batch = train.collate(examples[:4], PAD, "cpu")
+    batch = packing.collate(examples[:4], PAD, "cpu")
     with torch.no_grad():
-        loss, n = train.token_loss_sum(r.model, batch)
+        loss, n = prepared.token_loss_sum(r.model, batch)
         logits = r.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     length = batch["input_ids"].size(1)
     assert logits.size(1) == length + (r.spec.num_virtual_tokens if name == "prompt" else 0)

@@ -12,8 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from ft_assets.config.training import TrainingSpec
-from ft_assets.training import checkpoint
-from ft_assets.training import continual, loop as train
+from ft_assets.training import checkpoint, continual, loop as train, packing, prepared
 from ft_assets.data import rows as data, mixture, preferences, sft_dataset
 from ft_assets.trainers import distill, dpo
 from ft_assets.evaluation import heldout as evaluate
@@ -294,8 +293,8 @@ def test_alpha_zero_is_plain_sft_loss(tiny_model_dir, tok):
     """alpha=0 leaves only the answer-token CE: the same number token_loss_sum gives."""
     model = load_model(tiny_model_dir)
     examples = make_examples(tok, qa_rows(4))
-    batch = train.collate(examples, 2, "cpu")
-    loss_sum, n = train.token_loss_sum(model, batch)
+    batch = packing.collate(examples, 2, "cpu")
+    loss_sum, n = prepared.token_loss_sum(model, batch)
     with torch.no_grad():
         loss, m, terms = distill.Distillation(model, alpha=0.0, temperature=2.0).loss_sum(model, batch)
     assert m == n and float(terms["kl"]) == pytest.approx(0.0, abs=1e-4)
@@ -305,7 +304,7 @@ def test_alpha_zero_is_plain_sft_loss(tiny_model_dir, tok):
 def test_distillation_objective_is_alpha_t2_kl_plus_ce_over_answer_tokens(teacher_dir, tiny_model_dir, tok):
     """The objective's sum is alpha * T^2 * KL + (1 - alpha) * CE of `distill_terms`, over the labels."""
     teacher, student = load_model(teacher_dir), load_model(tiny_model_dir)
-    batch = train.collate(make_examples(tok, qa_rows(4)), 2, "cpu")
+    batch = packing.collate(make_examples(tok, qa_rows(4)), 2, "cpu")
     with torch.no_grad():
         loss, n, terms = distill.Distillation(teacher, alpha=0.3, temperature=3.0).loss_sum(student, batch)
     assert n == int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())

@@ -49,7 +49,7 @@ def lora_model(model_dir):
 def loss_and_grads(model, batch, loss="chunked"):
     model.zero_grad(set_to_none=True)
     with torch.autocast("cuda", dtype=BF16):
-        s, n = train.token_loss_sum(model, batch, loss)
+        s, n = prepared.token_loss_sum(model, batch, loss)
     (s / n).backward()
     grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
     return float(s) / n, grads

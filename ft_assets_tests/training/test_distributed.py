@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from ft_assets.config.training import TrainingSpec
 from ft_assets.training import checkpoint, loop as train
 from ft_assets.training.distributed import Ranks
+from ft_assets.training.steps import steps_for
 from ft_assets.methods import get_method
 from ft_assets.config.recipe import ComputeSpec
 from ft_assets_tests.conftest import formatted_examples
@@ -47,7 +48,7 @@ def test_each_rank_reads_its_own_slice_and_together_the_rows_one_process_reads(e
     for s, a, b in zip(single, rank0, rank1):
         assert len(a) == len(b) == 4 and not set(a) & set(b)  # disjoint, none idle
         assert a + b == s  # the same rows, in the same order, as one process
-    assert train.steps_for(16, two, 2) == train.steps_for(16, one)
+    assert steps_for(16, two, 2) == steps_for(16, one)
 
 
 def test_a_checkpoint_written_by_another_number_of_processes_is_refused(tiny_model_dir, examples, tmp_path):

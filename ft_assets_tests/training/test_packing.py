@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ft_assets.data import rows as data
 from ft_assets.evaluation import heldout as evaluate
 from ft_assets.config.training import TrainingSpec
-from ft_assets.training import loss as L, packing as P, loop as train
+from ft_assets.training import loss as L, packing as P, prepared, loop as train
 from ft_assets.methods import REGISTRY, get_method
 from ft_assets.methods.bottleneck import BottleneckSpec
 from ft_assets.methods.delta_lora import DeltaLoraSpec
@@ -63,7 +63,7 @@ def cfg(**kw) -> TrainingSpec:
 
 def loss_of(model, batch, loss="plain"):
     with torch.no_grad():
-        s, n = train.token_loss_sum(model, batch, loss)
+        s, n = prepared.token_loss_sum(model, batch, loss)
     return float(s), n
 
 
@@ -122,11 +122,11 @@ def test_packed_loss_equals_mean_of_per_sample_losses(tiny_model_dir, examples, 
     rows = examples[:6]
     eager = torch.float32 if attn == "eager" else None
     packed_sum, packed_n = loss_of(model, P.collate_packed(rows, PAD, DEVICE, mode, max_tokens=100, eager_mask_dtype=eager), loss)
-    singles = [loss_of(model, train.collate([r], PAD, DEVICE), "plain") for r in rows]
+    singles = [loss_of(model, P.collate([r], PAD, DEVICE), "plain") for r in rows]
     assert packed_n == sum(n for _, n in singles) == sum(sum(1 for x in r.labels[1:] if x != data.IGNORE_INDEX) for r in rows)
     per_sample_mean = sum(s for s, _ in singles) / sum(n for _, n in singles)
     assert packed_sum / packed_n == pytest.approx(per_sample_mean, rel=LOSS_RTOL)
-    padded_sum, _ = loss_of(model, train.collate(rows, PAD, DEVICE), "plain")  # the loop's padded batch
+    padded_sum, _ = loss_of(model, P.collate(rows, PAD, DEVICE), "plain")  # the loop's padded batch
     assert packed_sum == pytest.approx(padded_sum, rel=LOSS_RTOL)
 
 
@@ -160,9 +160,9 @@ def test_no_attention_across_sample_boundaries(tiny_model_dir, examples, mode):
 def test_prompt_learning_is_never_packed(tiny_model_dir, examples):
     torch.manual_seed(0)
     model = get_method("prompt").wrap(load_model(tiny_model_dir, DEVICE), PromptLearningSpec(type="prompt", num_virtual_tokens=4))
-    assert not P.supports_packing(model) and train.lean_head(model) is None
+    assert not P.supports_packing(model) and prepared.lean_head(model) is None
     with pytest.raises(ValueError, match="packed"):
-        train.token_loss_sum(model, P.collate_packed(examples[:2], PAD, DEVICE))
+        prepared.token_loss_sum(model, P.collate_packed(examples[:2], PAD, DEVICE))
 
 
 # --------------------------------------------------------------------------------------
@@ -218,7 +218,7 @@ def test_every_registered_method_is_covered():
 
 def _grads(model, batch, loss):
     model.zero_grad(set_to_none=True)
-    s, n = train.token_loss_sum(model, batch, loss)
+    s, n = prepared.token_loss_sum(model, batch, loss)
     (s / n).backward()
     return float(s), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
@@ -232,11 +232,11 @@ def test_lean_loss_matches_plain_loss_for_every_method(tiny_model_dir, examples,
         for n, p in model.named_parameters():
             if p.requires_grad and p.abs().sum() == 0:
                 p.normal_(0, 0.02)
-    lean = train.lean_head(model)
+    lean = prepared.lean_head(model)
     assert (lean is None) == (name in ("prefix", "prompt"))  # prompt learning falls back to the plain path
     rows = examples[:4]
-    ref_loss, ref = _grads(model, train.collate(rows, PAD, DEVICE), "plain")
-    batches = [train.collate(rows, PAD, DEVICE)]
+    ref_loss, ref = _grads(model, P.collate(rows, PAD, DEVICE), "plain")
+    batches = [P.collate(rows, PAD, DEVICE)]
     if P.supports_packing(model):
         batches.append(P.collate_packed(rows, PAD, DEVICE, "varlen"))
     for batch in batches:
