@@ -1,19 +1,27 @@
-"""Small PNG charts for Dagster metadata (rendered inline in the asset page as markdown)."""
+"""Small PNG charts for Dagster metadata (rendered inline in the asset page as markdown).
+matplotlib is imported by the first chart, with the Agg backend (no display on servers): not at
+import, which every process loading the Dagster definitions pays."""
 
 from __future__ import annotations
 
 import base64
+import functools
 import io
 
-import matplotlib
 
-matplotlib.use("Agg")  # no display on servers
-import matplotlib.pyplot as plt  # noqa: E402
+@functools.cache
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def loss_curve_png(losses: list[tuple[int, float]], title: str,
                    validation: list[tuple[int, float]] | None = None) -> bytes:
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    fig, ax = _pyplot().subplots(figsize=(6, 3.2), dpi=100)
     if losses:
         steps, values = zip(*losses)
         ax.plot(steps, values, marker="o" if len(steps) < 60 else None, markersize=3, label="train")
@@ -29,7 +37,7 @@ def loss_curve_png(losses: list[tuple[int, float]], title: str,
 
 
 def bar_chart_png(labels: list[str], values: list[float], title: str, ylabel: str) -> bytes:
-    fig, ax = plt.subplots(figsize=(max(4, 0.7 * len(labels) + 2), 3.2), dpi=100)
+    fig, ax = _pyplot().subplots(figsize=(max(4, 0.7 * len(labels) + 2), 3.2), dpi=100)
     ax.bar(labels, values, color="#4f6bed")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -46,5 +54,5 @@ def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
-    plt.close(fig)
+    _pyplot().close(fig)
     return buf.getvalue()

@@ -82,7 +82,6 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     return _per_sample_attention(query, key, value, dropout, scaling, tuple(ft_segments))
 
 
-@torch.compiler.disable  # a data-dependent Python loop: under torch.compile the layer's graph breaks around it
 def _per_sample_attention(query, key, value, dropout, scaling, ft_segments):
     if query.size(0) != 1:
         raise ValueError(f"packed varlen attention expects one row, got batch {query.size(0)}")
@@ -160,13 +159,23 @@ def _cuda_varlen_attention(query, key, value, scaling, ft_segments):
     return out.unsqueeze(0)
 
 
-def _register() -> None:
+_varlen_registered = False
+
+
+def register_varlen_attention() -> None:
+    """VARLEN_ATTENTION into transformers' attention registry, on first use rather than at import:
+    that registry (transformers' model code) and torch's compiler take ~2 s to import, in every
+    process that imports the package (the Dagster code location, each run's steps), most of which
+    never pack."""
+    global _varlen_registered, _per_sample_attention
+    if _varlen_registered:
+        return
     from transformers import AttentionInterface
 
+    # a data-dependent Python loop: under torch.compile the layer's graph breaks around it
+    _per_sample_attention = torch.compiler.disable(_per_sample_attention)
     AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa_attention)
-
-
-_register()
+    _varlen_registered = True
 
 
 def inner_model(model):
@@ -210,6 +219,8 @@ def eager_mask_dtype(model, mode: str | None) -> torch.dtype | None:
 @contextlib.contextmanager
 def routed_attention(config, name: str | None) -> Iterator[None]:
     """Temporarily route attention through `name` by setting it on `config` (None: leave it)."""
+    if name == VARLEN_ATTENTION:
+        register_varlen_attention()
     if name is None or config is None or config._attn_implementation == name:
         yield
         return

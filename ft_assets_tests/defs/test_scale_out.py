@@ -203,11 +203,12 @@ def materialize_killing_rank_1(path: Path, home: Path, instance: dg.DagsterInsta
     """The lora adapter materialized while a thread kill -9s rank 1 as soon as it has started and
     a checkpoint exists: (the run's result, {"pid": the pid killed} or {} if it never came)."""
     killed: dict = {}
+    ended = threading.Event()  # the run ended first (it failed before rank 1 started): stop looking
 
     def kill_rank_1_after_a_checkpoint() -> None:
         ckpts = home / "checkpoints" / "adapter" / "lora"
         deadline = time.time() + 300
-        while time.time() < deadline:
+        while time.time() < deadline and not ended.is_set():
             status = next(ckpts.glob("*/ranks/rank-1.json"), None)
             if status is not None and next(ckpts.glob("*/step-*"), None) is not None:
                 pid = json.loads(status.read_text())["pid"]
@@ -218,8 +219,11 @@ def materialize_killing_rank_1(path: Path, home: Path, instance: dg.DagsterInsta
 
     killer = threading.Thread(target=kill_rank_1_after_a_checkpoint)
     killer.start()
-    failed = materialize(path, home, instance, raise_on_error=False)
-    killer.join()
+    try:
+        failed = materialize(path, home, instance, raise_on_error=False)
+    finally:
+        ended.set()
+        killer.join()
     return failed, killed
 
 
