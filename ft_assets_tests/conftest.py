@@ -4,6 +4,7 @@ modules run in (the slowest first, see SLOW_MODULES) and how idle OpenMP threads
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -83,11 +84,18 @@ def real_tokenizer_dir(tmp_path_factory) -> Path:
     gguf = bundled_gguf_path()
     if not gguf.is_file():
         pytest.skip(f"bundled GGUF missing at {gguf}; run `make install`")
+    from filelock import FileLock
     from transformers import AutoTokenizer
 
-    out = tmp_path_factory.mktemp("tokenizer")
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tok.save_pretrained(out)
+    # the workers of one xdist run share one copy (their base temp dirs are siblings): reading the
+    # GGUF's vocabulary takes ~6 s of a core, which both workers would spend at once as they start
+    shared = tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else None
+    out = shared / "smollm2_tokenizer" if shared else tmp_path_factory.mktemp("tokenizer")
+    with FileLock(str(out) + ".lock") if shared else contextlib.nullcontext():
+        if not (out / "tokenizer_config.json").is_file():
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            tok.save_pretrained(out.with_name(out.name + ".tmp"))
+            out.with_name(out.name + ".tmp").replace(out)  # whole or absent
     return out
 
 
