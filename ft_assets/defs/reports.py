@@ -101,7 +101,14 @@ def _base_eval_metadata(result: dict, preview_rows: int) -> dict:
         "examples": result["metrics"]["examples"],
         "predictions": c.frame_table(predictions, preview_rows),
         **c.table_facts(predictions),
+        **eval_speed(result["timing"]),
     }
+
+
+def eval_speed(timing: dict) -> dict:
+    """How fast the held-out questions were answered (generation only; the loss pass apart)."""
+    return {"eval_questions_per_s": timing["questions_per_s"], "eval_generated_tokens_per_s": timing["generated_tokens_per_s"],
+            "eval_generated_tokens": timing["generated_tokens"], "eval_generate_s": timing["generate_s"]}
 
 
 # --------------------------------------------------------------------------------------
@@ -291,6 +298,7 @@ def _report_metadata(name: str, made: report.TunedReport, preview_rows: int) -> 
         "summary": c.table(summary, ["model", *METRIC_KEYS]),
         "predictions": c.frame_table(predictions, preview_rows),
         **c.table_facts(predictions),
+        **eval_speed(made.timing),
     }
 
 

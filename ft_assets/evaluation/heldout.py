@@ -2,7 +2,9 @@
 greedy generation scored with exact match, token F1 and ROUGE-L (the `evaluate` metric modules,
 through `evaluation.qa_metrics`).
 
-`evaluate(...)` returns {"metrics", "rows", "timing"}; `save_eval(result, dir)` writes
+`evaluate(...)` returns {"metrics", "rows", "timing"} (seconds of the loss pass and of generation,
+generated tokens, questions/s and generated tokens/s: the step's metadata, not metrics.json, which
+holds only what the model computed); `save_eval(result, dir)` writes
 `metrics.json`, the per-example table as `predictions.jsonl`, `predictions.parquet` and
 `predictions.csv`, and, with several tasks, `per_task.parquet` (see `evaluation.tables`)."""
 
@@ -36,13 +38,20 @@ def eval_loss(model, examples: list[Example], pad_id: int, device: str, batch_si
     return {"eval_loss": round(loss, 4), "perplexity": perplexity(loss)}
 
 
-@torch.inference_mode()
 def generate_answers(model, tokenizer, examples: list[Example], *, max_new_tokens: int, batch_size: int, device: str) -> list[str]:
     """Greedy answers to each example's prompt, in input order (length-sorted, left-padded batches)."""
+    return generate(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)[0]
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, examples: list[Example], *, max_new_tokens: int, batch_size: int, device: str
+             ) -> tuple[list[str], list[int]]:
+    """(greedy answers, tokens generated for each: up to and including end-of-turn), in input order."""
     model.eval()
-    pad = tokenizer.pad_token_id
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     order = sorted(range(len(examples)), key=lambda i: examples[i].prompt_len)
     out: list[str] = [""] * len(examples)
+    generated = [0] * len(examples)
     for i in range(0, len(order), batch_size):
         batch_idx = order[i: i + batch_size]
         prompts = [examples[j].input_ids[: examples[j].prompt_len] for j in batch_idx]
@@ -58,7 +67,9 @@ def generate_answers(model, tokenizer, examples: list[Example], *, max_new_token
         )
         for j, row in zip(batch_idx, gen[:, width:]):
             out[j] = tokenizer.decode(row, skip_special_tokens=True).strip()
-    return out
+            ends = (row == eos).nonzero()  # rows that stopped early are padded after it
+            generated[j] = int(ends[0]) + 1 if len(ends) else len(row)
+    return out, generated
 
 
 def evaluate(model, tokenizer, examples: list[Example], *, max_new_tokens: int, batch_size: int, device: str) -> dict[str, Any]:
@@ -66,7 +77,8 @@ def evaluate(model, tokenizer, examples: list[Example], *, max_new_tokens: int, 
     t0 = time.perf_counter()
     losses = eval_loss(model, examples, tokenizer.pad_token_id, device, batch_size)
     t1 = time.perf_counter()
-    answers = generate_answers(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)
+    answers, generated = generate(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                  device=device)
     gen_s = time.perf_counter() - t1
     scores = score_answers(answers, [ex.answer for ex in examples])
     rows = [{"id": ex.id, "task": ex.task, "question": ex.question, "reference": ex.answer, "prediction": pred,
@@ -75,7 +87,9 @@ def evaluate(model, tokenizer, examples: list[Example], *, max_new_tokens: int, 
     tasks = sorted({ex.task for ex in examples})
     if len(tasks) > 1:  # multi-task: the same metrics per task (loss re-computed on each task's rows)
         metrics["per_task"] = per_task_metrics(model, examples, rows, tokenizer.pad_token_id, device, batch_size)
-    timing = {"loss_s": round(t1 - t0, 2), "generate_s": round(gen_s, 2)}
+    timing = {"loss_s": round(t1 - t0, 2), "generate_s": round(gen_s, 2), "generated_tokens": sum(generated),
+              "questions_per_s": round(len(examples) / gen_s, 3) if gen_s else None,
+              "generated_tokens_per_s": round(sum(generated) / gen_s, 2) if gen_s else None}
     return {"metrics": metrics, "rows": rows, "timing": timing}
 
 

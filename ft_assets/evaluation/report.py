@@ -23,7 +23,7 @@ Tables are pandas DataFrames with the columns and dtypes of `evaluation.tables`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,7 @@ class TunedReport:
     metrics: dict[str, Any]  # what metrics.json holds
     rows: list[dict[str, Any]]  # per-example predictions and scores
     preferences: dict[str, Any] | None = None
+    timing: dict[str, Any] = field(default_factory=dict)  # the tuned model's `heldout.evaluate` timing (not saved)
 
     def predictions_frame(self) -> pd.DataFrame:
         return tables.predictions_frame(self.rows)
@@ -127,7 +128,7 @@ def evaluate_tuned(method_type: str, name: str, tuned: TunedModel, tokenizer, ex
             # positive = forgot (quality fell / loss rose) on the old eval set
             "drop": {k: round((after[k] - before[k]) if k == "eval_loss" else (before[k] - after[k]), 4) for k in keys},
         }
-    return TunedReport(metrics, result["rows"], prefs)
+    return TunedReport(metrics, result["rows"], prefs, result["timing"])
 
 
 BOARD_COLUMNS = list(tables.BOARD_COLUMNS)

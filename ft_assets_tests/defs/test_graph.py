@@ -69,6 +69,23 @@ def test_metrics_json_shape(graph):
                 assert isinstance(metrics[side][key], float), (method, side, key)
 
 
+def test_base_eval_and_eval_report_say_how_fast_the_questions_were_answered(graph):
+    recipe, _, instance, _ = graph
+    for key, partition in (("base_eval", None), ("eval_report", "lora")):
+        record = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(key), asset_partitions=[partition] if partition else None),
+            limit=1).records[0]
+        meta = {k: v.value for k, v in record.asset_materialization.metadata.items()}
+        questions = meta["dagster/row_count"]  # the predictions table: one row per question
+        # at least one token per question (end-of-turn), at most the budget; the rates are those
+        # counts over the generation time (rounded: 2 decimals of seconds)
+        tokens, seconds = meta["eval_generated_tokens"], meta["eval_generate_s"]
+        assert questions <= tokens <= questions * recipe.evaluation.max_new_tokens, (key, meta)
+        assert seconds > 0 and meta["eval_questions_per_s"] > 0 and meta["eval_generated_tokens_per_s"] > 0
+        assert abs(meta["eval_questions_per_s"] * seconds - questions) <= 0.01 * meta["eval_questions_per_s"] + 0.01
+        assert abs(meta["eval_generated_tokens_per_s"] * seconds - tokens) <= 0.01 * meta["eval_generated_tokens_per_s"] + 0.01
+
+
 def test_adapters_train_and_load_with_plain_peft(graph):
     _, _, _, store = graph
     base_dir = store.latest("base_model").path
