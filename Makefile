@@ -135,8 +135,9 @@ demo: install
 
 # Two workers (pytest-xdist), whole modules per worker so a module's shared fixtures are built once,
 # handed out in collection order, which puts the slowest modules first (SLOW_MODULES in
-# ft_assets_tests/conftest.py; xdist itself would order them by test count). A third worker was no
-# faster on 2 cores (the slow modules are CPU-bound). TEST_WORKERS=0 runs in one process.
+# ft_assets_tests/conftest.py; xdist itself would order them by test count). A third worker was
+# 53 s faster on 2 cores (12:00 vs 12:54 of tests) but made each test a third slower: two keep the
+# margin of the kill and timing tests. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: install
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30

@@ -93,9 +93,9 @@ def real_tokenizer_dir(tmp_path_factory) -> Path:
     out = shared / "smollm2_tokenizer" if shared else tmp_path_factory.mktemp("tokenizer")
     with FileLock(str(out) + ".lock") if shared else contextlib.nullcontext():
         if not (out / "tokenizer_config.json").is_file():
-            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            tok.save_pretrained(out.with_name(out.name + ".tmp"))
-            out.with_name(out.name + ".tmp").replace(out)  # whole or absent
+            tmp = out.with_name(out.name + ".tmp")
+            AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+            tmp.replace(out)  # whole or absent
     return out
 
 

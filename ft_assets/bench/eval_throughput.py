@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import tempfile
 import time
 from pathlib import Path
 
-from ft_assets.bench.gguf_export import _cpu_name
+from ft_assets.bench.common import cpu_name, plain_generate, write_results
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -47,24 +46,6 @@ def base_and_examples(recipe_path: Path, home: Path):
                    selection=["base_model", "sft_dataset"])
     store = ArtifactStore(home)
     return recipe, store.latest("base_model").dir, sft_dataset.load_split(store.latest("sft_dataset").dir, "eval")
-
-
-def plain_loop(model, tok, examples, max_new_tokens: int) -> tuple[list[str], list[int], float]:
-    """One `generate` call per question, its prompt unpadded: (answers, generated tokens, wall s)."""
-    import torch
-
-    answers, generated, wall = [], [], 0.0
-    with torch.inference_mode():
-        for ex in examples:
-            ids = torch.tensor([ex.input_ids[: ex.prompt_len]])
-            t0 = time.perf_counter()
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            wall += time.perf_counter() - t0
-            new = out[0, ids.shape[1]:]
-            answers.append(tok.decode(new, skip_special_tokens=True).strip())
-            generated.append(len(new))  # batch 1 stops at end-of-turn: nothing after it
-    return answers, generated, wall
 
 
 def row(name: str, answers: list[str], generated: list[int], wall: float, examples, reference: list[str]) -> dict:
@@ -91,14 +72,14 @@ def run(args) -> dict:
     ev = recipe.evaluation
     torch.set_num_threads(args.threads)
     tok, model = load_tokenizer(base_dir), load_model(base_dir)
-    plain, plain_tokens, plain_s = plain_loop(model, tok, examples, ev.max_new_tokens)
+    plain, plain_tokens, plain_s = plain_generate(model, tok, examples, ev.max_new_tokens)
     t0 = time.perf_counter()
     ours, our_tokens = heldout.generate(model, tok, examples, max_new_tokens=ev.max_new_tokens,
                                         batch_size=ev.batch_size, device="cpu")
     ours_s = time.perf_counter() - t0
     return {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores ({_cpu_name()})", "threads": args.threads,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores ({cpu_name()})", "threads": args.threads,
         "load_avg_start": load_start, "load_avg_end": [round(x, 1) for x in os.getloadavg()],
         "recipe": str(Path(args.recipe).resolve().relative_to(REPO)), "max_new_tokens": ev.max_new_tokens,
         "batch_size": ev.batch_size, "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
@@ -142,12 +123,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     res = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"eval_throughput_cpu_{res['date'][:10]}"
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(res))
-    print(markdown(res))
+    write_results(res, args.out, f"eval_throughput_cpu_{res['date'][:10]}", markdown(res))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import tempfile
@@ -32,6 +31,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from ft_assets.bench.common import cpu_name, plain_generate, write_results
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -85,18 +86,8 @@ def transformers_answers(merged_dir: Path, examples, max_new_tokens: int, thread
     from ft_assets.models.base_model import load_model, load_tokenizer
 
     torch.set_num_threads(threads)
-    tok, model = load_tokenizer(merged_dir), load_model(merged_dir)
-    answers, generated, wall = [], 0, 0.0
-    with torch.inference_mode():
-        for ex in examples:
-            ids = torch.tensor([ex.input_ids[: ex.prompt_len]])
-            t0 = time.perf_counter()
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            wall += time.perf_counter() - t0
-            new = out[0, ids.shape[1]:]
-            generated += len(new)
-            answers.append(tok.decode(new, skip_special_tokens=True).strip())
+    answers, counts, wall = plain_generate(load_model(merged_dir), load_tokenizer(merged_dir), examples, max_new_tokens)
+    generated = sum(counts)
     return answers, {"generated_tokens": generated, "generate_wall_s": round(wall, 2),
                      "tokens_per_s_wall": round(generated / wall, 1)}
 
@@ -152,7 +143,7 @@ def run(args) -> dict:
     train = arts["adapter"].manifest().get("train", {})
     return {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores ({_cpu_name()})",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores ({cpu_name()})",
         "threads": args.threads, "load_avg_start": load_start, "load_avg_end": [round(x, 1) for x in os.getloadavg()],
         "recipe": str(args.recipe), "method": args.method, "training_steps": train.get("steps"),
         "held_out_examples": len(examples), "max_new_tokens": max_new, "converter": gfacts["converter"],
@@ -161,13 +152,6 @@ def run(args) -> dict:
         "command": "python -m ft_assets.bench.gguf_export " + " ".join(
             f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items() if v is not False),
     }
-
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def markdown(res: dict) -> str:
@@ -204,12 +188,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     args.method = args.method or next(iter(yaml.safe_load(Path(args.recipe).read_text())["methods"]))
     res = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"gguf_export_cpu_{res['date'][:10]}"
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(res))
-    print(markdown(res))
+    write_results(res, args.out, f"gguf_export_cpu_{res['date'][:10]}", markdown(res))
 
 
 if __name__ == "__main__":
