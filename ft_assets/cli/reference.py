@@ -27,6 +27,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from ..config import recipe as R
+from ..config.evaluator_spec import EvaluatorSpecBase, spec_classes as evaluator_spec_classes
 from ..config.method_spec import spec_classes
 from ..config.method_spec import MethodSpecBase, spec_types
 
@@ -47,6 +48,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("preferences.columns", R.PreferenceColumns),
     ("distillation", R.DistillationSpec),
     ("evaluation", R.EvaluationSpec),
+    ("evaluation.gate", R.GateSpec),
     ("publish", R.PublishSpec),
     ("export", R.ExportSpec),
     ("compute", R.ComputeSpec),
@@ -202,7 +204,18 @@ def render() -> str:
         else:
             out.append("No keys of its own.")
         out.append("")
-    return "\n".join(out).rstrip("\n") + "\n"
+    return "\n".join(out + _evaluator_sections()).rstrip("\n") + "\n"
+
+
+def _evaluator_sections() -> list[str]:
+    out = ["## `evaluation.evaluators[]`", "",
+           "Each entry adds scores to `base_eval` and every `eval_report`, named `<name>.<score>` (the gate and",
+           "the leaderboard use that name). Its `type` picks the kind; keys every evaluator takes:", "",
+           *rows(EvaluatorSpecBase), "", "The keys of each kind (besides the ones above):", ""]
+    for spec in evaluator_spec_classes():
+        out += [f"### `{spec.kind()}`", "", f"{_first_sentence(spec.__doc__)} (`{spec.__module__}.{spec.__qualname__}`)", "",
+                *rows(spec, skip=(*EvaluatorSpecBase.model_fields, "type")), ""]
+    return out
 
 
 def write(path: Path = REFERENCE_FILE) -> Path:

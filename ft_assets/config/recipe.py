@@ -49,6 +49,7 @@ from pydantic import (
 
 from .chat_templates import BUILTIN_TEMPLATES, chat_template_text, is_template_file
 from .gguf_types import GGUF_TYPES
+from . import evaluator_spec
 from .method_spec import SPECS, MethodSpecBase, PreferenceSpecBase, spec_classes, spec_types
 from .strict import Strict as _Strict
 from .training import TrainingSpec
@@ -453,13 +454,71 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def repeated(names: list[str]) -> list[str]:
+    """The names that occur more than once, sorted."""
+    return sorted({n for n in names if names.count(n) > 1})
+
+
+BUILTIN_SCORES = {"exact_match": True, "token_f1": True, "rouge_l": True, "eval_loss": False, "perplexity": False}  # score -> higher is better
+
+
+def validate_evaluator(value: Any) -> evaluator_spec.EvaluatorSpecBase:
+    """One `evaluation.evaluators` entry, against the evaluator kinds registered now."""
+    return _evaluator_union(evaluator_spec.spec_classes()).validate_python(value)
+
+
+@functools.cache
+def _evaluator_union(classes: tuple[type[evaluator_spec.EvaluatorSpecBase], ...]) -> TypeAdapter:
+    """The registered evaluator specs as a discriminated union on `type` (cf. `_method_union`)."""
+    if not classes:
+        raise ValueError("no evaluator kinds are registered (import ft_assets.evaluation.evaluators)")
+    return TypeAdapter(Annotated[Union[classes], Field(discriminator="type")] if len(classes) > 1 else classes[0])
+
+
+EvaluatorSpec = Annotated[SerializeAsAny[evaluator_spec.EvaluatorSpecBase], PlainValidator(validate_evaluator)]
+
+
+class GateSpec(_Strict):
+    """When a new eval_report promotes its model to `champion[method]`: compared with the current
+    champion on the same held-out rows (the first model: with the base), the gate `metric` must
+    improve by at least `min_delta` and no score in `max_regression` may get worse by more than its
+    bound. Scores: the built-ins (exact_match, token_f1, rouge_l, eval_loss, perplexity) or an
+    evaluator's `<name>.<score>`; "better" follows each score's direction."""
+
+    metric: str = "token_f1"  # the score a new model must improve
+    min_delta: float = 0.0  # by at least this much over the champion (negative: may be this much worse)
+    max_regression: dict[str, Annotated[float, Field(ge=0.0)]] = Field(default_factory=dict)  # score -> the most it may get worse
+    on_fail: Literal["warn", "fail"] = "warn"  # the `gate` check's severity when a model is not promoted
+
+    def scores(self) -> list[str]:
+        return [self.metric, *self.max_regression]
+
+
 class EvaluationSpec(_Strict):
-    """How the held-out split is evaluated (`base_eval`, `eval_report`, the student's report)."""
+    """How the held-out split is evaluated (`base_eval`, `eval_report`, the student's report), which
+    evaluators add scores, and the gate a new model passes to become its method's champion."""
+
+    _OMIT_WHEN_DEFAULT = ("evaluators", "gate")
 
     max_new_tokens: Annotated[int, Field(ge=1, le=1024)] = 48  # greedy tokens generated per eval question
     batch_size: Annotated[int, Field(ge=1)] = 16  # prompts per generation batch
     max_examples: Annotated[int, Field(ge=1)] | None = None  # evaluate at most this many held-out rows; null: all
     preview_rows: Annotated[int, Field(ge=0, le=200)] = 20  # rows shown in the metadata tables
+    evaluators: list[EvaluatorSpec] = Field(default_factory=list)  # scores beyond the built-ins, each `{type: <kind>, ...}` (see `evaluation.evaluators`)
+    gate: GateSpec = GateSpec()  # what a new model must do to become its method's champion
+
+    @model_validator(mode="after")
+    def _evaluators_and_gate_agree(self) -> "EvaluationSpec":
+        labels = [e.label for e in self.evaluators]
+        if repeated(labels):
+            raise ValueError(f"evaluator names must be unique; repeated: {', '.join(repeated(labels))} (give each a `name:`)")
+        for score in self.gate.scores():
+            prefix = score.split(".", 1)[0]
+            if score not in BUILTIN_SCORES and ("." not in score or prefix not in labels):
+                raise ValueError(f"gate: {score!r} is neither a built-in score ({', '.join(BUILTIN_SCORES)}) nor "
+                                 f"<evaluator name>.<score> of an evaluator in evaluation.evaluators "
+                                 f"({', '.join(labels) or 'none'})")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -636,9 +695,8 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":
         names = [d.name for d in self.datasets]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"dataset names must be unique; repeated: {', '.join(dupes)}")
+        if repeated(names):
+            raise ValueError(f"dataset names must be unique; repeated: {', '.join(repeated(names))}")
         for name in self.methods:
             problem = method_name_problem(name)
             if problem:
@@ -917,6 +975,8 @@ def _dotted(loc: list[Any]) -> str:
             out += f"[{part}]"
         elif part in _method_types() and out.startswith("methods."):
             continue  # pydantic adds the union tag to the location; users never wrote it
+        elif part in evaluator_spec.EVALUATOR_SPECS and out.startswith("evaluation.evaluators["):
+            continue  # the same for an evaluator's kind
         else:
             out += ("." if out else "") + str(part)
     return out or "<top level>"
@@ -935,6 +995,8 @@ def _allowed_keys(loc: list[Any]) -> list[str]:
         if isinstance(node, type) and issubclass(node, BaseModel):
             if part in node.model_fields:
                 node = node.model_fields[part].annotation
+            elif node is EvaluationSpec and part == "evaluators":
+                node = list[Union[evaluator_spec.spec_classes()]]  # the registered kinds, found by tag below
             else:  # a method type pydantic inserted (methods.<name>.<type>): that type's spec
                 node = _member_for_tag(part) or node
         elif typing.get_origin(node) in (Union, types.UnionType):
@@ -958,4 +1020,4 @@ def _unwrap(node: Any) -> Any:
 
 
 def _member_for_tag(tag: Any) -> type | None:
-    return SPECS.get(tag) if isinstance(tag, str) else None
+    return (SPECS.get(tag) or evaluator_spec.EVALUATOR_SPECS.get(tag)) if isinstance(tag, str) else None

@@ -38,6 +38,7 @@ STAGE_VERSIONS = {
     "best_adapter": "1",
     "model_card": "1",
     "gguf_model": "1",
+    "champion": "1",
 }
 
 

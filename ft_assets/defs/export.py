@@ -1,20 +1,25 @@
-"""`gguf_model[method]`: the merged model as GGUF files for llama.cpp / Ollama, plus a Modelfile.
+"""`gguf_model[method]`: the method's champion as GGUF files for llama.cpp / Ollama, plus a Modelfile.
 
-Built only when the recipe lists `export.gguf` types. Partitioned like `merged_model` (one
-partition per method, identity mapping): one `publish.gguf.export_gguf` call into the store, then
-metadata (bytes per type, converter, the Modelfile's FROM/SYSTEM/stop). A method whose
-merged_model is not mergeable has no weights to convert: the partition still materializes, with
+Built only when the recipe lists `export.gguf` types. Partitioned like `champion` (one partition
+per method, identity mapping): it converts the merged model the champion's record names (the
+model in use, not the newest one: a retrain that failed the gate exports nothing new), with one
+`publish.gguf.export_gguf` call into the store, then metadata (bytes per type, converter, the
+Modelfile's FROM/SYSTEM/stop). A method whose merged_model is not mergeable, or that has no
+champion yet, has no weights to convert: the partition still materializes, with
 `export_status.json` {"exported": false, "reason": ...} and a warning, as merged_model does.
 """
 
+
+import json
 
 import dagster as dg
 
 from ..publish import gguf as export
 from ..config.recipe import Recipe
-from ..artifacts.store import Artifact
+from ..artifacts.store import Artifact, ArtifactStore
 from . import _common as c
 from .adapters import methods_partitions
+from .champion import RECORD as CHAMPION_RECORD
 from .models import MODEL_BYTES_HEADROOM
 from .resources import StoreResource
 
@@ -28,15 +33,16 @@ def build(recipe: Recipe) -> list:
     cv = c.code_version("gguf_model", recipe, "export", "prompt")
 
     @dg.asset(key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "export"), kinds={"gguf", "ollama"}, code_version=cv, partitions_def=methods_partitions(recipe),
-              ins={"merged_model": c.asset_in(recipe)}, description=GGUF_MODEL)
-    def gguf_model(context: dg.AssetExecutionContext, store: StoreResource, merged_model: Artifact) -> dg.Output:
+              ins={"champion": c.asset_in(recipe)}, description=GGUF_MODEL)
+    def gguf_model(context: dg.AssetExecutionContext, store: StoreResource, champion: Artifact) -> dg.Output:
         name = context.partition_key
-        status = merged_model.manifest().get("mergeable", True)
-        with store.store(recipe.pipeline).write("gguf_model", name, recipe_hash=recipe.recipe_hash, code_version=cv,
+        artifacts = store.store(recipe.pipeline)
+        merged_model, reason = champion_merged_model(artifacts, champion)
+        status = merged_model is not None
+        with artifacts.write("gguf_model", name, recipe_hash=recipe.recipe_hash, code_version=cv,
                                  seed=recipe.seed, min_free_bytes=MODEL_BYTES_HEADROOM) as st:
-            st.inputs = c.inputs_of(merged_model)
+            st.inputs = c.inputs_of(champion, merged_model)
             if not status:
-                reason = f"merged_model[{name}] has no merged weights (method {name} cannot merge), so there is no GGUF"
                 c.write_json(st.path / "export_status.json", {"exported": False, "reason": reason})
                 st.extra["exported"] = False
             else:
@@ -63,3 +69,18 @@ def build(recipe: Recipe) -> list:
         })
 
     return [gguf_model]
+
+
+def champion_merged_model(artifacts: ArtifactStore, champion: Artifact) -> tuple[Artifact | None, str]:
+    """(the champion's merged_model, "") or (None, why there is none to export)."""
+    name = champion.partition
+    model = json.loads((champion.dir / CHAMPION_RECORD).read_text())["model"]
+    if model is None:
+        return None, f"champion[{name}] holds no model yet (none passed evaluation.gate), so there is no GGUF"
+    if not model["mergeable"]:
+        return None, f"merged_model[{name}] has no merged weights (method {name} cannot merge), so there is no GGUF"
+    merged = artifacts.get("merged_model", name, model["merged_model"])
+    if merged is None:
+        raise c.user_error(RuntimeError(f"champion[{name}] names merged_model[{name}] {model['merged_model']}, which is "
+                                        "no longer in the store; materialize champion again after a retrain"))
+    return merged, ""

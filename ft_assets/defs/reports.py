@@ -1,4 +1,4 @@
-"""`base_eval`, `eval_report[method]`.
+"""`base_eval`, `eval_report[method]`, `leaderboard`.
 
 - `base_eval`: the untuned base model on the held-out split (the baseline every method is
   compared with; computed once, not once per method).
@@ -22,18 +22,27 @@
     metrics.json: the previous adapter and the new one on the *previous* sft_dataset's eval
     split (before/after and the drop).
 
+The recipe's evaluators (`evaluation.evaluators`, `evaluation/evaluators/`) score the same answers
+for the base and each tuned model: their `<name>.<score>` join the scores in metrics.json (and
+the step's metadata, with an `evaluator_scores` table of base vs tuned), their per-example columns
+go to `evaluators.parquet`, their tables and raw output beside it. The files they read are hashed
+into both steps' code versions (`evaluation_code_version`); a recipe without evaluators keeps the
+code versions, files and metrics it always had. `champion[m]` (`defs/champion.py`) reads the report.
+
 Tables are pandas DataFrames built in core (`evaluation.tables`); each asset shows previews as table
 metadata and describes its own table (predictions; the leaderboard) with `dagster/column_schema`
 and `dagster/row_count`.
 """
 
 
+import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
-from ..evaluation import heldout as evaluate, plots, report, tables
+from ..evaluation import plots, report, tables
 from ..trainers import dpo
 from ..data import preferences
 from ..models.base_model import load_model, load_tokenizer
@@ -50,9 +59,30 @@ PREF_COLUMNS = ["model", "logp_accuracy", "logp_margin", "reward_accuracy", "rew
 TABLE_COLUMNS = ["id", "question", "reference", "prediction", "exact_match", "token_f1", "rouge_l"]
 
 
-def _run_eval(recipe: Recipe, model, tok, examples, device: str) -> dict:
-    ev = recipe.evaluation
-    return evaluate.evaluate(model, tok, examples, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, device=device)
+def scoring(recipe: Recipe) -> report.Scoring:
+    """The recipe's evaluators with their files resolved against the recipe root."""
+    return report.Scoring([(spec, spec.files(recipe.resolve_path, f"evaluation.evaluators[{i}]"))
+                           for i, spec in enumerate(recipe.evaluation.evaluators)], recipe.prompt.system)
+
+
+def evaluation_code_version(stage: str, recipe: Recipe) -> str:
+    """The stage's code version over the `evaluation` section, plus the content of the files its
+    evaluators read (a metric module, task configs): editing one re-evaluates. Without evaluators
+    it is the code version it always was."""
+    cv = c.code_version(stage, recipe, "evaluation")
+    files = [f for _, fs in scoring(recipe).evaluators for f in fs]
+    return f"{cv}-{files_hash(files)}" if files else cv
+
+
+def files_hash(paths: list[Path]) -> str:
+    """sha256 over the files (a directory: every file under it, by relative path), first 8 hex digits."""
+    h = hashlib.sha256()
+    for path in paths:
+        if not path.exists():
+            raise c.user_error(FileNotFoundError(f"{path}: named by evaluation.evaluators but not found; fix the path"))
+        for f in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+            h.update(f"{f.relative_to(path.parent)}\0".encode() + f.read_bytes() + b"\0")
+    return h.hexdigest()[:8]
 
 
 def build(recipe: Recipe) -> list:
@@ -65,7 +95,7 @@ def build(recipe: Recipe) -> list:
 
 
 def _base_eval_asset(recipe: Recipe) -> dg.AssetsDefinition:
-    cv = c.code_version("base_eval", recipe, "evaluation")
+    cv = evaluation_code_version("base_eval", recipe)
 
     @dg.asset(key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "evaluation"), kinds={"json", "parquet"}, code_version=cv, pool="gpu",
               ins=c.ins(recipe, "base_model", "sft_dataset"))
@@ -84,10 +114,12 @@ def _evaluate_base(recipe: Recipe, cv: str, compute: ComputeResource, store: Sto
     hw = compute.resolve()
     tok = load_tokenizer(base_model.path)
     examples = c.eval_examples(recipe, sft_dataset)
-    result = _run_eval(recipe, load_model(base_model.path, hw.device), tok, examples, hw.device)
+    ev = recipe.evaluation
+    result = report.evaluate_base(load_model(base_model.path, hw.device), base_model.dir, tok, examples, scoring(recipe),
+                                  max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, device=hw.device)
     with store.store(recipe.pipeline).write("base_eval", recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed) as st:
         st.inputs = c.inputs_of(base_model, sft_dataset)
-        evaluate.save_eval(result, st.path)
+        report.save_base(result, st.path)
     return st.artifact, result
 
 
@@ -102,6 +134,7 @@ def _base_eval_metadata(result: dict, preview_rows: int) -> dict:
         "predictions": c.frame_table(predictions, preview_rows),
         **c.table_facts(predictions),
         **eval_speed(result["timing"]),
+        **{k: v for k, v in result["metrics"].items() if "." in k},  # the evaluators' `<name>.<score>`
     }
 
 
@@ -118,7 +151,7 @@ def eval_speed(timing: dict) -> dict:
 
 def _eval_report_asset(recipe: Recipe) -> dg.AssetsDefinition:
     parts = methods_partitions(recipe)
-    cv = c.code_version("eval_report", recipe, "evaluation")
+    cv = evaluation_code_version("eval_report", recipe)
 
     @dg.asset(key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "evaluation"), kinds={"json", "parquet"}, code_version=cv, partitions_def=parts, pool="gpu",
               ins=_eval_report_ins(recipe),
@@ -163,7 +196,8 @@ def _evaluate_report(context, recipe: Recipe, cv: str, compute: ComputeResource,
     trained_manifest = trained.manifest()
     preference = _preference_inputs(name, trained_manifest, reference, prefs) if prefs is not None else None
     forgetting = forgetting_inputs(artifacts, trained_manifest, recipe.evaluation.max_examples)
-    made = _evaluate_tuned(recipe, name, hw.device, inputs, trained, preference, forgetting)
+    examples = c.eval_examples(recipe, inputs["sft_dataset"])
+    made = _evaluate_tuned(recipe, name, hw.device, inputs, trained, examples, preference, forgetting)
     with artifacts.write("eval_report", name, recipe_hash=recipe.recipe_hash, code_version=cv,
                          seed=recipe.seed) as st:
         st.inputs = c.inputs_of(merged_model, trained, inputs["sft_dataset"], base_eval, reference, prefs)
@@ -178,7 +212,7 @@ def _evaluate_report(context, recipe: Recipe, cv: str, compute: ComputeResource,
 
 
 def _evaluate_tuned(recipe: Recipe, name: str, device: str, inputs: dict[str, Artifact], trained: Artifact,
-                    preference: report.PreferenceEval | None,
+                    examples: list, preference: report.PreferenceEval | None,
                     forgetting: report.ForgettingEval | None) -> report.TunedReport:
     """The tuned model (merged when mergeable, else base + adapter; on the quantized base when there
     is one) and the base scores of `base_eval`, on the held-out split."""
@@ -189,9 +223,9 @@ def _evaluate_tuned(recipe: Recipe, name: str, device: str, inputs: dict[str, Ar
     ev = recipe.evaluation
     return report.evaluate_tuned(
         recipe.methods[name].type, name, tuned_model, load_tokenizer(base_model.path),
-        c.eval_examples(recipe, inputs["sft_dataset"]), json.loads((inputs["base_eval"].dir / "metrics.json").read_text()),
+        examples, json.loads((inputs["base_eval"].dir / "metrics.json").read_text()),
         max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, device=device,
-        preference=preference, forgetting=forgetting)
+        preference=preference, forgetting=forgetting, scoring=scoring(recipe))
 
 
 def _beats_base(made: report.TunedReport) -> dg.AssetCheckResult:
@@ -286,6 +320,10 @@ def _report_metadata(name: str, made: report.TunedReport, preview_rows: int) -> 
         meta.update(_preference_meta(name, made.preferences))
     if "forgetting" in m:
         meta.update(_forgetting_meta(m["forgetting"]))
+    scored = made.evaluator_frame()
+    if scored is not None:
+        meta["evaluator_scores"] = c.frame_table(scored)
+        meta.update({k: tuned[k] for k in m["higher_is_better"] if k in tuned})
     predictions = made.predictions_frame()
     summary = [{"model": "base", **{k: base[k] for k in METRIC_KEYS}},
                {"model": name, **{k: tuned[k] for k in METRIC_KEYS}}]

@@ -10,6 +10,7 @@ holds only what the model computed); `save_eval(result, dir)` writes
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -108,6 +109,15 @@ def per_task_metrics(model, examples: list[Example], rows: list[dict[str, Any]],
     for task in scores:
         scores[task].update(eval_loss(model, [e for e in examples if e.task == task], pad_id, device, batch_size))
     return scores
+
+
+def rows_fingerprint(examples: list[Example]) -> str:
+    """The identity of a held-out set as models see it (ids, prompt and answer tokens): two reports
+    with the same fingerprint scored the same rows, so their scores compare directly."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex.id, list(ex.input_ids), ex.prompt_len]).encode() + b"\n")
+    return h.hexdigest()[:16]
 
 
 def save_predictions(rows: list[dict[str, Any]], out_dir: Path) -> None:

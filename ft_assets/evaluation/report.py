@@ -6,6 +6,13 @@
         the held-out pairs scored for base, SFT reference and tuned model; for an adapter that
         continued a previous version (`ForgettingEval`), both adapters on the previous eval split.
 
+    evaluate_base(model, base_dir, tokenizer, examples, Scoring) -> result
+    rescore(method, name, TunedModel, tokenizer, examples, Scoring) -> scores
+        the base model, and an earlier tuned model (the champion on new rows), scored like a new one.
+`Scoring` carries the recipe's evaluators: their `<name>.<score>` join each model's scores, their
+directions go to metrics.json's "higher_is_better", their files beside the predictions
+(`evaluators.save`). Without evaluators nothing of this changes a report.
+
 `TunedReport.save(dir)` writes `metrics.json` ({"base", "tuned", "evaluated_as", "method",
 "per_task"?, "forgetting"?}), the per-example table (`predictions.jsonl`, `.parquet`, `.csv`), with
 several tasks `per_task.parquet` (base vs tuned per task) and, for dpo, `preference_metrics.json`.
@@ -32,7 +39,8 @@ import pandas as pd
 from ..trainers import dpo
 from . import merge, plots, tables
 from ..data.rows import Example
-from .heldout import evaluate, save_predictions
+from . import evaluators
+from .heldout import evaluate, save_eval, save_predictions
 from ..methods import get_method
 from ..models.base_model import load_model
 from ..data.preferences import PreferencePair
@@ -67,12 +75,58 @@ class ForgettingEval:
     examples: list[Example]  # the previous data's eval split
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """How answers are scored beyond the built-ins: the recipe's evaluators, each with its resolved files."""
+
+    evaluators: list[tuple[Any, list[Path]]] = field(default_factory=list)  # (EvaluatorSpecBase, files)
+    system: str | None = None  # the recipe's system prompt (judges see it)
+
+
+def add_evaluators(result: dict[str, Any], scoring: Scoring, model: str, model_dir: Path, adapter_dir: Path | None,
+                   device: str) -> dict[str, evaluators.EvaluatorResult]:
+    """Run the recipe's evaluators on `heldout.evaluate`'s result and put their scores into its
+    metrics as `<name>.<score>` (nothing changes without evaluators)."""
+    if not scoring.evaluators:
+        return {}
+    results = evaluators.run_all(scoring.evaluators, evaluators.answered(
+        model, result["rows"], model_dir, adapter_dir, device, scoring.system))
+    result["metrics"].update(evaluators.scores_of(results))
+    return results
+
+
+def evaluate_base(model, base_dir: Path, tokenizer, examples: list[Example], scoring: Scoring, *, max_new_tokens: int,
+                  batch_size: int, device: str) -> dict[str, Any]:
+    """The untuned base on the held-out rows: `heldout.evaluate`'s result, with the evaluators' scores
+    in its metrics and their results under "evaluators" (`save_base` writes both)."""
+    result = evaluate(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)
+    result["evaluators"] = add_evaluators(result, scoring, "base", base_dir, None, device)
+    return result
+
+
+def save_base(result: dict[str, Any], out_dir: Path) -> None:
+    save_eval(result, out_dir)
+    evaluators.save(result["evaluators"], [r["id"] for r in result["rows"]], out_dir)
+
+
 @dataclass
 class TunedReport:
     metrics: dict[str, Any]  # what metrics.json holds
     rows: list[dict[str, Any]]  # per-example predictions and scores
     preferences: dict[str, Any] | None = None
     timing: dict[str, Any] = field(default_factory=dict)  # the tuned model's `heldout.evaluate` timing (not saved)
+    evaluators: dict[str, evaluators.EvaluatorResult] = field(default_factory=dict)  # the tuned model's
+
+    def evaluator_frame(self) -> pd.DataFrame | None:
+        """Base vs tuned for every evaluator score (change: positive = better), when there are evaluators."""
+        directions = self.metrics.get("higher_is_better", {})
+        if not directions:
+            return None
+        base, tuned = self.metrics["base"], self.metrics["tuned"]
+        rows = [{"score": k, "base": base.get(k), "tuned": tuned.get(k),
+                 "change": None if base.get(k) is None or tuned.get(k) is None
+                 else round((tuned[k] - base[k]) * (1 if up else -1), 4)} for k, up in directions.items()]
+        return pd.DataFrame(rows, columns=["score", "base", "tuned", "change"])
 
     def predictions_frame(self) -> pd.DataFrame:
         return tables.predictions_frame(self.rows)
@@ -88,24 +142,46 @@ class TunedReport:
             tables.write_table(self.per_task_frame(), out_dir, "per_task")
         if self.preferences is not None:
             _write_json(out_dir / "preference_metrics.json", self.preferences)
+        evaluators.save(self.evaluators, [r["id"] for r in self.rows], out_dir)
+
+
+def load_tuned(method_type: str, tuned: TunedModel, device: str) -> tuple[Any, str]:
+    """(the model, "merged" | "adapter"): its merged checkpoint when it merged, else base + adapter."""
+    if tuned.merged_dir is not None:
+        return load_model(tuned.merged_dir, device), "merged"
+    method = get_method(method_type)
+    q_dir = tuned.quantized_dir if method.uses_quantized_base else None
+    return merge.unmerged(method, tuned.base_dir, tuned.adapter_dir, q_dir, device), "adapter"
+
+
+def rescore(method_type: str, name: str, tuned: TunedModel, tokenizer, examples: list[Example], scoring: Scoring, *,
+            max_new_tokens: int, batch_size: int, device: str) -> dict[str, Any]:
+    """An earlier model's scores on these rows (built-ins and evaluators), as evaluate_tuned scores a new one:
+    what the champion is compared on when the held-out rows changed since it was evaluated."""
+    model, _ = load_tuned(method_type, tuned, device)
+    result = evaluate(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)
+    add_evaluators(result, scoring, name, tuned.merged_dir or tuned.base_dir,
+                   None if tuned.merged_dir is not None else tuned.adapter_dir, device)
+    return result["metrics"]
 
 
 def evaluate_tuned(method_type: str, name: str, tuned: TunedModel, tokenizer, examples: list[Example],
                    base_metrics: dict[str, Any], *, max_new_tokens: int, batch_size: int, device: str,
-                   preference: PreferenceEval | None = None, forgetting: ForgettingEval | None = None) -> TunedReport:
+                   preference: PreferenceEval | None = None, forgetting: ForgettingEval | None = None,
+                   scoring: Scoring = Scoring()) -> TunedReport:
     method = get_method(method_type)
-    if tuned.merged_dir is not None:
-        model, form = load_model(tuned.merged_dir, device), "merged"
-    else:
-        q_dir = tuned.quantized_dir if method.uses_quantized_base else None
-        model, form = merge.unmerged(method, tuned.base_dir, tuned.adapter_dir, q_dir, device), "adapter"
+    model, form = load_tuned(method_type, tuned, device)
 
     def run(on: list[Example], m=model) -> dict[str, Any]:
         return evaluate(m, tokenizer, on, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)
 
     result = run(examples)
+    scored = add_evaluators(result, scoring, name, tuned.merged_dir or tuned.base_dir,
+                            None if tuned.merged_dir is not None else tuned.adapter_dir, device)
     scores = result["metrics"]
     metrics = {"base": base_metrics, "tuned": scores, "evaluated_as": form, "method": name}
+    if scored:
+        metrics["higher_is_better"] = evaluators.directions_of(scored)
     if "per_task" in scores:
         base_tasks = base_metrics.get("per_task", {})
         metrics["per_task"] = {t: {"base": base_tasks.get(t), "tuned": m} for t, m in scores["per_task"].items()}
@@ -128,7 +204,7 @@ def evaluate_tuned(method_type: str, name: str, tuned: TunedModel, tokenizer, ex
             # positive = forgot (quality fell / loss rose) on the old eval set
             "drop": {k: round((after[k] - before[k]) if k == "eval_loss" else (before[k] - after[k]), 4) for k in keys},
         }
-    return TunedReport(metrics, result["rows"], prefs, result["timing"])
+    return TunedReport(metrics, result["rows"], prefs, result["timing"], scored)
 
 
 BOARD_COLUMNS = list(tables.BOARD_COLUMNS)
@@ -187,6 +263,7 @@ def board_row(name: str, type_: str, metrics: dict, train_facts: dict, adapter_b
         "train_tokens_per_s": train_facts.get("tokens_per_s"),
         "peak_memory_mib": round(peak / 2**20) if peak else None,
         "wall_time_s": train_facts.get("wall_s"),
+        **{k: v for k, v in metrics.items() if "." in k},  # the recipe's evaluators' scores
     }
 
 

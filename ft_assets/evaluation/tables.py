@@ -3,7 +3,7 @@
     predictions_frame(rows)         PREDICTION_COLUMNS: one row per held-out example, input order
     per_task_frame(per_task)        one model's scores per task (base_eval's `per_task`)
     task_comparison_frame(per_task) base vs tuned per task (eval_report's `per_task`)
-    board_frame(rows)               BOARD_COLUMNS: the leaderboard, in its rank order
+    board_frame(rows)               BOARD_COLUMNS (+ evaluators' `<name>.<score>`): the leaderboard, in its rank order
     write_table(df, out_dir, name, csv=...)
         `<name>.parquet` (pyarrow, no index) and, for tables people open themselves, `<name>.csv`.
 
@@ -63,7 +63,9 @@ def task_comparison_frame(per_task: dict[str, dict[str, Any]]) -> pd.DataFrame:
 
 
 def board_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    return frame(rows, BOARD_COLUMNS)
+    """BOARD_COLUMNS, then the evaluators' `<name>.<score>` columns the rows carry (float64, in first-seen order)."""
+    scores = dict.fromkeys(k for r in rows for k in r if "." in k and k not in BOARD_COLUMNS)
+    return frame(rows, {**BOARD_COLUMNS, **{k: "float64" for k in scores}})
 
 
 def write_table(df: pd.DataFrame, out_dir: Path, name: str, *, csv: bool = False) -> list[Path]:

@@ -244,3 +244,30 @@ def test_a_sweep_becomes_one_method_per_combination_named_after_its_settings(tmp
     path.write_text(yaml.safe_dump(base))
     with pytest.raises(RecipeError, match="rnk"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize(
+    "evaluation, expected",
+    [
+        ({"evaluators": [{"type": "magic"}]}, "evaluation.evaluators[0]"),
+        ({"evaluators": [{"type": "evaluate", "path": "m.py", "kep": ["x"]}]}, "unknown key 'kep' — did you mean 'keep'?"),
+        ({"evaluators": [{"type": "evaluate", "path": "a.py"}, {"type": "evaluate", "path": "b.py"}]},
+         "evaluator names must be unique; repeated: evaluate (give each a `name:`)"),
+        ({"evaluators": [{"type": "evaluate", "name": "../x", "path": "a.py"}]}, "evaluation.evaluators[0].name"),
+        ({"gate": {"metric": "figures.recall"}}, "gate: 'figures.recall' is neither a built-in score"),
+        ({"gate": {"max_regression": {"token_f1": -0.1}}}, "evaluation.gate.max_regression.token_f1"),
+    ],
+)
+def test_bad_evaluators_and_gates_name_the_key(evaluation, expected):
+    msg = problems(with_("evaluation", evaluation))
+    assert expected in msg, msg
+
+
+def test_evaluators_and_gate_version_only_the_recipes_that_use_them():
+    plain = parse_recipe(GOOD)
+    assert plain.evaluation.gate.metric == "token_f1" and plain.evaluation.evaluators == []
+    assert parse_recipe(with_("evaluation", {"gate": {"metric": "token_f1"}})).recipe_hash == plain.recipe_hash
+    gated = parse_recipe(with_("evaluation", {"evaluators": [{"type": "evaluate", "name": "figures", "path": "m.py"}],
+                                              "gate": {"metric": "figures.figure_recall", "min_delta": 0.01}}))
+    assert gated.recipe_hash != plain.recipe_hash
+    assert gated.evaluation.evaluators[0].label == "figures"

@@ -1,5 +1,6 @@
-"""`gguf_model[method]` in the Dagster graph (tiny model): built only when the recipe asks, reads
-merged_model[method], writes the GGUF + Modelfile; a method that cannot merge says so."""
+"""`gguf_model[method]` in the Dagster graph (tiny model): built only when the recipe asks, converts
+the merged model its champion[method] names, writes the GGUF + Modelfile; a method that cannot
+merge says so. (test_champion.py: the export follows the champion, not the newest model.)"""
 
 from __future__ import annotations
 
@@ -23,21 +24,23 @@ def test_gguf_model_materializes_per_method(project, ft_home):
     recipe["training"]["max_steps"] = 2
     recipe["prompt"]["system"] = "Answer with the figure."
     recipe["export"] = {"gguf": ["q8_0"]}
+    recipe["evaluation"]["gate"] = {"min_delta": -1.0}  # any model becomes champion: the gate is not tested here
     (project / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     defs = build_definitions(load_recipe(project / "recipe.yaml"), home=str(ft_home))
     instance = dg.DagsterInstance.ephemeral()
     assets = list(defs.assets)
-    dg.materialize(assets, instance=instance, resources=defs.resources, selection=["base_model", "sft_dataset"])
+    dg.materialize(assets, instance=instance, resources=defs.resources, selection=["base_model", "sft_dataset", "base_eval"])
     results = {}
     for method in ("lora", "prompt"):
         results[method] = dg.materialize(assets, instance=instance, resources=defs.resources, partition_key=method,
-                                         selection=["adapter", "merged_model", "gguf_model"])
+                                         selection=["adapter", "merged_model", "eval_report", "champion", "gguf_model"])
         assert results[method].success, method
 
     store = ArtifactStore(ft_home)
     lora = store.latest("gguf_model", "lora")
     manifest = lora.manifest()
-    assert manifest["inputs"] == {"merged_model[lora]": store.latest("merged_model", "lora").version}
+    assert manifest["inputs"] == {"merged_model[lora]": store.latest("merged_model", "lora").version,
+                                  "champion[lora]": store.latest("champion", "lora").version}
     assert sorted(p.name for p in lora.dir.iterdir()) == ["Modelfile", "export_status.json", "manifest.json",
                                                           "model-q8_0.gguf"]
     assert manifest["gguf"]["bytes"]["q8_0"] == (lora.dir / "model-q8_0.gguf").stat().st_size
