@@ -6,15 +6,15 @@ its store namespace; the base model read from one file is shared (`ft_assets.art
 
     raw/<dataset> ─> sft_dataset <─ base_model ─> quantized_base
     recipe/method[m] ─> adapter[m] ─> merged_model[m] ─> eval_report[m] ─> leaderboard
-                                                 base_eval ─┘        └─> model_card[m]
-                      (model_card[m] also reads merged_model[m], adapter[m], base_model, sft_dataset)
+                                                 base_eval ─┘        └─> champion[m] ─> model_card[m]
+                      (champion[m]: the model in use, moved only by a report that passes evaluation.gate;
+                       model_card[m] publishes the versions the champion's record names)
 
 and, when the recipe asks for them:
 
     raw/<preferences> ─> preference_dataset[d] ─> preference_adapter[d] ─> merged_model[d] ─> eval_report[d]
                                adapter[sft_from of d] ─┘                  (d: each preference method; eval_report[d]
                                                                     also reads adapter[sft_from], its reference)
-    eval_report[m] ─> champion[m]       (the model in use: moves only when a new report passes evaluation.gate)
     merged_model[teacher] ─> student                                           (distillation)
     champion[m] ─> gguf_model[m]          (export.gguf: the champion's merged model as GGUF + Ollama Modelfile)
     adapter[m@k=v...] (every trial of m's sweep) ─> best_adapter[m]            (sweeps)

@@ -176,7 +176,8 @@ def _record(recipe: Recipe, cv: str, artifacts: ArtifactStore, context, candidat
     else:
         record = {"eval_report": None, "model": None, "reason": "no model has passed the gate yet"}
     with artifacts.write("champion", name, recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed) as st:
-        st.inputs = {c.key_of(candidate.eval_report): candidate.eval_report.version}
+        # the report of the model it holds: `prune` keeps that report and, through its inputs, the model
+        st.inputs = {c.key_of(candidate.eval_report): record["eval_report"] or candidate.eval_report.version}
         c.write_json(st.path / RECORD, record)
     return st.artifact, record
 
@@ -193,3 +194,35 @@ def _metadata(record: dict[str, Any], decision: gate.Decision, forced: bool) -> 
         "champion_merged_model": (model["merged_model"] if model["mergeable"] else "not mergeable") if model else "none",
         "gate": c.table(decision.rows, gate.GATE_COLUMNS),
     }
+
+
+@dataclass(frozen=True)
+class ChampionArtifacts:
+    """The artifacts a champion's record names (what the export and the model card publish)."""
+
+    eval_report: Artifact
+    merged_model: Artifact  # its `mergeable` says whether it holds weights
+    trained: Artifact  # adapter[m], or preference_adapter[m]
+    base_model: Artifact
+    sft_dataset: Artifact
+
+
+def champion_artifacts(artifacts: ArtifactStore, champion: Artifact) -> ChampionArtifacts | None:
+    """The champion's artifacts, by the versions its record names; None while it holds no model."""
+    record = json.loads((champion.dir / RECORD).read_text())
+    model, name = record["model"], champion.partition
+    if model is None:
+        return None
+
+    def stored(asset: str, partition: str | None, version: str) -> Artifact:
+        art = artifacts.get(asset, partition, version)
+        if art is None:
+            raise c.user_error(RuntimeError(f"champion[{name}] names {asset} version {version}, which is no longer in the "
+                                            f"store; retrain, or promote another model (run config promote: true)"))
+        return art
+
+    trained = model["trained"]
+    return ChampionArtifacts(
+        stored("eval_report", name, record["eval_report"]), stored("merged_model", name, model["merged_model"]),
+        stored(trained["asset"], trained["partition"], trained["version"]), stored("base_model", None, model["base_model"]),
+        stored("sft_dataset", None, record["heldout"]["sft_dataset"]))

@@ -10,8 +10,6 @@ champion yet, has no weights to convert: the partition still materializes, with
 """
 
 
-import json
-
 import dagster as dg
 
 from ..publish import gguf as export
@@ -19,7 +17,7 @@ from ..config.recipe import Recipe
 from ..artifacts.store import Artifact, ArtifactStore
 from . import _common as c
 from .adapters import methods_partitions
-from .champion import RECORD as CHAMPION_RECORD
+from .champion import champion_artifacts
 from .models import MODEL_BYTES_HEADROOM
 from .resources import StoreResource
 
@@ -73,14 +71,9 @@ def build(recipe: Recipe) -> list:
 
 def champion_merged_model(artifacts: ArtifactStore, champion: Artifact) -> tuple[Artifact | None, str]:
     """(the champion's merged_model, "") or (None, why there is none to export)."""
-    name = champion.partition
-    model = json.loads((champion.dir / CHAMPION_RECORD).read_text())["model"]
-    if model is None:
+    name, held = champion.partition, champion_artifacts(artifacts, champion)
+    if held is None:
         return None, f"champion[{name}] holds no model yet (none passed evaluation.gate), so there is no GGUF"
-    if not model["mergeable"]:
+    if not held.merged_model.manifest().get("mergeable"):
         return None, f"merged_model[{name}] has no merged weights (method {name} cannot merge), so there is no GGUF"
-    merged = artifacts.get("merged_model", name, model["merged_model"])
-    if merged is None:
-        raise c.user_error(RuntimeError(f"champion[{name}] names merged_model[{name}] {model['merged_model']}, which is "
-                                        "no longer in the store; materialize champion again after a retrain"))
-    return merged, ""
+    return held.merged_model, ""

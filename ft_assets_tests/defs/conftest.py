@@ -38,7 +38,9 @@ def write_project(root: Path, recipe: dict) -> Path:
 def cards_pipeline(tmp_path_factory, tiny_model_dir):
     """(recipe, store, {method: model_card materialization}) after both partitions ran end to end."""
     root = tmp_path_factory.mktemp("cards")
-    recipe = load_recipe(write_project(root, tiny_recipe(tiny_model_dir)))
+    # every method's model becomes its champion (what the cards publish): the gate is test_champion's
+    recipe = load_recipe(write_project(root, tiny_recipe(tiny_model_dir, evaluation={
+        "max_new_tokens": 8, "batch_size": 8, "gate": {"min_delta": -1.0}})))
     home = root / "ft_home"
     defs = build_definitions(recipe, home=str(home))
     instance = dg.DagsterInstance.ephemeral()
@@ -47,6 +49,6 @@ def cards_pipeline(tmp_path_factory, tiny_model_dir):
     results = {}
     for method in ("lora", "prefix"):
         r = dg.materialize(assets, instance=instance, resources=res, partition_key=method,
-                           selection=["adapter", "merged_model", "eval_report", "model_card"])
+                           selection=["adapter", "merged_model", "eval_report", "champion", "model_card"])
         results[method] = r.asset_materializations_for_node("model_card")[0]
     return recipe, ArtifactStore(home), results, (root, instance)

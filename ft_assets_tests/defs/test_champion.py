@@ -1,8 +1,9 @@
 """The champion as a user meets it, through the graph on the persistent instance `make install`
-creates: a first model passes the gate against the base and is exported; a retrain on labels that
-make the model worse does not move the champion (nor its version, nor the GGUF), and the gate
-check and the champion's metadata say why, and `chat` keeps talking to the champion; an explicit
-promotion moves it and is recorded; when new rows arrive the champion is scored again on them.
+creates: a first model passes the gate against the base and is exported and carded; a retrain on
+labels that make the model worse does not move the champion (nor its version, the GGUF or the
+model card), the gate check and the champion's metadata say why, and `chat` keeps talking to the
+champion; an explicit promotion moves it and is recorded; when new rows arrive the champion is
+scored again on them.
 The recipe scores with an `evaluate` metric module by path, gated on with `max_regression`."""
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ft_assets_tests.defs.conftest import tiny_recipe
 
 FIGURES = PACKAGE_DIR / "recipes" / "metrics" / "figure_recall.py"
 FIRST = ["base_model", "sft_dataset", "base_eval"]
-CHAIN = ["sft_dataset", "adapter", "merged_model", "eval_report", "champion", "gguf_model"]
+CHAIN = ["sft_dataset", "adapter", "merged_model", "eval_report", "champion", "gguf_model", "model_card"]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,8 @@ def test_a_worse_retrain_does_not_move_the_champion_and_says_why(gated):
     good_report = store.latest("eval_report", "lora")
     assert held["eval_report"] == good_report.version and held["promoted"]["against"] == "base"
     assert "figures.figure_recall" in json.loads((good_report.dir / "metrics.json").read_text())["tuned"]
-    gguf = store.latest("gguf_model", "lora")
+    gguf, published = store.latest("gguf_model", "lora"), store.latest("model_card", "lora")
+    assert published.manifest()["inputs"]["eval_report[lora]"] == good_report.version
     assert gguf.manifest()["inputs"]["merged_model[lora]"] == held["model"]["merged_model"]
 
     # the retrain: every training row's answer replaced by a useless label; the held-out rows as they were
@@ -87,6 +89,7 @@ def test_a_worse_retrain_does_not_move_the_champion_and_says_why(gated):
     assert "not promoted" in check.metadata["decision"].value and "eval_loss" in check.metadata["decision"].value
     assert record(store) == (version, held)  # same model, same record, same version: nothing downstream moves
     assert store.latest("gguf_model", "lora").version == gguf.version
+    assert store.latest("model_card", "lora").version == published.version  # publishes the champion still
     # `chat` (no model named, or champion[lora]) talks to the champion, not to the newest merged model
     newest = store.latest("merged_model", "lora").version
     for ref in (None, "champion[lora]"):
@@ -111,7 +114,6 @@ def test_a_worse_retrain_does_not_move_the_champion_and_says_why(gated):
     # new rows arrive (good labels again): the held-out rows changed, so the champion (the forced,
     # worse model) is scored again on the new rows before the comparison, and the better model wins
     write_jsonl(root / "data" / "qa.jsonl", qa_rows(64))
-    third = gate_check(materialize(root, instance, CHAIN, partition_key="lora"))
+    third = gate_check(materialize(root, instance, CHAIN[:-2], partition_key="lora"))  # no export this time
     assert third.passed and "scored again on this report's rows" in third.metadata["compared_with"].value
     assert record(store)[1]["eval_report"] == store.latest("eval_report", "lora").version
-    assert store.latest("gguf_model", "lora").version != gguf.version

@@ -48,6 +48,7 @@ def test_model_card_repo_is_complete_with_the_reports_metrics(cards_pipeline, me
     assert "model-index:" in (art.dir / "README.md").read_text() and "Metrics pending" not in card.text
     manifest = art.manifest()
     assert manifest["inputs"][f"eval_report[{method}]"] == report.version
+    assert manifest["inputs"][f"champion[{method}]"] == store.latest("champion", method).version
     assert report.version in card.text and store.latest("adapter", method).version in card.text
     files = sorted(p.name for p in art.dir.iterdir())
     if method == "lora":  # merged weights and tokenizer: loads with transformers alone

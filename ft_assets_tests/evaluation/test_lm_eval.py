@@ -94,6 +94,8 @@ def test_a_users_task_directory_is_read_offline_with_paths_relative_to_its_yaml(
         "evals/mine/rows/twin_choices.jsonl", "evals/mine/twin_choices.yaml"]
     result = run(spec, answered(tiny_model_dir), files)
     assert result.scores == {"twin_choices.acc": 0.75, "twin_choices.acc_norm": 0.75}
+    # reports are content-hashed: the same model scored again keeps the same bytes (no date, no timings)
+    assert json.dumps(run(spec, answered(tiny_model_dir), files).raw, sort_keys=True) == json.dumps(result.raw, sort_keys=True)
     assert result.higher_is_better == {"twin_choices.acc": True, "twin_choices.acc_norm": True}
     assert result.tables["per_task"]["n"].tolist() == [4, 4]
 

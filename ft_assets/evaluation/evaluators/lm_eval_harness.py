@@ -218,8 +218,9 @@ def result_of(out: dict[str, Any]) -> EvaluatorResult:
 
 def raw_of(out: dict[str, Any]) -> dict[str, Any]:
     """What of lm-eval's output is kept beside the scores (JSON-able; no samples, no environment dump)."""
+    # no `date` or timings: the report is content-hashed, so the same scores must give the same bytes
     kept = {k: out[k] for k in ("results", "groups", "group_subtasks", "versions", "n-shot", "higher_is_better",
-                                "n-samples", "lm_eval_version", "transformers_version", "date") if k in out}
+                                "n-samples", "lm_eval_version", "transformers_version") if k in out}
     kept["configs"] = {task: {k: cfg.get(k) for k in ("task", "dataset_path", "dataset_name", "output_type",
                                                       "num_fewshot", "test_split", "fewshot_split")}
                        | {"metrics": [m.get("metric") for m in cfg.get("metric_list") or []]}
