@@ -121,7 +121,13 @@ def lora_on(model_dir: Path, out: Path) -> tuple[Path, Path]:
     return out / "adapter", out / "merged"
 
 
-def test_an_adapter_is_applied_over_the_base(tiny_model_dir, ft_home, tmp_path, no_network):
+def test_an_adapter_is_applied_over_the_base(tiny_model_dir, ft_home, tmp_path, no_network, monkeypatch):
+    import multiprocessing
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("lm-eval forked a multiprocessing pool (its shutdown can hang beside torch's threads)")
+
+    monkeypatch.setattr(multiprocessing, "Pool", no_pool)  # perplexity's stderr is bootstrapped: in process only
     # a loglikelihood task: its perplexity moves with any change of the weights
     rows = [{"text": "The capital of France is", "target": " Paris"}, {"text": "Two plus two is", "target": " four"}]
     write_task(tmp_path / "evals", "continue", rows, output_type="loglikelihood",

@@ -90,7 +90,7 @@ def run(spec: LmEvalSpec, answered: Answered, files: list[Path]) -> EvaluatorRes
     manager = TaskManager(include_path=str(task_dir_of(files)), include_defaults=False)
     check_task_names(spec, manager)
     anchor_local_paths(manager, cache_dir=ft_home() / "cache" / "lm_eval" / "datasets")
-    with _offline(), _kept_random_state():
+    with _offline(), _kept_random_state():  # offline, and no forked pool
         out = lm_eval.simple_evaluate(
             model="hf", model_args=model_args(answered), tasks=list(spec.tasks), task_manager=manager,
             device=answered.device, batch_size=spec.batch_size, limit=spec.limit, num_fewshot=spec.num_fewshot,
@@ -152,12 +152,14 @@ def _anchored(data_files: Any, here: Path) -> Any:
 
 @contextlib.contextmanager
 def _offline():
-    """The Hub offline for the call: the environment and the switches datasets and huggingface_hub
-    read at import time."""
+    """The Hub offline for the call (the environment and the switches datasets and huggingface_hub
+    read at import time), and lm-eval's bootstrap of standard errors in this process: its default
+    forks a `multiprocessing.Pool` from a process that holds torch's threads, and that pool's
+    shutdown hung for good in a loaded test run (`DISABLE_MULTIPROC` is lm-eval's own switch)."""
     import datasets
     import huggingface_hub.constants as hub
 
-    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "DISABLE_MULTIPROC")
     with _offline_lock:
         saved_env = {n: os.environ.get(n) for n in names}
         saved = (hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE)
