@@ -9,7 +9,8 @@
 The scoring code lives only in the metric modules; this file loads them. Loading is a dynamic
 import (evaluate copies each module into a modules cache, then imports it), so it happens once per
 process. Everything evaluate writes goes under `$FT_HOME/cache/evaluate/` (`modules/`: the copied
-modules; `metrics/`: the empty per-metric dirs it makes), not under ~/.cache/huggingface; the
+modules, in the FT_HOME of the first load of the process: `evaluate_loading`; `metrics/`: the empty
+per-metric dirs it makes), not under ~/.cache/huggingface; the
 modules are local files, so nothing is downloaded and no network is needed. Metric inputs are kept
 in memory (no Arrow files).
 
@@ -23,15 +24,16 @@ from __future__ import annotations
 
 import math
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .metrics import METRIC_NAMES, MODULE_FILES
 from .metrics.qa_normalize import mean
 
 SCORE_KEYS = METRIC_NAMES  # ("exact_match", "token_f1", "rouge_l")
-_lock = threading.Lock()
+_lock = threading.Lock()  # loading (and evaluate's modules cache setting) one thread at a time
 _combined = None
 
 
@@ -42,18 +44,36 @@ def evaluate_cache() -> Path:
     return ft_home() / "cache" / "evaluate"
 
 
+_modules_dir: Path | None = None
+
+
+@contextmanager
+def evaluate_loading() -> Iterator[Path]:
+    """Load `evaluate` modules inside this block (one thread at a time); yields the `cache_dir` for
+    `evaluate.load`. It points evaluate at this process's modules cache, `$FT_HOME/cache/evaluate/
+    modules` of the first load in the process: evaluate.load has no argument for it (its loader
+    reads `evaluate.config.HF_MODULES_CACHE` per call), and it imports every module as
+    `evaluate_modules.metrics.<name>` from the directory of its first import, so a later FT_HOME
+    (another project, a test) must keep using that one."""
+    import evaluate
+
+    global _modules_dir
+    with _lock:
+        if _modules_dir is None:
+            _modules_dir = evaluate_cache() / "modules"
+        evaluate.config.HF_MODULES_CACHE = _modules_dir
+        yield evaluate_cache() / "metrics"
+
+
 def qa_metrics():
     """The three metric modules combined (`evaluate.CombinedEvaluations`), loaded once per process."""
     global _combined
-    with _lock:
+    with evaluate_loading() as cache_dir:
         if _combined is None:
             import evaluate
 
-            cache = evaluate_cache()
-            # evaluate.load has no argument for the modules cache; its loader reads this setting per call
-            evaluate.config.HF_MODULES_CACHE = cache / "modules"
             _combined = evaluate.combine([evaluate.load(str(MODULE_FILES[name]), keep_in_memory=True,
-                                                        cache_dir=str(cache / "metrics")) for name in METRIC_NAMES])
+                                                        cache_dir=str(cache_dir)) for name in METRIC_NAMES])
         return _combined
 
 

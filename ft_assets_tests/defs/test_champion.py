@@ -1,10 +1,11 @@
 """The champion as a user meets it, through the graph on the persistent instance `make install`
-creates: a first model passes the gate against the base and is exported and carded; a retrain on
-labels that make the model worse does not move the champion (nor its version, the GGUF or the
-model card), the gate check and the champion's metadata say why, and `chat` keeps talking to the
+creates: a first model passes the gate against the base and is published (model_card); a retrain
+on labels that make the model worse does not move the champion (nor its version or its model
+card), the gate check and the champion's metadata say why, and `chat` keeps talking to the
 champion; an explicit promotion moves it and is recorded; when new rows arrive the champion is
 scored again on them.
-The recipe scores with an `evaluate` metric module by path, gated on with `max_regression`."""
+The recipe scores with an `evaluate` metric module by path, gated on with `max_regression`.
+(`gguf_model` reads the champion the way `model_card` does: test_export_graph converts through it.)"""
 
 from __future__ import annotations
 
@@ -26,19 +27,20 @@ from ft_assets_tests.defs.conftest import tiny_recipe
 
 FIGURES = PACKAGE_DIR / "recipes" / "metrics" / "figure_recall.py"
 FIRST = ["base_model", "sft_dataset", "base_eval"]
-CHAIN = ["sft_dataset", "adapter", "merged_model", "eval_report", "champion", "gguf_model", "model_card"]
+CHAIN = ["sft_dataset", "adapter", "merged_model", "eval_report", "champion", "model_card"]
 
 
 @pytest.fixture(scope="module")
 def gated(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("gated")
-    recipe = tiny_recipe(tiny_model_dir, export={"gguf": ["f16"]},
+    recipe = tiny_recipe(tiny_model_dir,
                          evaluation={"max_new_tokens": 8, "batch_size": 8,
                                      "evaluators": [{"type": "evaluate", "name": "figures", "path": str(FIGURES)}],
                                      # the tiny model's 8-token answers score no F1: its answer loss separates models
                                      "gate": {"metric": "eval_loss", "min_delta": 0.0,
                                               "max_regression": {"figures.figure_recall": 0.5}}})
     recipe["methods"] = {"lora": recipe["methods"]["lora"]}
+    recipe["training"]["max_steps"] = 20  # three trainings: enough to tell a good model from a bad one by loss
     (root / "data").mkdir()
     write_jsonl(root / "data" / "qa.jsonl", qa_rows())
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -74,9 +76,9 @@ def test_a_worse_retrain_does_not_move_the_champion_and_says_why(gated):
     good_report = store.latest("eval_report", "lora")
     assert held["eval_report"] == good_report.version and held["promoted"]["against"] == "base"
     assert "figures.figure_recall" in json.loads((good_report.dir / "metrics.json").read_text())["tuned"]
-    gguf, published = store.latest("gguf_model", "lora"), store.latest("model_card", "lora")
+    published = store.latest("model_card", "lora")
     assert published.manifest()["inputs"]["eval_report[lora]"] == good_report.version
-    assert gguf.manifest()["inputs"]["merged_model[lora]"] == held["model"]["merged_model"]
+    assert published.manifest()["inputs"]["merged_model[lora]"] == held["model"]["merged_model"]
 
     # the retrain: every training row's answer replaced by a useless label; the held-out rows as they were
     held_out = {ex.id for ex in load_split(store.latest("sft_dataset").path, "eval")}
@@ -88,7 +90,6 @@ def test_a_worse_retrain_does_not_move_the_champion_and_says_why(gated):
     assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
     assert "not promoted" in check.metadata["decision"].value and "eval_loss" in check.metadata["decision"].value
     assert record(store) == (version, held)  # same model, same record, same version: nothing downstream moves
-    assert store.latest("gguf_model", "lora").version == gguf.version
     assert store.latest("model_card", "lora").version == published.version  # publishes the champion still
     # `chat` (no model named, or champion[lora]) talks to the champion, not to the newest merged model
     newest = store.latest("merged_model", "lora").version
@@ -114,6 +115,6 @@ def test_a_worse_retrain_does_not_move_the_champion_and_says_why(gated):
     # new rows arrive (good labels again): the held-out rows changed, so the champion (the forced,
     # worse model) is scored again on the new rows before the comparison, and the better model wins
     write_jsonl(root / "data" / "qa.jsonl", qa_rows(64))
-    third = gate_check(materialize(root, instance, CHAIN[:-2], partition_key="lora"))  # no export this time
+    third = gate_check(materialize(root, instance, CHAIN[:-1], partition_key="lora"))  # no card this time
     assert third.passed and "scored again on this report's rows" in third.metadata["compared_with"].value
     assert record(store)[1]["eval_report"] == store.latest("eval_report", "lora").version

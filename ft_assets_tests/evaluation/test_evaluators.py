@@ -103,3 +103,18 @@ def test_the_leaderboard_gets_a_column_per_evaluator_score_only_when_there_are_s
     frame = board.frame()
     assert list(frame["figures.figure_recall"]) == [0.8, 0.6] and str(frame["figures.figure_recall"].dtype) == "float64"
     assert "figures.figure_recall" not in leaderboard({"lora": "lora"}, {"lora": (plain, {})}, plain).frame()
+
+
+def test_modules_load_when_ft_home_changes_within_one_process(tmp_path, monkeypatch):
+    """evaluate imports every module as `evaluate_modules.metrics.<name>` from the first modules
+    cache of the process; a later FT_HOME (another project, another test) must not break loading."""
+    from ft_assets.evaluation.qa_metrics import score_answers
+
+    monkeypatch.setenv("FT_HOME", str(tmp_path / "first"))
+    score_answers(["1"], ["1"])  # the built-in metrics, loaded once per process
+    for i, home in enumerate(("second", "third")):
+        monkeypatch.setenv("FT_HOME", str(tmp_path / home))
+        path = tmp_path / home / f"metric_{i}.py"
+        path.parent.mkdir(parents=True)
+        path.write_text(LENGTH_METRIC)
+        assert run(spec(name="length"), answered(["a b"], ["x"]), [path]).scores == {"words": 2.0}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import threading
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
 
@@ -26,7 +25,6 @@ from pydantic import Field
 from ...config.evaluator_spec import EvaluatorSpecBase
 from . import Answered, EvaluatorResult, register
 
-_lock = threading.Lock()
 _loaded: dict[tuple[Path, str], Any] = {}  # one load per module file content and process (evaluate copies it, then imports it)
 
 
@@ -75,16 +73,14 @@ def result_of(spec: EvaluateModuleSpec, out: dict[str, Any], rows: int) -> Evalu
 def _load(path: Path):
     import evaluate
 
-    from ..qa_metrics import evaluate_cache
+    from ..qa_metrics import evaluate_loading
 
     if not path.is_file():
         raise FileNotFoundError(f"evaluate metric module {path} does not exist")
     key = (path, hashlib.sha256(path.read_bytes()).hexdigest())
-    with _lock:
+    with evaluate_loading() as cache_dir:  # evaluate's modules cache is process-wide
         if key not in _loaded:
-            cache = evaluate_cache()
-            evaluate.config.HF_MODULES_CACHE = cache / "modules"  # see qa_metrics.qa_metrics
-            _loaded[key] = evaluate.load(str(path), keep_in_memory=True, cache_dir=str(cache / "metrics"))
+            _loaded[key] = evaluate.load(str(path), keep_in_memory=True, cache_dir=str(cache_dir))
         return _loaded[key]
 
 
