@@ -70,13 +70,13 @@ postgres:
 
 # torch comes from the CPU wheel on disk (a bare `torch` would pull CUDA, GBs), everything else at
 # the lock's exact versions; the project itself goes in without deps. pip check fails when
-# pyproject.toml asks for something the lock lacks: run `make lock`. --no-compile: Python compiles
-# each module on its first import instead of pip compiling all 224 packages up front (measured on
-# 2 cores from pip's cache: 30 s instead of 81 s; most of ray, scipy, ... is never imported).
+# pyproject.toml asks for something the lock lacks: run `make lock`. pip byte-compiles what it
+# installs (51 of its 81 s here): keep it, environments with PYTHONDONTWRITEBYTECODE=1 (this one)
+# would otherwise compile torch & co. again in every process (tried: the suite slowed severalfold).
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile torch==2.13.0 -r $(LOCK)
+	$(PY) -m pip install -q torch==2.13.0 -r $(LOCK)
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -m pip check
 	touch $@
