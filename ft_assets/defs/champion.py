@@ -54,8 +54,10 @@ def build(recipe: Recipe) -> list:
         """The method's model in use: moves to the newest eval_report's model only when it passes the gate."""
         artifacts = store.store(recipe.pipeline)
         candidate = scored_by(recipe, artifacts, eval_report)
-        decision = _decide(recipe, artifacts, compute, candidate, config.promote)
-        art, record = _record(recipe, cv, artifacts, context, candidate, decision, config.promote)
+        current = artifacts.latest("champion", context.partition_key)
+        held = json.loads((current.dir / RECORD).read_text()) if current is not None else None
+        decision = _decide(recipe, artifacts, compute, candidate, current, held, config.promote)
+        art, record = _record(recipe, cv, artifacts, context, candidate, decision, held, config.promote)
         log = context.log.info if decision.passed or config.promote else context.log.warning
         log(f"champion[{context.partition_key}]: {decision.reason}")
         yield c.output(art, _metadata(record, decision, config.promote))
@@ -120,12 +122,11 @@ def _made_from(artifacts: ArtifactStore, trained: Artifact) -> dict[str, str]:
 
 
 def _decide(recipe: Recipe, artifacts: ArtifactStore, compute: ComputeResource, candidate: Scored,
-            forced: bool) -> gate.Decision:
-    """The gate's decision on the candidate against the current champion (or, with none, the base)."""
+            current: Artifact | None, held: dict[str, Any] | None, forced: bool) -> gate.Decision:
+    """The gate's decision on the candidate against the current champion (`current`, its record
+    `held`), or, while none holds a model, against the base."""
     name, rule = candidate.eval_report.partition, recipe.evaluation.gate
-    current = artifacts.latest("champion", name)
-    held = json.loads((current.dir / RECORD).read_text()) if current is not None else {"model": None}
-    if held["model"] is None:
+    if held is None or held["model"] is None:
         return gate.decide(rule, candidate.scores, candidate.base_scores, candidate.directions, "base")
     against = f"champion {current.version} (eval_report {held['eval_report']})"
     if held["heldout"]["fingerprint"] == candidate.heldout["fingerprint"]:
@@ -142,12 +143,7 @@ def _rescore(recipe: Recipe, name: str, artifacts: ArtifactStore, compute: Compu
              candidate: Scored) -> dict[str, Any]:
     """The champion's model scored on the candidate's held-out rows."""
     def stored(asset: str, partition: str | None, version: str) -> Artifact:
-        art = artifacts.get(asset, partition, version)
-        if art is None:
-            raise c.user_error(RuntimeError(
-                f"champion[{name}]: its model's {asset} version {version} is no longer in the store, so it cannot "
-                f"be compared on the new rows; promote explicitly (run config promote: true) or restore it"))
-        return art
+        return _stored(artifacts, name, asset, partition, version)
 
     trained = stored(model["trained"]["asset"], model["trained"]["partition"], model["trained"]["version"])
     base = stored("base_model", None, model["base_model"])
@@ -162,17 +158,16 @@ def _rescore(recipe: Recipe, name: str, artifacts: ArtifactStore, compute: Compu
 
 
 def _record(recipe: Recipe, cv: str, artifacts: ArtifactStore, context, candidate: Scored, decision: gate.Decision,
-            forced: bool) -> tuple[Artifact, dict[str, Any]]:
+            held: dict[str, Any] | None, forced: bool) -> tuple[Artifact, dict[str, Any]]:
     """(the written champion artifact, its record): the candidate's when promoted; else the current record
-    again (same content: same version), or, before any model passed, a record of no model."""
+    `held` again (same content: same version), or, before any model passed, a record of no model."""
     name = context.partition_key
-    current = artifacts.latest("champion", name)
     if decision.passed or forced:
         record = {"eval_report": candidate.eval_report.version, "model": candidate.model, "heldout": candidate.heldout,
                   "scores": candidate.scores,
                   "promoted": {"run_id": context.run_id, "forced": not decision.passed, "against": decision.against}}
-    elif current is not None:
-        record = json.loads((current.dir / RECORD).read_text())
+    elif held is not None:
+        record = held
     else:
         record = {"eval_report": None, "model": None, "reason": "no model has passed the gate yet"}
     with artifacts.write("champion", name, recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed) as st:
@@ -215,14 +210,20 @@ def champion_artifacts(artifacts: ArtifactStore, champion: Artifact) -> Champion
         return None
 
     def stored(asset: str, partition: str | None, version: str) -> Artifact:
-        art = artifacts.get(asset, partition, version)
-        if art is None:
-            raise c.user_error(RuntimeError(f"champion[{name}] names {asset} version {version}, which is no longer in the "
-                                            f"store; retrain, or promote another model (run config promote: true)"))
-        return art
+        return _stored(artifacts, name, asset, partition, version)
 
     trained = model["trained"]
     return ChampionArtifacts(
         stored("eval_report", name, record["eval_report"]), stored("merged_model", name, model["merged_model"]),
         stored(trained["asset"], trained["partition"], trained["version"]), stored("base_model", None, model["base_model"]),
         stored("sft_dataset", None, record["heldout"]["sft_dataset"]))
+
+
+def _stored(artifacts: ArtifactStore, name: str, asset: str, partition: str | None, version: str) -> Artifact:
+    """A version the champion's record names; a clear error when retention or a hand dropped it."""
+    art = artifacts.get(asset, partition, version)
+    if art is None:
+        raise c.user_error(RuntimeError(
+            f"champion[{name}] names {asset} version {version}, which is no longer in the store; retrain, or "
+            "promote another model (run config promote: true)"))
+    return art
