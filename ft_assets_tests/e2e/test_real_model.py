@@ -2,9 +2,11 @@
 the module (the demo recipe with a short LoRA run, an evaluation section and a GGUF export):
 - it trains and is evaluated, and the untuned model produces real text (skipped without the
   bundled GGUF);
-- gguf_model's export runs in llama.cpp's own binary (built by `make install`) and answers
+- gguf_model's f16 export runs in llama.cpp's own binary (built by `make install`) and answers
   held-out prompts greedily as transformers does on the merged safetensors model (never skipped:
-  without the bundled GGUF or the llama.cpp build it fails and says so).
+  without the bundled GGUF or the llama.cpp build it fails and says so). The quantized types'
+  agreement on the real model is a measurement (bench/gguf_export.py, its results file), and
+  their rounding is bounded on the tiny model (publish/test_export.py).
 Slow: a few minutes on CPU."""
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def bundled_run(tmp_path_factory):
         recipe["training"].update({"max_steps": 3, "batch_size": 4, "checkpoint_every": 2})
         recipe["evaluation"] = {"max_new_tokens": 12, "batch_size": 8, "max_examples": 8,
                                 "gate": {"min_delta": -1.0}}  # the export follows the champion: any model is one here
-        recipe["export"] = {"gguf": ["f16", "q8_0"]}
+        recipe["export"] = {"gguf": ["f16"]}
         (work / "r.yaml").write_text(yaml.safe_dump(recipe))
         defs = build_definitions(load_recipe(work / "r.yaml"), home=str(home))
         instance = dg.DagsterInstance.ephemeral()
@@ -84,7 +86,7 @@ def test_bundled_model_trains_and_is_evaluated(request):
 
 def test_llama_cpp_answers_like_transformers(request):
     missing = [str(p) for p in (bundled_gguf_path(),) if not p.is_file()]
-    missing += [n for n in ("llama-completion", "llama-quantize") if export.tool(n) is None]
+    missing += [n for n in ("llama-completion",) if export.tool(n) is None]
     assert not missing, f"missing {', '.join(missing)}: run `make install`"
     bundled = request.getfixturevalue("bundled_run")
     for name in ("adapter", "merged_model", "gguf_model"):  # the chain this test reads materialized
@@ -98,17 +100,12 @@ def test_llama_cpp_answers_like_transformers(request):
                                          batch_size=1, device="cpu")
     assert sum(any(ch.isalpha() or ch.isdigit() for ch in a) for a in expected) >= PROMPTS - 1  # real answers
     prompts = [tok.decode(ex.input_ids[: ex.prompt_len]) for ex in examples]  # the chat text, special tokens in
-    runs = {kind: [export.llama_cpp_generate(gguf / export.gguf_file(kind), p, MAX_NEW_TOKENS) for p in prompts]
-            for kind in ("f16", "q8_0")}
-    f16 = [r.text for r in runs["f16"]]
+    runs = [export.llama_cpp_generate(gguf / export.gguf_file("f16"), p, MAX_NEW_TOKENS) for p in prompts]
+    f16 = [r.text for r in runs]
     assert f16 == expected, "\n".join(f"transformers {e!r} / llama.cpp f16 {g!r}" for e, g in zip(expected, f16))
     # it stops where the model ends its turn (<|im_end|>, from the GGUF metadata): answers shorter
     # than the budget in transformers are shorter in llama.cpp too
     hf_lengths = [len(tok(a, add_special_tokens=False)["input_ids"]) for a in expected]
-    for n_hf, run in zip(hf_lengths, runs["f16"]):
+    for n_hf, run in zip(hf_lengths, runs):
         if n_hf < MAX_NEW_TOKENS - 1:
             assert run.generated_tokens <= n_hf + 1, (n_hf, run)
-    # q8_0 rounds every weight: the same answer for most prompts, and close text for all
-    q8 = [r.text for r in runs["q8_0"]]
-    same = sum(a == b for a, b in zip(q8, expected))
-    assert same >= PROMPTS - 2, "\n".join(f"transformers {e!r} / llama.cpp q8_0 {g!r}" for e, g in zip(expected, q8))
