@@ -148,7 +148,8 @@ demo: install
 # handed out in collection order, which puts the slowest modules first (SLOW_MODULES in
 # ft_assets_tests/conftest.py; xdist itself would order them by test count). A third worker was
 # 53 s faster on 2 cores (12:00 vs 12:54 of tests) but made each test a third slower: two keep the
-# margin of the kill and timing tests. TEST_WORKERS=0 runs in one process.
+# margin of the kill and timing tests (tried again 2026-12-07: 19 min 33 s, every torchrun and
+# subprocess test about twice as long). TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: install
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30

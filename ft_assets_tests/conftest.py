@@ -26,25 +26,27 @@ REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 
 # The modules that take a minute or more, slowest first (seconds per module on the project's 2-core
-# machine, 2026-12-07, under `make test`'s two workers). pytest-xdist hands whole modules to its
-# workers in collection order (`make test`: --dist loadfile --no-loadscope-reorder), so the long
-# ones start first and the many short ones fill the end, instead of a long one starting last.
+# machine, 2026-12-07, under `make test`'s two workers; a range: the same tests in a fast and a slow
+# hour of that machine). pytest-xdist hands whole modules to its workers in collection order
+# (`make test`: --dist loadfile --no-loadscope-reorder), so the long ones start first and the many
+# short ones fill the end, instead of a long one starting last.
 # A module missing here only runs later; a name here that no longer exists changes nothing.
 SLOW_MODULES = (
-    "defs/test_scale_out.py",  # ~330
-    "defs/test_dead_runs.py",  # ~290
-    "defs/test_shell_dead_runs.py",  # ~200
-    "training/test_distributed.py",  # ~190
-    "e2e/test_ui.py",  # ~190
-    "defs/test_object_store.py",  # ~160
-    "e2e/test_real_model.py",  # ~150
-    "defs/test_ray.py",  # ~110
-    "defs/test_faults.py",  # ~100
-    "trainers/test_beyond_sft.py",  # ~60
-    "defs/test_graph.py",  # ~60
-    "publish/test_export.py",  # ~55
-    "defs/test_beyond_sft.py",  # ~45
-    "defs/test_automation.py",  # ~40
+    "defs/test_scale_out.py",  # ~200-330
+    "defs/test_dead_runs.py",  # ~140-290
+    "e2e/test_real_model.py",  # ~130-150
+    "e2e/test_ui.py",  # ~100-190
+    "defs/test_object_store.py",  # ~100-160
+    "defs/test_shell_dead_runs.py",  # ~90-200
+    "defs/test_beyond_sft.py",  # ~80 (dpo and a reward model through the graph and the automation)
+    "defs/test_ray.py",  # ~80-110
+    "training/test_distributed.py",  # ~65-190
+    "defs/test_faults.py",  # ~60-100
+    "publish/test_export.py",  # ~55-60
+    "trainers/test_preference_resume.py",  # ~45-65 (four objectives; kill -9 of two)
+    "trainers/test_beyond_sft.py",  # ~45-60
+    "defs/test_graph.py",  # ~25-60
+    "defs/test_automation.py",  # ~30-40
 )
 
 

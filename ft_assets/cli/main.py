@@ -81,6 +81,10 @@ def describe(recipe) -> None:
     if recipe.preferences:
         pr = recipe.preferences
         print(f"  preferences {pr.name}: {recipe.dataset_path(pr)} [{pr.format}], eval fraction {pr.eval_fraction}")
+    for name, rm in recipe.reward_models.items():
+        t = recipe.training_for_reward_model(name)
+        print(f"  reward model {name} ({rm.type}): at most {t.max_steps} steps over the training pairs, "
+              f"batch {t.batch_size}x{t.grad_accum}, lr {t.lr}")
     if recipe.distillation:
         d = recipe.distillation
         student = d.student_path or f"teacher layers {d.keep_layers}"

@@ -182,7 +182,7 @@ def render() -> str:
     out += [
         "## `methods.<name>`",
         "",
-        "Each key of `methods:` names a method and is a partition of `adapter` (dpo methods: of",
+        "Each key of `methods:` names a method and is a partition of `adapter` (preference methods: of",
         "`preference_adapter`). Its `type` defaults to the name, so `lora: {r: 8}` is a lora method; give",
         "`type` explicitly to use a type twice (`lora_small: {type: lora, r: 4}`). Keys every method takes:",
         "",

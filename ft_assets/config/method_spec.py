@@ -32,7 +32,7 @@ Dagster: recipe.py imports this module and the registry every time it is importe
 from __future__ import annotations
 
 import typing
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -82,9 +82,15 @@ class MethodSpecBase(Strict):
 class PreferenceSpecBase(MethodSpecBase):
     """A method trained on the recipe's `preferences:` pairs from the adapter of another method of
     the recipe (its `sft_from: str` field, which every subclass declares): it is a partition of
-    `preference_adapter`, not of `adapter`, and trains in the Dagster step (one process). DPO is
-    one (`methods/dpo.py`); the graph, step estimates and launchers ask `isinstance` of this
-    class, never a method type."""
+    `preference_adapter`, not of `adapter`, and trains in the Dagster step (one process): dpo,
+    orpo, simpo and kto (`methods/preference.py`). The graph, step estimates and launchers ask
+    `isinstance` of this class, never a method type. `trainer_settings()` gives the keys its
+    trainer reads; `ROWS_PER_PAIR` how many rows a pair becomes (steps count rows)."""
+
+    ROWS_PER_PAIR: ClassVar[int] = 1
+
+    def trainer_settings(self) -> dict[str, Any]:
+        raise NotImplementedError
 
 
 def spec_types(spec: type[MethodSpecBase]) -> tuple[str, ...]:

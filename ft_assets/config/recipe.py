@@ -336,6 +336,32 @@ class DistillationSpec(_Strict):
         return v
 
 
+class RewardModelSpec(_Strict):
+    """A reward model (`reward_model[<name>]`): the base with a one-score head trained on the
+    recipe's `preferences:` pairs (Bradley-Terry loss, TRL's RewardTrainer), saved merged as a plain
+    sequence-classification model. `type: lora` trains a LoRA adapter and the head, `full` every weight."""
+
+    type: Literal["lora", "full"] = "lora"  # what trains besides the new head
+    r: Annotated[int, Field(ge=1, le=4096)] = 16  # type lora: rank
+    alpha: Annotated[float, Field(gt=0)] = 32  # type lora: scale numerator (alpha / r)
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05  # type lora: dropout on the adapter's input
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"  # type lora: Linear layers to adapt
+    center_rewards: Annotated[float, Field(ge=0)] | None = 0.01  # weight of (r_chosen + r_rejected)^2 keeping scores near 0 (null: off)
+    training: dict[str, Any] = Field(default_factory=dict)  # overrides of TrainingSpec
+
+    @field_validator("training")
+    @classmethod
+    def _known_training_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        TrainingSpec(**v)
+        return v
+
+    def adapter_keys(self) -> dict[str, Any] | None:
+        """The LoRA keys its trainer reads; None for full fine-tuning."""
+        if self.type == "full":
+            return None
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "target_modules": self.target_modules}
+
+
 SWEEP_SEPARATOR = "@"  # trial names: <method>@<key>=<value>@<key>=<value>, e.g. lora@lr=2e-4@r=8
 MAX_METHOD_NAME = 100  # characters of a method's name as written in the recipe
 MAX_PARTITION_NAME = 128  # characters of any method name, sweep trials included (one directory name)
@@ -648,7 +674,7 @@ class AutomationSpec(_Strict):
 
 
 class Recipe(_Strict):
-    _OMIT_WHEN_DEFAULT = ("preferences", "distillation", "publish", "export")
+    _OMIT_WHEN_DEFAULT = ("preferences", "distillation", "publish", "export", "reward_models")
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]  # the recipe's name (shown by validate and the demo)
     seed: int = 42  # seed of splits, initialisation and data order
@@ -662,6 +688,7 @@ class Recipe(_Strict):
     methods: Annotated[dict[str, MethodSpec], Field(min_length=1)]  # method name -> its keys (see `methods.<name>`); each is a partition of `adapter`
     preferences: PreferenceDataSpec | None = None  # prompt/chosen/rejected pairs (needed by preference methods: dpo)
     distillation: DistillationSpec | None = None  # the `student` asset; null: no student
+    reward_models: dict[str, RewardModelSpec] = Field(default_factory=dict)  # name -> a reward model trained on `preferences` (a partition of `reward_model`)
     evaluation: EvaluationSpec = EvaluationSpec()
     publish: PublishSpec = PublishSpec()  # model cards' upload to the Hub (off by default)
     export: ExportSpec = ExportSpec()  # serving formats (GGUF + Ollama Modelfile); empty: none
@@ -711,12 +738,24 @@ class Recipe(_Strict):
         if self.publish.push and len(self.methods) > 1 and "{method}" not in (self.publish.repo_id or ""):
             raise ValueError(f"publish.repo_id {self.publish.repo_id!r} must contain {{method}}: the recipe has "
                              f"{len(self.methods)} methods and each is uploaded to a repo of its own")
+        self._check_reward_models()
         if self.distillation is not None:
             teacher = self.methods.get(self.distillation.teacher)
             if teacher is None:
                 raise ValueError(f"distillation.teacher: {self.distillation.teacher!r} is not a method of this "
                                  f"recipe (methods: {', '.join(self.methods)})")
         return self
+
+    def _check_reward_models(self) -> None:
+        if self.reward_models and self.preferences is None:
+            raise ValueError(f"reward_models ({', '.join(self.reward_models)}) train on preference pairs: "
+                             "add a `preferences:` section")
+        for name in self.reward_models:
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) or len(name) > MAX_METHOD_NAME:
+                raise ValueError(f"reward model name {name[:40]!r} must be letters, digits and underscores, starting "
+                                 f"with a letter, at most {MAX_METHOD_NAME} characters (it names a directory)")
+            if name in self.methods:  # preference_dataset has one partition per preference method and reward model
+                raise ValueError(f"reward_models.{name}: {name!r} is also a method name; use another")
 
     # -- derived values ---------------------------------------------------------------
 
@@ -753,6 +792,9 @@ class Recipe(_Strict):
 
     def methods_of_type(self, *types: str) -> list[str]:
         return [n for n, m in self.methods.items() if m.type in types]
+
+    def training_for_reward_model(self, name: str) -> TrainingSpec:
+        return TrainingSpec(**{**self.training.model_dump(), **self.reward_models[name].training})
 
     def training_for_distillation(self) -> TrainingSpec:
         return TrainingSpec(**{**self.training.model_dump(), **(self.distillation.training if self.distillation else {})})

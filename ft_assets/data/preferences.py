@@ -20,7 +20,7 @@
 
 Each stored pair keeps both the token ids (for our own log-probability metrics) and the same
 sequences as text (`prompt_text`, `chosen_text`, `rejected_text`), which is what TRL's
-DPOTrainer consumes; `trainers.dpo` checks that TRL re-tokenizes them to the same ids.
+preference trainers consume; `trainers.preference` checks that TRL re-tokenizes them to the same ids.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ STAGE_VERSIONS = {
     "model_card": "1",
     "gguf_model": "1",
     "champion": "1",
+    "reward_model": "1",
 }
 
 

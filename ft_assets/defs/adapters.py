@@ -13,10 +13,10 @@
   explains (`evaluation.merge.compare`). Methods that cannot merge record why and still materialize.
 
 Beyond SFT (only for recipes that ask for it):
-- a preference method (`dpo`) d is not a partition of `adapter`: `preference_adapter[d]` (defs/preferences.py)
+- a preference method (dpo, orpo, simpo, kto) d is not a partition of `adapter`: `preference_adapter[d]` (defs/preferences.py)
   continues `adapter[<sft_from>]`. `merged_model` and `eval_report` have every method's partition
   and read `preference_adapter[d]` for partition d (a `StaticPartitionMapping` {d: d}) and
-  `adapter[m]` for every other m ({m: m}; Dagster's identity when the recipe has no dpo
+  `adapter[m]` for every other m ({m: m}; Dagster's identity when the recipe has no preference
   method, so a partition's adapter and merge can share a run); each partition reads exactly one.
 - `continue_from: previous`: the method starts from its own previous adapter version when the
   data changed (`defs.adapter_store.plan_continual`), replaying `replay_fraction` of the previous

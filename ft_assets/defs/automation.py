@@ -91,7 +91,7 @@ def retrain(recipe: Recipe, partitions: dg.PartitionsDefinition) -> tuple[list, 
     preference ones). An adapter whose inputs, code and settings did not change is reused at once and
     keeps its version, so nothing downstream re-runs; one that changed trains, logs what changed,
     and (with automation on) its new version re-runs merge and evaluation, and the
-    `preference_adapter` of any dpo method that continues it. With automation off the job runs
+    `preference_adapter` of any preference method that continues it. With automation off the job runs
     merge and evaluation itself (the recipe refuses preference methods there: their chain crosses
     partitions sets that one job cannot hold). `retrain_force: true` retrains every adapter
     regardless (each gets a new version, so the preference methods retrain too)."""

@@ -1,5 +1,5 @@
 """Preference tuning: `preference_dataset[d]` and `preference_adapter[d]`, one partition per
-`dpo` method d of the recipe (usually one: `dpo`).
+preference method d of the recipe (dpo, orpo, simpo, kto: `methods/preference.py`).
 
 - `preference_dataset[d]`: the recipe's prompt/chosen/rejected pairs (text, or TRL's
   conversational form; a file or `format: hf`) -> validated, chat-rendered, seeded train/eval
@@ -8,8 +8,8 @@
   asset above `preferences.max_rejected_fraction`; the split is a seeded hash of each pair's id.
   `raw/<preferences.name>` is an observable source. Blocking check `usable`: a non-empty training
   split whose answers all end with end-of-turn. Every partition holds the same pairs.
-- `preference_adapter[d]`: `adapter[<sft_from of d>]` continued with TRL's DPOTrainer on
-  `preference_dataset[d]` (`trainers.dpo.tune_sft_adapter`). Every input is declared: the SFT adapter
+- `preference_adapter[d]`: `adapter[<sft_from of d>]` continued with d's objective (TRL's trainer
+  for it) on `preference_dataset[d]` (`trainers.preference.run`). Every input is declared: the SFT adapter
   through a `StaticPartitionMapping` {sft_from: d} (another asset's partition, so the UI draws the
   edge and a new SFT adapter version makes d stale), the pairs partition-to-partition. Versioned
   like `adapter`: by what made it (inputs, code, d's recipe section, seed); an identical request
@@ -20,7 +20,7 @@
 import dagster as dg
 
 from ..data import rows as data, preferences
-from ..trainers import dpo
+from ..trainers import preference as tuning
 from ..evaluation import plots
 from ..models.device import Compute
 from ..models.base_model import load_tokenizer
@@ -36,13 +36,21 @@ PREVIEW_COLUMNS = ["id", "prompt", "chosen", "rejected", "tokens"]
 
 
 def preference_partitions(recipe: Recipe) -> dg.StaticPartitionsDefinition | None:
+    """`preference_adapter`'s partitions: the preference methods."""
     names = recipe.preference_methods()
+    return dg.StaticPartitionsDefinition(names) if names else None
+
+
+def pair_readers(recipe: Recipe) -> dg.StaticPartitionsDefinition | None:
+    """`preference_dataset`'s partitions: one per preference method and reward model (each reads
+    the same pairs through its own partition, so each re-runs on its own)."""
+    names = [*recipe.preference_methods(), *recipe.reward_models]
     return dg.StaticPartitionsDefinition(names) if names else None
 
 
 def preference_mapping(recipe: Recipe) -> dg.StaticPartitionMapping:
     """Partition d of a preference-partitioned asset feeds partition d of a method-partitioned one (and
-    nothing else: the other methods' partitions read no dpo partition)."""
+    nothing else: the other methods' partitions read no preference partition)."""
     return dg.StaticPartitionMapping({n: n for n in recipe.preference_methods()})
 
 
@@ -63,10 +71,10 @@ def check_usable(pairs: list[preferences.PreferencePair], eos_id: int) -> list[s
 
 
 def build(recipe: Recipe) -> list:
-    parts = preference_partitions(recipe)
-    if parts is None or recipe.preferences is None:
+    readers, parts = pair_readers(recipe), preference_partitions(recipe)
+    if readers is None or recipe.preferences is None:
         return []
-    return [_preference_dataset_asset(recipe, parts), _preference_adapter_asset(recipe, parts)]
+    return [_preference_dataset_asset(recipe, readers), *([_preference_adapter_asset(recipe, parts)] if parts else [])]
 
 
 # --------------------------------------------------------------------------------------
@@ -88,7 +96,8 @@ def _preference_dataset_asset(recipe: Recipe, parts: dg.StaticPartitionsDefiniti
                                        description="non-empty training split; every answer ends with end-of-turn")],
     )
     def preference_dataset(context: dg.AssetExecutionContext, store: StoreResource, base_model: Artifact):
-        """Validated, chat-rendered prompt/chosen/rejected pairs, split train/eval (one partition per preference method)."""
+        """Validated, chat-rendered prompt/chosen/rejected pairs, split train/eval (one partition per preference
+        method and reward model: the same pairs)."""
         tok = load_tokenizer(base_model.path)
         art, built = _write_preference_dataset(context, recipe, cv, store, tok, base_model)
         yield c.output(art, _preference_dataset_metadata(built, recipe.evaluation.preview_rows))
@@ -156,12 +165,15 @@ def _preference_adapter_asset(recipe: Recipe, parts: dg.StaticPartitionsDefiniti
         key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "training"), kinds={"pytorch", "peft"}, code_version=cv_tuned, partitions_def=parts, pool="gpu",
         deps=[dg.AssetDep(recipe_method_key(recipe), partition_mapping=dg.StaticPartitionMapping({d: d for d in parts.get_partition_keys()}))],
         ins={"adapter": c.asset_in(recipe, partition_mapping=dg.StaticPartitionMapping(sft_sources(recipe))),
-             "preference_dataset": c.asset_in(recipe), "base_model": c.asset_in(recipe)},
+             "preference_dataset": c.asset_in(recipe, **({} if not recipe.reward_models else {  # d reads d only
+                 "partition_mapping": dg.StaticPartitionMapping({d: d for d in parts.get_partition_keys()})})),
+             "base_model": c.asset_in(recipe)},
     )
     def preference_adapter(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource,
                            config: c.TrainingRun, adapter: Artifact, preference_dataset: Artifact,
                            base_model: Artifact):
-        """The SFT adapter (`sft_from`) continued with DPO on the preference pairs. Its version is that
+        """The SFT adapter (`sft_from`) continued on the preference pairs by the method's objective
+        (DPO, ORPO, SimPO, KTO). Its version is that
         of its inputs, code and settings; an existing one is reused (`force` retrains)."""
         return _tune(context, recipe, compute.resolve(), store.store(recipe.pipeline), adapter, preference_dataset, base_model,
                      cv_tuned, config.force)
@@ -185,42 +197,45 @@ def _tune(context, recipe: Recipe, hw: Compute, store: ArtifactStore, sft: Artif
     ckpts = store.checkpoints("preference_adapter", name, derived_version(derivation))
     context.log.info(f"{name}: continues adapter[{spec.sft_from}] {sft.version}")
     with c.training_failures(context, name):
-        tuned = dpo.run(dpo_request(recipe, name, base_model, sft, prefs, ckpts.dir), hw,
-                        log=lambda msg: context.log.info(f"{name}: {msg}"),
-                        on_log=lambda step, loss: context.log.info(f"step {step}: DPO loss {loss:.4f}"),
-                        on_checkpoint=ckpts.saved)
-    art = dpo.write_preference_adapter(
-        store, name, tuned, inputs=inputs, derivation=c.forced(derivation, context) if force else derivation,
+        tuned = tuning.run(preference_request(recipe, name, base_model, sft, prefs, ckpts.dir), hw,
+                           log=lambda msg: context.log.info(f"{name}: {msg}"),
+                           on_log=lambda step, loss: context.log.info(f"step {step}: {spec.type} loss {loss:.4f}"),
+                           on_checkpoint=ckpts.saved)
+    art = tuning.write_preference_adapter(
+        store, name, spec.type, tuned, inputs=inputs, derivation=c.forced(derivation, context) if force else derivation,
         facts=_tuned_facts(recipe, name, sft, prefs, {**tuned.result.summary(), "device": hw.name}),
         recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed)
     ckpts.finished()  # the artifact supersedes its checkpoints
     return c.output(art, _tuned_metadata(name, spec, sft, prefs, tuned.pairs, tuned.result, art, hw.name))
 
 
-def dpo_request(recipe: Recipe, name: str, base_model: Artifact, sft: Artifact, prefs: Artifact,
-                checkpoint_dir) -> dpo.DpoRequest:
+def preference_request(recipe: Recipe, name: str, base_model: Artifact, sft: Artifact, prefs: Artifact,
+                       checkpoint_dir) -> tuning.PreferenceRequest:
     """The one description of preference method `name`'s run."""
     spec = recipe.methods[name]
-    return dpo.DpoRequest(
-        method=name, base_dir=str(base_model.dir), sft_adapter_dir=str(sft.dir), preference_dataset_dir=str(prefs.path),
-        training=recipe.training_for(name).model_dump(mode="json"), seed=recipe.seed, beta=spec.beta,
-        loss_type=spec.loss_type, max_length=recipe.prompt.max_length, checkpoint_dir=str(checkpoint_dir))
+    return tuning.PreferenceRequest(
+        method=name, objective=spec.type, base_dir=str(base_model.dir), sft_adapter_dir=str(sft.dir),
+        preference_dataset_dir=str(prefs.path), training=recipe.training_for(name).model_dump(mode="json"),
+        seed=recipe.seed, settings=spec.trainer_settings(), max_length=recipe.prompt.max_length,
+        checkpoint_dir=str(checkpoint_dir))
 
 
 def _tuned_facts(recipe: Recipe, name: str, sft: Artifact, prefs: Artifact, summary: dict) -> dict:
-    """The manifest's record of a DPO run: the method, what it continued and on which pairs, the run."""
+    """The manifest's record of a preference run: the method, what it continued and on which pairs
+    (under the method's type, with its objective's settings), the run."""
     spec = recipe.methods[name]
     return {"method": {"name": name, "type": spec.type, "spec": spec.model_dump(mode="json"),
                        "training": recipe.training_for(name).model_dump(mode="json")},
-            dpo.KEY: {"sft_adapter": {"method": spec.sft_from, "version": sft.version, "path": sft.path},
-                    "preference_dataset": prefs.version, "beta": spec.beta, "loss_type": spec.loss_type},
+            spec.type: {"sft_adapter": {"method": spec.sft_from, "version": sft.version, "path": sft.path},
+                        "preference_dataset": prefs.version, **spec.trainer_settings()},
             "train": summary}
 
 
-def _tuned_metadata(name: str, spec, sft: Artifact, prefs: Artifact, n_pairs: int, result: dpo.DpoResult,
+def _tuned_metadata(name: str, spec, sft: Artifact, prefs: Artifact, n_pairs: int, result: tuning.PreferenceResult,
                     art: Artifact, device: str) -> dict:
     summary = result.summary()
-    png = plots.loss_curve_png(result.losses, f"{name}: DPO loss")
+    objective = tuning.OBJECTIVES[spec.type]
+    png = plots.loss_curve_png(result.losses, f"{name}: {objective.name} loss")
     return {
         "method": spec.type,
         "sft_adapter": f"adapter[{spec.sft_from}] {sft.version}",
@@ -229,10 +244,9 @@ def _tuned_metadata(name: str, spec, sft: Artifact, prefs: Artifact, n_pairs: in
         "beta": spec.beta,
         "trainable_parameters": result.trainable_parameters,
         "trainable_percent": round(100 * result.trainable_parameters / result.total_parameters, 4),
-        "loss_curve": dg.MetadataValue.md(plots.markdown_image(png, f"{name} DPO loss curve")),
+        "loss_curve": dg.MetadataValue.md(plots.markdown_image(png, f"{name} {objective.name} loss curve")),
         "losses": dg.MetadataValue.json([[s_, l] for s_, l in result.losses]),
-        "train_reward_accuracy": dg.MetadataValue.json([[s_, a] for s_, a in result.reward_accuracies]),
-        "train_reward_margin": dg.MetadataValue.json([[s_, m] for s_, m in result.reward_margins]),
+        **{c.shown_as: dg.MetadataValue.json([list(x) for x in getattr(result, c.field)]) for c in objective.curves},
         "first_loss": summary["first_loss"],
         "final_loss": summary["final_loss"],
         "steps": result.steps,

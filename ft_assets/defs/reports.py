@@ -13,8 +13,8 @@
   Beyond SFT, when they apply:
   - several tasks in the eval split: `per_task` in metrics.json ({task: {"base", "tuned"}}),
     `per_task.parquet` and a per-task metadata table;
-  - a preference method (`dpo`) d: the tuned model is `preference_adapter[d]`, and `preference_metrics.json`
-    scores the held-out pairs of `preference_dataset[d]` (log-prob accuracy of base, SFT and DPO
+  - a preference method (dpo, orpo, simpo, kto) d: the tuned model is `preference_adapter[d]`, and `preference_metrics.json`
+    scores the held-out pairs of `preference_dataset[d]` (log-prob accuracy of base, SFT and tuned
     models; DPO reward accuracy and margin against the SFT adapter). That SFT adapter is a declared
     input: the `adapter` input maps adapter[sft_from] to partition d as well as adapter[m] to m, so
     partition d reads the reference policy and the UI draws that edge;
@@ -43,7 +43,7 @@ from typing import Any
 import dagster as dg
 
 from ..evaluation import plots, report, tables
-from ..trainers import dpo
+from ..trainers import preference as tuning
 from ..data import preferences
 from ..models.base_model import load_model, load_tokenizer
 from ..config.recipe import Recipe
@@ -299,14 +299,15 @@ def _leaderboard_metadata(art: Artifact, board: report.Leaderboard, png: bytes) 
 def _preference_inputs(name: str, trained_manifest: dict, reference: Artifact, prefs: Artifact) -> report.PreferenceEval:
     """The held-out pairs and the SFT reference the preference adapter continued (both declared inputs);
     fails when the reference Dagster recorded is not the one this adapter started from."""
-    facts = trained_manifest[dpo.KEY]
+    kind = trained_manifest["method"]["type"]
+    facts = trained_manifest[kind]
     if facts["sft_adapter"]["version"] != reference.version:
         raise c.user_error(RuntimeError(
             f"preference_adapter[{name}] continued {c.key_of(reference)} {facts['sft_adapter']['version']}, but "
             f"the latest {c.key_of(reference)} is {reference.version}; materialize preference_adapter[{name}] first"))
     return report.PreferenceEval(
-        preferences.load_pairs(prefs.path, "eval"), reference.dir, reference.manifest()["method"]["type"],
-        facts["beta"], {"preference_dataset": prefs.version,
+        preferences.load_pairs(prefs.path, "eval"), reference.dir, reference.manifest()["method"]["type"], kind,
+        tuning.OBJECTIVES[kind].reward_beta(facts), {"preference_dataset": prefs.version,
                         "reference": {"adapter": c.key_of(reference), "version": reference.version}})
 
 
@@ -317,7 +318,7 @@ def _report_metadata(name: str, made: report.TunedReport, preview_rows: int) -> 
     if "per_task" in m:
         meta["per_task"] = c.frame_table(made.per_task_frame())
     if made.preferences is not None:
-        meta.update(_preference_meta(name, made.preferences))
+        meta.update(_preference_meta(name, made.preference_key, made.preferences))
     if "forgetting" in m:
         meta.update(_forgetting_meta(m["forgetting"]))
     scored = made.evaluator_frame()
@@ -340,14 +341,14 @@ def _report_metadata(name: str, made: report.TunedReport, preview_rows: int) -> 
     }
 
 
-def _preference_meta(name: str, out: dict) -> dict:
-    tuned = out[dpo.KEY]
+def _preference_meta(name: str, key: str, out: dict) -> dict:
+    tuned = out[key]
     rows = [{"model": "base", **out["base"]}, {"model": f"sft ({out['reference']['adapter']})", **out["sft"]},
             {"model": name, **tuned}]
     return {
         "preference_accuracy": tuned["reward_accuracy"],
         "reward_margin": tuned["reward_margin"],
-        f"logp_accuracy_{dpo.KEY}": tuned["logp_accuracy"],
+        f"logp_accuracy_{key}": tuned["logp_accuracy"],
         "logp_accuracy_sft": out["sft"]["logp_accuracy"],
         "logp_accuracy_base": out["base"]["logp_accuracy"],
         "preference_pairs": out["pairs"],

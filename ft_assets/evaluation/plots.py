@@ -46,6 +46,27 @@ def bar_chart_png(labels: list[str], values: list[float], title: str, ylabel: st
     return _png(fig)
 
 
+def calibration_png(bins: list[dict], title: str) -> bytes:
+    """Reliability diagram: per confidence bin, how often the call was right against the mean
+    predicted probability (the diagonal is perfect calibration); empty bins are left out."""
+    fig, ax = _pyplot().subplots(figsize=(4.2, 3.6), dpi=100)
+    shown = [b for b in bins if b["pairs"]]
+    ax.plot([0.5, 1.0], [0.5, 1.0], linestyle="--", color="grey", label="perfect")
+    if shown:
+        ax.plot([b["predicted"] for b in shown], [b["observed"] for b in shown], marker="o", label="model")
+        for b in shown:
+            ax.annotate(str(b["pairs"]), (b["predicted"], b["observed"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xlim(0.5, 1.0)
+    ax.set_ylim(0.0, 1.05)
+    ax.set_xlabel("predicted P(chosen wins)")
+    ax.set_ylabel("observed accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def markdown_image(png: bytes, alt: str) -> str:
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
 

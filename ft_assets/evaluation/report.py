@@ -2,7 +2,7 @@
 
     evaluate_tuned(method, TunedModel, examples, base_metrics, ...) -> TunedReport
         the tuned model (its merged checkpoint when it merged, else base + adapter) on the
-        held-out split; per-task scores beside the base's; for a dpo method (`PreferenceEval`),
+        held-out split; per-task scores beside the base's; for a preference method (`PreferenceEval`),
         the held-out pairs scored for base, SFT reference and tuned model; for an adapter that
         continued a previous version (`ForgettingEval`), both adapters on the previous eval split.
 
@@ -15,7 +15,7 @@ directions go to metrics.json's "higher_is_better", their files beside the predi
 
 `TunedReport.save(dir)` writes `metrics.json` ({"base", "tuned", "evaluated_as", "method",
 "per_task"?, "forgetting"?}), the per-example table (`predictions.jsonl`, `.parquet`, `.csv`), with
-several tasks `per_task.parquet` (base vs tuned per task) and, for dpo, `preference_metrics.json`.
+several tasks `per_task.parquet` (base vs tuned per task) and, for preference methods, `preference_metrics.json`.
 `defs.reports.forgetting_inputs` finds the previous adapter and data by exact version in the
 store (the adapter's own history, named in its manifest); nothing here reads the store.
 
@@ -36,7 +36,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..trainers import dpo
+from ..trainers import preference as tuning
 from . import merge, plots, tables
 from ..data.rows import Example
 from . import evaluators
@@ -61,8 +61,9 @@ class TunedModel:
 @dataclass(frozen=True)
 class PreferenceEval:
     pairs: list[PreferencePair]  # held-out pairs of preference_dataset
-    reference_dir: Path  # the SFT adapter the dpo adapter continued (its reference policy)
+    reference_dir: Path  # the SFT adapter the preference adapter continued (its reference policy)
     reference_type: str
+    key: str  # the preference method's type: what its scores are filed under
     beta: float
     facts: dict[str, Any]  # recorded beside the scores (dataset and reference versions)
 
@@ -116,6 +117,7 @@ class TunedReport:
     preferences: dict[str, Any] | None = None
     timing: dict[str, Any] = field(default_factory=dict)  # the tuned model's `heldout.evaluate` timing (not saved)
     evaluators: dict[str, evaluators.EvaluatorResult] = field(default_factory=dict)  # the tuned model's
+    preference_key: str = ""  # the preference method's type, the key of its scores in `preferences`
 
     def evaluator_frame(self) -> pd.DataFrame | None:
         """Base vs tuned for every evaluator score (change: positive = better), when there are evaluators."""
@@ -190,8 +192,9 @@ def evaluate_tuned(method_type: str, name: str, tuned: TunedModel, tokenizer, ex
         pad = tokenizer.pad_token_id
         reference = get_method(preference.reference_type).load(load_model(tuned.base_dir, device),
                                                                preference.reference_dir)
-        prefs = {**dpo.evaluate_preferences(model, reference, load_model(tuned.base_dir, device), preference.pairs,
-                                            beta=preference.beta, pad_id=pad, device=device), **preference.facts}
+        prefs = {**tuning.evaluate_preferences(model, reference, load_model(tuned.base_dir, device), preference.pairs,
+                                               key=preference.key, beta=preference.beta, pad_id=pad, device=device),
+                 **preference.facts}
     if forgetting is not None:
         q_dir = tuned.quantized_dir if method.uses_quantized_base else None
         before = run(forgetting.examples, merge.unmerged(method, tuned.base_dir, forgetting.previous_adapter_dir,
@@ -204,7 +207,8 @@ def evaluate_tuned(method_type: str, name: str, tuned: TunedModel, tokenizer, ex
             # positive = forgot (quality fell / loss rose) on the old eval set
             "drop": {k: round((after[k] - before[k]) if k == "eval_loss" else (before[k] - after[k]), 4) for k in keys},
         }
-    return TunedReport(metrics, result["rows"], prefs, result["timing"], scored)
+    return TunedReport(metrics, result["rows"], prefs, result["timing"], scored,
+                       preference.key if preference is not None else "")
 
 
 BOARD_COLUMNS = list(tables.BOARD_COLUMNS)

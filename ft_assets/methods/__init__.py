@@ -117,4 +117,4 @@ from . import peft_variants  # noqa: E402,F401  (dora, rslora, lora_plus, lora_f
 from . import full  # noqa: E402,F401  (full, last_layers)
 from . import delta_lora  # noqa: E402,F401  (delta_lora)
 from . import bottleneck  # noqa: E402,F401  (bottleneck)
-from . import dpo  # noqa: E402,F401  (dpo: peft adapter continued with DPO by trainers.dpo)
+from . import preference  # noqa: E402,F401  (dpo, orpo, simpo, kto: an SFT adapter continued by trainers.preference)

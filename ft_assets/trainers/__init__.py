@@ -1,2 +1,3 @@
-"""One module per kind of training (sft.py, dpo.py, distill.py): inputs in, a trained model
-directory out, over the `training` toolkit. No store, no Dagster."""
+"""One module per kind of training (sft.py, preference/, distill.py), over the `training` toolkit
+and, for those built on TRL's trainers, `trl_common.py`: inputs in, a trained model directory
+out. No store, no Dagster."""

@@ -1,7 +1,7 @@
 """How many optimizer steps a run takes, and (for `python -m ft_assets validate`) an honest
 estimate of it before any data is built.
 
-`steps_for` is the one rule every trainer uses (`training.loop`, `trainers.dpo`, `trainers.distill`):
+`steps_for` is the one rule every trainer uses (`training.loop`, `trainers.preference`, `trainers.distill`):
 min(max_steps, ceil(epochs * rows / (batch_size * grad_accum))), at least 1. Nothing here
 imports torch, so validating a recipe stays fast.
 
@@ -137,7 +137,11 @@ def recipe_step_estimates(recipe) -> RecipeSteps:
     for name, spec in recipe.methods.items():
         cfg = recipe.training_for(name)
         if name in recipe.preference_methods():
-            methods[name] = estimate_steps(cfg, prefs, unit="pairs", unknown=prefs_unknown)
+            per_pair = spec.ROWS_PER_PAIR  # kto: each pair is two labelled answers
+            rows = prefs if prefs is None or per_pair == 1 else dataclasses.replace(
+                prefs, low=prefs.low * per_pair, high=prefs.high * per_pair)
+            methods[name] = estimate_steps(cfg, rows, unit="pairs" if per_pair == 1 else "labelled answers",
+                                           unknown=prefs_unknown)
         else:
             replay = (f"rows replayed when continuing ({spec.replay_fraction:.0%} of the previous train split)"
                       if spec.continue_from and spec.replay_fraction else None)

@@ -187,7 +187,7 @@ def test_a_method_registered_after_import_is_accepted_with_its_keys_validated():
             with_("methods.other", {"type": "tiny_test", "partner": "nope"}))
         unknown = problems(with_("methods.x", {"type": "tinny"}))
         assert "methods.x: unknown method type 'tinny'; known types: lora, qlora," in unknown
-        assert unknown.rstrip().endswith(", dpo, tiny_test")
+        assert unknown.rstrip().endswith(", dpo, orpo, simpo, kto, tiny_test")
     assert "unknown method type 'tiny_test'" in problems(tiny)
 
 

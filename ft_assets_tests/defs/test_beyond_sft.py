@@ -1,4 +1,6 @@
-"""Beyond SFT through Dagster on the tiny model: preference_dataset + preference_adapter[dpo], the student,
+"""Beyond SFT through Dagster on the tiny model: preference_dataset + preference_adapter[dpo] (the
+other objectives share its asset; each is tested in trainers/), reward_model[rm] on the same pairs,
+the student,
 a two-task mixture with per-task metrics, continue_from with replay and forgetting, and what
 the automation re-runs when the preference pairs change."""
 
@@ -19,7 +21,7 @@ from ft_assets.config.recipe import load_recipe
 from ft_assets.artifacts.store import ArtifactStore
 from ft_assets_tests.conftest import make_recipe, qa_rows, write_jsonl
 
-PARTITIONED = ("adapter", "preference_adapter", "merged_model", "eval_report", "preference_dataset")
+PARTITIONED = ("adapter", "preference_adapter", "merged_model", "eval_report", "preference_dataset", "reward_model")
 
 
 def head_rows(n: int = 20) -> list[dict]:
@@ -48,6 +50,8 @@ def beyond_recipe(model_dir) -> dict:
             "dpo": {"sft_from": "lora", "beta": 0.1, "training": {"max_steps": 2, "batch_size": 2, "lr": 5e-3}},
         },
         preferences={"name": "prefs", "path": "data/prefs.jsonl", "columns": {"id": "id"}, "eval_fraction": 0.25},
+        reward_models={"rm": {"r": 4, "alpha": 8, "dropout": 0.0, "training": {"max_steps": 3, "batch_size": 4,
+                                                                                "lr": 5e-3}}},
         distillation={"teacher": "lora", "keep_layers": [1], "alpha": 0.5, "temperature": 2.0,
                       "training": {"max_steps": 3}, "speed_prompts": 2},
     )
@@ -95,8 +99,9 @@ def test_graph_declares_the_new_assets_and_their_dependencies(world):
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert {"raw/qa", "raw/heads", "raw/prefs", "preference_dataset", "student"} <= keys
-    for key in ("preference_dataset", "preference_adapter"):
-        assert defs.resolve_assets_def(key).partitions_def.get_partition_keys() == ["dpo"]
+    assert defs.resolve_assets_def("preference_adapter").partitions_def.get_partition_keys() == ["dpo"]
+    assert defs.resolve_assets_def("preference_dataset").partitions_def.get_partition_keys() == ["dpo", "rm"]
+    assert defs.resolve_assets_def("reward_model").partitions_def.get_partition_keys() == ["rm"]
     assert defs.resolve_assets_def("adapter").partitions_def.get_partition_keys() == ["lora"]
     assert defs.resolve_assets_def("eval_report").partitions_def.get_partition_keys() == ["lora", "dpo"]
     # every edge of the dpo chain is declared, partition to partition (what the UI's lineage shows)
@@ -115,6 +120,9 @@ def test_graph_declares_the_new_assets_and_their_dependencies(world):
         return sorted(got.partitions_subset.get_partition_keys())
 
     assert upstream("preference_adapter", "dpo", "adapter") == ["lora"]  # the SFT adapter it continues
+    assert upstream("preference_adapter", "dpo", "preference_dataset") == ["dpo"]
+    assert upstream("reward_model", "rm", "preference_dataset") == ["rm"]
+    assert {"preference_dataset", "base_model"} <= {p.to_user_string() for p in graph.get(dg.AssetKey("reward_model")).parent_keys}
     assert upstream("merged_model", "dpo", "preference_adapter") == ["dpo"]
     assert upstream("merged_model", "dpo", "adapter") == [] and upstream("merged_model", "lora", "adapter") == ["lora"]
     assert upstream("eval_report", "dpo", "adapter") == ["lora"]  # the reference policy of its preference metrics
@@ -153,6 +161,27 @@ def test_dpo_continues_the_latest_sft_adapter_with_lineage(world):
     assert store.latest("merged_model", "dpo").manifest()["mergeable"]
     board = json.loads((store.latest("leaderboard").dir / "leaderboard.json").read_text())
     assert {r["method"] for r in board["rows"]} == {"lora", "dpo", "base"}
+
+
+def test_reward_model_trains_on_the_pairs_and_reports_its_held_out_accuracy(world):
+    """reward_model[rm]: a plain sequence classifier (merged LoRA + head) from the same pairs, with
+    its held-out pairwise accuracy, calibration and lineage."""
+    from transformers import AutoModelForSequenceClassification
+
+    store = world["store"]
+    rm, prefs = store.latest("reward_model", "rm"), store.latest("preference_dataset", "rm")
+    m = rm.manifest()
+    assert m["inputs"] == {"preference_dataset[rm]": prefs.version, "base_model": store.latest("base_model").version}
+    assert m["reward_model"]["type"] == "lora" and m["train"]["steps"] == 3
+    heldout = json.loads((rm.dir / "heldout.json").read_text())
+    assert heldout["pairs"] == 4 and len(heldout["rows"]) == 4 and 0.0 <= heldout["accuracy"] <= 1.0
+    assert m["reward_model"]["heldout"]["accuracy"] == heldout["accuracy"]
+    md = meta(world, "reward_model", "rm")
+    assert md["heldout_accuracy"].value == heldout["accuracy"] and md["chance_accuracy"].value == 0.5
+    assert "calibration" in md and md["calibration_plot"].value.startswith("![rm calibration](data:image/png")
+    assert len(md["train_accuracy"].value) == 3
+    model = AutoModelForSequenceClassification.from_pretrained(rm.dir)  # plain transformers, no peft
+    assert model.config.num_labels == 1
 
 
 def test_student_is_distilled_from_the_teacher_with_a_report(world):
@@ -256,17 +285,20 @@ def settle(world, got) -> set:
     raise AssertionError(f"still requesting after 10 ticks: {got}")
 
 
-def test_changed_preference_pairs_rerun_only_the_dpo_partitions(world):
+def test_changed_preference_pairs_rerun_only_the_preference_partitions(world):
     """Through the observation sensor: it hashes the preference file too."""
     assert requested(world["first"]) == set() and step(world) == set()
     rows = pref_rows()
     rows[0]["rejected"] = "$1 million"
     write_jsonl(world["root"] / "data" / "prefs.jsonl", rows)
     first = step(world)
-    # one run (same partitions): preference_dataset's blocking check gates preference_adapter in it
-    assert first == {("preference_dataset", "dpo"), ("preference_adapter", "dpo")}
-    assert settle(world, first) == {("preference_dataset", "dpo"), ("preference_adapter", "dpo"), ("merged_model", "dpo"),
-                                    ("eval_report", "dpo"), ("leaderboard", None)}  # never lora, never student
+    # the pairs first: preference_dataset has a partition per reader (dpo, rm), which neither
+    # preference_adapter (dpo) nor reward_model (rm) shares, and a run has one partitions
+    # definition; its blocking check gates what follows in the next tick
+    assert first == {("preference_dataset", p) for p in ("dpo", "rm")}
+    chains = {(asset, "dpo") for asset in ("preference_dataset", "preference_adapter", "merged_model", "eval_report")}
+    rm = {("preference_dataset", "rm"), ("reward_model", "rm")}
+    assert settle(world, first) == chains | rm | {("leaderboard", None)}  # never lora, never student
 
 
 def test_a_new_sft_adapter_version_retrains_the_dpo_method_through_its_declared_edge(world):

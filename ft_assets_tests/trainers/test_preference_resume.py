@@ -1,7 +1,8 @@
-"""DPO resumes exactly (trainers/dpo.py): a run killed with SIGKILL after a checkpoint, or stopped
-by SIGTERM, and run again ends with the bits and the loss curve of an uninterrupted run; the
-reference adapter stays the SFT policy on resume (were it the checkpoint's weights, the losses
-after the resume would differ)."""
+"""Every preference objective resumes exactly (trainers/preference, trainers/trl_common.py): a run
+stopped by SIGTERM, and for the objectives with a frozen reference adapter (dpo, kto: TRL's "ref"
+copy, the fragile case) one killed with SIGKILL after a checkpoint, run again ends with the bits and
+the loss curve of an uninterrupted run; the reference adapter stays the SFT policy on resume (were
+it the checkpoint's weights, the losses after the resume would differ)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from ft_assets.data import preferences
 from ft_assets.methods import get_method
 from ft_assets.methods.lora import LoraSpec
 from ft_assets.models.base_model import load_model
-from ft_assets.trainers import dpo
+from ft_assets.config.method_spec import SPECS
+from ft_assets.trainers import preference as tuning
 from ft_assets.training.checkpoint import latest_checkpoint
 from ft_assets.training.preemption import CheckpointBusy, Preempted, checkpoint_lock
 from ft_assets_tests.conftest import REPO, qa_rows
@@ -36,18 +38,21 @@ TRAINING = TrainingSpec(max_steps=4, epochs=50, batch_size=2, lr=1e-2, warmup_ra
 SEED = 3
 TEMPLATE = "Context:\n{context}\n\nQuestion: {question}"
 
+OBJECTIVES = list(tuning.OBJECTIVES)
+WITH_REFERENCE = [k for k, o in tuning.OBJECTIVES.items() if o.reference]
+
 # the killed run: stops in step 3 (after the step-2 checkpoint, before step 3 is saved) and waits for the kill
 CHILD = """
 import sys, time
 from pathlib import Path
-from ft_assets_tests.trainers.test_dpo_resume import tune
+from ft_assets_tests.trainers.test_preference_resume import tune
 
 def wait_in_step_3(step, loss):
     if step == 3:
         Path(sys.argv[3]).write_text("in step 3")
         time.sleep(600)
 
-tune(Path(sys.argv[1]), Path(sys.argv[2]), checkpoint_dir=Path(sys.argv[4]), on_log=wait_in_step_3)
+tune(sys.argv[5], Path(sys.argv[1]), Path(sys.argv[2]), checkpoint_dir=Path(sys.argv[4]), on_log=wait_in_step_3)
 """
 
 
@@ -60,19 +65,22 @@ def make_pairs(tok) -> list[preferences.PreferencePair]:
     return pairs
 
 
-def tune(model_dir: Path, sft_dir: Path, **kw) -> dpo.PreferenceTuning:
-    """The one DPO run every test makes (here and in the child process)."""
+def tune(objective: str, model_dir: Path, sft_dir: Path, **kw) -> tuning.PreferenceTuning:
+    """The one run of `objective` every test makes (here and in the child process), with the
+    objective's recipe defaults."""
     tok = AutoTokenizer.from_pretrained(model_dir)
-    return dpo.tune_sft_adapter(model_dir, sft_dir, tok, make_pairs(tok), TRAINING, seed=SEED, beta=0.1,
-                                loss_type="sigmoid", max_length=160, device="cpu", dtype=torch.float32, **kw)
+    settings = SPECS[objective](type=objective, sft_from="lora").trainer_settings()
+    return tuning.tune_sft_adapter(model_dir, sft_dir, tok, make_pairs(tok), TRAINING, objective=objective,
+                                   settings=settings, seed=SEED, max_length=160, device="cpu", dtype=torch.float32,
+                                   **kw)
 
 
-def saved_tensors(tuned: dpo.PreferenceTuning, out: Path) -> dict[str, torch.Tensor]:
-    dpo.save_dpo_adapter(tuned.model, out)
+def saved_tensors(tuned: tuning.PreferenceTuning, out: Path) -> dict[str, torch.Tensor]:
+    tuning.save_adapter(tuned.model, out)
     return load_file(str(out / "adapter_model.safetensors"))
 
 
-def assert_same_run(tuned: dpo.PreferenceTuning, reference, out: Path) -> None:
+def assert_same_run(tuned: tuning.PreferenceTuning, reference, out: Path) -> None:
     ref_losses, ref_tensors = reference
     assert tuned.result.losses == ref_losses
     tensors = saved_tensors(tuned, out)
@@ -91,19 +99,28 @@ def sft_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model_dir, sft_dir, tmp_path_factory):
-    """(losses, saved adapter tensors) of the run never interrupted, and without checkpoints."""
-    tuned = tune(tiny_model_dir, sft_dir)
-    assert tuned.result.steps == TRAINING.max_steps and tuned.result.resumed_from_step == 0
-    return tuned.result.losses, saved_tensors(tuned, tmp_path_factory.mktemp("reference"))
+def uninterrupted(tiny_model_dir, sft_dir, tmp_path_factory):
+    """objective -> (losses, saved adapter tensors) of its run never interrupted, and without checkpoints."""
+    done = {}
+
+    def of(objective: str):
+        if objective not in done:
+            tuned = tune(objective, tiny_model_dir, sft_dir)
+            assert tuned.result.steps == TRAINING.max_steps and tuned.result.resumed_from_step == 0
+            assert len(tuned.result.losses) == TRAINING.max_steps and set(tuned.model.peft_config) == {"default"}
+            done[objective] = tuned.result.losses, saved_tensors(tuned, tmp_path_factory.mktemp(objective))
+        return done[objective]
+    return of
 
 
+@pytest.mark.parametrize("objective", WITH_REFERENCE)
 def test_kill_9_after_a_checkpoint_then_rerun_resumes_there_and_matches_the_uninterrupted_run(
-        tiny_model_dir, sft_dir, reference, tmp_path):
+        tiny_model_dir, sft_dir, uninterrupted, tmp_path, objective):
+    reference = uninterrupted(objective)
     ckpt, marker = tmp_path / "ckpt", tmp_path / "in-step-3"
     with open(tmp_path / "child.log", "w") as log:
-        child = subprocess.Popen([sys.executable, "-c", CHILD, str(tiny_model_dir), str(sft_dir), str(marker), str(ckpt)],
-                                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(tiny_model_dir), str(sft_dir), str(marker), str(ckpt),
+                                  objective], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 300
         while not marker.exists():
@@ -119,18 +136,20 @@ def test_kill_9_after_a_checkpoint_then_rerun_resumes_there_and_matches_the_unin
     half.mkdir(parents=True)
     (half / "trainer_state.json").write_text('{"global_step": 4, "log_hi')
 
-    resumed = tune(tiny_model_dir, sft_dir, checkpoint_dir=ckpt)
+    resumed = tune(objective, tiny_model_dir, sft_dir, checkpoint_dir=ckpt)
     assert resumed.result.resumed_from_step == 2 and resumed.result.summary()["resumed_from_step"] == 2
     assert_same_run(resumed, reference, tmp_path / "resumed")
     assert not half.exists()
 
 
+@pytest.mark.parametrize("objective", OBJECTIVES)
 def test_sigterm_checkpoints_the_step_it_arrives_in_raises_preempted_and_resumes_exactly(
-        tiny_model_dir, sft_dir, reference, tmp_path):
+        tiny_model_dir, sft_dir, uninterrupted, tmp_path, objective):
+    reference = uninterrupted(objective)
     ckpt = tmp_path / "ckpt"
     with checkpoint_lock(ckpt):  # another writer holds the dir: refused before any step
         with pytest.raises(CheckpointBusy):
-            tune(tiny_model_dir, sft_dir, checkpoint_dir=ckpt)
+            tune(objective, tiny_model_dir, sft_dir, checkpoint_dir=ckpt)
 
     def sigterm_in_step_3(step, loss):  # HF logs a step after its update, before its checkpoint decision
         if step == 3:
@@ -139,11 +158,12 @@ def test_sigterm_checkpoints_the_step_it_arrives_in_raises_preempted_and_resumes
     saved = []
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Preempted, match=r"^preempted at step 3 by SIGTERM: checkpoint written at .*step-000003"):
-        tune(tiny_model_dir, sft_dir, checkpoint_dir=ckpt, on_log=sigterm_in_step_3, on_checkpoint=saved.append)
+        tune(objective, tiny_model_dir, sft_dir, checkpoint_dir=ckpt, on_log=sigterm_in_step_3,
+             on_checkpoint=saved.append)
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
     assert [p.name for p in saved] == ["step-000002", "step-000003"]  # periodic, then the signal's
     assert latest_checkpoint(ckpt).name == "step-000003" and not (ckpt / "step-000002").exists()
 
-    resumed = tune(tiny_model_dir, sft_dir, checkpoint_dir=ckpt)
+    resumed = tune(objective, tiny_model_dir, sft_dir, checkpoint_dir=ckpt)
     assert resumed.result.resumed_from_step == 3
     assert_same_run(resumed, reference, tmp_path / "resumed")

@@ -1,0 +1,267 @@
+"""Preference tuning: an SFT adapter continued on preference pairs with one of TRL's preference
+trainers, the objective its method type names (one module each beside this one):
+
+    dpo.py    DPO: -log sigmoid(beta * [(log pi - log ref)(chosen) - (log pi - log ref)(rejected)]),
+              ref = the SFT adapter, frozen (TRL's "ref" copy of it: no second model is loaded)
+    orpo.py   ORPO: NLL(chosen) - beta * log sigmoid(log odds(chosen) - log odds(rejected)); no reference
+    simpo.py  SimPO: -log sigmoid(beta * (mean log pi(chosen) - mean log pi(rejected)) - gamma); no reference
+    kto.py    KTO: each pair as two labelled answers (desirable / undesirable), against the reference
+
+The model handed to the trainer is a PeftModel whose "default" adapter is the SFT adapter loaded
+trainable; only "default" is saved, so the result loads and merges like the LoRA it started from.
+The data are in-memory `datasets.Dataset`s of our chat-rendered text; each objective checks that
+TRL re-tokenizes them to our ids. Checkpoints, exact resume and signals: `trainers.trl_common`.
+
+The metrics are ours (`sequence_logps`, `preference_metrics`), so they mean the same thing for the
+base, SFT and tuned models whatever the objective: log-probability accuracy (pi(chosen) >
+pi(rejected)) for any model, and against the SFT reference, the implicit reward r = beta * (log pi -
+log ref) (DPO's): reward accuracy (r_chosen > r_rejected) and the mean reward margin. No Dagster here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from ...data.rows import IGNORE_INDEX, Example, dataset_info, tokenizer_fingerprint
+from ...models.base_model import load_model, load_tokenizer, parameter_count
+from ...models.device import Compute
+from ...data.preferences import PreferencePair, load_pairs
+from ...config.training import TrainingSpec
+from ...training.steps import steps_for
+from ...training.loop import TrainingDiverged, peak_memory_bytes, reset_peak_memory, seed_everything
+from ...training.packing import collate
+from .. import trl_common
+from . import dpo, kto, orpo, simpo
+from .objective import Objective
+
+OBJECTIVES: dict[str, Objective] = {o.key: o for o in (dpo.OBJECTIVE, orpo.OBJECTIVE, simpo.OBJECTIVE, kto.OBJECTIVE)}
+
+
+@dataclass
+class PreferenceResult(trl_common.TrainedRun):
+    reward_accuracies: list[tuple[int, float]] = field(default_factory=list)  # logged by dpo, orpo, simpo
+    reward_margins: list[tuple[int, float]] = field(default_factory=list)
+    kl: list[tuple[int, float]] = field(default_factory=list)  # logged by kto
+
+    def summary(self) -> dict[str, Any]:
+        out = super().summary()
+        resumed = out.pop("resumed_from_step")  # last, as before
+        return {**out,
+                "final_train_reward_accuracy": self.reward_accuracies[-1][1] if self.reward_accuracies else None,
+                "final_train_reward_margin": self.reward_margins[-1][1] if self.reward_margins else None,
+                "resumed_from_step": resumed}
+
+    def train_log(self, objective: Objective) -> dict[str, Any]:
+        """train_log.json: the loss and the objective's curves by step (not how the run went)."""
+        return {"losses": self.losses, **{c.field: getattr(self, c.field) for c in objective.curves},
+                "steps": self.steps}
+
+
+def preference_steps(n_pairs: int, training: TrainingSpec, objective: Objective) -> int:
+    """Optimizer steps over `n_pairs`: the SFT rule (`training.steps.steps_for`) over the rows the
+    objective trains on (a pair, or two labelled answers), one process."""
+    return steps_for(n_pairs * objective.rows_per_pair, training)
+
+
+@dataclass
+class PreferenceTuning:
+    """What `tune_sft_adapter` made: the model (its "default" adapter is the tuned one) and the run."""
+
+    model: Any
+    result: PreferenceResult
+    pairs: int = 0  # the training pairs
+
+
+@dataclass
+class PreferenceRequest:
+    """One preference-tuning run as plain values: what `run` needs, built once by `defs.preferences`."""
+
+    method: str  # the recipe's method name
+    objective: str  # its type: a key of OBJECTIVES
+    base_dir: str
+    sft_adapter_dir: str  # the adapter it continues (and, for dpo and kto, its frozen reference)
+    preference_dataset_dir: str  # its train pairs
+    training: dict[str, Any]  # `recipe.training_for(method)`, a TrainingSpec as JSON
+    seed: int
+    settings: dict[str, Any]  # the objective's recipe keys (`spec.trainer_settings()`), e.g. beta, loss_type
+    max_length: int | None
+    checkpoint_dir: str
+
+
+def run(request: PreferenceRequest, hw: Compute, *, log: Callable[[str], None] = print,
+        on_log: Callable[[int, float], None] | None = None,
+        on_checkpoint: Callable[[Path], None] | None = None) -> PreferenceTuning:
+    """Preference tuning as `request` says, on `hw`, resuming from its checkpoints."""
+    training = TrainingSpec.model_validate(request.training)
+    objective = OBJECTIVES[request.objective]
+    tokenizer = load_tokenizer(request.base_dir)
+    if tokenizer_fingerprint(tokenizer) != dataset_info(request.preference_dataset_dir)["tokenizer_fingerprint"]:
+        from ..sft import TrainingFailed
+
+        raise TrainingFailed("preference_dataset was built with a different tokenizer than base_model has now; "
+                             "re-materialize preference_dataset")
+    pairs = load_pairs(request.preference_dataset_dir, "train")
+    settings = ", ".join(f"{k} {v}" for k, v in request.settings.items())
+    log(f"{objective.name} on {len(pairs)} pairs, {preference_steps(len(pairs), training, objective)} steps, "
+        f"{settings}, on {hw.device}")
+    tuned = tune_sft_adapter(
+        Path(request.base_dir), Path(request.sft_adapter_dir), tokenizer, pairs, training, objective=request.objective,
+        settings=request.settings, seed=request.seed, max_length=request.max_length, device=hw.device,
+        dtype=hw.dtype, checkpoint_dir=Path(request.checkpoint_dir), on_log=on_log, on_checkpoint=on_checkpoint)
+    if tuned.result.resumed_from_step:
+        log(f"resumed from checkpoint at step {tuned.result.resumed_from_step}")
+    tuned.pairs = len(pairs)
+    return tuned
+
+
+def tune_sft_adapter(base_dir: Path, sft_adapter_dir: Path, tokenizer, pairs: list[PreferencePair],
+                     training: TrainingSpec, *, objective: str, settings: dict[str, Any], seed: int,
+                     max_length: int | None, device: str, dtype: torch.dtype, checkpoint_dir: Path | None = None,
+                     on_log: Callable[[int, float], None] | None = None,
+                     on_checkpoint: Callable[[Path], None] | None = None) -> PreferenceTuning:
+    """Load base + the SFT adapter (trainable) and continue it with `objective` on `pairs`,
+    checkpointing into and resuming from `checkpoint_dir` (`train_preferences`). Raises
+    `TrainingDiverged` when the loss is not finite, `sft.TrainingFailed` (with the recipe keys to
+    change) when out of memory, `Preempted` on SIGTERM/SIGINT, `CheckpointBusy` when another
+    process trains into `checkpoint_dir`."""
+    from peft import PeftModel
+
+    seed_everything(seed)
+    reset_peak_memory(device)
+    model = PeftModel.from_pretrained(load_model(base_dir, device, dtype), sft_adapter_dir, is_trainable=True)
+    trainable, total = parameter_count(model)
+    try:
+        result = train_preferences(model, tokenizer, pairs, training, objective=objective, settings=settings,
+                                   seed=seed, max_length=max_length, device=device, checkpoint_dir=checkpoint_dir,
+                                   on_log=on_log, on_checkpoint=on_checkpoint)
+    except torch.OutOfMemoryError as exc:
+        from ..sft import TrainingFailed, out_of_memory_hint
+
+        raise TrainingFailed(out_of_memory_hint(training, device, exc)) from None
+    if not all(math.isfinite(loss) for _, loss in result.losses):
+        raise TrainingDiverged(f"{OBJECTIVES[objective].name} loss is not finite; lower the learning rate "
+                               f"(now {training.lr})")
+    result.trainable_parameters, result.total_parameters = trainable, total
+    result.peak_memory_bytes = peak_memory_bytes(device)
+    return PreferenceTuning(model, result)
+
+
+def train_preferences(
+    model, tokenizer, pairs: list[PreferencePair], training: TrainingSpec, *, objective: str,
+    settings: dict[str, Any], seed: int, max_length: int | None = None, device: str = "cpu",
+    checkpoint_dir: Path | None = None, on_log: Callable[[int, float], None] | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
+) -> PreferenceResult:
+    """Continue `model` (a PeftModel, SFT adapter trainable as "default") with `objective` on
+    `pairs`, in place: `trl_common.train` (checkpoints in `checkpoint_dir`, exact resume, signals)."""
+    if not trl_common.is_peft(model):
+        raise TypeError("preference tuning continues a peft adapter: pass a PeftModel loaded with is_trainable=True")
+    obj = OBJECTIVES[objective]
+    steps = preference_steps(len(pairs), training, obj)
+    result = PreferenceResult()
+    rows = obj.rows(pairs, random.Random(seed))
+
+    def build(out: Path, callback):
+        args = trl_common.trainer_args(training, seed, steps, out, checkpoint_dir is not None, device)
+        return obj.build(model, tokenizer, rows, args, settings, max_length, callback)
+
+    trl_common.train(model, build, steps=steps, result=result, curves=obj.curves, checkpoint_dir=checkpoint_dir,
+                     check=lambda trainer: obj.check_tokenization(trainer.train_dataset, rows),
+                     on_log=on_log, on_checkpoint=on_checkpoint)
+    result.steps = steps
+    result.pairs_seen = steps * training.batch_size * training.grad_accum // obj.rows_per_pair
+    return result
+
+
+def save_adapter(model, out_dir: Path) -> None:
+    model.save_pretrained(out_dir, safe_serialization=True, selected_adapters=["default"])
+
+
+def write_preference_adapter(store, name: str, objective: str, tuned: PreferenceTuning, *, inputs: dict[str, str],
+                             derivation: dict[str, Any], facts: dict[str, Any], **manifest: Any):
+    """`tuned` stored as `preference_adapter[name]` under `derivation` (an `ArtifactStore`), with
+    its train log; `facts` go to the manifest's extra keys, `manifest` (recipe_hash, code_version,
+    seed) to the store write. Returns the Artifact."""
+    log = tuned.result.train_log(OBJECTIVES[objective])
+    with store.write("preference_adapter", name, derivation=derivation, **manifest) as st:
+        st.inputs = inputs
+        save_adapter(tuned.model, st.path)
+        st.extra.update(facts)
+        (st.path / "train_log.json").write_text(json.dumps(log, indent=2, sort_keys=True) + "\n")
+    return st.artifact
+
+
+# --------------------------------------------------------------------------------------
+# metrics
+# --------------------------------------------------------------------------------------
+
+
+def _as_example(pair: PreferencePair, answer_ids: list[int]) -> Example:
+    ids = pair.prompt_ids + answer_ids
+    return Example(pair.id, pair.prompt, None, "", pair.line, pair.task, ids,
+                   [IGNORE_INDEX] * len(pair.prompt_ids) + answer_ids)
+
+
+@torch.inference_mode()
+def sequence_logps(model, pairs: list[PreferencePair], pad_id: int, device: str = "cpu",
+                   batch_size: int = 8) -> tuple[list[float], list[float]]:
+    """Sum of log pi(answer token | prefix) over each answer (incl. end-of-turn): (chosen, rejected)."""
+    model.eval()
+    out = []
+    for which in ("chosen_ids", "rejected_ids"):
+        rows = [_as_example(p, getattr(p, which)) for p in pairs]
+        sums: list[float] = []
+        for i in range(0, len(rows), batch_size):
+            batch = collate(rows[i: i + batch_size], pad_id, device)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            logits = logits[:, -batch["input_ids"].size(1):]  # prompt-learning peft prepends virtual tokens
+            targets = batch["labels"][:, 1:]
+            logp = F.log_softmax(logits[:, :-1], dim=-1)
+            mask = targets != IGNORE_INDEX
+            tok = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            sums += (tok * mask).sum(dim=1).tolist()
+        out.append(sums)
+    return out[0], out[1]
+
+
+def preference_metrics(policy: tuple[list[float], list[float]], reference: tuple[list[float], list[float]] | None = None,
+                       beta: float = 0.1) -> dict[str, float]:
+    chosen, rejected = policy
+    n = len(chosen)
+    m = {
+        "pairs": n,
+        "logp_accuracy": round(sum(c > r for c, r in zip(chosen, rejected)) / n, 4),
+        "logp_margin": round(sum(c - r for c, r in zip(chosen, rejected)) / n, 4),
+    }
+    if reference is not None:
+        rc = [beta * (c - c0) for c, c0 in zip(chosen, reference[0])]
+        rr = [beta * (r - r0) for r, r0 in zip(rejected, reference[1])]
+        m.update({
+            "reward_accuracy": round(sum(a > b for a, b in zip(rc, rr)) / n, 4),
+            "reward_margin": round(sum(a - b for a, b in zip(rc, rr)) / n, 4),
+            "reward_chosen": round(sum(rc) / n, 4),
+            "reward_rejected": round(sum(rr) / n, 4),
+        })
+    return m
+
+
+def evaluate_preferences(tuned, reference, base, pairs: list[PreferencePair], *, key: str, beta: float, pad_id: int,
+                         device: str = "cpu") -> dict[str, Any]:
+    """Held-out pairs scored the same way for three models: log-prob accuracy of the base, the SFT
+    reference and the tuned model (under `key`, its method type), and the tuned model's implicit
+    rewards (DPO's, with `beta`) against the reference."""
+    ref = sequence_logps(reference, pairs, pad_id, device)
+    return {
+        "pairs": len(pairs), "beta": beta,
+        "base": preference_metrics(sequence_logps(base, pairs, pad_id, device)),
+        "sft": preference_metrics(ref),
+        key: preference_metrics(sequence_logps(tuned, pairs, pad_id, device), ref, beta),
+    }
