@@ -46,6 +46,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("training", R.TrainingSpec),
     ("preferences", R.PreferenceDataSpec),
     ("preferences.columns", R.PreferenceColumns),
+    ("reward_models.<name>", R.RewardModelSpec),
     ("distillation", R.DistillationSpec),
     ("evaluation", R.EvaluationSpec),
     ("evaluation.gate", R.GateSpec),

@@ -999,9 +999,13 @@ def _describe(err: dict[str, Any]) -> str:
         if close:
             hint = f" — did you mean {close[0]!r}?"
         return f"{_dotted(loc[:-1])}: unknown key {bad!r}{hint} Allowed here: {', '.join(allowed)}"
-    if err["type"] == "union_tag_invalid" or (err["type"] == "literal_error" and loc[-1] == "type"):
+    if loc and loc[0] == "methods" and (err["type"] == "union_tag_invalid"
+                                        or (err["type"] == "literal_error" and loc[-1] == "type")):
         tag = err.get("ctx", {}).get("tag", err["input"])  # a union error's input is the whole mapping
         return f"{key}: unknown method type {tag!r}; known types: {', '.join(_method_types())}"
+    if err["type"] == "union_tag_invalid":  # another registry's `type` (evaluators)
+        ctx = err.get("ctx", {})
+        return f"{key}: unknown type {ctx.get('tag')!r}; known types: {ctx.get('expected_tags')}"
     if err["type"] == "missing":
         return f"{key}: required key is missing"
     msg = err["msg"].removeprefix("Value error, ")

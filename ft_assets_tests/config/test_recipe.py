@@ -249,7 +249,8 @@ def test_a_sweep_becomes_one_method_per_combination_named_after_its_settings(tmp
 @pytest.mark.parametrize(
     "evaluation, expected",
     [
-        ({"evaluators": [{"type": "magic"}]}, "evaluation.evaluators[0]"),
+        ({"evaluators": [{"type": "magic"}]},
+         "evaluation.evaluators[0]: unknown type 'magic'; known types: 'evaluate', 'judge', 'lm_eval'"),
         ({"evaluators": [{"type": "evaluate", "path": "m.py", "kep": ["x"]}]}, "unknown key 'kep' — did you mean 'keep'?"),
         ({"evaluators": [{"type": "evaluate", "path": "a.py"}, {"type": "evaluate", "path": "b.py"}]},
          "evaluator names must be unique; repeated: evaluate (give each a `name:`)"),

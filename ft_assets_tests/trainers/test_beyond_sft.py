@@ -470,6 +470,19 @@ def test_beyond_sft_recipe_is_valid():
     ({"distillation": {"teacher": "nope"}}, "distillation.teacher: 'nope' is not a method"),
     ({"distillation": {"teacher": "lora", "alpha": 1.5}}, "distillation.alpha: Input should be less than or equal to 1"),
     ({"distillation": {"teacher": "lora", "keep_layers": "odd"}}, "keep_layers"),
+    # the other preference objectives share dpo's rules, in their own words
+    ({"methods": {"lora": {}, "orpo": {"sft_from": "lora"}}}, "method 'orpo' (orpo) needs a `preferences:` section"),
+    ({"methods": {"qlora": {}, "simpo": {"sft_from": "qlora"}}, "preferences": PREFS}, "simpo continues one of"),
+    ({"methods": {"lora": {}, "kto": {"sft_from": "lora", "training": {"batch_size": 1}}}, "preferences": PREFS},
+     "methods.kto: kto estimates its KL term from the other answers of a batch"),
+    ({"methods": {"lora": {}, "simpo": {"sft_from": "lora", "gamma": -1}}, "preferences": PREFS},
+     "gamma: Input should be greater than or equal to 0"),
+    # reward models
+    ({"reward_models": {"rm": {}}}, "reward_models (rm) train on preference pairs: add a `preferences:` section"),
+    ({"reward_models": {"lora": {}}, "preferences": PREFS}, "reward_models.lora: 'lora' is also a method name"),
+    ({"reward_models": {"../x": {}}, "preferences": PREFS}, "reward model name '../x' must be letters"),
+    ({"reward_models": {"rm": {"type": "qlora"}}, "preferences": PREFS}, "Input should be 'lora' or 'full'"),
+    ({"reward_models": {"rm": {"training": {"lr": "fast"}}}, "preferences": PREFS}, "lr"),
 ])
 def test_bad_beyond_sft_keys_name_the_key(change, expected):
     from ft_assets.config.recipe import RecipeError, parse_recipe
@@ -477,6 +490,17 @@ def test_bad_beyond_sft_keys_name_the_key(change, expected):
     with pytest.raises(RecipeError) as err:
         parse_recipe({**BASE, **change}, "recipe.yaml")
     assert expected in str(err.value), str(err.value)
+
+
+def test_rlhf_recipe_is_valid():
+    from ft_assets.config.recipe import PACKAGE_DIR, load_recipe
+
+    r = load_recipe(PACKAGE_DIR / "recipes" / "rlhf.yaml")
+    assert r.preference_methods() == ["dpo", "orpo", "simpo", "kto"]
+    assert {m: r.methods[m].sft_from for m in r.preference_methods()} == dict.fromkeys(r.preference_methods(), "lora")
+    assert r.reward_models["rm"].adapter_keys() == {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
+    assert r.training_for_reward_model("rm").max_steps == 16 and r.training_for("kto").max_steps == 16
+    assert all(r.dataset_path(d).is_file() for d in (*r.datasets, r.preferences))
 
 
 def test_new_keys_at_their_defaults_leave_every_hash_unchanged():
