@@ -806,10 +806,13 @@ class Recipe(_Strict):
     def split_seed(self, ds: DatasetSpec | PreferenceDataSpec) -> int:
         return self.seed if ds.split_seed is None else ds.split_seed
 
-    def section_hash(self, *sections: str, method: str | None = None) -> str:
+    def section_hash(self, *sections: str, method: str | None = None, reward_model: str | None = None) -> str:
         """Hash of the recipe sections one asset depends on (part of its version)."""
         dumped = self.model_dump(mode="json")
         parts = {s: dumped[s] for s in sections}
+        if reward_model is not None:
+            parts["reward_model"] = dumped["reward_models"][reward_model]
+            parts["reward_model_training"] = self.training_for_reward_model(reward_model).model_dump(mode="json")
         if method is not None:
             parts["method"] = dumped["methods"][method]
             parts["method_training"] = self.training_for(method).model_dump(mode="json")

@@ -16,7 +16,6 @@ section, its training settings, seed); the same derivation again reuses the exis
 $FT_HOME/checkpoints/reward_model/r/<derived version>; a re-run after a crash resumes there.
 """
 
-import hashlib
 import json
 from typing import Any
 
@@ -82,10 +81,7 @@ def build(recipe: Recipe) -> list:
 def settings_of(recipe: Recipe, name: str) -> str:
     """The recipe settings part of the derivation: r's section, its training settings, the prompt
     (the pairs' rendering) and the seed."""
-    parts = {"reward_model": recipe.reward_models[name].model_dump(mode="json"),
-             "training": recipe.training_for_reward_model(name).model_dump(mode="json"),
-             "prompt_and_seed": recipe.section_hash("prompt", "seed")}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return recipe.section_hash("prompt", "seed", reward_model=name)
 
 
 def reward_request(recipe: Recipe, name: str, base_model: Artifact, prefs: Artifact, checkpoint_dir) -> reward.RewardRequest:

@@ -22,13 +22,14 @@ from typing import Any, Callable
 import torch
 
 from ..config.training import TrainingSpec
-from ..data.preferences import PreferencePair, load_pairs
-from ..data.rows import dataset_info, tokenizer_fingerprint
+from ..data.preferences import PreferencePair
 from ..models.base_model import load_tokenizer, parameter_count
 from ..models.device import Compute
-from ..training.loop import TrainingDiverged, peak_memory_bytes, reset_peak_memory, seed_everything
+from ..training.loop import peak_memory_bytes, reset_peak_memory, seed_everything
 from ..training.steps import steps_for
 from . import trl_common
+from .preference import load_train_pairs
+from .preference.objective import tokenized_differently
 from .trl_common import Curve
 
 CURVES = (Curve("accuracy", "accuracies", 4, "train_accuracy"), Curve("margin", "margins", 6, "train_margin"))
@@ -73,12 +74,7 @@ def run(request: RewardRequest, hw: Compute, *, log: Callable[[str], None] = pri
     """Train the reward model `request` describes on `hw`, resuming from its checkpoints; merged."""
     training = TrainingSpec.model_validate(request.training)
     tokenizer = load_tokenizer(request.base_dir)
-    if tokenizer_fingerprint(tokenizer) != dataset_info(request.preference_dataset_dir)["tokenizer_fingerprint"]:
-        from .sft import TrainingFailed
-
-        raise TrainingFailed("preference_dataset was built with a different tokenizer than base_model has now; "
-                             "re-materialize preference_dataset")
-    pairs = load_pairs(request.preference_dataset_dir, "train")
+    pairs = load_train_pairs(request.preference_dataset_dir, tokenizer)
     kind = "LoRA" if request.adapter else "full"
     log(f"reward model ({kind}) on {len(pairs)} pairs, {steps_for(len(pairs), training)} steps, on {hw.device}")
     seed_everything(request.seed)
@@ -117,27 +113,19 @@ def train_reward_model(model, tokenizer, pairs: list[PreferencePair], training: 
     steps = steps_for(len(pairs), training)
     result = RewardResult()
     peft_config = _lora(adapter) if adapter else None
-    holder = {}
 
     def build(out: Path, callback):
         args = trl_common.trainer_args(training, seed, steps, out, checkpoint_dir is not None, device)
         config = RewardConfig(**args, max_length=max_length, center_rewards_coefficient=center_rewards,
                               dataset_num_proc=None)
-        holder["trainer"] = RewardTrainer(model=model, args=config, train_dataset=_dataset(pairs),
-                                          processing_class=tokenizer, peft_config=peft_config, callbacks=[callback])
-        return holder["trainer"]
+        return RewardTrainer(model=model, args=config, train_dataset=_dataset(pairs), processing_class=tokenizer,
+                             peft_config=peft_config, callbacks=[callback])
 
-    try:
-        trl_common.train(model, build, steps=steps, result=result, curves=CURVES, checkpoint_dir=checkpoint_dir,
-                         check=lambda trainer: _check_tokenization(trainer.train_dataset, pairs),
-                         on_log=on_log, on_checkpoint=on_checkpoint)
-    except torch.OutOfMemoryError as exc:
-        from .sft import TrainingFailed, out_of_memory_hint
-
-        raise TrainingFailed(out_of_memory_hint(training, device, exc)) from None
-    if not all(math.isfinite(loss) for _, loss in result.losses):
-        raise TrainingDiverged(f"reward model loss is not finite; lower the learning rate (now {training.lr})")
-    trained = holder["trainer"].model
+    trainer = trl_common.train(model, build, what="reward model", training=training, device=device, steps=steps,
+                               result=result, curves=CURVES, checkpoint_dir=checkpoint_dir,
+                               check=lambda trainer: _check_tokenization(trainer.train_dataset, pairs),
+                               on_log=on_log, on_checkpoint=on_checkpoint)
+    trained = trainer.model
     result.trainable_parameters, result.total_parameters = parameter_count(trained)
     result.steps, result.pairs_seen = steps, steps * training.batch_size * training.grad_accum
     return (trained.merge_and_unload() if trl_common.is_peft(trained) else trained), result
@@ -163,8 +151,7 @@ def _check_tokenization(trl_dataset, pairs: list[PreferencePair]) -> None:
     for row, pair in zip(trl_dataset.select(range(min(8, len(pairs)))), pairs):
         if (row["chosen_ids"] != pair.prompt_ids + pair.chosen_ids
                 or row["rejected_ids"] != pair.prompt_ids + pair.rejected_ids):
-            raise RuntimeError(f"TRL tokenizes pair {pair.id} differently from preference_dataset; "
-                               "re-materialize preference_dataset with this base model's tokenizer")
+            raise tokenized_differently(pair.id)
 
 
 def save(training: RewardTraining, out_dir: Path) -> None:

@@ -22,6 +22,7 @@ or not, a run computes the same bits. bf16 only on CUDA (TRL configs default it 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -35,6 +36,7 @@ import torch
 from ..config.training import TrainingSpec
 from ..training import checkpoint
 from ..training.checkpoint import PROGRESS, latest_checkpoint
+from ..training.loop import TrainingDiverged
 from ..training.preemption import Preempted, StopRequest, checkpoint_lock, stop_requests
 
 TRL_OPTIMIZERS = {"adamw": "adamw_torch", "paged_adamw_8bit": "paged_adamw_8bit", "adamw_8bit": "adamw_bnb_8bit"}
@@ -94,35 +96,45 @@ def trainer_args(training: TrainingSpec, seed: int, steps: int, out: Path, check
     )
 
 
-def train(model, build: Callable[[Path, Any], Any], *, steps: int, result: TrainedRun, curves: tuple[Curve, ...],
-          checkpoint_dir: Path | None, check: Callable[[Any], None] = lambda trainer: None,
-          on_log: Callable[[int, float], None] | None = None,
-          on_checkpoint: Callable[[Path], None] | None = None) -> None:
+def train(model, build: Callable[[Path, Any], Any], *, what: str, training: TrainingSpec, device: str, steps: int,
+          result: TrainedRun, curves: tuple[Curve, ...], checkpoint_dir: Path | None,
+          check: Callable[[Any], None] = lambda trainer: None, on_log: Callable[[int, float], None] | None = None,
+          on_checkpoint: Callable[[Path], None] | None = None):
     """Train `model` in place with the trainer `build(output_dir, callback)` returns, for `steps`
     steps, recording into `result`. With `checkpoint_dir`: checkpoints and resumes (the module doc);
     `on_checkpoint(path)` once each is complete (the store mirrors it). Without: no checkpoints (a
     temporary output dir). `check(trainer)` runs before the first step (e.g. that TRL tokenized the
     data as we did). Either way a SIGTERM/SIGINT ends the step it arrives in and raises `Preempted`;
-    TRL's reference adapter is removed from `model` afterwards."""
+    TRL's reference adapter is removed from `model` afterwards. Out of memory raises
+    `sft.TrainingFailed` with the recipe keys to change, a loss that is not finite
+    `TrainingDiverged` (naming `what`). Returns the trainer (its `model` is what trained)."""
     from transformers import PrinterCallback
 
-    with checkpoint_lock(checkpoint_dir), stop_requests() as stop, _trainer_output_dir(checkpoint_dir) as out:
-        resume = latest_checkpoint(checkpoint_dir)
-        if resume is not None:
-            result.resumed_from_step = _restore_progress(resume, result, curves)
-        run = _hf_callback(result, curves, stop, checkpoint_dir, on_log, on_checkpoint)
-        trainer = build(out, run)
-        trainer.remove_callback(PrinterCallback)  # our callback logs; no dicts on stdout
-        check(trainer)
-        run.t0 = time.perf_counter() - result.wall_s  # a resumed run's wall time includes the time before
-        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-        result.wall_s = time.perf_counter() - run.t0
+    try:
+        with checkpoint_lock(checkpoint_dir), stop_requests() as stop, _trainer_output_dir(checkpoint_dir) as out:
+            resume = latest_checkpoint(checkpoint_dir)
+            if resume is not None:
+                result.resumed_from_step = _restore_progress(resume, result, curves)
+            run = _hf_callback(result, curves, stop, checkpoint_dir, on_log, on_checkpoint)
+            trainer = build(out, run)
+            trainer.remove_callback(PrinterCallback)  # our callback logs; no dicts on stdout
+            check(trainer)
+            run.t0 = time.perf_counter() - result.wall_s  # a resumed run's wall time includes the time before
+            trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+            result.wall_s = time.perf_counter() - run.t0
+    except torch.OutOfMemoryError as exc:
+        from .sft import TrainingFailed, out_of_memory_hint
+
+        raise TrainingFailed(out_of_memory_hint(training, device, exc)) from None
     if is_peft(model):
         if REFERENCE_ADAPTER in model.peft_config:  # TRL's frozen copy: not what we trained
             model.delete_adapter(REFERENCE_ADAPTER)
         model.set_adapter("default")
     if stop.signal_name is not None and run.step < steps:  # checkpointed at run.step (the callback)
         raise Preempted(run.step, stop.signal_name, run.saved)
+    if not all(math.isfinite(loss) for _, loss in result.losses):
+        raise TrainingDiverged(f"{what} loss is not finite; lower the learning rate (now {training.lr})")
+    return trainer
 
 
 def is_peft(model) -> bool:

@@ -21,7 +21,6 @@ log ref) (DPO's): reward accuracy (r_chosen > r_rejected) and the mean reward ma
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from ...models.device import Compute
 from ...data.preferences import PreferencePair, load_pairs
 from ...config.training import TrainingSpec
 from ...training.steps import steps_for
-from ...training.loop import TrainingDiverged, peak_memory_bytes, reset_peak_memory, seed_everything
+from ...training.loop import peak_memory_bytes, reset_peak_memory, seed_everything
 from ...training.packing import collate
 from .. import trl_common
 from . import dpo, kto, orpo, simpo
@@ -103,12 +102,7 @@ def run(request: PreferenceRequest, hw: Compute, *, log: Callable[[str], None] =
     training = TrainingSpec.model_validate(request.training)
     objective = OBJECTIVES[request.objective]
     tokenizer = load_tokenizer(request.base_dir)
-    if tokenizer_fingerprint(tokenizer) != dataset_info(request.preference_dataset_dir)["tokenizer_fingerprint"]:
-        from ..sft import TrainingFailed
-
-        raise TrainingFailed("preference_dataset was built with a different tokenizer than base_model has now; "
-                             "re-materialize preference_dataset")
-    pairs = load_pairs(request.preference_dataset_dir, "train")
+    pairs = load_train_pairs(request.preference_dataset_dir, tokenizer)
     settings = ", ".join(f"{k} {v}" for k, v in request.settings.items())
     log(f"{objective.name} on {len(pairs)} pairs, {preference_steps(len(pairs), training, objective)} steps, "
         f"{settings}, on {hw.device}")
@@ -120,6 +114,16 @@ def run(request: PreferenceRequest, hw: Compute, *, log: Callable[[str], None] =
         log(f"resumed from checkpoint at step {tuned.result.resumed_from_step}")
     tuned.pairs = len(pairs)
     return tuned
+
+
+def load_train_pairs(dataset_dir: str, tokenizer) -> list[PreferencePair]:
+    """The training pairs of a preference_dataset, refused when they were tokenized by another tokenizer."""
+    if tokenizer_fingerprint(tokenizer) != dataset_info(dataset_dir)["tokenizer_fingerprint"]:
+        from ..sft import TrainingFailed
+
+        raise TrainingFailed("preference_dataset was built with a different tokenizer than base_model has now; "
+                             "re-materialize preference_dataset")
+    return load_pairs(dataset_dir, "train")
 
 
 def tune_sft_adapter(base_dir: Path, sft_adapter_dir: Path, tokenizer, pairs: list[PreferencePair],
@@ -138,17 +142,9 @@ def tune_sft_adapter(base_dir: Path, sft_adapter_dir: Path, tokenizer, pairs: li
     reset_peak_memory(device)
     model = PeftModel.from_pretrained(load_model(base_dir, device, dtype), sft_adapter_dir, is_trainable=True)
     trainable, total = parameter_count(model)
-    try:
-        result = train_preferences(model, tokenizer, pairs, training, objective=objective, settings=settings,
-                                   seed=seed, max_length=max_length, device=device, checkpoint_dir=checkpoint_dir,
-                                   on_log=on_log, on_checkpoint=on_checkpoint)
-    except torch.OutOfMemoryError as exc:
-        from ..sft import TrainingFailed, out_of_memory_hint
-
-        raise TrainingFailed(out_of_memory_hint(training, device, exc)) from None
-    if not all(math.isfinite(loss) for _, loss in result.losses):
-        raise TrainingDiverged(f"{OBJECTIVES[objective].name} loss is not finite; lower the learning rate "
-                               f"(now {training.lr})")
+    result = train_preferences(model, tokenizer, pairs, training, objective=objective, settings=settings,
+                               seed=seed, max_length=max_length, device=device, checkpoint_dir=checkpoint_dir,
+                               on_log=on_log, on_checkpoint=on_checkpoint)
     result.trainable_parameters, result.total_parameters = trainable, total
     result.peak_memory_bytes = peak_memory_bytes(device)
     return PreferenceTuning(model, result)
@@ -173,7 +169,8 @@ def train_preferences(
         args = trl_common.trainer_args(training, seed, steps, out, checkpoint_dir is not None, device)
         return obj.build(model, tokenizer, rows, args, settings, max_length, callback)
 
-    trl_common.train(model, build, steps=steps, result=result, curves=obj.curves, checkpoint_dir=checkpoint_dir,
+    trl_common.train(model, build, what=obj.name, training=training, device=device, steps=steps, result=result,
+                     curves=obj.curves, checkpoint_dir=checkpoint_dir,
                      check=lambda trainer: obj.check_tokenization(trainer.train_dataset, rows),
                      on_log=on_log, on_checkpoint=on_checkpoint)
     result.steps = steps

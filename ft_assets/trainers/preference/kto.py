@@ -13,13 +13,14 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from ...data.preferences import PreferencePair
 from ..trl_common import Curve
 from .objective import Objective, tokenized_differently
 
 
 @dataclass(frozen=True)
 class LabelledAnswer:
-    pair: object  # the PreferencePair it comes from
+    pair: PreferencePair  # the pair it comes from
     desirable: bool
 
     @property
