@@ -58,7 +58,9 @@ WATCH_INTERVAL_S = 2.0  # how often a run's worker records its children and, whi
 STOP_GRACE_S = 30.0  # SIGTERM, then this long for a checkpoint, then SIGKILL
 UNFINISHED = [dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.CANCELING]
 FREE_COMMAND = "python -m ft_assets runs --reap"
-STEP_PRELOAD = "ft_assets.definitions"  # what a run's step processes have imported before they fork (worker_executor)
+# What a run's step processes have imported before they fork (worker_executor): the definitions, and
+# the model stack nearly every step loads (~6 CPU-s a step otherwise; ../shared/NOTES.md).
+STEP_PRELOAD = ("ft_assets.definitions", "transformers.modeling_utils", "peft", "datasets")
 RUN_MARKER_ENV = "FT_ASSETS_RUN"  # in a run's processes: its run id (in-process launches: its launch id)
 BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 _RECORD = re.compile(r"(?P<host>.+):(?P<pid>\d+):(?P<started>\d+(?:\.\d+)?)(?::(?P<boot>[0-9a-f-]*):(?P<pidns>\d*))?")
@@ -202,13 +204,13 @@ class _RecordingExecutor(dg.Executor):
              requirements=dg.multiple_process_executor_requirements())
 def worker_executor(init_context):
     """Dagster's default executor (one process per step), recording its worker and reaping dead runs.
-    Its steps start from a forkserver that has imported ft_assets once per run (`STEP_PRELOAD`),
-    unless the run's config names a `start_method`: under Dagster's default (spawn) every step
-    process imports torch, transformers and peft again (~6 s each, 12 s and more on a loaded machine)."""
+    Its steps start from a forkserver that has imported ft_assets and the model stack once per run
+    (`STEP_PRELOAD`), unless the run's config names a `start_method`: under Dagster's default (spawn)
+    every step process imports torch, transformers and peft again (~10 CPU-s each on this machine)."""
     config = dict(init_context.executor_config)
     if not config.get("start_method"):
         module = init_context.job.get_module() if hasattr(init_context.job, "get_module") else None
-        preload = [STEP_PRELOAD, *([module] if module and module != STEP_PRELOAD else [])]
+        preload = [*STEP_PRELOAD, *([module] if module and module not in STEP_PRELOAD else [])]
         config["start_method"] = {"forkserver": {"preload_modules": preload}}
     return _RecordingExecutor(dg.multiprocess_executor.executor_creation_fn(init_context._replace(executor_config=config)))
 

@@ -64,3 +64,21 @@ def test_tokenizer_model_mismatch_is_caught(tiny_model_dir):
     model.resize_token_embeddings(100)
     with pytest.raises(ModelSourceError, match="do not belong together"):
         models.check_tokenizer_matches(tok, model)
+
+
+def test_loading_a_model_and_peft_leaves_scikit_learn_and_scipy_unimported(tiny_model_dir):
+    """ft_assets hides them from transformers (its package doc: ~1.5 CPU-s a process); lm-eval's
+    metric that needs scikit-learn still imports and computes it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ft_assets\n"
+            "from ft_assets.models.base_model import load_model\n"
+            "import peft\n"
+            f"load_model({str(tiny_model_dir)!r})\n"
+            "print(sorted(m for m in ('sklearn', 'scipy') if m in sys.modules))\n"
+            "from lm_eval.api.metrics import f1_score\n"
+            "print(f1_score([(1, 1), (0, 0), (1, 0)]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["[]", str(2 / 3)], out.stdout
