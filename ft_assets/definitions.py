@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import dagster as dg
 
 from .defs import runs
-from .defs import (adapters, automation, cards, champion, datasets, distill, export, models, preferences, raw, reports,
-                   reward, sweeps)
+from .defs import (adapters, automation, cards, champion, datasets, distill, export, models, policy, preferences, raw,
+                   reports, reward, sweeps)
 from .defs.resources import ArtifactIOManager, ComputeResource, StoreResource
 from .config.recipe import Recipe, load_recipes
 from .config.paths import store_location
@@ -82,7 +82,8 @@ def pipeline(recipe: Recipe) -> Pipeline:
     sources = [*raw.build(recipe), automation.recipe_methods_source(recipe, parts)]
     derived = [*models.build(recipe), *datasets.build(recipe), *preferences.build(recipe), *adapters.build(recipe),
                *reports.build(recipe), *champion.build(recipe), *cards.build(recipe), *distill.build(recipe), *sweeps.build(recipe),
-               *export.build(recipe), *reward.build(recipe)]
+               *export.build(recipe), *reward.build(recipe),
+               *policy.build(recipe)]
     condition = automation.derived_condition(recipe)
     if condition is not None:
         derived = dg.map_asset_specs(lambda spec: spec.replace_attributes(automation_condition=condition), derived)

@@ -85,6 +85,12 @@ def describe(recipe) -> None:
         t = recipe.training_for_reward_model(name)
         print(f"  reward model {name} ({rm.type}): at most {t.max_steps} steps over the training pairs, "
               f"batch {t.batch_size}x{t.grad_accum}, lr {t.lr}")
+    for name, pol in recipe.policies.items():
+        t = recipe.training_for_policy(name)
+        rewards = " + ".join(f"{r.weight:g} {r.reward_model or r.type}" for r in pol.rewards)
+        print(f"  policy {name} ({pol.algorithm}): continues adapter[{pol.sft_from}] against {rewards}, "
+              f"{pol.num_generations} answers a prompt, beta {pol.beta}, at most {t.max_steps} steps, "
+              f"batch {t.batch_size}x{t.grad_accum}, lr {t.lr}")
     if recipe.distillation:
         d = recipe.distillation
         student = d.student_path or f"teacher layers {d.keep_layers}"

@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from ..config import recipe as R
+from ..config import policy as P, recipe as R
 from ..config.evaluator_spec import EvaluatorSpecBase, spec_classes as evaluator_spec_classes
 from ..config.method_spec import spec_classes
 from ..config.method_spec import MethodSpecBase, spec_types
@@ -47,6 +47,8 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("preferences", R.PreferenceDataSpec),
     ("preferences.columns", R.PreferenceColumns),
     ("reward_models.<name>", R.RewardModelSpec),
+    ("policies.<name>", P.PolicySpec),
+    ("policies.<name>.rewards[]", P.RewardSpec),
     ("distillation", R.DistillationSpec),
     ("evaluation", R.EvaluationSpec),
     ("evaluation.gate", R.GateSpec),

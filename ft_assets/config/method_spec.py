@@ -39,6 +39,10 @@ from pydantic import Field, field_validator, model_validator
 from .strict import Strict
 from .training import TrainingSpec
 
+# The method types whose adapter another kind of training may continue (a preference method, a
+# policy): peft LoRA adapters on the full-precision base.
+PEFT_LORA_TYPES = ("lora", "dora", "rslora")
+
 
 class MethodSpecBase(Strict):
     """The keys every method has. `continue_from: previous`: when the data changed, start from

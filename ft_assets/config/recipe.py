@@ -50,7 +50,8 @@ from pydantic import (
 from .chat_templates import BUILTIN_TEMPLATES, chat_template_text, is_template_file
 from .gguf_types import GGUF_TYPES
 from . import evaluator_spec
-from .method_spec import SPECS, MethodSpecBase, PreferenceSpecBase, spec_classes, spec_types
+from .method_spec import PEFT_LORA_TYPES, SPECS, MethodSpecBase, PreferenceSpecBase, spec_classes, spec_types
+from .policy import PolicySpec
 from .strict import Strict as _Strict
 from .training import TrainingSpec
 
@@ -674,7 +675,7 @@ class AutomationSpec(_Strict):
 
 
 class Recipe(_Strict):
-    _OMIT_WHEN_DEFAULT = ("preferences", "distillation", "publish", "export", "reward_models")
+    _OMIT_WHEN_DEFAULT = ("preferences", "distillation", "publish", "export", "reward_models", "policies")
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]  # the recipe's name (shown by validate and the demo)
     seed: int = 42  # seed of splits, initialisation and data order
@@ -689,6 +690,7 @@ class Recipe(_Strict):
     preferences: PreferenceDataSpec | None = None  # prompt/chosen/rejected pairs (needed by preference methods: dpo)
     distillation: DistillationSpec | None = None  # the `student` asset; null: no student
     reward_models: dict[str, RewardModelSpec] = Field(default_factory=dict)  # name -> a reward model trained on `preferences` (a partition of `reward_model`)
+    policies: dict[str, PolicySpec] = Field(default_factory=dict)  # name -> an SFT adapter continued with GRPO against rewards (a partition of `policy_adapter`)
     evaluation: EvaluationSpec = EvaluationSpec()
     publish: PublishSpec = PublishSpec()  # model cards' upload to the Hub (off by default)
     export: ExportSpec = ExportSpec()  # serving formats (GGUF + Ollama Modelfile); empty: none
@@ -739,6 +741,7 @@ class Recipe(_Strict):
             raise ValueError(f"publish.repo_id {self.publish.repo_id!r} must contain {{method}}: the recipe has "
                              f"{len(self.methods)} methods and each is uploaded to a repo of its own")
         self._check_reward_models()
+        self._check_policies()
         if self.distillation is not None:
             teacher = self.methods.get(self.distillation.teacher)
             if teacher is None:
@@ -756,6 +759,31 @@ class Recipe(_Strict):
                                  f"with a letter, at most {MAX_METHOD_NAME} characters (it names a directory)")
             if name in self.methods:  # preference_dataset has one partition per preference method and reward model
                 raise ValueError(f"reward_models.{name}: {name!r} is also a method name; use another")
+
+    def _check_policies(self) -> None:
+        for name, spec in self.policies.items():
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) or len(name) > MAX_METHOD_NAME:
+                raise ValueError(f"policy name {name[:40]!r} must be letters, digits and underscores, starting "
+                                 f"with a letter, at most {MAX_METHOD_NAME} characters (it names a directory)")
+            src = self.methods.get(spec.sft_from)
+            if src is None:
+                raise ValueError(f"policies.{name}.sft_from: {spec.sft_from!r} is not a method of this recipe "
+                                 f"(methods: {', '.join(self.methods)})")
+            if src.type not in PEFT_LORA_TYPES:
+                raise ValueError(f"policies.{name}.sft_from: {spec.sft_from!r} is a {src.type} method; a policy "
+                                 f"continues one of: {', '.join(PEFT_LORA_TYPES)}")
+            for r in spec.reward_models():
+                if r not in self.reward_models:
+                    raise ValueError(f"policies.{name}.rewards: reward_model {r!r} is not in `reward_models:` "
+                                     f"({', '.join(self.reward_models) or 'none'})")
+            training = self.training_for_policy(name)
+            if (training.batch_size * training.grad_accum) % spec.num_generations:
+                raise ValueError(f"policies.{name}: training.batch_size * grad_accum ({training.batch_size} * "
+                                 f"{training.grad_accum} answers a step) must be a multiple of num_generations "
+                                 f"({spec.num_generations}): a step holds whole groups of one prompt's answers")
+            if training.validation_fraction:
+                raise ValueError(f"policies.{name}: validation_fraction / early stopping apply to SFT methods; "
+                                 f"set policies.{name}.training.validation_fraction: 0")
 
     # -- derived values ---------------------------------------------------------------
 
@@ -796,6 +824,9 @@ class Recipe(_Strict):
     def training_for_reward_model(self, name: str) -> TrainingSpec:
         return TrainingSpec(**{**self.training.model_dump(), **self.reward_models[name].training})
 
+    def training_for_policy(self, name: str) -> TrainingSpec:
+        return TrainingSpec(**{**self.training.model_dump(), **self.policies[name].training})
+
     def training_for_distillation(self) -> TrainingSpec:
         return TrainingSpec(**{**self.training.model_dump(), **(self.distillation.training if self.distillation else {})})
 
@@ -806,10 +837,14 @@ class Recipe(_Strict):
     def split_seed(self, ds: DatasetSpec | PreferenceDataSpec) -> int:
         return self.seed if ds.split_seed is None else ds.split_seed
 
-    def section_hash(self, *sections: str, method: str | None = None, reward_model: str | None = None) -> str:
+    def section_hash(self, *sections: str, method: str | None = None, reward_model: str | None = None,
+                     policy: str | None = None) -> str:
         """Hash of the recipe sections one asset depends on (part of its version)."""
         dumped = self.model_dump(mode="json")
         parts = {s: dumped[s] for s in sections}
+        if policy is not None:
+            parts["policy"] = dumped["policies"][policy]
+            parts["policy_training"] = self.training_for_policy(policy).model_dump(mode="json")
         if reward_model is not None:
             parts["reward_model"] = dumped["reward_models"][reward_model]
             parts["reward_model_training"] = self.training_for_reward_model(reward_model).model_dump(mode="json")

@@ -40,6 +40,7 @@ STAGE_VERSIONS = {
     "gguf_model": "1",
     "champion": "1",
     "reward_model": "1",
+    "policy_adapter": "1",
 }
 
 

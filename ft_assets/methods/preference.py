@@ -22,10 +22,7 @@ from pydantic import Field, model_validator
 
 from . import register
 from .lora import PeftMethod
-from ..config.method_spec import PreferenceSpecBase
-
-# The method types a preference method may start from: peft LoRA adapters on the full-precision base.
-PREFERENCE_SFT_TYPES = ("lora", "dora", "rslora")
+from ..config.method_spec import PEFT_LORA_TYPES as PREFERENCE_SFT_TYPES, PreferenceSpecBase
 
 
 class _ContinuesSft(PreferenceSpecBase):

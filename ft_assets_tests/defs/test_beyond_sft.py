@@ -21,7 +21,8 @@ from ft_assets.config.recipe import load_recipe
 from ft_assets.artifacts.store import ArtifactStore
 from ft_assets_tests.conftest import make_recipe, qa_rows, write_jsonl
 
-PARTITIONED = ("adapter", "preference_adapter", "merged_model", "eval_report", "preference_dataset", "reward_model")
+PARTITIONED = ("adapter", "preference_adapter", "merged_model", "eval_report", "preference_dataset", "reward_model",
+               "policy_adapter")
 
 
 def head_rows(n: int = 20) -> list[dict]:
@@ -52,6 +53,10 @@ def beyond_recipe(model_dir) -> dict:
         preferences={"name": "prefs", "path": "data/prefs.jsonl", "columns": {"id": "id"}, "eval_fraction": 0.25},
         reward_models={"rm": {"r": 4, "alpha": 8, "dropout": 0.0, "training": {"max_steps": 3, "batch_size": 4,
                                                                                 "lr": 5e-3}}},
+        policies={"grpo": {"sft_from": "lora", "rewards": [{"type": "token_f1"},
+                                                          {"type": "reward_model", "reward_model": "rm", "weight": 0.5}],
+                           "num_generations": 2, "max_completion_length": 4, "heldout_prompts": 3,
+                           "training": {"max_steps": 2, "batch_size": 4, "lr": 5e-3}}},
         distillation={"teacher": "lora", "keep_layers": [1], "alpha": 0.5, "temperature": 2.0,
                       "training": {"max_steps": 3}, "speed_prompts": 2},
     )
@@ -129,6 +134,12 @@ def test_graph_declares_the_new_assets_and_their_dependencies(world):
     assert upstream("eval_report", "lora", "preference_adapter") == []
     assert dg.AssetKey("merged_model") in graph.get(dg.AssetKey("student")).parent_keys
     assert graph.get(dg.AssetKey("preference_dataset")).group_name == "data"
+    # the policy: the SFT adapter it continues, the prompts, and the reward model it is scored by
+    assert defs.resolve_assets_def("policy_adapter").partitions_def.get_partition_keys() == ["grpo"]
+    assert {"adapter", "sft_dataset", "base_model", "reward_model"} <= \
+        {p.to_user_string() for p in graph.get(dg.AssetKey("policy_adapter")).parent_keys}
+    assert upstream("policy_adapter", "grpo", "adapter") == ["lora"]
+    assert upstream("policy_adapter", "grpo", "reward_model") == ["rm"]
 
 
 def test_dpo_continues_the_latest_sft_adapter_with_lineage(world):
@@ -182,6 +193,37 @@ def test_reward_model_trains_on_the_pairs_and_reports_its_held_out_accuracy(worl
     assert len(md["train_accuracy"].value) == 3
     model = AutoModelForSequenceClassification.from_pretrained(rm.dir)  # plain transformers, no peft
     assert model.config.num_labels == 1
+
+
+def test_policy_is_optimized_against_its_rewards_and_reports_against_its_sft_start(world):
+    """policy_adapter[grpo]: adapter[lora] continued with GRPO against token F1 + the reward model's
+    score; a plain peft adapter with its lineage, curves and held-out report."""
+    from peft import PeftModel
+
+    from ft_assets.models.base_model import load_model
+
+    store = world["store"]
+    pol, lora, rm = (store.latest("policy_adapter", "grpo"), store.latest("adapter", "lora"),
+                     store.latest("reward_model", "rm"))
+    m = pol.manifest()
+    assert m["inputs"] == {"adapter[lora]": lora.version, "reward_model[rm]": rm.version,
+                           "sft_dataset": store.latest("sft_dataset").version,
+                           "base_model": store.latest("base_model").version}
+    assert m["policy"]["sft_adapter"] == {"method": "lora", "version": lora.version} and m["train"]["steps"] == 2
+    log = json.loads((pol.dir / "train_log.json").read_text())
+    assert [s for s, _ in log["rewards"]] == [1, 2] and set(log["function_rewards"]) == {"token_f1", "reward_model"}
+    assert len(log["kls"]) == 2  # beta 0.04 (the default): the KL to the SFT adapter is logged
+    report = json.loads((pol.dir / "policy_eval.json").read_text())
+    assert report["examples"] == 3 and len(report["rows"]) == 3 and isinstance(report["kl"], float)
+    for who in ("policy", "start"):
+        assert set(report[who]["rewards"]) == {"token_f1", "reward_model"} and 0 <= report[who]["token_f1"] <= 1
+    md = meta(world, "policy_adapter", "grpo")
+    assert md["heldout_reward"].value == report["policy"]["reward"]
+    assert md["start_heldout_reward"].value == report["start"]["reward"]
+    assert md["heldout_kl_from_start"].value == report["kl"] and len(md["train_reward"].value) == 2
+    assert md["reward_curve"].value.startswith("![grpo reward curve](data:image/png")
+    model = PeftModel.from_pretrained(load_model(store.latest("base_model").dir), pol.dir)  # plain peft
+    assert list(model.peft_config) == ["default"]
 
 
 def test_student_is_distilled_from_the_teacher_with_a_report(world):
@@ -297,7 +339,7 @@ def test_changed_preference_pairs_rerun_only_the_preference_partitions(world):
     # definition; its blocking check gates what follows in the next tick
     assert first == {("preference_dataset", p) for p in ("dpo", "rm")}
     chains = {(asset, "dpo") for asset in ("preference_dataset", "preference_adapter", "merged_model", "eval_report")}
-    rm = {("preference_dataset", "rm"), ("reward_model", "rm")}
+    rm = {("preference_dataset", "rm"), ("reward_model", "rm"), ("policy_adapter", "grpo")}  # grpo reads rm's score
     assert settle(world, first) == chains | rm | {("leaderboard", None)}  # never lora, never student
 
 
@@ -316,7 +358,7 @@ def test_a_new_sft_adapter_version_retrains_the_dpo_method_through_its_declared_
     # content version and nothing below it changed
     assert settle(world, first) == {("merged_model", "lora"), ("eval_report", "lora"),
                                     ("preference_adapter", "dpo"), ("merged_model", "dpo"), ("eval_report", "dpo"),
-                                    ("leaderboard", None)}
+                                    ("policy_adapter", "grpo"), ("leaderboard", None)}
     after = world["store"].latest("preference_adapter", "dpo")
     assert after.version != before.version and after.manifest()["inputs"]["adapter[lora]"] == lora.version
     pm = json.loads((world["store"].latest("eval_report", "dpo").dir / "preference_metrics.json").read_text())

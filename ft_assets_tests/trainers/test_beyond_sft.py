@@ -483,6 +483,19 @@ def test_beyond_sft_recipe_is_valid():
     ({"reward_models": {"../x": {}}, "preferences": PREFS}, "reward model name '../x' must be letters"),
     ({"reward_models": {"rm": {"type": "qlora"}}, "preferences": PREFS}, "Input should be 'lora' or 'full'"),
     ({"reward_models": {"rm": {"training": {"lr": "fast"}}}, "preferences": PREFS}, "lr"),
+    # policies
+    ({"policies": {"p": {"sft_from": "nope", "rewards": [{"type": "token_f1"}]}}}, "policies.p.sft_from: 'nope' is not a method"),
+    ({"methods": {"qlora": {}}, "policies": {"p": {"sft_from": "qlora", "rewards": [{"type": "token_f1"}]}}},
+     "'qlora' is a qlora method; a policy continues one of: lora, dora, rslora"),
+    ({"policies": {"p": {"sft_from": "lora", "rewards": []}}}, "policies.p.rewards: List should have at least 1 item"),
+    ({"policies": {"p": {"sft_from": "lora", "rewards": [{"type": "bleu"}]}}}, "policies.p.rewards[0].type: Input should be"),
+    ({"policies": {"p": {"sft_from": "lora", "rewards": [{"type": "format", "pattern": "(["}]}}}, "is not a regular expression"),
+    ({"policies": {"p": {"sft_from": "lora", "rewards": [{"type": "reward_model"}]}}}, "a reward_model reward needs `reward_model`"),
+    ({"policies": {"p": {"sft_from": "lora", "rewards": [{"type": "reward_model", "reward_model": "rm"}]}}},
+     "policies.p.rewards: reward_model 'rm' is not in `reward_models:` (none)"),
+    ({"policies": {"p": {"sft_from": "lora", "rewards": [{"type": "token_f1"}], "num_generations": 3,
+                         "training": {"batch_size": 4}}}}, "must be a multiple of num_generations (3)"),
+    ({"policies": {"../p": {"sft_from": "lora", "rewards": [{"type": "token_f1"}]}}}, "policy name '../p' must be letters"),
 ])
 def test_bad_beyond_sft_keys_name_the_key(change, expected):
     from ft_assets.config.recipe import RecipeError, parse_recipe
@@ -500,6 +513,9 @@ def test_rlhf_recipe_is_valid():
     assert {m: r.methods[m].sft_from for m in r.preference_methods()} == dict.fromkeys(r.preference_methods(), "lora")
     assert r.reward_models["rm"].adapter_keys() == {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
     assert r.training_for_reward_model("rm").max_steps == 16 and r.training_for("kto").max_steps == 16
+    assert {p: s.sft_from for p, s in r.policies.items()} == {"grpo": "lora", "grpo_rm": "lora"}
+    assert r.policies["grpo_rm"].reward_models() == ["rm"] and r.policies["grpo"].reward_models() == []
+    assert r.policies["grpo"].trainer_settings()["num_generations"] == 4 and r.training_for_policy("grpo").max_steps == 8
     assert all(r.dataset_path(d).is_file() for d in (*r.datasets, r.preferences))
 
 
