@@ -38,13 +38,14 @@ SLOW_MODULES = (
     "e2e/test_ui.py",  # ~100-190
     "defs/test_object_store.py",  # ~100-160
     "defs/test_shell_dead_runs.py",  # ~90-200
-    "defs/test_beyond_sft.py",  # ~80 (dpo and a reward model through the graph and the automation)
+    "defs/test_beyond_sft.py",  # ~80-120 (dpo, a reward model and a GRPO policy through the graph and the automation)
     "defs/test_ray.py",  # ~80-110
     "training/test_distributed.py",  # ~65-190
     "defs/test_faults.py",  # ~60-100
     "publish/test_export.py",  # ~55-60
     "trainers/test_preference_resume.py",  # ~45-65 (four objectives; kill -9 of two)
     "trainers/test_beyond_sft.py",  # ~45-60
+    "trainers/test_policy.py",  # ~50 (GRPO: learning, SIGTERM and kill -9 resume)
     "defs/test_graph.py",  # ~25-60
     "defs/test_automation.py",  # ~30-40
 )

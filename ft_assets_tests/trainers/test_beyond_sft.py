@@ -515,7 +515,7 @@ def test_rlhf_recipe_is_valid():
     assert r.training_for_reward_model("rm").max_steps == 16 and r.training_for("kto").max_steps == 16
     assert {p: s.sft_from for p, s in r.policies.items()} == {"grpo": "lora", "grpo_rm": "lora"}
     assert r.policies["grpo_rm"].reward_models() == ["rm"] and r.policies["grpo"].reward_models() == []
-    assert r.policies["grpo"].trainer_settings()["num_generations"] == 4 and r.training_for_policy("grpo").max_steps == 8
+    assert r.policies["grpo"].trainer_settings()["num_generations"] == 4 and r.training_for_policy("grpo").max_steps == 16
     assert all(r.dataset_path(d).is_file() for d in (*r.datasets, r.preferences))
 
 
