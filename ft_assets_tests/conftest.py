@@ -197,3 +197,23 @@ def ft_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "ft_home"
     monkeypatch.setenv("FT_HOME", str(home))
     return home
+
+
+def kill_9_once(argv: list[str], marker: Path, log_path: Path, timeout_s: float = 300) -> None:
+    """Start `argv` (a training child that creates `marker` inside the step to be lost), wait for
+    the marker, then SIGKILL it: no handler, no cleanup (loops bounded; the child never outlives it)."""
+    import signal
+    import subprocess
+    import time
+
+    with open(log_path, "w") as log:
+        child = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + timeout_s
+        while not marker.exists():
+            assert child.poll() is None, log_path.read_text()[-3000:]
+            assert time.time() < deadline, "the child never reached the step the marker names"
+            time.sleep(0.2)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()

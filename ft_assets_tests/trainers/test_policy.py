@@ -12,9 +12,7 @@ import dataclasses
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -33,7 +31,7 @@ from ft_assets.trainers import policy, policy_eval, reward, rewards
 from ft_assets.training import loop
 from ft_assets.training.checkpoint import latest_checkpoint
 from ft_assets.training.preemption import Preempted
-from ft_assets_tests.conftest import REPO, qa_rows, write_jsonl
+from ft_assets_tests.conftest import kill_9_once, qa_rows, write_jsonl
 
 TEMPLATE = "Context:\n{context}\n\nQuestion: {question}"
 SYSTEM = "Answer briefly."  # shorter than the template's default system prompt (see `policy_rows`)
@@ -239,18 +237,7 @@ def test_kill_9_after_a_checkpoint_then_rerun_resumes_there_and_matches_the_unin
         base_dir, sft_dir, sft_data, rm_dir, uninterrupted, tmp_path):
     ckpt, marker = tmp_path / "ckpt", tmp_path / "in-step-3"
     req = request(base_dir, sft_dir, sft_data, rm_dir, ckpt)
-    with open(tmp_path / "child.log", "w") as log:
-        child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(dataclasses.asdict(req)), str(marker)],
-                                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 300
-        while not marker.exists():
-            assert child.poll() is None, (tmp_path / "child.log").read_text()[-3000:]
-            assert time.time() < deadline, "the child never reached step 3"
-            time.sleep(0.2)
-    finally:
-        os.kill(child.pid, signal.SIGKILL)  # kill -9: no handler, no cleanup; step 3 is lost
-        child.wait()
+    kill_9_once([sys.executable, "-c", CHILD, json.dumps(dataclasses.asdict(req)), str(marker)], marker, tmp_path / "child.log")  # step 3 is lost
     assert latest_checkpoint(ckpt).name == "step-000002"
     resumed = policy.run(req, resolve("cpu"), log=lambda line: None)
     assert resumed.result.resumed_from_step == 2  # at the first epoch's end: step 3 draws the second's order

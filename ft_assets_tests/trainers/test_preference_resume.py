@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +25,7 @@ from ft_assets.config.method_spec import SPECS
 from ft_assets.trainers import preference as tuning
 from ft_assets.training.checkpoint import latest_checkpoint
 from ft_assets.training.preemption import CheckpointBusy, Preempted, checkpoint_lock
-from ft_assets_tests.conftest import REPO, qa_rows
+from ft_assets_tests.conftest import kill_9_once, qa_rows
 
 # 6 pairs, 2 a step: 3 steps an epoch, so the kill's resume (from step 2) is mid-epoch and SIGTERM's
 # (from step 3) at an epoch's end, HF's two ways back in; warmup then cosine decay, so a resume
@@ -118,18 +116,8 @@ def test_kill_9_after_a_checkpoint_then_rerun_resumes_there_and_matches_the_unin
         tiny_model_dir, sft_dir, uninterrupted, tmp_path, objective):
     reference = uninterrupted(objective)
     ckpt, marker = tmp_path / "ckpt", tmp_path / "in-step-3"
-    with open(tmp_path / "child.log", "w") as log:
-        child = subprocess.Popen([sys.executable, "-c", CHILD, str(tiny_model_dir), str(sft_dir), str(marker), str(ckpt),
-                                  objective], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 300
-        while not marker.exists():
-            assert child.poll() is None, (tmp_path / "child.log").read_text()[-3000:]
-            assert time.time() < deadline, "the child never reached step 3"
-            time.sleep(0.2)
-    finally:
-        os.kill(child.pid, signal.SIGKILL)  # kill -9: no handler, no cleanup; step 3 is lost
-        child.wait()
+    kill_9_once([sys.executable, "-c", CHILD, str(tiny_model_dir), str(sft_dir), str(marker), str(ckpt),
+                                  objective], marker, tmp_path / "child.log")  # step 3 is lost
     assert latest_checkpoint(ckpt).name == "step-000002"
     # what a kill while HF writes a checkpoint leaves in its output dir: never resumed from
     half = ckpt / "hf" / "checkpoint-4"
