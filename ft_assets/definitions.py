@@ -18,6 +18,10 @@ and, when the recipe asks for them:
     merged_model[teacher] ─> student                                           (distillation)
     champion[m] ─> gguf_model[m]          (export.gguf: the champion's merged model as GGUF + Ollama Modelfile)
     adapter[m@k=v...] (every trial of m's sweep) ─> best_adapter[m]            (sweeps)
+    preference_dataset[r] ─> reward_model[r]                                   (reward models)
+    adapter[sft_from of p], reward_model[r] ─> policy_adapter[p]               (policies, GRPO)
+    adapter[generator of g], reward_model[r] ─> generated_preferences[g] ─> preference_adapter[d] / reward_model[r]
+                                                                  (the hybrid loop: d or r with `pairs: g`)
 
 plus the automation sensor (eager reruns), the dead-runs sensor (`ft_assets.defs.runs`), and the
 retraining schedule when the recipe has one. Every run these Definitions execute (the UI, schedules,
@@ -33,8 +37,8 @@ from dataclasses import dataclass
 import dagster as dg
 
 from .defs import runs
-from .defs import (adapters, automation, cards, champion, datasets, distill, export, models, policy, preferences, raw,
-                   reports, reward, sweeps)
+from .defs import (adapters, automation, cards, champion, datasets, distill, export, generated_preferences, models,
+                   policy, preferences, raw, reports, reward, sweeps)
 from .defs.resources import ArtifactIOManager, ComputeResource, StoreResource
 from .config.recipe import Recipe, load_recipes
 from .config.paths import store_location
@@ -83,7 +87,7 @@ def pipeline(recipe: Recipe) -> Pipeline:
     derived = [*models.build(recipe), *datasets.build(recipe), *preferences.build(recipe), *adapters.build(recipe),
                *reports.build(recipe), *champion.build(recipe), *cards.build(recipe), *distill.build(recipe), *sweeps.build(recipe),
                *export.build(recipe), *reward.build(recipe),
-               *policy.build(recipe)]
+               *policy.build(recipe), *generated_preferences.build(recipe)]
     condition = automation.derived_condition(recipe)
     if condition is not None:
         derived = dg.map_asset_specs(lambda spec: spec.replace_attributes(automation_condition=condition), derived)

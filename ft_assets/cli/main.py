@@ -91,6 +91,11 @@ def describe(recipe) -> None:
         print(f"  policy {name} ({pol.algorithm}): continues adapter[{pol.sft_from}] against {rewards}, "
               f"{pol.num_generations} answers a prompt, beta {pol.beta}, at most {t.max_steps} steps, "
               f"batch {t.batch_size}x{t.grad_accum}, lr {t.lr}")
+    for name, gen in recipe.generated_preferences.items():
+        ranks = " + ".join(f"{r.weight:g} {r.reward_model or r.type}" for r in gen.rank_by)
+        readers = ", ".join(recipe.pairs_readers().get(name, [])) or "nothing yet"
+        print(f"  generated preferences {name}: adapter[{gen.generator}] answers {gen.max_prompts or 'all'} training "
+              f"prompts {gen.answers_per_prompt} times, ranked by {ranks}; trains {readers}")
     if recipe.distillation:
         d = recipe.distillation
         student = d.student_path or f"teacher layers {d.keep_layers}"

@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from ..config import policy as P, recipe as R
+from ..config import generated_preferences as G, policy as P, recipe as R
 from ..config.evaluator_spec import EvaluatorSpecBase, spec_classes as evaluator_spec_classes
 from ..config.method_spec import spec_classes
 from ..config.method_spec import MethodSpecBase, spec_types
@@ -49,6 +49,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("reward_models.<name>", R.RewardModelSpec),
     ("policies.<name>", P.PolicySpec),
     ("policies.<name>.rewards[]", P.RewardSpec),
+    ("generated_preferences.<name>", G.GeneratedPreferencesSpec),
     ("distillation", R.DistillationSpec),
     ("evaluation", R.EvaluationSpec),
     ("evaluation.gate", R.GateSpec),

@@ -44,6 +44,18 @@ from .training import TrainingSpec
 PEFT_LORA_TYPES = ("lora", "dora", "rslora")
 
 
+def lora_source_problem(where: str, source: str, methods: typing.Mapping[str, Any], reader: str) -> str | None:
+    """Why method `source` cannot be the adapter a reader starts from (`reader`: what it does with it,
+    e.g. "dpo continues"), written at recipe key `where`; None when it can: a method of the recipe
+    of a PEFT_LORA_TYPES type."""
+    spec = methods.get(source)
+    if spec is None:
+        return f"{where}: {source!r} is not a method of this recipe (methods: {', '.join(methods)})"
+    if spec.type not in PEFT_LORA_TYPES:
+        return f"{where}: {source!r} is a {spec.type} method; {reader} one of: {', '.join(PEFT_LORA_TYPES)}"
+    return None
+
+
 class MethodSpecBase(Strict):
     """The keys every method has. `continue_from: previous`: when the data changed, start from
     this method's previous adapter version instead of from scratch, replaying `replay_fraction`
@@ -89,9 +101,16 @@ class PreferenceSpecBase(MethodSpecBase):
     `preference_adapter`, not of `adapter`, and trains in the Dagster step (one process): dpo,
     orpo, simpo and kto (`methods/preference.py`). The graph, step estimates and launchers ask
     `isinstance` of this class, never a method type. `trainer_settings()` gives the keys its
-    trainer reads; `ROWS_PER_PAIR` how many rows a pair becomes (steps count rows)."""
+    trainer reads; `ROWS_PER_PAIR` how many rows a pair becomes (steps count rows). `pairs` names
+    a `generated_preferences:` entry to train on instead of the recipe's `preferences:`."""
 
+    _OMIT_WHEN_DEFAULT = (*MethodSpecBase._OMIT_WHEN_DEFAULT, "pairs")
     ROWS_PER_PAIR: ClassVar[int] = 1
+    # the forms of `preferences:` data it trains on (`PreferenceDataSpec.form`; Recipe checks them):
+    # "paired" (prompt/chosen/rejected), "unpaired" (prompt/completion/label answers: kto)
+    DATA_FORMS: ClassVar[tuple[str, ...]] = ("paired",)
+
+    pairs: str | None = None  # a `generated_preferences:` name to train on; null: the recipe's `preferences:`
 
     def trainer_settings(self) -> dict[str, Any]:
         raise NotImplementedError

@@ -50,7 +50,8 @@ from pydantic import (
 from .chat_templates import BUILTIN_TEMPLATES, chat_template_text, is_template_file
 from .gguf_types import GGUF_TYPES
 from . import evaluator_spec
-from .method_spec import PEFT_LORA_TYPES, SPECS, MethodSpecBase, PreferenceSpecBase, spec_classes, spec_types
+from .generated_preferences import GeneratedPreferencesSpec
+from .method_spec import SPECS, MethodSpecBase, PreferenceSpecBase, lora_source_problem, spec_classes, spec_types
 from .policy import PolicySpec
 from .strict import Strict as _Strict
 from .training import TrainingSpec
@@ -183,36 +184,43 @@ with warnings.catch_warnings():  # `schema` shadows pydantic's deprecated BaseMo
 
 
 class PreferenceColumns(_Strict):
-    """Which column holds each field of a preference pair. Schema `text`: the prompt is the user
-    turn as text (rendered with the base model's chat template and `prompt.system`), the answers
-    text. Schema `messages` (TRL's conversational form): the prompt is a list of turns ending with
-    a user turn (or its text), each answer one assistant turn (`[{role: assistant, content}]`, the
-    turn, or its text); `prompt: null` reads TRL's implicit-prompt form, where chosen and rejected
-    are whole conversations differing only in their final assistant turn."""
+    """Which column holds each field of a preference pair (schema `unpaired`: of a labelled
+    answer). Schema `text`: the prompt is the user turn as text (rendered with the base model's
+    chat template and `prompt.system`), the answers text. Schema `messages` (TRL's conversational
+    form): the prompt is a list of turns ending with a user turn (or its text), each answer one
+    assistant turn (`[{role: assistant, content}]`, the turn, or its text); `prompt: null` reads
+    TRL's implicit-prompt form, where chosen and rejected are whole conversations differing only in
+    their final assistant turn. Schema `unpaired` (TRL's KTO form) reads prompt, completion and
+    label instead of chosen and rejected; prompt and completion as text or as turns (as in
+    `messages`), the label true/false (also 1/0)."""
 
-    _OMIT_WHEN_DEFAULT = ("role", "content", "roles")
+    _OMIT_WHEN_DEFAULT = ("role", "content", "roles", "completion", "label")
 
     prompt: str | None = "prompt"  # column with the prompt; null (schema messages): the turns chosen and rejected share
     chosen: str = "chosen"  # column with the preferred answer
     rejected: str = "rejected"  # column with the dispreferred answer
     id: str | None = None  # column with a unique row id; null: a hash of the pair's text
-    role: str = "role"  # schema messages: key of a turn's role (ShareGPT: from)
-    content: str = "content"  # schema messages: key of a turn's text (ShareGPT: value)
-    roles: dict[str, Literal["system", "user", "assistant"]] = Field(default_factory=dict)  # schema messages: the file's role names -> ours, e.g. {human: user, gpt: assistant}
+    role: str = "role"  # schema messages or unpaired: key of a turn's role (ShareGPT: from)
+    content: str = "content"  # schema messages or unpaired: key of a turn's text (ShareGPT: value)
+    roles: dict[str, Literal["system", "user", "assistant"]] = Field(default_factory=dict)  # schema messages or unpaired: the file's role names -> ours, e.g. {human: user, gpt: assistant}
+    completion: str = "completion"  # schema unpaired: column with the answer
+    label: str = "label"  # schema unpaired: column saying whether the answer is desirable (true/false, 1/0)
 
 
 with warnings.catch_warnings():  # `schema`, as in DatasetSpec
     warnings.filterwarnings("ignore", message='Field name "schema"')
 
     class PreferenceDataSpec(_Strict):
-        """Prompt/chosen/rejected pairs for preference tuning (methods of type `dpo`)."""
+        """Prompt/chosen/rejected pairs for preference tuning (dpo, orpo, simpo, kto) and reward
+        models; or, `schema: unpaired`, prompt/completion/label answers (TRL's KTO form, one answer a
+        row, desirable or not), which only kto methods train on."""
 
         _OMIT_WHEN_DEFAULT = ("schema", "split")
 
         name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]  # the preference set's name (not a dataset name)
         path: str  # the pairs file (format hf: a directory, or a dataset id in the local HF cache), relative to `root`
         format: Literal["jsonl", "csv", "parquet", "arrow", "hf"] = "jsonl"  # file format; hf: a save_to_disk or Hub-layout directory, or a cached dataset id (offline)
-        schema: Literal["text", "messages"] = "text"  # text: prompt/chosen/rejected strings; messages: TRL's conversational form (see columns)
+        schema: Literal["text", "messages", "unpaired"] = "text"  # text: prompt/chosen/rejected strings; messages: TRL's conversational form (see columns); unpaired: prompt/completion/label rows, one labelled answer each (kto only)
         split: str | None = None  # format hf: the split to read (needed when the dataset has several)
         columns: PreferenceColumns = PreferenceColumns()
         eval_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15  # share of pairs held out for the preference metrics
@@ -226,7 +234,24 @@ with warnings.catch_warnings():  # `schema`, as in DatasetSpec
             if self.columns.prompt is None and self.schema != "messages":
                 raise ValueError("columns.prompt null (the implicit prompt) needs schema: messages; "
                                  "set the prompt column, or schema: messages")
+            other = ("completion", "label") if self.form == "paired" else ("chosen", "rejected")
+            given = [k for k in other if getattr(self.columns, k) != PreferenceColumns.model_fields[k].default]
+            if given:
+                needs = "schema: unpaired" if self.form == "paired" else "schema text or messages (pairs)"
+                raise ValueError(f"columns.{given[0]} applies to {needs}, and this schema is {self.schema}; "
+                                 f"remove it, or set the schema that reads it")
             return self
+
+        @property
+        def form(self) -> str:
+            """The data form its rows are: "paired" (prompt, chosen, rejected) or "unpaired" (labelled answers)."""
+            return "unpaired" if self.schema == "unpaired" else "paired"
+
+
+# `PreferenceDataSpec.form` -> (what its rows are, the file that holds them), as recipe errors say it
+DATA_FORM_WORDS = {"paired": ("preference pairs (prompt/chosen/rejected)", "a pairs file (schema text or messages)"),
+                   "unpaired": ("one labelled answer a row (prompt/completion/label)",
+                                "a file of labelled answers (schema unpaired)")}
 
 
 class PromptSpec(_Strict):
@@ -340,7 +365,11 @@ class DistillationSpec(_Strict):
 class RewardModelSpec(_Strict):
     """A reward model (`reward_model[<name>]`): the base with a one-score head trained on the
     recipe's `preferences:` pairs (Bradley-Terry loss, TRL's RewardTrainer), saved merged as a plain
-    sequence-classification model. `type: lora` trains a LoRA adapter and the head, `full` every weight."""
+    sequence-classification model. `type: lora` trains a LoRA adapter and the head, `full` every weight.
+    `pairs` names a `generated_preferences:` entry to train on instead."""
+
+    _OMIT_WHEN_DEFAULT = ("pairs",)
+    DATA_FORMS: typing.ClassVar[tuple[str, ...]] = ("paired",)  # as a preference method's (`PreferenceSpecBase`)
 
     type: Literal["lora", "full"] = "lora"  # what trains besides the new head
     r: Annotated[int, Field(ge=1, le=4096)] = 16  # type lora: rank
@@ -349,6 +378,7 @@ class RewardModelSpec(_Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"  # type lora: Linear layers to adapt
     center_rewards: Annotated[float, Field(ge=0)] | None = 0.01  # weight of (r_chosen + r_rejected)^2 keeping scores near 0 (null: off)
     training: dict[str, Any] = Field(default_factory=dict)  # overrides of TrainingSpec
+    pairs: str | None = None  # a `generated_preferences:` name to train on; null: the recipe's `preferences:`
 
     @field_validator("training")
     @classmethod
@@ -675,7 +705,8 @@ class AutomationSpec(_Strict):
 
 
 class Recipe(_Strict):
-    _OMIT_WHEN_DEFAULT = ("preferences", "distillation", "publish", "export", "reward_models", "policies")
+    _OMIT_WHEN_DEFAULT = ("preferences", "distillation", "publish", "export", "reward_models", "policies",
+                          "generated_preferences")
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]  # the recipe's name (shown by validate and the demo)
     seed: int = 42  # seed of splits, initialisation and data order
@@ -691,6 +722,7 @@ class Recipe(_Strict):
     distillation: DistillationSpec | None = None  # the `student` asset; null: no student
     reward_models: dict[str, RewardModelSpec] = Field(default_factory=dict)  # name -> a reward model trained on `preferences` (a partition of `reward_model`)
     policies: dict[str, PolicySpec] = Field(default_factory=dict)  # name -> an SFT adapter continued with GRPO against rewards (a partition of `policy_adapter`)
+    generated_preferences: dict[str, GeneratedPreferencesSpec] = Field(default_factory=dict)  # name -> pairs a tuned model's ranked answers make (a partition of `generated_preferences`); methods and reward models read them with `pairs: <name>`
     evaluation: EvaluationSpec = EvaluationSpec()
     publish: PublishSpec = PublishSpec()  # model cards' upload to the Hub (off by default)
     export: ExportSpec = ExportSpec()  # serving formats (GGUF + Ollama Modelfile); empty: none
@@ -741,7 +773,9 @@ class Recipe(_Strict):
             raise ValueError(f"publish.repo_id {self.publish.repo_id!r} must contain {{method}}: the recipe has "
                              f"{len(self.methods)} methods and each is uploaded to a repo of its own")
         self._check_reward_models()
+        self._check_preference_forms()
         self._check_policies()
+        self._check_generated_preferences()
         if self.distillation is not None:
             teacher = self.methods.get(self.distillation.teacher)
             if teacher is None:
@@ -750,32 +784,49 @@ class Recipe(_Strict):
         return self
 
     def _check_reward_models(self) -> None:
-        if self.reward_models and self.preferences is None:
-            raise ValueError(f"reward_models ({', '.join(self.reward_models)}) train on preference pairs: "
-                             "add a `preferences:` section")
-        for name in self.reward_models:
+        human = [r for r, spec in self.reward_models.items() if spec.pairs is None]
+        if human and self.preferences is None:
+            raise ValueError(f"reward_models ({', '.join(human)}) train on preference pairs: add a `preferences:` "
+                             "section, or give each `pairs:` naming a generated_preferences entry")
+        for name, spec in self.reward_models.items():
+            if spec.pairs is not None and spec.pairs not in self.generated_preferences:
+                raise ValueError(f"reward_models.{name}.pairs: {spec.pairs!r} is not in `generated_preferences:` "
+                                 f"({', '.join(self.generated_preferences) or 'none'})")
             if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) or len(name) > MAX_METHOD_NAME:
                 raise ValueError(f"reward model name {name[:40]!r} must be letters, digits and underscores, starting "
                                  f"with a letter, at most {MAX_METHOD_NAME} characters (it names a directory)")
             if name in self.methods:  # preference_dataset has one partition per preference method and reward model
                 raise ValueError(f"reward_models.{name}: {name!r} is also a method name; use another")
 
+    def _check_preference_forms(self) -> None:
+        """Each reader of `preferences:` (a preference method or reward model without `pairs:`)
+        trains on its form: one of its spec's DATA_FORMS."""
+        if self.preferences is None:
+            return
+        form = self.preferences.form
+        readers = [*((f"methods.{n}", m.type, m) for n, m in self.methods.items()
+                     if isinstance(m, PreferenceSpecBase)),
+                   *((f"reward_models.{n}", "a reward model", r) for n, r in self.reward_models.items())]
+        for where, what, spec in readers:
+            if getattr(spec, "pairs", None) is not None or form in spec.DATA_FORMS:
+                continue
+            takers = [t for t, cls in SPECS.items() if form in getattr(cls, "DATA_FORMS", ())]
+            fix = f"remove {where}" if where.startswith("reward_") else f"make it a {' or '.join(takers)} method"
+            raise ValueError(f"{where}: {what} trains on {' or '.join(DATA_FORM_WORDS[f][0] for f in spec.DATA_FORMS)}, "
+                             f"but preferences.schema is {self.preferences.schema}: {DATA_FORM_WORDS[form][0]}, which "
+                             f"only {', '.join(takers) or 'no'} methods train on. Either {fix}, or point "
+                             f"`preferences:` at {DATA_FORM_WORDS[spec.DATA_FORMS[0]][1]}")
+
     def _check_policies(self) -> None:
         for name, spec in self.policies.items():
             if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) or len(name) > MAX_METHOD_NAME:
                 raise ValueError(f"policy name {name[:40]!r} must be letters, digits and underscores, starting "
                                  f"with a letter, at most {MAX_METHOD_NAME} characters (it names a directory)")
-            src = self.methods.get(spec.sft_from)
-            if src is None:
-                raise ValueError(f"policies.{name}.sft_from: {spec.sft_from!r} is not a method of this recipe "
-                                 f"(methods: {', '.join(self.methods)})")
-            if src.type not in PEFT_LORA_TYPES:
-                raise ValueError(f"policies.{name}.sft_from: {spec.sft_from!r} is a {src.type} method; a policy "
-                                 f"continues one of: {', '.join(PEFT_LORA_TYPES)}")
-            for r in spec.reward_models():
-                if r not in self.reward_models:
-                    raise ValueError(f"policies.{name}.rewards: reward_model {r!r} is not in `reward_models:` "
-                                     f"({', '.join(self.reward_models) or 'none'})")
+            problem = lora_source_problem(f"policies.{name}.sft_from", spec.sft_from, self.methods,
+                                          "a policy continues")
+            if problem:
+                raise ValueError(problem)
+            self._check_reward_names(f"policies.{name}.rewards", spec.reward_models())
             training = self.training_for_policy(name)
             if (training.batch_size * training.grad_accum) % spec.num_generations:
                 raise ValueError(f"policies.{name}: training.batch_size * grad_accum ({training.batch_size} * "
@@ -784,6 +835,31 @@ class Recipe(_Strict):
             if training.validation_fraction:
                 raise ValueError(f"policies.{name}: validation_fraction / early stopping apply to SFT methods; "
                                  f"set policies.{name}.training.validation_fraction: 0")
+
+    def _check_reward_names(self, where: str, names: list[str]) -> None:
+        for r in names:
+            if r not in self.reward_models:
+                raise ValueError(f"{where}: reward_model {r!r} is not in `reward_models:` "
+                                 f"({', '.join(self.reward_models) or 'none'})")
+
+    def _check_generated_preferences(self) -> None:
+        for name, spec in self.generated_preferences.items():
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or len(name) > MAX_METHOD_NAME:
+                raise ValueError(f"generated_preferences name {name[:40]!r} must be lowercase letters, digits and "
+                                 f"underscores, starting with a letter, at most {MAX_METHOD_NAME} characters (it "
+                                 "names a directory)")
+            problem = lora_source_problem(f"generated_preferences.{name}.generator", spec.generator, self.methods,
+                                          "a generator samples from")
+            if problem:
+                raise ValueError(problem)
+            self._check_reward_names(f"generated_preferences.{name}.rank_by", spec.reward_models())
+        ranked_by_rm = [g for g, spec in self.generated_preferences.items() if spec.reward_models()]
+        trained_on_generated = [r for r, spec in self.reward_models.items() if spec.pairs is not None]
+        if ranked_by_rm and trained_on_generated:  # reward_model -> generated_preferences -> reward_model
+            raise ValueError(f"reward_models.{trained_on_generated[0]} trains on generated pairs while "
+                             f"generated_preferences.{ranked_by_rm[0]} is ranked by a reward model: the assets would "
+                             "feed each other in a cycle. Rank by verifiable rewards, or train that reward model "
+                             "on `preferences:`")
 
     # -- derived values ---------------------------------------------------------------
 
@@ -838,10 +914,12 @@ class Recipe(_Strict):
         return self.seed if ds.split_seed is None else ds.split_seed
 
     def section_hash(self, *sections: str, method: str | None = None, reward_model: str | None = None,
-                     policy: str | None = None) -> str:
+                     policy: str | None = None, generated_preferences: str | None = None) -> str:
         """Hash of the recipe sections one asset depends on (part of its version)."""
         dumped = self.model_dump(mode="json")
         parts = {s: dumped[s] for s in sections}
+        if generated_preferences is not None:
+            parts["generated_preferences"] = dumped["generated_preferences"][generated_preferences]
         if policy is not None:
             parts["policy"] = dumped["policies"][policy]
             parts["policy_training"] = self.training_for_policy(policy).model_dump(mode="json")
@@ -859,6 +937,15 @@ class Recipe(_Strict):
         """Processes `method` trains in: `compute.world_size` for `adapter` methods; preference
         methods (`preference_adapter`) train in the Dagster step."""
         return 1 if isinstance(self.methods[method], PreferenceSpecBase) else self.compute.world_size
+
+    def pairs_readers(self) -> dict[str | None, list[str]]:
+        """{pairs: the preference methods and reward models that train on them}: None is the recipe's
+        `preferences:`, a name a `generated_preferences:` entry."""
+        out: dict[str | None, list[str]] = {}
+        readers = [*((d, self.methods[d]) for d in self.preference_methods()), *self.reward_models.items()]
+        for name, spec in readers:
+            out.setdefault(spec.pairs, []).append(name)
+        return out
 
     def preference_methods(self) -> list[str]:
         """The methods `preference_adapter` trains (specs extending `PreferenceSpecBase`); the others are `adapter`'s."""

@@ -41,6 +41,7 @@ STAGE_VERSIONS = {
     "champion": "1",
     "reward_model": "1",
     "policy_adapter": "1",
+    "generated_preferences": "1",
 }
 
 
@@ -163,6 +164,13 @@ def output(art: Artifact, metadata: dict[str, Any], output_name: str = "result")
             **metadata,
         },
     )
+
+
+def check_same_base(adapter: Artifact, method: str, base_model: Artifact) -> None:
+    """What continues or samples from adapter[method] needs the base_model version it was trained on."""
+    if adapter.manifest().get("inputs", {}).get("base_model") != base_model.version:
+        raise user_error(RuntimeError(f"adapter[{method}] {adapter.version} was trained on another base_model; "
+                                      f"materialize adapter[{method}] first"))
 
 
 def user_error(exc: Exception, what_to_do: str = "") -> dg.Failure:

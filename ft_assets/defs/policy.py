@@ -17,6 +17,8 @@ Versioned like `adapter`: by what made it (input versions, stage code version, p
 its training settings, the prompt section, seed); the same derivation again reuses the existing
 version (`force: true` retrains into a version of its own). Checkpoints go to
 $FT_HOME/checkpoints/policy_adapter/p/<derived version>; a re-run after a crash resumes there.
+Dagster's code version carries the `policies:` section's hash, so the automation sees an edit of
+it (entries that did not change are then reused).
 """
 
 import json
@@ -25,6 +27,7 @@ from typing import Any
 import dagster as dg
 
 from ..artifacts.store import Artifact, ArtifactStore, derived_version, dir_bytes
+from ..config.policy import RewardSpec
 from ..config.recipe import Recipe
 from ..evaluation import plots
 from ..models.device import Compute
@@ -47,7 +50,8 @@ def build(recipe: Recipe) -> list:
 
     @dg.asset(
         key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "training"), kinds={"pytorch", "peft"},
-        code_version=cv, partitions_def=parts, pool="gpu", ins=_ins(recipe),
+        # the section's hash too, so that the automation sees an edit of it (unchanged entries then reuse)
+        code_version=c.code_version("policy_adapter", recipe, "policies"), partitions_def=parts, pool="gpu", ins=_ins(recipe),
         description="An SFT adapter continued with GRPO against the recipe's rewards; its held-out reward, task "
                     "metrics and KL against the SFT start.",
     )
@@ -82,14 +86,8 @@ def _optimize(context, recipe: Recipe, hw: Compute, store: ArtifactStore, sft: A
               base_model: Artifact, reward_models: dict[str, Artifact], cv: str, force: bool) -> dg.Output:
     name = context.partition_key
     spec = recipe.policies[name]
-    if sft.manifest().get("inputs", {}).get("base_model") != base_model.version:
-        raise c.user_error(RuntimeError(f"adapter[{spec.sft_from}] {sft.version} was trained on another base_model; "
-                                        f"materialize adapter[{spec.sft_from}] first"))
-    missing = [r for r in spec.reward_models() if r not in reward_models]
-    if missing:
-        raise c.user_error(RuntimeError(f"{name}: reward_model[{missing[0]}] has no materialization; materialize it "
-                                        "first"))
-    inputs = c.inputs_of(sft, dataset, base_model, *(reward_models[r] for r in spec.reward_models()))
+    c.check_same_base(sft, spec.sft_from, base_model)
+    inputs = c.inputs_of(sft, dataset, base_model, *reward_inputs(name, spec.reward_models(), reward_models))
     derivation = c.derivation(inputs, cv, recipe.section_hash("prompt", "seed", policy=name))
     done = c.reuse_or_say_why(context, store, "policy_adapter", name, derivation, force)
     if done is not None:
@@ -112,15 +110,28 @@ def policy_request(recipe: Recipe, name: str, base_model: Artifact, sft: Artifac
                    reward_models: dict[str, Artifact], checkpoint_dir) -> policy.PolicyRequest:
     """The one description of policy `name`'s run (reward models by their artifact directories)."""
     spec = recipe.policies[name]
-    rewards = [{"type": r.type, "weight": r.weight,
-                **({"pattern": r.pattern} if r.pattern is not None else {}),
-                **({"model_dir": str(reward_models[r.reward_model].dir)} if r.reward_model else {})}
-               for r in spec.rewards]
+    rewards = reward_requests(spec.rewards, reward_models)
     return policy.PolicyRequest(
         name=name, base_dir=str(base_model.dir), sft_adapter_dir=str(sft.dir), sft_dataset_dir=str(dataset.path),
         rewards=rewards, settings=spec.trainer_settings(),
         training=recipe.training_for_policy(name).model_dump(mode="json"), seed=recipe.seed,
         checkpoint_dir=str(checkpoint_dir), max_prompts=spec.max_prompts)
+
+
+def reward_inputs(name: str, needed: list[str], reward_models: dict[str, Artifact]) -> list[Artifact]:
+    """The reward models partition `name` reads, in `needed`'s order; a missing one is a user error."""
+    missing = [r for r in needed if r not in reward_models]
+    if missing:
+        raise c.user_error(RuntimeError(f"{name}: reward_model[{missing[0]}] has no materialization; materialize it "
+                                        "first"))
+    return [reward_models[r] for r in needed]
+
+
+def reward_requests(specs: list[RewardSpec], reward_models: dict[str, Artifact]) -> list[dict[str, Any]]:
+    """The recipe's rewards as `trainers.rewards.build_rewards` takes them (a reward model by its
+    artifact directory)."""
+    return [{"type": r.type, "weight": r.weight, **({"pattern": r.pattern} if r.pattern is not None else {}),
+             **({"model_dir": str(reward_models[r.reward_model].dir)} if r.reward_model else {})} for r in specs]
 
 
 def _write(store: ArtifactStore, recipe: Recipe, name: str, tuned: policy.PolicyTraining, heldout: dict[str, Any],

@@ -2,16 +2,19 @@
 preference method d of the recipe (dpo, orpo, simpo, kto: `methods/preference.py`).
 
 - `preference_dataset[d]`: the recipe's prompt/chosen/rejected pairs (text, or TRL's
-  conversational form; a file or `format: hf`) -> validated, chat-rendered, seeded train/eval
-  splits of pairs. Same contract as `sft_dataset`: a file that cannot be parsed
+  conversational form; a file or `format: hf`), or with `schema: unpaired` its prompt/completion/label
+  answers (TRL's KTO form, for kto only) -> validated, chat-rendered, seeded train/eval
+  splits of pairs (labelled answers). Same contract as `sft_dataset`: a file that cannot be parsed
   fails with file and line; unusable rows are counted, written to `rejected.jsonl` and fail the
   asset above `preferences.max_rejected_fraction`; the split is a seeded hash of each pair's id.
   `raw/<preferences.name>` is an observable source. Blocking check `usable`: a non-empty training
-  split whose answers all end with end-of-turn. Every partition holds the same pairs.
+  split whose answers all end with end-of-turn. Every partition holds the same pairs; a method or
+  reward model with `pairs: g` has no partition here (it reads `generated_preferences[g]`).
 - `preference_adapter[d]`: `adapter[<sft_from of d>]` continued with d's objective (TRL's trainer
-  for it) on `preference_dataset[d]` (`trainers.preference.run`). Every input is declared: the SFT adapter
+  for it) on `preference_dataset[d]`, or on `generated_preferences[g]` when d says `pairs: g`
+  (`trainers.preference.run`). Every input is declared: the SFT adapter
   through a `StaticPartitionMapping` {sft_from: d} (another asset's partition, so the UI draws the
-  edge and a new SFT adapter version makes d stale), the pairs partition-to-partition. Versioned
+  edge and a new SFT adapter version makes d stale), the pairs likewise (`pairs_ins`). Versioned
   like `adapter`: by what made it (inputs, code, d's recipe section, seed); an identical request
   reuses the existing version (`force` retrains). `merged_model[d]` and `eval_report[d]` read it.
 """
@@ -33,6 +36,7 @@ from .raw import raw_key
 from .resources import ComputeResource, StoreResource
 
 PREVIEW_COLUMNS = ["id", "prompt", "chosen", "rejected", "tokens"]
+UNPAIRED_PREVIEW_COLUMNS = ["id", "prompt", "completion", "label", "tokens"]  # schema unpaired
 
 
 def preference_partitions(recipe: Recipe) -> dg.StaticPartitionsDefinition | None:
@@ -42,10 +46,38 @@ def preference_partitions(recipe: Recipe) -> dg.StaticPartitionsDefinition | Non
 
 
 def pair_readers(recipe: Recipe) -> dg.StaticPartitionsDefinition | None:
-    """`preference_dataset`'s partitions: one per preference method and reward model (each reads
-    the same pairs through its own partition, so each re-runs on its own)."""
-    names = [*recipe.preference_methods(), *recipe.reward_models]
+    """`preference_dataset`'s partitions: one per preference method and reward model that trains on
+    the recipe's pairs (each reads the same pairs through its own partition, so each re-runs on its own)."""
+    names = recipe.pairs_readers().get(None, [])
     return dg.StaticPartitionsDefinition(names) if names else None
+
+
+def pairs_ins(recipe: Recipe, readers: list[str], identity: bool = False) -> dict[str, dg.AssetIn]:
+    """The inputs through which each of `readers` (partitions of the reading asset: preference methods
+    or reward models) gets its pairs: `preference_dataset[d]` for a reader of the recipe's pairs,
+    `generated_preferences[g]` for one with `pairs: g`; each declared only when some reader uses it, so
+    the other one loads as None. `identity`: the recipe's pairs through the identity mapping when
+    every reader reads them (one run can then hold a partition's chain)."""
+    by_pairs = recipe.pairs_readers()
+    human = [r for r in readers if r in by_pairs.get(None, [])]
+    ins = {}
+    if human:
+        same = identity and len(human) == len(readers) == len(by_pairs[None])
+        ins["preference_dataset"] = c.asset_in(recipe, **({} if same else {
+            "partition_mapping": dg.StaticPartitionMapping({r: r for r in human})}))
+    generated = {g: [r for r in names if r in readers] for g, names in by_pairs.items() if g is not None}
+    generated = {g: names for g, names in generated.items() if names}
+    if generated:
+        ins["generated_preferences"] = c.asset_in(recipe, partition_mapping=dg.StaticPartitionMapping(generated))
+    return ins
+
+
+def pairs_of(inputs: dict[str, Artifact | None]) -> Artifact:
+    """The pairs a reader of `pairs_ins` received: the one input that holds a partition."""
+    found = [a for a in (inputs.get("preference_dataset"), inputs.get("generated_preferences")) if a is not None]
+    if len(found) != 1:
+        raise RuntimeError(f"expected the pairs of one asset, got {len(found)}")
+    return found[0]
 
 
 def preference_mapping(recipe: Recipe) -> dg.StaticPartitionMapping:
@@ -62,11 +94,13 @@ def sft_sources(recipe: Recipe) -> dict[str, list[str]]:
     return out
 
 
-def check_usable(pairs: list[preferences.PreferencePair], eos_id: int) -> list[str]:
+def check_usable(pairs: list[preferences.PreferencePair] | list[preferences.LabelledAnswer], eos_id: int) -> list[str]:
     problems = [] if pairs else ["the training split is empty"]
     for p in pairs:
-        if not p.chosen_ids or p.chosen_ids[-1] != eos_id or not p.rejected_ids or p.rejected_ids[-1] != eos_id:
-            problems.append(f"pair {p.id} (line {p.line}) has an answer that does not end with end-of-turn")
+        answers = [p.completion_ids] if isinstance(p, preferences.LabelledAnswer) else [p.chosen_ids, p.rejected_ids]
+        if any(not ids or ids[-1] != eos_id for ids in answers):
+            what = "answer" if isinstance(p, preferences.LabelledAnswer) else "pair"
+            problems.append(f"{what} {p.id} (line {p.line}) has an answer that does not end with end-of-turn")
     return problems
 
 
@@ -96,8 +130,8 @@ def _preference_dataset_asset(recipe: Recipe, parts: dg.StaticPartitionsDefiniti
                                        description="non-empty training split; every answer ends with end-of-turn")],
     )
     def preference_dataset(context: dg.AssetExecutionContext, store: StoreResource, base_model: Artifact):
-        """Validated, chat-rendered prompt/chosen/rejected pairs, split train/eval (one partition per preference
-        method and reward model: the same pairs)."""
+        """Validated, chat-rendered prompt/chosen/rejected pairs (schema unpaired: prompt/completion/label
+        answers), split train/eval (one partition per preference method and reward model: the same pairs)."""
         tok = load_tokenizer(base_model.path)
         art, built = _write_preference_dataset(context, recipe, cv, store, tok, base_model)
         yield c.output(art, _preference_dataset_metadata(built, recipe.evaluation.preview_rows))
@@ -130,17 +164,20 @@ def _write_preference_dataset(context, recipe: Recipe, cv: str, store: StoreReso
 
 
 def _preference_dataset_metadata(built: preferences.BuiltPreferences, preview_rows: int) -> dict:
-    preview = [{"id": p.id, "prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected,
-                "tokens": len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))}
+    unpaired = preferences.is_unpaired(built.train)
+    columns = UNPAIRED_PREVIEW_COLUMNS if unpaired else PREVIEW_COLUMNS
+    preview = [{**{k: getattr(p, k) for k in columns[:-1]}, "tokens": preferences.sequence_tokens(p)}
                for p in built.train[:preview_rows]]
     rejected = [{"line": r.line, "field": r.field, "reason": r.reason} for r in built.rejected[:50]]
+    unit = "answers" if unpaired else "pairs"
     return {
         "rows_kept": built.stats["kept"],
         "rows_rejected": built.stats["rejected_rows"],
-        "train_pairs": built.stats["train_rows"],
-        "eval_pairs": built.stats["eval_rows"],
+        f"train_{unit}": built.stats["train_rows"],
+        f"eval_{unit}": built.stats["eval_rows"],
+        **({k: built.stats[k] for k in ("form", "train_desirable", "train_undesirable")} if unpaired else {}),
         "token_lengths": dg.MetadataValue.json(built.stats["tokens"]),
-        "preview": c.table(preview, PREVIEW_COLUMNS),
+        "preview": c.table(preview, columns),
         "rejected": c.table(rejected, ["line", "field", "reason"]),
     }
 
@@ -149,7 +186,8 @@ def _usable(built: preferences.BuiltPreferences, eos_id: int) -> dg.AssetCheckRe
     problems = check_usable(built.train, eos_id)
     return dg.AssetCheckResult(
         check_name="usable", passed=not problems,
-        metadata={"problems": dg.MetadataValue.json(problems[:20]), "train_pairs": len(built.train)},
+        metadata={"problems": dg.MetadataValue.json(problems[:20]),
+                  f"train_{'answers' if preferences.is_unpaired(built.train) else 'pairs'}": len(built.train)},
     )
 
 
@@ -165,18 +203,15 @@ def _preference_adapter_asset(recipe: Recipe, parts: dg.StaticPartitionsDefiniti
         key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "training"), kinds={"pytorch", "peft"}, code_version=cv_tuned, partitions_def=parts, pool="gpu",
         deps=[dg.AssetDep(recipe_method_key(recipe), partition_mapping=dg.StaticPartitionMapping({d: d for d in parts.get_partition_keys()}))],
         ins={"adapter": c.asset_in(recipe, partition_mapping=dg.StaticPartitionMapping(sft_sources(recipe))),
-             "preference_dataset": c.asset_in(recipe, **({} if not recipe.reward_models else {  # d reads d only
-                 "partition_mapping": dg.StaticPartitionMapping({d: d for d in parts.get_partition_keys()})})),
-             "base_model": c.asset_in(recipe)},
+             **pairs_ins(recipe, parts.get_partition_keys(), identity=True), "base_model": c.asset_in(recipe)},
     )
     def preference_adapter(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource,
-                           config: c.TrainingRun, adapter: Artifact, preference_dataset: Artifact,
-                           base_model: Artifact):
-        """The SFT adapter (`sft_from`) continued on the preference pairs by the method's objective
-        (DPO, ORPO, SimPO, KTO). Its version is that
+                           config: c.TrainingRun, adapter: Artifact, base_model: Artifact, **pairs: Artifact | None):
+        """The SFT adapter (`sft_from`) continued on its pairs (the recipe's, or generated ones) by the
+        method's objective (DPO, ORPO, SimPO, KTO). Its version is that
         of its inputs, code and settings; an existing one is reused (`force` retrains)."""
-        return _tune(context, recipe, compute.resolve(), store.store(recipe.pipeline), adapter, preference_dataset, base_model,
-                     cv_tuned, config.force)
+        return _tune(context, recipe, compute.resolve(), store.store(recipe.pipeline), adapter, pairs_of(pairs),
+                     base_model, cv_tuned, config.force)
 
     return preference_adapter
 
@@ -185,9 +220,7 @@ def _tune(context, recipe: Recipe, hw: Compute, store: ArtifactStore, sft: Artif
           base_model: Artifact, cv: str, force: bool) -> dg.Output:
     name = context.partition_key
     spec = recipe.methods[name]
-    if sft.manifest().get("inputs", {}).get("base_model") != base_model.version:
-        raise c.user_error(RuntimeError(f"adapter[{spec.sft_from}] {sft.version} was trained on another base_model; "
-                                        f"materialize adapter[{spec.sft_from}] first"))
+    c.check_same_base(sft, spec.sft_from, base_model)
     inputs = c.inputs_of(sft, prefs, base_model)
     derivation = c.derivation(inputs, cv, recipe.section_hash("seed", method=name))
     done = c.reuse_or_say_why(context, store, "preference_adapter", name, derivation, force)
@@ -227,7 +260,7 @@ def _tuned_facts(recipe: Recipe, name: str, sft: Artifact, prefs: Artifact, summ
     return {"method": {"name": name, "type": spec.type, "spec": spec.model_dump(mode="json"),
                        "training": recipe.training_for(name).model_dump(mode="json")},
             spec.type: {"sft_adapter": {"method": spec.sft_from, "version": sft.version, "path": sft.path},
-                        "preference_dataset": prefs.version, **spec.trainer_settings()},
+                        prefs.asset: prefs.version, **spec.trainer_settings()},  # preference_dataset or generated_preferences
             "train": summary}
 
 
@@ -239,8 +272,9 @@ def _tuned_metadata(name: str, spec, sft: Artifact, prefs: Artifact, n_pairs: in
     return {
         "method": spec.type,
         "sft_adapter": f"adapter[{spec.sft_from}] {sft.version}",
-        "preference_dataset": prefs.version,
-        "train_pairs": n_pairs,
+        prefs.asset: prefs.version,
+        "pairs": c.key_of(prefs),  # preference_dataset[d], or generated_preferences[g] (made by a model)
+        f"train_{'answers' if result.unpaired else 'pairs'}": n_pairs,
         "beta": spec.beta,
         "trainable_parameters": result.trainable_parameters,
         "trainable_percent": round(100 * result.trainable_parameters / result.total_parameters, 4),

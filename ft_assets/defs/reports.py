@@ -15,7 +15,8 @@
     `per_task.parquet` and a per-task metadata table;
   - a preference method (dpo, orpo, simpo, kto) d: the tuned model is `preference_adapter[d]`, and `preference_metrics.json`
     scores the held-out pairs of `preference_dataset[d]` (log-prob accuracy of base, SFT and tuned
-    models; DPO reward accuracy and margin against the SFT adapter). That SFT adapter is a declared
+    models; DPO reward accuracy and margin against the SFT adapter; held-out labelled answers of an
+    unpaired set: desirable vs undesirable log-probs and implicit rewards). That SFT adapter is a declared
     input: the `adapter` input maps adapter[sft_from] to partition d as well as adapter[m] to m, so
     partition d reads the reference policy and the UI draws that edge;
   - an adapter that continued from a previous version (`continue_from`): `forgetting` in
@@ -51,11 +52,14 @@ from ..artifacts.store import Artifact, ArtifactStore, dir_bytes
 from ..data.sft_dataset import load_split
 from . import _common as c
 from .adapters import adapter_partitions, methods_partitions
-from .preferences import preference_mapping, sft_sources
+from .preferences import pairs_ins, pairs_of, preference_mapping, sft_sources
 from .resources import ComputeResource, StoreResource, all_partitions
 
 METRIC_KEYS = report.METRIC_KEYS
 PREF_COLUMNS = ["model", "logp_accuracy", "logp_margin", "reward_accuracy", "reward_margin"]
+# held-out labelled answers (schema unpaired): no pairs to compare (`trainers.preference.labelled_metrics`)
+LABELLED_COLUMNS = ["model", "logp_desirable", "logp_undesirable", "logp_margin", "reward_desirable",
+                    "reward_undesirable", "reward_margin", "reward_sign_accuracy"]
 TABLE_COLUMNS = ["id", "question", "reference", "prediction", "exact_match", "token_f1", "rouge_l"]
 
 
@@ -178,7 +182,8 @@ def _eval_report_ins(recipe: Recipe) -> dict[str, dg.AssetIn]:
            **{k: c.asset_in(recipe) for k in ("base_model", "sft_dataset", "base_eval")},
            **({"quantized_base": c.asset_in(recipe)} if recipe.quantization.method != "none" else {})}
     if recipe.preference_methods():
-        ins.update({k: c.asset_in(recipe, partition_mapping=preference_mapping(recipe)) for k in ("preference_adapter", "preference_dataset")})
+        ins["preference_adapter"] = c.asset_in(recipe, partition_mapping=preference_mapping(recipe))
+        ins.update(pairs_ins(recipe, recipe.preference_methods()))
     return ins
 
 
@@ -190,7 +195,8 @@ def _evaluate_report(context, recipe: Recipe, cv: str, compute: ComputeResource,
     tuned_by_preferences = inputs.get("preference_adapter")
     trained = tuned_by_preferences or inputs["adapter"]
     reference = inputs["adapter"] if tuned_by_preferences else None
-    merged_model, prefs, base_eval = inputs["merged_model"], inputs.get("preference_dataset"), inputs["base_eval"]
+    merged_model, base_eval = inputs["merged_model"], inputs["base_eval"]
+    prefs = pairs_of(inputs) if tuned_by_preferences else None
     hw = compute.resolve()
     artifacts = store.store(recipe.pipeline)
     trained_manifest = trained.manifest()
@@ -307,7 +313,7 @@ def _preference_inputs(name: str, trained_manifest: dict, reference: Artifact, p
             f"the latest {c.key_of(reference)} is {reference.version}; materialize preference_adapter[{name}] first"))
     return report.PreferenceEval(
         preferences.load_pairs(prefs.path, "eval"), reference.dir, reference.manifest()["method"]["type"], kind,
-        tuning.OBJECTIVES[kind].reward_beta(facts), {"preference_dataset": prefs.version,
+        tuning.OBJECTIVES[kind].reward_beta(facts), {prefs.asset: prefs.version,  # preference_dataset or generated_preferences
                         "reference": {"adapter": c.key_of(reference), "version": reference.version}})
 
 
@@ -345,6 +351,16 @@ def _preference_meta(name: str, key: str, out: dict) -> dict:
     tuned = out[key]
     rows = [{"model": "base", **out["base"]}, {"model": f"sft ({out['reference']['adapter']})", **out["sft"]},
             {"model": name, **tuned}]
+    if out.get("form") == "unpaired":  # labelled answers: no preference accuracy, rewards by label
+        return {
+            "reward_margin": tuned["reward_margin"],
+            "reward_sign_accuracy": tuned["reward_sign_accuracy"],
+            f"logp_margin_{key}": tuned["logp_margin"],
+            "logp_margin_sft": out["sft"]["logp_margin"],
+            "logp_margin_base": out["base"]["logp_margin"],
+            "preference_answers": out["answers"],
+            "preferences": c.table(rows, LABELLED_COLUMNS),
+        }
     return {
         "preference_accuracy": tuned["reward_accuracy"],
         "reward_margin": tuned["reward_margin"],

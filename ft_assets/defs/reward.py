@@ -1,7 +1,8 @@
 """Reward models: `reward_model[r]`, one partition per entry r of the recipe's `reward_models:`.
 
 - inputs: `base_model` and `preference_dataset[r]` (the recipe's pairs: every partition of
-  `preference_dataset` holds the same ones), both declared, so a new base or new pairs make r stale;
+  `preference_dataset` holds the same ones), or `generated_preferences[g]` when r says `pairs: g`,
+  all declared, so a new base or new pairs make r stale;
 - work: `trainers.reward.run` (TRL's RewardTrainer, LoRA + head or full), then its held-out pairs
   scored (`trainers.reward.evaluate`);
 - the artifact: a plain `AutoModelForSequenceClassification` directory (merged: config,
@@ -14,6 +15,8 @@ Versioned like `adapter`: by what made it (input versions, stage code version, r
 section, its training settings, seed); the same derivation again reuses the existing version
 (`force: true` retrains into a version of its own). Checkpoints go to
 $FT_HOME/checkpoints/reward_model/r/<derived version>; a re-run after a crash resumes there.
+Dagster's code version carries the `reward_models:` section's hash, so the automation sees an edit
+of it (entries that did not change are then reused).
 """
 
 import json
@@ -28,6 +31,7 @@ from ..evaluation import plots
 from ..trainers import reward
 from . import _common as c
 from .models import MODEL_BYTES_HEADROOM
+from .preferences import pairs_ins, pairs_of
 from .resources import ComputeResource, StoreResource
 
 CALIBRATION_COLUMNS = ["bin", "pairs", "predicted", "observed"]
@@ -45,18 +49,17 @@ def build(recipe: Recipe) -> list:
 
     @dg.asset(
         key_prefix=c.key_prefix(recipe), group_name=c.group(recipe, "training"), kinds={"pytorch", "safetensors"},
-        code_version=cv, partitions_def=parts, pool="gpu",
-        ins={"preference_dataset": c.asset_in(recipe, partition_mapping=dg.StaticPartitionMapping(
-                 {r: r for r in recipe.reward_models})),
-             "base_model": c.asset_in(recipe)},
+        # the section's hash too, so that the automation sees an edit of it (unchanged entries then reuse)
+        code_version=c.code_version("reward_model", recipe, "reward_models"), partitions_def=parts, pool="gpu",
+        ins={**pairs_ins(recipe, list(recipe.reward_models)), "base_model": c.asset_in(recipe)},
         description="A reward model (one-score head on the base) trained on the preference pairs; its "
                     "held-out pairwise accuracy and calibration.",
     )
     def reward_model(context: dg.AssetExecutionContext, compute: ComputeResource, store: StoreResource,
-                     config: c.TrainingRun, preference_dataset: Artifact, base_model: Artifact) -> dg.Output:
+                     config: c.TrainingRun, base_model: Artifact, **pairs: Artifact | None) -> dg.Output:
         """Trained on the pairs, scored on the held-out ones. Its version is that of its inputs,
         code and settings; an existing one is reused (`force` retrains)."""
-        name = context.partition_key
+        name, preference_dataset = context.partition_key, pairs_of(pairs)
         artifacts = store.store(recipe.pipeline)
         inputs = c.inputs_of(preference_dataset, base_model)
         derivation = c.derivation(inputs, cv, settings_of(recipe, name))

@@ -55,13 +55,8 @@ def generate(model, tokenizer, examples: list[Example], *, max_new_tokens: int, 
     generated = [0] * len(examples)
     for i in range(0, len(order), batch_size):
         batch_idx = order[i: i + batch_size]
-        prompts = [examples[j].input_ids[: examples[j].prompt_len] for j in batch_idx]
-        width = max(map(len, prompts))
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, p in enumerate(prompts):
-            ids[j, width - len(p):] = torch.tensor(p)
-            mask[j, width - len(p):] = 1
+        ids, mask = left_padded([examples[j].input_ids[: examples[j].prompt_len] for j in batch_idx], pad)
+        width = ids.shape[1]
         gen = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
@@ -71,6 +66,17 @@ def generate(model, tokenizer, examples: list[Example], *, max_new_tokens: int, 
             ends = (row == eos).nonzero()  # rows that stopped early are padded after it
             generated[j] = int(ends[0]) + 1 if len(ends) else len(row)
     return out, generated
+
+
+def left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) of `prompts` as one left-padded batch, what `generate` continues."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j, p in enumerate(prompts):
+        ids[j, width - len(p):] = torch.tensor(list(p))
+        mask[j, width - len(p):] = 1
+    return ids, mask
 
 
 def evaluate(model, tokenizer, examples: list[Example], *, max_new_tokens: int, batch_size: int, device: str) -> dict[str, Any]:

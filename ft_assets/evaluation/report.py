@@ -43,7 +43,7 @@ from . import evaluators
 from .heldout import evaluate, save_eval, save_predictions
 from ..methods import get_method
 from ..models.base_model import load_model
-from ..data.preferences import PreferencePair
+from ..data.preferences import LabelledAnswer, PreferencePair
 
 METRIC_KEYS = ("exact_match", "token_f1", "rouge_l", "eval_loss", "perplexity")
 
@@ -60,7 +60,7 @@ class TunedModel:
 
 @dataclass(frozen=True)
 class PreferenceEval:
-    pairs: list[PreferencePair]  # held-out pairs of preference_dataset
+    pairs: list[PreferencePair] | list[LabelledAnswer]  # held-out pairs (or labelled answers) of preference_dataset
     reference_dir: Path  # the SFT adapter the preference adapter continued (its reference policy)
     reference_type: str
     key: str  # the preference method's type: what its scores are filed under

@@ -4,13 +4,16 @@
     dpo    DPO, against the frozen SFT adapter                  keys: beta, loss_type
     orpo   ORPO, reference-free (NLL + odds ratio)              keys: beta (lambda)
     simpo  SimPO, reference-free (length-normalized, margin)    keys: beta, gamma, sft_weight
-    kto    KTO, each pair as two labelled answers, against the frozen SFT adapter
+    kto    KTO, on labelled answers (an unpaired set's, or each pair as two), against the frozen SFT adapter
                                                                 keys: beta, desirable_weight, undesirable_weight
 
 They are not built by `wrap` (the adapter comes from the SFT method's artifact and TRL's trainer
 trains it), but they are saved, loaded and merged exactly like the peft adapter they started from,
 so evaluation and `merged_model` treat them like any LoRA partition. Every one needs `sft_from`
-(the method whose adapter it continues: one of `PREFERENCE_SFT_TYPES`) and a `preferences:` section.
+(the method whose adapter it continues: one of `config.method_spec.PEFT_LORA_TYPES`) and pairs: the
+recipe's `preferences:` section, or `pairs:` naming a `generated_preferences:` entry. Each spec
+states the forms of `preferences:` data it trains on (`DATA_FORMS`, checked by the recipe): pairs
+for all, unpaired labelled answers (`schema: unpaired`) for kto only.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pydantic import Field, model_validator
 
 from . import register
 from .lora import PeftMethod
-from ..config.method_spec import PEFT_LORA_TYPES as PREFERENCE_SFT_TYPES, PreferenceSpecBase
+from ..config.method_spec import PreferenceSpecBase, lora_source_problem
 
 
 class _ContinuesSft(PreferenceSpecBase):
@@ -45,16 +48,16 @@ class _ContinuesSft(PreferenceSpecBase):
         return f", continues adapter[{self.sft_from}] (beta {self.beta})"
 
     def check_in_recipe(self, name: str, recipe: "Recipe") -> None:  # config.recipe.Recipe, passed in
-        if recipe.preferences is None:
+        if self.pairs is None and recipe.preferences is None:
             raise ValueError(f"method {name!r} ({self.type}) needs a `preferences:` section "
-                             "(prompt/chosen/rejected file)")
-        src = recipe.methods.get(self.sft_from)
-        if src is None:
-            raise ValueError(f"methods.{name}.sft_from: {self.sft_from!r} is not a method of this recipe "
-                             f"(methods: {', '.join(recipe.methods)})")
-        if src.type not in PREFERENCE_SFT_TYPES:
-            raise ValueError(f"methods.{name}.sft_from: {self.sft_from!r} is a {src.type} method; {self.type} "
-                             f"continues one of: {', '.join(PREFERENCE_SFT_TYPES)}")
+                             "(prompt/chosen/rejected file) or `pairs:` naming a generated_preferences entry")
+        if self.pairs is not None and self.pairs not in recipe.generated_preferences:
+            raise ValueError(f"methods.{name}.pairs: {self.pairs!r} is not in `generated_preferences:` "
+                             f"({', '.join(recipe.generated_preferences) or 'none'})")
+        problem = lora_source_problem(f"methods.{name}.sft_from", self.sft_from, recipe.methods,
+                                      f"{self.type} continues")
+        if problem:
+            raise ValueError(problem)
         if recipe.training_for(name).validation_fraction:
             raise ValueError(f"methods.{name}: validation_fraction / early stopping apply to SFT methods and "
                              f"distillation; {self.type} trains with TRL's loop, which this project does not "
@@ -101,17 +104,20 @@ class SimpoSpec(_ContinuesSft):
 
 
 class KtoSpec(_ContinuesSft):
-    """KTO (Ethayarajh et al. 2024) with TRL's KTOTrainer: each pair becomes a desirable and an
-    undesirable answer, and each moves by how far it is from a KL estimate against the frozen SFT
-    adapter. Continues the adapter of method `sft_from` on the recipe's `preferences`; needs a batch of 2 or more."""
+    """KTO (Ethayarajh et al. 2024) with TRL's KTOTrainer: trains on answers labelled desirable or
+    undesirable, each moved by how far it is from a KL estimate against the frozen SFT adapter: the
+    labelled answers of an unpaired `preferences:` set (`schema: unpaired`, TRL's KTO form) as they
+    are, or each pair as a desirable and an undesirable answer. Continues the adapter of method
+    `sft_from` on the recipe's `preferences`; needs a batch of 2 or more."""
 
     SETTINGS: ClassVar[tuple[str, ...]] = ("beta", "desirable_weight", "undesirable_weight")
     ROWS_PER_PAIR: ClassVar[int] = 2
+    DATA_FORMS: ClassVar[tuple[str, ...]] = ("paired", "unpaired")
 
     type: Literal["kto"]
     beta: Annotated[float, Field(gt=0)] = 0.1  # strength of the implicit KL to the SFT adapter
-    desirable_weight: Annotated[float, Field(gt=0)] = 1.0  # loss weight of the chosen answers
-    undesirable_weight: Annotated[float, Field(gt=0)] = 1.0  # loss weight of the rejected answers
+    desirable_weight: Annotated[float, Field(gt=0)] = 1.0  # loss weight of the chosen (desirable) answers
+    undesirable_weight: Annotated[float, Field(gt=0)] = 1.0  # loss weight of the rejected (undesirable) answers
 
     def check_in_recipe(self, name: str, recipe: "Recipe") -> None:
         super().check_in_recipe(name, recipe)

@@ -128,7 +128,8 @@ def recipe_step_estimates(recipe) -> RecipeSteps:
     sft, sft_unknown = _count(lambda: count_train_rows(sft_sources(recipe)),
                               [source_path(recipe, ds) for ds in recipe.datasets])
     prefs, prefs_unknown = None, None
-    if recipe.preferences is not None and recipe.preference_methods():
+    generated = {d for g, readers in recipe.pairs_readers().items() if g is not None for d in readers}
+    if recipe.preferences is not None and set(recipe.preference_methods()) - generated:
         from ..data.preferences import count_train_pairs, preference_source
 
         prefs, prefs_unknown = _count(lambda: count_train_pairs(preference_source(recipe)),
@@ -136,12 +137,16 @@ def recipe_step_estimates(recipe) -> RecipeSteps:
     methods = {}
     for name, spec in recipe.methods.items():
         cfg = recipe.training_for(name)
-        if name in recipe.preference_methods():
-            per_pair = spec.ROWS_PER_PAIR  # kto: each pair is two labelled answers
+        if name in generated:
+            methods[name] = estimate_steps(cfg, None, unit="pairs", unknown=f"pairs made by generated_preferences"
+                                           f"[{spec.pairs}] when it runs, not counted")
+        elif name in recipe.preference_methods():
+            unpaired = recipe.preferences.form == "unpaired"  # rows of labelled answers (kto), one row each
+            per_pair = 1 if unpaired else spec.ROWS_PER_PAIR  # kto: each pair is two labelled answers
             rows = prefs if prefs is None or per_pair == 1 else dataclasses.replace(
                 prefs, low=prefs.low * per_pair, high=prefs.high * per_pair)
-            methods[name] = estimate_steps(cfg, rows, unit="pairs" if per_pair == 1 else "labelled answers",
-                                           unknown=prefs_unknown)
+            methods[name] = estimate_steps(cfg, rows, unit="pairs" if per_pair == 1 and not unpaired
+                                           else "labelled answers", unknown=prefs_unknown)
         else:
             replay = (f"rows replayed when continuing ({spec.replay_fraction:.0%} of the previous train split)"
                       if spec.continue_from and spec.replay_fraction else None)

@@ -161,7 +161,7 @@ def test_recipe_hashes_of_the_shipped_and_test_recipes_are_unchanged():
     assert shipped == {"all_methods.yaml": "986081801f506068", "beyond_sft.yaml": "e1a2600ebfe84ba8",
                        "chat.yaml": "37c2f79a6df08778", "default.yaml": "20115f7d0c195c21",
                        "demo.yaml": "f80fadaae4073012", "gated.yaml": "084f0f0d83818cb7",
-                       "rlhf.yaml": "f495ba0402dceda8"}
+                       "rlhf.yaml": "2aef20264eef3f1f"}
     tiny = make_recipe(Path("/models/tiny"))
     assert parse_recipe(tiny, "/tmp/x/recipe.yaml").recipe_hash == "b873d3e2d0599dc3"
     tiny["methods"] = {"lora": {**tiny["methods"]["lora"], "sweep": {"lr": [5e-3, 5e-2]}}}  # test_sweeps.py's

@@ -22,7 +22,7 @@ from ft_assets.artifacts.store import ArtifactStore
 from ft_assets_tests.conftest import make_recipe, qa_rows, write_jsonl
 
 PARTITIONED = ("adapter", "preference_adapter", "merged_model", "eval_report", "preference_dataset", "reward_model",
-               "policy_adapter")
+               "policy_adapter", "generated_preferences")
 
 
 def head_rows(n: int = 20) -> list[dict]:
@@ -49,6 +49,8 @@ def beyond_recipe(model_dir) -> dict:
         methods={
             "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "continue_from": "previous", "replay_fraction": 0.5},
             "dpo": {"sft_from": "lora", "beta": 0.1, "training": {"max_steps": 2, "batch_size": 2, "lr": 5e-3}},
+            "dpo_gen": {"type": "dpo", "sft_from": "lora", "pairs": "ranked",
+                        "training": {"max_steps": 2, "batch_size": 2, "lr": 5e-3}},
         },
         preferences={"name": "prefs", "path": "data/prefs.jsonl", "columns": {"id": "id"}, "eval_fraction": 0.25},
         reward_models={"rm": {"r": 4, "alpha": 8, "dropout": 0.0, "training": {"max_steps": 3, "batch_size": 4,
@@ -57,6 +59,11 @@ def beyond_recipe(model_dir) -> dict:
                                                           {"type": "reward_model", "reward_model": "rm", "weight": 0.5}],
                            "num_generations": 2, "max_completion_length": 4, "heldout_prompts": 3,
                            "training": {"max_steps": 2, "batch_size": 4, "lr": 5e-3}}},
+        # the hybrid loop: lora's own answers ranked by the reward model (the random tiny model
+        # rarely ends an answer within 6 tokens: finished_only false lets a cut one be chosen)
+        generated_preferences={"ranked": {"generator": "lora", "rank_by": [{"type": "reward_model", "reward_model": "rm"}],
+                                          "answers_per_prompt": 3, "max_new_tokens": 6, "max_prompts": 8,
+                                          "finished_only": False, "eval_fraction": 0.25}},
         distillation={"teacher": "lora", "keep_layers": [1], "alpha": 0.5, "temperature": 2.0,
                       "training": {"max_steps": 3}, "speed_prompts": 2},
     )
@@ -104,11 +111,11 @@ def test_graph_declares_the_new_assets_and_their_dependencies(world):
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert {"raw/qa", "raw/heads", "raw/prefs", "preference_dataset", "student"} <= keys
-    assert defs.resolve_assets_def("preference_adapter").partitions_def.get_partition_keys() == ["dpo"]
+    assert defs.resolve_assets_def("preference_adapter").partitions_def.get_partition_keys() == ["dpo", "dpo_gen"]
     assert defs.resolve_assets_def("preference_dataset").partitions_def.get_partition_keys() == ["dpo", "rm"]
     assert defs.resolve_assets_def("reward_model").partitions_def.get_partition_keys() == ["rm"]
     assert defs.resolve_assets_def("adapter").partitions_def.get_partition_keys() == ["lora"]
-    assert defs.resolve_assets_def("eval_report").partitions_def.get_partition_keys() == ["lora", "dpo"]
+    assert defs.resolve_assets_def("eval_report").partitions_def.get_partition_keys() == ["lora", "dpo", "dpo_gen"]
     # every edge of the dpo chain is declared, partition to partition (what the UI's lineage shows)
     parents = {k: {p.to_user_string() for p in graph.get(dg.AssetKey(k)).parent_keys}
                for k in ("preference_adapter", "merged_model", "eval_report")}
@@ -140,6 +147,15 @@ def test_graph_declares_the_new_assets_and_their_dependencies(world):
         {p.to_user_string() for p in graph.get(dg.AssetKey("policy_adapter")).parent_keys}
     assert upstream("policy_adapter", "grpo", "adapter") == ["lora"]
     assert upstream("policy_adapter", "grpo", "reward_model") == ["rm"]
+    # the hybrid loop: which model made which data, and who trains on it
+    assert {"adapter", "sft_dataset", "base_model", "reward_model"} <= \
+        {p.to_user_string() for p in graph.get(dg.AssetKey("generated_preferences")).parent_keys}
+    assert upstream("generated_preferences", "ranked", "adapter") == ["lora"]
+    assert upstream("generated_preferences", "ranked", "reward_model") == ["rm"]
+    assert upstream("preference_adapter", "dpo_gen", "generated_preferences") == ["ranked"]
+    assert upstream("preference_adapter", "dpo_gen", "preference_dataset") == []
+    assert upstream("preference_adapter", "dpo", "generated_preferences") == []
+    assert upstream("eval_report", "dpo_gen", "generated_preferences") == ["ranked"]
 
 
 def test_dpo_continues_the_latest_sft_adapter_with_lineage(world):
@@ -171,7 +187,7 @@ def test_dpo_continues_the_latest_sft_adapter_with_lineage(world):
     # merged like any LoRA, and on the leaderboard
     assert store.latest("merged_model", "dpo").manifest()["mergeable"]
     board = json.loads((store.latest("leaderboard").dir / "leaderboard.json").read_text())
-    assert {r["method"] for r in board["rows"]} == {"lora", "dpo", "base"}
+    assert {r["method"] for r in board["rows"]} == {"lora", "dpo", "dpo_gen", "base"}
 
 
 def test_reward_model_trains_on_the_pairs_and_reports_its_held_out_accuracy(world):
@@ -224,6 +240,42 @@ def test_policy_is_optimized_against_its_rewards_and_reports_against_its_sft_sta
     assert md["reward_curve"].value.startswith("![grpo reward curve](data:image/png")
     model = PeftModel.from_pretrained(load_model(store.latest("base_model").dir), pol.dir)  # plain peft
     assert list(model.peft_config) == ["default"]
+
+
+def test_a_tuned_model_ranks_its_own_answers_into_pairs_that_dpo_trains_on(world):
+    """generated_preferences[ranked]: adapter[lora]'s sampled answers ranked by reward_model[rm] into
+    pairs, stored as preference_dataset stores pairs; preference_adapter[dpo_gen] trains on them and
+    its eval report scores their held-out ones; the lineage names the model that made the data."""
+    store = world["store"]
+    made, lora, rm = (store.latest("generated_preferences", "ranked"), store.latest("adapter", "lora"),
+                      store.latest("reward_model", "rm"))
+    m = made.manifest()
+    assert m["inputs"] == {"adapter[lora]": lora.version, "reward_model[rm]": rm.version,
+                           "sft_dataset": store.latest("sft_dataset").version,
+                           "base_model": store.latest("base_model").version}
+    assert m["generated_preferences"]["generator"] == {"method": "lora", "version": lora.version}
+    samples = [json.loads(line) for line in (made.dir / "samples.jsonl").open()]
+    train = [json.loads(line) for line in (made.dir / "train.jsonl").open()]
+    evals = [json.loads(line) for line in (made.dir / "eval.jsonl").open()]
+    assert len(samples) == 8 and all(len(s["answers"]) == 3 for s in samples)
+    assert len(train) + len(evals) == sum(s["pair"] is not None for s in samples) >= 4
+    for pair in train:  # chosen is the answer the reward model scored highest, rejected the lowest
+        group = next(s for s in samples if s["id"] == pair["id"])
+        scores = [a["rewards"]["reward_model"] for a in group["answers"]]
+        chosen, rejected = group["pair"]
+        assert scores[chosen] == max(scores) and scores[rejected] == min(scores) and scores[chosen] > scores[rejected]
+        assert pair["chosen"] == group["answers"][chosen]["text"]
+    md = meta(world, "generated_preferences", "ranked")
+    assert md["generator"].value == f"adapter[lora] {lora.version}" and md["pairs"].value == len(train) + len(evals)
+    assert md["mean_chosen_reward"].value > md["mean_rejected_reward"].value
+    tuned = store.latest("preference_adapter", "dpo_gen")
+    assert tuned.manifest()["inputs"] == {"adapter[lora]": lora.version, "generated_preferences[ranked]": made.version,
+                                          "base_model": store.latest("base_model").version}
+    assert meta(world, "preference_adapter", "dpo_gen")["pairs"].value == "generated_preferences[ranked]"
+    report = store.latest("eval_report", "dpo_gen")
+    assert report.manifest()["inputs"]["generated_preferences[ranked]"] == made.version
+    pm = json.loads((report.dir / "preference_metrics.json").read_text())
+    assert pm["pairs"] == len(evals)
 
 
 def test_student_is_distilled_from_the_teacher_with_a_report(world):
@@ -340,7 +392,10 @@ def test_changed_preference_pairs_rerun_only_the_preference_partitions(world):
     assert first == {("preference_dataset", p) for p in ("dpo", "rm")}
     chains = {(asset, "dpo") for asset in ("preference_dataset", "preference_adapter", "merged_model", "eval_report")}
     rm = {("preference_dataset", "rm"), ("reward_model", "rm"), ("policy_adapter", "grpo")}  # grpo reads rm's score
-    assert settle(world, first) == chains | rm | {("leaderboard", None)}  # never lora, never student
+    # rm ranks lora's answers: new pairs are generated and dpo_gen retrains on them
+    hybrid = {("generated_preferences", "ranked"),
+              *((asset, "dpo_gen") for asset in ("preference_adapter", "merged_model", "eval_report"))}
+    assert settle(world, first) == chains | rm | hybrid | {("leaderboard", None)}  # never lora, never student
 
 
 def test_a_new_sft_adapter_version_retrains_the_dpo_method_through_its_declared_edge(world):
@@ -358,11 +413,26 @@ def test_a_new_sft_adapter_version_retrains_the_dpo_method_through_its_declared_
     # content version and nothing below it changed
     assert settle(world, first) == {("merged_model", "lora"), ("eval_report", "lora"),
                                     ("preference_adapter", "dpo"), ("merged_model", "dpo"), ("eval_report", "dpo"),
-                                    ("policy_adapter", "grpo"), ("leaderboard", None)}
+                                    ("policy_adapter", "grpo"), ("leaderboard", None), ("generated_preferences", "ranked"),
+                                    *((asset, "dpo_gen") for asset in ("preference_adapter", "merged_model", "eval_report"))}
     after = world["store"].latest("preference_adapter", "dpo")
     assert after.version != before.version and after.manifest()["inputs"]["adapter[lora]"] == lora.version
     pm = json.loads((world["store"].latest("eval_report", "dpo").dir / "preference_metrics.json").read_text())
     assert pm["reference"]["version"] == lora.version
+
+
+def test_an_edited_reward_model_policy_or_generated_entry_is_requested_by_the_automation(world):
+    """Their sections are in their assets' code versions: an edit is seen without a run (evaluated
+    on the edited recipe's definitions, nothing launched; the module's cursor is left alone)."""
+    assert step(world) == set()
+    edited = beyond_recipe(world["recipe"].base_model.path)
+    edited["reward_models"]["rm"]["center_rewards"] = 0.02
+    edited["policies"]["grpo"]["heldout_prompts"] = 2
+    edited["generated_preferences"]["ranked"]["min_margin"] = 0.01
+    (world["root"] / "edited.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
+    defs = build_definitions(load_recipe(world["root"] / "edited.yaml"), home=str(world["home"]))
+    got = dg.evaluate_automation_conditions(defs=defs, instance=world["instance"], cursor=world["cursor"])
+    assert requested(got) == {("reward_model", "rm"), ("policy_adapter", "grpo"), ("generated_preferences", "ranked")}
 
 
 def test_continue_from_previous_when_the_data_changes(world):
@@ -405,3 +475,52 @@ def test_continue_from_previous_when_the_data_changes(world):
     prev = next(n for n in tree["inputs"] if n["asset"] == "adapter")
     assert prev["version"] == v1.version
     assert any(n["asset"] == "sft_dataset" and n["version"] == old_data.version for n in prev["inputs"])
+
+
+# What a user looks for on each new asset's partition page (metadata entries, their values the
+# latest materialization record's) and the upstream edges its overview's lineage must show.
+UI_REPORTS = {
+    ("reward_model", "rm"): (("heldout_accuracy", "heldout_mean_margin", "heldout_pairs", "chance_accuracy",
+                              "calibration", "calibration_plot"), {"preference_dataset", "base_model"}),
+    ("preference_adapter", "dpo"): (("sft_adapter", "train_pairs", "beta", "final_loss", "loss_curve"),
+                                    {"adapter", "preference_dataset", "base_model"}),
+    ("policy_adapter", "grpo"): (("heldout_reward", "start_heldout_reward", "heldout_kl_from_start", "heldout",
+                                  "reward_curve"), {"adapter", "reward_model"}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.ui
+def test_the_ui_shows_the_new_assets_with_their_reports(world, tmp_path):
+    """A read-only webserver (no daemon) on this module's instance, in headless Chromium
+    (e2e/ui_driver.py): each asset's partition page shows its latest materialization (the record's
+    run) with the report's values as recorded, the held-out table's rows and the curves as images;
+    its overview lists the upstream assets the graph declares. Screenshots in
+    /tmp/ft_ui_screenshots/beyond_sft/."""
+    from ft_assets_tests.e2e import ui_driver as ui
+
+    graph = world["defs"].resolve_asset_graph()
+    with ui.chromium(tmp_path) as browser, \
+            ui.serve_instance(tmp_path, world["root"] / "recipe.yaml", world["home"], world["instance"]) as dev:
+        snap = ui.screenshots(browser, tmp_path / "shots", ui.SCREENSHOT_COPY / "beyond_sft")
+        for (asset, partition), (names, edges) in UI_REPORTS.items():
+            record = world["instance"].fetch_materializations(dg.AssetRecordsFilter(
+                asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1).records[0]
+            md = record.asset_materialization.metadata
+            with ui.diagnosed(dev, snap, f"{asset}-{partition}"):
+                browser.get(f"{dev.url}/assets/{asset}?view=partitions&partition={partition}")
+                ui.wait_for_lines(browser, [partition, "Latest materialization", record.run_id[:8], "Metadata"])
+                ui.dismiss_dialogs(browser)
+                for name in names:
+                    assert name in md, f"{asset}[{partition}] records no {name}"
+                    ui.check_metadata_shown(browser, name, md[name])
+                snap(f"{asset}-{partition}")
+                if asset == "policy_adapter":  # the comparison a user reads first: the policy vs its SFT start
+                    rows = ui.table_cells(ui.metadata_value(browser, "heldout"))
+                    assert [r[0] for r in rows] == ["policy", "start"], rows
+
+                browser.get(f"{dev.url}/assets/{asset}")
+                parents = {p.to_user_string() for p in graph.get(dg.AssetKey(asset)).parent_keys}
+                assert edges <= parents
+                ui.wait(browser, f"upstream assets {sorted(parents)}", lambda d: ui.upstream_shown(d) == parents)
+                snap(f"{asset}-overview")

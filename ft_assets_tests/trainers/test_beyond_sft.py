@@ -228,6 +228,66 @@ def test_each_objective_raises_preference_accuracy_on_training_pairs(tiny_model_
     assert again[0] == pytest.approx(tuning.sequence_logps(model, pairs, tok.pad_token_id)[0], abs=1e-3)
 
 
+def unpaired_answers(tok, rows) -> list[preferences.LabelledAnswer]:
+    """The pairs `rows` written as TRL's unpaired KTO rows, in file order: each pair's chosen answer
+    (desirable), then its rejected one (undesirable)."""
+    lines = [{"id": f"{r['id']}-{good}", "prompt": r["prompt"], "completion": r["chosen" if good else "rejected"],
+              "label": good} for r in rows for good in (True, False)]
+    cols = {"prompt": "prompt", "completion": "completion", "label": "label", "id": "id"}
+    answers, rejected = preferences.validate_answers(list(enumerate(lines, start=1)), cols, "prefs")
+    assert not rejected
+    for a in answers:
+        assert preferences.format_answer(tok, a, None, 160) is None
+    return answers
+
+
+def test_kto_trains_on_unpaired_answers_as_on_the_pairs_they_were_written_from(tiny_model_dir, tok, tmp_path):
+    """KTO on TRL's unpaired rows: one row per labelled answer (steps and answers_seen count answers,
+    not pairs), the very run it makes on the pairs the rows were written from (it unpairs a pair
+    into these answers, in this order), moving desirable answers up and undesirable ones down; the
+    held-out answers are scored by label (they have no pairs), and a pairwise objective refuses them."""
+    from peft import PeftModel
+
+    adapter = saved_adapter(tiny_model_dir, tmp_path / "sft")
+    rows = pref_rows(6)
+    pairs, answers = make_pairs(tok, rows), unpaired_answers(tok, rows)
+    settings = SPECS["kto"](type="kto", sft_from="lora").trainer_settings()
+    one_epoch = cfg(max_steps=100, epochs=1, batch_size=4)  # 12 answers, 4 a step: 3 steps (as pairs, 6 would be 6)
+
+    def sft_model():
+        return PeftModel.from_pretrained(load_model(tiny_model_dir), adapter, is_trainable=True)
+
+    def tune(items, objective="kto"):
+        model = sft_model()
+        return model, tuning.train_preferences(model, tok, items, one_epoch, objective=objective, settings=settings,
+                                               seed=SEED, max_length=160)
+
+    ref = tuning.labelled_logps(sft_model(), answers, tok.pad_token_id)
+    model, result = tune(answers)
+    _, on_pairs = tune(pairs)
+    assert result.steps == on_pairs.steps == 3 and len(result.losses) == 3
+    assert result.answers_seen == 12 and on_pairs.pairs_seen == 6 and on_pairs.answers_seen is None
+    assert "pairs_seen" not in result.summary() and result.summary()["answers_seen"] == 12
+    assert result.losses == on_pairs.losses and result.kl == on_pairs.kl  # rounded to 6 digits as logged
+    trained = tuning.labelled_metrics(tuning.labelled_logps(model, answers, tok.pad_token_id), answers, ref, beta=0.1)
+    print("kto on unpaired answers:", trained, "losses", result.losses)
+    assert trained["reward_desirable"] > 0 > trained["reward_undesirable"] and trained["reward_sign_accuracy"] >= 0.75
+
+    base = load_model(tiny_model_dir)
+    held_out = tuning.evaluate_preferences(model, sft_model(), base, answers[:4], key="kto", beta=0.1,
+                                           pad_id=tok.pad_token_id)
+    assert held_out["form"] == "unpaired" and held_out["answers"] == 4 and "pairs" not in held_out
+    assert held_out["kto"]["desirable"] == held_out["kto"]["undesirable"] == 2
+    assert held_out["kto"]["reward_margin"] > 0 and "reward_margin" not in held_out["sft"]
+    one_label = tuning.evaluate_preferences(model, sft_model(), base, answers[:1], key="kto", beta=0.1,
+                                            pad_id=tok.pad_token_id)["kto"]  # a split with desirable answers only
+    assert one_label["reward_undesirable"] is None and one_label["reward_margin"] is None
+    assert one_label["logp_margin"] is None and one_label["reward_sign_accuracy"] in (0.0, 1.0)
+    with pytest.raises(ValueError, match="DPO trains on pairs, and preference_dataset holds unpaired labelled answers "
+                                         r"\(schema unpaired\); only kto trains on those"):
+        tune(answers, "dpo")
+
+
 # --------------------------------------------------------------------------------------
 # distillation
 # --------------------------------------------------------------------------------------
@@ -441,6 +501,9 @@ def test_replay_draws_a_seeded_fraction_of_rows_the_new_split_lacks(tok):
 
 BASE = {"name": "r", "datasets": [{"name": "qa", "path": "data/qa.jsonl"}], "methods": {"lora": {"r": 8}}}
 PREFS = {"name": "prefs", "path": "data/prefs.jsonl"}
+UNPAIRED_PREFS = {**PREFS, "schema": "unpaired"}
+ONLY_KTO = ("trains on preference pairs (prompt/chosen/rejected), but preferences.schema is unpaired: one labelled "
+            "answer a row (prompt/completion/label), which only kto methods train on. Either ")
 
 
 def test_beyond_sft_recipe_is_valid():
@@ -477,6 +540,14 @@ def test_beyond_sft_recipe_is_valid():
      "methods.kto: kto estimates its KL term from the other answers of a batch"),
     ({"methods": {"lora": {}, "simpo": {"sft_from": "lora", "gamma": -1}}, "preferences": PREFS},
      "gamma: Input should be greater than or equal to 0"),
+    # unpaired answers (schema unpaired): kto only, said once for every method that needs pairs
+    ({"methods": {"lora": {}, "dpo": {"sft_from": "lora"}}, "preferences": UNPAIRED_PREFS},
+     f"methods.dpo: dpo {ONLY_KTO}make it a kto method, or point `preferences:` at a pairs file (schema text or messages)"),
+    ({"methods": {"lora": {}, "kto": {"sft_from": "lora"}, "fast": {"type": "orpo", "sft_from": "lora"}},
+      "preferences": UNPAIRED_PREFS}, f"methods.fast: orpo {ONLY_KTO}make it a kto method"),
+    ({"methods": {"lora": {}, "simpo": {"sft_from": "lora"}}, "preferences": UNPAIRED_PREFS}, f"methods.simpo: simpo {ONLY_KTO}"),
+    ({"methods": {"lora": {}, "kto": {"sft_from": "lora"}}, "preferences": UNPAIRED_PREFS, "reward_models": {"rm": {}}},
+     f"reward_models.rm: a reward model {ONLY_KTO}remove reward_models.rm, or point `preferences:` at a pairs file"),
     # reward models
     ({"reward_models": {"rm": {}}}, "reward_models (rm) train on preference pairs: add a `preferences:` section"),
     ({"reward_models": {"lora": {}}, "preferences": PREFS}, "reward_models.lora: 'lora' is also a method name"),
@@ -496,10 +567,33 @@ def test_beyond_sft_recipe_is_valid():
     ({"policies": {"p": {"sft_from": "lora", "rewards": [{"type": "token_f1"}], "num_generations": 3,
                          "training": {"batch_size": 4}}}}, "must be a multiple of num_generations (3)"),
     ({"policies": {"../p": {"sft_from": "lora", "rewards": [{"type": "token_f1"}]}}}, "policy name '../p' must be letters"),
+    # generated preferences (the hybrid loop) and who reads them
+    ({"generated_preferences": {"g": {"generator": "nope", "rank_by": [{"type": "token_f1"}]}}},
+     "generated_preferences.g.generator: 'nope' is not a method"),
+    ({"methods": {"qlora": {}}, "generated_preferences": {"g": {"generator": "qlora", "rank_by": [{"type": "token_f1"}]}}},
+     "'qlora' is a qlora method; a generator samples from one of: lora, dora, rslora"),
+    ({"generated_preferences": {"g": {"generator": "lora", "rank_by": []}}}, "rank_by: List should have at least 1 item"),
+    ({"generated_preferences": {"g": {"generator": "lora", "rank_by": [{"type": "token_f1"}], "answers_per_prompt": 1}}},
+     "answers_per_prompt: Input should be greater than or equal to 2"),
+    ({"generated_preferences": {"g": {"generator": "lora", "rank_by": [{"type": "reward_model", "reward_model": "rm"}]}}},
+     "generated_preferences.g.rank_by: reward_model 'rm' is not in `reward_models:` (none)"),
+    ({"generated_preferences": {"G/..": {"generator": "lora", "rank_by": [{"type": "token_f1"}]}}},
+     "generated_preferences name 'G/..' must be lowercase letters"),
+    ({"methods": {"lora": {}, "dpo": {"sft_from": "lora", "pairs": "g"}}},
+     "methods.dpo.pairs: 'g' is not in `generated_preferences:` (none)"),
+    ({"methods": {"lora": {}, "dpo": {"sft_from": "lora", "pairs": "g"}},
+      "generated_preferences": {"g": {"generator": "lora", "rank_by": [{"type": "token_f1"}]}}}, None),
+    ({"reward_models": {"rm": {"pairs": "g"}}}, "reward_models.rm.pairs: 'g' is not in `generated_preferences:`"),
+    ({"reward_models": {"rm": {}, "rm2": {"pairs": "g"}}, "preferences": PREFS,
+      "generated_preferences": {"g": {"generator": "lora", "rank_by": [{"type": "reward_model", "reward_model": "rm"}]}}},
+     "reward_models.rm2 trains on generated pairs while generated_preferences.g is ranked by a reward model"),
 ])
 def test_bad_beyond_sft_keys_name_the_key(change, expected):
     from ft_assets.config.recipe import RecipeError, parse_recipe
 
+    if expected is None:  # the valid neighbour of the errors around it
+        parse_recipe({**BASE, **change}, "recipe.yaml")
+        return
     with pytest.raises(RecipeError) as err:
         parse_recipe({**BASE, **change}, "recipe.yaml")
     assert expected in str(err.value), str(err.value)
@@ -509,8 +603,10 @@ def test_rlhf_recipe_is_valid():
     from ft_assets.config.recipe import PACKAGE_DIR, load_recipe
 
     r = load_recipe(PACKAGE_DIR / "recipes" / "rlhf.yaml")
-    assert r.preference_methods() == ["dpo", "orpo", "simpo", "kto"]
+    assert r.preference_methods() == ["dpo", "orpo", "simpo", "kto", "dpo_self"]
     assert {m: r.methods[m].sft_from for m in r.preference_methods()} == dict.fromkeys(r.preference_methods(), "lora")
+    assert r.pairs_readers() == {None: ["dpo", "orpo", "simpo", "kto", "rm"], "self_f1": ["dpo_self"]}
+    assert r.generated_preferences["self_f1"].generator == "lora" and r.generated_preferences["self_f1"].max_prompts == 64
     assert r.reward_models["rm"].adapter_keys() == {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
     assert r.training_for_reward_model("rm").max_steps == 16 and r.training_for("kto").max_steps == 16
     assert {p: s.sft_from for p, s in r.policies.items()} == {"grpo": "lora", "grpo_rm": "lora"}

@@ -27,7 +27,7 @@ from ft_assets.methods.full import FullSpec
 from ft_assets.methods.lora import LoraSpec
 from ft_assets.models.base_model import load_model
 from ft_assets.models.device import resolve
-from ft_assets.trainers import policy, policy_eval, reward, rewards
+from ft_assets.trainers import generated_preferences as generated, policy, policy_eval, preference, reward, rewards
 from ft_assets.training import loop
 from ft_assets.training.checkpoint import latest_checkpoint
 from ft_assets.training.preemption import Preempted
@@ -332,3 +332,69 @@ def test_unknown_reward_types_and_batches_that_split_a_group_fail_naming_the_key
     # the whole answer, stripped, must match; GRPO's completions carry no end-of-turn
     completions = [" $12 million\n", "$12 million and more", "12 million"]
     assert funcs[1](prompts=["p"] * 3, completions=completions) == [1.0, 0.0, 0.0]
+
+
+# -- generated_preferences (trainers/generated_preferences.py): the hybrid loop's pairs ---------------
+
+
+def generated_request(base_dir: Path, sft_dir: Path, sft_data: Path, **kw) -> generated.GeneratedPreferencesRequest:
+    spec = dict(name="self_ranked", base_dir=str(base_dir), adapter_dir=str(sft_dir), sft_dataset_dir=str(sft_data),
+                rewards=[{"type": "token_f1"}, {"type": "format", "pattern": r"\$[0-9,]+ million", "weight": 0.5}],
+                answers_per_prompt=4, max_new_tokens=12, temperature=0.7, top_p=1.0, max_prompts=12, min_margin=0.0,
+                finished_only=True, eval_fraction=0.25, max_length=64, seed=SEED)
+    return generated.GeneratedPreferencesRequest(**{**spec, **kw})
+
+
+@pytest.fixture(scope="module")
+def generated_pairs(base_dir, sft_dir, sft_data):
+    return generated.run(generated_request(base_dir, sft_dir, sft_data), resolve("cpu"), log=lambda line: None)
+
+
+def test_generated_pairs_put_the_best_finished_answer_over_the_worst_of_each_prompt(generated_pairs, sft_data, tok):
+    made = generated_pairs
+    examples = {ex.id: ex for ex in sft_dataset.load_split(sft_data, "train")[:12]}
+    assert [g.example_id for g in made.groups] == list(examples) and all(len(g.answers) == 4 for g in made.groups)
+    pairs = made.built.train + made.built.eval
+    print(made.summary())
+    assert len(pairs) >= 4 and made.built.stats["rejected_rows"] == 12 - len(pairs)
+    for pair in pairs:
+        group = next(g for g in made.groups if g.example_id == pair.id)
+        ex = examples[pair.id]
+        chosen, rejected = (group.answers[i] for i in group.pair)
+        # the rewards as the metric and the pattern give them, not as the ranking computed them
+        f1 = rewards.AnswerScore("token_f1", "f1")
+        fmt = rewards.FormatMatch(r"\$[0-9,]+ million", "fmt")
+        worth = [f1([""], [a.text], [ex.answer])[0] + 0.5 * fmt([""], [a.text])[0] for a in group.answers]
+        assert chosen.finished and chosen.text != rejected.text
+        assert worth[group.pair[0]] == max(w for w, a in zip(worth, group.answers) if a.finished)
+        assert worth[group.pair[1]] == min(w for w, a in zip(worth, group.answers) if a.text != chosen.text)
+        assert worth[group.pair[0]] > worth[group.pair[1]]
+        # stored as preference_dataset stores pairs: TRL re-tokenizes each text to these ids
+        assert pair.prompt_ids == list(ex.input_ids[:ex.prompt_len])
+        assert tok(pair.prompt_text, add_special_tokens=False)["input_ids"] == pair.prompt_ids
+        for text, ids in ((pair.chosen_text, pair.chosen_ids), (pair.rejected_text, pair.rejected_ids)):
+            assert tok(text, add_special_tokens=False)["input_ids"] == ids and ids[-1] == tok.eos_token_id
+    for group in made.groups:
+        assert (group.pair is None) == bool(group.why)
+
+
+def test_the_same_request_generates_the_same_pairs(generated_pairs, base_dir, sft_dir, sft_data):
+    again = generated.run(generated_request(base_dir, sft_dir, sft_data), resolve("cpu"), log=lambda line: None)
+    assert [p.to_json() for p in again.built.train] == [p.to_json() for p in generated_pairs.built.train]
+
+
+def test_dpo_trains_on_generated_pairs_as_on_human_ones(generated_pairs, base_dir, sft_dir, tok, tmp_path):
+    preferences.save_preferences(generated_pairs.built, tmp_path, {"tokenizer_fingerprint": data.tokenizer_fingerprint(tok)})  # noqa: E501
+    steps = TrainingSpec(max_steps=2, epochs=1, batch_size=2, lr=1e-3)
+    tuned = preference.run(preference.PreferenceRequest(
+        method="dpo", objective="dpo", base_dir=str(base_dir), sft_adapter_dir=str(sft_dir),
+        preference_dataset_dir=str(tmp_path), training=steps.model_dump(mode="json"), seed=SEED,
+        settings={"beta": 0.1, "loss_type": "sigmoid"}, max_length=64, checkpoint_dir=str(tmp_path / "ckpt")), resolve("cpu"),
+        log=lambda line: None)
+    assert tuned.result.steps == 2 and tuned.pairs == len(generated_pairs.built.train)
+
+
+def test_a_margin_no_prompt_reaches_fails_saying_what_to_change(base_dir, sft_dir, sft_data):
+    with pytest.raises(ValueError, match="none of 2 prompts made a pair .*lower min_margin"):
+        generated.run(generated_request(base_dir, sft_dir, sft_data, max_prompts=2, min_margin=10.0), resolve("cpu"),
+                      log=lambda line: None)

@@ -5,7 +5,8 @@ trainers, the objective its method type names (one module each beside this one):
               ref = the SFT adapter, frozen (TRL's "ref" copy of it: no second model is loaded)
     orpo.py   ORPO: NLL(chosen) - beta * log sigmoid(log odds(chosen) - log odds(rejected)); no reference
     simpo.py  SimPO: -log sigmoid(beta * (mean log pi(chosen) - mean log pi(rejected)) - gamma); no reference
-    kto.py    KTO: each pair as two labelled answers (desirable / undesirable), against the reference
+    kto.py    KTO: labelled answers (desirable / undesirable), against the reference: an unpaired set's
+              (schema `unpaired`) as they are, or each pair as two
 
 The model handed to the trainer is a PeftModel whose "default" adapter is the SFT adapter loaded
 trainable; only "default" is saved, so the result loads and merges like the LoRA it started from.
@@ -15,7 +16,12 @@ TRL re-tokenizes them to our ids. Checkpoints, exact resume and signals: `traine
 The metrics are ours (`sequence_logps`, `preference_metrics`), so they mean the same thing for the
 base, SFT and tuned models whatever the objective: log-probability accuracy (pi(chosen) >
 pi(rejected)) for any model, and against the SFT reference, the implicit reward r = beta * (log pi -
-log ref) (DPO's): reward accuracy (r_chosen > r_rejected) and the mean reward margin. No Dagster here.
+log ref) (DPO's): reward accuracy (r_chosen > r_rejected) and the mean reward margin. Held-out
+labelled answers (an unpaired set) have no chosen/rejected to compare, so they get
+`labelled_metrics` instead: the mean log-probability per token of desirable and of undesirable
+answers for any model, and against the reference the mean implicit reward of each (KTO's
+rewards/chosen and rewards/rejected), their margin, and the share of answers the tuned model moved
+the way their label says (r > 0 desirable, r < 0 undesirable). No Dagster here.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import torch.nn.functional as F
 from ...data.rows import IGNORE_INDEX, Example, dataset_info, tokenizer_fingerprint
 from ...models.base_model import load_model, load_tokenizer, parameter_count
 from ...models.device import Compute
-from ...data.preferences import PreferencePair, load_pairs
+from ...data.preferences import LabelledAnswer, PreferencePair, is_unpaired, load_pairs
 from ...config.training import TrainingSpec
 from ...training.steps import steps_for
 from ...training.loop import peak_memory_bytes, reset_peak_memory, seed_everything
@@ -49,10 +55,18 @@ class PreferenceResult(trl_common.TrainedRun):
     reward_accuracies: list[tuple[int, float]] = field(default_factory=list)  # logged by dpo, orpo, simpo
     reward_margins: list[tuple[int, float]] = field(default_factory=list)
     kl: list[tuple[int, float]] = field(default_factory=list)  # logged by kto
+    answers_seen: int | None = None  # an unpaired set: the labelled answers trained on (it has no pairs_seen)
+
+    @property
+    def unpaired(self) -> bool:
+        """Trained on an unpaired set's labelled answers (kto), not on pairs."""
+        return self.answers_seen is not None
 
     def summary(self) -> dict[str, Any]:
         out = super().summary()
         resumed = out.pop("resumed_from_step")  # last, as before
+        if self.unpaired:  # answers_seen in pairs_seen's place
+            out = {k: v for k, v in out.items() if k != "pairs_seen"} | {"answers_seen": self.answers_seen}
         return {**out,
                 "final_train_reward_accuracy": self.reward_accuracies[-1][1] if self.reward_accuracies else None,
                 "final_train_reward_margin": self.reward_margins[-1][1] if self.reward_margins else None,
@@ -64,10 +78,11 @@ class PreferenceResult(trl_common.TrainedRun):
                 "steps": self.steps}
 
 
-def preference_steps(n_pairs: int, training: TrainingSpec, objective: Objective) -> int:
-    """Optimizer steps over `n_pairs`: the SFT rule (`training.steps.steps_for`) over the rows the
-    objective trains on (a pair, or two labelled answers), one process."""
-    return steps_for(n_pairs * objective.rows_per_pair, training)
+def preference_steps(n_pairs: int, training: TrainingSpec, objective: Objective, unpaired: bool = False) -> int:
+    """Optimizer steps over `n_pairs` (`unpaired`: labelled answers): the SFT rule
+    (`training.steps.steps_for`) over the rows the objective trains on (a pair, two labelled
+    answers, or one labelled answer of an unpaired set), one process."""
+    return steps_for(n_pairs * (1 if unpaired else objective.rows_per_pair), training)
 
 
 @dataclass
@@ -76,7 +91,7 @@ class PreferenceTuning:
 
     model: Any
     result: PreferenceResult
-    pairs: int = 0  # the training pairs
+    pairs: int = 0  # the training pairs (an unpaired set: labelled answers)
 
 
 @dataclass
@@ -87,7 +102,7 @@ class PreferenceRequest:
     objective: str  # its type: a key of OBJECTIVES
     base_dir: str
     sft_adapter_dir: str  # the adapter it continues (and, for dpo and kto, its frozen reference)
-    preference_dataset_dir: str  # its train pairs
+    preference_dataset_dir: str  # its train pairs (or labelled answers)
     training: dict[str, Any]  # `recipe.training_for(method)`, a TrainingSpec as JSON
     seed: int
     settings: dict[str, Any]  # the objective's recipe keys (`spec.trainer_settings()`), e.g. beta, loss_type
@@ -104,8 +119,9 @@ def run(request: PreferenceRequest, hw: Compute, *, log: Callable[[str], None] =
     tokenizer = load_tokenizer(request.base_dir)
     pairs = load_train_pairs(request.preference_dataset_dir, tokenizer)
     settings = ", ".join(f"{k} {v}" for k, v in request.settings.items())
-    log(f"{objective.name} on {len(pairs)} pairs, {preference_steps(len(pairs), training, objective)} steps, "
-        f"{settings}, on {hw.device}")
+    unpaired = is_unpaired(pairs)
+    log(f"{objective.name} on {len(pairs)} {'labelled answers' if unpaired else 'pairs'}, "
+        f"{preference_steps(len(pairs), training, objective, unpaired)} steps, {settings}, on {hw.device}")
     tuned = tune_sft_adapter(
         Path(request.base_dir), Path(request.sft_adapter_dir), tokenizer, pairs, training, objective=request.objective,
         settings=request.settings, seed=request.seed, max_length=request.max_length, device=hw.device,
@@ -116,8 +132,9 @@ def run(request: PreferenceRequest, hw: Compute, *, log: Callable[[str], None] =
     return tuned
 
 
-def load_train_pairs(dataset_dir: str, tokenizer) -> list[PreferencePair]:
-    """The training pairs of a preference_dataset, refused when they were tokenized by another tokenizer."""
+def load_train_pairs(dataset_dir: str, tokenizer) -> list[PreferencePair] | list[LabelledAnswer]:
+    """The training pairs (or labelled answers) of a preference_dataset, refused when they were
+    tokenized by another tokenizer."""
     if tokenizer_fingerprint(tokenizer) != dataset_info(dataset_dir)["tokenizer_fingerprint"]:
         from ..sft import TrainingFailed
 
@@ -157,11 +174,17 @@ def train_preferences(
     on_checkpoint: Callable[[Path], None] | None = None,
 ) -> PreferenceResult:
     """Continue `model` (a PeftModel, SFT adapter trainable as "default") with `objective` on
-    `pairs`, in place: `trl_common.train` (checkpoints in `checkpoint_dir`, exact resume, signals)."""
+    `pairs` (or an unpaired set's labelled answers, for an objective that takes them), in place:
+    `trl_common.train` (checkpoints in `checkpoint_dir`, exact resume, signals)."""
     if not trl_common.is_peft(model):
         raise TypeError("preference tuning continues a peft adapter: pass a PeftModel loaded with is_trainable=True")
     obj = OBJECTIVES[objective]
-    steps = preference_steps(len(pairs), training, obj)
+    unpaired = is_unpaired(pairs)
+    if unpaired and not obj.unpaired:
+        raise ValueError(f"{obj.name} trains on pairs, and preference_dataset holds unpaired labelled answers "
+                         f"(schema unpaired); only {', '.join(k for k, o in OBJECTIVES.items() if o.unpaired)} "
+                         "trains on those")
+    steps = preference_steps(len(pairs), training, obj, unpaired)
     result = PreferenceResult()
     rows = obj.rows(pairs, random.Random(seed))
 
@@ -174,7 +197,11 @@ def train_preferences(
                      check=lambda trainer: obj.check_tokenization(trainer.train_dataset, rows),
                      on_log=on_log, on_checkpoint=on_checkpoint)
     result.steps = steps
-    result.pairs_seen = steps * training.batch_size * training.grad_accum // obj.rows_per_pair
+    rows_seen = steps * training.batch_size * training.grad_accum
+    if unpaired:
+        result.answers_seen = rows_seen
+    else:
+        result.pairs_seen = rows_seen // obj.rows_per_pair
     return result
 
 
@@ -201,32 +228,39 @@ def write_preference_adapter(store, name: str, objective: str, tuned: Preference
 # --------------------------------------------------------------------------------------
 
 
-def _as_example(pair: PreferencePair, answer_ids: list[int]) -> Example:
+def _as_example(pair: PreferencePair | LabelledAnswer, answer_ids: list[int]) -> Example:
     ids = pair.prompt_ids + answer_ids
     return Example(pair.id, pair.prompt, None, "", pair.line, pair.task, ids,
                    [IGNORE_INDEX] * len(pair.prompt_ids) + answer_ids)
 
 
 @torch.inference_mode()
+def answer_logps(model, rows: list[Example], pad_id: int, device: str = "cpu", batch_size: int = 8) -> list[float]:
+    """Sum of log pi(answer token | prefix) over each row's labelled tokens (the answer, incl. end-of-turn)."""
+    model.eval()
+    sums: list[float] = []
+    for i in range(0, len(rows), batch_size):
+        batch = collate(rows[i: i + batch_size], pad_id, device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logits = logits[:, -batch["input_ids"].size(1):]  # prompt-learning peft prepends virtual tokens
+        targets = batch["labels"][:, 1:]
+        logp = F.log_softmax(logits[:, :-1], dim=-1)
+        mask = targets != IGNORE_INDEX
+        tok = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        sums += (tok * mask).sum(dim=1).tolist()
+    return sums
+
+
 def sequence_logps(model, pairs: list[PreferencePair], pad_id: int, device: str = "cpu",
                    batch_size: int = 8) -> tuple[list[float], list[float]]:
     """Sum of log pi(answer token | prefix) over each answer (incl. end-of-turn): (chosen, rejected)."""
-    model.eval()
-    out = []
-    for which in ("chosen_ids", "rejected_ids"):
-        rows = [_as_example(p, getattr(p, which)) for p in pairs]
-        sums: list[float] = []
-        for i in range(0, len(rows), batch_size):
-            batch = collate(rows[i: i + batch_size], pad_id, device)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            logits = logits[:, -batch["input_ids"].size(1):]  # prompt-learning peft prepends virtual tokens
-            targets = batch["labels"][:, 1:]
-            logp = F.log_softmax(logits[:, :-1], dim=-1)
-            mask = targets != IGNORE_INDEX
-            tok = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            sums += (tok * mask).sum(dim=1).tolist()
-        out.append(sums)
-    return out[0], out[1]
+    return tuple(answer_logps(model, [_as_example(p, getattr(p, which)) for p in pairs], pad_id, device, batch_size)
+                 for which in ("chosen_ids", "rejected_ids"))
+
+
+def labelled_logps(model, answers: list[LabelledAnswer], pad_id: int, device: str = "cpu") -> list[float]:
+    """Sum of log pi(answer token | prefix) over each labelled answer (incl. end-of-turn)."""
+    return answer_logps(model, [_as_example(a, a.completion_ids) for a in answers], pad_id, device)
 
 
 def preference_metrics(policy: tuple[list[float], list[float]], reference: tuple[list[float], list[float]] | None = None,
@@ -250,11 +284,52 @@ def preference_metrics(policy: tuple[list[float], list[float]], reference: tuple
     return m
 
 
-def evaluate_preferences(tuned, reference, base, pairs: list[PreferencePair], *, key: str, beta: float, pad_id: int,
-                         device: str = "cpu") -> dict[str, Any]:
+def _mean(xs: list[float]) -> float | None:
+    return round(sum(xs) / len(xs), 4) if xs else None
+
+
+def _gap(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a - b, 4)
+
+
+def labelled_metrics(policy: list[float], answers: list[LabelledAnswer], reference: list[float] | None = None,
+                     beta: float = 0.1) -> dict[str, Any]:
+    """Labelled answers' scores (`policy`: `answer_logps` of each): the mean log-probability per
+    token of the desirable and of the undesirable ones (answers to different prompts differ in
+    length) and their gap; against `reference`, the mean implicit reward r = beta * (log pi - log
+    ref) of each, their margin, and `reward_sign_accuracy`, the share of answers with r > 0 when
+    desirable and r < 0 when not. A mean over no answers (a split with one label only) is None."""
+    good = [a.label for a in answers]
+    per_token = [lp / max(1, len(a.completion_ids)) for lp, a in zip(policy, answers)]
+    m: dict[str, Any] = {
+        "answers": len(answers), "desirable": sum(good), "undesirable": len(answers) - sum(good),
+        "logp_desirable": _mean([x for x, g in zip(per_token, good) if g]),
+        "logp_undesirable": _mean([x for x, g in zip(per_token, good) if not g]),
+    }
+    m["logp_margin"] = _gap(m["logp_desirable"], m["logp_undesirable"])
+    if reference is not None:
+        r = [beta * (p - p0) for p, p0 in zip(policy, reference)]
+        m["reward_desirable"] = _mean([x for x, g in zip(r, good) if g])
+        m["reward_undesirable"] = _mean([x for x, g in zip(r, good) if not g])
+        m["reward_margin"] = _gap(m["reward_desirable"], m["reward_undesirable"])
+        m["reward_sign_accuracy"] = round(sum((x > 0) if g else (x < 0) for x, g in zip(r, good)) / len(r), 4)
+    return m
+
+
+def evaluate_preferences(tuned, reference, base, pairs: list[PreferencePair] | list[LabelledAnswer], *, key: str,
+                         beta: float, pad_id: int, device: str = "cpu") -> dict[str, Any]:
     """Held-out pairs scored the same way for three models: log-prob accuracy of the base, the SFT
     reference and the tuned model (under `key`, its method type), and the tuned model's implicit
-    rewards (DPO's, with `beta`) against the reference."""
+    rewards (DPO's, with `beta`) against the reference. Held-out labelled answers (an unpaired
+    set) get `labelled_metrics` instead, and `form: unpaired`."""
+    if is_unpaired(pairs):
+        ref = labelled_logps(reference, pairs, pad_id, device)
+        return {
+            "form": "unpaired", "answers": len(pairs), "beta": beta,
+            "base": labelled_metrics(labelled_logps(base, pairs, pad_id, device), pairs),
+            "sft": labelled_metrics(ref, pairs),
+            key: labelled_metrics(labelled_logps(tuned, pairs, pad_id, device), pairs, ref, beta),
+        }
     ref = sequence_logps(reference, pairs, pad_id, device)
     return {
         "pairs": len(pairs), "beta": beta,

@@ -1,37 +1,28 @@
-"""KTO (Ethayarajh et al. 2024) with TRL's KTOTrainer: each pair becomes two labelled answers, the
-chosen one desirable and the rejected one undesirable, shuffled with the seed (TRL's sampler is
-sequential, and KTO's own unpairing puts every desirable answer first):
+"""KTO (Ethayarajh et al. 2024) with TRL's KTOTrainer, on labelled answers (desirable or not):
 
     loss = w(y) * (1 - sigmoid(beta * (r(x, y) - z))),  r = log pi - log ref,  z = a batch estimate of the KL
 
-against the SFT adapter, frozen (TRL's "ref" copy, as for DPO). Batches need 2 rows or more (z is
-estimated from mismatched answers within the batch). Recipe keys: `beta`, `desirable_weight`,
-`undesirable_weight`."""
+against the SFT adapter, frozen (TRL's "ref" copy, as for DPO). Its rows are the labelled answers
+in a seeded shuffle (TRL's sampler is sequential): an unpaired preference_dataset's (schema
+`unpaired`, TRL's own KTO form) as they are, one row each; a paired one's pairs as two each, the
+chosen answer desirable and the rejected one undesirable (`PreferencePair.labelled`; KTO's own
+unpairing would put every desirable answer first). Batches need 2 rows or more (z is estimated from
+mismatched answers within the batch). Recipe keys: `beta`, `desirable_weight`, `undesirable_weight`."""
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
-from ...data.preferences import PreferencePair
+from ...data.preferences import LabelledAnswer, is_unpaired
 from ..trl_common import Curve
 from .objective import Objective, tokenized_differently
 
 
-@dataclass(frozen=True)
-class LabelledAnswer:
-    pair: PreferencePair  # the pair it comes from
-    desirable: bool
-
-    @property
-    def answer_ids(self) -> list[int]:
-        return self.pair.chosen_ids if self.desirable else self.pair.rejected_ids
-
-
-def unpaired(pairs, rng: random.Random) -> list[LabelledAnswer]:
-    rows = [LabelledAnswer(p, good) for p in pairs for good in (True, False)]
-    rng.shuffle(rows)
-    return rows
+def labelled_answers(rows, rng: random.Random) -> list[LabelledAnswer]:
+    """The rows KTO trains on, in their seeded order: an unpaired set's answers, or each pair's two."""
+    answers = list(rows) if is_unpaired(rows) else [a for p in rows for a in p.labelled()]
+    rng.shuffle(answers)
+    return answers
 
 
 def build(model, tokenizer, rows: list[LabelledAnswer], args: dict, settings: dict, max_length: int | None, callback):
@@ -39,9 +30,9 @@ def build(model, tokenizer, rows: list[LabelledAnswer], args: dict, settings: di
     from trl import KTOConfig, KTOTrainer
 
     data = Dataset.from_dict({
-        "prompt": [r.pair.prompt_text for r in rows],
-        "completion": [r.pair.chosen_text if r.desirable else r.pair.rejected_text for r in rows],
-        "label": [r.desirable for r in rows],
+        "prompt": [r.prompt_text for r in rows],
+        "completion": [r.completion_text for r in rows],
+        "label": [r.label for r in rows],
     })
     config = KTOConfig(**args, beta=settings["beta"], desirable_weight=settings["desirable_weight"],
                        undesirable_weight=settings["undesirable_weight"], max_length=max_length,
@@ -51,9 +42,9 @@ def build(model, tokenizer, rows: list[LabelledAnswer], args: dict, settings: di
 
 def check_tokenization(trl_dataset, rows: list[LabelledAnswer]) -> None:
     for row, ours in zip(trl_dataset.select(range(min(8, len(rows)))), rows):
-        if row["prompt_ids"] != ours.pair.prompt_ids or row["completion_ids"] != ours.answer_ids:
-            raise tokenized_differently(ours.pair.id)
+        if row["prompt_ids"] != ours.prompt_ids or row["completion_ids"] != ours.completion_ids:
+            raise tokenized_differently(ours.id)
 
 
 OBJECTIVE = Objective("kto", "KTO", build, check_tokenization, curves=(Curve("kl", "kl", 6, "train_kl"),), rows_per_pair=2,
-                      rows=unpaired, reference=True)
+                      rows=labelled_answers, reference=True, unpaired=True)

@@ -1,7 +1,8 @@
 """The contract of one preference objective (a module beside this one per method type): how the
-pairs become the rows its TRL trainer reads, how that trainer is built from our settings, that TRL
-tokenized the rows as `preference_dataset` did, and which curves it logs. `preference.OBJECTIVES`
-collects them by method type; nothing else asks which objective a method has."""
+pairs (for kto also an unpaired set's labelled answers) become the rows its TRL trainer reads, how
+that trainer is built from our settings, that TRL tokenized the rows as `preference_dataset` did,
+and which curves it logs. `preference.OBJECTIVES` collects them by method type; nothing else asks
+which objective a method has."""
 
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ class Objective:
     # (TRL's tokenized train_dataset, rows) -> None; raises when TRL's ids are not ours
     check_tokenization: Callable[[Any, list], None]
     curves: tuple[Curve, ...] = PAIRWISE_CURVES
-    rows_per_pair: int = 1  # rows the trainer iterates per pair (steps count rows)
-    # the rows in training order, from the pairs and a seeded Random (pairs as they are, by default)
+    rows_per_pair: int = 1  # rows the trainer iterates per pair (steps count rows); a labelled answer is one
+    # the rows in training order, from the pairs (or labelled answers) and a seeded Random (as they are, by default)
     rows: Callable[[list[PreferencePair], random.Random], list] = lambda pairs, rng: pairs
     reference: bool = False  # trains against the frozen SFT adapter: its beta is the implicit reward's
+    unpaired: bool = False  # trains on an unpaired set's labelled answers too (kto), not only on pairs
 
     def reward_beta(self, settings: dict[str, Any]) -> float:
         """The beta of the implicit reward the evaluation reports: the objective's own for those
