@@ -21,10 +21,10 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from .strict import Strict
-from .training import TrainingSpec
+from .training import TrainingOverrides
 
 REWARD_TYPES = ("exact_match", "token_f1", "format", "reward_model")
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
@@ -75,13 +75,7 @@ class PolicySpec(Strict):
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"  # how tokens are averaged into the loss (TRL's default dapo)
     max_prompts: Annotated[int, Field(ge=1)] | None = None  # train on the first N training prompts only (null: all)
     heldout_prompts: Annotated[int, Field(ge=1)] | None = 32  # held-out prompts its report answers (null: every eval example)
-    training: dict[str, Any] = Field(default_factory=dict)  # overrides of TrainingSpec
-
-    @field_validator("training")
-    @classmethod
-    def _known_training_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
-        TrainingSpec(**v)
-        return v
+    training: TrainingOverrides = Field(default_factory=dict)  # overrides of TrainingSpec
 
     def trainer_settings(self) -> dict[str, Any]:
         """The GRPOConfig keys this policy sets (`trainers.policy.PolicyRequest.settings`)."""

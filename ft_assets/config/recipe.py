@@ -54,7 +54,7 @@ from .generated_preferences import GeneratedPreferencesSpec
 from .method_spec import SPECS, MethodSpecBase, PreferenceSpecBase, lora_source_problem, spec_classes, spec_types
 from .policy import PolicySpec
 from .strict import Strict as _Strict
-from .training import TrainingSpec
+from .training import OverridesOf, TrainingOverrides, TrainingSpec
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # ft_assets/
 DEFAULT_RECIPE = PACKAGE_DIR / "recipes" / "default.yaml"  # the one to copy: trains to a good model
@@ -352,14 +352,8 @@ class DistillationSpec(_Strict):
     student_path: str | None = None  # a local student model instead (relative to `root`; same tokenizer)
     alpha: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5  # weight of the KL term (1 - alpha: answer CE)
     temperature: Annotated[float, Field(gt=0)] = 2.0  # softmax temperature of the KL term
-    training: dict[str, Any] = Field(default_factory=dict)  # overrides of TrainingSpec
+    training: TrainingOverrides = Field(default_factory=dict)  # overrides of TrainingSpec
     speed_prompts: Annotated[int, Field(ge=1, le=256)] = 8  # eval prompts timed for tokens/s
-
-    @field_validator("training")
-    @classmethod
-    def _known_training_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
-        TrainingSpec(**v)
-        return v
 
 
 class RewardModelSpec(_Strict):
@@ -377,14 +371,8 @@ class RewardModelSpec(_Strict):
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05  # type lora: dropout on the adapter's input
     target_modules: list[str] | Literal["all-linear"] = "all-linear"  # type lora: Linear layers to adapt
     center_rewards: Annotated[float, Field(ge=0)] | None = 0.01  # weight of (r_chosen + r_rejected)^2 keeping scores near 0 (null: off)
-    training: dict[str, Any] = Field(default_factory=dict)  # overrides of TrainingSpec
+    training: TrainingOverrides = Field(default_factory=dict)  # overrides of TrainingSpec
     pairs: str | None = None  # a `generated_preferences:` name to train on; null: the recipe's `preferences:`
-
-    @field_validator("training")
-    @classmethod
-    def _known_training_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
-        TrainingSpec(**v)
-        return v
 
     def adapter_keys(self) -> dict[str, Any] | None:
         """The LoRA keys its trainer reads; None for full fine-tuning."""
@@ -1164,8 +1152,9 @@ def _allowed_keys(loc: list[Any]) -> list[str]:
     for part in loc:
         node = _unwrap(node)
         if isinstance(node, type) and issubclass(node, BaseModel):
-            if part in node.model_fields:
-                node = node.model_fields[part].annotation
+            if part in node.model_fields:  # a mapping of another model's keys (`TrainingOverrides`): that model
+                field = node.model_fields[part]
+                node = next((m.model for m in field.metadata if isinstance(m, OverridesOf)), field.annotation)
             elif node is EvaluationSpec and part == "evaluators":
                 node = list[Union[evaluator_spec.spec_classes()]]  # the registered kinds, found by tag below
             else:  # a method type pydantic inserted (methods.<name>.<type>): that type's spec

@@ -1,12 +1,14 @@
 """`training:`: the hyper-parameters shared by every method (a method may override any of them
-under `methods.<name>.training`). Read by the training loop and by each method's spec, which
-checks its overrides against it."""
+under `methods.<name>.training`). Read by the training loop. `TrainingOverrides` is the type of
+every section's `training:` overrides (methods, reward models, policies, distillation): a mapping
+of some of these keys, each checked as TrainingSpec checks it."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from .strict import Strict
 
@@ -48,3 +50,20 @@ class TrainingSpec(Strict):
             raise ValueError("early_stopping_patience needs validation_fraction > 0 (e.g. 0.1): early stopping "
                              "watches the loss on held-out training rows")
         return self
+
+
+@dataclass(frozen=True)
+class OverridesOf:
+    """Annotation marker: the mapping holds some keys of `model` (recipe errors list its keys)."""
+
+    model: type
+
+
+def _known_training_keys(v: dict[str, Any]) -> dict[str, Any]:
+    TrainingSpec(**v)  # raises with TrainingSpec's messages for unknown keys and bad values
+    return v
+
+
+# `training:` under a method, a reward model, a policy or distillation: overrides of the recipe's
+# `training:` section, kept as the mapping written (its dump, and so every hash, is what the recipe says)
+TrainingOverrides = Annotated[dict[str, Any], AfterValidator(_known_training_keys), OverridesOf(TrainingSpec)]

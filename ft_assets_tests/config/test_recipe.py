@@ -69,7 +69,11 @@ def test_method_type_defaults_to_its_name_and_training_overrides_merge():
         (with_("datasets.0.eval_fraction", 1.0), "datasets[0].eval_fraction: Input should be less than 1"),
         (with_("datasets.0.format", "xlsx"), "datasets[0].format: Input should be 'jsonl', 'csv', 'parquet', 'arrow' or 'hf'"),
         (with_("methods", {"magic": {}}), "unknown method type 'magic'"),
-        (with_("methods.lora.training", {"lrr": 1}), "lrr"),
+        (with_("methods.lora.training", {"lrr": 1}), "methods.lora.training: unknown key 'lrr' — did you mean 'lr'? "
+                                                    "Allowed here: max_steps, epochs, batch_size"),
+        (with_("policies", {"p": {"sft_from": "lora", "rewards": [{"type": "token_f1"}], "training": {"batchsize": 2}}}),
+         "policies.p.training: unknown key 'batchsize' — did you mean 'batch_size'?"),
+        (with_("methods.lora.training", {"lr": "fast"}), "methods.lora.training.lr: Input should be a valid number"),
         (with_("datasets", []), "datasets: List should have at least 1 item"),
         (with_("base_model", {"source": "hub"}), "source 'hub' needs `id`"),
         (with_("methods", {"qlora": {}, "lora": {}}) | {"quantization": {"method": "none"}}, "need quantization.method: nf4"),
