@@ -32,15 +32,15 @@ TESTS = Path(__file__).resolve().parent
 # short ones fill the end, instead of a long one starting last.
 # A module missing here only runs later; a name here that no longer exists changes nothing.
 SLOW_MODULES = (
-    "defs/test_scale_out.py",  # ~200-330
-    "defs/test_dead_runs.py",  # ~140-290
+    "defs/test_scale_out.py",  # ~150-280 (one shared 2-rank lora run, not three; alone 357 -> 266 CPU-s)
+    "defs/test_dead_runs.py",  # ~110-250 (SIGTERM through Dagster, SIGINT in test_train; alone 191 -> 165 s)
     "e2e/test_real_model.py",  # ~130-150
     "e2e/test_ui.py",  # ~100-190
     "defs/test_object_store.py",  # ~100-160
-    "defs/test_shell_dead_runs.py",  # ~90-200
+    "defs/test_shell_dead_runs.py",  # ~60-170 (its reaper test no longer waits out a 30 s grace in full runs)
     "defs/test_beyond_sft.py",  # ~80-120 (dpo, a reward model and a GRPO policy through the graph and the automation)
     "defs/test_ray.py",  # ~80-110
-    "training/test_distributed.py",  # ~65-190
+    "training/test_distributed.py",  # ~55-180 (two spawns of two processes, not three; 108 -> 91 CPU-s alone)
     "defs/test_faults.py",  # ~60-100
     "publish/test_export.py",  # ~55-60
     "trainers/test_preference_resume.py",  # ~45-65 (four objectives; kill -9 of two)

@@ -212,8 +212,14 @@ def test_two_runs_one_killed_the_other_waits_only_seconds_and_hears_who_blocks_i
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_checkpoints_the_current_step_then_rerun_resumes_exactly_there(project, reference, tmp_path, sig):
+def test_signal_checkpoints_the_current_step_then_rerun_resumes_exactly_there(project, reference, tmp_path):
+    """SIGTERM (what Kubernetes, Slurm and spot reclaimers send) to the launcher mid-training. SIGINT
+    (Ctrl-C) takes the same path once training runs: `training.preemption.stop_requests` installs one
+    handler for both (STOP_SIGNALS), which only records the signal's name, and everything after it
+    (the checkpoint, `Preempted`, the failed run, "launching nothing more", the resume) reads the
+    same exception. That SIGINT becomes that checkpoint and resumes exactly is proven without a
+    launcher by training/test_train.py::test_a_signal_checkpoints_the_step_it_arrives_in_and_resume_continues_exactly[SIGINT]."""
+    sig = signal.SIGTERM
     recipe = recipe_file(project)
     home = tmp_path / "home"
     victim = Runner(recipe, home)
@@ -240,6 +246,31 @@ def test_signal_checkpoints_the_current_step_then_rerun_resumes_exactly_there(pr
     assert ArtifactStore(home).latest("adapter", "lora").manifest()["train"]["resumed_from_step"] == step
 
 
+# Start `sleep 600` with SIGTERM at its default action: the stand-in for a process a dead run left
+# (training installs its own SIGTERM handler). Without this it would inherit this test process's
+# disposition: when pytest starts with SIGINT ignored (`make test &` from a shell without job control
+# ignores it) each in-process `dg.materialize` ends by copying SIGINT's disposition to SIGTERM
+# (dagster._utils.interrupts), so a plain Popen'd `sleep` would ignore the reaper's SIGTERM and only
+# end at its SIGKILL, STOP_GRACE_S (30 s) later. The same can happen to a user's processes started
+# with SIGINT ignored (README "Not done yet"); the reaper's SIGKILL still ends them. An exec keeps
+# the pid and the environment.
+SLEEPER = [sys.executable, "-S", "-c",
+           "import os, signal; signal.signal(signal.SIGTERM, signal.SIG_DFL); os.execvp('sleep', ['sleep', '600'])"]
+
+
+def sleeper(env: dict[str, str]) -> subprocess.Popen:
+    """`sleep 600` with `env`, SIGTERM at its default action (see SLEEPER), once it runs `sleep`."""
+    proc = subprocess.Popen(SLEEPER, env=env)
+    status = Path(f"/proc/{proc.pid}/status")
+    deadline = time.time() + 30
+    while Path(f"/proc/{proc.pid}/cmdline").read_bytes() != b"sleep\x00600\x00":  # exec'd
+        assert proc.poll() is None and time.time() < deadline, "sleep did not start"
+        time.sleep(0.01)
+    ignored = int(next(l for l in status.read_text().splitlines() if l.startswith("SigIgn:")).split()[1], 16)
+    assert not ignored & (1 << (signal.SIGTERM - 1)), "sleep ignores SIGTERM"
+    return proc
+
+
 def test_only_runs_whose_local_worker_is_gone_are_reaped_and_the_processes_they_left_are_stopped(tmp_path, monkeypatch):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
     from ft_assets.demo import ensure_instance
@@ -252,7 +283,7 @@ def test_only_runs_whose_local_worker_is_gone_are_reaped_and_the_processes_they_
         ("elsewhere", {WORKER_TAG: elsewhere.tag()}), ("unrecorded", {}), ("alive", {WORKER_TAG: Proc.of().tag()}),
         ("gone", {WORKER_TAG: gone_here.tag()}), ("pid_reused", {WORKER_TAG: reused.tag()}))}
     # what a dead worker left training (a step process, a torchrun rank): it carries the run's marker
-    orphan = subprocess.Popen(["sleep", "600"], env={**os.environ, runs.RUN_MARKER_ENV: ids["gone"]})
+    orphan = sleeper({**os.environ, runs.RUN_MARKER_ENV: ids["gone"]})
     instance.add_run_tags(ids["gone"], {CHILDREN_TAG: Proc.of(orphan.pid).tag()})
     reaped = {d.run_id: d for d in reap_dead_runs(instance)}
     assert set(reaped) == {ids["gone"], ids["pid_reused"]}

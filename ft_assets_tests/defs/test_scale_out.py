@@ -1,6 +1,8 @@
 """`compute.launcher: torchrun`: adapter training in torchrun processes (gloo, 2 ranks on CPU),
 launched through Dagster Pipes by the asset, on the persistent instance with its gpu pool.
 
+The lora run on 2 torchrun ranks x batch 4 (`ddp_run`) is materialized once for the module; the
+comparisons below read it.
 - DDP equals one process: 2 ranks x batch 4 against 1 process x batch 8 on the same rows, the
   loss curve and the adapter's weights within the spread of two single-process runs that are
   the same computation in another summation order (batch 8, and batch 4 x grad_accum 2).
@@ -11,7 +13,7 @@ launched through Dagster Pipes by the asset, on the persistent instance with its
   and starts its ranks with them as CUDA_VISIBLE_DEVICES.
 - kill -9 of the Dagster step's process: its ranks stop themselves with a checkpoint.
 - kill -9 of rank 1 mid-run: the step fails naming rank 1, nothing is stored; the rerun
-  resumes from the checkpoint and ends with the adapter an uninterrupted run makes.
+  resumes from the checkpoint and ends with the adapter the uninterrupted `ddp_run` made.
 """
 
 from __future__ import annotations
@@ -64,6 +66,28 @@ def project(tmp_path_factory, tiny_model_dir):
     return root, tiny_model_dir
 
 
+# lora on one node's 2 torchrun ranks, one thread each (torchrun's own default for several ranks
+# per node, stated so that two nodes x 1 process compute the same sums)
+DDP = {"launcher": "torchrun", "nproc_per_node": 2, "threads": 1}
+
+
+@pytest.fixture(scope="module")
+def ddp_run(project, tmp_path_factory) -> tuple[dict, dict[str, torch.Tensor], list[str]]:
+    """The lora adapter trained on 2 torchrun ranks x batch 4 (TRAINING: 12 steps, a checkpoint every
+    4), through the asset on the user's instance, in a home of its own, once for the module: (the
+    materialization's metadata, the adapter's weights, the step's log lines). A torchrun launch is
+    three processes importing torch and ft_assets; the tests that compare against this run read it."""
+    root, model_dir = project
+    home = tmp_path_factory.mktemp("ddp") / "ft_home"
+    instance = demo.ensure_instance(home)
+    try:
+        result = materialize(recipe_file(root, model_dir, "ddp", {"batch_size": 4}, DDP), home, instance)
+        logs = [e.message for e in instance.all_logs(result.run_id) if e.user_message]
+    finally:
+        instance.dispose()
+    return (*adapter_of(result, home), logs)
+
+
 def materialize(path: Path, home: Path, instance: dg.DagsterInstance, raise_on_error: bool = True,
                 run_config: dict | None = None, method: str = "lora") -> dg.ExecuteInJobResult:
     defs = build_definitions(load_recipe(path), home=str(home))
@@ -87,19 +111,17 @@ def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def test_two_ranks_train_what_one_process_trains_and_report_through_pipes(project, tmp_path):
+def test_two_ranks_train_what_one_process_trains_and_report_through_pipes(project, ddp_run, tmp_path):
     root, model_dir = project
     home = tmp_path / "ft_home"
     instance = demo.ensure_instance(home)  # the user's instance: persistent, gpu pool limited to 1
     try:
         one = materialize(recipe_file(root, model_dir, "one", {"batch_size": 8}, {}), home, instance)
         accum = materialize(recipe_file(root, model_dir, "accum", {"batch_size": 4, "grad_accum": 2}, {}), home, instance)
-        ddp = materialize(recipe_file(root, model_dir, "ddp", {"batch_size": 4},
-                                      {"launcher": "torchrun", "nproc_per_node": 2}), home, instance)
-        logs = [e.message for e in instance.all_logs(ddp.run_id) if e.user_message]
     finally:
         instance.dispose()
-    (m_one, w_one), (m_acc, w_acc), (m_ddp, w_ddp) = (adapter_of(r, home) for r in (one, accum, ddp))
+    (m_one, w_one), (m_acc, w_acc) = (adapter_of(r, home) for r in (one, accum))
+    m_ddp, w_ddp, logs = ddp_run
 
     # the same rows per step: as many label tokens and input tokens, step by step
     assert (m_ddp["tokens_trained"], m_ddp["tokens_seen"], m_ddp["steps"]) == \
@@ -227,11 +249,12 @@ def materialize_killing_rank_1(path: Path, home: Path, instance: dg.DagsterInsta
     return failed, killed
 
 
-def test_kill_9_of_one_rank_fails_clearly_and_the_rerun_resumes_to_the_same_adapter(project, tmp_path):
+def test_kill_9_of_one_rank_fails_clearly_and_the_rerun_resumes_to_the_same_adapter(project, ddp_run, tmp_path):
+    """`ddp_run`'s recipe: rank 1 dies once the step-4 checkpoint exists (8 steps still to run), the
+    rerun resumes from a checkpoint and ends bit for bit where the uninterrupted `ddp_run` ended."""
     root, model_dir = project
-    steps = 20  # rank 1 dies once the step-5 checkpoint exists: 15 steps still to run, then resumed
-    path = recipe_file(root, model_dir, "long", {"batch_size": 4, "max_steps": steps, "checkpoint_every": 5},
-                       {"launcher": "torchrun", "nproc_per_node": 2})
+    steps = TRAINING["max_steps"]
+    path = recipe_file(root, model_dir, "killed", {"batch_size": 4}, DDP)
     home = tmp_path / "ft_home"
     instance = demo.ensure_instance(home)
     try:
@@ -245,12 +268,12 @@ def test_kill_9_of_one_rank_fails_clearly_and_the_rerun_resumes_to_the_same_adap
         resumed = materialize(path, home, instance)
         m_resumed, w_resumed = adapter_of(resumed, home)
         assert m_resumed["steps"] == steps
-        fresh = materialize(path, home, instance, run_config={"ops": {"adapter": {"config": {"force": True}}}})
-        m_fresh, w_fresh = adapter_of(fresh, home)
     finally:
         instance.dispose()
+    m_fresh, w_fresh, _ = ddp_run
     manifest = ArtifactStore(home).get("adapter", "lora", m_resumed["data_version"]).manifest()
-    assert 5 <= manifest["train"]["resumed_from_step"] < steps
+    assert TRAINING["checkpoint_every"] <= manifest["train"]["resumed_from_step"] < steps
+    assert m_resumed["data_version"] == m_fresh["data_version"]
     assert m_fresh["losses"] == m_resumed["losses"]
     assert largest_difference(w_fresh, w_resumed) == 0.0
 
@@ -261,18 +284,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_nodes_train_what_one_node_with_two_processes_trains(project, tmp_path):
+def test_two_nodes_train_what_one_node_with_two_processes_trains(project, ddp_run, tmp_path):
     """`nnodes: 2` on loopback: the step starts node 0 (torchrun, static rendezvous on
     master_addr:master_port); the test plays the second machine and runs the step's `join.sh 1`
-    once it appears. Two nodes x 1 process are the world of one node x 2 processes: the same
-    version, and the same adapter bit for bit (same ranks' rows, same sums; one thread each)."""
+    once it appears. Two nodes x 1 process are the world of one node x 2 processes (`ddp_run`): the
+    same version, and the same adapter bit for bit (same ranks' rows, same sums; one thread each)."""
     root, model_dir = project
     port = _free_port()
     nodes = recipe_file(root, model_dir, "nodes", {"batch_size": 4}, {
         "launcher": "torchrun", "nnodes": 2, "master_addr": "127.0.0.1", "master_port": port, "threads": 1})
-    one_node = recipe_file(root, model_dir, "one_node", {"batch_size": 4}, {
-        "launcher": "torchrun", "nproc_per_node": 2, "threads": 1})
-    home_a, home_b = tmp_path / "a", tmp_path / "b"
+    home_a = tmp_path / "a"
     joined: dict = {}
 
     def join_as_node_1() -> None:
@@ -297,13 +318,8 @@ def test_two_nodes_train_what_one_node_with_two_processes_trains(project, tmp_pa
         if "proc" in joined and joined["proc"].poll() is None:
             os.killpg(joined["proc"].pid, signal.SIGKILL)
         instance.dispose()
-    instance = demo.ensure_instance(home_b)
-    try:
-        one = materialize(one_node, home_b, instance)
-    finally:
-        instance.dispose()
     assert joined.get("rc") == 0  # node 1's torchrun trained its rank and ended cleanly
-    (m_two, w_two), (m_one, w_one) = adapter_of(two, home_a), adapter_of(one, home_b)
+    (m_two, w_two), (m_one, w_one, _) = adapter_of(two, home_a), ddp_run
     assert any("on each other node run `sh " in line and "join.sh <node rank>`" in line for line in logs), logs[-20:]
     assert m_two["processes"] == m_one["processes"] == 2 and m_two["steps"] == 12
     assert m_two["data_version"] == m_one["data_version"]  # the world size is the version's, not its split

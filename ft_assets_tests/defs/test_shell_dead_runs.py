@@ -24,7 +24,7 @@ import yaml
 from ft_assets.defs import runs
 from ft_assets.defs.runs import CHILDREN_TAG, WORKER_TAG, Proc, held_slots, reap_dead_runs
 from ft_assets_tests.conftest import REPO, make_recipe, qa_rows, write_jsonl
-from ft_assets_tests.defs.test_dead_runs import _noop_job
+from ft_assets_tests.defs.test_dead_runs import _noop_job, sleeper
 
 DAGSTER = Path(sys.executable).with_name("dagster")
 DEAD_PID = 2**22 + 7  # a pid no process has (above the kernel's pid_max)
@@ -96,10 +96,9 @@ def test_a_live_worker_in_another_pid_namespace_on_this_host_is_not_reaped(insta
 def test_the_reaper_signals_only_processes_that_carry_the_dead_runs_marker(instance):
     assert runs.RUN_MARKER_ENV == RUN_MARKER_ENV
     run_id = started_run(instance, {WORKER_TAG: dataclasses.replace(Proc.of(), pid=DEAD_PID).tag()})
-    sleep = ["sleep", "600"]
-    ours = subprocess.Popen(sleep, env={**os.environ, RUN_MARKER_ENV: run_id})  # what the dead worker started
-    unrelated = subprocess.Popen(sleep, env={k: v for k, v in os.environ.items() if k != RUN_MARKER_ENV})
-    other_run = subprocess.Popen(sleep, env={**os.environ, RUN_MARKER_ENV: "another-run"})
+    ours = sleeper({**os.environ, RUN_MARKER_ENV: run_id})  # what the dead worker started
+    unrelated = sleeper({k: v for k, v in os.environ.items() if k != RUN_MARKER_ENV})
+    other_run = sleeper({**os.environ, RUN_MARKER_ENV: "another-run"})
     try:
         # a forged (or stale) children record that names processes the run never started
         instance.add_run_tags(run_id, {CHILDREN_TAG: " ".join(Proc.of(p.pid).tag() for p in (ours, unrelated, other_run))})

@@ -1,7 +1,8 @@
 """Data parallelism in the one training loop (`training.distributed`, `training.loop`): which rows each
 rank reads, and two gloo processes on loopback against one process (no Dagster, no torchrun:
 the launcher's side is `defs/test_scale_out.py`). The slow tests' two-rank runs (DDP method
-families, FSDP2) are spawned once for the module (`two_rank_runs`); each test asserts on its own."""
+families, FSDP2) are spawned once for the module (`two_rank_runs`), and so are the other tests'
+(validation, a signal to one rank: `two_rank_checks`); each test asserts on its own."""
 
 from __future__ import annotations
 
@@ -87,40 +88,81 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, port: int, model_dir: str, out: str, settings: dict) -> None:
+VALIDATION = dict(max_steps=24, validation_fraction=0.25, validation_every=2, early_stopping_patience=2, lr=0.1)
+
+
+def _validated(ranks: Ranks, model_dir: Path, out: Path) -> None:
+    """LoRA with VALIDATION on 2 ranks x batch 2; rank r's result and trainable weights in `rank-<r>.pt`."""
+    out.mkdir(parents=True, exist_ok=True)
+    model = lora_model(model_dir)
+    result = train.train(model, get_method("lora"), SPEC, _rows(model_dir), cfg(**VALIDATION, batch_size=2),
+                         seed=SEED, pad_id=2, checkpoint_dir=out / "ckpt", ranks=ranks)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save({"result": result.log(), "weights": weights}, out / f"rank-{ranks.rank}.pt")
+
+
+def _signalled(ranks: Ranks, model_dir: Path, out: Path) -> None:
+    """Rank 1 alone gets SIGTERM during step 2: both ranks must stop after that step, checkpointed.
+    Each rank's outcome in `rank-<r>.txt`."""
+    import signal
+
+    from ft_assets.training.preemption import Preempted
+
+    def on_log(step: int, loss: float) -> None:
+        if ranks.rank == 1 and step == 2:  # arrives during step 2 (its log line), on rank 1 only
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        train.train(lora_model(model_dir), get_method("lora"), SPEC, _rows(model_dir),
+                    cfg(max_steps=12, batch_size=2, checkpoint_every=100), seed=SEED, pad_id=2,
+                    checkpoint_dir=out / "ckpt", ranks=ranks, on_log=on_log)
+        outcome = "finished"
+    except Preempted as exc:
+        outcome = f"preempted at {exc.step}"
+    (out / f"rank-{ranks.rank}.txt").write_text(outcome)
+
+
+def _rank_checks(rank: int, port: int, model_dir: str, out: str) -> None:
+    """The other tests' two-rank training, in one process group: `_validated` (`validation/`), then
+    `_signalled` (`signal/`, last: it ends in a preemption)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     ranks = Ranks.from_env("cpu")
     try:
-        model = lora_model(Path(model_dir))
-        result = train.train(model, get_method("lora"), SPEC, _rows(Path(model_dir)),
-                             cfg(**settings), seed=SEED, pad_id=2, checkpoint_dir=Path(out) / "ckpt", ranks=ranks)
-        weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        torch.save({"result": result.log(), "weights": weights}, Path(out) / f"rank-{rank}.pt")
+        _validated(ranks, Path(model_dir), Path(out) / "validation")
+        _signalled(ranks, Path(model_dir), Path(out) / "signal")
     finally:
         ranks.close()
 
 
-def test_two_processes_with_validation_keep_what_one_process_keeps(tiny_model_dir, examples, tmp_path):
+@pytest.fixture(scope="module")
+def two_rank_checks(tiny_model_dir, tmp_path_factory) -> Path:
+    """Where `_rank_checks` left its results: its two processes are spawned once for the module
+    (each one's imports take seconds of a core)."""
+    out = tmp_path_factory.mktemp("two_rank_checks")
+    mp.start_processes(_rank_checks, args=(_free_port(), str(tiny_model_dir), str(out)), nprocs=2,
+                       start_method="spawn")
+    return out
+
+
+def test_two_processes_with_validation_keep_what_one_process_keeps(tiny_model_dir, examples, two_rank_checks):
     """Validation, early stopping and the best weights (saved by rank 0, read by both) under DDP,
     within the spread of two single-process runs that differ in summation order only (batch 4,
     and batch 2 x grad_accum 2: the per-process batches of the two-rank run)."""
-    settings = dict(max_steps=24, validation_fraction=0.25, validation_every=2, early_stopping_patience=2, lr=0.1)
     single = {}
     for label, shape in (("one", {"batch_size": 4}), ("accum", {"batch_size": 2, "grad_accum": 2})):
         model = lora_model(tiny_model_dir)
-        result = train.train(model, get_method("lora"), SPEC, examples, cfg(**settings, **shape), seed=SEED, pad_id=2)
+        result = train.train(model, get_method("lora"), SPEC, examples, cfg(**VALIDATION, **shape), seed=SEED, pad_id=2)
         single[label] = (result.log(), {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
-    mp.start_processes(_rank_main, args=(_free_port(), str(tiny_model_dir), str(tmp_path), {**settings, "batch_size": 2}),
-                       nprocs=2, start_method="spawn")
     (one, w_one), (accum, w_accum) = single["one"], single["accum"]
     loss_spread = max(abs(a - b) for (_, a), (_, b) in zip(one["validation_losses"], accum["validation_losses"]))
     weight_spread = max(float((w_one[n] - w_accum[n]).abs().max()) for n in w_one)
     assert one["stopped_early_at"] and one["kept_step"] < one["steps"]  # it stops early, ends with earlier weights
     assert one["kept_step"] == accum["kept_step"] and one["stopped_early_at"] == accum["stopped_early_at"]
     for r in (0, 1):
-        got = torch.load(tmp_path / f"rank-{r}.pt", weights_only=True)
+        got = torch.load(two_rank_checks / "validation" / f"rank-{r}.pt", weights_only=True)
         assert (got["result"]["kept_step"], got["result"]["steps"], got["result"]["stopped_early_at"]) == \
             (one["kept_step"], one["steps"], one["stopped_early_at"])
         assert [s for s, _ in got["result"]["validation_losses"]] == [s for s, _ in one["validation_losses"]]
@@ -130,38 +172,10 @@ def test_two_processes_with_validation_keep_what_one_process_keeps(tiny_model_di
             assert float((got["weights"][name] - w).abs().max()) <= max(4 * weight_spread, 1e-7), name
 
 
-def _rank_signalled(rank: int, port: int, model_dir: str, out: str) -> None:
-    """Rank 1 alone gets SIGTERM during step 2: both ranks must stop after that step, checkpointed."""
-    import signal
-
-    from ft_assets.training.preemption import Preempted
-
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    ranks = Ranks.from_env("cpu")
-
-    def on_log(step: int, loss: float) -> None:
-        if rank == 1 and step == 2:  # arrives during step 2 (its log line), on rank 1 only
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    try:
-        train.train(lora_model(Path(model_dir)), get_method("lora"), SPEC, _rows(Path(model_dir)),
-                    cfg(max_steps=12, batch_size=2, checkpoint_every=100), seed=SEED, pad_id=2,
-                    checkpoint_dir=Path(out) / "ckpt", ranks=ranks, on_log=on_log)
-        outcome = "finished"
-    except Preempted as exc:
-        outcome = f"preempted at {exc.step}"
-    finally:
-        ranks.close()
-    (Path(out) / f"rank-{rank}.txt").write_text(outcome)
-
-
-def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_with_a_checkpoint(tiny_model_dir, tmp_path):
-    mp.start_processes(_rank_signalled, args=(_free_port(), str(tiny_model_dir), str(tmp_path)), nprocs=2,
-                       start_method="spawn")
-    assert [(tmp_path / f"rank-{r}.txt").read_text() for r in (0, 1)] == ["preempted at 2"] * 2
-    assert checkpoint.latest_checkpoint(tmp_path / "ckpt").name == "step-000002"
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_with_a_checkpoint(two_rank_checks):
+    out = two_rank_checks / "signal"
+    assert [(out / f"rank-{r}.txt").read_text() for r in (0, 1)] == ["preempted at 2"] * 2
+    assert checkpoint.latest_checkpoint(out / "ckpt").name == "step-000002"
 
 
 def _trained(model_dir: Path, name: str, settings: dict, **run) -> dict[str, torch.Tensor]:
