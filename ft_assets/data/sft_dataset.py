@@ -92,6 +92,26 @@ def _quiet() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
+@contextlib.contextmanager
+def stoppable_workers() -> Iterator[None]:
+    """Worker processes started inside stop on SIGTERM even when this process ignores it. Why: a
+    process started with SIGINT ignored (a background job without job control) ignores SIGTERM too
+    after its first Dagster run (Dagster gives SIGTERM SIGINT's disposition); children inherit an
+    ignored signal, and `datasets`' pools end a worker that did not take its sentinel with SIGTERM,
+    so one stuck worker would hold `Pool.terminate` forever (seen once in `make test`)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _hash64(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
@@ -329,9 +349,11 @@ def _tokenize(arrow_path: Path, work: Path, num_proc: int, fmt_kwargs: dict[str,
                                   "labels": datasets.Sequence(datasets.Value("int32")),
                                   "length": datasets.Value("int32"), "rejected_because": datasets.Value("string")})
     procs = max(1, min(num_proc, len(ds) // MIN_ROWS_PER_WORKER))
-    return ds.map(_format_batch, batched=True, batch_size=MAP_BATCH_ROWS, num_proc=procs if procs > 1 else None,
-                  fn_kwargs=fmt_kwargs, features=features, cache_file_name=str(work / f"{arrow_path.stem}-tokens.arrow"),
-                  new_fingerprint=uuid.uuid4().hex, load_from_cache_file=False, desc=None)
+    with stoppable_workers():
+        return ds.map(_format_batch, batched=True, batch_size=MAP_BATCH_ROWS, num_proc=procs if procs > 1 else None,
+                      fn_kwargs=fmt_kwargs, features=features,
+                      cache_file_name=str(work / f"{arrow_path.stem}-tokens.arrow"),
+                      new_fingerprint=uuid.uuid4().hex, load_from_cache_file=False, desc=None)
 
 
 def build_sft_dataset(
@@ -547,7 +569,7 @@ def label_facts(rows: SftRows, eos_id: int, max_problems: int = 20) -> tuple[int
 def save_dataset(ds: BuiltDataset, out_dir: Path, meta: dict[str, Any]) -> None:
     """The artifact's files (the layout above). `meta` must not hold build facts such as num_proc."""
     for split, rows in (("train", ds.train), ("eval", ds.eval)):
-        with _quiet():
+        with _quiet(), stoppable_workers():
             rows.dataset.save_to_disk(str(out_dir / split), num_proc=_save_procs(len(rows), ds.num_proc))
     D.write_jsonl(out_dir / "rejected.jsonl", ({"source": s, **asdict(r)} for s, r in ds.rejected))
     (out_dir / "dataset_info.json").write_text(json.dumps({**meta, **ds.stats}, indent=2, sort_keys=True) + "\n")

@@ -4,7 +4,11 @@ from the memory-mapped split as it reads a list."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -165,3 +169,33 @@ def test_an_index_reads_the_rows_it_names_across_arrow_chunks_without_a_batch_pe
     # per row, which made a 1M-row build hold ~0.3 KB per row); an indexed column is one array
     # per batch of BATCH_ROWS
     assert rows.column("length").num_chunks == 1 and isinstance(rows.column("length"), pa.ChunkedArray)
+
+
+SIGTERM_OF_CHILD = [sys.executable, "-S", "-c", "import signal; print(signal.getsignal(signal.SIGTERM).name)"]
+
+
+def test_dataset_workers_stop_on_sigterm_even_when_this_process_ignores_it(tok, tmp_path, monkeypatch):
+    """A process that ignores SIGTERM (Dagster leaves it so after a run when SIGINT was ignored at
+    start) still starts its tokenizing and saving workers with SIGTERM at default, so a pool can end
+    a stuck one; it ignores SIGTERM again afterwards."""
+    entered = []
+    real = S.stoppable_workers
+
+    @contextlib.contextmanager
+    def recorded():
+        with real():
+            entered.append(subprocess.run(SIGTERM_OF_CHILD, capture_output=True, text=True).stdout.strip())
+            yield
+
+    monkeypatch.setattr(S, "stoppable_workers", recorded)
+    monkeypatch.setattr(S, "MIN_ROWS_PER_WORKER", 4)  # 2 processes for this small file
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        built = S.build_sft_dataset([source(write_jsonl(tmp_path / "d.jsonl", qa_rows(120)))], tok, max_length=128,
+                                    num_proc=2, **PROMPT)
+        saved(built, tmp_path / "out")
+        after = subprocess.run(SIGTERM_OF_CHILD, capture_output=True, text=True).stdout.strip()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert entered and set(entered) == {"SIG_DFL"}  # tokenizing (a map) and each split's save
+    assert len(entered) >= 3 and after == "SIG_IGN"
