@@ -5,12 +5,15 @@ which loads the same recipe). Prints where the eval reports are."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import dagster as dg
 
@@ -156,7 +159,7 @@ def materialize_graph(defs: dg.Definitions, instance: dg.DagsterInstance, target
                 continue
             say(f"[demo] {time.perf_counter() - t0:6.0f}s  {label}")
             tags = launch_tags()
-            with PoolWatch(instance, tags[LAUNCH_TAG], say):
+            with PoolWatch(instance, tags[LAUNCH_TAG], say), sigterm_kept():
                 result = dg.materialize(list(defs.assets), instance=instance, resources=defs.resources,
                                         selection=want, partition_key=partition, raise_on_error=False, tags=tags)
             made = {e.asset_key for e in result.get_asset_materialization_events()}
@@ -168,6 +171,21 @@ def materialize_graph(defs: dg.Definitions, instance: dg.DagsterInstance, target
                     say(f"[demo] {preempted[0]}; launching nothing more")
                     stopped = True
     return failed
+
+
+@contextlib.contextmanager
+def sigterm_kept() -> Iterator[None]:
+    """This process's SIGTERM handler as it was before the block. Why: a Dagster run ends by giving
+    SIGTERM SIGINT's disposition, and a process started with SIGINT ignored (a background job without
+    job control) would then ignore SIGTERM, and so would every process it starts after the run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _failure_messages(result) -> list[str]:

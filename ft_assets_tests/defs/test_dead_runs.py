@@ -347,3 +347,27 @@ def _started_run(instance, tags) -> str:
     run = instance.create_run_for_job(job_def=_noop_job(), tags=tags)
     instance.handle_run_event(run.run_id, _started(run))
     return run.run_id
+
+
+KEEPS_SIGTERM = """
+import signal, dagster as dg
+from ft_assets.demo import materialize_graph
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a background job without job control starts
+def stop(signum, frame):
+    raise KeyboardInterrupt
+signal.signal(signal.SIGTERM, stop)  # as `make demo` sets it
+@dg.asset
+def one():
+    return 1
+with dg.instance_for_test() as instance:
+    failed = materialize_graph(dg.Definitions(assets=[one]), instance, say=lambda *_: None)
+print(failed, signal.getsignal(signal.SIGTERM) is stop)
+"""
+
+
+def test_the_demo_keeps_its_sigterm_handler_after_a_run_when_started_with_sigint_ignored():
+    """Dagster ends a run by giving SIGTERM SIGINT's disposition; a `make demo &` (SIGINT ignored)
+    would then ignore a plain `kill` from its first run on. materialize_graph keeps its handler."""
+    out = subprocess.run([sys.executable, "-c", KEEPS_SIGTERM], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[] True", out.stdout[-2000:]
