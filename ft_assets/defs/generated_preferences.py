@@ -26,8 +26,8 @@ from ..data.rows import tokenizer_fingerprint, write_jsonl
 from ..models.device import Compute
 from ..trainers import generated_preferences as generated
 from . import _common as c
-from .policy import reward_inputs, reward_requests
-from .resources import ALL_PARTITIONS, ComputeResource, StoreResource
+from .policy import reward_inputs, reward_requests, sampling_ins
+from .resources import ComputeResource, StoreResource
 
 PREVIEW_COLUMNS = ["id", "prompt", "chosen", "chosen_reward", "rejected", "rejected_reward"]
 
@@ -62,18 +62,8 @@ def build(recipe: Recipe) -> list:
 
 
 def _ins(recipe: Recipe) -> dict[str, dg.AssetIn]:
-    sources: dict[str, list[str]] = {}
-    readers: dict[str, list[str]] = {}
-    for g, spec in recipe.generated_preferences.items():
-        sources.setdefault(spec.generator, []).append(g)
-        for r in spec.reward_models():
-            readers.setdefault(r, []).append(g)
-    ins = {"adapter": c.asset_in(recipe, partition_mapping=dg.StaticPartitionMapping(sources)),
-           "sft_dataset": c.asset_in(recipe), "base_model": c.asset_in(recipe)}
-    if readers:  # {r: artifact} of the reward models partition g ranks by ({} for one that reads none)
-        ins["reward_model"] = c.asset_in(recipe, partition_mapping=dg.StaticPartitionMapping(readers),
-                                         metadata={ALL_PARTITIONS: True})
-    return ins
+    return sampling_ins(recipe, {g: (spec.generator, spec.reward_models())
+                                 for g, spec in recipe.generated_preferences.items()})
 
 
 def _generate(context, recipe: Recipe, hw: Compute, store: ArtifactStore, adapter: Artifact, dataset: Artifact,

@@ -67,16 +67,23 @@ def build(recipe: Recipe) -> list:
 
 
 def _ins(recipe: Recipe) -> dict[str, dg.AssetIn]:
+    return sampling_ins(recipe, {p: (spec.sft_from, spec.reward_models()) for p, spec in recipe.policies.items()})
+
+
+def sampling_ins(recipe: Recipe, partitions: dict[str, tuple[str, list[str]]]) -> dict[str, dg.AssetIn]:
+    """The inputs of an asset whose partitions sample from an SFT adapter and score with reward models
+    (policy_adapter, generated_preferences): `partitions` = {partition: (its adapter's method, the
+    reward models it reads)}. `adapter` and `reward_model` mapped to those partitions (no reward
+    model read: no `reward_model` input), `sft_dataset` and `base_model`."""
     sources: dict[str, list[str]] = {}
-    for p, spec in recipe.policies.items():
-        sources.setdefault(spec.sft_from, []).append(p)
+    readers: dict[str, list[str]] = {}
+    for name, (method, reward_models) in partitions.items():
+        sources.setdefault(method, []).append(name)
+        for r in reward_models:
+            readers.setdefault(r, []).append(name)
     ins = {"adapter": c.asset_in(recipe, partition_mapping=dg.StaticPartitionMapping(sources)),
            "sft_dataset": c.asset_in(recipe), "base_model": c.asset_in(recipe)}
-    readers: dict[str, list[str]] = {}
-    for p, spec in recipe.policies.items():
-        for r in spec.reward_models():
-            readers.setdefault(r, []).append(p)
-    if readers:  # {r: artifact} of the reward models partition p reads ({} for one that reads none)
+    if readers:  # {r: artifact} of the reward models a partition reads ({} for one that reads none)
         ins["reward_model"] = c.asset_in(recipe, partition_mapping=dg.StaticPartitionMapping(readers),
                                          metadata={ALL_PARTITIONS: True})
     return ins
