@@ -1,4 +1,6 @@
-"""Where `adapter` trains (`compute.launcher`): in the Dagster step, in torchrun processes, or on Ray.
+"""Where `adapter` and `preference_adapter` train (`compute.launcher`): in the Dagster step, in
+torchrun processes, or on Ray. The request is the trainer's (`trainers.sft.SftRequest`,
+`trainers.preference.PreferenceRequest`: `jobs.train.trainers()`); below, SFT's names.
 
     inprocess   `trainers.sft.run(request)` in the step's own process (the default; the demo's speed)
     torchrun    the same `trainers.sft.SftRequest` in a `ft_assets.jobs.train.TrainJob` spec file, then torchrun `--nproc-per-node N
@@ -36,12 +38,10 @@ from typing import Iterator
 
 import dagster as dg
 
-from ..trainers import sft
 from ..models import gpu_leases
 from ..training import checkpoint
-from ..training.result import TrainResult
 from ..models.device import Compute
-from ..jobs.train import RESULT_MESSAGE, TrainJob
+from ..jobs.train import RESULT_MESSAGE, TrainJob, kind_of, trainers
 from ..config.recipe import ComputeSpec, RaySpec, Recipe
 from ..artifacts.store import Checkpoints
 
@@ -50,34 +50,41 @@ class JobFailed(RuntimeError):
     """The training processes failed; the message names each rank and what to do."""
 
 
-def train_method(context: dg.AssetExecutionContext, request: sft.SftRequest, compute: ComputeSpec, hw: Compute,
-                 ckpts: Checkpoints) -> sft.FineTuned | sft.TrainedElsewhere:
-    """`request` trained where `compute.launcher` says, resuming from `ckpts`."""
-    if compute.launcher != "inprocess":
+def train_method(context: dg.AssetExecutionContext, request, compute: ComputeSpec, hw: Compute, ckpts: Checkpoints):
+    """`request` (a request of one of `jobs.train.trainers()`: SFT, preference) trained where
+    `compute.launcher` says, resuming from `ckpts`: what the trainer's `run` returns in process, its
+    `TrainedElsewhere` from other processes; the asset stores either the same way."""
+    trainer = trainers()[kind_of(request)]
+    if compute.launcher in trainer.launchers:
         with mirrored_checkpoints(ckpts):  # an object-store FT_HOME gets them as in process
             return run_elsewhere(context, train_job(request, compute), compute)
-    return sft.run(request, hw, log=lambda msg: context.log.info(f"{request.method}: {msg}"),
-                   on_log=lambda step, loss, **_: context.log.info(f"step {step}: loss {loss:.4f}"),
-                   on_checkpoint=ckpts.saved)
+    if compute.launcher != "inprocess":
+        context.log.info(f"{request.method}: trains in this step (launcher {compute.launcher} runs "
+                         f"{', '.join(k for k, t in trainers().items() if compute.launcher in t.launchers)} only)")
+    return trainer.module.run(request, hw, log=lambda msg: context.log.info(f"{request.method}: {msg}"),
+                              on_log=lambda step, loss, **_: context.log.info(f"step {step}: loss {loss:.4f}"),
+                              on_checkpoint=ckpts.saved)
 
 
-def facts(recipe: Recipe) -> dict:
-    """The adapter metadata's launcher facts (none for the in-process default)."""
+def facts(recipe: Recipe, request=None) -> dict:
+    """The adapter metadata's launcher facts (none for the in-process default, nor for a trainer
+    that `request`'s launcher does not run)."""
     compute = recipe.compute
-    if compute.launcher == "inprocess":
+    if compute.launcher == "inprocess" or (request is not None and
+                                           compute.launcher not in trainers()[kind_of(request)].launchers):
         return {}
     where = {"ray_address": compute.ray.address} if compute.launcher == "ray" else {}
     return {"launcher": compute.launcher, "processes": compute.world_size, **where}
 
 
-def train_job(request: sft.SftRequest, compute: ComputeSpec) -> TrainJob:
+def train_job(request, compute: ComputeSpec) -> TrainJob:
     """The spec file of a torchrun or Ray launch: `request` as is, and where this launch reports."""
     run_files = Path(request.checkpoint_dir)
     return TrainJob(
         request.to_json(), out_dir=str(run_files / "trained"), run_dir=str(run_files / "ranks"),
         device=compute.device, threads=compute.threads,
         ray=compute.ray.model_dump(include={"num_workers", "use_gpu", "cpus_per_worker"}),
-        launcher=this_process() if compute.launcher == "torchrun" else {})
+        launcher=this_process() if compute.launcher == "torchrun" else {}, kind=kind_of(request))
 
 
 def this_process() -> dict:
@@ -181,8 +188,7 @@ def ray_entrypoint(spec_path: Path, ray: RaySpec) -> str:
     return f"{shlex.quote(ray.python)} -m ft_assets.jobs.ray_train {shlex.quote(str(spec_path))}"
 
 
-def run_elsewhere(context: dg.AssetExecutionContext, job: TrainJob, compute: ComputeSpec
-                  ) -> sft.TrainedElsewhere:
+def run_elsewhere(context: dg.AssetExecutionContext, job: TrainJob, compute: ComputeSpec):
     """Run `job` under torchrun or on Ray through Pipes; the trained files and the result."""
     run_dir, out_dir = Path(job.run_dir), Path(job.out_dir)
     for stale in (run_dir, out_dir):  # an earlier attempt's statuses and files (its checkpoints stay)
@@ -200,9 +206,7 @@ def run_elsewhere(context: dg.AssetExecutionContext, job: TrainJob, compute: Com
     if not reported or not out_dir.is_dir():
         raise JobFailed(f"{compute.launcher} ended without a result from rank 0 (see the step's stdout/stderr); "
                         f"nothing was stored")
-    message = reported[-1]
-    return sft.TrainedElsewhere(out_dir, TrainResult.from_dict(message["result"]),
-                                     message["trainable"], message["total"])
+    return job.trainer.received(out_dir, reported[-1])
 
 
 def describe_failure(run_dir: Path, compute: ComputeSpec, checkpoint_dir: str, exc: Exception) -> str:

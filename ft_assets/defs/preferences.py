@@ -12,7 +12,8 @@ preference method d of the recipe (dpo, orpo, simpo, kto: `methods/preference.py
   reward model with `pairs: g` has no partition here (it reads `generated_preferences[g]`).
 - `preference_adapter[d]`: `adapter[<sft_from of d>]` continued with d's objective (TRL's trainer
   for it) on `preference_dataset[d]`, or on `generated_preferences[g]` when d says `pairs: g`
-  (`trainers.preference.run`). Every input is declared: the SFT adapter
+  (`trainers.preference.run`; in the step, or under torchrun as `compute.launcher` says:
+  `defs.launchers`). Every input is declared: the SFT adapter
   through a `StaticPartitionMapping` {sft_from: d} (another asset's partition, so the UI draws the
   edge and a new SFT adapter version makes d stale), the pairs likewise (`pairs_ins`). Versioned
   like `adapter`: by what made it (inputs, code, d's recipe section, seed); an identical request
@@ -30,7 +31,7 @@ from ..models.base_model import load_tokenizer
 from ..config.recipe import Recipe
 from ..data.hfdata import source_version
 from ..artifacts.store import Artifact, ArtifactStore, derived_version, dir_bytes
-from . import _common as c
+from . import _common as c, launchers
 from .automation import recipe_method_key
 from .raw import raw_key
 from .resources import ComputeResource, StoreResource
@@ -229,17 +230,16 @@ def _tune(context, recipe: Recipe, hw: Compute, store: ArtifactStore, sft: Artif
     # keyed like adapter's: a re-run of this derivation resumes (on an object store, on any node)
     ckpts = store.checkpoints("preference_adapter", name, derived_version(derivation))
     context.log.info(f"{name}: continues adapter[{spec.sft_from}] {sft.version}")
-    with c.training_failures(context, name):
-        tuned = tuning.run(preference_request(recipe, name, base_model, sft, prefs, ckpts.dir), hw,
-                           log=lambda msg: context.log.info(f"{name}: {msg}"),
-                           on_log=lambda step, loss: context.log.info(f"step {step}: {spec.type} loss {loss:.4f}"),
-                           on_checkpoint=ckpts.saved)
+    request = preference_request(recipe, name, base_model, sft, prefs, ckpts.dir)
+    with c.training_failures(context, name, user_errors=(launchers.JobFailed,)):
+        tuned = launchers.train_method(context, request, recipe.compute, hw, ckpts)
     art = tuning.write_preference_adapter(
-        store, name, spec.type, tuned, inputs=inputs, derivation=c.forced(derivation, context) if force else derivation,
+        store, name, tuned, inputs=inputs, derivation=c.forced(derivation, context) if force else derivation,
         facts=_tuned_facts(recipe, name, sft, prefs, {**tuned.result.summary(), "device": hw.name}),
         recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed)
     ckpts.finished()  # the artifact supersedes its checkpoints
-    return c.output(art, _tuned_metadata(name, spec, sft, prefs, tuned.pairs, tuned.result, art, hw.name))
+    return c.output(art, {**_tuned_metadata(name, spec, sft, prefs, tuned.pairs, tuned.result, art, hw.name),
+                          **launchers.facts(recipe, request)})
 
 
 def preference_request(recipe: Recipe, name: str, base_model: Artifact, sft: Artifact, prefs: Artifact,

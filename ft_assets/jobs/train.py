@@ -1,10 +1,17 @@
 """`python -m ft_assets.jobs.train SPEC.json`: train one recipe method outside the Dagster process.
 
-    TrainJob (the spec file the asset writes: the `trainers.sft.SftRequest` the asset built, and
-    where this launch reports)  ->  every rank: join the process group torchrun (or Ray Train:
-    `jobs.ray_train`) set up (`training.distributed.Ranks.from_env`), call `trainers.sft.run` with
-    that request  ->  rank 0: save the trained files into `out_dir`, report the result through
-    Dagster Pipes.
+    TrainJob (the spec file the asset writes: the request the asset built for its trainer, the
+    trainer's `kind`, and where this launch reports)  ->  every rank: join the process group
+    torchrun (or Ray Train: `jobs.ray_train`) set up (`training.distributed.Ranks.from_env`), call
+    the trainer's `run` with that request  ->  rank 0: save the trained files into `out_dir`,
+    report the result through Dagster Pipes.
+
+Trainers (`trainers()`, the one place that names them): `sft` (`trainers.sft`: every SFT method;
+torchrun and Ray) and `preference` (`trainers.preference`: DPO, ORPO, SimPO, KTO over HF
+Trainer's DDP; torchrun only, in the Dagster step under `launcher: ray`). Each
+module offers a request dataclass (`to_json` / `from_json`), `run(request, hw, ranks=, log=,
+on_log=)` returning what trained (`save(dir, ranks)`, `report()`), and `TrainedElsewhere.from_report`
+for the Dagster step's side.
 
 Contract:
 - Imports `dagster_pipes`, never `dagster`. Under several processes every rank inherits the
@@ -38,15 +45,56 @@ from typing import Any, Callable, ContextManager, Iterator
 RESULT_MESSAGE = "ft_assets.train_result"
 
 
+@dataclass(frozen=True)
+class Trainer:
+    """A kind of training as the launchers see it (module doc)."""
+
+    module: Any  # trainers.sft, trainers.preference
+    request: type  # its request dataclass
+    launchers: frozenset[str] = frozenset({"torchrun", "ray"})  # where it runs outside the step (tested there)
+
+    def run(self, request: dict[str, Any], hw, ranks, log: Callable[[str], None], on_log: Callable[..., None]):
+        return self.module.run(self.request.from_json(request), hw, ranks=ranks, log=log, on_log=on_log)
+
+    def received(self, staged: Path, message: dict[str, Any]):
+        """Rank 0's report, on the Dagster step's side: what the asset stores."""
+        return self.module.TrainedElsewhere.from_report(staged, message)
+
+
+def trainers() -> dict[str, Trainer]:
+    """The trainers a launch may run, by kind (imported when a launch needs them)."""
+    from ..trainers import preference, sft
+
+    return {"sft": Trainer(sft, sft.SftRequest),
+            # HF Trainer's DDP under torchrun; inside Ray Train's workers it is untested: in the step there
+            "preference": Trainer(preference, preference.PreferenceRequest, frozenset({"torchrun"}))}
+
+
+def kind_of(request: Any) -> str:
+    """The kind of the trainer whose request `request` is."""
+    found = [kind for kind, t in trainers().items() if isinstance(request, t.request)]
+    if not found:
+        raise TypeError(f"no trainer runs a {type(request).__name__} outside the Dagster step")
+    return found[0]
+
+
 @dataclass
 class TrainJob:
-    request: dict[str, Any]  # `trainers.sft.SftRequest.to_json()`, as the asset built it for an in-process run too
+    request: dict[str, Any]  # the trainer's request `.to_json()`, as the asset built it for an in-process run too
     out_dir: str  # rank 0 writes the trained files here
     run_dir: str  # rank-<r>.json status files
     device: str = "auto"  # compute.device; under several processes each rank takes cuda:<local rank>
     threads: int | None = None
     ray: dict[str, Any] = field(default_factory=dict)  # launcher ray: {"num_workers", "use_gpu", "cpus_per_worker"}
     launcher: dict[str, Any] = field(default_factory=dict)  # torchrun: the Dagster step's {"pid", "started", "host"}
+    kind: str = "sft"  # which of `trainers()` runs `request`
+
+    @property
+    def trainer(self) -> Trainer:
+        known = trainers()
+        if self.kind not in known:
+            raise ValueError(f"unknown trainer kind {self.kind!r}; known: {', '.join(known)}")
+        return known[self.kind]
 
     @property
     def method(self) -> str:
@@ -65,10 +113,9 @@ class TrainJob:
         return cls(**json.loads(Path(path).read_text()))
 
 
-def result_message(tuned) -> dict[str, Any]:
-    """What rank 0 reports: the TrainResult's fields and the parameter counts."""
-    return {"kind": RESULT_MESSAGE, "result": asdict(tuned.result), "trainable": tuned.trainable,
-            "total": tuned.total}
+def result_message(trained) -> dict[str, Any]:
+    """What rank 0 reports: its trainer's `report()` (the result's fields, sizes)."""
+    return {"kind": RESULT_MESSAGE, **trained.report()}
 
 
 class RankStatus:
@@ -186,9 +233,8 @@ def run(job: TrainJob, report_for: Callable[[TrainJob], ContextManager[Report]] 
                 log(f"{job.method}: rank {ranks.rank} of {ranks.world_size}: "
                     f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']}")
             try:
-                tuned = sft.run(sft.SftRequest.from_json(job.request), hw, ranks=ranks,
-                                log=lambda m: log(f"{job.method}: {m}"),
-                                on_log=lambda step, loss, **_: log(f"step {step}: loss {loss:.4f}"))
+                tuned = job.trainer.run(job.request, hw, ranks, log=lambda m: log(f"{job.method}: {m}"),
+                                        on_log=lambda step, loss, **_: log(f"step {step}: loss {loss:.4f}"))
                 Path(job.out_dir).mkdir(parents=True, exist_ok=True)
                 tuned.save(Path(job.out_dir), ranks)
                 report.result(result_message(tuned))

@@ -18,7 +18,6 @@ result when another process trained. `TrainingData` / `ContinualPlan`: what the 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -94,6 +93,10 @@ class FineTuned:
         if ranks.is_main:
             (out_dir / "train_log.json").write_text(json.dumps(self.result.log(), indent=2, sort_keys=True) + "\n")
 
+    def report(self) -> dict[str, Any]:
+        """What rank 0 reports to the Dagster step (`TrainedElsewhere.from_report`)."""
+        return {"result": asdict(self.result), "trainable": self.trainable, "total": self.total}
+
 
 @dataclass
 class TrainedElsewhere:
@@ -105,10 +108,12 @@ class TrainedElsewhere:
     trainable: int
     total: int
 
+    @classmethod
+    def from_report(cls, staged: Path, message: dict[str, Any]) -> "TrainedElsewhere":
+        return cls(staged, train.TrainResult.from_dict(message["result"]), message["trainable"], message["total"])
+
     def save(self, out_dir: Path) -> None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for path in sorted(self.staged.iterdir()):
-            shutil.move(str(path), out_dir / path.name)  # a rename on one filesystem
+        checkpoint.move_files(self.staged, out_dir)
 
 
 @dataclass

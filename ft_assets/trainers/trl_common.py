@@ -9,7 +9,11 @@ map to, the curves it records, and checkpoints that resume exactly.
 
 Every `checkpoint_every` steps (not after the last one: the artifact supersedes it), and on a
 SIGTERM/SIGINT (that step, then `Preempted`), as `training.preemption` says; one writer per dir
-(`checkpoint_lock`). A re-run resumes from the newest step-N with HF's
+(`checkpoint_lock`, held by rank 0). Under torchrun (`ranks`, `jobs.train`) HF Trainer runs DDP
+(gloo on CPU) over the process group `Ranks.from_env` joined: each rank a slice of each global
+batch of batch_size x grad_accum x world_size rows; rank 0 publishes a checkpoint once every rank
+wrote its RNG state into it; a signal to any rank stops every rank after the same step (an
+all-reduced flag); a checkpoint resumes only with the world size that wrote it. A re-run resumes from the newest step-N with HF's
 `train(resume_from_checkpoint=...)`: weights, optimizer, scheduler and RNG restored, the consumed
 batches skipped. The `ref/` adapter some TRL trainers add to a PeftModel (DPO, KTO, GRPO with a KL:
 a frozen copy of the starting adapter, the reference policy) is dropped from every checkpoint: HF
@@ -36,6 +40,7 @@ import torch
 from ..config.training import TrainingSpec
 from ..training import checkpoint
 from ..training.checkpoint import PROGRESS, latest_checkpoint
+from ..training.distributed import SINGLE, Ranks
 from ..training.loop import TrainingDiverged
 from ..training.preemption import Preempted, StopRequest, checkpoint_lock, stop_requests
 
@@ -99,7 +104,7 @@ def trainer_args(training: TrainingSpec, seed: int, steps: int, out: Path, check
 def train(model, build: Callable[[Path, Any], Any], *, what: str, training: TrainingSpec, device: str, steps: int,
           result: TrainedRun, curves: tuple[Curve, ...], checkpoint_dir: Path | None,
           check: Callable[[Any], None] = lambda trainer: None, on_log: Callable[[int, float], None] | None = None,
-          on_checkpoint: Callable[[Path], None] | None = None):
+          on_checkpoint: Callable[[Path], None] | None = None, ranks: Ranks = SINGLE):
     """Train `model` in place with the trainer `build(output_dir, callback)` returns, for `steps`
     steps, recording into `result`. With `checkpoint_dir`: checkpoints and resumes (the module doc);
     `on_checkpoint(path)` once each is complete (the store mirrors it). Without: no checkpoints (a
@@ -107,15 +112,19 @@ def train(model, build: Callable[[Path, Any], Any], *, what: str, training: Trai
     data as we did). Either way a SIGTERM/SIGINT ends the step it arrives in and raises `Preempted`;
     TRL's reference adapter is removed from `model` afterwards. Out of memory raises
     `sft.TrainingFailed` with the recipe keys to change, a loss that is not finite
-    `TrainingDiverged` (naming `what`). Returns the trainer (its `model` is what trained)."""
+    `TrainingDiverged` (naming `what`). `ranks`: this process's place among torchrun's (module doc).
+    Returns the trainer (its `model` is what trained)."""
     from transformers import PrinterCallback
 
+    if ranks.distributed and not device.startswith("cuda"):
+        _load_cpu_rank_devices()
     try:
-        with checkpoint_lock(checkpoint_dir), stop_requests() as stop, _trainer_output_dir(checkpoint_dir) as out:
+        with checkpoint_lock(checkpoint_dir if ranks.is_main else None), stop_requests() as stop, \
+                _trainer_output_dir(checkpoint_dir, ranks) as out:
             resume = latest_checkpoint(checkpoint_dir)
             if resume is not None:
-                result.resumed_from_step = _restore_progress(resume, result, curves)
-            run = _hf_callback(result, curves, stop, checkpoint_dir, on_log, on_checkpoint)
+                result.resumed_from_step = _restore_progress(resume, result, curves, ranks)
+            run = _hf_callback(result, curves, stop, checkpoint_dir, on_log, on_checkpoint, ranks)
             trainer = build(out, run)
             trainer.remove_callback(PrinterCallback)  # our callback logs; no dicts on stdout
             check(trainer)
@@ -130,11 +139,30 @@ def train(model, build: Callable[[Path, Any], Any], *, what: str, training: Trai
         if REFERENCE_ADAPTER in model.peft_config:  # TRL's frozen copy: not what we trained
             model.delete_adapter(REFERENCE_ADAPTER)
         model.set_adapter("default")
-    if stop.signal_name is not None and run.step < steps:  # checkpointed at run.step (the callback)
-        raise Preempted(run.step, stop.signal_name, run.saved)
+    if run.stopped_by is not None and run.step < steps:  # checkpointed at run.step (the callback)
+        raise Preempted(run.step, run.stopped_by, run.saved)
     if not all(math.isfinite(loss) for _, loss in result.losses):
         raise TrainingDiverged(f"{what} loss is not finite; lower the learning rate (now {training.lr})")
     return trainer
+
+
+def _load_cpu_rank_devices() -> None:
+    """HF Trainer resumes a DDP run's optimizer with `torch.load(map_location=args.device)`, and on
+    CPU ranks that device is `cpu:<rank>`, a location torch's loader refuses ("don't know how to
+    restore data location ... cpu:0", measured: ../shared/NOTES.md). A storage on `cpu:<n>` is a CPU
+    storage: accept those locations as they are (idempotent: registered once per process)."""
+    global _CPU_RANKS_REGISTERED
+    if _CPU_RANKS_REGISTERED:
+        return
+    import re
+
+    cpu_rank = re.compile(r"cpu:\d+")
+    torch.serialization.register_package(
+        30, lambda storage: None, lambda storage, location: storage if cpu_rank.fullmatch(location) else None)
+    _CPU_RANKS_REGISTERED = True
+
+
+_CPU_RANKS_REGISTERED = False
 
 
 def is_peft(model) -> bool:
@@ -151,18 +179,26 @@ class RunCallback:
 
     def __init__(self, result: TrainedRun, curves: tuple[Curve, ...], stop: StopRequest,
                  checkpoint_dir: Path | None, on_log: Callable[[int, float], None] | None,
-                 on_checkpoint: Callable[[Path], None] | None):
+                 on_checkpoint: Callable[[Path], None] | None, ranks: Ranks = SINGLE):
         self.result, self.curves, self.stop, self.checkpoint_dir = result, curves, stop, checkpoint_dir
-        self.on_log_, self.on_checkpoint = on_log, on_checkpoint
+        self.on_log_, self.on_checkpoint, self.ranks = on_log, on_checkpoint, ranks
         self.step, self.saved, self.t0 = 0, None, time.perf_counter()
+        self.stopped_by: str | None = None  # the signal every rank stopped for
 
     def _decide(self, state, control) -> None:
         """After a step's update: HF's periodic save stands, except after the last step; a stop
-        request saves this step (with a checkpoint dir) and ends training."""
+        request saves this step (with a checkpoint dir) and ends training. Several ranks decide
+        together (an all-reduce at on_step_end, which every rank reaches): any rank's signal stops
+        them all."""
         self.step = state.global_step
         if state.global_step >= state.max_steps:
             control.should_save = False  # the artifact supersedes a checkpoint of the last step
-        elif self.stop.signal_name is not None:
+            return
+        stopping = self.stop.signal_name
+        if self.ranks.distributed and self.ranks.sum([1.0 if stopping else 0.0])[0] and not stopping:
+            stopping = "SIGTERM"  # another rank's signal (torchrun forwards SIGTERM/SIGINT to every rank)
+        if stopping is not None:
+            self.stopped_by = stopping
             control.should_save = self.checkpoint_dir is not None
             control.should_training_stop = True
 
@@ -178,17 +214,23 @@ class RunCallback:
                     getattr(self.result, c.field).append((step, round(float(logs[c.logged_as]), c.digits)))
             if self.on_log_:
                 self.on_log_(step, float(logs["loss"]))
-            self._decide(state, control)  # HF logs after on_step_end: a signal sent while logging counts for this step
+            if not self.ranks.distributed:  # several ranks decide at on_step_end only (together)
+                self._decide(state, control)  # HF logs after on_step_end: a signal sent while logging counts for this step
 
     def on_save(self, args, state, control, **kw):
+        self.ranks.barrier()  # every rank wrote its rng_state_<rank>.pth into the HF checkpoint
         progress = {"step": state.global_step, "losses": self.result.losses,
                     **{c.field: getattr(self.result, c.field) for c in self.curves},
-                    "wall_s": time.perf_counter() - self.t0}
-        hf_checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        shutil.rmtree(hf_checkpoint / REFERENCE_ADAPTER, ignore_errors=True)  # HF would load it (module doc)
-        self.saved = checkpoint.publish(hf_checkpoint, self.checkpoint_dir, state.global_step, progress)
-        if self.on_checkpoint is not None:
-            self.on_checkpoint(self.saved)
+                    "wall_s": time.perf_counter() - self.t0, "world_size": self.ranks.world_size}
+        step_dir = self.checkpoint_dir / f"step-{state.global_step:06d}"
+        if self.ranks.is_main:
+            hf_checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            shutil.rmtree(hf_checkpoint / REFERENCE_ADAPTER, ignore_errors=True)  # HF would load it (module doc)
+            step_dir = checkpoint.publish(hf_checkpoint, self.checkpoint_dir, state.global_step, progress)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(step_dir)
+        self.saved = step_dir
+        self.ranks.barrier()  # published before any rank goes on
 
 
 def _hf_callback(*args) -> RunCallback:
@@ -198,22 +240,32 @@ def _hf_callback(*args) -> RunCallback:
 
 
 @contextmanager
-def _trainer_output_dir(checkpoint_dir: Path | None) -> Iterator[Path]:
-    """HF Trainer's output_dir: `checkpoint_dir/hf`, emptied of what a killed run left there (the
-    caller holds the checkpoint lock), or a temporary directory without checkpoints."""
+def _trainer_output_dir(checkpoint_dir: Path | None, ranks: Ranks = SINGLE) -> Iterator[Path]:
+    """HF Trainer's output_dir: `checkpoint_dir/hf`, emptied by rank 0 of what a killed run left
+    there (rank 0 holds the checkpoint lock), or a temporary directory without checkpoints (several
+    ranks need a checkpoint dir: they share the output dir)."""
     if checkpoint_dir is None:
+        if ranks.distributed:
+            raise ValueError("training in several processes needs a checkpoint directory (their shared output dir)")
         with tempfile.TemporaryDirectory(prefix="ft-trl-") as tmp:
             yield Path(tmp)
         return
     out = checkpoint_dir / "hf"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    if ranks.is_main:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+    ranks.barrier()
     yield out
 
 
-def _restore_progress(ckpt: Path, result: TrainedRun, curves: tuple[Curve, ...]) -> int:
-    """The curves logged before `ckpt` into `result`; its step."""
+def _restore_progress(ckpt: Path, result: TrainedRun, curves: tuple[Curve, ...], ranks: Ranks = SINGLE) -> int:
+    """The curves logged before `ckpt` into `result`; its step. A checkpoint resumes with the world
+    size that wrote it (each rank's RNG state and its slice of each batch)."""
     progress = json.loads((ckpt / PROGRESS).read_text())
+    written_by = progress.get("world_size", 1)
+    if written_by != ranks.world_size:
+        raise ValueError(f"the checkpoint at {ckpt} was written by {written_by} process(es) and this run has "
+                         f"{ranks.world_size}: resume with compute set as before, or delete {ckpt.parent} to start over")
     result.losses = [tuple(x) for x in progress["losses"]]
     for c in curves:
         setattr(result, c.field, [tuple(x) for x in progress.get(c.field, [])])

@@ -87,6 +87,13 @@ def publish(complete: Path, ckpt_root: Path, step: int, progress: dict[str, Any]
     return final
 
 
+def move_files(staged: Path, out_dir: Path) -> None:
+    """What another process saved in `staged` moved into `out_dir` (a rename on one filesystem)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in sorted(staged.iterdir()):
+        shutil.move(str(path), out_dir / path.name)
+
+
 def latest_checkpoint(ckpt_root: Path | None) -> Path | None:
     """The newest complete checkpoint under `ckpt_root`, or None."""
     if ckpt_root is None or not ckpt_root.is_dir():

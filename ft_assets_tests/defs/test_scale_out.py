@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import dagster as dg
 import psutil
@@ -224,11 +225,19 @@ def materialize_killing_rank_1(path: Path, home: Path, instance: dg.DagsterInsta
                                ) -> tuple[dg.ExecuteInJobResult, dict]:
     """The lora adapter materialized while a thread kill -9s rank 1 as soon as it has started and
     a checkpoint exists: (the run's result, {"pid": the pid killed} or {} if it never came)."""
+    return killing_rank_1(lambda: materialize(path, home, instance, raise_on_error=False),
+                          home / "checkpoints" / "adapter" / "lora")
+
+
+def killing_rank_1(materialize_it: Callable[[], dg.ExecuteInJobResult], ckpts: Path
+                   ) -> tuple[dg.ExecuteInJobResult, dict]:
+    """`materialize_it()` while a thread kill -9s rank 1 as soon as it has started and a checkpoint
+    exists under `ckpts` (the asset partition's checkpoint root): (the run's result, {"pid": the
+    pid killed} or {} if it never came)."""
     killed: dict = {}
     ended = threading.Event()  # the run ended first (it failed before rank 1 started): stop looking
 
     def kill_rank_1_after_a_checkpoint() -> None:
-        ckpts = home / "checkpoints" / "adapter" / "lora"
         deadline = time.time() + 300
         while time.time() < deadline and not ended.is_set():
             status = next(ckpts.glob("*/ranks/rank-1.json"), None)
@@ -242,7 +251,7 @@ def materialize_killing_rank_1(path: Path, home: Path, instance: dg.DagsterInsta
     killer = threading.Thread(target=kill_rank_1_after_a_checkpoint)
     killer.start()
     try:
-        failed = materialize(path, home, instance, raise_on_error=False)
+        failed = materialize_it()
     finally:
         ended.set()
         killer.join()

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,6 +40,8 @@ from ...models.base_model import load_model, load_tokenizer, parameter_count
 from ...models.device import Compute
 from ...data.preferences import LabelledAnswer, PreferencePair, is_unpaired, load_pairs
 from ...config.training import TrainingSpec
+from ...training import checkpoint
+from ...training.distributed import SINGLE, Ranks
 from ...training.steps import steps_for
 from ...training.loop import peak_memory_bytes, reset_peak_memory, seed_everything
 from ...training.packing import collate
@@ -78,11 +80,12 @@ class PreferenceResult(trl_common.TrainedRun):
                 "steps": self.steps}
 
 
-def preference_steps(n_pairs: int, training: TrainingSpec, objective: Objective, unpaired: bool = False) -> int:
+def preference_steps(n_pairs: int, training: TrainingSpec, objective: Objective, unpaired: bool = False,
+                     world_size: int = 1) -> int:
     """Optimizer steps over `n_pairs` (`unpaired`: labelled answers): the SFT rule
     (`training.steps.steps_for`) over the rows the objective trains on (a pair, two labelled
-    answers, or one labelled answer of an unpaired set), one process."""
-    return steps_for(n_pairs * (1 if unpaired else objective.rows_per_pair), training)
+    answers, or one labelled answer of an unpaired set), `world_size` processes sharing each step."""
+    return steps_for(n_pairs * (1 if unpaired else objective.rows_per_pair), training, world_size)
 
 
 @dataclass
@@ -92,6 +95,36 @@ class PreferenceTuning:
     model: Any
     result: PreferenceResult
     pairs: int = 0  # the training pairs (an unpaired set: labelled answers)
+    objective: str = "dpo"
+
+    def save(self, out_dir: Path, ranks: Ranks = SINGLE) -> None:
+        """The tuned adapter and train_log.json, by rank 0."""
+        if ranks.is_main:
+            save_adapter(self.model, out_dir)
+            write_train_log(self.result, self.objective, out_dir)
+
+    def report(self) -> dict[str, Any]:
+        """What rank 0 reports to the Dagster step (`TrainedElsewhere.from_report`)."""
+        return {"result": asdict(self.result), "pairs": self.pairs, "objective": self.objective}
+
+
+@dataclass
+class TrainedElsewhere:
+    """A preference run torchrun's ranks made (`ft_assets.jobs.train`): the files rank 0 saved in
+    `staged` and what it reported; stored by `write_preference_adapter` like a `PreferenceTuning`."""
+
+    staged: Path
+    result: PreferenceResult
+    pairs: int
+    objective: str
+
+    @classmethod
+    def from_report(cls, staged: Path, message: dict[str, Any]) -> "TrainedElsewhere":
+        fields = {k: [tuple(x) for x in v] if isinstance(v, list) else v for k, v in message["result"].items()}
+        return cls(staged, PreferenceResult(**fields), message["pairs"], message["objective"])
+
+    def save(self, out_dir: Path) -> None:
+        checkpoint.move_files(self.staged, out_dir)
 
 
 @dataclass
@@ -109,11 +142,19 @@ class PreferenceRequest:
     max_length: int | None
     checkpoint_dir: str
 
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
-def run(request: PreferenceRequest, hw: Compute, *, log: Callable[[str], None] = print,
-        on_log: Callable[[int, float], None] | None = None,
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "PreferenceRequest":
+        return cls(**d)
+
+
+def run(request: PreferenceRequest, hw: Compute, *, ranks: Ranks = SINGLE, log: Callable[[str], None] = print,
+        on_log: Callable[..., None] | None = None,
         on_checkpoint: Callable[[Path], None] | None = None) -> PreferenceTuning:
-    """Preference tuning as `request` says, on `hw`, resuming from its checkpoints."""
+    """Preference tuning as `request` says, on `hw`, as this process's place among `ranks`,
+    resuming from its checkpoints."""
     training = TrainingSpec.model_validate(request.training)
     objective = OBJECTIVES[request.objective]
     tokenizer = load_tokenizer(request.base_dir)
@@ -121,14 +162,16 @@ def run(request: PreferenceRequest, hw: Compute, *, log: Callable[[str], None] =
     settings = ", ".join(f"{k} {v}" for k, v in request.settings.items())
     unpaired = is_unpaired(pairs)
     log(f"{objective.name} on {len(pairs)} {'labelled answers' if unpaired else 'pairs'}, "
-        f"{preference_steps(len(pairs), training, objective, unpaired)} steps, {settings}, on {hw.device}")
+        f"{preference_steps(len(pairs), training, objective, unpaired, ranks.world_size)} steps, {settings}, "
+        f"on {hw.device}{f' x {ranks.world_size} processes' if ranks.distributed else ''}")
     tuned = tune_sft_adapter(
         Path(request.base_dir), Path(request.sft_adapter_dir), tokenizer, pairs, training, objective=request.objective,
-        settings=request.settings, seed=request.seed, max_length=request.max_length, device=hw.device,
-        dtype=hw.dtype, checkpoint_dir=Path(request.checkpoint_dir), on_log=on_log, on_checkpoint=on_checkpoint)
+        settings=request.settings, seed=request.seed, max_length=request.max_length, device=ranks.device(hw.device),
+        dtype=hw.dtype, checkpoint_dir=Path(request.checkpoint_dir), on_log=on_log, on_checkpoint=on_checkpoint,
+        ranks=ranks)
     if tuned.result.resumed_from_step:
         log(f"resumed from checkpoint at step {tuned.result.resumed_from_step}")
-    tuned.pairs = len(pairs)
+    tuned.pairs, tuned.objective = len(pairs), request.objective
     return tuned
 
 
@@ -147,7 +190,7 @@ def tune_sft_adapter(base_dir: Path, sft_adapter_dir: Path, tokenizer, pairs: li
                      training: TrainingSpec, *, objective: str, settings: dict[str, Any], seed: int,
                      max_length: int | None, device: str, dtype: torch.dtype, checkpoint_dir: Path | None = None,
                      on_log: Callable[[int, float], None] | None = None,
-                     on_checkpoint: Callable[[Path], None] | None = None) -> PreferenceTuning:
+                     on_checkpoint: Callable[[Path], None] | None = None, ranks: Ranks = SINGLE) -> PreferenceTuning:
     """Load base + the SFT adapter (trainable) and continue it with `objective` on `pairs`,
     checkpointing into and resuming from `checkpoint_dir` (`train_preferences`). Raises
     `TrainingDiverged` when the loss is not finite, `sft.TrainingFailed` (with the recipe keys to
@@ -161,21 +204,21 @@ def tune_sft_adapter(base_dir: Path, sft_adapter_dir: Path, tokenizer, pairs: li
     trainable, total = parameter_count(model)
     result = train_preferences(model, tokenizer, pairs, training, objective=objective, settings=settings,
                                seed=seed, max_length=max_length, device=device, checkpoint_dir=checkpoint_dir,
-                               on_log=on_log, on_checkpoint=on_checkpoint)
+                               on_log=on_log, on_checkpoint=on_checkpoint, ranks=ranks)
     result.trainable_parameters, result.total_parameters = trainable, total
     result.peak_memory_bytes = peak_memory_bytes(device)
-    return PreferenceTuning(model, result)
+    return PreferenceTuning(model, result, objective=objective)
 
 
 def train_preferences(
     model, tokenizer, pairs: list[PreferencePair], training: TrainingSpec, *, objective: str,
     settings: dict[str, Any], seed: int, max_length: int | None = None, device: str = "cpu",
     checkpoint_dir: Path | None = None, on_log: Callable[[int, float], None] | None = None,
-    on_checkpoint: Callable[[Path], None] | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None, ranks: Ranks = SINGLE,
 ) -> PreferenceResult:
     """Continue `model` (a PeftModel, SFT adapter trainable as "default") with `objective` on
     `pairs` (or an unpaired set's labelled answers, for an objective that takes them), in place:
-    `trl_common.train` (checkpoints in `checkpoint_dir`, exact resume, signals)."""
+    `trl_common.train` (checkpoints in `checkpoint_dir`, exact resume, signals; DDP over `ranks`)."""
     if not trl_common.is_peft(model):
         raise TypeError("preference tuning continues a peft adapter: pass a PeftModel loaded with is_trainable=True")
     obj = OBJECTIVES[objective]
@@ -184,7 +227,7 @@ def train_preferences(
         raise ValueError(f"{obj.name} trains on pairs, and preference_dataset holds unpaired labelled answers "
                          f"(schema unpaired); only {', '.join(k for k, o in OBJECTIVES.items() if o.unpaired)} "
                          "trains on those")
-    steps = preference_steps(len(pairs), training, obj, unpaired)
+    steps = preference_steps(len(pairs), training, obj, unpaired, ranks.world_size)
     result = PreferenceResult()
     rows = obj.rows(pairs, random.Random(seed))
 
@@ -195,9 +238,9 @@ def train_preferences(
     trl_common.train(model, build, what=obj.name, training=training, device=device, steps=steps, result=result,
                      curves=obj.curves, checkpoint_dir=checkpoint_dir,
                      check=lambda trainer: obj.check_tokenization(trainer.train_dataset, rows),
-                     on_log=on_log, on_checkpoint=on_checkpoint)
+                     on_log=on_log, on_checkpoint=on_checkpoint, ranks=ranks)
     result.steps = steps
-    rows_seen = steps * training.batch_size * training.grad_accum
+    rows_seen = steps * training.batch_size * training.grad_accum * ranks.world_size
     if unpaired:
         result.answers_seen = rows_seen
     else:
@@ -209,18 +252,21 @@ def save_adapter(model, out_dir: Path) -> None:
     model.save_pretrained(out_dir, safe_serialization=True, selected_adapters=["default"])
 
 
-def write_preference_adapter(store, name: str, objective: str, tuned: PreferenceTuning, *, inputs: dict[str, str],
+def write_preference_adapter(store, name: str, tuned: PreferenceTuning | TrainedElsewhere, *, inputs: dict[str, str],
                              derivation: dict[str, Any], facts: dict[str, Any], **manifest: Any):
     """`tuned` stored as `preference_adapter[name]` under `derivation` (an `ArtifactStore`), with
     its train log; `facts` go to the manifest's extra keys, `manifest` (recipe_hash, code_version,
     seed) to the store write. Returns the Artifact."""
-    log = tuned.result.train_log(OBJECTIVES[objective])
     with store.write("preference_adapter", name, derivation=derivation, **manifest) as st:
         st.inputs = inputs
-        save_adapter(tuned.model, st.path)
+        tuned.save(st.path)
         st.extra.update(facts)
-        (st.path / "train_log.json").write_text(json.dumps(log, indent=2, sort_keys=True) + "\n")
     return st.artifact
+
+
+def write_train_log(result: PreferenceResult, objective: str, out_dir: Path) -> None:
+    log = result.train_log(OBJECTIVES[objective])
+    (out_dir / "train_log.json").write_text(json.dumps(log, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,162 @@
+"""`compute.launcher: torchrun` for `preference_adapter`: DPO (TRL's DPOTrainer over HF Trainer's
+DDP, gloo) in 2 torchrun ranks on CPU, launched through Dagster Pipes by the asset, on the user's
+persistent instance with its gpu pool (`defs.launchers`, `jobs.train`'s `preference` trainer).
+
+- 2 ranks x batch 2 train what 1 process x batch 4 trains: the loss curve and the adapter's
+  weights within the spread of two single-process runs that are the same computation in another
+  summation order (batch 4, and batch 2 x grad_accum 2); the step log and the launcher facts
+  reach the materialization through Pipes.
+- kill -9 of rank 1 once a checkpoint exists: the step fails naming rank 1, nothing is stored;
+  the rerun resumes from the checkpoint and ends bit for bit with the uninterrupted 2-rank run.
+
+The SFT adapter it continues trains in the step (the in-process recipe materializes the upstream;
+the torchrun recipe reuses it: same derivation), so each torchrun launch here is DPO's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from ft_assets import demo
+from ft_assets.artifacts.store import ArtifactStore
+from ft_assets.config.recipe import load_recipe
+from ft_assets.definitions import build_definitions
+from ft_assets_tests.conftest import make_recipe, qa_rows, write_jsonl
+from ft_assets_tests.defs.test_beyond_sft import pref_rows
+from ft_assets_tests.defs.test_failures import failure_message
+from ft_assets_tests.defs.test_scale_out import killing_rank_1, largest_difference
+
+pytestmark = pytest.mark.slow
+
+# 16 pairs, 12 of them train: 4 pairs a step, 3 steps an epoch, so the resume (from step 2) is mid-epoch
+DPO_TRAINING = {"max_steps": 6, "epochs": 100, "lr": 2e-2, "warmup_ratio": 0.0, "checkpoint_every": 2}
+DDP = {"launcher": "torchrun", "nproc_per_node": 2, "threads": 1}
+
+
+def recipe_file(root: Path, model_dir: Path, label: str, dpo_training: dict, compute: dict) -> Path:
+    recipe = make_recipe(
+        model_dir, quantization={"method": "none"},
+        methods={"lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                 "dpo": {"sft_from": "lora", "beta": 0.1, "training": {**DPO_TRAINING, **dpo_training}}},
+        preferences={"name": "prefs", "path": "data/prefs.jsonl", "columns": {"id": "id"}, "eval_fraction": 0.25},
+        compute={"device": "cpu", **compute})
+    path = root / f"{label}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def materialize_dpo(path: Path, home: Path, instance: dg.DagsterInstance, raise_on_error: bool = True
+                    ) -> dg.ExecuteInJobResult:
+    """preference_adapter[dpo] of `path`'s recipe (its upstream already materialized)."""
+    defs = build_definitions(load_recipe(path), home=str(home))
+    return dg.materialize(list(defs.assets), instance=instance, resources=defs.resources, partition_key="dpo",
+                          selection=["preference_adapter"], raise_on_error=raise_on_error)
+
+
+def materialize_upstream(path: Path, home: Path, instance: dg.DagsterInstance) -> None:
+    """What preference_adapter[dpo] reads: base_model, sft_dataset, adapter[lora], preference_dataset[dpo]."""
+    defs = build_definitions(load_recipe(path), home=str(home))
+    kw = dict(instance=instance, resources=defs.resources)
+    dg.materialize(list(defs.assets), selection=["base_model", "sft_dataset"], **kw)
+    dg.materialize(list(defs.assets), selection=["adapter"], partition_key="lora", **kw)
+    dg.materialize(list(defs.assets), selection=["preference_dataset"], partition_key="dpo", **kw)
+
+
+def dpo_of(result: dg.ExecuteInJobResult, home: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(materialization metadata, adapter weights) of the run's preference_adapter[dpo]."""
+    mat = result.asset_materializations_for_node("preference_adapter")[0]
+    meta = {k: v.value for k, v in mat.metadata.items()}
+    art = ArtifactStore(home).get("preference_adapter", "dpo", meta["data_version"])
+    return meta, load_file(str(art.dir / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("pref_scale_out")
+    (root / "data").mkdir()
+    write_jsonl(root / "data" / "qa.jsonl", qa_rows())
+    write_jsonl(root / "data" / "prefs.jsonl", pref_rows(16))
+    return root, tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def runs(project, tmp_path_factory) -> dict:
+    """DPO three ways in one home on the user's instance: 1 process x batch 4 ("one"), 1 process x
+    batch 2 x grad_accum 2 ("accum"), 2 torchrun ranks x batch 2 ("ddp"); each (metadata, weights),
+    the ddp step's log lines, and the SFT adapter they continue ("sft")."""
+    root, model_dir = project
+    home = tmp_path_factory.mktemp("dpo_ddp") / "ft_home"
+    instance = demo.ensure_instance(home)
+    out = {}
+    try:
+        plans = {"one": ({"batch_size": 4}, {}), "accum": ({"batch_size": 2, "grad_accum": 2}, {}),
+                 "ddp": ({"batch_size": 2}, DDP)}
+        for label, (training, compute) in plans.items():
+            path = recipe_file(root, model_dir, label, training, compute)
+            if label == "one":
+                materialize_upstream(path, home, instance)
+            result = materialize_dpo(path, home, instance)
+            out[label] = dpo_of(result, home)
+            if label == "ddp":
+                out["logs"] = [e.message for e in instance.all_logs(result.run_id) if e.user_message]
+        out["sft"] = load_file(str(ArtifactStore(home).latest("adapter", "lora").dir / "adapter_model.safetensors"))
+    finally:
+        instance.dispose()
+    return out
+
+
+def test_dpo_on_two_ranks_trains_what_one_process_trains_at_twice_the_batch(runs):
+    (m_one, w_one), (m_acc, w_acc), (m_ddp, w_ddp) = runs["one"], runs["accum"], runs["ddp"]
+    assert m_one["steps"] == m_acc["steps"] == m_ddp["steps"] == DPO_TRAINING["max_steps"]
+    assert m_one["train_pairs"] == m_ddp["train_pairs"] == 12
+    spread = largest_difference(w_one, w_acc)  # one computation, two summation orders
+    tolerance = max(4 * spread, 1e-6)
+    assert largest_difference(w_one, w_ddp) <= tolerance, (largest_difference(w_one, w_ddp), spread)
+    loss_spread = max(abs(a[1] - b[1]) for a, b in zip(m_one["losses"], m_acc["losses"]))
+    assert [s for s, _ in m_one["losses"]] == [s for s, _ in m_ddp["losses"]] == list(range(1, 7))
+    for (s, l1), (_, l2) in zip(m_one["losses"], m_ddp["losses"]):
+        assert abs(l1 - l2) <= max(4 * loss_spread, 1e-5), (s, l1, l2)
+    # a rank that trained nothing, or rank 0's rows again, would not match: the adapter moved far
+    # more than the tolerance, and the loss fell
+    assert largest_difference(w_one, runs["sft"]) > 100 * tolerance
+    assert m_one["losses"][0][1] - m_one["losses"][-1][1] > 100 * max(4 * loss_spread, 1e-5)
+
+    # Pipes: rank 0's lines in the step's log, the launcher on the materialization
+    logs = runs["logs"]
+    assert any(line.startswith("step 6: loss") for line in logs), logs[-20:]
+    assert any("x 2 processes" in line for line in logs), logs[-20:]
+    assert (m_ddp["launcher"], m_ddp["processes"]) == ("torchrun", 2)
+    assert "launcher" not in m_one
+    assert m_ddp["data_version"] not in (m_one["data_version"], m_acc["data_version"])
+
+
+def test_kill_9_of_one_dpo_rank_fails_clearly_and_the_rerun_resumes_to_the_same_adapter(project, runs, tmp_path):
+    root, model_dir = project
+    home = tmp_path / "ft_home"
+    instance = demo.ensure_instance(home)
+    path = recipe_file(root, model_dir, "ddp", {"batch_size": 2}, DDP)
+    try:
+        materialize_upstream(recipe_file(root, model_dir, "one", {"batch_size": 4}, {}), home, instance)
+        failed, killed = killing_rank_1(lambda: materialize_dpo(path, home, instance, raise_on_error=False),
+                                        home / "checkpoints" / "preference_adapter" / "dpo")
+        assert killed and not failed.success
+        message = failure_message(failed)
+        assert f"rank 1 (pid {killed['pid']}) of 2 was killed" in message, message
+        assert "Nothing was stored. Materialize again to resume from the checkpoint of step" in message, message
+        assert ArtifactStore(home).latest("preference_adapter", "dpo") is None
+
+        m_resumed, w_resumed = dpo_of(materialize_dpo(path, home, instance), home)
+    finally:
+        instance.dispose()
+    m_fresh, w_fresh = runs["ddp"]
+    manifest = ArtifactStore(home).get("preference_adapter", "dpo", m_resumed["data_version"]).manifest()
+    assert DPO_TRAINING["checkpoint_every"] <= manifest["train"]["resumed_from_step"] < DPO_TRAINING["max_steps"]
+    assert m_resumed["data_version"] == m_fresh["data_version"]
+    assert m_resumed["losses"] == m_fresh["losses"]
+    assert largest_difference(w_fresh, w_resumed) == 0.0
