@@ -40,6 +40,7 @@ SLOW_MODULES = (
     "defs/test_shell_dead_runs.py",  # ~60-170 (its reaper test no longer waits out a 30 s grace in full runs)
     "defs/test_beyond_sft.py",  # ~80-120 (dpo, a reward model and a GRPO policy through the graph and the automation)
     "defs/test_ray.py",  # ~80-110
+    "defs/test_trl_scale_out.py",  # ~120-150 (dpo and a reward model on 2 torchrun ranks; kill -9 of a dpo rank)
     "training/test_distributed.py",  # ~55-180 (two spawns of two processes, not three; 108 -> 91 CPU-s alone)
     "defs/test_faults.py",  # ~60-100
     "publish/test_export.py",  # ~55-60

@@ -84,7 +84,8 @@ def train_job(request, compute: ComputeSpec) -> TrainJob:
         request.to_json(), out_dir=str(run_files / "trained"), run_dir=str(run_files / "ranks"),
         device=compute.device, threads=compute.threads,
         ray=compute.ray.model_dump(include={"num_workers", "use_gpu", "cpus_per_worker"}),
-        launcher=this_process() if compute.launcher == "torchrun" else {}, kind=kind_of(request))
+        launcher=this_process() if compute.launcher == "torchrun" else {}, kind=kind_of(request),
+        label=request.method)
 
 
 def this_process() -> dict:

@@ -3,8 +3,9 @@
 - inputs: `base_model` and `preference_dataset[r]` (the recipe's pairs: every partition of
   `preference_dataset` holds the same ones), or `generated_preferences[g]` when r says `pairs: g`,
   all declared, so a new base or new pairs make r stale;
-- work: `trainers.reward.run` (TRL's RewardTrainer, LoRA + head or full), then its held-out pairs
-  scored (`trainers.reward.evaluate`);
+- work: `trainers.reward.run` (TRL's RewardTrainer, LoRA + head or full; in the step, or on
+  torchrun's ranks as `compute.launcher` says: `defs.launchers`), then its held-out pairs scored
+  in the step (`trainers.reward.evaluate`);
 - the artifact: a plain `AutoModelForSequenceClassification` directory (merged: config,
   safetensors, tokenizer), `train_log.json` (loss, accuracy, margin per step) and
   `heldout.json` (pairwise accuracy, mean margin, calibration bins, each pair's two scores);
@@ -29,7 +30,7 @@ from ..config.recipe import Recipe
 from ..data import preferences
 from ..evaluation import plots
 from ..trainers import reward
-from . import _common as c
+from . import _common as c, launchers
 from .models import MODEL_BYTES_HEADROOM
 from .preferences import pairs_ins, pairs_of
 from .resources import ComputeResource, StoreResource
@@ -68,15 +69,15 @@ def build(recipe: Recipe) -> list:
             return c.output(done, c.reused_metadata(done))
         hw = compute.resolve()
         ckpts = artifacts.checkpoints("reward_model", name, derived_version(derivation))
-        with c.training_failures(context, name):
-            trained = reward.run(reward_request(recipe, name, base_model, preference_dataset, ckpts.dir), hw,
-                                 log=lambda msg: context.log.info(f"{name}: {msg}"), on_checkpoint=ckpts.saved)
-        heldout = reward.evaluate(trained.model, trained.tokenizer,
-                                  preferences.load_pairs(preference_dataset.path, "eval"), hw.device)
+        request = reward_request(recipe, name, base_model, preference_dataset, ckpts.dir)
+        with c.training_failures(context, name, user_errors=(launchers.JobFailed,)):
+            trained = launchers.train_method(context, request, recipe.compute, hw, ckpts)
+        heldout = reward.evaluate(*trained.scorer(hw.device), preferences.load_pairs(preference_dataset.path, "eval"),
+                                  hw.device)
         art = _write(artifacts, recipe, name, trained, heldout, inputs,
                      c.forced(derivation, context) if config.force else derivation, cv, hw.name)
         ckpts.finished()  # the artifact supersedes its checkpoints
-        return c.output(art, metadata_of(name, trained, heldout, hw.name))
+        return c.output(art, {**metadata_of(name, trained, heldout, hw.name), **launchers.facts(recipe, request)})
 
     return [reward_model]
 
@@ -97,13 +98,13 @@ def reward_request(recipe: Recipe, name: str, base_model: Artifact, prefs: Artif
         checkpoint_dir=str(checkpoint_dir))
 
 
-def _write(artifacts, recipe: Recipe, name: str, trained: reward.RewardTraining, heldout: dict[str, Any],
+def _write(artifacts, recipe: Recipe, name: str, trained: reward.RewardTraining | reward.TrainedElsewhere,
+           heldout: dict[str, Any],
            inputs: dict[str, str], derivation: dict[str, Any], cv: str, device: str) -> Artifact:
     with artifacts.write("reward_model", name, recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed,
                          min_free_bytes=MODEL_BYTES_HEADROOM, derivation=derivation) as st:
         st.inputs = inputs
-        reward.save(trained, st.path)
-        (st.path / "train_log.json").write_text(json.dumps(trained.result.train_log(), indent=2, sort_keys=True) + "\n")
+        trained.save(st.path)
         (st.path / "heldout.json").write_text(json.dumps(heldout, indent=2, sort_keys=True) + "\n")
         spec = recipe.reward_models[name]
         st.extra["reward_model"] = {"type": spec.type, "spec": spec.model_dump(mode="json"),
@@ -113,7 +114,7 @@ def _write(artifacts, recipe: Recipe, name: str, trained: reward.RewardTraining,
     return st.artifact
 
 
-def metadata_of(name: str, trained: reward.RewardTraining, heldout: dict[str, Any], device: str) -> dict[str, Any]:
+def metadata_of(name: str, trained: reward.RewardTraining | reward.TrainedElsewhere, heldout: dict[str, Any], device: str) -> dict[str, Any]:
     result = trained.result
     loss_png = plots.loss_curve_png(result.losses, f"{name}: reward model loss (Bradley-Terry)")
     cal_png = plots.calibration_png(heldout["calibration"], f"{name}: held-out calibration")

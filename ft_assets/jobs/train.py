@@ -7,8 +7,9 @@
     report the result through Dagster Pipes.
 
 Trainers (`trainers()`, the one place that names them): `sft` (`trainers.sft`: every SFT method;
-torchrun and Ray) and `preference` (`trainers.preference`: DPO, ORPO, SimPO, KTO over HF
-Trainer's DDP; torchrun only, in the Dagster step under `launcher: ray`). Each
+torchrun and Ray), `preference` (`trainers.preference`: DPO, ORPO, SimPO, KTO) and `reward`
+(`trainers.reward`: reward models), the last two over HF Trainer's DDP, torchrun only (in the
+Dagster step under `launcher: ray`). Each
 module offers a request dataclass (`to_json` / `from_json`), `run(request, hw, ranks=, log=,
 on_log=)` returning what trained (`save(dir, ranks)`, `report()`), and `TrainedElsewhere.from_report`
 for the Dagster step's side.
@@ -63,11 +64,12 @@ class Trainer:
 
 def trainers() -> dict[str, Trainer]:
     """The trainers a launch may run, by kind (imported when a launch needs them)."""
-    from ..trainers import preference, sft
+    from ..trainers import preference, reward, sft
 
     return {"sft": Trainer(sft, sft.SftRequest),
             # HF Trainer's DDP under torchrun; inside Ray Train's workers it is untested: in the step there
-            "preference": Trainer(preference, preference.PreferenceRequest, frozenset({"torchrun"}))}
+            "preference": Trainer(preference, preference.PreferenceRequest, frozenset({"torchrun"})),
+            "reward": Trainer(reward, reward.RewardRequest, frozenset({"torchrun"}))}
 
 
 def kind_of(request: Any) -> str:
@@ -88,6 +90,7 @@ class TrainJob:
     ray: dict[str, Any] = field(default_factory=dict)  # launcher ray: {"num_workers", "use_gpu", "cpus_per_worker"}
     launcher: dict[str, Any] = field(default_factory=dict)  # torchrun: the Dagster step's {"pid", "started", "host"}
     kind: str = "sft"  # which of `trainers()` runs `request`
+    label: str = ""  # the recipe name it trains (a method, a reward model): its log lines and errors say it
 
     @property
     def trainer(self) -> Trainer:
@@ -98,7 +101,7 @@ class TrainJob:
 
     @property
     def method(self) -> str:
-        return self.request["method"]
+        return self.label or self.request["method"]
 
     @property
     def checkpoint_dir(self) -> str:

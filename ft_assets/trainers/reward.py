@@ -10,12 +10,18 @@ the adapter); `full` trains every weight. Either way the result is saved merged,
 TRL's GRPO and vLLM load as they are. Held-out pairs are scored by `evaluate` (pairwise accuracy,
 mean margin, calibration: how often the chosen answer wins at each predicted probability
 sigmoid(margin)). Checkpoints, exact resume and signals: `trainers.trl_common`. No Dagster here.
+
+`RewardRequest` -> `run(request, hw, ranks=...)` -> `RewardTraining` (`save(dir)`: the merged
+scorer, its tokenizer, train_log.json): in the Dagster step or on every torchrun rank
+(`jobs.train`, HF Trainer's DDP over `ranks`); `TrainedElsewhere` is rank 0's saved scorer as the
+Dagster step receives it. `scorer()` gives either one's model and tokenizer for the held-out pairs.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +31,8 @@ from ..config.training import TrainingSpec
 from ..data.preferences import PreferencePair
 from ..models.base_model import load_tokenizer, parameter_count
 from ..models.device import Compute
+from ..training import checkpoint
+from ..training.distributed import SINGLE, Ranks
 from ..training.loop import peak_memory_bytes, reset_peak_memory, seed_everything
 from ..training.steps import steps_for
 from . import trl_common
@@ -50,6 +58,18 @@ class RewardRequest:
     max_length: int | None
     checkpoint_dir: str | None
 
+    @property
+    def method(self) -> str:
+        """The name its launch and log lines go by (as a method's request names its method)."""
+        return self.name
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "RewardRequest":
+        return cls(**d)
+
 
 @dataclass
 class RewardResult(trl_common.TrainedRun):
@@ -67,27 +87,66 @@ class RewardTraining:
     result: RewardResult
     pairs: int
 
+    def scorer(self, device: str = "cpu") -> tuple[Any, Any]:
+        return self.model, self.tokenizer
 
-def run(request: RewardRequest, hw: Compute, *, log: Callable[[str], None] = print,
-        on_log: Callable[[int, float], None] | None = None,
+    def save(self, out_dir: Path, ranks: Ranks = SINGLE) -> None:
+        """The merged scorer, its tokenizer and train_log.json, by rank 0."""
+        if ranks.is_main:
+            self.model.save_pretrained(out_dir, safe_serialization=True)
+            self.tokenizer.save_pretrained(out_dir)
+            (out_dir / "train_log.json").write_text(json.dumps(self.result.train_log(), indent=2, sort_keys=True) + "\n")
+
+    def report(self) -> dict[str, Any]:
+        """What rank 0 reports to the Dagster step (`TrainedElsewhere.from_report`)."""
+        return {"result": asdict(self.result), "pairs": self.pairs}
+
+
+@dataclass
+class TrainedElsewhere:
+    """A reward model torchrun's ranks trained (`ft_assets.jobs.train`): the files rank 0 saved in
+    `staged` (`RewardTraining.save`) and what it reported."""
+
+    staged: Path
+    result: RewardResult
+    pairs: int
+
+    @classmethod
+    def from_report(cls, staged: Path, message: dict[str, Any]) -> "TrainedElsewhere":
+        fields = {k: [tuple(x) for x in v] if isinstance(v, list) else v for k, v in message["result"].items()}
+        return cls(staged, RewardResult(**fields), message["pairs"])
+
+    def scorer(self, device: str = "cpu") -> tuple[Any, Any]:
+        tokenizer = load_tokenizer(self.staged)
+        return load_scorer(self.staged, tokenizer, device), tokenizer
+
+    def save(self, out_dir: Path) -> None:
+        checkpoint.move_files(self.staged, out_dir)
+
+
+def run(request: RewardRequest, hw: Compute, *, ranks: Ranks = SINGLE, log: Callable[[str], None] = print,
+        on_log: Callable[..., None] | None = None,
         on_checkpoint: Callable[[Path], None] | None = None) -> RewardTraining:
-    """Train the reward model `request` describes on `hw`, resuming from its checkpoints; merged."""
+    """Train the reward model `request` describes on `hw`, as this process's place among `ranks`,
+    resuming from its checkpoints; merged."""
     training = TrainingSpec.model_validate(request.training)
     tokenizer = load_tokenizer(request.base_dir)
     pairs = load_train_pairs(request.preference_dataset_dir, tokenizer)
     kind = "LoRA" if request.adapter else "full"
-    log(f"reward model ({kind}) on {len(pairs)} pairs, {steps_for(len(pairs), training)} steps, on {hw.device}")
+    device = ranks.device(hw.device)
+    log(f"reward model ({kind}) on {len(pairs)} pairs, {steps_for(len(pairs), training, ranks.world_size)} steps, "
+        f"on {hw.device}{f' x {ranks.world_size} processes' if ranks.distributed else ''}")
     seed_everything(request.seed)
-    reset_peak_memory(hw.device)
-    model = load_scorer(request.base_dir, tokenizer, hw.device, hw.dtype)
+    reset_peak_memory(device)
+    model = load_scorer(request.base_dir, tokenizer, device, hw.dtype)
     ckpt = Path(request.checkpoint_dir) if request.checkpoint_dir else None
     trained, result = train_reward_model(model, tokenizer, pairs, training, adapter=request.adapter,
                                          seed=request.seed, center_rewards=request.center_rewards,
-                                         max_length=request.max_length, device=hw.device, checkpoint_dir=ckpt,
-                                         on_log=on_log, on_checkpoint=on_checkpoint)
+                                         max_length=request.max_length, device=device, checkpoint_dir=ckpt,
+                                         on_log=on_log, on_checkpoint=on_checkpoint, ranks=ranks)
     if result.resumed_from_step:
         log(f"resumed from checkpoint at step {result.resumed_from_step}")
-    result.peak_memory_bytes = peak_memory_bytes(hw.device)
+    result.peak_memory_bytes = peak_memory_bytes(device)
     return RewardTraining(trained, tokenizer, result, len(pairs))
 
 
@@ -105,12 +164,13 @@ def train_reward_model(model, tokenizer, pairs: list[PreferencePair], training: 
                        adapter: dict[str, Any] | None, seed: int, center_rewards: float | None = None,
                        max_length: int | None = None, device: str = "cpu", checkpoint_dir: Path | None = None,
                        on_log: Callable[[int, float], None] | None = None,
-                       on_checkpoint: Callable[[Path], None] | None = None) -> tuple[Any, RewardResult]:
-    """Train `model` (from `load_scorer`) on `pairs` with RewardTrainer: (the trained model, merged
-    when `adapter` (LoRA keys) made it a PeftModel; the run)."""
+                       on_checkpoint: Callable[[Path], None] | None = None,
+                       ranks: Ranks = SINGLE) -> tuple[Any, RewardResult]:
+    """Train `model` (from `load_scorer`) on `pairs` with RewardTrainer (DDP over `ranks`): (the
+    trained model, merged when `adapter` (LoRA keys) made it a PeftModel; the run)."""
     from trl import RewardConfig, RewardTrainer
 
-    steps = steps_for(len(pairs), training)
+    steps = steps_for(len(pairs), training, ranks.world_size)
     result = RewardResult()
     peft_config = _lora(adapter) if adapter else None
 
@@ -124,10 +184,10 @@ def train_reward_model(model, tokenizer, pairs: list[PreferencePair], training: 
     trainer = trl_common.train(model, build, what="reward model", training=training, device=device, steps=steps,
                                result=result, curves=CURVES, checkpoint_dir=checkpoint_dir,
                                check=lambda trainer: _check_tokenization(trainer.train_dataset, pairs),
-                               on_log=on_log, on_checkpoint=on_checkpoint)
+                               on_log=on_log, on_checkpoint=on_checkpoint, ranks=ranks)
     trained = trainer.model
     result.trainable_parameters, result.total_parameters = parameter_count(trained)
-    result.steps, result.pairs_seen = steps, steps * training.batch_size * training.grad_accum
+    result.steps, result.pairs_seen = steps, steps * training.batch_size * training.grad_accum * ranks.world_size
     return (trained.merge_and_unload() if trl_common.is_peft(trained) else trained), result
 
 
@@ -152,11 +212,6 @@ def _check_tokenization(trl_dataset, pairs: list[PreferencePair]) -> None:
         if (row["chosen_ids"] != pair.prompt_ids + pair.chosen_ids
                 or row["rejected_ids"] != pair.prompt_ids + pair.rejected_ids):
             raise tokenized_differently(pair.id)
-
-
-def save(training: RewardTraining, out_dir: Path) -> None:
-    training.model.save_pretrained(out_dir, safe_serialization=True)
-    training.tokenizer.save_pretrained(out_dir)
 
 
 # --------------------------------------------------------------------------------------

@@ -119,7 +119,7 @@ def sft_dir(base_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def rm_dir(base_dir, tmp_path_factory) -> Path:
-    """A reward model directory as `trainers.reward.save` writes one (a new random head: its scores
+    """A reward model directory as `RewardTraining.save` writes one (a new random head: its scores
     differ per text, which is all the agreement test needs). Its tokenizer pads with
     <|endoftext|>, apart from end-of-turn, as many bases do: HF reads the score at the last
     non-pad token, so whether end-of-turn ends the text changes the score."""
@@ -127,7 +127,7 @@ def rm_dir(base_dir, tmp_path_factory) -> Path:
     rm_tok = AutoTokenizer.from_pretrained(base_dir)
     rm_tok.pad_token = "<|endoftext|>"
     torch.manual_seed(SEED)
-    reward.save(reward.RewardTraining(reward.load_scorer(base_dir, rm_tok), rm_tok, reward.RewardResult(), 0), out)
+    reward.RewardTraining(reward.load_scorer(base_dir, rm_tok), rm_tok, reward.RewardResult(), 0).save(out)
     return out
 
 

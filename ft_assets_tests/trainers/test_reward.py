@@ -76,7 +76,7 @@ def test_reward_model_learns_the_preference_and_saves_a_plain_classifier(tiny_mo
     assert before["accuracy"] <= 0.5 and after["accuracy"] == 1.0 and after["mean_margin"] > 0
     assert sum(b["pairs"] for b in after["calibration"]) == len(heldout)
     # saved as a directory plain transformers loads, scoring as the trained model does
-    reward.save(reward.RewardTraining(model, tok, result, len(train_pairs)), tmp_path / "rm")
+    reward.RewardTraining(model, tok, result, len(train_pairs)).save(tmp_path / "rm")
     assert not list(tmp_path.glob("rm/adapter_*")) and (tmp_path / "rm" / "model.safetensors").is_file()
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
     assert loaded.config.num_labels == 1 and loaded.config.pad_token_id == tok.pad_token_id

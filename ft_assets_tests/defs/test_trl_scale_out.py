@@ -1,16 +1,18 @@
-"""`compute.launcher: torchrun` for `preference_adapter`: DPO (TRL's DPOTrainer over HF Trainer's
-DDP, gloo) in 2 torchrun ranks on CPU, launched through Dagster Pipes by the asset, on the user's
-persistent instance with its gpu pool (`defs.launchers`, `jobs.train`'s `preference` trainer).
+"""`compute.launcher: torchrun` for the TRL trainers: `preference_adapter` (DPO: TRL's DPOTrainer)
+and `reward_model` (TRL's RewardTrainer), each over HF Trainer's DDP (gloo) in 2 torchrun ranks on
+CPU, launched through Dagster Pipes by the asset, on the user's persistent instance with its gpu
+pool (`defs.launchers`, `jobs.train`'s `preference` and `reward` trainers).
 
-- 2 ranks x batch 2 train what 1 process x batch 4 trains: the loss curve and the adapter's
-  weights within the spread of two single-process runs that are the same computation in another
-  summation order (batch 4, and batch 2 x grad_accum 2); the step log and the launcher facts
-  reach the materialization through Pipes.
+- 2 ranks x batch 2 train what 1 process x batch 4 trains, for DPO and for the reward model: the
+  loss curve and the weights within the spread of two single-process runs that are the same
+  computation in another summation order (batch 4, and batch 2 x grad_accum 2); the step log and
+  the launcher facts reach the materialization through Pipes; the reward model's held-out report
+  is made in the step from the scorer rank 0 saved.
 - kill -9 of rank 1 once a checkpoint exists: the step fails naming rank 1, nothing is stored;
   the rerun resumes from the checkpoint and ends bit for bit with the uninterrupted 2-rank run.
 
-The SFT adapter it continues trains in the step (the in-process recipe materializes the upstream;
-the torchrun recipe reuses it: same derivation), so each torchrun launch here is DPO's.
+The SFT adapter DPO continues trains in the step (the in-process recipe materializes the upstream;
+the torchrun recipe reuses it: same derivation), so each torchrun launch here is a TRL trainer's.
 """
 
 from __future__ import annotations
@@ -40,40 +42,51 @@ DDP = {"launcher": "torchrun", "nproc_per_node": 2, "threads": 1}
 
 
 def recipe_file(root: Path, model_dir: Path, label: str, dpo_training: dict, compute: dict) -> Path:
+    """DPO and a LoRA reward model `rm`, both with `dpo_training` over DPO_TRAINING."""
+    training = {**DPO_TRAINING, **dpo_training}
     recipe = make_recipe(
         model_dir, quantization={"method": "none"},
         methods={"lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-                 "dpo": {"sft_from": "lora", "beta": 0.1, "training": {**DPO_TRAINING, **dpo_training}}},
+                 "dpo": {"sft_from": "lora", "beta": 0.1, "training": training}},
         preferences={"name": "prefs", "path": "data/prefs.jsonl", "columns": {"id": "id"}, "eval_fraction": 0.25},
+        reward_models={"rm": {"r": 4, "alpha": 8, "dropout": 0.0, "training": dict(training)}},
         compute={"device": "cpu", **compute})
     path = root / f"{label}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
 
 
-def materialize_dpo(path: Path, home: Path, instance: dg.DagsterInstance, raise_on_error: bool = True
-                    ) -> dg.ExecuteInJobResult:
-    """preference_adapter[dpo] of `path`'s recipe (its upstream already materialized)."""
+def materialize_dpo(path: Path, home: Path, instance: dg.DagsterInstance, raise_on_error: bool = True,
+                    asset: str = "preference_adapter", partition: str = "dpo") -> dg.ExecuteInJobResult:
+    """preference_adapter[dpo] (or `asset[partition]`) of `path`'s recipe (its upstream already materialized)."""
     defs = build_definitions(load_recipe(path), home=str(home))
-    return dg.materialize(list(defs.assets), instance=instance, resources=defs.resources, partition_key="dpo",
-                          selection=["preference_adapter"], raise_on_error=raise_on_error)
+    return dg.materialize(list(defs.assets), instance=instance, resources=defs.resources, partition_key=partition,
+                          selection=[asset], raise_on_error=raise_on_error)
 
 
 def materialize_upstream(path: Path, home: Path, instance: dg.DagsterInstance) -> None:
-    """What preference_adapter[dpo] reads: base_model, sft_dataset, adapter[lora], preference_dataset[dpo]."""
+    """What preference_adapter[dpo] and reward_model[rm] read: base_model, sft_dataset, adapter[lora],
+    preference_dataset[dpo] and [rm]."""
     defs = build_definitions(load_recipe(path), home=str(home))
     kw = dict(instance=instance, resources=defs.resources)
     dg.materialize(list(defs.assets), selection=["base_model", "sft_dataset"], **kw)
     dg.materialize(list(defs.assets), selection=["adapter"], partition_key="lora", **kw)
-    dg.materialize(list(defs.assets), selection=["preference_dataset"], partition_key="dpo", **kw)
+    for reader in ("dpo", "rm"):
+        dg.materialize(list(defs.assets), selection=["preference_dataset"], partition_key=reader, **kw)
 
 
-def dpo_of(result: dg.ExecuteInJobResult, home: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(materialization metadata, adapter weights) of the run's preference_adapter[dpo]."""
-    mat = result.asset_materializations_for_node("preference_adapter")[0]
+def dpo_of(result: dg.ExecuteInJobResult, home: Path, asset: str = "preference_adapter", partition: str = "dpo",
+           weights: str = "adapter_model.safetensors") -> tuple[dict, dict[str, torch.Tensor]]:
+    """(materialization metadata, weights) of the run's preference_adapter[dpo] (or `asset[partition]`)."""
+    mat = result.asset_materializations_for_node(asset)[0]
     meta = {k: v.value for k, v in mat.metadata.items()}
-    art = ArtifactStore(home).get("preference_adapter", "dpo", meta["data_version"])
-    return meta, load_file(str(art.dir / "adapter_model.safetensors"))
+    art = ArtifactStore(home).get(asset, partition, meta["data_version"])
+    return meta, load_file(str(art.dir / weights))
+
+
+def reward_of(result: dg.ExecuteInJobResult, home: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(materialization metadata, merged scorer weights) of the run's reward_model[rm]."""
+    return dpo_of(result, home, "reward_model", "rm", "model.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +100,10 @@ def project(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def runs(project, tmp_path_factory) -> dict:
-    """DPO three ways in one home on the user's instance: 1 process x batch 4 ("one"), 1 process x
-    batch 2 x grad_accum 2 ("accum"), 2 torchrun ranks x batch 2 ("ddp"); each (metadata, weights),
-    the ddp step's log lines, and the SFT adapter they continue ("sft")."""
+    """DPO and the reward model three ways in one home on the user's instance: 1 process x batch 4
+    ("one"), 1 process x batch 2 x grad_accum 2 ("accum"), 2 torchrun ranks x batch 2 ("ddp"); each
+    (metadata, weights) (the reward model's under "rm_<way>"), the ddp DPO step's log lines, and the
+    SFT adapter DPO continues ("sft")."""
     root, model_dir = project
     home = tmp_path_factory.mktemp("dpo_ddp") / "ft_home"
     instance = demo.ensure_instance(home)
@@ -103,6 +117,8 @@ def runs(project, tmp_path_factory) -> dict:
                 materialize_upstream(path, home, instance)
             result = materialize_dpo(path, home, instance)
             out[label] = dpo_of(result, home)
+            out[f"rm_{label}"] = reward_of(materialize_dpo(path, home, instance, asset="reward_model", partition="rm"),
+                                           home)
             if label == "ddp":
                 out["logs"] = [e.message for e in instance.all_logs(result.run_id) if e.user_message]
         out["sft"] = load_file(str(ArtifactStore(home).latest("adapter", "lora").dir / "adapter_model.safetensors"))
@@ -160,3 +176,20 @@ def test_kill_9_of_one_dpo_rank_fails_clearly_and_the_rerun_resumes_to_the_same_
     assert m_resumed["data_version"] == m_fresh["data_version"]
     assert m_resumed["losses"] == m_fresh["losses"]
     assert largest_difference(w_fresh, w_resumed) == 0.0
+
+
+def test_the_reward_model_on_two_ranks_trains_what_one_process_trains_at_twice_the_batch(runs):
+    (m_one, w_one), (m_acc, w_acc), (m_ddp, w_ddp) = runs["rm_one"], runs["rm_accum"], runs["rm_ddp"]
+    assert m_one["steps"] == m_acc["steps"] == m_ddp["steps"] == DPO_TRAINING["max_steps"]
+    spread = largest_difference(w_one, w_acc)
+    tolerance = max(4 * spread, 1e-6)
+    assert largest_difference(w_one, w_ddp) <= tolerance, (largest_difference(w_one, w_ddp), spread)
+    loss_spread = max(abs(a[1] - b[1]) for a, b in zip(m_one["losses"], m_acc["losses"]))
+    assert [s for s, _ in m_one["losses"]] == [s for s, _ in m_ddp["losses"]] == list(range(1, 7))
+    for (s, l1), (_, l2) in zip(m_one["losses"], m_ddp["losses"]):
+        assert abs(l1 - l2) <= max(4 * loss_spread, 1e-5), (s, l1, l2)
+    assert abs(m_one["losses"][0][1] - m_one["losses"][-1][1]) > 100 * max(4 * loss_spread, 1e-5)  # it trained
+    # the held-out report, made in the step from the scorer rank 0 saved, as from the in-process one
+    assert m_ddp["heldout_pairs"] == m_one["heldout_pairs"] == 4
+    assert abs(m_ddp["heldout_mean_margin"] - m_one["heldout_mean_margin"]) <= 1e-3
+    assert (m_ddp["launcher"], m_ddp["processes"]) == ("torchrun", 2) and "launcher" not in m_one
