@@ -635,7 +635,7 @@ class ComputeSpec(_Strict):
     data_workers: Annotated[int, Field(ge=1)] | None = None  # processes tokenizing sft_dataset (Dataset.map num_proc); null: os.cpu_count(). Does not change the data or its version
     _OMIT_WHEN_DEFAULT = ("launcher", "nproc_per_node", "nnodes", "master_addr", "master_port", "parallel", "ray")
 
-    launcher: Literal["inprocess", "torchrun", "ray"] = "inprocess"  # where `adapter` trains: in the Dagster step, in torchrun processes, or as a job on a Ray cluster (Ray Train workers); the last two report through Dagster Pipes; `preference_adapter` (DPO, ORPO, SimPO, KTO) and `reward_model` follow torchrun and stay in the step under ray (README "Scaling out")
+    launcher: Literal["inprocess", "torchrun", "ray"] = "inprocess"  # where `adapter` trains: in the Dagster step, in torchrun processes, or as a job on a Ray cluster (Ray Train workers); the last two report through Dagster Pipes; the TRL trainers (`preference_adapter`, `reward_model`, `policy_adapter`) follow torchrun and stay in the step under ray (README "Scaling out")
     nproc_per_node: Annotated[int, Field(ge=1)] = 1  # torchrun: data-parallel processes (DDP), one per GPU on CUDA; a step takes training.batch_size x grad_accum rows on each
     nnodes: Annotated[int, Field(ge=1)] = 1  # torchrun: machines; the Dagster step's is node 0, each other one runs `sh <run dir>/join.sh <node rank>` (README "Scaling out")
     master_addr: str | None = None  # torchrun, nnodes > 1: node 0's address that the other nodes reach (torchrun's rendezvous store listens on it)

@@ -5,8 +5,9 @@
   prompts and reference answers; its eval split for the report), `base_model`, and
   `reward_model[r]` for each reward model p's rewards read ({r: p}; none: no edge);
 - work: `trainers.policy.run` (TRL's GRPOTrainer, the SFT adapter continued against the weighted
-  rewards, KL to the SFT adapter with beta), then the held-out prompts answered by the policy and
-  by its SFT start (`trainers.policy_eval.evaluate_heldout`);
+  rewards, KL to the SFT adapter with beta; in the step, or on torchrun's ranks as
+  `compute.launcher` says: `defs.launchers`), then, in the step, the held-out prompts answered by
+  the policy and by its SFT start (`trainers.policy_eval.evaluate_heldout`);
 - the artifact: a plain peft adapter directory (the SFT adapter's config, tuned weights),
   `train_log.json` (loss, reward, reward std, KL and each reward function's mean per step) and
   `policy_eval.json` (mean reward, each function's, exact match / token F1 / ROUGE-L of the policy
@@ -32,7 +33,7 @@ from ..config.recipe import Recipe
 from ..evaluation import plots
 from ..models.device import Compute
 from ..trainers import policy, policy_eval
-from . import _common as c
+from . import _common as c, launchers
 from .resources import ALL_PARTITIONS, ComputeResource, StoreResource
 
 EVAL_COLUMNS = ["model", "reward", "exact_match", "token_f1", "rouge_l"]
@@ -101,16 +102,15 @@ def _optimize(context, recipe: Recipe, hw: Compute, store: ArtifactStore, sft: A
         return c.output(done, c.reused_metadata(done))
     ckpts = store.checkpoints("policy_adapter", name, derived_version(derivation))
     request = policy_request(recipe, name, base_model, sft, dataset, reward_models, ckpts.dir)
-    with c.training_failures(context, name):
-        tuned = policy.run(request, hw, log=lambda msg: context.log.info(f"{name}: {msg}"),
-                           on_log=lambda step, loss: context.log.info(f"step {step}: GRPO loss {loss:.4f}"),
-                           on_checkpoint=ckpts.saved)
+    with c.training_failures(context, name, user_errors=(launchers.JobFailed,)):
+        tuned = launchers.train_method(context, request, recipe.compute, hw, ckpts)
     heldout = policy_eval.evaluate_heldout(request, tuned, hw, max_new_tokens=spec.max_completion_length,
                                            batch_size=recipe.evaluation.batch_size, limit=spec.heldout_prompts)
     art = _write(store, recipe, name, tuned, heldout, inputs, c.forced(derivation, context) if force else derivation,
                  cv, hw.name, sft)
     ckpts.finished()  # the artifact supersedes its checkpoints
-    return c.output(art, metadata_of(name, spec.sft_from, tuned, heldout, art, hw.name))
+    return c.output(art, {**metadata_of(name, spec.sft_from, tuned, heldout, art, hw.name),
+                          **launchers.facts(recipe, request)})
 
 
 def policy_request(recipe: Recipe, name: str, base_model: Artifact, sft: Artifact, dataset: Artifact,
@@ -141,14 +141,14 @@ def reward_requests(specs: list[RewardSpec], reward_models: dict[str, Artifact])
              **({"model_dir": str(reward_models[r.reward_model].dir)} if r.reward_model else {})} for r in specs]
 
 
-def _write(store: ArtifactStore, recipe: Recipe, name: str, tuned: policy.PolicyTraining, heldout: dict[str, Any],
+def _write(store: ArtifactStore, recipe: Recipe, name: str, tuned: policy.PolicyTraining | policy.TrainedElsewhere,
+           heldout: dict[str, Any],
            inputs: dict[str, str], derivation: dict[str, Any], cv: str, device: str, sft: Artifact) -> Artifact:
     spec = recipe.policies[name]
     with store.write("policy_adapter", name, recipe_hash=recipe.recipe_hash, code_version=cv, seed=recipe.seed,
                      derivation=derivation) as st:
         st.inputs = inputs
-        policy.save_adapter(tuned.model, st.path)
-        (st.path / "train_log.json").write_text(json.dumps(tuned.result.train_log(), indent=2, sort_keys=True) + "\n")
+        tuned.save(st.path)
         (st.path / "policy_eval.json").write_text(json.dumps(heldout, indent=2, sort_keys=True) + "\n")
         st.extra["policy"] = {"name": name, "algorithm": spec.algorithm, "spec": spec.model_dump(mode="json"),
                               "training": recipe.training_for_policy(name).model_dump(mode="json"),
@@ -158,8 +158,8 @@ def _write(store: ArtifactStore, recipe: Recipe, name: str, tuned: policy.Policy
     return st.artifact
 
 
-def metadata_of(name: str, sft_from: str, tuned: policy.PolicyTraining, heldout: dict[str, Any], art: Artifact,
-                device: str) -> dict[str, Any]:
+def metadata_of(name: str, sft_from: str, tuned: policy.PolicyTraining | policy.TrainedElsewhere,
+                heldout: dict[str, Any], art: Artifact, device: str) -> dict[str, Any]:
     result = tuned.result
     png = plots.loss_curve_png(result.rewards, f"{name}: GRPO mean reward per step")
     rows = [{"model": who, "reward": heldout[who]["reward"],

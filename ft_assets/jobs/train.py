@@ -7,9 +7,9 @@
     report the result through Dagster Pipes.
 
 Trainers (`trainers()`, the one place that names them): `sft` (`trainers.sft`: every SFT method;
-torchrun and Ray), `preference` (`trainers.preference`: DPO, ORPO, SimPO, KTO) and `reward`
-(`trainers.reward`: reward models), the last two over HF Trainer's DDP, torchrun only (in the
-Dagster step under `launcher: ray`). Each
+torchrun and Ray), `preference` (`trainers.preference`: DPO, ORPO, SimPO, KTO), `reward`
+(`trainers.reward`: reward models) and `policy` (`trainers.policy`: GRPO), the last three over
+HF Trainer's DDP, torchrun only (in the Dagster step under `launcher: ray`). Each
 module offers a request dataclass (`to_json` / `from_json`), `run(request, hw, ranks=, log=,
 on_log=)` returning what trained (`save(dir, ranks)`, `report()`), and `TrainedElsewhere.from_report`
 for the Dagster step's side.
@@ -64,12 +64,13 @@ class Trainer:
 
 def trainers() -> dict[str, Trainer]:
     """The trainers a launch may run, by kind (imported when a launch needs them)."""
-    from ..trainers import preference, reward, sft
+    from ..trainers import policy, preference, reward, sft
 
     return {"sft": Trainer(sft, sft.SftRequest),
             # HF Trainer's DDP under torchrun; inside Ray Train's workers it is untested: in the step there
             "preference": Trainer(preference, preference.PreferenceRequest, frozenset({"torchrun"})),
-            "reward": Trainer(reward, reward.RewardRequest, frozenset({"torchrun"}))}
+            "reward": Trainer(reward, reward.RewardRequest, frozenset({"torchrun"})),
+            "policy": Trainer(policy, policy.PolicyRequest, frozenset({"torchrun"}))}
 
 
 def kind_of(request: Any) -> str:

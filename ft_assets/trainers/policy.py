@@ -10,13 +10,20 @@ the SFT adapter; with beta > 0 TRL adds "ref", a frozen copy, which the harness 
 "default" is saved. GRPO's loss is ~0 on-policy: the reward, KL and per-function curves tell how a
 run went. Checkpoints, exact resume, signals: `trainers.trl_common`, with the prompt order seeded
 per epoch (`EpochSeededSampler`). Evaluation: `trainers.policy_eval`. No vLLM, no Dagster here.
+
+`PolicyRequest` -> `run(request, hw, ranks=...)` -> `PolicyTraining` (`save(dir)`: the "default"
+adapter and train_log.json): in the Dagster step or on every torchrun rank (`jobs.train`, HF
+Trainer's DDP over `ranks`: each rank samples the answers of its share of each step's prompts, so
+a step takes world_size times the prompts); `TrainedElsewhere` is rank 0's result as the step
+receives it, `policy(base_dir, hw)` either one's model and tokenizer for the held-out evaluation.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +34,8 @@ from ..data.rows import Example, dataset_info, tokenizer_fingerprint
 from ..data.sft_dataset import load_split
 from ..models.base_model import load_model, load_tokenizer, parameter_count
 from ..models.device import Compute
+from ..training import checkpoint
+from ..training.distributed import SINGLE, Ranks
 from ..training.loop import peak_memory_bytes, reset_peak_memory, seed_everything
 from . import preference, trl_common
 from .rewards import build_rewards
@@ -99,6 +108,48 @@ class PolicyTraining:
     result: PolicyResult
     prompts: int = 0  # the training prompts
 
+    def policy(self, base_dir: str, hw: Compute) -> tuple[Any, Any]:
+        """The tuned policy and its tokenizer, for the held-out evaluation."""
+        return self.model, self.tokenizer
+
+    def save(self, out_dir: Path, ranks: Ranks = SINGLE) -> None:
+        """The tuned adapter ("default" only) and train_log.json, by rank 0."""
+        if ranks.is_main:
+            save_adapter(self.model, out_dir)
+            (out_dir / "train_log.json").write_text(json.dumps(self.result.train_log(), indent=2, sort_keys=True) + "\n")
+
+    def report(self) -> dict[str, Any]:
+        """What rank 0 reports to the Dagster step (`TrainedElsewhere.from_report`)."""
+        return {"result": asdict(self.result), "function_rewards": self.result.function_rewards(),
+                "prompts": self.prompts}
+
+
+@dataclass
+class TrainedElsewhere:
+    """A policy torchrun's ranks trained (`ft_assets.jobs.train`): the files rank 0 saved in `staged`
+    (`PolicyTraining.save`), what it reported, and the base it loads onto for the evaluation."""
+
+    staged: Path
+    result: PolicyResult
+    prompts: int
+
+    @classmethod
+    def from_report(cls, staged: Path, message: dict[str, Any]) -> "TrainedElsewhere":
+        result = PolicyResult.from_dict(message["result"])
+        for name, curve in message["function_rewards"].items():
+            setattr(result, function_field(name), [tuple(x) for x in curve])
+        return cls(staged, result, message["prompts"])
+
+    def policy(self, base_dir: str, hw: Compute) -> tuple[Any, Any]:
+        """The saved adapter on `base_dir` (the request's base), and its tokenizer."""
+        from peft import PeftModel
+
+        return (PeftModel.from_pretrained(load_model(base_dir, hw.device, hw.dtype), self.staged),
+                load_tokenizer(base_dir))
+
+    def save(self, out_dir: Path) -> None:
+        checkpoint.move_files(self.staged, out_dir)
+
 
 @dataclass
 class PolicyRequest:
@@ -115,24 +166,38 @@ class PolicyRequest:
     checkpoint_dir: str | None
     max_prompts: int | None = None  # the train split's first prompts only
 
+    @property
+    def method(self) -> str:
+        """The name its launch and log lines go by (as a method's request names its method)."""
+        return self.name
 
-def run(request: PolicyRequest, hw: Compute, *, log: Callable[[str], None] = print,
-        on_log: Callable[[int, float], None] | None = None,
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "PolicyRequest":
+        return cls(**d)
+
+
+def run(request: PolicyRequest, hw: Compute, *, ranks: Ranks = SINGLE, log: Callable[[str], None] = print,
+        on_log: Callable[..., None] | None = None,
         on_checkpoint: Callable[[Path], None] | None = None) -> PolicyTraining:
-    """GRPO as `request` says, on `hw`, resuming from its checkpoints."""
+    """GRPO as `request` says, on `hw`, as this process's place among `ranks`, resuming from its
+    checkpoints."""
     training = TrainingSpec.model_validate(request.training)
     settings = grpo_settings(request.settings)
     tokenizer = load_tokenizer(request.base_dir)
     prompts = load_prompts(request.sft_dataset_dir, tokenizer, request.max_prompts)
-    steps = policy_steps(len(prompts), training, settings)  # a batch that splits a group fails here, before loading
+    # a batch that splits a group fails here, before loading
+    steps = policy_steps(len(prompts), training, settings, ranks.world_size)
     log(f"GRPO ({request.name}) on {len(prompts)} prompts, {steps} steps, rewards "
         f"{', '.join(r['type'] for r in request.rewards)}, {', '.join(f'{k} {v}' for k, v in settings.items())}, "
-        f"on {hw.device}")
+        f"on {hw.device}{f' x {ranks.world_size} processes' if ranks.distributed else ''}")
     tuned = tune_sft_adapter(
         Path(request.base_dir), Path(request.sft_adapter_dir), tokenizer, prompts, training, rewards=request.rewards,
-        settings=settings, seed=request.seed, device=hw.device, dtype=hw.dtype,
+        settings=settings, seed=request.seed, device=ranks.device(hw.device), dtype=hw.dtype,
         checkpoint_dir=Path(request.checkpoint_dir) if request.checkpoint_dir else None, on_log=on_log,
-        on_checkpoint=on_checkpoint)
+        on_checkpoint=on_checkpoint, ranks=ranks)
     if tuned.result.resumed_from_step:
         log(f"resumed from checkpoint at step {tuned.result.resumed_from_step}")
     return tuned
@@ -175,26 +240,27 @@ def check_prompt_ids(tokenizer, prompts: list[PolicyPrompt]) -> None:
                                "materialize it), or its decode does not round-trip this text")
 
 
-def prompts_per_step(training: TrainingSpec, settings: dict[str, Any]) -> int:
+def prompts_per_step(training: TrainingSpec, settings: dict[str, Any], world_size: int = 1) -> int:
     """Distinct prompts an optimizer step trains on: TRL generates batch_size * grad_accum
-    completions per step (its generation batch), num_generations for each prompt."""
+    completions per step and process (its generation batch), num_generations for each prompt."""
     group = settings.get("num_generations", TRL_NUM_GENERATIONS)
-    completions = training.batch_size * training.grad_accum
+    completions = training.batch_size * training.grad_accum * world_size
     if group < 2:
         raise ValueError(f"num_generations is {group}: GRPO compares each completion with its group, so it needs 2 "
                          "or more")
     if completions % group:
-        raise ValueError(f"training.batch_size * training.grad_accum ({training.batch_size} * {training.grad_accum} "
+        raise ValueError(f"training.batch_size * training.grad_accum{' * processes' if world_size > 1 else ''} "
+                         f"({training.batch_size} * {training.grad_accum}{f' * {world_size}' if world_size > 1 else ''} "
                          f"= {completions} completions a step) must be a multiple of num_generations ({group}): "
                          "a step holds whole groups of one prompt's completions")
     return completions // group
 
 
-def policy_steps(n_prompts: int, training: TrainingSpec, settings: dict[str, Any]) -> int:
+def policy_steps(n_prompts: int, training: TrainingSpec, settings: dict[str, Any], world_size: int = 1) -> int:
     """Optimizer steps over `n_prompts`: min(max_steps, ceil(epochs * steps in an epoch)), where
     an epoch is n_prompts // prompts_per_step steps (TRL's sampler drops an epoch's last partial
     batch of prompts). Raises ValueError when there are fewer prompts than one step takes."""
-    per_step = prompts_per_step(training, settings)
+    per_step = prompts_per_step(training, settings, world_size)
     epoch_steps = n_prompts // per_step
     if epoch_steps == 0:
         raise ValueError(f"{n_prompts} training prompts, fewer than the {per_step} a step takes (training.batch_size "
@@ -219,7 +285,7 @@ def tune_sft_adapter(base_dir: Path, sft_adapter_dir: Path, tokenizer, prompts: 
                      training: TrainingSpec, *, rewards: list[dict[str, Any]], settings: dict[str, Any], seed: int,
                      device: str = "cpu", dtype: torch.dtype = torch.float32, checkpoint_dir: Path | None = None,
                      on_log: Callable[[int, float], None] | None = None,
-                     on_checkpoint: Callable[[Path], None] | None = None) -> PolicyTraining:
+                     on_checkpoint: Callable[[Path], None] | None = None, ranks: Ranks = SINGLE) -> PolicyTraining:
     """Load base + the SFT adapter (trainable) and continue it with GRPO on `prompts`,
     checkpointing into and resuming from `checkpoint_dir` (`train_policy`). Raises
     `TrainingDiverged`, `sft.TrainingFailed` (out of memory), `Preempted` on SIGTERM/SIGINT and
@@ -232,7 +298,7 @@ def tune_sft_adapter(base_dir: Path, sft_adapter_dir: Path, tokenizer, prompts: 
     trainable, total = parameter_count(model)
     result = train_policy(model, tokenizer, prompts, training, rewards=rewards, settings=settings, seed=seed,
                           device=device, dtype=dtype, checkpoint_dir=checkpoint_dir, on_log=on_log,
-                          on_checkpoint=on_checkpoint)
+                          on_checkpoint=on_checkpoint, ranks=ranks)
     result.trainable_parameters, result.total_parameters = trainable, total
     result.peak_memory_bytes = peak_memory_bytes(device)
     return PolicyTraining(model, tokenizer, result, len(prompts))
@@ -242,13 +308,13 @@ def train_policy(model, tokenizer, prompts: list[PolicyPrompt], training: Traini
                  rewards: list[dict[str, Any]], settings: dict[str, Any], seed: int, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, checkpoint_dir: Path | None = None,
                  on_log: Callable[[int, float], None] | None = None,
-                 on_checkpoint: Callable[[Path], None] | None = None) -> PolicyResult:
+                 on_checkpoint: Callable[[Path], None] | None = None, ranks: Ranks = SINGLE) -> PolicyResult:
     """Continue `model` (a PeftModel, SFT adapter trainable as "default") with GRPO on `prompts`,
-    in place: `trl_common.train` (checkpoints in `checkpoint_dir`, exact resume, signals)."""
+    in place: `trl_common.train` (checkpoints in `checkpoint_dir`, exact resume, signals; DDP over `ranks`)."""
     if not trl_common.is_peft(model):
         raise TypeError("GRPO continues a peft adapter: pass a PeftModel loaded with is_trainable=True")
     settings = grpo_settings(settings)
-    steps = policy_steps(len(prompts), training, settings)
+    steps = policy_steps(len(prompts), training, settings, ranks.world_size)
     funcs, weights = build_rewards(rewards, device=device, dtype=dtype)
     result = PolicyResult(reward_functions=[f.__name__ for f in funcs])
 
@@ -259,9 +325,9 @@ def train_policy(model, tokenizer, prompts: list[PolicyPrompt], training: Traini
     trainer = trl_common.train(model, build, what="GRPO", training=training, device=device, steps=steps,
                                result=result, curves=result.curves(), checkpoint_dir=checkpoint_dir,
                                check=lambda trainer: check_prompt_ids(trainer.processing_class, prompts),
-                               on_log=on_log, on_checkpoint=on_checkpoint)
+                               on_log=on_log, on_checkpoint=on_checkpoint, ranks=ranks)
     result.steps, result.epochs = steps, round(trainer.state.epoch, 4)
-    result.prompts_seen = steps * prompts_per_step(training, settings)
+    result.prompts_seen = steps * prompts_per_step(training, settings, ranks.world_size)
     return result
 
 

@@ -29,12 +29,12 @@ from ..evaluation.qa_metrics import score_answers
 from ..models.base_model import load_model
 from ..models.device import Compute
 from ..training.packing import collate
-from .policy import PolicyRequest, PolicyTraining, prompt_of
+from .policy import PolicyRequest, PolicyTraining, TrainedElsewhere, prompt_of
 from .rewards import build_rewards, weighted_total
 
 
-def evaluate_heldout(request: PolicyRequest, tuned: PolicyTraining, hw: Compute, *, max_new_tokens: int,
-                     batch_size: int = 8, limit: int | None = None) -> dict[str, Any]:
+def evaluate_heldout(request: PolicyRequest, tuned: PolicyTraining | TrainedElsewhere, hw: Compute, *,
+                     max_new_tokens: int, batch_size: int = 8, limit: int | None = None) -> dict[str, Any]:
     """`evaluate_policy` of the policy `run(request)` trained against its SFT start (loaded here, a
     second copy of the base) on the first `limit` (None: all) examples of the eval split, with the
     request's rewards."""
@@ -43,7 +43,8 @@ def evaluate_heldout(request: PolicyRequest, tuned: PolicyTraining, hw: Compute,
     rows = load_split(request.sft_dataset_dir, "eval")
     examples = list(rows[:limit] if limit else rows)
     start = PeftModel.from_pretrained(load_model(request.base_dir, hw.device, hw.dtype), request.sft_adapter_dir)
-    return evaluate_policy(tuned.model, start, tuned.tokenizer, examples, request.rewards,
+    tuned_policy, tokenizer = tuned.policy(request.base_dir, hw)  # in memory, or loaded from what rank 0 saved
+    return evaluate_policy(tuned_policy, start, tokenizer, examples, request.rewards,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, device=hw.device, seed=request.seed)
 
 

@@ -113,8 +113,7 @@ class TrainedElsewhere:
 
     @classmethod
     def from_report(cls, staged: Path, message: dict[str, Any]) -> "TrainedElsewhere":
-        fields = {k: [tuple(x) for x in v] if isinstance(v, list) else v for k, v in message["result"].items()}
-        return cls(staged, RewardResult(**fields), message["pairs"])
+        return cls(staged, RewardResult.from_dict(message["result"]), message["pairs"])
 
     def scorer(self, device: str = "cpu") -> tuple[Any, Any]:
         tokenizer = load_tokenizer(self.staged)

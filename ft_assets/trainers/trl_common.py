@@ -72,6 +72,12 @@ class TrainedRun:
     total_parameters: int = 0
     peak_memory_bytes: int = 0
 
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]):
+        """A run from its `asdict` as JSON carried it (rank 0's report): curves back to (step, value) tuples."""
+        return cls(**{k: [tuple(x) for x in v] if isinstance(v, list) and v and isinstance(v[0], list) else v
+                      for k, v in fields.items()})
+
     def summary(self) -> dict[str, Any]:
         """The manifest's `train` record."""
         return {"steps": self.steps, "pairs_seen": self.pairs_seen, "wall_s": round(self.wall_s, 2),

@@ -1,15 +1,19 @@
-"""`compute.launcher: torchrun` for the TRL trainers: `preference_adapter` (DPO: TRL's DPOTrainer)
-and `reward_model` (TRL's RewardTrainer), each over HF Trainer's DDP (gloo) in 2 torchrun ranks on
-CPU, launched through Dagster Pipes by the asset, on the user's persistent instance with its gpu
-pool (`defs.launchers`, `jobs.train`'s `preference` and `reward` trainers).
+"""`compute.launcher: torchrun` for the TRL trainers: `preference_adapter` (DPO: TRL's DPOTrainer),
+`reward_model` (TRL's RewardTrainer) and `policy_adapter` (GRPO: TRL's GRPOTrainer), each over HF
+Trainer's DDP (gloo) in 2 torchrun ranks on CPU, launched through Dagster Pipes by the asset, on
+the user's persistent instance with its gpu pool (`defs.launchers`, `jobs.train`'s trainers).
 
 - 2 ranks x batch 2 train what 1 process x batch 4 trains, for DPO and for the reward model: the
   loss curve and the weights within the spread of two single-process runs that are the same
   computation in another summation order (batch 4, and batch 2 x grad_accum 2); the step log and
   the launcher facts reach the materialization through Pipes; the reward model's held-out report
   is made in the step from the scorer rank 0 saved.
-- kill -9 of rank 1 once a checkpoint exists: the step fails naming rank 1, nothing is stored;
-  the rerun resumes from the checkpoint and ends bit for bit with the uninterrupted 2-rank run.
+- GRPO on 2 ranks: each rank samples the answers of its share of a step's prompts (so no
+  single-process run computes the same numbers); a step takes twice the prompts, the policy moves
+  from its SFT start, and the held-out evaluation is made in the step from the adapter rank 0 saved.
+- kill -9 of DPO's rank 1 once a checkpoint exists (the 2-rank run again, forced): the step fails
+  naming rank 1, nothing is stored; the rerun resumes from the checkpoint and ends bit for bit
+  with the uninterrupted 2-rank run.
 
 The SFT adapter DPO continues trains in the step (the in-process recipe materializes the upstream;
 the torchrun recipe reuses it: same derivation), so each torchrun launch here is a TRL trainer's.
@@ -50,6 +54,12 @@ def recipe_file(root: Path, model_dir: Path, label: str, dpo_training: dict, com
                  "dpo": {"sft_from": "lora", "beta": 0.1, "training": training}},
         preferences={"name": "prefs", "path": "data/prefs.jsonl", "columns": {"id": "id"}, "eval_fraction": 0.25},
         reward_models={"rm": {"r": 4, "alpha": 8, "dropout": 0.0, "training": dict(training)}},
+        # the tiny random model's answers all score 0 token F1 (no advantage, no update): the reward
+        # model's scores tell them apart, and each rank loads it
+        policies={"grpo": {"sft_from": "lora", "num_generations": 2,
+                           "rewards": [{"type": "token_f1"}, {"type": "reward_model", "reward_model": "rm"}],
+                           "max_completion_length": 4, "heldout_prompts": 3,
+                           "training": {"max_steps": 2, "batch_size": 4, "lr": 5e-3}}},
         compute={"device": "cpu", **compute})
     path = root / f"{label}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -57,11 +67,14 @@ def recipe_file(root: Path, model_dir: Path, label: str, dpo_training: dict, com
 
 
 def materialize_dpo(path: Path, home: Path, instance: dg.DagsterInstance, raise_on_error: bool = True,
-                    asset: str = "preference_adapter", partition: str = "dpo") -> dg.ExecuteInJobResult:
-    """preference_adapter[dpo] (or `asset[partition]`) of `path`'s recipe (its upstream already materialized)."""
+                    asset: str = "preference_adapter", partition: str = "dpo", force: bool = False
+                    ) -> dg.ExecuteInJobResult:
+    """preference_adapter[dpo] (or `asset[partition]`) of `path`'s recipe (its upstream already
+    materialized); `force`: trained again though that derivation exists."""
     defs = build_definitions(load_recipe(path), home=str(home))
+    config = {"ops": {asset: {"config": {"force": True}}}} if force else None
     return dg.materialize(list(defs.assets), instance=instance, resources=defs.resources, partition_key=partition,
-                          selection=[asset], raise_on_error=raise_on_error)
+                          selection=[asset], raise_on_error=raise_on_error, run_config=config)
 
 
 def materialize_upstream(path: Path, home: Path, instance: dg.DagsterInstance) -> None:
@@ -120,7 +133,11 @@ def runs(project, tmp_path_factory) -> dict:
             out[f"rm_{label}"] = reward_of(materialize_dpo(path, home, instance, asset="reward_model", partition="rm"),
                                            home)
             if label == "ddp":
+                out["grpo"] = dpo_of(materialize_dpo(path, home, instance, asset="policy_adapter", partition="grpo"),
+                                     home, "policy_adapter", "grpo")
+            if label == "ddp":
                 out["logs"] = [e.message for e in instance.all_logs(result.run_id) if e.user_message]
+        out["home"] = str(home)
         out["sft"] = load_file(str(ArtifactStore(home).latest("adapter", "lora").dir / "adapter_model.safetensors"))
     finally:
         instance.dispose()
@@ -152,28 +169,33 @@ def test_dpo_on_two_ranks_trains_what_one_process_trains_at_twice_the_batch(runs
     assert m_ddp["data_version"] not in (m_one["data_version"], m_acc["data_version"])
 
 
-def test_kill_9_of_one_dpo_rank_fails_clearly_and_the_rerun_resumes_to_the_same_adapter(project, runs, tmp_path):
+def test_kill_9_of_one_dpo_rank_fails_clearly_and_the_rerun_resumes_to_the_same_adapter(project, runs):
+    """`runs`' ddp recipe trained again in its home (`force`: that version exists; its checkpoints
+    are keyed by the same derivation): rank 1 dies once a checkpoint exists, the step fails naming
+    it and stores nothing; the rerun resumes from the checkpoint and ends bit for bit where the
+    uninterrupted ddp run ended."""
     root, model_dir = project
-    home = tmp_path / "ft_home"
-    instance = demo.ensure_instance(home)
+    home = Path(runs["home"])
     path = recipe_file(root, model_dir, "ddp", {"batch_size": 2}, DDP)
+    store = ArtifactStore(home)
+    stored = store.latest_version("preference_adapter", "dpo")
+    instance = demo.ensure_instance(home)
     try:
-        materialize_upstream(recipe_file(root, model_dir, "one", {"batch_size": 4}, {}), home, instance)
-        failed, killed = killing_rank_1(lambda: materialize_dpo(path, home, instance, raise_on_error=False),
-                                        home / "checkpoints" / "preference_adapter" / "dpo")
+        failed, killed = killing_rank_1(
+            lambda: materialize_dpo(path, home, instance, raise_on_error=False, force=True),
+            home / "checkpoints" / "preference_adapter" / "dpo")
         assert killed and not failed.success
         message = failure_message(failed)
         assert f"rank 1 (pid {killed['pid']}) of 2 was killed" in message, message
         assert "Nothing was stored. Materialize again to resume from the checkpoint of step" in message, message
-        assert ArtifactStore(home).latest("preference_adapter", "dpo") is None
+        assert store.latest_version("preference_adapter", "dpo") == stored
 
-        m_resumed, w_resumed = dpo_of(materialize_dpo(path, home, instance), home)
+        m_resumed, w_resumed = dpo_of(materialize_dpo(path, home, instance, force=True), home)
     finally:
         instance.dispose()
     m_fresh, w_fresh = runs["ddp"]
-    manifest = ArtifactStore(home).get("preference_adapter", "dpo", m_resumed["data_version"]).manifest()
+    manifest = store.get("preference_adapter", "dpo", m_resumed["data_version"]).manifest()
     assert DPO_TRAINING["checkpoint_every"] <= manifest["train"]["resumed_from_step"] < DPO_TRAINING["max_steps"]
-    assert m_resumed["data_version"] == m_fresh["data_version"]
     assert m_resumed["losses"] == m_fresh["losses"]
     assert largest_difference(w_fresh, w_resumed) == 0.0
 
@@ -193,3 +215,16 @@ def test_the_reward_model_on_two_ranks_trains_what_one_process_trains_at_twice_t
     assert m_ddp["heldout_pairs"] == m_one["heldout_pairs"] == 4
     assert abs(m_ddp["heldout_mean_margin"] - m_one["heldout_mean_margin"]) <= 1e-3
     assert (m_ddp["launcher"], m_ddp["processes"]) == ("torchrun", 2) and "launcher" not in m_one
+
+
+def test_grpo_on_two_ranks_trains_through_the_asset_and_is_evaluated_in_the_step(runs):
+    meta, weights = runs["grpo"]
+    assert (meta["launcher"], meta["processes"]) == ("torchrun", 2)
+    home = Path(runs["home"])
+    manifest = ArtifactStore(home).get("policy_adapter", "grpo", meta["data_version"]).manifest()
+    assert meta["steps"] == manifest["train"]["steps"] == 2
+    assert manifest["train"]["prompts_seen"] == 2 * 4  # 4 completions a rank, 2 per prompt, 2 ranks
+    assert largest_difference(weights, runs["sft"]) > 1e-6  # it moved from its SFT start
+    # the held-out comparison, made in the step from what rank 0 saved
+    assert meta["heldout_prompts"] == 3 and meta["heldout_kl_from_start"] is not None
+    assert 0.0 <= meta["heldout_token_f1"] <= 1.0

@@ -120,8 +120,7 @@ class TrainedElsewhere:
 
     @classmethod
     def from_report(cls, staged: Path, message: dict[str, Any]) -> "TrainedElsewhere":
-        fields = {k: [tuple(x) for x in v] if isinstance(v, list) else v for k, v in message["result"].items()}
-        return cls(staged, PreferenceResult(**fields), message["pairs"], message["objective"])
+        return cls(staged, PreferenceResult.from_dict(message["result"]), message["pairs"], message["objective"])
 
     def save(self, out_dir: Path) -> None:
         checkpoint.move_files(self.staged, out_dir)
