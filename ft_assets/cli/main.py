@@ -23,6 +23,10 @@
                                               model or adapter, streaming greedy answers; --prompt
                                               answers once and exits; --compare base answers with the
                                               base model too
+    python -m ft_assets serve [ASSET[PARTITION] | PATH] [--port N]
+                                              an OpenAI-compatible endpoint (llama.cpp's llama-server)
+                                              over the newest (or given) GGUF export, on 127.0.0.1,
+                                              until Ctrl-C
     python -m ft_assets reference [-o PATH]   write the recipe reference (every key, type, default,
                                               allowed values) generated from the schema; default
                                               docs/recipe_reference.md
@@ -276,6 +280,12 @@ def cmd_chat(args) -> int:
     return run(args)
 
 
+def cmd_serve(args) -> int:
+    from .serve import run
+
+    return run(args)
+
+
 def cmd_reference(args) -> int:
     from .reference import REFERENCE_FILE, write
 
@@ -311,11 +321,16 @@ def main(argv: list[str] | None = None) -> int:
     from .chat import add_arguments as chat_arguments
 
     chat_arguments(ch)
+    se = sub.add_parser("serve", help="serve a GGUF export over an OpenAI-compatible API (llama-server), until Ctrl-C")
+    from .serve import add_arguments as serve_arguments
+
+    serve_arguments(se)
     ref = sub.add_parser("reference", help="write the recipe reference generated from the schema")
     ref.add_argument("-o", "--output", help="markdown file to write (default: docs/recipe_reference.md in the repo)")
     args = p.parse_args(argv)
     return {"init": cmd_init, "validate": cmd_validate, "artifacts": cmd_artifacts, "lineage": cmd_lineage,
-            "prune": cmd_prune, "runs": cmd_runs, "chat": cmd_chat, "reference": cmd_reference}[args.cmd](args)
+            "prune": cmd_prune, "runs": cmd_runs, "chat": cmd_chat, "serve": cmd_serve,
+            "reference": cmd_reference}[args.cmd](args)
 
 
 if __name__ == "__main__":
