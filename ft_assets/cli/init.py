@@ -1,7 +1,7 @@
 """`python -m ft_assets init DATA_FILE [-o recipe.yaml]`: a commented recipe sized for a user's file.
 
 1. read the data with the data stage's own reader (`data.rows.read_rows`), so init sees the rows
-   the pipeline will: a jsonl, csv, parquet or arrow file, or a Hugging Face dataset directory
+   the pipeline will: a jsonl, json (one array of records), csv, parquet or arrow file, or a Hugging Face dataset directory
    (format hf; `--split` picks one of several splits, and the recipe keeps it);
 2. guess the column mapping from the column names (and, for the id, from the values): every role
    gets exactly one column or a question the user settles with a flag (`--question COL`, ...);
@@ -40,7 +40,7 @@ import yaml
 
 from ..data.rows import (DataFileError, Example, Rejected, build_messages, check_columns, train_row_bounds,
                         validate_rows)
-from ..data.rows import read_rows as _read_rows
+from ..data.rows import json_layout, read_rows as _read_rows
 from ..training.steps import StepEstimate, recipe_step_estimates, steps_for
 from ..config.recipe import DatasetSpec, RecipeError, TrainingSpec, parse_recipe, read_recipe_yaml
 
@@ -52,7 +52,7 @@ ROLE_NAMES = {
     "answer": ("answer", "output", "response", "label"),
 }
 ID_NAMES = ("id", "uid", "uuid", "guid", "idx", "row_id", "example_id")
-FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow"}
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow"}
 FORMAT_CHOICES = list(typing.get_args(DatasetSpec.model_fields["format"].annotation))  # the recipe's; a directory is hf
 
 # The defaults this command writes, and the evidence for them: the defaults study
@@ -754,6 +754,8 @@ def _input_format(args: argparse.Namespace, data: Path, dest: Path) -> str:
     """The data's format (from `--format`, or the extension; a directory is hf), once the flags,
     the output path and the data's existence are checked (in that order)."""
     fmt = args.format or ("hf" if data.is_dir() else FORMATS.get(data.suffix.lower()))
+    if fmt == "json" and not args.format and data.is_file():
+        fmt = json_layout(data)  # a .json file may hold JSON Lines too
     if fmt is None:
         raise InitError(f"{data}: cannot tell the format from {data.suffix!r}; pass --format {'|'.join(FORMAT_CHOICES)}")
     if args.split is not None and fmt != "hf":

@@ -163,7 +163,7 @@ with warnings.catch_warnings():  # `schema` shadows pydantic's deprecated BaseMo
 
         name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]  # the task's name (metadata, per-task metrics)
         path: str  # the data file (format hf: a directory, or a dataset id in the local HF cache), relative to `root`
-        format: Literal["jsonl", "csv", "parquet", "arrow", "hf"] = "jsonl"  # file format; hf: a save_to_disk or Hub-layout directory, or a cached dataset id (offline)
+        format: Literal["jsonl", "json", "csv", "parquet", "arrow", "hf"] = "jsonl"  # file format; jsonl: one JSON object a line; json: one JSON array of objects (alpaca_data.json, ShareGPT exports; read record by record); hf: a save_to_disk or Hub-layout directory, or a cached dataset id (offline)
         schema: Literal["qa", "messages", "prompt_completion", "alpaca"] = "qa"  # what a row is: question/context/answer, a conversation, a prompt/completion pair, an Alpaca instruction/input/output
         columns: Union[ColumnMap, MessagesColumns, PromptCompletionColumns, AlpacaColumns] = ColumnMap()  # the schema's field -> column mapping
         train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"  # schema messages: which assistant turns carry loss (the rest is masked)
@@ -219,7 +219,7 @@ with warnings.catch_warnings():  # `schema`, as in DatasetSpec
 
         name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]  # the preference set's name (not a dataset name)
         path: str  # the pairs file (format hf: a directory, or a dataset id in the local HF cache), relative to `root`
-        format: Literal["jsonl", "csv", "parquet", "arrow", "hf"] = "jsonl"  # file format; hf: a save_to_disk or Hub-layout directory, or a cached dataset id (offline)
+        format: Literal["jsonl", "json", "csv", "parquet", "arrow", "hf"] = "jsonl"  # file format; jsonl: one JSON object a line; json: one JSON array of objects (alpaca_data.json, ShareGPT exports; read record by record); hf: a save_to_disk or Hub-layout directory, or a cached dataset id (offline)
         schema: Literal["text", "messages", "unpaired"] = "text"  # text: prompt/chosen/rejected strings; messages: TRL's conversational form (see columns); unpaired: prompt/completion/label rows, one labelled answer each (kto only)
         split: str | None = None  # format hf: the split to read (needed when the dataset has several)
         columns: PreferenceColumns = PreferenceColumns()

@@ -3,6 +3,8 @@
 A row goes through four steps, each of which can only reject it with a reason:
 1. read:     the file parses (else DataFileError with file and line: nothing is written);
              `hf` directories/ids and `arrow` files are read by `data.hfdata` (rows, not lines);
+             `json` (one array of records) is scanned record by record, never loaded whole
+             (records numbered by their 1-based index in the array);
 2. validate: the mapped fields of the dataset's `schema` exist, are text, are not blank, and
              the row is not a duplicate (`messages`: a well-formed conversation, `data.chat`);
 3. format:   the base model's chat template renders it; labels mask everything but the answer
@@ -12,8 +14,8 @@ A row goes through four steps, each of which can only reject it with a reason:
              row never reshuffles the others.
 
 Hostile rows are rejected like any bad row, never crash or stall the build: a row over
-MAX_ROW_BYTES (16 MiB: a 128k-token context is ~0.5-1 MB; a JSONL line, or an Arrow row's
-buffers) is refused unread; a row nested deeper than MAX_ROW_DEPTH lists/objects (JSON lines,
+MAX_ROW_BYTES (16 MiB: a 128k-token context is ~0.5-1 MB; a JSONL line, a JSON array's record,
+or an Arrow row's buffers) is refused unread; a row nested deeper than MAX_ROW_DEPTH lists/objects (JSON lines,
 JSON text in a cell) is refused instead of raising RecursionError; a CSV record over the cap is a
 DataFileError naming the line it starts at (the usual cause, an unclosed quote, leaves no next
 record to resume at; csv's field_size_limit is raised to the cap). A value quoted in a reason is
@@ -26,6 +28,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -62,6 +65,8 @@ def iter_rows(path: str | Path, fmt: str, split: str | None = None) -> Iterator[
         raise DataFileError(path, "file is empty; it needs at least one row")
     if fmt == "jsonl":
         yield from _read_jsonl(path)
+    elif fmt == "json":
+        yield from _read_json_array(path)
     elif fmt == "csv":
         yield from _read_csv(path)
     elif fmt == "parquet":
@@ -81,12 +86,13 @@ def iter_rows(path: str | Path, fmt: str, split: str | None = None) -> Iterator[
 
         yield from read_arrow(path)
     else:
-        raise DataFileError(path, f"unknown format {fmt!r}; use jsonl, csv, parquet, arrow or hf")
+        raise DataFileError(path, f"unknown format {fmt!r}; use jsonl, json, csv, parquet, arrow or hf")
 
 
 def row_word(fmt: str) -> str:
-    """How errors locate a row: `line 12` in text files, `row 12` in tables and datasets."""
-    return "line" if fmt in ("jsonl", "csv") else "row"
+    """How errors locate a row: `line 12` in text files, `record 12` in a JSON array (a record may
+    span lines), `row 12` in tables and datasets."""
+    return {"jsonl": "line", "csv": "line", "json": "record"}.get(fmt, "row")
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes | None, int]]:
@@ -118,18 +124,162 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             ) from None
         if not line.strip():
             continue
+        hint = ("; this file is one JSON array of records (as alpaca_data.json and ShareGPT exports ship): "
+                "use format json") if lineno == 1 and line.lstrip().startswith("[") else ""
         try:
             obj = loads_shallow(line)
         except json.JSONDecodeError as exc:
             raise DataFileError(
-                path, f"not valid JSON ({exc.msg} at column {exc.colno}); fix or delete this line", lineno
+                path, f"not valid JSON ({exc.msg} at column {exc.colno}); fix or delete this line{hint}", lineno
             ) from None
         except NestedTooDeep:
             yield lineno, UnreadableRow(f"row is {TOO_DEEP}; flatten it")
             continue
         if not isinstance(obj, dict):
-            raise DataFileError(path, f"each line must be a JSON object, got {type(obj).__name__}", lineno)
+            raise DataFileError(path, f"each line must be a JSON object, got {type(obj).__name__}{hint}", lineno)
         yield lineno, obj
+
+
+def json_layout(path: Path) -> str:
+    """A .json file's format by its first byte that is not blank: `json` (an array of records) or
+    `jsonl` (an object on each line)."""
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 16):
+            text = chunk.lstrip()
+            if text:
+                return "json" if text.startswith(b"[") else "jsonl"
+    return "json"
+
+
+JSON_STRUCTURE = re.compile(rb'["\\\[\]{}]')  # what changes a scan's state: quotes, escapes, brackets
+JSON_CHUNK = 1 << 20
+
+
+def _read_json_array(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """`format: json`: a file holding one JSON array of objects, read record by record (a file of
+    gigabytes never in memory: each record's bytes are found by a scan of brackets and strings,
+    then parsed alone). Rows are numbered by their 1-based index in the array; a record over
+    MAX_ROW_BYTES is scanned through (never held) and yielded unreadable, as a long JSONL line is."""
+    with path.open("rb") as fh:
+        scan = _JsonArrayScan(path, fh)
+        for index, raw, size in scan.records():
+            if raw is None:
+                yield index, UnreadableRow(over_cap_reason(size))
+                continue
+            try:
+                obj = loads_shallow(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise DataFileError(path, f"record {index}: not UTF-8 (byte {exc.start} of the record); re-save "
+                                          "the file as UTF-8") from None
+            except json.JSONDecodeError as exc:
+                raise DataFileError(path, f"record {index}: not valid JSON ({exc.msg} at character {exc.pos} of "
+                                          "the record); fix or delete it") from None
+            except NestedTooDeep:
+                yield index, UnreadableRow(f"row is {TOO_DEEP}; flatten it")
+                continue
+            if not isinstance(obj, dict):
+                raise DataFileError(path, f"record {index} must be a JSON object, got {type(obj).__name__}")
+            yield index, obj
+
+
+class _JsonArrayScan:
+    """The records of a top-level JSON array as byte strings (module-level helper of
+    `_read_json_array`): depth and string state carried across 1 MiB chunks."""
+
+    def __init__(self, path: Path, fh):
+        self.path, self.fh = path, fh
+        self.buf, self.pos, self.eof = b"", 0, False
+
+    def _more(self) -> bool:
+        chunk = self.fh.read(JSON_CHUNK)
+        if not chunk:
+            self.eof = True
+            return False
+        self.buf = self.buf[self.pos:] + chunk
+        self.pos = 0
+        return True
+
+    def _next_significant(self) -> int | None:
+        """The next byte that is not whitespace (consumed), or None at the end of the file."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in b" \t\r\n":
+                self.pos += 1
+            if self.pos < len(self.buf):
+                self.pos += 1
+                return self.buf[self.pos - 1]
+            if not self._more():
+                return None
+
+    def _fail(self, message: str):
+        raise DataFileError(self.path, message)
+
+    def records(self) -> Iterator[tuple[int, bytes | None, int]]:
+        """(1-based index, the record's bytes or None when over MAX_ROW_BYTES, its size)."""
+        first = self._next_significant()
+        if first is None:
+            self._fail("file has no rows (only blank space)")
+        if first != ord("["):
+            self._fail(f"format json reads one JSON array of records, and the file starts with {chr(first)!r}"
+                       + ("; one object per line is format jsonl" if first == ord("{") else ""))
+        index = 0
+        while True:
+            c = self._next_significant()
+            if c == ord("]") and index == 0:
+                break
+            if c == ord("]"):
+                self._fail(f"a ',' after record {index} and no record after it (a trailing comma is not JSON); remove it")
+            if c is None:
+                self._fail("the file ends before the array's closing ']'"
+                           + (f" (after record {index}'s ',')" if index else "") + ": it is cut short")
+            index += 1
+            self.pos -= 1  # the record's first byte
+            yield (index, *self._record(index))
+            c = self._next_significant()
+            if c == ord("]"):
+                break
+            if c != ord(","):
+                self._fail(f"after record {index}: expected ',' or ']', got "
+                           f"{'the end of the file' if c is None else repr(chr(c))}")
+        if self._next_significant() is not None:
+            self._fail(f"text after the array's closing ']' (after record {index}); a file holds one array")
+
+    def _record(self, index: int) -> tuple[bytes | None, int]:
+        """The object (or array) from `pos`: its bytes (None past MAX_ROW_BYTES) and size; `pos`
+        after it. Only quotes, backslashes and brackets are looked at (`JSON_STRUCTURE`)."""
+        first = self.buf[self.pos]
+        if first not in b"{[":
+            kind = {ord('"'): "str", ord("t"): "bool", ord("f"): "bool", ord("n"): "null"}.get(first, "number")
+            self._fail(f"record {index} must be a JSON object, got {kind}")
+        depth, in_string, escaped, held, size, start = 0, False, False, [], 0, self.pos
+        while True:
+            found = JSON_STRUCTURE.search(self.buf, self.pos) if not escaped else None
+            if escaped:  # the byte after a backslash, whatever it is
+                if self.pos < len(self.buf):
+                    self.pos, escaped = self.pos + 1, False
+                    continue
+            elif found is not None:
+                c, self.pos = self.buf[found.start()], found.end()
+                if in_string:
+                    escaped, in_string = c == 0x5C, c != 0x22
+                elif c == 0x22:
+                    in_string = True
+                else:
+                    depth += 1 if c in b"[{" else -1
+                    if depth == 0:
+                        part = self.buf[start:self.pos]
+                        size += len(part)
+                        return (b"".join(held) + part if size <= MAX_ROW_BYTES else None), size
+                continue
+            part = self.buf[start:]  # the chunk ends inside the record: keep it (under the cap) and read on
+            size += len(part)
+            if size <= MAX_ROW_BYTES:
+                held.append(part)
+            else:
+                held.clear()
+            self.pos = len(self.buf)
+            if not self._more():
+                self._fail(f"record {index} is cut short: the file ends inside it")
+            start = 0
 
 
 def _csv_lines(path: Path, record: dict[str, int]) -> Iterator[str]:

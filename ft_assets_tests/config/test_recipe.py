@@ -67,7 +67,7 @@ def test_method_type_defaults_to_its_name_and_training_overrides_merge():
         (with_("methods.lora.r", "eight"), "methods.lora.r: Input should be a valid integer"),
         (with_("training.lr", -0.1), "training.lr: Input should be greater than 0"),
         (with_("datasets.0.eval_fraction", 1.0), "datasets[0].eval_fraction: Input should be less than 1"),
-        (with_("datasets.0.format", "xlsx"), "datasets[0].format: Input should be 'jsonl', 'csv', 'parquet', 'arrow' or 'hf'"),
+        (with_("datasets.0.format", "xlsx"), "datasets[0].format: Input should be 'jsonl', 'json', 'csv', 'parquet', 'arrow' or 'hf'"),
         (with_("methods", {"magic": {}}), "unknown method type 'magic'"),
         (with_("methods.lora.training", {"lrr": 1}), "methods.lora.training: unknown key 'lrr' — did you mean 'lr'? "
                                                     "Allowed here: max_steps, epochs, batch_size"),

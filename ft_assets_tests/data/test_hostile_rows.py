@@ -177,6 +177,9 @@ CAP = 16 * 2**20  # data.MAX_ROW_BYTES
 def write_rows(rows: list[dict], path, fmt: str):
     if fmt == "jsonl":
         return write_jsonl(path.with_suffix(".jsonl"), rows)
+    if fmt == "json":  # one array, pretty-printed as alpaca_data.json ships
+        path.with_suffix(".json").write_text(json.dumps(rows, indent=4))
+        return path.with_suffix(".json")
     table = pa.Table.from_pylist(rows)
     if fmt == "parquet":
         pq.write_table(table, path.with_suffix(".parquet"))
@@ -191,7 +194,7 @@ def write_rows(rows: list[dict], path, fmt: str):
     return path
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "arrow", "hf"])
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet", "arrow", "hf"])
 def test_a_row_over_the_byte_cap_is_rejected_with_its_size_and_the_rest_builds(tok, tmp_path, fmt):
     rows = [{**r, "notes": ""} for r in qa_rows(10)]
     # no answer, so the code before the cap rejected it quickly too (storing the whole row)
