@@ -23,7 +23,7 @@ from ft_assets.config.recipe import load_recipe
 from ft_assets.data import rows as D
 from ft_assets.data.types import DataFileError
 from ft_assets_tests.conftest import qa_rows, write_jsonl
-from ft_assets_tests.data.test_hostile_rows import QA, build, source
+from ft_assets_tests.data.test_hostile_rows import build, source
 
 
 @pytest.fixture(scope="module")
