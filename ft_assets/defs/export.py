@@ -63,6 +63,7 @@ def build(recipe: Recipe) -> list:
             "modelfile_from": facts.modelfile_from,
             "modelfile_stop": ", ".join(facts.stop),
             "chat_template_in_gguf": "tokenizer.chat_template" in facts.metadata,
+            "modelfile_template": facts.template_family or "none (Ollama reads the GGUF's own)",
             "eos_token_id": facts.metadata.get("tokenizer.ggml.eos_token_id", -1),
         })
 

@@ -5,8 +5,10 @@ An export directory holds:
     model-<type>.gguf   one per requested type: f16, bf16, q8_0 written by llama.cpp's
                         `convert_hf_to_gguf.py` (pure Python, always available); k-quants and the
                         other llama.cpp types by `llama-quantize` from an f16 GGUF (only when built)
-    Modelfile           Ollama: FROM the first requested type, the chat template as a Go template,
-                        SYSTEM (the recipe's system prompt, else the template's default one) and a
+    Modelfile           Ollama: FROM the first requested type, the chat template as a Go template
+                        for the families it knows (ChatML, Llama 3, Mistral, Gemma; else none:
+                        Ollama reads the template the GGUF carries, and the file says so), SYSTEM
+                        (the recipe's system prompt, else ChatML's default one) and a
                         `PARAMETER stop` per end-of-turn token
 
 The tools are pinned: llama.cpp as vendored in the `llama-cpp-python==LLAMA_CPP_PYTHON` source
@@ -15,8 +17,9 @@ converter runs as a subprocess with that tree's `gguf-py` first on PYTHONPATH; t
 in its `build/bin/`). The chat template, BOS/EOS/pad ids and special tokens travel in the GGUF
 metadata (the converter copies them from the checkpoint's tokenizer files). A checkpoint that
 could run code (`*.py` files, an `auto_map`) is refused: the converter loads tokenizers with
-trust_remote_code. Only the ChatML template family is translated to Ollama; any other template is
-refused with a message naming it. Nothing here imports Dagster or torch.
+trust_remote_code. Any chat template travels in the GGUF (`tokenizer.chat_template`, whatever it
+is); the Modelfile's family is found by rendering a probe conversation (`TEMPLATE_FAMILIES`).
+Nothing here imports Dagster or torch.
 
 Every llama.cpp tool runs under a time limit (`tool_limit_s`: FT_EXPORT_TIMEOUT_S seconds when
 set, else TOOL_LIMIT_FLOOR_S plus TOOL_LIMIT_S_PER_GIB per GiB of weights), in a process group
@@ -37,6 +40,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ..config.gguf_types import CONVERTER_TYPES, GGUF_TYPES, QUANTIZE_TYPES
 from ..config.paths import REPO_ROOT
@@ -97,6 +101,7 @@ class GgufExport:
     modelfile_from: str  # the GGUF the Modelfile's FROM names
     system: str | None  # the Modelfile's SYSTEM
     stop: list[str]  # the Modelfile's stop strings
+    template_family: str | None = None  # the Modelfile's TEMPLATE (None: the GGUF's own template)
     metadata: dict[str, object] = field(default_factory=dict)  # a few keys read back from the first GGUF
 
     def to_json(self) -> dict:
@@ -111,7 +116,7 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, types: list[str], sy
         raise ExportError("no GGUF types requested (recipe export.gguf is empty)")
     check_types(types)
     _refuse_code(model_dir)
-    template, stop, system = modelfile_parts(model_dir, system)  # before the slow part: refuse early
+    family, template, stop, system = modelfile_parts(model_dir, system)  # before the slow part
     limit_s = tool_limit_s(sum(p.stat().st_size for p in model_dir.glob("*.safetensors")))
 
     work = out_dir / ".converter-input"  # removed before the export is finished
@@ -126,7 +131,7 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, types: list[str], sy
     first = files[types[0]]
     (out_dir / MODELFILE).write_text(modelfile_text(first, template, system, stop), encoding="utf-8")
     return GgufExport(files=files, bytes=sizes, seconds=seconds, converter=converter_version(),
-                      modelfile=MODELFILE, modelfile_from=first, system=system, stop=stop,
+                      modelfile=MODELFILE, modelfile_from=first, system=system, stop=stop, template_family=family,
                       metadata=read_metadata(out_dir / first))
 
 
@@ -288,31 +293,134 @@ _CHATML_GO = (
 )
 
 
-def modelfile_parts(model_dir: Path, system: str | None) -> tuple[str, list[str], str | None]:
-    """(Go template, stop strings, SYSTEM) for the checkpoint's chat template. The template is
-    rendered on probe conversations: only exact ChatML is translated; without a recipe system
-    prompt, SYSTEM is the default system turn the template injects (SmolLM2 has one), so Ollama
-    sends what the model saw in training."""
+# Llama 3, Mistral (v0.1-v0.3 [INST]) and Gemma as Go templates, built like _CHATML_GO. Mistral and
+# Gemma have no system turn: a system prompt goes before the first user message, as their own
+# templates' users do by hand.
+_LLAMA3_GO = (
+    "{{- if .Messages }}"
+    "{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
+    "{{- range $i, $_ := .Messages }}"
+    "{{- $last := eq (len (slice $.Messages $i)) 1 }}"
+    "{{- if ne .Role \"system\" }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}"
+    "{{- if not (and $last (eq .Role \"assistant\")) }}<|eot_id|>{{ end }}{{ end }}"
+    "{{- if and $last (ne .Role \"assistant\") }}<|start_header_id|>assistant<|end_header_id|>\n\n{{ end }}"
+    "{{- end }}"
+    "{{- else }}"
+    "{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
+    "{{- if .Prompt }}<|start_header_id|>user<|end_header_id|>\n\n{{ .Prompt }}<|eot_id|>{{ end }}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n{{ .Response }}{{ if .Response }}<|eot_id|>{{ end }}"
+    "{{- end }}"
+)
+_MISTRAL_GO = (
+    "{{- if .Messages }}"
+    "{{- range $i, $_ := .Messages }}"
+    "{{- $last := eq (len (slice $.Messages $i)) 1 }}"
+    "{{- if eq .Role \"user\" }}[INST] {{ if and $.System (eq $i 0) }}{{ $.System }}\n\n{{ end }}{{ .Content }} [/INST]"
+    "{{- else if eq .Role \"assistant\" }}{{ .Content }}{{ if not $last }}EOS{{ end }}{{ end }}"
+    "{{- end }}"
+    "{{- else }}[INST] {{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }} [/INST]{{ .Response }}"
+    "{{- end }}"
+)
+_GEMMA_GO = (
+    "{{- if .Messages }}"
+    "{{- range $i, $_ := .Messages }}"
+    "{{- $last := eq (len (slice $.Messages $i)) 1 }}"
+    "{{- if eq .Role \"user\" }}<start_of_turn>user\n{{ if and $.System (eq $i 0) }}{{ $.System }}\n\n{{ end }}"
+    "{{ .Content }}<end_of_turn>\n"
+    "{{- else if eq .Role \"assistant\" }}<start_of_turn>model\n{{ .Content }}"
+    "{{- if not $last }}<end_of_turn>\n{{ end }}{{ end }}"
+    "{{- if and $last (ne .Role \"assistant\") }}<start_of_turn>model\n{{ end }}"
+    "{{- end }}"
+    "{{- else }}<start_of_turn>user\n{{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}<end_of_turn>\n"
+    "<start_of_turn>model\n{{ .Response }}"
+    "{{- end }}"
+)
+
+# the probe conversations a template is rendered on: with a system turn, and (for templates that
+# refuse one) without
+PROBE = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+         {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"}]
+
+
+@dataclass(frozen=True)
+class TemplateFamily:
+    """A chat template layout the Modelfile can write: how it renders `PROBE` (given the
+    tokenizer's bos and eos text; None: that probe is not this layout's), its Go template, stops."""
+
+    name: str
+    renders: Callable[[list[dict], str, str], str | None]
+    go_template: str
+    stops: tuple[str, ...]
+
+
+def _chatml(probe, bos, eos):
+    return "".join(f"{CHATML_START}{m['role']}\n{m['content']}{CHATML_END}\n" for m in probe) + f"{CHATML_START}assistant\n"
+
+
+def _llama3(probe, bos, eos):
+    turns = "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>" for m in probe)
+    return bos + turns + "<|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+def _mistral(probe, bos, eos):
+    if probe[0]["role"] == "system":
+        return None
+    return bos + "".join(f"[INST] {m['content']} [/INST]" if m["role"] == "user" else m["content"] + eos for m in probe)
+
+
+def _gemma(probe, bos, eos):
+    if probe[0]["role"] == "system":
+        return None
+    role = {"user": "user", "assistant": "model"}
+    return bos + "".join(f"<start_of_turn>{role[m['role']]}\n{m['content']}<end_of_turn>\n" for m in probe) + \
+        "<start_of_turn>model\n"
+
+
+TEMPLATE_FAMILIES = (
+    TemplateFamily("chatml", _chatml, _CHATML_GO, (CHATML_END, CHATML_START)),
+    TemplateFamily("llama3", _llama3, _LLAMA3_GO, ("<|eot_id|>", "<|start_header_id|>")),
+    TemplateFamily("mistral", _mistral, _MISTRAL_GO, ("[INST]", "[/INST]")),
+    TemplateFamily("gemma", _gemma, _GEMMA_GO, ("<end_of_turn>", "<start_of_turn>")),
+)
+
+
+def template_family(tok) -> TemplateFamily | None:
+    """The family whose layout the tokenizer's chat template renders `PROBE` in (with its system
+    turn, or without it for templates that refuse one), or None."""
+    renderings = []
+    for probe in (PROBE, PROBE[1:]):
+        try:
+            renderings.append((probe, tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)))
+        except Exception:  # jinja's raise_exception: e.g. "System role not supported"
+            continue
+    bos, eos = tok.bos_token or "", tok.eos_token or ""
+    for family in TEMPLATE_FAMILIES:
+        for probe, got in renderings:
+            if got in {family.renders(probe, bos, eos), family.renders(probe, "", eos)} - {None}:
+                return family
+    return None
+
+
+def modelfile_parts(model_dir: Path, system: str | None) -> tuple[str | None, str | None, list[str], str | None]:
+    """(family name, Go template, stop strings, SYSTEM) for the checkpoint's chat template: a known
+    family's Go template, else none (Ollama then reads the template embedded in the GGUF); without
+    a recipe system prompt, SYSTEM is the default system turn a ChatML template injects (SmolLM2
+    has one), so Ollama sends what the model saw in training."""
     from transformers import AutoTokenizer  # lazy: the module stays light for recipe validation
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    if not tok.chat_template:
-        raise ExportError(f"{model_dir} has no chat template; an Ollama Modelfile needs one")
-    probe = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
-             {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"}]
-    got = tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
-    chatml = "".join(f"{CHATML_START}{m['role']}\n{m['content']}{CHATML_END}\n" for m in probe) + f"{CHATML_START}assistant\n"
-    if got != chatml:
-        raise ExportError("the chat template is not ChatML (<|im_start|>role ... <|im_end|>), the only template "
-                          f"translated to Ollama's Go template; it renders a probe conversation as {got[:200]!r}")
-    if system is None:
-        bare = tok.apply_chat_template(probe[1:2], tokenize=False, add_generation_prompt=True)
+    eos = tok.eos_token
+    family = template_family(tok) if tok.chat_template else None
+    if family is None:
+        return None, None, [eos] if eos else [], system
+    if system is None and family.name == "chatml":
+        bare = tok.apply_chat_template(PROBE[1:2], tokenize=False, add_generation_prompt=True)
         head = f"{CHATML_START}system\n"
         if bare.startswith(head):
             system = bare[len(head): bare.index(CHATML_END)]
-    eos = tok.eos_token
-    stop = [CHATML_END] + ([eos] if eos and eos != CHATML_END else []) + [CHATML_START]
-    return _CHATML_GO, stop, system
+    stops = list(family.stops)
+    stops[1:1] = [eos] if eos and eos not in stops else []  # the end-of-turn first, then eos, then the turn opener
+    return family.name, family.go_template.replace("EOS", eos or ""), stops, system
 
 
 def _quoted(text: str) -> str:
@@ -321,9 +429,12 @@ def _quoted(text: str) -> str:
     return f'"""{text}"""'
 
 
-def modelfile_text(gguf_name: str, template: str, system: str | None, stop: list[str]) -> str:
+def modelfile_text(gguf_name: str, template: str | None, system: str | None, stop: list[str]) -> str:
     lines = ["# Ollama: `ollama create <name> -f Modelfile` in this directory. Written by ft_assets.",
-             f"FROM ./{gguf_name}", f"TEMPLATE {_quoted(template)}"]
+             f"FROM ./{gguf_name}"]
+    lines += [f"TEMPLATE {_quoted(template)}"] if template else [
+        "# No TEMPLATE: this chat template is not one of the families ft_assets writes (ChatML, Llama 3,",
+        "# Mistral, Gemma); Ollama uses the template embedded in the GGUF (tokenizer.chat_template)."]
     if system:
         lines.append(f"SYSTEM {_quoted(system)}")
     lines += [f'PARAMETER stop "{s}"' for s in stop]

@@ -124,19 +124,23 @@ def test_modelfile_names_the_gguf_template_system_and_stops(exported):
 
 
 def test_modelfile_without_a_recipe_system_uses_the_templates_default(tiny_model_dir):
-    template, stop, system = export.modelfile_parts(tiny_model_dir, None)
+    family, template, stop, system = export.modelfile_parts(tiny_model_dir, None)
+    assert family == "chatml"
     assert system and "SmolLM" in system  # SmolLM2's template injects it when a chat has no system turn
     assert stop[0] == "<|im_end|>"
 
 
-def test_a_template_ollama_cannot_be_given_is_refused(tiny_model_dir, tmp_path):
+def test_a_template_of_no_known_family_leaves_the_modelfile_to_the_ggufs_own(tiny_model_dir, tmp_path):
     model = tmp_path / "m"
     shutil.copytree(tiny_model_dir, model)
     (model / "chat_template.jinja").write_text(
         "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}[assistant] {% endif %}")
-    with pytest.raises(export.ExportError, match="not ChatML"):
-        export.modelfile_parts(model, SYSTEM)
+    family, template, stop, system = export.modelfile_parts(model, SYSTEM)
+    assert (family, template, stop, system) == (None, None, ["<|im_end|>"], SYSTEM)
+    text = export.modelfile_text("model-f16.gguf", template, system, stop)
+    assert "TEMPLATE" not in dict(parse_modelfile(text))
+    assert "Ollama uses the template embedded in the GGUF (tokenizer.chat_template)" in text
 
 
 def test_a_checkpoint_with_code_is_refused(tiny_model_dir, tmp_path):
