@@ -671,7 +671,7 @@ def _evaluation_lines(max_length_how: str, max_new_tokens: int) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", type=Path, help="the data: a jsonl, csv, parquet or arrow file, or a Hugging Face dataset "
+    p.add_argument("data", type=Path, help="the data: a jsonl, json (one array of records), csv, parquet or arrow file, or a Hugging Face dataset "
                                            "directory (save_to_disk or Hub layout; format hf)")
     p.add_argument("-o", "--output", type=Path, default=Path("recipe.yaml"), help="recipe to write (default: recipe.yaml)")
     p.add_argument("--force", action="store_true", help="overwrite the output file if it exists")

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 import sys
 from pathlib import Path
 
@@ -45,6 +46,60 @@ from ..training.steps import recipe_step_estimates
 from ..config.paths import is_url
 from ..config.recipe import RecipeError, load_recipes
 from ..artifacts.store import ArtifactStore
+
+
+# Each command: (its line in the list, what it does, an example), as `--help` shows them
+COMMANDS = {
+    "init": (
+        'write a recipe for a data file (guessing its columns)',
+        'Read a data file (jsonl, json, csv, parquet, arrow, or a dataset directory), guess which columns '
+        'are the question, context and answer (or the conversation, Alpaca or prompt/completion fields), '
+        'show three rows through the chat template, and write a commented recipe sized for the file.',
+        'python -m ft_assets init data/my_qa.jsonl -o recipes/my_qa.yaml'),
+    "validate": (
+        'validate a recipe',
+        'Check a recipe (every key, path and rule) and print what each method will run: its steps, batch '
+        'and learning rate; exit 2 with the errors otherwise.',
+        'python -m ft_assets validate recipes/my_qa.yaml'),
+    "artifacts": (
+        'latest artifact of every asset/partition',
+        'List the latest version of every asset and partition in the artifact store, with its path.',
+        'python -m ft_assets artifacts --json'),
+    "lineage": (
+        'the chain from an artifact back to the raw data',
+        "Print the chain an artifact was made from, back to the raw data files' hashes.",
+        'python -m ft_assets lineage .ft_home/artifacts/merged_model/lora/<version>'),
+    "prune": (
+        'list (or --delete) artifact versions nothing kept refers to',
+        'List the artifact versions nothing kept refers to (a dry run), or delete them with --delete.',
+        'python -m ft_assets prune --keep 2 --delete'),
+    "runs": (
+        'unfinished runs, their worker processes and pool slots',
+        'Show the unfinished Dagster runs, their worker processes and the pool slots they hold; --reap '
+        'fails the runs whose worker is gone and frees their slots.',
+        'python -m ft_assets runs --reap'),
+    "chat": (
+        'chat in the terminal with a merged model or adapter (streamed, greedy)',
+        'Chat in the terminal with the newest champion, merged model or adapter (or the one named), '
+        'streaming greedy answers.',
+        'python -m ft_assets chat \'merged_model[lora]\' --prompt "What was revenue in 2023?"'),
+    "serve": (
+        'serve a GGUF export over an OpenAI-compatible API (llama-server), until Ctrl-C',
+        "Serve the newest (or named) GGUF export over an OpenAI-compatible API with llama.cpp's llama- "
+        'server, on 127.0.0.1, until Ctrl-C.',
+        "python -m ft_assets serve 'gguf_model[lora]' --port 8081"),
+    "reference": (
+        'write the recipe reference generated from the schema',
+        'Write the recipe reference (every key, type, default and allowed value) generated from the '
+        'schema.',
+        'python -m ft_assets reference -o docs/recipe_reference.md'),
+}
+
+def command(sub, name: str) -> argparse.ArgumentParser:
+    """The subcommand `name`'s parser, with its COMMANDS line, description and example."""
+    line, description, example = COMMANDS[name]
+    return sub.add_parser(name, help=line, description=textwrap.fill(description, 88), epilog=f"example:\n  {example}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def cmd_validate(args) -> int:
@@ -297,35 +352,35 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ft_assets", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    i = sub.add_parser("init", help="write a recipe for a data file (guessing its columns)")
+    i = command(sub, "init")
     from .init import add_arguments
 
     add_arguments(i)
-    v = sub.add_parser("validate", help="validate a recipe")
+    v = command(sub, "validate")
     v.add_argument("recipe", nargs="?", help="recipe file, a directory of them, or several joined by ':' "
                                              "(default: $FT_RECIPE or the shipped default)")
-    a = sub.add_parser("artifacts", help="latest artifact of every asset/partition")
+    a = command(sub, "artifacts")
     a.add_argument("--json", action="store_true")
     a.add_argument("--home", help="FT_HOME, a directory or a URL such as s3://bucket/prefix (default: $FT_HOME or .ft_home)")
-    lin = sub.add_parser("lineage", help="the chain from an artifact back to the raw data")
+    lin = command(sub, "lineage")
     lin.add_argument("path", help="a directory or file inside an artifact version, or its URL on an object store")
     lin.add_argument("--json", action="store_true")
     lin.add_argument("--home", help="FT_HOME, a directory or a URL such as s3://bucket/prefix (default: $FT_HOME or .ft_home)")
-    pr = sub.add_parser("prune", help="list (or --delete) artifact versions nothing kept refers to")
+    pr = command(sub, "prune")
     pr.add_argument("--keep", type=int, default=1, help="newest versions kept per asset/partition (default 1)")
     pr.add_argument("--delete", action="store_true", help="delete them (default: a dry run that lists them)")
     pr.add_argument("--home", help="FT_HOME, a directory or a URL such as s3://bucket/prefix (default: $FT_HOME or .ft_home)")
-    r = sub.add_parser("runs", help="unfinished runs, their worker processes and pool slots")
+    r = command(sub, "runs")
     r.add_argument("--reap", action="store_true", help="fail the runs whose worker process is gone, free their slots")
-    ch = sub.add_parser("chat", help="chat in the terminal with a merged model or adapter (streamed, greedy)")
+    ch = command(sub, "chat")
     from .chat import add_arguments as chat_arguments
 
     chat_arguments(ch)
-    se = sub.add_parser("serve", help="serve a GGUF export over an OpenAI-compatible API (llama-server), until Ctrl-C")
+    se = command(sub, "serve")
     from .serve import add_arguments as serve_arguments
 
     serve_arguments(se)
-    ref = sub.add_parser("reference", help="write the recipe reference generated from the schema")
+    ref = command(sub, "reference")
     ref.add_argument("-o", "--output", help="markdown file to write (default: docs/recipe_reference.md in the repo)")
     args = p.parse_args(argv)
     return {"init": cmd_init, "validate": cmd_validate, "artifacts": cmd_artifacts, "lineage": cmd_lineage,
