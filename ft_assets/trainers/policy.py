@@ -40,6 +40,7 @@ from ..training.loop import peak_memory_bytes, reset_peak_memory, seed_everythin
 from . import preference, trl_common
 from .rewards import build_rewards
 from .trl_common import Curve
+from .request import NamedRequest
 
 # the recipe keys GRPOConfig takes as they are; a missing one keeps TRL's default
 GRPO_SETTINGS = ("num_generations", "max_completion_length", "temperature", "top_p", "beta", "epsilon", "loss_type")
@@ -152,7 +153,7 @@ class TrainedElsewhere:
 
 
 @dataclass
-class PolicyRequest:
+class PolicyRequest(NamedRequest):
     """One GRPO run as plain values: what `run` needs, built once by the Dagster layer."""
 
     name: str  # the recipe's policy name
@@ -165,18 +166,6 @@ class PolicyRequest:
     seed: int
     checkpoint_dir: str | None
     max_prompts: int | None = None  # the train split's first prompts only
-
-    @property
-    def method(self) -> str:
-        """The name its launch and log lines go by (as a method's request names its method)."""
-        return self.name
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "PolicyRequest":
-        return cls(**d)
 
 
 def run(request: PolicyRequest, hw: Compute, *, ranks: Ranks = SINGLE, log: Callable[[str], None] = print,

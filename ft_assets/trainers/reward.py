@@ -39,13 +39,14 @@ from . import trl_common
 from .preference import load_train_pairs
 from .preference.objective import tokenized_differently
 from .trl_common import Curve
+from .request import NamedRequest
 
 CURVES = (Curve("accuracy", "accuracies", 4, "train_accuracy"), Curve("margin", "margins", 6, "train_margin"))
 CALIBRATION_BINS = 5  # predicted P(chosen wins) in [0.5, 1] split evenly (a pair is scored both ways round)
 
 
 @dataclass
-class RewardRequest:
+class RewardRequest(NamedRequest):
     """One reward-model run as plain values, built once by `defs.reward`."""
 
     name: str  # the recipe's reward model name
@@ -57,18 +58,6 @@ class RewardRequest:
     center_rewards: float | None  # TRL's center_rewards_coefficient
     max_length: int | None
     checkpoint_dir: str | None
-
-    @property
-    def method(self) -> str:
-        """The name its launch and log lines go by (as a method's request names its method)."""
-        return self.name
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "RewardRequest":
-        return cls(**d)
 
 
 @dataclass

@@ -35,6 +35,7 @@ from ..models.quantize import compute_dtype, load_quantized
 from ..training import checkpoint, continual, loop as train
 from ..training.distributed import SINGLE, Ranks
 from ..training.steps import steps_for
+from .request import JsonRequest
 
 
 class TrainingFailed(RuntimeError):
@@ -117,7 +118,7 @@ class TrainedElsewhere:
 
 
 @dataclass
-class SftRequest:
+class SftRequest(JsonRequest):
     """One method's SFT run as plain values: what `run` needs, built once by `defs.adapters`."""
 
     method: str  # the recipe's method name
@@ -133,13 +134,6 @@ class SftRequest:
     start_adapter: str | None = None  # continual: the previous adapter version's directory
     replay: dict[str, Any] = field(default_factory=dict)  # continual: {"dataset_dir", "fraction"} of old rows
     parallel: str = "ddp"  # compute.parallel: "fsdp" shards a method whose `fsdp` is true (FSDP2)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "SftRequest":
-        return cls(**d)
 
 
 def run(request: SftRequest, hw: Compute, *, ranks: Ranks = SINGLE, log: Callable[[str], None] = print,

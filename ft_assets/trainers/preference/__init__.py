@@ -48,6 +48,7 @@ from ...training.packing import collate
 from .. import trl_common
 from . import dpo, kto, orpo, simpo
 from .objective import Objective
+from ..request import JsonRequest
 
 OBJECTIVES: dict[str, Objective] = {o.key: o for o in (dpo.OBJECTIVE, orpo.OBJECTIVE, simpo.OBJECTIVE, kto.OBJECTIVE)}
 
@@ -127,7 +128,7 @@ class TrainedElsewhere:
 
 
 @dataclass
-class PreferenceRequest:
+class PreferenceRequest(JsonRequest):
     """One preference-tuning run as plain values: what `run` needs, built once by `defs.preferences`."""
 
     method: str  # the recipe's method name
@@ -140,13 +141,6 @@ class PreferenceRequest:
     settings: dict[str, Any]  # the objective's recipe keys (`spec.trainer_settings()`), e.g. beta, loss_type
     max_length: int | None
     checkpoint_dir: str
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "PreferenceRequest":
-        return cls(**d)
 
 
 def run(request: PreferenceRequest, hw: Compute, *, ranks: Ranks = SINGLE, log: Callable[[str], None] = print,
